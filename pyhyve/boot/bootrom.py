@@ -1,0 +1,53 @@
+"""Bootrom loading (bhyve's -l bootrom,FILE) and the x86 reset state.
+
+The image is mapped read-only so that it ends at 4 GiB; the BSP starts where
+a real CPU does after reset: CS selector 0xF000 with base 0xFFFF0000 and
+RIP 0xFFF0, i.e. 16 bytes below 4 GiB.
+"""
+
+import mmap
+import os
+
+from ..config import ConfigError
+from ..memory import PAGE_SIZE, MiB
+
+MAX_BOOTROM_SIZE = 16 * MiB
+
+
+def load_bootrom(path: str) -> mmap.mmap:
+    """Read a bootrom image into an anonymous mapping; errors are user errors."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                raise ConfigError(f"bootrom {path} is empty")
+            if size > MAX_BOOTROM_SIZE:
+                raise ConfigError(f"bootrom {path} is {size} bytes, more than the "
+                                  f"{MAX_BOOTROM_SIZE // MiB} MiB limit")
+            if size % PAGE_SIZE:
+                raise ConfigError(f"bootrom {path} is {size} bytes, not a multiple "
+                                  f"of the {PAGE_SIZE}-byte page size")
+            rom = mmap.mmap(-1, size)
+            rom[:] = file.read(size)
+            return rom
+    except OSError as exc:
+        raise ConfigError(f"cannot read bootrom {path}: {exc.strerror}") from None
+
+
+def set_reset_state(vcpu) -> None:
+    """Put a vCPU in the architectural reset state (real mode, reset vector)."""
+    sregs = vcpu.get_sregs()
+    sregs.cs.selector = 0xF000
+    sregs.cs.base = 0xFFFF0000
+    sregs.cs.limit = 0xFFFF
+    for segment in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        segment.selector = 0
+        segment.base = 0
+        segment.limit = 0xFFFF
+    sregs.cr0 = 0x60000010
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = 0xFFF0
+    regs.rflags = 0x2
+    regs.rdx = 0x600        # family 6 in the reset signature, as QEMU reports
+    vcpu.set_regs(regs)

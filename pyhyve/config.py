@@ -1,0 +1,105 @@
+"""bhyve's configuration tree: dotted keys with string values.
+
+The command line, `-o key=value` and `-k FILE` (bhyve_config(5) lines) all
+write into one tree, so a config file alone can describe a VM, and
+`-o config.dump=1` prints what the VM would be built from.
+"""
+
+import re
+
+
+class ConfigError(Exception):
+    """A configuration value a user gave is unusable; the message says which."""
+
+
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """bhyve's memory sizes: K/M/G/T suffixes; a bare number below 1 MiB means MiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"invalid {what} '{text}': expected a number with an "
+                          "optional K, M, G or T suffix")
+    number, suffix = int(match.group(1)), match.group(2).lower()
+    if not suffix and number < (1 << 20):
+        suffix = "m"
+    return number * _SIZE_SUFFIX[suffix]
+
+
+class Config:
+    """A flat map of dotted keys to string values, printed as a tree."""
+
+    def __init__(self, values: dict[str, str] | None = None):
+        self._values: dict[str, str] = dict(values or {})
+
+    def set(self, key: str, value: str) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", key) or ".." in key \
+                or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"invalid config key '{key}'")
+        self._values[key] = str(value)
+
+    def set_default(self, key: str, value: str) -> None:
+        if key not in self._values:
+            self.set(key, value)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self._values.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._values
+
+    def get_bool(self, key: str, default: bool = False) -> bool:
+        value = self._values.get(key)
+        if value is None:
+            return default
+        lowered = value.lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{key}: '{value}' is not a boolean (true or false)")
+
+    def get_int(self, key: str, default: int, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        value = self._values.get(key)
+        if value is None:
+            return default
+        try:
+            number = int(value, 0)
+        except ValueError:
+            raise ConfigError(f"{key}: '{value}' is not a number") from None
+        if (minimum is not None and number < minimum) or \
+                (maximum is not None and number > maximum):
+            raise ConfigError(f"{key}: {number} is outside {minimum}..{maximum}")
+        return number
+
+    def subtree(self, prefix: str) -> dict[str, str]:
+        """Keys below `prefix.`, with the prefix removed."""
+        start = prefix + "."
+        return {k[len(start):]: v for k, v in self._values.items() if k.startswith(start)}
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def load_file(self, path: str) -> None:
+        """Read bhyve_config(5) lines: key=value, '#' comments, blank lines."""
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = file.readlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ConfigError(f"{path}:{number}: expected key=value, got '{line}'")
+            self.set(key.strip(), value.strip())
+
+    def dump(self) -> str:
+        """Every key as bhyve prints its tree for config.dump: full path=value, sorted."""
+        return "\n".join(f"{key}={self._values[key]}" for key in sorted(self._values))

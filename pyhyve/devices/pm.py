@@ -1,0 +1,84 @@
+"""ACPI PM1 event/control blocks and the PM timer, where bhyve puts them.
+
+PM1a_EVT at 0x400 (status, enable), PM1a_CNT at 0x404, PM_TMR at 0x408.
+Writing SLP_EN with SLP_TYP 5 (S5) powers the VM off; the power button
+(SIGTERM to pyhyve, as in bhyve) sets PWRBTN_STS and raises the SCI.
+"""
+
+import time
+
+from ..vcpu import ExitStatus
+
+PM1A_EVT_PORT = 0x400
+PM1A_CNT_PORT = 0x404
+PM_TMR_PORT = 0x408
+SCI_IRQ = 9
+PM_TIMER_HZ = 3579545
+PWRBTN_STS = 1 << 8
+PWRBTN_EN = 1 << 8
+TMR_STS = 1 << 0
+SCI_EN = 1 << 0
+SLP_EN = 1 << 13
+SLP_TYP_SHIFT = 10
+SLP_TYP_S5 = 5
+PM1_STS_WRITABLE = 0x8D31       # WAK, RTC, SLPBTN, PWRBTN, GBL, BM, TMR
+
+
+class PowerManagement:
+    """bhyve's pm.c registers on the VM's port bus."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.status = 0
+        self.enable = 0
+        self.control = 0
+        self._epoch = time.monotonic_ns()
+        vm.ports.register("pm1a-evt", PM1A_EVT_PORT, 4, self._evt_read, self._evt_write)
+        vm.ports.register("pm1a-cnt", PM1A_CNT_PORT, 2, self._cnt_read, self._cnt_write)
+        vm.ports.register("pm-tmr", PM_TMR_PORT, 4, self._tmr_read, self._ignore)
+
+    def timer(self) -> int:
+        """The 3.579545 MHz PM timer, 32 bits wide (FADT TMR_VAL_EXT)."""
+        elapsed = time.monotonic_ns() - self._epoch
+        return (elapsed * PM_TIMER_HZ // 1_000_000_000) & 0xFFFFFFFF
+
+    def _tmr_read(self, offset: int, size: int) -> int:
+        return self.timer() >> (8 * offset)
+
+    def _ignore(self, offset: int, size: int, value: int) -> None:
+        self.vm.warn_once("pm-tmr-write", "guest wrote to the read-only PM timer")
+
+    def _evt_read(self, offset: int, size: int) -> int:
+        value = self.status | (self.enable << 16)
+        return value >> (8 * offset)
+
+    def _evt_write(self, offset: int, size: int, value: int) -> None:
+        value = (value << (8 * offset)) & ((1 << (8 * (offset + size))) - 1)
+        lanes = ((1 << (8 * size)) - 1) << (8 * offset)
+        if lanes & 0xFFFF:
+            self.status &= ~(value & PM1_STS_WRITABLE)     # write 1 to clear
+        if lanes & 0xFFFF0000:
+            self.enable = (value >> 16) & 0xFFFF
+        self._update_sci()
+
+    def _cnt_read(self, offset: int, size: int) -> int:
+        return self.control >> (8 * offset)
+
+    def _cnt_write(self, offset: int, size: int, value: int) -> None:
+        value = (value << (8 * offset)) & 0xFFFF
+        mask = (((1 << (8 * size)) - 1) << (8 * offset)) & 0xFFFF
+        self.control = (self.control & ~mask) | (value & mask & ~SLP_EN)
+        if value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == SLP_TYP_S5:
+            self.vm.stop(ExitStatus.POWEROFF)
+
+    def press_power_button(self) -> None:
+        """What the ACPI power button does: PWRBTN_STS, then an SCI if enabled."""
+        self.status |= PWRBTN_STS
+        self._update_sci()
+
+    @property
+    def acpi_enabled(self) -> bool:
+        return bool(self.control & SCI_EN)
+
+    def _update_sci(self) -> None:
+        self.vm.set_irq_level(SCI_IRQ, bool(self.status & self.enable & 0xFFFF))

@@ -1,0 +1,123 @@
+"""Port-I/O and MMIO dispatch (bhyve's inout.c and mem.c).
+
+Devices claim address ranges with a read and a write callback:
+    read(offset, size) -> int        write(offset, size, value) -> None
+where `offset` is relative to the start of the claimed range.  Port lookups
+are a dict hit per port; MMIO ranges are found by bisection.
+"""
+
+import bisect
+from typing import Callable
+
+Read = Callable[[int, int], int]
+Write = Callable[[int, int, int], None]
+
+
+class BusConflict(Exception):
+    """Two devices claimed overlapping ranges."""
+
+
+class Range:
+    __slots__ = ("name", "base", "end", "read", "write", "under")
+
+    def __init__(self, name: str, base: int, length: int, read: Read, write: Write):
+        self.name = name
+        self.base = base
+        self.end = base + length
+        self.read = read
+        self.write = write
+        self.under = None
+
+    def __repr__(self) -> str:
+        return f"<Range {self.name} {self.base:#x}-{self.end - 1:#x}>"
+
+
+class PortBus:
+    """The 64 KiB x86 I/O port space."""
+
+    def __init__(self):
+        self._ports: dict[int, Range] = {}
+
+    def register(self, name: str, base: int, length: int, read: Read, write: Write) -> Range:
+        if base < 0 or length <= 0 or base + length > 0x10000:
+            raise BusConflict(f"{name}: ports {base:#x}+{length} are outside 0-0xffff")
+        clash = [self._ports[p] for p in range(base, base + length) if p in self._ports]
+        if clash:
+            raise BusConflict(f"{name}: ports {base:#x}+{length} overlap {clash[0]!r}")
+        entry = Range(name, base, length, read, write)
+        for port in range(base, base + length):
+            self._ports[port] = entry
+        return entry
+
+    def register_sized(self, name: str, port: int, sizes: frozenset, read: Read,
+                       write: Write) -> Range:
+        """Take accesses of the given widths at one port, leaving the others to the
+        range already there (bhyve's PM1 enable and QEMU's debugcon share 0x402)."""
+        under = self._ports.get(port)
+        own = Range(name, port, 1, read, write)
+
+        def split_read(offset: int, size: int) -> int:
+            if size in sizes:
+                return own.read(0, size)
+            return under.read(port - under.base, size) if under else (1 << (8 * size)) - 1
+
+        def split_write(offset: int, size: int, value: int) -> None:
+            if size in sizes:
+                own.write(0, size, value)
+            elif under:
+                under.write(port - under.base, size, value)
+
+        entry = Range(name, port, 1, split_read, split_write)
+        entry.under = under
+        self._ports[port] = entry
+        return entry
+
+    def unregister(self, entry: Range) -> None:
+        for port in range(entry.base, entry.end):
+            if self._ports.get(port) is entry:
+                if entry.under is None:
+                    del self._ports[port]
+                else:
+                    self._ports[port] = entry.under
+
+    def lookup(self, port: int) -> Range | None:
+        return self._ports.get(port)
+
+    def ranges(self) -> list[Range]:
+        return sorted(set(self._ports.values()), key=lambda r: r.base)
+
+
+class MmioBus:
+    """Guest-physical ranges that are not RAM and are served by devices."""
+
+    def __init__(self):
+        self._ranges: list[Range] = []
+        self._bases: list[int] = []
+
+    def register(self, name: str, base: int, length: int, read: Read, write: Write) -> Range:
+        if base < 0 or length <= 0:
+            raise BusConflict(f"{name}: invalid MMIO range {base:#x}+{length:#x}")
+        entry = Range(name, base, length, read, write)
+        index = bisect.bisect(self._bases, base)
+        for neighbour in self._ranges[max(index - 1, 0):index + 1]:
+            if neighbour.base < entry.end and base < neighbour.end:
+                raise BusConflict(f"{name}: MMIO {base:#x}+{length:#x} overlaps {neighbour!r}")
+        self._ranges.insert(index, entry)
+        self._bases.insert(index, base)
+        return entry
+
+    def unregister(self, entry: Range) -> None:
+        index = self._ranges.index(entry)
+        del self._ranges[index]
+        del self._bases[index]
+
+    def lookup(self, addr: int) -> Range | None:
+        index = bisect.bisect(self._bases, addr) - 1
+        if index >= 0:
+            entry = self._ranges[index]
+            if addr < entry.end:
+                return entry
+        return None
+
+    def ranges(self) -> list[Range]:
+        return list(self._ranges)

@@ -1,0 +1,213 @@
+"""Guest physical memory: bhyve's layout, KVM memslots, bounds-checked access.
+
+Low memory runs from 0 up to the 32-bit PCI hole (3 GiB, as bhyve places it);
+whatever does not fit continues above 4 GiB.  Every gpa a device or loader
+touches goes through `GuestMemory.view`, which refuses anything that is not
+entirely inside one region, so guest-supplied addresses can never reach host
+memory outside the guest.
+"""
+
+import bisect
+import ctypes
+import mmap
+import struct
+
+from .kvm import abi
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+PAGE_SIZE = 4096
+LOWMEM_LIMIT = 3 * GiB          # bhyve's default start of the PCI hole
+HIGHMEM_BASE = 4 * GiB
+BIOS_AREA_BASE = 0xE0000        # the legacy BIOS window firmware expects
+BIOS_AREA_SIZE = 128 * KiB
+MIN_MEMORY = 1 * MiB
+
+
+class GuestMemoryError(Exception):
+    """A guest physical range is not backed by guest memory."""
+
+
+def _host_address(buffer: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+class Region:
+    """A contiguous range of guest physical memory backed by an mmap."""
+
+    def __init__(self, name: str, gpa: int, backing: mmap.mmap, offset: int,
+                 size: int, writable: bool):
+        self.name = name
+        self.gpa = gpa
+        self.end = gpa + size
+        self.size = size
+        self.backing = backing
+        self.offset = offset
+        self.writable = writable
+        self.view = memoryview(backing)[offset:offset + size]
+        if not writable:
+            self.view = self.view.toreadonly()
+
+    def __repr__(self) -> str:
+        mode = "rw" if self.writable else "ro"
+        return f"<Region {self.name} {self.gpa:#x}-{self.end:#x} {mode}>"
+
+
+class GuestMemory:
+    """The guest's physical address space, registered with KVM as memslots."""
+
+    def __init__(self, vm, size: int):
+        if size < MIN_MEMORY:
+            raise ValueError(f"memory size {size} is below the 1 MiB minimum")
+        self.vm = vm
+        self.size = size
+        self.lowmem_size = min(size, LOWMEM_LIMIT)
+        self.highmem_size = size - self.lowmem_size
+        self._regions: list[Region] = []
+        self._starts: list[int] = []
+        self._slots: dict[int, int] = {}      # gpa -> memslot number
+        self._next_slot = 0
+        self._lowmem = self._anonymous(self.lowmem_size)
+        self._highmem = self._anonymous(self.highmem_size) if self.highmem_size else None
+        self._bios_rom: tuple[mmap.mmap, int] | None = None
+        self._add(Region("lowmem", 0, self._lowmem, 0, self.lowmem_size, True))
+        if self._highmem is not None:
+            self._add(Region("highmem", HIGHMEM_BASE, self._highmem, 0,
+                             self.highmem_size, True))
+
+    @staticmethod
+    def _anonymous(size: int) -> mmap.mmap:
+        return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                         | getattr(mmap, "MAP_NORESERVE", 0))
+
+    # --- layout -----------------------------------------------------------
+    def _add(self, region: Region) -> None:
+        index = bisect.bisect(self._starts, region.gpa)
+        if (index > 0 and self._regions[index - 1].end > region.gpa) or \
+           (index < len(self._regions) and self._regions[index].gpa < region.end):
+            raise GuestMemoryError(f"{region!r} overlaps existing memory")
+        self._regions.insert(index, region)
+        self._starts.insert(index, region.gpa)
+        slot = self._next_slot
+        self._next_slot += 1
+        self._slots[region.gpa] = slot
+        flags = 0 if region.writable else abi.KVM_MEM_READONLY
+        self.vm.set_user_memory_region(slot, region.gpa, region.size,
+                                       _host_address(region.backing) + region.offset,
+                                       flags)
+
+    def _remove(self, gpa: int) -> Region:
+        index = self._starts.index(gpa)
+        region = self._regions.pop(index)
+        self._starts.pop(index)
+        slot = self._slots.pop(gpa)
+        self.vm.set_user_memory_region(slot, gpa, 0, 0)
+        region.view.release()
+        return region
+
+    def add_rom(self, name: str, gpa: int, backing: mmap.mmap, offset: int,
+                size: int) -> None:
+        """Map `size` bytes of `backing` read-only at `gpa`."""
+        self._add(Region(name, gpa, backing, offset, size, False))
+
+    def map_bootrom(self, rom: mmap.mmap) -> None:
+        """Map a bootrom so it ends at 4 GiB, with its tail in the BIOS area."""
+        size = len(rom)
+        self.add_rom("bootrom", HIGHMEM_BASE - size, rom, 0, size)
+        alias = min(size, BIOS_AREA_SIZE)
+        self._bios_rom = (rom, size - alias)
+        if self.lowmem_size >= BIOS_AREA_BASE + BIOS_AREA_SIZE:
+            self._split_lowmem_for_bios_area(alias)
+
+    def _split_lowmem_for_bios_area(self, alias: int) -> None:
+        rom, offset = self._bios_rom
+        start = BIOS_AREA_BASE + BIOS_AREA_SIZE - alias
+        end = BIOS_AREA_BASE + BIOS_AREA_SIZE
+        self._remove(0)
+        self._add(Region("lowmem", 0, self._lowmem, 0, start, True))
+        self._add(Region("bios-rom", start, rom, offset, alias, False))
+        self._add(Region("lowmem-above-1m", end, self._lowmem, end,
+                         self.lowmem_size - end, True))
+
+    def set_bios_area_writable(self, writable: bool) -> None:
+        """Switch the BIOS area between the ROM alias and RAM (the PAM registers)."""
+        if self._bios_rom is None:
+            return
+        rom, offset = self._bios_rom
+        index = bisect.bisect(self._starts, BIOS_AREA_BASE + BIOS_AREA_SIZE - 1) - 1
+        region = self._regions[index]
+        if region.writable == writable:
+            return
+        start, size = region.gpa, region.size
+        self._remove(start)
+        if writable:
+            self._add(Region("bios-ram", start, self._lowmem, start, size, True))
+        else:
+            self._add(Region("bios-rom", start, rom, offset, size, False))
+
+    @property
+    def regions(self) -> list[Region]:
+        return list(self._regions)
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """(gpa, size) of guest RAM, as an e820 map reports it."""
+        ranges = [(0, self.lowmem_size)]
+        if self.highmem_size:
+            ranges.append((HIGHMEM_BASE, self.highmem_size))
+        return ranges
+
+    # --- access -------------------------------------------------------------
+    def _region(self, gpa: int, length: int) -> Region:
+        index = bisect.bisect(self._starts, gpa) - 1
+        if index >= 0 and length >= 0:
+            region = self._regions[index]
+            if gpa + length <= region.end:
+                return region
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not in guest memory")
+
+    def view(self, gpa: int, length: int, write: bool = False) -> memoryview:
+        """A memoryview of guest memory; raises GuestMemoryError when out of range."""
+        region = self._region(gpa, length)
+        if write and not region.writable:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is read-only")
+        start = gpa - region.gpa
+        return region.view[start:start + length]
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._region(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.view(gpa, len(data), write=True)[:] = data
+
+    def read_u8(self, gpa: int) -> int:
+        return self.view(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack_from("<H", self.view(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack_from("<I", self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack_from("<Q", self.view(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        struct.pack_into("<H", self.view(gpa, 2, write=True), 0, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        struct.pack_into("<I", self.view(gpa, 4, write=True), 0, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self.view(gpa, 8, write=True), 0, value)
+
+    def close(self) -> None:
+        for region in self._regions:
+            region.view.release()
+        self._regions.clear()
+        self._starts.clear()

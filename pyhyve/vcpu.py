@@ -1,0 +1,338 @@
+"""vCPU threads and bhyve's vm_loop.
+
+Each vCPU runs in its own named thread: KVM_RUN, look the exit reason up in
+a handler table, and act on the handler's verdict: None continues the loop,
+an ExitStatus stops the whole VM with that status.  Other threads reach a
+vCPU only by kicking it out of KVM_RUN (KVM_CAP_IMMEDIATE_EXIT plus a
+signal) and handing it a request to run between two KVM_RUNs, which is how
+pause, register access and the halt probe see a consistent vCPU.
+"""
+
+import enum
+import fcntl
+import logging
+import signal
+import struct
+import sys
+import threading
+from collections import deque
+from typing import Callable
+
+from .kvm import KvmError, abi
+
+KICK_SIGNAL = signal.SIGUSR1
+_IO_EXIT = struct.Struct("<BBHIQ")
+_MMIO_EXIT = struct.Struct("<Q8sIB")
+_MSR_EXIT = struct.Struct("<B7xIIQ")
+_U32 = struct.Struct("<I")
+_EXIT_UNION = abi.RUN_OFFSET_EXIT_UNION
+_SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+RFLAGS_IF = 1 << 9
+
+
+class ExitStatus(enum.IntEnum):
+    """bhyve's exit statuses."""
+    RESET = 0
+    POWEROFF = 1
+    HALT = 2
+    TRIPLEFAULT = 3
+    ERROR = 4
+
+
+def install_kick_handler() -> None:
+    """Give KICK_SIGNAL a no-op handler so it interrupts KVM_RUN (main thread only)."""
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+def kick_handler_installed() -> bool:
+    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+
+
+class VcpuThread:
+    """One vCPU: its KVM handle, its thread and its vm_loop."""
+
+    def __init__(self, vm, kvm_vcpu):
+        self.vm = vm
+        self.kvm_vcpu = kvm_vcpu
+        self.id = kvm_vcpu.id
+        self.log = logging.getLogger(f"pyhyve.{vm.name}.vcpu{self.id}")
+        self.exit_counts = [0] * 64
+        self.unknown_exit_counts: dict[int, int] = {}
+        self._page = kvm_vcpu.run_page
+        self._run_state = kvm_vcpu.run_state
+        self._requests: deque = deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._paused = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._handlers: dict[int, Callable[[], ExitStatus | None]] = {
+            abi.KVM_EXIT_IO: self._exit_io,
+            abi.KVM_EXIT_MMIO: self._exit_mmio,
+            abi.KVM_EXIT_HLT: self._exit_hlt,
+            abi.KVM_EXIT_SHUTDOWN: self._exit_shutdown,
+            abi.KVM_EXIT_SYSTEM_EVENT: self._exit_system_event,
+            abi.KVM_EXIT_X86_RDMSR: self._exit_rdmsr,
+            abi.KVM_EXIT_X86_WRMSR: self._exit_wrmsr,
+            abi.KVM_EXIT_IRQ_WINDOW_OPEN: self._exit_continue,
+            abi.KVM_EXIT_INTR: self._exit_continue,
+            abi.KVM_EXIT_DEBUG: self._exit_debug,
+            abi.KVM_EXIT_INTERNAL_ERROR: self._exit_fatal,
+            abi.KVM_EXIT_FAIL_ENTRY: self._exit_fatal,
+        }
+
+    # --- thread control -------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main,
+                                        name=f"vcpu{self.id}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN (or not enter it) as soon as possible."""
+        self._run_state.immediate_exit = 1
+        thread = self._thread
+        if thread is not None and thread.ident is not None and thread.is_alive():
+            try:
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def call(self, function: Callable):
+        """Run function(self) on the vCPU thread between two KVM_RUNs."""
+        if not self.running or threading.current_thread() is self._thread:
+            return function(self)
+        done = threading.Event()
+        box: list = []
+
+        def request():
+            try:
+                box.append((True, function(self)))
+            except BaseException as exc:  # handed back to the caller
+                box.append((False, exc))
+            done.set()
+
+        with self._lock:
+            self._requests.append(request)
+        self.kick()
+        while not done.wait(0.05):
+            if not self.running:
+                with self._lock:
+                    queued = request in self._requests
+                    if queued:
+                        self._requests.remove(request)
+                if queued:
+                    return function(self)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def pause(self) -> None:
+        """Stop at an instruction boundary; returns once the vCPU is parked."""
+        self._resume.clear()
+        if self.running:
+            self.kick()
+            while self.running and not self._paused.wait(0.05):
+                self.kick()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    # --- the loop ---------------------------------------------------------------
+    def _thread_main(self) -> None:
+        try:
+            status = self._vm_loop()
+        except BaseException:  # a bug in pyhyve, not in the guest
+            self.log.exception("vm_loop crashed")
+            status = ExitStatus.ERROR
+        if status is not None:
+            self.vm.stop(status, vcpu=self)
+
+    def _vm_loop(self) -> ExitStatus | None:
+        """bhyve's vm_loop: run, dispatch the exit, act on the verdict."""
+        fd = self.kvm_vcpu.fd
+        page = self._page
+        handlers = self._handlers
+        counts = self.exit_counts
+        ioctl = fcntl.ioctl
+        kvm_run = abi.KVM_RUN
+        unpack_reason = _U32.unpack_from
+        reason_offset = abi.RUN_OFFSET_EXIT_REASON
+        vm = self.vm
+        while True:
+            try:
+                ioctl(fd, kvm_run, 0)
+            except InterruptedError:
+                if vm.stopping:
+                    return None
+                self._serve_requests()
+                continue
+            reason = unpack_reason(page, reason_offset)[0]
+            handler = handlers.get(reason)
+            if handler is None:
+                return self._exit_unknown(reason)
+            counts[reason] += 1
+            verdict = handler()
+            if verdict is not None:
+                return verdict
+
+    def _serve_requests(self) -> None:
+        self._run_state.immediate_exit = 0
+        self._serve_queue()
+        if not self._resume.is_set():
+            self._paused.set()
+            while not self._resume.wait(0.05) and not self.vm.stopping:
+                self._serve_queue()
+            self._paused.clear()
+
+    def _serve_queue(self) -> None:
+        while True:
+            with self._lock:
+                if not self._requests:
+                    return
+                request = self._requests.popleft()
+            request()
+
+    # --- exit handlers ----------------------------------------------------------
+    def _exit_continue(self) -> None:
+        return None
+
+    def _exit_io(self) -> ExitStatus | None:
+        page = self._page
+        direction, size, port, count, offset = _IO_EXIT.unpack_from(page, _EXIT_UNION)
+        entry = self.vm.ports.lookup(port)
+        if entry is None:
+            return self.vm.unclaimed_io("port", port, size, direction == abi.KVM_EXIT_IO_OUT,
+                                        page, offset, count)
+        relative = port - entry.base
+        end = offset + size * count
+        if offset < 0 or end > len(page) or size not in _SIZE_MASK:
+            self.vm.warn_once("io-exit", "malformed I/O exit on port %#x", port)
+            return None
+        try:
+            if direction == abi.KVM_EXIT_IO_OUT:
+                for at in range(offset, end, size):
+                    entry.write(relative, size, int.from_bytes(page[at:at + size], "little"))
+            else:
+                mask = _SIZE_MASK[size]
+                for at in range(offset, end, size):
+                    page[at:at + size] = (entry.read(relative, size) & mask).to_bytes(size, "little")
+        except Exception:
+            self.vm.device_failed(entry.name, port)
+        return None
+
+    def _exit_mmio(self) -> ExitStatus | None:
+        page = self._page
+        addr, data, length, is_write = _MMIO_EXIT.unpack_from(page, _EXIT_UNION)
+        entry = self.vm.mmio.lookup(addr)
+        if entry is None or length not in _SIZE_MASK:
+            return self.vm.unclaimed_io("mmio", addr, length, bool(is_write), page,
+                                        _EXIT_UNION + 8, 1)
+        try:
+            if is_write:
+                entry.write(addr - entry.base, length, int.from_bytes(data[:length], "little"))
+            else:
+                value = entry.read(addr - entry.base, length) & _SIZE_MASK[length]
+                page[_EXIT_UNION + 8:_EXIT_UNION + 8 + length] = value.to_bytes(length, "little")
+        except Exception:
+            self.vm.device_failed(entry.name, addr)
+        return None
+
+    def _exit_hlt(self) -> ExitStatus | None:
+        """Only seen without the in-kernel LAPIC: HLT with IF clear never wakes."""
+        if self.kvm_vcpu.get_regs().rflags & RFLAGS_IF:
+            return None
+        return ExitStatus.HALT
+
+    def _exit_shutdown(self) -> ExitStatus:
+        self.log.warning("triple fault")
+        self.vm.exit_detail = f"vcpu{self.id}: triple fault"
+        return ExitStatus.TRIPLEFAULT
+
+    def _exit_system_event(self) -> ExitStatus | None:
+        kind = _U32.unpack_from(self._page, _EXIT_UNION)[0]
+        if kind == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+            return ExitStatus.POWEROFF
+        if kind == abi.KVM_SYSTEM_EVENT_RESET:
+            return ExitStatus.RESET
+        self.dump_state(f"system event {kind}")
+        return ExitStatus.ERROR
+
+    def _exit_rdmsr(self) -> None:
+        msr = self._run_state.u.msr
+        msr.data = 0
+        msr.error = self.vm.unknown_msr(self, msr.index, None)
+        return None
+
+    def _exit_wrmsr(self) -> None:
+        msr = self._run_state.u.msr
+        msr.error = self.vm.unknown_msr(self, msr.index, msr.data)
+        return None
+
+    def _exit_debug(self) -> ExitStatus | None:
+        return self.vm.debug_exit(self)
+
+    def _exit_fatal(self) -> ExitStatus:
+        reason = _U32.unpack_from(self._page, abi.RUN_OFFSET_EXIT_REASON)[0]
+        detail = abi.EXIT_REASON_NAMES.get(reason, str(reason))
+        if reason == abi.KVM_EXIT_INTERNAL_ERROR:
+            internal = self._run_state.u.internal
+            data = " ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
+            detail += f" (suberror {internal.suberror}{', data ' + data if data else ''})"
+        elif reason == abi.KVM_EXIT_FAIL_ENTRY:
+            detail += (" (hardware reason "
+                       f"{self._run_state.u.fail_entry.hardware_entry_failure_reason:#x})")
+        self.dump_state(detail)
+        return ExitStatus.ERROR
+
+    def _exit_unknown(self, reason: int) -> ExitStatus:
+        self.unknown_exit_counts[reason] = self.unknown_exit_counts.get(reason, 0) + 1
+        name = abi.EXIT_REASON_NAMES.get(reason, "unknown")
+        self.dump_state(f"unhandled exit reason {reason} ({name})")
+        return ExitStatus.ERROR
+
+    # --- state ------------------------------------------------------------------
+    def dump_state(self, why: str) -> None:
+        """Print the vCPU's registers to stderr, as bhyve does on a fatal exit."""
+        self.vm.exit_detail = f"vcpu{self.id}: {why}"
+        print(f"pyhyve: vcpu{self.id}: {why}", file=sys.stderr)
+        try:
+            print(self.format_registers(), file=sys.stderr)
+        except KvmError as exc:
+            print(f"pyhyve: vcpu{self.id}: registers unavailable: {exc}", file=sys.stderr)
+
+    def format_registers(self) -> str:
+        regs = self.kvm_vcpu.get_regs()
+        sregs = self.kvm_vcpu.get_sregs()
+        names = [name for name, _ in abi.kvm_regs._fields_]
+        lines = []
+        for i in range(0, len(names), 4):
+            lines.append("  ".join(f"{n:>6}={getattr(regs, n):#018x}" for n in names[i:i + 4]))
+        for seg in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"):
+            s = getattr(sregs, seg)
+            lines.append(f"{seg:>6}: sel={s.selector:#06x} base={s.base:#018x} "
+                         f"limit={s.limit:#010x} type={s.type} dpl={s.dpl} l={s.l} db={s.db}")
+        lines.append(f"   gdt: base={sregs.gdt.base:#x} limit={sregs.gdt.limit:#x}  "
+                     f"idt: base={sregs.idt.base:#x} limit={sregs.idt.limit:#x}")
+        lines.append(f"   cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} "
+                     f"cr4={sregs.cr4:#x} efer={sregs.efer:#x} apic_base={sregs.apic_base:#x}")
+        return "\n".join(lines)
+
+    def halt_state(self) -> str:
+        """'inactive' (waiting for SIPI), 'halted' (HLT with IF clear), or 'running'."""
+        mp_state = self.kvm_vcpu.get_mp_state()
+        if mp_state in (abi.KVM_MP_STATE_UNINITIALIZED, abi.KVM_MP_STATE_INIT_RECEIVED):
+            return "inactive"
+        if mp_state == abi.KVM_MP_STATE_HALTED and \
+                not self.kvm_vcpu.get_regs().rflags & RFLAGS_IF:
+            return "halted"
+        return "running"

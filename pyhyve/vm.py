@@ -1,0 +1,224 @@
+"""A virtual machine assembled from a config tree, and its lifecycle.
+
+Construction follows bhyve's order: parse and check every user setting, then
+create the KVM VM, memory, irqchip and PIT, devices and vCPUs.  `run()`
+starts the BSP, then the APs (which wait in KVM for INIT/SIPI), and returns
+bhyve's exit status once any vCPU or device stops the VM.
+"""
+
+import logging
+import sys
+import threading
+
+from . import cpuid
+from .boot.bootrom import load_bootrom, set_reset_state
+from .config import Config, ConfigError, parse_size
+from .devices.debugcon import DebugConsole
+from .devices.pm import PowerManagement
+from .iobus import MmioBus, PortBus
+from .kvm import Kvm, KvmError, abi
+from .memory import MIN_MEMORY, GuestMemory
+from .vcpu import ExitStatus, VcpuThread, install_kick_handler, kick_handler_installed
+
+TSS_ADDR = 0xFEFFD000           # three pages KVM needs on Intel, below the bootrom
+IDENTITY_MAP_ADDR = 0xFEFFC000
+HALT_PROBE_INTERVAL = 0.5
+DEFAULT_MEMORY = "256M"
+MAX_VCPUS = 255
+
+
+class VirtualMachine:
+    """One guest: memory, buses, devices and vCPU threads."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.name = config.get("name") or "vm"
+        self.log = logging.getLogger(f"pyhyve.{self.name}")
+        self.exit_status: ExitStatus | None = None
+        self.exit_detail = ""
+        self.stopping = False
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._warned: set = set()
+        self.unclaimed_accesses = 0
+        self.closables: list = []
+        self.vcpus: list[VcpuThread] = []
+
+        memory_size = parse_size(config.get("memory.size", DEFAULT_MEMORY), "memory size")
+        if memory_size < MIN_MEMORY:
+            raise ConfigError(f"memory size {memory_size} bytes is below the 1 MiB minimum")
+        self.topology = _topology(config)
+        self.strict_io = config.get_bool("x86.strictio")
+        self.strict_msr = config.get_bool("x86.strictmsr", True)
+        bootrom_path = config.get("lpc.bootrom")
+        if not bootrom_path:
+            raise ConfigError("no bootrom given: use -l bootrom,FILE")
+        bootrom = load_bootrom(bootrom_path)
+
+        self.kvm = Kvm()
+        try:
+            self._create(memory_size, bootrom)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self, memory_size: int, bootrom) -> None:
+        self.kvm_vm = self.kvm.create_vm()
+        self.kvm_vm.set_tss_addr(TSS_ADDR)
+        self.kvm_vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.kvm_vm.create_irqchip()
+        self.kvm_vm.create_pit2()
+        if self.kvm.check_extension(abi.KVM_CAP_X86_USER_SPACE_MSR):
+            self.kvm_vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR,
+                                   abi.KVM_MSR_EXIT_REASON_UNKNOWN |
+                                   abi.KVM_MSR_EXIT_REASON_INVAL)
+        self.memory = GuestMemory(self.kvm_vm, memory_size)
+        self.memory.map_bootrom(bootrom)
+        self.ports = PortBus()
+        self.mmio = MmioBus()
+        self.pm = PowerManagement(self)
+        debugcon_path = self.config.get("lpc.debugcon.path")
+        if debugcon_path is not None:
+            try:
+                self.closables.append(DebugConsole(self, debugcon_path))
+            except OSError as exc:
+                raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
+                                  f"{exc.strerror}") from None
+        supported = self.kvm.supported_cpuid()
+        for index in range(self.topology.cpus):
+            kvm_vcpu = self.kvm_vm.create_vcpu(index)
+            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index))
+            self.vcpus.append(VcpuThread(self, kvm_vcpu))
+        set_reset_state(self.vcpus[0].kvm_vcpu)
+
+    # --- lifecycle ----------------------------------------------------------------
+    def run(self) -> ExitStatus:
+        """Run until the guest or a user stops the VM; returns bhyve's exit status."""
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()
+        elif not kick_handler_installed():
+            raise KvmError("call pyhyve.vcpu.install_kick_handler() from the main "
+                           "thread before running a VM from another thread")
+        for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
+            vcpu.start()
+        watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
+                                   daemon=True)
+        watcher.start()
+        while not self._stopped.wait(0.2):
+            pass
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        for vcpu in self.vcpus:
+            vcpu.join(5.0)
+        watcher.join(5.0)
+        return self.exit_status
+
+    def stop(self, status: ExitStatus, vcpu: VcpuThread | None = None) -> None:
+        """Stop every vCPU; the first status given is the VM's exit status."""
+        with self._stop_lock:
+            if self.exit_status is None:
+                self.exit_status = ExitStatus(status)
+                self.log.info("stopping: %s%s", self.exit_status.name.lower(),
+                              f" (vcpu{vcpu.id})" if vcpu else "")
+            self.stopping = True
+        for other in self.vcpus:
+            if other is not vcpu:
+                other.kick()
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def pause(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.pause()
+
+    def resume(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.resume()
+
+    def press_power_button(self) -> None:
+        self.pm.press_power_button()
+
+    def _watch_halt(self) -> None:
+        """bhyve's VM_SUSPEND_HALT: every active vCPU halted with interrupts off."""
+        while not self._stopped.wait(HALT_PROBE_INTERVAL):
+            try:
+                states = [vcpu.call(VcpuThread.halt_state) for vcpu in self.vcpus]
+            except KvmError:
+                continue
+            if "running" not in states and "halted" in states:
+                self.exit_detail = "all vCPUs halted with interrupts disabled"
+                self.stop(ExitStatus.HALT)
+
+    def close(self) -> None:
+        """Release devices, vCPUs, memory and KVM descriptors."""
+        for device in reversed(self.closables):
+            device.close()
+        self.closables.clear()
+        for vcpu in self.vcpus:
+            vcpu.kvm_vcpu.close()
+        self.vcpus.clear()
+        if getattr(self, "memory", None) is not None:
+            self.memory.close()
+        if getattr(self, "kvm_vm", None) is not None:
+            self.kvm_vm.close()
+        self.kvm.close()
+
+    # --- services for vCPUs and devices ---------------------------------------------
+    def set_irq_level(self, irq: int, level: bool) -> None:
+        self.kvm_vm.irq_line(irq, int(level))
+
+    def warn_once(self, key, message: str, *args) -> None:
+        """Log a guest-caused problem the first time it happens."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warning(message, *args)
+
+    def device_failed(self, name: str, addr: int) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            self.log.exception("device %s failed on access at %#x; access ignored", name, addr)
+
+    def unclaimed_io(self, kind: str, addr: int, size: int, is_write: bool,
+                     page, offset: int, count: int) -> ExitStatus | None:
+        """An access nobody claims: all ones and dropped writes, or stop under -e."""
+        self.unclaimed_accesses += 1
+        if self.strict_io:
+            self.exit_detail = (f"unhandled {kind} {'write' if is_write else 'read'} "
+                                f"at {addr:#x} (size {size})")
+            print(f"pyhyve: {self.exit_detail}", file=sys.stderr)
+            return ExitStatus.ERROR
+        if not is_write and 0 <= offset and offset + size * count <= len(page):
+            page[offset:offset + size * count] = b"\xff" * (size * count)
+        return None
+
+    def unknown_msr(self, vcpu: VcpuThread, index: int, value: int | None) -> int:
+        """An MSR KVM does not know: #GP (x86.strictmsr, the default) or ignore (-w)."""
+        access = "read" if value is None else f"write {value:#x}"
+        self.warn_once(("msr", index), "vcpu%d: unknown MSR %#x (%s)%s", vcpu.id, index,
+                       access, ": #GP" if self.strict_msr else ": ignored")
+        return 1 if self.strict_msr else 0
+
+    def debug_exit(self, vcpu: VcpuThread) -> ExitStatus | None:
+        return None
+
+    def exit_stats(self) -> list[dict[str, int]]:
+        """Exit counters by reason name, one dict per vCPU."""
+        return [{abi.EXIT_REASON_NAMES.get(reason, str(reason)): count
+                 for reason, count in enumerate(vcpu.exit_counts) if count}
+                for vcpu in self.vcpus]
+
+
+def _topology(config: Config) -> cpuid.Topology:
+    cpus = config.get_int("cpus", 1, 1, MAX_VCPUS)
+    sockets = config.get_int("sockets", 0, 0, MAX_VCPUS)
+    cores = config.get_int("cores", 0, 0, MAX_VCPUS)
+    threads = config.get_int("threads", 0, 0, MAX_VCPUS)
+    if not (sockets or cores or threads):
+        return cpuid.Topology(sockets=cpus)
+    topology = cpuid.Topology(sockets or 1, cores or 1, threads or 1)
+    if "cpus" in config and topology.cpus != cpus:
+        raise ConfigError(f"cpus={cpus} does not match sockets*cores*threads="
+                          f"{topology.cpus}")
+    return topology

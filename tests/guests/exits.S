@@ -1,0 +1,22 @@
+/* COUNT port writes to EXIT_PORT (one VM exit each), then power off.
+ * bench/exits.py times this loop. */
+#include "rom.inc"
+
+#ifndef COUNT
+#define COUNT 100000
+#endif
+#ifndef EXIT_PORT
+#define EXIT_PORT 0x80
+#endif
+
+    ROM_START
+    .code16
+start16:
+    cli
+    movl $COUNT, %ecx
+1:  outb %al, $EXIT_PORT
+    decl %ecx
+    jnz 1b
+    POWEROFF16
+
+    RESET_VECTOR start16
