@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "guests"))
+
+
+def kvm_usable() -> str | None:
+    """None if /dev/kvm can be opened, else the reason it cannot."""
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist on this host"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not readable and writable by this user"
+    return None
+
+
+@pytest.fixture
+def needs_kvm():
+    reason = kvm_usable()
+    if reason:
+        pytest.skip(reason)
