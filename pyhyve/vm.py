@@ -182,9 +182,10 @@ class VirtualMachine:
 
     def unclaimed_io(self, kind: str, addr: int, size: int, is_write: bool,
                      page, offset: int, count: int) -> ExitStatus | None:
-        """An access nobody claims: all ones and dropped writes, or stop under -e."""
+        """An access nobody claims: all ones and dropped writes, or, for ports under
+        -e (bhyve's x86.strictio), stop the VM."""
         self.unclaimed_accesses += 1
-        if self.strict_io:
+        if self.strict_io and kind == "port":
             self.exit_detail = (f"unhandled {kind} {'write' if is_write else 'read'} "
                                 f"at {addr:#x} (size {size})")
             print(f"pyhyve: {self.exit_detail}", file=sys.stderr)

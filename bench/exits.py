@@ -1,0 +1,114 @@
+"""vm_loop speed: port-I/O exits per second.
+
+The same guest (tests/guests/exits.S: COUNT `out` instructions to port 0x80,
+then power-off) runs three ways in one run:
+  bare    a minimal loop of fcntl.ioctl(KVM_RUN) reading the exit reason, the
+          ceiling for any Python VMM on this host;
+  pyhyve  the full vm_loop: handler table, port bus, device, counters;
+  qemu    qemu-system-x86_64 -enable-kvm (rate from two runs of different COUNT,
+          so start-up cancels out), when QEMU is installed.
+Goal (issue 2): pyhyve at least 0.7x the bare loop.
+"""
+
+import argparse
+import fcntl
+import shutil
+import struct
+import subprocess
+import time
+
+from common import build_rom, save
+
+from pyhyve.boot.bootrom import load_bootrom, set_reset_state
+from pyhyve.config import Config
+from pyhyve.kvm import Kvm, abi
+from pyhyve.memory import GuestMemory, MiB
+from pyhyve.vcpu import ExitStatus
+from pyhyve.vm import VirtualMachine
+
+PM1A_CNT = 0x404
+
+
+def bare_loop(rom_path: str) -> tuple[int, float]:
+    """KVM_RUN in a tight loop until the guest writes PM1a_CNT; (exits, seconds)."""
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.set_tss_addr(0xFEFFD000)
+    vm.set_identity_map_addr(0xFEFFC000)
+    vm.create_irqchip()
+    vm.create_pit2()
+    memory = GuestMemory(vm, 16 * MiB)
+    memory.map_bootrom(load_bootrom(rom_path))
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid2(kvm.supported_cpuid())
+    set_reset_state(vcpu)
+    page, fd, run = vcpu.run_page, vcpu.fd, abi.KVM_RUN
+    io_port = struct.Struct("<H").unpack_from
+    exits = 0
+    start = time.perf_counter()
+    while True:
+        fcntl.ioctl(fd, run, 0)
+        exits += 1
+        if page[8] != abi.KVM_EXIT_IO or io_port(page, 34)[0] == PM1A_CNT:
+            break
+    elapsed = time.perf_counter() - start
+    vcpu.close()
+    vm.close()
+    kvm.close()
+    return exits, elapsed
+
+
+def pyhyve_loop(rom_path: str) -> tuple[int, float]:
+    vm = VirtualMachine(Config({"name": "bench-exits", "lpc.bootrom": rom_path}))
+    try:
+        start = time.perf_counter()
+        status = vm.run()
+        elapsed = time.perf_counter() - start
+        assert status == ExitStatus.POWEROFF, status
+        return sum(vm.exit_stats()[0].values()), elapsed
+    finally:
+        vm.close()
+
+
+def qemu_rate(count: int) -> float | None:
+    """QEMU's exits/s from the difference of a long and a short run."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        return None
+    times = []
+    for n in (count // 10, count):
+        rom = build_rom("exits", COUNT=n)
+        start = time.perf_counter()
+        subprocess.run([qemu, "-machine", "pc", "-enable-kvm", "-m", "16", "-nodefaults",
+                        "-display", "none", "-bios", str(rom), "-device",
+                        f"isa-debug-exit,iobase={PM1A_CNT:#x},iosize=2"],
+                       check=False, capture_output=True, timeout=600)
+        times.append(time.perf_counter() - start)
+    return (count - count // 10) / (times[1] - times[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200_000, help="exits per run")
+    args = parser.parse_args()
+    rom = str(build_rom("exits", COUNT=args.count))
+    bare_exits, bare_time = bare_loop(rom)
+    vm_exits, vm_time = pyhyve_loop(rom)
+    bare, pyhyve = bare_exits / bare_time, vm_exits / vm_time
+    qemu = qemu_rate(args.count)
+    print(f"bare KVM_RUN loop : {bare:10.0f} exits/s ({bare_exits} exits)")
+    print(f"pyhyve vm_loop    : {pyhyve:10.0f} exits/s ({vm_exits} exits)")
+    if qemu:
+        print(f"qemu              : {qemu:10.0f} exits/s")
+    print(f"ratio pyhyve/bare : {pyhyve / bare:.2f}  (goal >= 0.70)")
+    if qemu:
+        print(f"ratio pyhyve/qemu : {pyhyve / qemu:.2f}")
+    path = save("exits", {"count": args.count, "bare_exits_per_s": bare,
+                          "pyhyve_exits_per_s": pyhyve, "qemu_exits_per_s": qemu,
+                          "ratio_pyhyve_bare": pyhyve / bare,
+                          "ratio_pyhyve_qemu": pyhyve / qemu if qemu else None})
+    print(f"results: {path.relative_to(path.parent.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The core VMM on real guests: boot paths, exit statuses, buses, vCPU threads."""
+
+import threading
+
+import pytest
+
+from build import build_rom
+from guestrun import run_pyhyve, run_rom
+from pyhyve.config import Config
+from pyhyve.vcpu import ExitStatus
+from pyhyve.vm import VirtualMachine
+
+pytestmark = pytest.mark.usefixtures("needs_kvm")
+
+
+def test_real_mode_guest_prints_and_powers_off(tmp_path):
+    result = run_rom(tmp_path, "hello16")
+    assert result.debug == "hello from real mode\n"
+    assert result.status == ExitStatus.POWEROFF, result.stderr
+
+
+def test_long_mode_guest_prints_with_string_io(tmp_path):
+    result = run_rom(tmp_path, "hello64")
+    assert result.debug == "hello from long mode\n"
+    assert result.status == ExitStatus.POWEROFF, result.stderr
+
+
+def test_triple_fault_exits_3(tmp_path):
+    result = run_rom(tmp_path, "tripfault")
+    assert result.status == ExitStatus.TRIPLEFAULT
+    assert "triple fault" in result.stderr
+
+
+def test_halt_with_interrupts_disabled_exits_2(tmp_path):
+    result = run_rom(tmp_path, "halt")
+    assert result.debug == "halting\n"
+    assert result.status == ExitStatus.HALT
+
+
+def test_unclaimed_ports_and_rom_writes(tmp_path):
+    result = run_rom(tmp_path, "probe")
+    assert result.debug == "unclaimed ports read all ones\nrom writes ignored\n"
+    assert result.status == ExitStatus.POWEROFF
+
+
+def test_strict_io_stops_on_unclaimed_port(tmp_path):
+    result = run_rom(tmp_path, "probe", "-e")
+    assert result.status == ExitStatus.ERROR
+    assert "unhandled port read at 0x99" in result.stderr
+    assert result.debug == ""
+
+
+def test_every_vcpu_thread_ends_with_the_vm(tmp_path):
+    rom = build_rom("exits", COUNT=20000)     # long enough for every AP to start
+    config = Config({"name": "threads", "cpus": "4", "lpc.bootrom": str(rom)})
+    vm = VirtualMachine(config)
+    try:
+        names = []
+        original_stop = vm.stop
+
+        def record_threads_then_stop(status, vcpu=None):
+            names.extend(t.name for t in threading.enumerate())
+            original_stop(status, vcpu)
+        vm.stop = record_threads_then_stop
+        assert vm.run() == ExitStatus.POWEROFF
+        assert {"vcpu0", "vcpu1", "vcpu2", "vcpu3"} <= set(names)
+        alive = {t.name for t in threading.enumerate()}
+        assert not alive & {"vcpu0", "vcpu1", "vcpu2", "vcpu3", "threads-halt"}
+        assert vm.exit_stats()[0]["io"] > 0
+    finally:
+        vm.close()
+
+
+class RecordingDevice:
+    """An MMIO device that logs accesses and reads back a fixed pattern."""
+
+    def __init__(self):
+        self.accesses = []
+
+    def read(self, offset, size):
+        self.accesses.append(("read", offset, size))
+        return 0x0123456789ABCDEF & ((1 << (8 * size)) - 1)
+
+    def write(self, offset, size, value):
+        self.accesses.append(("write", offset, size, value))
+
+
+def test_mmio_dispatch_at_every_width():
+    config = Config({"name": "mmio", "lpc.bootrom": str(build_rom("mmio"))})
+    vm = VirtualMachine(config)
+    device = RecordingDevice()
+    vm.mmio.register("recorder", 0xC0000000, 0x1000, device.read, device.write)
+    try:
+        assert vm.run() == ExitStatus.POWEROFF
+    finally:
+        vm.close()
+    assert device.accesses == [
+        ("write", 0, 1, 0x11), ("write", 2, 2, 0x2222), ("write", 4, 4, 0x44444444),
+        ("write", 8, 8, 0x8888888888888888),
+        ("read", 0x10, 1), ("write", 0x100, 8, 0xEF),
+        ("read", 0x10, 2), ("write", 0x100, 8, 0xCDEF),
+        ("read", 0x10, 4), ("write", 0x100, 8, 0x89ABCDEF),
+        ("read", 0x10, 8), ("write", 0x100, 8, 0x0123456789ABCDEF),
+    ]
+
+
+def test_bootrom_ends_at_4g_and_is_aliased_below_1m():
+    rom = build_rom("hello16")
+    config = Config({"name": "layout", "lpc.bootrom": str(rom)})
+    vm = VirtualMachine(config)
+    try:
+        image = rom.read_bytes()
+        assert vm.memory.read(0x100000000 - len(image), len(image)) == image
+        assert vm.memory.read(0x100000 - len(image), len(image)) == image
+        regs = vm.vcpus[0].kvm_vcpu.get_regs()
+        sregs = vm.vcpus[0].kvm_vcpu.get_sregs()
+        assert (sregs.cs.selector, sregs.cs.base, regs.rip) == (0xF000, 0xFFFF0000, 0xFFF0)
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-l", "bootrom,/nonexistent/rom.bin"], "cannot read bootrom /nonexistent/rom.bin"),
+    (["-m", "512K"], "below the 1 MiB minimum"),
+    (["-m", "lots"], "invalid memory size 'lots'"),
+    (["-c", "two"], "invalid -c 'two'"),
+    (["-q"], "option -q not recognized"),
+    (["-l", "floppy,a.img"], "unknown LPC device 'floppy'"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    rom = build_rom("hello16")
+    proc = run_pyhyve(["-l", f"bootrom,{rom}", *args, "vm"], timeout=30)
+    assert proc.returncode == ExitStatus.ERROR
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("size, message", [
+    (17 * 1024 * 1024, "more than the 16 MiB limit"),
+    (4096 + 100, "not a multiple of the 4096-byte page size"),
+    (0, "is empty"),
+])
+def test_bad_bootrom_images(tmp_path, size, message):
+    image = tmp_path / "rom.bin"
+    image.write_bytes(b"\xf4" * size)
+    proc = run_pyhyve(["-l", f"bootrom,{image}", "vm"], timeout=30)
+    assert proc.returncode == ExitStatus.ERROR
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_missing_kvm_device_is_one_line(monkeypatch, capsys):
+    from pyhyve import cli, vm as vm_module
+    from pyhyve.kvm import Kvm
+
+    monkeypatch.setattr(vm_module, "Kvm", lambda: Kvm("/nonexistent/kvm"))
+    status = cli.main(["-l", f"bootrom,{build_rom('hello16')}", "vm"])
+    assert status == ExitStatus.ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/nonexistent/kvm does not exist" in err
