@@ -20,6 +20,7 @@ LOWMEM_LIMIT = 3 * GiB          # bhyve's default start of the PCI hole
 HIGHMEM_BASE = 4 * GiB
 BIOS_AREA_BASE = 0xE0000        # the legacy BIOS window firmware expects
 BIOS_AREA_SIZE = 128 * KiB
+BIOS_AREA_MODES = ("rom", "ram-ro", "ram")
 MIN_MEMORY = 1 * MiB
 
 
@@ -128,21 +129,22 @@ class GuestMemory:
         self._add(Region("lowmem-above-1m", end, self._lowmem, end,
                          self.lowmem_size - end, True))
 
-    def set_bios_area_writable(self, writable: bool) -> None:
-        """Switch the BIOS area between the ROM alias and RAM (the PAM registers)."""
-        if self._bios_rom is None:
+    def set_bios_area(self, mode: str) -> None:
+        """Back the BIOS area as the chipset's PAM registers say: "rom" (reads hit
+        the bootrom alias), "ram-ro" (RAM, writes ignored) or "ram" (RAM)."""
+        if self._bios_rom is None or mode not in BIOS_AREA_MODES:
             return
         rom, offset = self._bios_rom
         index = bisect.bisect(self._starts, BIOS_AREA_BASE + BIOS_AREA_SIZE - 1) - 1
         region = self._regions[index]
-        if region.writable == writable:
+        if region.name == f"bios-{mode}":
             return
         start, size = region.gpa, region.size
         self._remove(start)
-        if writable:
-            self._add(Region("bios-ram", start, self._lowmem, start, size, True))
-        else:
+        if mode == "rom":
             self._add(Region("bios-rom", start, rom, offset, size, False))
+        else:
+            self._add(Region(f"bios-{mode}", start, self._lowmem, start, size, mode == "ram"))
 
     @property
     def regions(self) -> list[Region]:
