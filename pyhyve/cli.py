@@ -10,16 +10,21 @@ from .kvm import KvmError, KvmUnavailable
 from .vcpu import ExitStatus
 
 USAGE = """\
-usage: pyhyve [-eHhPuwx] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
-              [-k config_file] [-l lpcdev[,conf]] [-m memsize[K|M|G|T]]
-              [-o var=value] vmname
+usage: pyhyve [-eHhPuw] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+              [-f name,string=TEXT|file=PATH] [-k config_file] [-l lpcdev[,conf]]
+              [-m memsize[K|M|G|T]] [-o var=value] [-s pci] vmname
 
 Virtual machine:
   -c cpus        vCPUs and topology, bhyve syntax (cpus=N,sockets=S,cores=C,threads=T)
   -m memsize     guest memory, with a K, M, G or T suffix (default 256M)
-LPC devices:
+Devices:
+  -s [bus:]slot[:func],emulation[,conf]  a PCI device (pyhyve -s help lists emulations);
+                 a hostbridge at 0:0 and an lpc bridge at 31:0 are added unless given
   -l bootrom,FILE          firmware mapped to end at 4 GiB; the BSP starts at its reset vector
+  -l com1,stdio|file=PATH|unix=PATH|tcp=HOST:PORT   a serial port (com1 to com4)
   -l debugcon,file=PATH    port 0x402 debug console (SeaBIOS's log) written to PATH
+  -l fwcfg,qemu            QEMU's fw_cfg interface (present by default)
+  -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree
@@ -28,12 +33,14 @@ x86:
   -H              yield the host CPU when the guest halts (always so with KVM's LAPIC)
   -P              exit on PAUSE (KVM handles PAUSE loops in the kernel)
   -w              ignore accesses to unknown MSRs (default: #GP, x86.strictmsr)
+Clock:
+  -u              the RTC keeps UTC (default: local time)
 Other:
   -h              this help
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "c:eHhk:l:m:o:Pw"
+SHORT_OPTIONS = "c:ef:Hhk:l:m:o:Ps:uw"
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -48,23 +55,77 @@ def parse_cpus(config: Config, text: str) -> None:
         config.set(key, value)
 
 
+LPC_DEVICES = {
+    "bootrom": "bootrom,FILE: firmware image mapped to end at 4 GiB",
+    "com1": "com1,stdio|file=PATH|unix=PATH|tcp=HOST:PORT: 16550A UART at 0x3f8, IRQ 4",
+    "com2": "com2,...: UART at 0x2f8, IRQ 3",
+    "com3": "com3,...: UART at 0x3e8, IRQ 4",
+    "com4": "com4,...: UART at 0x2e8, IRQ 3",
+    "debugcon": "debugcon,file=PATH: port 0x402 debug console (SeaBIOS's log)",
+    "fwcfg": "fwcfg,qemu: QEMU's fw_cfg interface (the default)",
+}
+
+
 def parse_lpc(config: Config, text: str) -> None:
-    """-l bootrom,FILE | -l debugcon,file=PATH"""
+    """-l DEVICE[,CONF], bhyve's LPC devices (and pyhyve's debugcon)."""
     device, _, options = text.partition(",")
     if device == "help":
-        print("bootrom\ndebugcon")
+        print("\n".join(LPC_DEVICES.values()))
         raise SystemExit(0)
+    if device not in LPC_DEVICES:
+        raise ConfigError(f"unknown LPC device '{device}' (pyhyve -l help lists them)")
+    if not options:
+        raise ConfigError(f"-l {device} needs a setting: -l {LPC_DEVICES[device].split(':')[0]}")
     if device == "bootrom":
-        if not options:
-            raise ConfigError("-l bootrom needs a file: -l bootrom,FILE")
         config.set("lpc.bootrom", options.split(",")[0])
     elif device == "debugcon":
         key, sep, path = options.partition("=")
         if key != "file" or not path:
             raise ConfigError("-l debugcon needs a file: -l debugcon,file=PATH")
         config.set("lpc.debugcon.path", path)
+    elif device == "fwcfg":
+        config.set("lpc.fwcfg", options)
     else:
-        raise ConfigError(f"unknown LPC device '{device}' (pyhyve -l help lists them)")
+        config.set(f"lpc.{device}.path", options)
+
+
+def parse_pci(config: Config, text: str) -> None:
+    """-s [bus:]slot[:func],emulation[,options]: fills pci.BUS.SLOT.FUNC.*"""
+    from .pci import emulations
+    if text == "help":
+        from .pci import describe
+        for name, cls in emulations().items():
+            print(f"{name:16} {describe(cls)}")
+        raise SystemExit(0)
+    location, _, rest = text.partition(",")
+    name, _, options = rest.partition(",")
+    numbers = location.split(":")
+    if not name or not 1 <= len(numbers) <= 3 or not all(n.isdigit() for n in numbers):
+        raise ConfigError(f"invalid -s '{text}': expected [bus:]slot[:func],emulation[,options]")
+    values = [int(n) for n in numbers]
+    bus, slot, func = {1: lambda: (0, values[0], 0), 2: lambda: (0, values[0], values[1]),
+                       3: lambda: tuple(values)}[len(values)]()
+    if bus != 0:
+        raise ConfigError(f"-s '{text}': only PCI bus 0 exists")
+    if slot > 31 or func > 7:
+        raise ConfigError(f"-s '{text}': slots are 0-31 and functions 0-7")
+    prefix = f"pci.{bus}.{slot}.{func}"
+    if f"{prefix}.device" in config:
+        raise ConfigError(f"-s '{text}': slot {slot}:{func} is already in use")
+    cls = emulations().get(name)
+    if cls is None:
+        raise ConfigError(f"unknown PCI emulation '{name}' (pyhyve -s help lists them)")
+    config.set(f"{prefix}.device", name)
+    for key, value in cls.legacy_options(options).items():
+        config.set(f"{prefix}.{key}", value)
+
+
+def parse_fwcfg_file(config: Config, text: str) -> None:
+    """-f name,string=TEXT|file=PATH: a file for fw_cfg, checked now."""
+    from .devices.fwcfg import parse_fw_cfg_option
+    parse_fw_cfg_option(text)
+    index = len(config.subtree("fwcfg.file"))
+    config.set(f"fwcfg.file.{index}", text)
 
 
 def parse_args(argv: list[str]) -> Config | None:
@@ -89,6 +150,8 @@ def parse_args(argv: list[str]) -> Config | None:
             config.set("x86.strictio", "true")
         elif option == "-w":
             config.set("x86.strictmsr", "false")
+        elif option == "-u":
+            config.set("rtc.use_localtime", "false")
         elif option == "-H":
             config.set("x86.vmexit_on_hlt", "true")
         elif option == "-P":
@@ -97,6 +160,10 @@ def parse_args(argv: list[str]) -> Config | None:
             config.load_file(value)
         elif option == "-l":
             parse_lpc(config, value)
+        elif option == "-s":
+            parse_pci(config, value)
+        elif option == "-f":
+            parse_fwcfg_file(config, value)
         elif option == "-o":
             key, sep, setting = value.partition("=")
             if not sep:

@@ -20,7 +20,11 @@ LOWMEM_LIMIT = 3 * GiB          # bhyve's default start of the PCI hole
 HIGHMEM_BASE = 4 * GiB
 BIOS_AREA_BASE = 0xE0000        # the legacy BIOS window firmware expects
 BIOS_AREA_SIZE = 128 * KiB
+BIOS_AREA_END = BIOS_AREA_BASE + BIOS_AREA_SIZE
 BIOS_AREA_MODES = ("rom", "ram-ro", "ram")
+# The i440FX PAM granularity above 0xE0000: four 16 KiB chunks, then 64 KiB.
+BIOS_AREA_CHUNKS = ((0xE0000, 0xE4000), (0xE4000, 0xE8000), (0xE8000, 0xEC000),
+                    (0xEC000, 0xF0000), (0xF0000, 0x100000))
 MIN_MEMORY = 1 * MiB
 
 
@@ -69,7 +73,7 @@ class GuestMemory:
         self._next_slot = 0
         self._lowmem = self._anonymous(self.lowmem_size)
         self._highmem = self._anonymous(self.highmem_size) if self.highmem_size else None
-        self._bios_rom: tuple[mmap.mmap, int] | None = None
+        self._bios_rom: tuple[mmap.mmap, int, int] | None = None   # rom, offset, gpa
         self._add(Region("lowmem", 0, self._lowmem, 0, self.lowmem_size, True))
         if self._highmem is not None:
             self._add(Region("highmem", HIGHMEM_BASE, self._highmem, 0,
@@ -115,36 +119,35 @@ class GuestMemory:
         size = len(rom)
         self.add_rom("bootrom", HIGHMEM_BASE - size, rom, 0, size)
         alias = min(size, BIOS_AREA_SIZE)
-        self._bios_rom = (rom, size - alias)
-        if self.lowmem_size >= BIOS_AREA_BASE + BIOS_AREA_SIZE:
-            self._split_lowmem_for_bios_area(alias)
-
-    def _split_lowmem_for_bios_area(self, alias: int) -> None:
-        rom, offset = self._bios_rom
-        start = BIOS_AREA_BASE + BIOS_AREA_SIZE - alias
-        end = BIOS_AREA_BASE + BIOS_AREA_SIZE
+        alias_start = BIOS_AREA_END - alias
+        self._bios_rom = (rom, size - alias, alias_start)
+        if self.lowmem_size < BIOS_AREA_END:
+            return
         self._remove(0)
-        self._add(Region("lowmem", 0, self._lowmem, 0, start, True))
-        self._add(Region("bios-rom", start, rom, offset, alias, False))
-        self._add(Region("lowmem-above-1m", end, self._lowmem, end,
-                         self.lowmem_size - end, True))
+        self._add(Region("lowmem", 0, self._lowmem, 0, alias_start, True))
+        for start, end in BIOS_AREA_CHUNKS:
+            if start >= alias_start:
+                self._add(self._bios_region(start, end - start, "rom"))
+        self._add(Region("lowmem-above-1m", BIOS_AREA_END, self._lowmem, BIOS_AREA_END,
+                         self.lowmem_size - BIOS_AREA_END, True))
 
-    def set_bios_area(self, mode: str) -> None:
-        """Back the BIOS area as the chipset's PAM registers say: "rom" (reads hit
-        the bootrom alias), "ram-ro" (RAM, writes ignored) or "ram" (RAM)."""
-        if self._bios_rom is None or mode not in BIOS_AREA_MODES:
-            return
-        rom, offset = self._bios_rom
-        index = bisect.bisect(self._starts, BIOS_AREA_BASE + BIOS_AREA_SIZE - 1) - 1
-        region = self._regions[index]
-        if region.name == f"bios-{mode}":
-            return
-        start, size = region.gpa, region.size
-        self._remove(start)
+    def _bios_region(self, gpa: int, size: int, mode: str) -> Region:
         if mode == "rom":
-            self._add(Region("bios-rom", start, rom, offset, size, False))
-        else:
-            self._add(Region(f"bios-{mode}", start, self._lowmem, start, size, mode == "ram"))
+            rom, offset, alias_start = self._bios_rom
+            return Region("bios-rom", gpa, rom, offset + gpa - alias_start, size, False)
+        return Region(f"bios-{mode}", gpa, self._lowmem, gpa, size, mode == "ram")
+
+    def set_bios_area(self, gpa: int, mode: str) -> None:
+        """Back one shadowable chunk of the BIOS area (see BIOS_AREA_CHUNKS) as the
+        chipset's PAM registers say: "rom" (reads hit the bootrom alias), "ram-ro"
+        (RAM, writes ignored) or "ram".  Chunks the bootrom does not cover stay RAM."""
+        if self._bios_rom is None or mode not in BIOS_AREA_MODES or gpa not in self._starts:
+            return
+        region = self._regions[self._starts.index(gpa)]
+        if not region.name.startswith("bios-") or region.name == f"bios-{mode}":
+            return
+        self._remove(gpa)
+        self._add(self._bios_region(gpa, region.size, mode))
 
     @property
     def regions(self) -> list[Region]:

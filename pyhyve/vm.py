@@ -13,11 +13,19 @@ import threading
 from . import cpuid
 from .boot.bootrom import load_bootrom, set_reset_state
 from .config import Config, ConfigError, parse_size
+from .devices.chardev import open_backend
 from .devices.debugcon import DebugConsole
+from .devices.fwcfg import E820_RAM, FwCfg, e820_table, parse_fw_cfg_option
+from .devices.i8042 import I8042
 from .devices.pm import PowerManagement
+from .devices.rtc import Rtc
+from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
+from .devices.uart import COM_PORTS, Uart16550
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
 from .memory import MIN_MEMORY, GuestMemory
+from .pci import emulations
+from .pci.bus import PciBus
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler, kick_handler_installed
 
 TSS_ADDR = 0xFEFFD000           # three pages KVM needs on Intel, below the bootrom
@@ -76,7 +84,29 @@ class VirtualMachine:
         self.memory.map_bootrom(bootrom)
         self.ports = PortBus()
         self.mmio = MmioBus()
+        self._create_platform_devices()
+        self.pci = PciBus(self)
+        self.closables.append(self.pci)
+        self._create_pci_devices()
+        supported = self.kvm.supported_cpuid()
+        for index in range(self.topology.cpus):
+            kvm_vcpu = self.kvm_vm.create_vcpu(index)
+            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index))
+            self.vcpus.append(VcpuThread(self, kvm_vcpu))
+        set_reset_state(self.vcpus[0].kvm_vcpu)
+
+    def _create_platform_devices(self) -> None:
+        """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
+        reset and POST ports, UARTs, fw_cfg and the debug port."""
         self.pm = PowerManagement(self)
+        self.rtc = Rtc(self, self.memory.lowmem_size, self.memory.highmem_size,
+                       use_utc=not self.config.get_bool("rtc.use_localtime", True),
+                       cpus=self.topology.cpus)
+        self.closables.append(self.rtc)
+        self.i8042 = I8042(self)
+        self.port_a = SystemControlPortA(self)
+        self.reset_control = ResetControl(self)
+        self.post = PostCodes(self)
         debugcon_path = self.config.get("lpc.debugcon.path")
         if debugcon_path is not None:
             try:
@@ -84,12 +114,53 @@ class VirtualMachine:
             except OSError as exc:
                 raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
                                   f"{exc.strerror}") from None
-        supported = self.kvm.supported_cpuid()
-        for index in range(self.topology.cpus):
-            kvm_vcpu = self.kvm_vm.create_vcpu(index)
-            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index))
-            self.vcpus.append(VcpuThread(self, kvm_vcpu))
-        set_reset_state(self.vcpus[0].kvm_vcpu)
+        self.uarts = {}
+        for name, (port, irq) in COM_PORTS.items():
+            spec = self.config.get(f"lpc.{name}.path")
+            if spec is not None:
+                backend = open_backend(spec, name)
+                self.uarts[name] = Uart16550(self, name, port, irq, backend)
+                self.closables.append(self.uarts[name])
+        self.fwcfg = self._create_fwcfg()
+
+    def _create_fwcfg(self) -> FwCfg:
+        flavour = self.config.get("lpc.fwcfg", "qemu")
+        if flavour != "qemu":
+            raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
+        fwcfg = FwCfg(self, cpus=self.topology.cpus)
+        fwcfg.add_file("etc/e820", e820_table(
+            [(gpa, size, E820_RAM) for gpa, size in self.memory.ram_ranges()]))
+        # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
+        fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))
+        if "com1" in self.uarts:
+            # SeaBIOS prints on the serial console only when told where it is.
+            fwcfg.add_file("etc/sercon-port", COM_PORTS["com1"][0].to_bytes(2, "little"))
+        for key, value in sorted(self.config.subtree("fwcfg.file").items()):
+            name, data = parse_fw_cfg_option(value)
+            fwcfg.add_file(name, data)
+        return fwcfg
+
+    def _create_pci_devices(self) -> None:
+        """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
+        users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
+        registry = emulations()
+        slots = {}
+        for key, name in self.config.subtree("pci.0").items():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[2] == "device":
+                slots[int(parts[0]), int(parts[1])] = name
+        names = set(slots.values())
+        if not names & {"hostbridge", "amd_hostbridge"} and (0, 0) not in slots:
+            slots[0, 0] = "hostbridge"
+        if "lpc" not in names and (31, 0) not in slots:
+            slots[31, 0] = "lpc"
+        for (slot, func), name in sorted(slots.items()):
+            cls = registry.get(name)
+            if cls is None:
+                raise ConfigError(f"unknown PCI emulation '{name}' (pyhyve -s help lists them)")
+            options = {k: v for k, v in self.config.subtree(f"pci.0.{slot}.{func}").items()
+                       if k != "device"}
+            self.pci.add(slot, func, cls, options)
 
     # --- lifecycle ----------------------------------------------------------------
     def run(self) -> ExitStatus:
@@ -168,6 +239,9 @@ class VirtualMachine:
     # --- services for vCPUs and devices ---------------------------------------------
     def set_irq_level(self, irq: int, level: bool) -> None:
         self.kvm_vm.irq_line(irq, int(level))
+
+    def signal_msi(self, address: int, data: int) -> None:
+        self.kvm_vm.signal_msi(address, data)
 
     def warn_once(self, key, message: str, *args) -> None:
         """Log a guest-caused problem the first time it happens."""

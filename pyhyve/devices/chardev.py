@@ -1,0 +1,383 @@
+"""Host ends of a serial port, from bhyve's `-l com1,SPEC`.
+
+SPEC is one of
+    stdio           the terminal pyhyve runs in, in raw mode until the backend
+                    closes or the process exits (like bhyve, there is no escape
+                    key: Ctrl-C goes to the guest)
+    file=PATH       guest output appended to PATH; no input
+    unix=PATH       a listening AF_UNIX stream socket
+    tcp=HOST:PORT   a listening TCP socket (port 0 picks a free one)
+
+A socket backend serves one client at a time, and a new connection replaces
+the current one, which is closed: a client that hung or vanished without
+closing can never lock the user out of the console.  The socket carries raw
+bytes (use `nc` or `socat`, not telnet).
+
+Guest output must never stall a vCPU: a socket backend sends without blocking,
+so output with no client connected, or beyond what the kernel's socket buffer
+holds, is dropped and counted in `dropped`.  stdio and file writes block, as
+in bhyve, so piped or logged output keeps every byte.
+
+Input is read by one daemon thread per backend, started by attach(), which
+waits on the backend's descriptors with a selector and is woken through an
+eventfd when close() asks it to exit.
+"""
+
+import atexit
+import errno
+import logging
+import os
+import selectors
+import socket
+import stat
+import termios
+import threading
+import tty
+from typing import Callable
+
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 4096
+JOIN_TIMEOUT = 5.0
+SPECS = "stdio, file=PATH, unix=PATH or tcp=HOST:PORT"
+
+
+def open_backend(spec: str, name: str = "console") -> "Backend":
+    """The backend `spec` describes; `name` (e.g. "com1") prefixes error messages
+    and names the I/O thread."""
+    if spec == "stdio":
+        return StdioBackend(name)
+    kind, sep, arg = spec.partition("=")
+    if sep and arg:
+        if kind == "file":
+            return FileBackend(name, arg)
+        if kind == "unix":
+            return UnixBackend(name, arg)
+        if kind == "tcp":
+            return TcpBackend(name, arg)
+    raise ConfigError(f"{name}: unknown backend '{spec}': expected {SPECS}")
+
+
+class Backend:
+    """Where a serial port's output goes and its input comes from."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dropped = 0                # guest output bytes that could not be delivered
+        self._callback: Callable[[bytes], None] | None = None
+
+    def attach(self, callback: Callable[[bytes], None] | None) -> None:
+        """Hand host input to `callback(data)` from now on; None stops it."""
+        self._callback = callback
+
+    def write(self, data: bytes) -> None:
+        """Guest output; must not block the calling vCPU for long."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release host resources; later output is dropped."""
+
+
+class FileBackend(Backend):
+    """Guest output appended to a file, for logs; there is no input."""
+
+    def __init__(self, name: str, path: str):
+        super().__init__(name)
+        self.path = path
+        self._lock = threading.Lock()
+        self._failed = False
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o644)
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot open file={path}: {_reason(exc)}") from None
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._fd is None:
+                self.dropped += len(data)
+                return
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self.dropped += len(data)
+                if not self._failed:
+                    self._failed = True
+                    log.warning("%s: writing %s failed (%s); output is dropped",
+                                self.name, self.path, _reason(exc))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class _PolledBackend(Backend):
+    """A backend with input: one daemon thread waits on its descriptors.
+
+    Subclasses register (fileobj, EVENT_READ, handler) with `_selector`, where
+    handler(fileobj) runs on the I/O thread, and release what they hold in
+    `_release()`.  Poll rather than epoll, so that any stdin works, even a file."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._selector = selectors.PollSelector()
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._selector.register(self._wakeup, selectors.EVENT_READ, None)
+
+    def attach(self, callback: Callable[[bytes], None] | None) -> None:
+        super().attach(callback)
+        if self._thread is None and not self._closing:
+            self._thread = threading.Thread(target=self._run, name=f"{self.name}-io",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closing:
+            for key, _ in self._selector.select():
+                if key.data is not None and not self._closing:
+                    key.data(key.fileobj)
+
+    def _deliver(self, data: bytes) -> None:
+        callback = self._callback
+        if callback is not None:
+            try:
+                callback(data)
+            except Exception:
+                log.exception("%s: input handler failed; input dropped", self.name)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        os.eventfd_write(self._wakeup, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(JOIN_TIMEOUT)
+        self._release()
+        self._selector.close()
+        os.close(self._wakeup)
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class StdioBackend(_PolledBackend):
+    """pyhyve's own terminal: keys go to the guest, guest output to stdout.
+
+    When input is a terminal it is put in raw mode (as bhyve does with
+    cfmakeraw), and its settings come back on close() or at process exit."""
+
+    def __init__(self, name: str, in_fd: int = 0, out_fd: int = 1):
+        super().__init__(name)
+        self._in_fd = in_fd
+        self._out_fd = out_fd
+        self._failed = False
+        self._saved_mode = None
+        self._selector.register(in_fd, selectors.EVENT_READ, self._on_input)
+        if os.isatty(in_fd):
+            self._saved_mode = termios.tcgetattr(in_fd)
+            tty.setraw(in_fd)
+            atexit.register(self._restore)
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            self.dropped += len(data)
+            return
+        try:
+            _write_all(self._out_fd, data)
+        except OSError as exc:
+            self.dropped += len(data)
+            if not self._failed:
+                self._failed = True
+                log.warning("%s: writing to stdout failed (%s); output is dropped",
+                            self.name, _reason(exc))
+
+    def _on_input(self, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._deliver(data)
+        else:
+            self._selector.unregister(fd)   # end of input: keep serving output
+
+    def _restore(self) -> None:
+        if self._saved_mode is not None:
+            try:
+                termios.tcsetattr(self._in_fd, termios.TCSANOW, self._saved_mode)
+            except termios.error:
+                pass                        # the terminal is gone: nothing to restore
+            self._saved_mode = None
+
+    def _release(self) -> None:
+        self._restore()
+        atexit.unregister(self._restore)
+
+
+class _ServerBackend(_PolledBackend):
+    """A listening socket whose latest client is the console."""
+
+    def __init__(self, name: str, listener: socket.socket):
+        super().__init__(name)
+        self._lock = threading.Lock()       # guards _client against close during send
+        self._client: socket.socket | None = None
+        self._listener = listener
+        listener.setblocking(False)
+        self._selector.register(listener, selectors.EVENT_READ, self._on_accept)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            sent = 0
+            if self._client is not None:
+                try:
+                    sent = self._client.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except OSError:
+                    pass        # buffer full, or the client is leaving: the I/O thread sees it
+            self.dropped += len(data) - sent
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return              # the client gave up before we got to it
+        client.setblocking(False)
+        self._configure(client)
+        self._drop_client()
+        with self._lock:
+            self._client = client
+        self._selector.register(client, selectors.EVENT_READ, self._on_input)
+
+    def _configure(self, client: socket.socket) -> None:
+        """Per-connection socket options."""
+
+    def _on_input(self, client: socket.socket) -> None:
+        try:
+            data = client.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._deliver(data)
+        else:
+            self._drop_client()
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            if client is not None:
+                self._selector.unregister(client)
+                client.close()
+
+    def _release(self) -> None:
+        self._drop_client()
+        self._listener.close()
+
+
+class UnixBackend(_ServerBackend):
+    """A console on an AF_UNIX socket; a socket file left by a dead pyhyve is reused."""
+
+    def __init__(self, name: str, path: str):
+        self.path = path
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                listener.bind(path)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                _check_stale_socket(exc, path)
+                os.unlink(path)
+                listener.bind(path)
+            listener.listen(1)
+            created = os.stat(path)
+        except OSError as exc:
+            listener.close()
+            raise ConfigError(f"{name}: cannot listen on unix {path}: {_reason(exc)}") from None
+        self._inode = (created.st_dev, created.st_ino)
+        super().__init__(name, listener)
+
+    @property
+    def address(self) -> str:
+        return self.path
+
+    def _release(self) -> None:
+        super()._release()
+        try:
+            found = os.stat(self.path)
+            if (found.st_dev, found.st_ino) == self._inode:     # still ours
+                os.unlink(self.path)
+        except OSError:
+            pass                            # already removed by someone else
+
+
+class TcpBackend(_ServerBackend):
+    """A console on a TCP port; HOST may be a name, an IPv4 or a [bracketed] IPv6 address."""
+
+    def __init__(self, name: str, address: str):
+        host, sep, port = address.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or int(port) > 0xFFFF:
+            raise ConfigError(f"{name}: tcp={address}: expected tcp=HOST:PORT")
+        listener = None
+        try:
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            listener = socket.socket(family, kind, proto)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(sockaddr)
+            listener.listen(1)
+        except OSError as exc:
+            if listener is not None:
+                listener.close()
+            raise ConfigError(f"{name}: cannot listen on tcp {address}: "
+                              f"{_reason(exc)}") from None
+        super().__init__(name, listener)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port), with the real port when 0 was asked for."""
+        return self._listener.getsockname()[:2]
+
+    def _configure(self, client: socket.socket) -> None:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # keystrokes, not bulk
+
+
+def _check_stale_socket(error: OSError, path: str) -> None:
+    """Re-raise `error` unless `path` is a socket nobody listens on any more."""
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise OSError(errno.EEXIST, "the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return
+        except OSError:
+            pass
+    raise error
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)

@@ -1,0 +1,165 @@
+"""PCI bus 0: slots, config cycles (mechanism #1 and ECAM), BAR windows.
+
+bhyve's pci_emul.c keeps the same pieces: a slot/function table filled by
+`-s`, config access through ports 0xCF8/0xCFC and the MMCONFIG window, and an
+allocator that gives each BAR an initial address the guest may change.
+"""
+
+import logging
+
+from ..config import ConfigError
+from ..iobus import BusConflict
+from ..memory import GiB, HIGHMEM_BASE, LOWMEM_LIMIT, MiB
+from . import regs as R
+from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
+from .intx import IntxRouter
+
+log = logging.getLogger(__name__)
+
+CONFIG_ADDRESS_PORT = 0xCF8
+CONFIG_DATA_PORT = 0xCFC
+CONFIG_ENABLE = 1 << 31
+ECAM_BASE = 0xE0000000            # bhyve's PCI_EMUL_ECFG_BASE
+ECAM_BUSES = 1                    # bus 0 only: 1 MiB of MMCONFIG
+ECAM_SIZE = ECAM_BUSES << 20
+IO_WINDOW = (0xC000, 0x10000)     # where SeaBIOS and QEMU put PCI I/O BARs
+MEM32_WINDOW = (LOWMEM_LIMIT, ECAM_BASE)
+MEM64_SIZE = 64 * GiB
+SLOTS, FUNCTIONS = 32, 8
+
+
+class PciBus:
+    """Bus 0 of the guest's PCI hierarchy."""
+
+    number = 0
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.functions: dict[tuple[int, int], PciDevice] = {}
+        self.config_address = 0
+        self.intx = IntxRouter(vm)
+        high_end = HIGHMEM_BASE + vm.memory.highmem_size
+        mem64_base = max(HIGHMEM_BASE + 60 * GiB, (high_end + GiB - 1) & ~(GiB - 1))
+        self._next = {BAR_IO: IO_WINDOW[0], BAR_MEM32: MEM32_WINDOW[0], BAR_MEM64: mem64_base}
+        self._limit = {BAR_IO: IO_WINDOW[1], BAR_MEM32: MEM32_WINDOW[1],
+                       BAR_MEM64: mem64_base + MEM64_SIZE}
+        # Only the first port: dispatch is by the starting port, so a dword at
+        # 0xCF8 lands here while a byte at 0xCF9 reaches the reset control register.
+        vm.ports.register("pci-config-address", CONFIG_ADDRESS_PORT, 1,
+                          self._address_read, self._address_write)
+        vm.ports.register("pci-config-data", CONFIG_DATA_PORT, 4,
+                          self._data_read, self._data_write)
+        vm.mmio.register("pci-ecam", ECAM_BASE, ECAM_SIZE, self._ecam_read, self._ecam_write)
+
+    @property
+    def mem64_window(self) -> tuple[int, int]:
+        return self._limit[BAR_MEM64] - MEM64_SIZE, self._limit[BAR_MEM64]
+
+    # --- devices -------------------------------------------------------------------
+    def add(self, slot: int, func: int, cls: type, options: dict[str, str]) -> PciDevice:
+        """Instantiate an emulation into slot/func (bhyve's pci_emul_init)."""
+        if not (0 <= slot < SLOTS and 0 <= func < FUNCTIONS):
+            raise ConfigError(f"PCI slot {slot}:{func} is out of range "
+                              f"(slots 0-{SLOTS - 1}, functions 0-{FUNCTIONS - 1})")
+        if (slot, func) in self.functions:
+            raise ConfigError(f"PCI slot {slot}:{func} is already taken by "
+                              f"{self.functions[slot, func].emulation_name}")
+        device = cls(self.vm, self, slot, func)
+        device.init(options)
+        self.functions[slot, func] = device
+        return device
+
+    def remove(self, device: PciDevice) -> None:
+        """Take a device off the bus: BARs, interrupts and config space go away."""
+        device.deassert_intx()
+        device.unmap_all()
+        device.teardown()
+        del self.functions[device.slot, device.func]
+
+    def is_multifunction(self, slot: int) -> bool:
+        return any(s == slot and f > 0 for s, f in self.functions)
+
+    def devices(self) -> list[PciDevice]:
+        return [self.functions[key] for key in sorted(self.functions)]
+
+    # --- BAR placement ------------------------------------------------------------------
+    def allocate(self, kind: str, size: int) -> int:
+        """The next naturally aligned address for a BAR of this kind."""
+        base = (self._next[kind] + size - 1) & ~(size - 1)
+        if base + size > self._limit[kind]:
+            raise ConfigError(f"no room for a {size:#x}-byte {kind} BAR")
+        self._next[kind] = base + size
+        return base
+
+    def map(self, device: PciDevice, kind: str, address: int, size: int, name: str,
+            read, write):
+        """Decode a BAR at `address`; None (logged once) where that cannot be."""
+        bus = self.vm.ports if kind == BAR_IO else self.vm.mmio
+        if address == 0 or (kind == BAR_IO and address + size > 0x10000):
+            return None
+        try:
+            return bus.register(name, address, size, read, write)
+        except BusConflict as exc:
+            device.warn_once(f"bar-conflict-{address:#x}", "BAR not decoded: %s", exc)
+            return None
+
+    def unmap(self, kind: str, mapping) -> None:
+        (self.vm.ports if kind == BAR_IO else self.vm.mmio).unregister(mapping)
+
+    # --- config cycles --------------------------------------------------------------------
+    def config_read(self, bus: int, slot: int, func: int, offset: int, size: int) -> int:
+        device = self.functions.get((slot, func)) if bus == self.number else None
+        if device is None or offset % size or offset + size > device.config_size:
+            return (1 << (8 * size)) - 1
+        return device.config_read(offset, size)
+
+    def config_write(self, bus: int, slot: int, func: int, offset: int, size: int,
+                     value: int) -> None:
+        device = self.functions.get((slot, func)) if bus == self.number else None
+        if device is None or offset % size or offset + size > device.config_size:
+            return
+        device.config_write(offset, size, value)
+
+    def _address_read(self, offset: int, size: int) -> int:
+        if offset == 0 and size == 4:
+            return self.config_address
+        return (1 << (8 * size)) - 1
+
+    def _address_write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and size == 4:       # only dword writes latch (PCI 3.0, 3.2.2.3.2)
+            self.config_address = value & 0x8FFFFFFC
+
+    def _decode_address(self, offset: int) -> tuple[int, int, int, int] | None:
+        address = self.config_address
+        if not address & CONFIG_ENABLE:
+            return None
+        return ((address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 7,
+                (address & 0xFC) + offset)
+
+    def _data_read(self, offset: int, size: int) -> int:
+        target = self._decode_address(offset)
+        if target is None:
+            return (1 << (8 * size)) - 1
+        return self.config_read(*target, size)
+
+    def _data_write(self, offset: int, size: int, value: int) -> None:
+        target = self._decode_address(offset)
+        if target is not None:
+            self.config_write(*target, size, value)
+
+    @staticmethod
+    def _decode_ecam(offset: int) -> tuple[int, int, int, int]:
+        return offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 7, offset & 0xFFF
+
+    def _ecam_read(self, offset: int, size: int) -> int:
+        return self.config_read(*self._decode_ecam(offset), size)
+
+    def _ecam_write(self, offset: int, size: int, value: int) -> None:
+        self.config_write(*self._decode_ecam(offset), size, value)
+
+    def close(self) -> None:
+        for device in reversed(self.devices()):
+            self.remove(device)
+
+
+__all__ = ["PciBus", "ECAM_BASE", "ECAM_SIZE", "MiB"]

@@ -1,0 +1,352 @@
+"""bhyve's pci_devinst: a PCI function's config space, BARs, capabilities and
+interrupts, and the hooks a device emulation overrides.
+
+A new device subclasses PciDevice, names itself with @emulation("name"),
+declares IDs, BARs and capabilities in init(), and answers BAR accesses in
+bar_read()/bar_write().  Everything the guest can write to config space is
+checked here, so subclasses only see accesses that make sense.
+"""
+
+import logging
+import struct
+
+from . import regs as R
+from .msi import MsiCapability, MsixCapability
+
+log = logging.getLogger(__name__)
+
+BAR_IO, BAR_MEM32, BAR_MEM64 = "io", "mem32", "mem64"
+
+
+class Bar:
+    """One base address register: its kind, size and where the guest put it."""
+
+    __slots__ = ("index", "kind", "size", "prefetchable", "address", "mapping")
+
+    def __init__(self, index: int, kind: str, size: int, prefetchable: bool):
+        self.index = index
+        self.kind = kind
+        self.size = size
+        self.prefetchable = prefetchable
+        self.address = 0
+        self.mapping = None        # the iobus Range while the BAR is decoded
+
+    @property
+    def flags(self) -> int:
+        if self.kind == BAR_IO:
+            return R.BAR_IO_SPACE
+        value = R.BAR_MEM_TYPE_64 if self.kind == BAR_MEM64 else 0
+        return value | (R.BAR_MEM_PREFETCH if self.prefetchable else 0)
+
+
+class PciDevice:
+    """A PCI function; subclasses set `emulation_name` through @emulation."""
+
+    emulation_name = "?"
+    config_size = R.CONFIG_SPACE_SIZE
+
+    def __init__(self, vm, bus, slot: int, func: int):
+        self.vm = vm
+        self.bus = bus
+        self.slot = slot
+        self.func = func
+        self.config = bytearray(self.config_size)
+        self.wmask = bytearray(self.config_size)     # guest-writable bits
+        self.w1cmask = bytearray(self.config_size)   # write-1-to-clear bits
+        self.bars: list[Bar | None] = [None] * 6
+        self.rom: bytes | None = None
+        self.rom_size = 0
+        self.rom_address = 0
+        self.rom_mapping = None
+        self.msi: MsiCapability | None = None
+        self.msix: MsixCapability | None = None
+        self._cap_end = R.CAPABILITIES_START
+        self._last_cap = 0
+        self.intx_asserted = False
+        self.warned: set = set()
+        self._set16(R.COMMAND, 0)
+        self.wmask[R.COMMAND:R.COMMAND + 2] = R.COMMAND_WRITABLE.to_bytes(2, "little")
+        self.w1cmask[R.STATUS:R.STATUS + 2] = R.STATUS_W1C.to_bytes(2, "little")
+        self.wmask[R.CACHE_LINE_SIZE] = 0xFF
+        self.wmask[R.LATENCY_TIMER] = 0xFF
+        self.wmask[R.INTERRUPT_LINE] = 0xFF
+        self.config[R.INTERRUPT_LINE] = 0xFF
+
+    @property
+    def bdf(self) -> str:
+        return f"{self.bus.number:02x}:{self.slot:02x}.{self.func}"
+
+    # --- hooks a device emulation overrides ------------------------------------
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """Turn `-s` options ("a=b,flag") into config keys; emulations with
+        positional options (a disk path) override this, as bhyve's do."""
+        options = {}
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            options[key] = value if sep else "true"
+        return options
+
+    def init(self, options: dict[str, str]) -> None:
+        """Declare IDs, BARs and capabilities; raise ConfigError for bad options."""
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        pass
+
+    def config_changed(self, offset: int, size: int) -> None:
+        """Called after the guest wrote to device-specific config space."""
+
+    def teardown(self) -> None:
+        """Release what init() acquired (files, threads)."""
+
+    # --- helpers for init() --------------------------------------------------------
+    def set_ids(self, vendor: int, device: int, class_code: int, revision: int = 0,
+                subsystem_vendor: int = 0, subsystem: int = 0,
+                header_type: int = R.HEADER_TYPE_NORMAL) -> None:
+        self._set16(R.VENDOR_ID, vendor)
+        self._set16(R.DEVICE_ID, device)
+        self.config[R.REVISION_ID] = revision
+        self.config[R.CLASS_PROG:R.CLASS_PROG + 3] = class_code.to_bytes(3, "little")
+        self.config[R.HEADER_TYPE] = header_type
+        self._set16(R.SUBSYSTEM_VENDOR_ID, subsystem_vendor)
+        self._set16(R.SUBSYSTEM_ID, subsystem)
+
+    def set_interrupt_pin(self, pin: int = 1) -> None:
+        """Use legacy INTx (1 = INTA .. 4 = INTD)."""
+        self.config[R.INTERRUPT_PIN] = pin
+
+    def add_bar(self, index: int, kind: str, size: int, prefetchable: bool = False) -> Bar:
+        """Declare a BAR; its address comes from the bus allocator."""
+        minimum = 4 if kind == BAR_IO else 16
+        if size < minimum or size & (size - 1):
+            raise ValueError(f"BAR size {size:#x} must be a power of two >= {minimum}")
+        if kind == BAR_MEM64 and index == 5:
+            raise ValueError("a 64-bit BAR needs two registers; BAR 5 is the last")
+        bar = Bar(index, kind, size, prefetchable)
+        self.bars[index] = bar
+        bar.address = self.bus.allocate(kind, size)
+        self._store_bar(bar)
+        return bar
+
+    def add_rom(self, image: bytes) -> None:
+        """Serve an expansion ROM through the ROM BAR at 0x30 (`rom=PATH`)."""
+        size = 2048
+        while size < len(image):
+            size <<= 1
+        self.rom = image.ljust(size, b"\xff")
+        self.rom_size = size
+        self.rom_address = self.bus.allocate(BAR_MEM32, size)
+        self._set32(R.ROM_ADDRESS, self.rom_address)
+
+    def add_capability(self, cap_id: int, body: bytes, writable: bytes | None = None) -> int:
+        """Append a capability (id, next, body) to the list; returns its offset."""
+        offset = self._cap_end
+        length = 2 + len(body)
+        if offset + length > R.CONFIG_HEADER_END + 0xC0:
+            raise ValueError("capabilities do not fit in config space")
+        self.config[offset] = cap_id
+        self.config[offset + 1] = 0
+        self.config[offset + 2:offset + length] = body
+        if writable:
+            self.wmask[offset + 2:offset + 2 + len(writable)] = writable
+        if self._last_cap:
+            self.config[self._last_cap + 1] = offset
+        else:
+            self.config[R.CAPABILITIES_POINTER] = offset
+            self._set16(R.STATUS, self._get16(R.STATUS) | R.STATUS_CAP_LIST)
+        self._last_cap = offset
+        self._cap_end = (offset + length + 3) & ~3
+        return offset
+
+    def add_msi(self, vectors: int = 1) -> None:
+        self.msi = MsiCapability(self, vectors)
+
+    def add_msix(self, vectors: int, bar_index: int, table_offset: int = 0,
+                 pba_offset: int | None = None) -> None:
+        """MSI-X with its table (and PBA) in a memory BAR this call also declares,
+        unless the device declared that BAR already."""
+        self.msix = MsixCapability(self, vectors, bar_index, table_offset, pba_offset)
+
+    # --- interrupts ------------------------------------------------------------------
+    def assert_intx(self) -> None:
+        if not self.intx_asserted and self.config[R.INTERRUPT_PIN] and \
+                not self._get16(R.COMMAND) & R.COMMAND_INTX_DISABLE:
+            self.intx_asserted = True
+            self._set16(R.STATUS, self._get16(R.STATUS) | R.STATUS_INTERRUPT)
+            self.bus.intx.assert_pin(self)
+
+    def deassert_intx(self) -> None:
+        self._set16(R.STATUS, self._get16(R.STATUS) & ~R.STATUS_INTERRUPT)
+        if self.intx_asserted:
+            self.intx_asserted = False
+            self.bus.intx.deassert_pin(self)
+
+    def raise_interrupt(self, vector: int = 0) -> None:
+        """Signal `vector` the way the guest enabled: MSI-X, MSI, else INTx."""
+        if self.msix is not None and self.msix.enabled:
+            self.msix.fire(vector)
+        elif self.msi is not None and self.msi.enabled:
+            self.msi.fire(vector)
+        else:
+            self.assert_intx()
+
+    def warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning("%s %s: " + message, self.emulation_name, self.bdf, *args)
+
+    # --- config space, as the bus delivers it ------------------------------------------
+    def config_read(self, offset: int, size: int) -> int:
+        value = int.from_bytes(self.config[offset:offset + size], "little")
+        if offset <= R.HEADER_TYPE < offset + size and self.func == 0 and \
+                self.bus.is_multifunction(self.slot):
+            value |= R.HEADER_TYPE_MULTIFUNCTION << (8 * (R.HEADER_TYPE - offset))
+        return value
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        if R.BAR0 <= offset < R.BAR0 + 24:
+            self._write_bar_register(offset, size, value)
+            return
+        if R.ROM_ADDRESS <= offset < R.ROM_ADDRESS + 4:
+            self._write_rom_register(offset, size, value)
+            return
+        old_command = self._get16(R.COMMAND)
+        for i in range(size):
+            at = offset + i
+            byte = (value >> (8 * i)) & 0xFF
+            self.config[at] = (self.config[at] & ~self.wmask[at] & 0xFF) | (byte & self.wmask[at])
+            self.config[at] &= ~(byte & self.w1cmask[at]) & 0xFF
+        if offset < R.COMMAND + 2 and offset + size > R.COMMAND:
+            self._command_changed(old_command)
+        for capability in (self.msi, self.msix):
+            if capability is not None and capability.covers(offset, size):
+                capability.config_written()
+        if offset >= R.CONFIG_HEADER_END:
+            self.config_changed(offset, size)
+
+    def _command_changed(self, old: int) -> None:
+        new = self._get16(R.COMMAND)
+        if (old ^ new) & (R.COMMAND_IO | R.COMMAND_MEMORY):
+            for bar in self.bars:
+                if bar is not None:
+                    self.update_mapping(bar)
+            self._update_rom_mapping()
+        if new & R.COMMAND_INTX_DISABLE and self.intx_asserted:
+            self.intx_asserted = False
+            self.bus.intx.deassert_pin(self)
+
+    # --- BARs --------------------------------------------------------------------------
+    def _store_bar(self, bar: Bar) -> None:
+        offset = R.BAR0 + 4 * bar.index
+        mask = 0xFFFFFFFC if bar.kind == BAR_IO else 0xFFFFFFF0
+        self._set32(offset, (bar.address & mask) | bar.flags)
+        if bar.kind == BAR_MEM64:
+            self._set32(offset + 4, bar.address >> 32)
+
+    def _write_bar_register(self, offset: int, size: int, value: int) -> None:
+        index = (offset - R.BAR0) // 4
+        register = R.BAR0 + 4 * index
+        shift = 8 * (offset - register)
+        width_mask = ((1 << (8 * size)) - 1) << shift
+        merged = (self._get32(register) & ~width_mask) | ((value << shift) & width_mask)
+        upper = index > 0 and self.bars[index - 1] is not None and \
+            self.bars[index - 1].kind == BAR_MEM64
+        bar = self.bars[index - 1] if upper else self.bars[index]
+        if bar is None:
+            return                       # unimplemented BAR: reads as zero
+        if upper:
+            size_mask = ~(bar.size - 1) >> 32 & 0xFFFFFFFF
+            address = (bar.address & 0xFFFFFFFF) | ((merged & size_mask) << 32)
+        else:
+            low_mask = ~(bar.size - 1) & (0xFFFFFFFC if bar.kind == BAR_IO else 0xFFFFFFF0)
+            address = (bar.address & ~0xFFFFFFFF) | (merged & low_mask)
+            if bar.kind == BAR_IO:
+                address &= 0xFFFF | (merged & low_mask)
+        bar.address = address
+        self._store_bar(bar)
+        self.update_mapping(bar)
+
+    def update_mapping(self, bar: Bar) -> None:
+        """Decode the BAR where the guest put it, if the command register allows."""
+        if bar.mapping is not None:
+            self.bus.unmap(bar.kind, bar.mapping)
+            bar.mapping = None
+        enable = R.COMMAND_IO if bar.kind == BAR_IO else R.COMMAND_MEMORY
+        if not self._get16(R.COMMAND) & enable:
+            return
+        index = bar.index
+
+        def read(offset: int, size: int) -> int:
+            return self._dispatch_bar_read(index, offset, size)
+
+        def write(offset: int, size: int, value: int) -> None:
+            self._dispatch_bar_write(index, offset, size, value)
+
+        bar.mapping = self.bus.map(self, bar.kind, bar.address, bar.size,
+                                   f"{self.emulation_name}@{self.bdf}.bar{index}", read, write)
+
+    def _dispatch_bar_read(self, index: int, offset: int, size: int) -> int:
+        if self.msix is not None and self.msix.claims(index, offset):
+            return self.msix.read(index, offset, size)
+        return self.bar_read(index, offset, size)
+
+    def _dispatch_bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        if self.msix is not None and self.msix.claims(index, offset):
+            self.msix.write(index, offset, size, value)
+        else:
+            self.bar_write(index, offset, size, value)
+
+    def unmap_all(self) -> None:
+        for bar in self.bars:
+            if bar is not None and bar.mapping is not None:
+                self.bus.unmap(bar.kind, bar.mapping)
+                bar.mapping = None
+        if self.rom_mapping is not None:
+            self.bus.unmap(BAR_MEM32, self.rom_mapping)
+            self.rom_mapping = None
+
+    # --- expansion ROM -----------------------------------------------------------------
+    def _write_rom_register(self, offset: int, size: int, value: int) -> None:
+        if self.rom is None:
+            return
+        shift = 8 * (offset - R.ROM_ADDRESS)
+        width_mask = ((1 << (8 * size)) - 1) << shift
+        merged = (self._get32(R.ROM_ADDRESS) & ~width_mask) | ((value << shift) & width_mask)
+        merged &= ~(self.rom_size - 1) | R.ROM_ENABLE
+        merged &= 0xFFFFF800 | R.ROM_ENABLE
+        self._set32(R.ROM_ADDRESS, merged)
+        self.rom_address = merged & ~(self.rom_size - 1) & 0xFFFFF800
+        self._update_rom_mapping()
+
+    def _update_rom_mapping(self) -> None:
+        if self.rom_mapping is not None:
+            self.bus.unmap(BAR_MEM32, self.rom_mapping)
+            self.rom_mapping = None
+        if self.rom is None or not self._get32(R.ROM_ADDRESS) & R.ROM_ENABLE or \
+                not self._get16(R.COMMAND) & R.COMMAND_MEMORY:
+            return
+        self.rom_mapping = self.bus.map(self, BAR_MEM32, self.rom_address, self.rom_size,
+                                        f"{self.emulation_name}@{self.bdf}.rom",
+                                        self._rom_read, self._rom_write)
+
+    def _rom_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.rom[offset:offset + size].ljust(size, b"\xff"), "little")
+
+    def _rom_write(self, offset: int, size: int, value: int) -> None:
+        self.warn_once("rom-write", "guest wrote to the expansion ROM")
+
+    # --- raw config access ------------------------------------------------------------
+    def _get16(self, offset: int) -> int:
+        return struct.unpack_from("<H", self.config, offset)[0]
+
+    def _set16(self, offset: int, value: int) -> None:
+        struct.pack_into("<H", self.config, offset, value & 0xFFFF)
+
+    def _get32(self, offset: int) -> int:
+        return struct.unpack_from("<I", self.config, offset)[0]
+
+    def _set32(self, offset: int, value: int) -> None:
+        struct.pack_into("<I", self.config, offset, value & 0xFFFFFFFF)
