@@ -176,6 +176,8 @@ class VcpuThread:
                     return None
                 self._serve_requests()
                 continue
+            except BlockingIOError:     # an AP left wait-for-SIPI: enter again
+                continue
             reason = unpack_reason(page, reason_offset)[0]
             handler = handlers.get(reason)
             if handler is None:

@@ -15,7 +15,7 @@ from .boot.bootrom import load_bootrom, set_reset_state
 from .config import Config, ConfigError, parse_size
 from .devices.chardev import open_backend
 from .devices.debugcon import DebugConsole
-from .devices.fwcfg import E820_RAM, FwCfg, e820_table, parse_fw_cfg_option
+from .devices.fwcfg import E820_RAM, E820_RESERVED, FwCfg, e820_table, parse_fw_cfg_option
 from .devices.i8042 import I8042
 from .devices.pm import PowerManagement
 from .devices.rtc import Rtc
@@ -128,8 +128,10 @@ class VirtualMachine:
         if flavour != "qemu":
             raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
         fwcfg = FwCfg(self, cpus=self.topology.cpus)
-        fwcfg.add_file("etc/e820", e820_table(
-            [(gpa, size, E820_RAM) for gpa, size in self.memory.ram_ranges()]))
+        ram = [(gpa, size, E820_RAM) for gpa, size in self.memory.ram_ranges()]
+        # KVM's identity-map and TSS pages must not be handed out as RAM or BARs.
+        kvm_pages = (IDENTITY_MAP_ADDR, TSS_ADDR + 3 * 4096 - IDENTITY_MAP_ADDR, E820_RESERVED)
+        fwcfg.add_file("etc/e820", e820_table(ram + [kvm_pages]))
         # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
         fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))
         if "com1" in self.uarts:

@@ -14,7 +14,7 @@ class DebugConsole:
     def __init__(self, vm, path: str):
         self.vm = vm
         self.path = path
-        self._file = open(path, "ab", buffering=0)
+        self._file = open(path, "wb", buffering=0)
         vm.ports.register_sized("debugcon", DEBUGCON_PORT, frozenset((1,)),
                                 self._read, self._write)
 
