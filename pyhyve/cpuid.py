@@ -62,7 +62,9 @@ def vcpu_cpuid(supported: list, topology: Topology, vcpu: int) -> list:
             entry.eax = (entry.eax & 0x3FFF) | ((max(topology.cores, 1) - 1) << 26) | \
                 ((min(sharing, 4096) - 1) << 14)
         elif fn in (0xB, 0x1F):
-            _extended_topology(entry, topology, apic_id, index)
+            if index == 0:      # KVM offers one template entry; describe every level
+                entries.extend(_extended_topology(fn, topology, apic_id))
+            continue
         elif fn == 0x80000008:
             entry.ecx = (entry.ecx & ~0xF0FF) | (_bits_for(per_package) << 12) | \
                 ((per_package - 1) & 0xFF)
@@ -74,16 +76,16 @@ def vcpu_cpuid(supported: list, topology: Topology, vcpu: int) -> list:
     return entries
 
 
-def _extended_topology(entry, topology: Topology, apic_id: int, index: int) -> None:
-    entry.edx = apic_id
-    if index == 0:
-        entry.eax = topology.thread_shift
-        entry.ebx = topology.threads
-        entry.ecx = (LEVEL_SMT << 8) | index
-    elif index == 1:
-        entry.eax = topology.core_shift
-        entry.ebx = topology.threads * topology.cores
-        entry.ecx = (LEVEL_CORE << 8) | index
-    else:
-        entry.eax = entry.ebx = 0
-        entry.ecx = index
+def _extended_topology(function: int, topology: Topology, apic_id: int) -> list:
+    """Leaf 0xB/0x1F subleaves: SMT level, core level, then the terminating level."""
+    levels = [(topology.thread_shift, topology.threads, LEVEL_SMT),
+              (topology.core_shift, topology.threads * topology.cores, LEVEL_CORE),
+              (0, 0, 0)]
+    entries = []
+    for index, (shift, count, level_type) in enumerate(levels):
+        entry = abi.kvm_cpuid_entry2(function=function, index=index,
+                                     flags=abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                                     eax=shift, ebx=count, ecx=(level_type << 8) | index,
+                                     edx=apic_id)
+        entries.append(entry)
+    return entries

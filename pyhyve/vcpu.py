@@ -52,10 +52,10 @@ def kick_handler_installed() -> bool:
 class VcpuThread:
     """One vCPU: its KVM handle, its thread and its vm_loop."""
 
-    def __init__(self, vm, kvm_vcpu):
+    def __init__(self, vm, kvm_vcpu, index: int):
         self.vm = vm
         self.kvm_vcpu = kvm_vcpu
-        self.id = kvm_vcpu.id
+        self.id = index                  # bhyve's vCPU number; kvm_vcpu.id is the APIC ID
         self.log = logging.getLogger(f"pyhyve.{vm.name}.vcpu{self.id}")
         self.exit_counts = [0] * 64
         self.unknown_exit_counts: dict[int, int] = {}

@@ -90,9 +90,10 @@ class VirtualMachine:
         self._create_pci_devices()
         supported = self.kvm.supported_cpuid()
         for index in range(self.topology.cpus):
-            kvm_vcpu = self.kvm_vm.create_vcpu(index)
+            # KVM's vCPU id is the initial APIC ID, which encodes the topology.
+            kvm_vcpu = self.kvm_vm.create_vcpu(self.topology.apic_id(index))
             kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index))
-            self.vcpus.append(VcpuThread(self, kvm_vcpu))
+            self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
         set_reset_state(self.vcpus[0].kvm_vcpu)
 
     def _create_platform_devices(self) -> None:
