@@ -156,3 +156,40 @@ def test_missing_kvm_device_is_one_line(monkeypatch, capsys):
     assert status == ExitStatus.ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "/nonexistent/kvm does not exist" in err
+
+
+def test_unknown_msr_is_gp_by_default(tmp_path):
+    result = run_rom(tmp_path, "msr")
+    assert result.status == ExitStatus.TRIPLEFAULT
+    assert result.debug == ""
+
+
+def test_unknown_msr_is_ignored_with_w(tmp_path):
+    result = run_rom(tmp_path, "msr", "-w")
+    assert result.debug == "unknown msr ignored\n"
+    assert result.status == ExitStatus.POWEROFF
+
+
+def test_keyboard_controller_reset_exits_0(tmp_path):
+    result = run_rom(tmp_path, "reset")
+    assert result.status == ExitStatus.RESET, result.stderr
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("com1,file=/nonexistent/dir/out", "com1: cannot open file=/nonexistent/dir/out"),
+    ("com1,bogus", "com1: unknown backend 'bogus'"),
+    ("com2,tcp=127.0.0.1:BUSY", "com2: cannot listen on tcp 127.0.0.1:"),
+])
+def test_unusable_console_backends_are_one_line(tmp_path, spec, message):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    spec = spec.replace("BUSY", str(busy.getsockname()[1]))
+    try:
+        proc = run_pyhyve(["-l", f"bootrom,{build_rom('hello16')}", "-l", spec, "vm"],
+                          timeout=30)
+    finally:
+        busy.close()
+    assert proc.returncode == ExitStatus.ERROR
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr

@@ -1,0 +1,55 @@
+"""ACPI PM1 event/control blocks and PM timer at bhyve's ports."""
+
+import time
+
+from hypothesis import given, settings, strategies as st
+
+from fakevm import FakeVm
+from pyhyve.devices.pm import (PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, PM_TIMER_HZ,
+                               PWRBTN_EN, PWRBTN_STS, SCI_IRQ, SLP_EN, PowerManagement)
+from pyhyve.vcpu import ExitStatus
+
+
+def make():
+    vm = FakeVm()
+    return vm, PowerManagement(vm)
+
+
+def test_s5_sleep_powers_off_and_other_states_do_not():
+    vm, _ = make()
+    vm.port_write(PM1A_CNT_PORT, 2, (1 << 10) | SLP_EN)      # S1: not emulated
+    assert vm.stops == []
+    vm.port_write(PM1A_CNT_PORT, 2, (5 << 10) | SLP_EN)
+    assert vm.stops == [ExitStatus.POWEROFF]
+
+
+def test_power_button_raises_sci_only_when_enabled_and_clears_on_write():
+    vm, pm = make()
+    pm.press_power_button()
+    assert vm.port_read(PM1A_EVT_PORT, 2) & PWRBTN_STS
+    assert not vm.irq_levels.get(SCI_IRQ)
+    vm.port_write(PM1A_EVT_PORT + 2, 2, PWRBTN_EN)               # PM1_EN, word access
+    assert vm.irq_levels[SCI_IRQ]
+    vm.port_write(PM1A_EVT_PORT, 2, PWRBTN_STS)                  # write 1 to clear
+    assert not vm.port_read(PM1A_EVT_PORT, 2) & PWRBTN_STS
+    assert vm.irq_levels[SCI_IRQ] is False
+
+
+def test_pm_timer_counts_at_3_579545_mhz():
+    vm, _ = make()
+    first = vm.port_read(PM_TMR_PORT, 4)
+    time.sleep(0.05)
+    ticks = (vm.port_read(PM_TMR_PORT, 4) - first) & 0xFFFFFFFF
+    assert 0.04 * PM_TIMER_HZ < ticks < 1.0 * PM_TIMER_HZ
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0x400, 0x40B), st.sampled_from([1, 2, 4]),
+                          st.integers(0, 0xFFFFFFFF)), max_size=30))
+def test_guest_writes_never_raise(accesses):
+    vm, _ = make()
+    for port, size, value in accesses:
+        if (port, size) == (PM1A_CNT_PORT, 2) and value & SLP_EN:
+            value &= ~SLP_EN
+        vm.port_write(port, size, value)
+        vm.port_read(port, size)
