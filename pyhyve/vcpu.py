@@ -60,6 +60,8 @@ class VcpuThread:
         self.exit_counts = [0] * 64
         self.unknown_exit_counts: dict[int, int] = {}
         self._page = kvm_vcpu.run_page
+        self._page_size = len(kvm_vcpu.run_page)
+        self._port_lookup = vm.ports.lookup
         self._run_state = kvm_vcpu.run_state
         self._requests: deque = deque()
         self._lock = threading.Lock()
@@ -211,18 +213,21 @@ class VcpuThread:
     def _exit_io(self) -> ExitStatus | None:
         page = self._page
         direction, size, port, count, offset = _IO_EXIT.unpack_from(page, _EXIT_UNION)
-        entry = self.vm.ports.lookup(port)
+        entry = self._port_lookup(port)
         if entry is None:
             return self.vm.unclaimed_io("port", port, size, direction == abi.KVM_EXIT_IO_OUT,
                                         page, offset, count)
-        relative = port - entry.base
         end = offset + size * count
-        if offset < 0 or end > len(page) or size not in _SIZE_MASK:
+        if end > self._page_size or size not in _SIZE_MASK:
             self.vm.warn_once("io-exit", "malformed I/O exit on port %#x", port)
             return None
+        relative = port - entry.base
         try:
             if direction == abi.KVM_EXIT_IO_OUT:
-                for at in range(offset, end, size):
+                if count == 1:          # the common case, kept short
+                    entry.write(relative, size, int.from_bytes(page[offset:end], "little"))
+                    return None
+                for at in range(offset, end, size):         # rep outs
                     entry.write(relative, size, int.from_bytes(page[at:at + size], "little"))
             else:
                 mask = _SIZE_MASK[size]
