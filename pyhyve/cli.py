@@ -11,7 +11,8 @@ from .vcpu import ExitStatus
 
 USAGE = """\
 usage: pyhyve [-eHhPuw] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
-              [-f name,string=TEXT|file=PATH] [-k config_file] [-l lpcdev[,conf]]
+              [-f name,string=TEXT|file=PATH] [-G [w][address:]port] [-k config_file]
+              [-l lpcdev[,conf]]
               [-m memsize[K|M|G|T]] [-o var=value] [-s pci] vmname
 
 Virtual machine:
@@ -35,12 +36,14 @@ x86:
   -w              ignore accesses to unknown MSRs (default: #GP, x86.strictmsr)
 Clock:
   -u              the RTC keeps UTC (default: local time)
+Debugging:
+  -G [w][addr:]port  GDB stub on TCP (default address 127.0.0.1); w: wait for gdb before the BSP runs
 Other:
   -h              this help
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "c:ef:Hhk:l:m:o:Ps:uw"
+SHORT_OPTIONS = "c:ef:G:Hhk:l:m:o:Ps:uw"
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -164,6 +167,12 @@ def parse_args(argv: list[str]) -> Config | None:
             parse_pci(config, value)
         elif option == "-f":
             parse_fwcfg_file(config, value)
+        elif option == "-G":
+            from .gdbstub import parse_gdb_option
+            wait, address, port = parse_gdb_option(value)
+            config.set("gdb.port", str(port))
+            config.set("gdb.address", address)
+            config.set("gdb.wait", "true" if wait else "false")
         elif option == "-o":
             key, sep, setting = value.partition("=")
             if not sep:

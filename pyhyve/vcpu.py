@@ -138,13 +138,22 @@ class VcpuThread:
             raise value
         return value
 
+    def request_pause(self) -> None:
+        """Ask the vCPU to park at its next instruction boundary; does not wait."""
+        self._resume.clear()
+        self.kick()
+
     def pause(self) -> None:
         """Stop at an instruction boundary; returns once the vCPU is parked."""
-        self._resume.clear()
-        if self.running:
+        self.request_pause()
+        if threading.current_thread() is self._thread:
+            return
+        while self.running and not self._paused.wait(0.05):
             self.kick()
-            while self.running and not self._paused.wait(0.05):
-                self.kick()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set() or not self.running
 
     def resume(self) -> None:
         self._resume.set()

@@ -21,6 +21,7 @@ from .devices.pm import PowerManagement
 from .devices.rtc import Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from .devices.uart import COM_PORTS, Uart16550
+from .gdbstub import GdbStub
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
 from .memory import MIN_MEMORY, GuestMemory
@@ -88,6 +89,12 @@ class VirtualMachine:
         self.pci = PciBus(self)
         self.closables.append(self.pci)
         self._create_pci_devices()
+        self.gdb = None
+        if "gdb.port" in self.config:
+            self.gdb = GdbStub(self, self.config.get("gdb.address", "127.0.0.1"),
+                               self.config.get_int("gdb.port", 0, 0, 65535),
+                               self.config.get_bool("gdb.wait"))
+            self.closables.append(self.gdb)
         supported = self.kvm.supported_cpuid()
         for index in range(self.topology.cpus):
             # KVM's vCPU id is the initial APIC ID, which encodes the topology.
@@ -173,6 +180,8 @@ class VirtualMachine:
         elif not kick_handler_installed():
             raise KvmError("call pyhyve.vcpu.install_kick_handler() from the main "
                            "thread before running a VM from another thread")
+        if self.gdb is not None:
+            self.gdb.start()
         for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
             vcpu.start()
         watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
@@ -279,6 +288,9 @@ class VirtualMachine:
         return 1 if self.strict_msr else 0
 
     def debug_exit(self, vcpu: VcpuThread) -> ExitStatus | None:
+        """A KVM_EXIT_DEBUG: only the GDB stub asks for those."""
+        if self.gdb is not None:
+            self.gdb.debug_exit(vcpu)
         return None
 
     def exit_stats(self) -> list[dict[str, int]]:

@@ -15,7 +15,7 @@ GUESTS = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("PYHYVE_GUEST_CACHE",
                             Path.home() / ".cache" / "pyhyve" / "guests"))
 ROM_SIZE = 64 * 1024
-TOOLS = ("gcc", "ld", "objcopy")
+TOOLS = ("gcc", "ld", "objcopy", "nm")
 
 
 class BuildError(Exception):
@@ -28,7 +28,8 @@ def missing_tools() -> list[str]:
 
 def _digest(source: Path, defines: dict[str, int]) -> str:
     sha = hashlib.sha256()
-    for path in (source, GUESTS / "rom.ld", GUESTS / "rom.inc", Path(__file__)):
+    # every .inc: a guest may include any of them (longmode.inc, rom.inc)
+    for path in (source, GUESTS / "rom.ld", *sorted(GUESTS.glob("*.inc")), Path(__file__)):
         sha.update(path.read_bytes())
     sha.update(repr(sorted(defines.items())).encode())
     return sha.hexdigest()[:16]
@@ -60,6 +61,51 @@ def build_rom(name: str, **defines: int) -> Path:
     data = (work / "guest.bin").read_bytes()
     if len(data) != ROM_SIZE:
         raise BuildError(f"{name}: image is {len(data)} bytes, expected {ROM_SIZE}")
+    os.replace(work / "guest.elf", image.with_suffix(".elf"))
     os.replace(work / "guest.bin", image)
+    shutil.rmtree(work, ignore_errors=True)
+    return image
+
+
+def rom_symbols(name: str, **defines: int) -> dict[str, int]:
+    """Addresses of the labels in a built guest (from its ELF, with nm)."""
+    elf = build_rom(name, **defines).with_suffix(".elf")
+    output = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    return {parts[2]: int(parts[0], 16) for parts in
+            (line.split() for line in output.splitlines()) if len(parts) == 3}
+
+
+BOOT_SECTOR_SIZE = 512
+BOOT_SECTOR_BASE = 0x7C00
+
+
+def build_boot_sector(name: str) -> Path:
+    """The 512-byte boot sector for tests/guests/NAME.S, linked at 0x7C00 where
+    the BIOS loads it (built once per content)."""
+    source = GUESTS / f"{name}.S"
+    if not source.exists():
+        raise BuildError(f"no guest source {source}")
+    image = CACHE / f"{name}-{_digest(source, {})}.mbr"
+    if image.exists():
+        return image
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = CACHE / f"{image.stem}.{os.getpid()}"
+    work.mkdir(exist_ok=True)
+    commands = [
+        ["gcc", "-c", "-m32", "-nostdlib", "-I", str(GUESTS), "-o", str(work / "mbr.o"),
+         str(source)],
+        ["ld", "-m", "elf_i386", f"-Ttext={BOOT_SECTOR_BASE:#x}", "-e", "_start",
+         "-o", str(work / "mbr.elf"), str(work / "mbr.o")],
+        ["objcopy", "-O", "binary", "-j", ".text", str(work / "mbr.elf"),
+         str(work / "mbr.bin")],
+    ]
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise BuildError(f"{' '.join(command)}:\n{result.stderr}")
+    data = (work / "mbr.bin").read_bytes()
+    if len(data) != BOOT_SECTOR_SIZE or data[-2:] != b"\x55\xaa":
+        raise BuildError(f"{name}: boot sector is {len(data)} bytes or lacks 55 AA")
+    os.replace(work / "mbr.bin", image)
     shutil.rmtree(work, ignore_errors=True)
     return image

@@ -48,6 +48,8 @@ start32:
     movl $TRAMPOLINE, %edi
     movl $(trampoline_end - trampoline), %ecx
     rep movsb
+    .globl trampoline_copied
+trampoline_copied:                 /* the GDB stub test stops here */
     movl $0, LAPIC_ICR_HI
     movl $(ICR_ALL_BUT_SELF | ICR_INIT), LAPIC_ICR_LO
     movl $(ICR_ALL_BUT_SELF | ICR_STARTUP | SIPI_VECTOR), LAPIC_ICR_LO
