@@ -152,9 +152,15 @@ class PciBus:
         return offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 7, offset & 0xFFF
 
     def _ecam_read(self, offset: int, size: int) -> int:
+        if size == 8:       # a qword MMIO access is two dword config cycles, as in QEMU
+            return self._ecam_read(offset, 4) | self._ecam_read(offset + 4, 4) << 32
         return self.config_read(*self._decode_ecam(offset), size)
 
     def _ecam_write(self, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self._ecam_write(offset, 4, value & 0xFFFFFFFF)
+            self._ecam_write(offset + 4, 4, value >> 32)
+            return
         self.config_write(*self._decode_ecam(offset), size, value)
 
     def close(self) -> None:

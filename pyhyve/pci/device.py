@@ -9,6 +9,7 @@ checked here, so subclasses only see accesses that make sense.
 
 import logging
 import struct
+import threading
 
 from . import regs as R
 from .msi import MsiCapability, MsixCapability
@@ -62,7 +63,9 @@ class PciDevice:
         self.msix: MsixCapability | None = None
         self._cap_end = R.CAPABILITIES_START
         self._last_cap = 0
-        self.intx_asserted = False
+        self.intx_asserted = False   # the device's INTx condition (Interrupt Status)
+        self._intx_line = False      # whether the router was told the pin is asserted
+        self._intx_lock = threading.Lock()   # I/O threads raise, vCPUs write COMMAND
         self.warned: set = set()
         self._set16(R.COMMAND, 0)
         self.wmask[R.COMMAND:R.COMMAND + 2] = R.COMMAND_WRITABLE.to_bytes(2, "little")
@@ -172,17 +175,30 @@ class PciDevice:
 
     # --- interrupts ------------------------------------------------------------------
     def assert_intx(self) -> None:
-        if not self.intx_asserted and self.config[R.INTERRUPT_PIN] and \
-                not self._get16(R.COMMAND) & R.COMMAND_INTX_DISABLE:
-            self.intx_asserted = True
-            self._set16(R.STATUS, self._get16(R.STATUS) | R.STATUS_INTERRUPT)
-            self.bus.intx.assert_pin(self)
+        with self._intx_lock:
+            if not self.intx_asserted and self.config[R.INTERRUPT_PIN]:
+                self.intx_asserted = True
+                self._set16(R.STATUS, self._get16(R.STATUS) | R.STATUS_INTERRUPT)
+                self._update_intx_line()
 
     def deassert_intx(self) -> None:
-        self._set16(R.STATUS, self._get16(R.STATUS) & ~R.STATUS_INTERRUPT)
-        if self.intx_asserted:
-            self.intx_asserted = False
-            self.bus.intx.deassert_pin(self)
+        with self._intx_lock:
+            self._set16(R.STATUS, self._get16(R.STATUS) & ~R.STATUS_INTERRUPT)
+            if self.intx_asserted:
+                self.intx_asserted = False
+                self._update_intx_line()
+
+    def _update_intx_line(self) -> None:
+        # PCI 3.0 6.2.3: Interrupt Status follows the device whatever Interrupt
+        # Disable says; the pin is asserted while status is set and disable is
+        # clear, so clearing Interrupt Disable re-asserts a pending interrupt.
+        level = self.intx_asserted and not self._get16(R.COMMAND) & R.COMMAND_INTX_DISABLE
+        if level != self._intx_line:
+            self._intx_line = level
+            if level:
+                self.bus.intx.assert_pin(self)
+            else:
+                self.bus.intx.deassert_pin(self)
 
     def raise_interrupt(self, vector: int = 0) -> None:
         """Signal `vector` the way the guest enabled: MSI-X, MSI, else INTx."""
@@ -234,9 +250,9 @@ class PciDevice:
                 if bar is not None:
                     self.update_mapping(bar)
             self._update_rom_mapping()
-        if new & R.COMMAND_INTX_DISABLE and self.intx_asserted:
-            self.intx_asserted = False
-            self.bus.intx.deassert_pin(self)
+        if (old ^ new) & R.COMMAND_INTX_DISABLE:
+            with self._intx_lock:
+                self._update_intx_line()
 
     # --- BARs --------------------------------------------------------------------------
     def _store_bar(self, bar: Bar) -> None:

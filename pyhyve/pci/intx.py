@@ -4,7 +4,9 @@ A device's INTx pin in slot S reaches PIRQ link (S + pin - 1) mod 4, the PIIX
 swizzle SeaBIOS and the ACPI _PRT assume.  Each link drives I/O APIC pin
 16 + link, and, when the guest routed the link to an ISA IRQ through the
 LPC bridge's PIRQ registers, that 8259 IRQ too.  Lines are level-triggered
-and shared, so each link counts its asserted devices.
+and shared, so each link counts its asserted devices, and each ISA IRQ counts
+its asserted links (firmware routes several links to one IRQ: SeaBIOS uses
+10, 10, 11, 11).
 """
 
 import threading
@@ -25,6 +27,7 @@ class IntxRouter:
         self.vm = vm
         self.routes = [PIRQ_DISABLED] * PIRQ_LINKS    # what the LPC bridge holds
         self.counts = [0] * PIRQ_LINKS
+        self.isa_counts: dict[int, int] = {}          # ISA IRQ -> asserted links
         self._lock = threading.Lock()
 
     @staticmethod
@@ -34,8 +37,15 @@ class IntxRouter:
 
     def _drive(self, link: int, level: bool) -> None:
         self.vm.set_irq_level(IOAPIC_PIN_BASE + link, level)
-        irq = self.isa_irq(self.routes[link])
-        if irq is not None:
+        self._drive_isa(self.routes[link], level)
+
+    def _drive_isa(self, route: int, level: bool) -> None:
+        irq = self.isa_irq(route)
+        if irq is None:
+            return
+        count = self.isa_counts.get(irq, 0) + (1 if level else -1)
+        self.isa_counts[irq] = count
+        if count == (1 if level else 0):
             self.vm.set_irq_level(irq, level)
 
     def assert_pin(self, device) -> None:
@@ -58,8 +68,7 @@ class IntxRouter:
         with self._lock:
             if self.routes[link] == route:
                 return
-            if self.counts[link]:
-                self._drive(link, False)
-            self.routes[link] = route
-            if self.counts[link]:
-                self._drive(link, True)
+            old, self.routes[link] = self.routes[link], route
+            if self.counts[link]:         # the I/O APIC pin stays as it is
+                self._drive_isa(old, False)
+                self._drive_isa(route, True)

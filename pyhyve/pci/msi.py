@@ -54,6 +54,14 @@ class MsiCapability:
 
     def config_written(self) -> None:
         """Deliver messages that were pending while masked, once unmasked."""
+        control = self.control
+        capable = (control >> 1) & 7
+        if (control >> 4) & 7 > capable:
+            # Multiple Message Enable above what the device is capable of is
+            # undefined; clamp it (as QEMU does) so vector bits never overwrite
+            # more of the guest's data than the device has vectors for.
+            struct.pack_into("<H", self.device.config, self.offset + 2,
+                             (control & ~0x70) | capable << 4)
         if self.enabled and self.pending:
             for vector in range(self.vectors):
                 if self.pending & (1 << vector) and not self._masked(vector):
