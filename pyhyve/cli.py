@@ -10,14 +10,17 @@ from .kvm import KvmError, KvmUnavailable
 from .vcpu import ExitStatus
 
 USAGE = """\
-usage: pyhyve [-eHhPuw] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+usage: pyhyve [-DeHhPSuwx] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
               [-f name,string=TEXT|file=PATH] [-G [w][address:]port] [-k config_file]
               [-l lpcdev[,conf]]
-              [-m memsize[K|M|G|T]] [-o var=value] [-s pci] vmname
+              [-m memsize[K|M|G|T]] [-o var=value] [-s pci] [-U uuid] vmname
 
 Virtual machine:
   -c cpus        vCPUs and topology, bhyve syntax (cpus=N,sockets=S,cores=C,threads=T)
   -m memsize     guest memory, with a K, M, G or T suffix (default 256M)
+  -S             wire guest memory (mlock)
+  -U uuid        the VM's UUID (fw_cfg); default: derived from host and VM names
+  -D             destroy the VM on power-off (always so: a KVM VM ends with its process)
 Devices:
   -s [bus:]slot[:func],emulation[,conf]  a PCI device (pyhyve -s help lists emulations);
                  a hostbridge at 0:0 and an lpc bridge at 31:0 are added unless given
@@ -34,6 +37,7 @@ x86:
   -H              yield the host CPU when the guest halts (always so with KVM's LAPIC)
   -P              exit on PAUSE (KVM handles PAUSE loops in the kernel)
   -w              ignore accesses to unknown MSRs (default: #GP, x86.strictmsr)
+  -x              offer x2APIC mode to the guest (x86.x2apic)
 Clock:
   -u              the RTC keeps UTC (default: local time)
 Debugging:
@@ -43,7 +47,7 @@ Other:
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "c:ef:G:Hhk:l:m:o:Ps:uw"
+SHORT_OPTIONS = "c:Def:G:Hhk:l:m:o:Ps:SU:uwx"
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -155,6 +159,14 @@ def parse_args(argv: list[str]) -> Config | None:
             config.set("x86.strictmsr", "false")
         elif option == "-u":
             config.set("rtc.use_localtime", "false")
+        elif option == "-D":
+            config.set("destroy_on_poweroff", "true")
+        elif option == "-S":
+            config.set("memory.wired", "true")
+        elif option == "-U":
+            config.set("uuid", value)
+        elif option == "-x":
+            config.set("x86.x2apic", "true")
         elif option == "-H":
             config.set("x86.vmexit_on_hlt", "true")
         elif option == "-P":

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .kvm import abi
 
 CPUID_HYPERVISOR = 1 << 31          # leaf 1 ECX
+CPUID_X2APIC = 1 << 21              # leaf 1 ECX
 CPUID_HTT = 1 << 28                 # leaf 1 EDX
 LEVEL_SMT, LEVEL_CORE = 1, 2
 
@@ -43,8 +44,8 @@ class Topology:
         return (socket << self.core_shift) | (core << self.thread_shift) | thread
 
 
-def vcpu_cpuid(supported: list, topology: Topology, vcpu: int) -> list:
-    """The CPUID entries for one vCPU."""
+def vcpu_cpuid(supported: list, topology: Topology, vcpu: int, x2apic: bool = False) -> list:
+    """The CPUID entries for one vCPU; x2APIC is offered only when asked (bhyve's -x)."""
     apic_id = topology.apic_id(vcpu)
     per_package = topology.cores * topology.threads
     entries = []
@@ -55,6 +56,7 @@ def vcpu_cpuid(supported: list, topology: Topology, vcpu: int) -> list:
             entry.ebx = (entry.ebx & 0x0000FFFF) | (apic_id << 24) | \
                 (min(1 << topology.core_shift, 255) << 16)
             entry.ecx |= CPUID_HYPERVISOR
+            entry.ecx = entry.ecx | CPUID_X2APIC if x2apic else entry.ecx & ~CPUID_X2APIC
             entry.edx = entry.edx | CPUID_HTT if per_package > 1 else entry.edx & ~CPUID_HTT
         elif fn == 4:
             cache_level = (entry.eax >> 5) & 7

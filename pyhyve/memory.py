@@ -10,6 +10,7 @@ memory outside the guest.
 import bisect
 import ctypes
 import mmap
+import os
 import struct
 
 from .kvm import abi
@@ -83,6 +84,15 @@ class GuestMemory:
     def _anonymous(size: int) -> mmap.mmap:
         return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                          | getattr(mmap, "MAP_NORESERVE", 0))
+
+    def wire(self) -> None:
+        """Lock guest RAM into host memory (bhyve's -S), failing clearly if not allowed."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        for backing in (self._lowmem, self._highmem):
+            if backing is not None and libc.mlock(ctypes.c_void_p(_host_address(backing)),
+                                                  ctypes.c_size_t(len(backing))):
+                raise GuestMemoryError(f"cannot wire guest memory: "
+                                       f"{os.strerror(ctypes.get_errno())} (see ulimit -l)")
 
     # --- layout -----------------------------------------------------------
     def _add(self, region: Region) -> None:

@@ -7,8 +7,10 @@ bhyve's exit status once any vCPU or device stops the VM.
 """
 
 import logging
+import socket
 import sys
 import threading
+import uuid
 
 from . import cpuid
 from .boot.bootrom import load_bootrom, set_reset_state
@@ -24,7 +26,7 @@ from .devices.uart import COM_PORTS, Uart16550
 from .gdbstub import GdbStub
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
-from .memory import MIN_MEMORY, GuestMemory
+from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci import emulations
 from .pci.bus import PciBus
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler, kick_handler_installed
@@ -57,6 +59,7 @@ class VirtualMachine:
         if memory_size < MIN_MEMORY:
             raise ConfigError(f"memory size {memory_size} bytes is below the 1 MiB minimum")
         self.topology = _topology(config)
+        self.uuid = _vm_uuid(config, self.name)
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)
         bootrom_path = config.get("lpc.bootrom")
@@ -82,6 +85,11 @@ class VirtualMachine:
                                    abi.KVM_MSR_EXIT_REASON_UNKNOWN |
                                    abi.KVM_MSR_EXIT_REASON_INVAL)
         self.memory = GuestMemory(self.kvm_vm, memory_size)
+        if self.config.get_bool("memory.wired"):
+            try:
+                self.memory.wire()
+            except GuestMemoryError as exc:
+                raise ConfigError(str(exc)) from None
         self.memory.map_bootrom(bootrom)
         self.ports = PortBus()
         self.mmio = MmioBus()
@@ -99,7 +107,8 @@ class VirtualMachine:
         for index in range(self.topology.cpus):
             # KVM's vCPU id is the initial APIC ID, which encodes the topology.
             kvm_vcpu = self.kvm_vm.create_vcpu(self.topology.apic_id(index))
-            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index))
+            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index,
+                                                 self.config.get_bool("x86.x2apic")))
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
         set_reset_state(self.vcpus[0].kvm_vcpu)
 
@@ -135,7 +144,7 @@ class VirtualMachine:
         flavour = self.config.get("lpc.fwcfg", "qemu")
         if flavour != "qemu":
             raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
-        fwcfg = FwCfg(self, cpus=self.topology.cpus)
+        fwcfg = FwCfg(self, cpus=self.topology.cpus, uuid=self.uuid.bytes)
         ram = [(gpa, size, E820_RAM) for gpa, size in self.memory.ram_ranges()]
         # KVM's identity-map and TSS pages must not be handed out as RAM or BARs.
         kvm_pages = (IDENTITY_MAP_ADDR, TSS_ADDR + 3 * 4096 - IDENTITY_MAP_ADDR, E820_RESERVED)
@@ -312,3 +321,14 @@ def _topology(config: Config) -> cpuid.Topology:
         raise ConfigError(f"cpus={cpus} does not match sockets*cores*threads="
                           f"{topology.cpus}")
     return topology
+
+
+def _vm_uuid(config: Config, name: str) -> uuid.UUID:
+    """-U, or as bhyve does, a stable UUID from the host and VM names."""
+    text = config.get("uuid")
+    if text is None:
+        return uuid.uuid3(uuid.NAMESPACE_DNS, f"{socket.gethostname()}{name}")
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ConfigError(f"invalid UUID '{text}'") from None

@@ -158,3 +158,35 @@ def test_fatal_exits_print_registers_and_exit_4(real_vm, capsys, reason, words):
     err = capsys.readouterr().err
     assert words in err
     assert "rip=0x000000000000fff0" in err and "cs: sel=0xf000" in err
+
+
+def test_uuid_x2apic_and_wired_memory_options(needs_kvm):
+    import uuid
+    from pyhyve.cli import parse_args
+    from pyhyve.devices.fwcfg import FW_CFG_UUID
+    from pyhyve.vm import VirtualMachine
+    rom = str(build_rom("hello16"))
+    chosen = "5a3b4c2d-1111-2222-3333-444455556666"
+    vm = VirtualMachine(parse_args(["-U", chosen, "-x", "-S", "-l", f"bootrom,{rom}", "vm"]))
+    try:
+        assert vm.uuid == uuid.UUID(chosen)
+        assert vm.fwcfg._items[FW_CFG_UUID] == uuid.UUID(chosen).bytes
+    finally:
+        vm.close()
+    first = VirtualMachine(parse_args(["-l", f"bootrom,{rom}", "samename"]))
+    second = VirtualMachine(parse_args(["-l", f"bootrom,{rom}", "samename"]))
+    assert first.uuid == second.uuid            # stable, as bhyve derives it
+    first.close()
+    second.close()
+    with pytest.raises(ConfigError, match="invalid UUID 'nope'"):
+        VirtualMachine(parse_args(["-U", "nope", "-l", f"bootrom,{rom}", "vm"]))
+
+
+def test_x2apic_is_offered_only_with_x(needs_kvm):
+    from pyhyve.cpuid import CPUID_X2APIC, Topology, vcpu_cpuid
+    from pyhyve.kvm import Kvm
+    supported = Kvm().supported_cpuid()
+    leaf1 = [e for e in vcpu_cpuid(supported, Topology(), 0) if e.function == 1][0]
+    assert not leaf1.ecx & CPUID_X2APIC
+    leaf1 = [e for e in vcpu_cpuid(supported, Topology(), 0, x2apic=True) if e.function == 1][0]
+    assert leaf1.ecx & CPUID_X2APIC
