@@ -51,6 +51,8 @@ class VirtualMachine:
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._warned: set = set()
+        self._irq_lock = threading.Lock()
+        self._irq_sources: dict[int, set] = {}
         self.unclaimed_accesses = 0
         self.closables: list = []
         self.vcpus: list[VcpuThread] = []
@@ -258,8 +260,15 @@ class VirtualMachine:
         self.kvm.close()
 
     # --- services for vCPUs and devices ---------------------------------------------
-    def set_irq_level(self, irq: int, level: bool) -> None:
-        self.kvm_vm.irq_line(irq, int(level))
+    def set_irq_level(self, irq: int, level: bool, source: str = "platform") -> None:
+        """Drive an interrupt line that several sources may share (wired-OR): a PCI
+        link routed to the UART's IRQ must not lower it while the UART holds it."""
+        with self._irq_lock:
+            sources = self._irq_sources.setdefault(irq, set())
+            was_high = bool(sources)
+            (sources.add if level else sources.discard)(source)
+            if bool(sources) != was_high:
+                self.kvm_vm.irq_line(irq, int(bool(sources)))
 
     def signal_msi(self, address: int, data: int) -> None:
         self.kvm_vm.signal_msi(address, data)

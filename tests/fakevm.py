@@ -42,13 +42,17 @@ class FakeVm:
         self.ports = PortBus()
         self.mmio = MmioBus()
         self.irq_levels: dict[int, bool] = {}
+        self.irq_sources: dict[int, set] = {}
         self.stops: list = []
         self.warnings: list[str] = []
         self.closables: list = []
         self.stopping = False
 
-    def set_irq_level(self, irq: int, level: bool) -> None:
-        self.irq_levels[irq] = bool(level)
+    def set_irq_level(self, irq: int, level: bool, source: str = "platform") -> None:
+        """Shared lines as VirtualMachine models them: high while any source asserts."""
+        sources = self.irq_sources.setdefault(irq, set())
+        (sources.add if level else sources.discard)(source)
+        self.irq_levels[irq] = bool(sources)
 
     def stop(self, status, vcpu=None) -> None:
         self.stops.append(status)

@@ -27,7 +27,6 @@ class IntxRouter:
         self.vm = vm
         self.routes = [PIRQ_DISABLED] * PIRQ_LINKS    # what the LPC bridge holds
         self.counts = [0] * PIRQ_LINKS
-        self.isa_counts: dict[int, int] = {}          # ISA IRQ -> asserted links
         self._lock = threading.Lock()
 
     @staticmethod
@@ -36,17 +35,14 @@ class IntxRouter:
         return irq if not route & PIRQ_DISABLED and irq in ROUTABLE_IRQS else None
 
     def _drive(self, link: int, level: bool) -> None:
-        self.vm.set_irq_level(IOAPIC_PIN_BASE + link, level)
-        self._drive_isa(self.routes[link], level)
+        self.vm.set_irq_level(IOAPIC_PIN_BASE + link, level, source="pci")
+        self._drive_isa(link, self.routes[link], level)
 
-    def _drive_isa(self, route: int, level: bool) -> None:
+    def _drive_isa(self, link: int, route: int, level: bool) -> None:
+        """Each link is its own source on a (possibly shared) ISA IRQ line."""
         irq = self.isa_irq(route)
-        if irq is None:
-            return
-        count = self.isa_counts.get(irq, 0) + (1 if level else -1)
-        self.isa_counts[irq] = count
-        if count == (1 if level else 0):
-            self.vm.set_irq_level(irq, level)
+        if irq is not None:
+            self.vm.set_irq_level(irq, level, source=f"pirq{link}")
 
     def assert_pin(self, device) -> None:
         link = link_for(device.slot, device.config[0x3D])
@@ -70,5 +66,5 @@ class IntxRouter:
                 return
             old, self.routes[link] = self.routes[link], route
             if self.counts[link]:         # the I/O APIC pin stays as it is
-                self._drive_isa(old, False)
-                self._drive_isa(route, True)
+                self._drive_isa(link, old, False)
+                self._drive_isa(link, route, True)

@@ -1,0 +1,1 @@
+"""Virtio devices: the virtio-pci transport, the split virtqueue, and device models."""
