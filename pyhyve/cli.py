@@ -6,6 +6,7 @@ import signal
 import sys
 
 from .config import Config, ConfigError
+from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
 from .vcpu import ExitStatus
 
@@ -31,7 +32,8 @@ Devices:
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
-  -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree
+  -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree;
+                  -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock)
 x86:
   -e              exit on unemulated I/O (x86.strictio); default: reads return all ones
   -H              yield the host CPU when the guest halts (always so with KVM's LAPIC)
@@ -215,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyhyve: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
     try:
+        try:
+            path = config.get("control.socket") or default_socket_path(vm.name)
+            vm.closables.append(ControlServer(vm, path))
+        except ConfigError as exc:
+            print(f"pyhyve: {exc}", file=sys.stderr)
+            return ExitStatus.ERROR
         _handle_sigterm(vm)
         status = vm.run()
         if status == ExitStatus.ERROR and vm.exit_detail:

@@ -1,0 +1,510 @@
+"""The control socket: what bhyvectl reaches through /dev/vmm, for pyhyve.
+
+bhyvectl talks to vmm.ko; a pyhyve VM lives in one process, so that process
+serves a per-VM AF_UNIX stream socket instead (`/run/pyhyve/NAME.sock`).
+The protocol is one JSON object per line each way:
+
+    {"command": "get-rip", "vcpu": 0}
+        -> {"ok": true, "vcpu": 0, "register": "rip", "value": 65520}
+    {"command": "bogus"}
+        -> {"ok": false, "error": "unknown command 'bogus'"}
+
+Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
+inject-nmi, force-reset, force-poweroff and destroy; those about one vCPU
+take "vcpu" (default 0).  Register access runs on the vCPU's own thread
+(VcpuThread.call), so it sees the vCPU between two KVM_RUNs.
+"""
+
+import errno
+import functools
+import json
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+import threading
+
+from .config import ConfigError
+from .kvm import KvmError, abi
+from .vcpu import ExitStatus
+
+SOCKET_DIR = "/run/pyhyve"
+MAX_LINE = 64 * 1024            # longer requests close the connection
+MAX_CLIENTS = 32
+MAX_PENDING_OUTPUT = 1 << 20    # answers a client does not read
+CLOSE_TIMEOUT = 5.0
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+GENERAL_REGISTERS = tuple(name for name, _ in abi.kvm_regs._fields_)
+CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
+SEGMENT_REGISTERS = {"cs": "cs", "ds": "ds", "es": "es", "fs": "fs", "gs": "gs",
+                     "ss": "ss", "tr": "tr", "ldtr": "ldt"}     # bhyve name: kvm_sregs field
+TABLE_REGISTERS = {"gdtr": "gdt", "idtr": "idt"}
+REGISTERS = (GENERAL_REGISTERS + CONTROL_REGISTERS + tuple(SEGMENT_REGISTERS)
+             + tuple(TABLE_REGISTERS))
+_SEGMENT_FIELDS = {"selector": 16, "base": 64, "limit": 32, "access": 32}
+_TABLE_FIELDS = {"base": 64, "limit": 16}
+# bhyve reports segment attributes in VT-x's access-rights layout.
+_ACCESS_BITS = (("type", 0, 0xF), ("s", 4, 1), ("dpl", 5, 3), ("present", 7, 1),
+                ("avl", 12, 1), ("l", 13, 1), ("db", 14, 1), ("g", 15, 1),
+                ("unusable", 16, 1))
+
+
+class RequestError(Exception):
+    """A request the server cannot carry out; the message is the error answer."""
+
+
+class ControlError(Exception):
+    """The VM answered a request with an error; the message is its answer."""
+
+
+def socket_directory() -> str:
+    """/run/pyhyve for root; a user's own runtime directory otherwise, because
+    /dev/kvm is often usable by users who cannot write /run."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if os.geteuid() != 0 and runtime:
+        return os.path.join(runtime, "pyhyve")
+    return SOCKET_DIR
+
+
+def default_socket_path(name: str) -> str:
+    if not name or name.startswith(".") or "/" in name or "\0" in name:
+        raise ConfigError(f"VM name '{name}' cannot name a control socket")
+    return os.path.join(socket_directory(), f"{name}.sock")
+
+
+def is_listening(path: str) -> bool:
+    """Whether a server answers on PATH; False for a missing or stale socket."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:            # a full backlog: alive but busy
+        return True
+    finally:
+        probe.close()
+
+
+def segment_access(segment: abi.kvm_segment) -> int:
+    return sum((getattr(segment, field) & mask) << shift
+               for field, shift, mask in _ACCESS_BITS)
+
+
+def set_segment_access(segment: abi.kvm_segment, access: int) -> None:
+    for field, shift, mask in _ACCESS_BITS:
+        setattr(segment, field, (access >> shift) & mask)
+
+
+def read_register(name: str, regs: abi.kvm_regs, sregs: abi.kvm_sregs):
+    """A register as the protocol carries it: a number, or for segments and
+    descriptor tables a dict of their parts."""
+    if name in GENERAL_REGISTERS:
+        return getattr(regs, name)
+    if name in CONTROL_REGISTERS:
+        return getattr(sregs, name)
+    if name in SEGMENT_REGISTERS:
+        segment = getattr(sregs, SEGMENT_REGISTERS[name])
+        return {"selector": segment.selector, "base": segment.base,
+                "limit": segment.limit, "access": segment_access(segment)}
+    table = getattr(sregs, TABLE_REGISTERS[name])
+    return {"base": table.base, "limit": table.limit}
+
+
+def _number(value, bits: int, what: str) -> int:
+    """A JSON number (or a string such as "0x10") that fits in BITS bits."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            pass
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
+        raise RequestError(f"{what} must be a number from 0 to {(1 << bits) - 1:#x}")
+    return value
+
+
+def _register_value(name: str, value):
+    """Check a set-NAME value: a number; for a segment a selector or a dict of
+    selector/base/limit/access; for gdtr/idtr a dict of base/limit."""
+    if name in GENERAL_REGISTERS or name in CONTROL_REGISTERS:
+        return _number(value, 64, "value")
+    fields = _SEGMENT_FIELDS if name in SEGMENT_REGISTERS else _TABLE_FIELDS
+    if name in SEGMENT_REGISTERS and not isinstance(value, dict):
+        value = {"selector": value}
+    if not isinstance(value, dict) or not value or not set(value) <= set(fields):
+        raise RequestError(f"set-{name} takes a value with any of: {', '.join(fields)}")
+    return {field: _number(part, fields[field], field) for field, part in value.items()}
+
+
+def _write_register(kvm_vcpu, name: str, value) -> None:
+    if name in GENERAL_REGISTERS:
+        regs = kvm_vcpu.get_regs()
+        setattr(regs, name, value)
+        kvm_vcpu.set_regs(regs)
+        return
+    sregs = kvm_vcpu.get_sregs()
+    if name in CONTROL_REGISTERS:
+        setattr(sregs, name, value)
+    else:
+        part = getattr(sregs, SEGMENT_REGISTERS.get(name) or TABLE_REGISTERS[name])
+        for field, number in value.items():
+            if field == "access":
+                set_segment_access(part, number)
+            else:
+                setattr(part, field, number)
+    kvm_vcpu.set_sregs(sregs)
+
+
+def _registers(vcpu_thread):
+    return vcpu_thread.kvm_vcpu.get_regs(), vcpu_thread.kvm_vcpu.get_sregs()
+
+
+class _Client:
+    """One connection: its partial request line and its unsent answers."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.input = bytearray()
+        self.output = bytearray()
+        self.events = selectors.EVENT_READ
+
+
+class ControlServer:
+    """Serves one VM's control socket on a daemon thread named "ctl"."""
+
+    def __init__(self, vm, path: str | None = None):
+        self.vm = vm
+        self.path = path or default_socket_path(vm.name)
+        self.log = logging.getLogger(f"pyhyve.{vm.name}.ctl")
+        self._commands = {
+            "get-stats": self._get_stats,
+            "get-all": self._get_all,
+            "pause": self._pause,
+            "resume": self._resume,
+            "inject-nmi": self._inject_nmi,
+            "force-reset": functools.partial(self._stop, ExitStatus.RESET),
+            "force-poweroff": functools.partial(self._stop, ExitStatus.POWEROFF),
+            "destroy": functools.partial(self._stop, ExitStatus.POWEROFF),
+        }
+        self._listener = self._listen()
+        self._inode = os.stat(self.path).st_ino
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._clients: dict[socket.socket, _Client] = {}
+        self._closing = False
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, lambda events: None)
+        self._thread = threading.Thread(target=self._serve, name="ctl", daemon=True)
+        self._thread.start()
+
+    # --- the socket ------------------------------------------------------------------
+    def _listen(self) -> socket.socket:
+        """Bind a fresh 0600 socket in a 0700 directory, replacing a stale one."""
+        directory = os.path.dirname(self.path) or "."
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create control socket directory {directory}: "
+                              f"{exc.strerror}") from None
+        self._remove_stale_socket()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            umask = os.umask(0o177)     # no window in which others may connect
+            try:
+                sock.bind(self.path)
+            finally:
+                os.umask(umask)
+            bound = True
+            os.chmod(self.path, 0o600)
+            sock.listen(MAX_CLIENTS)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            if bound:
+                os.unlink(self.path)
+            if exc.errno == errno.EADDRINUSE:     # another pyhyve won the race
+                raise self._already_running() from None
+            raise ConfigError(f"cannot create control socket {self.path}: "
+                              f"{exc.strerror or exc}") from None
+        return sock
+
+    def _remove_stale_socket(self) -> None:
+        """A socket file nobody answers on was left by a pyhyve that died."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise ConfigError(f"cannot create control socket {self.path}: "
+                              "a file that is not a socket is in the way")
+        try:
+            listening = is_listening(self.path)
+        except OSError as exc:
+            raise ConfigError(f"cannot check control socket {self.path}: "
+                              f"{exc.strerror or exc}") from None
+        if listening:
+            raise self._already_running()
+        os.unlink(self.path)
+
+    def _already_running(self) -> ConfigError:
+        return ConfigError(f"VM {self.vm.name} is already running "
+                           f"(control socket {self.path})")
+
+    def close(self) -> None:
+        """Drop every client, remove the socket file and join the thread."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake_writer.send(b"\0")
+        self._thread.join(CLOSE_TIMEOUT)
+        if self._thread.is_alive():
+            self.log.warning("control thread still busy after %.0f s", CLOSE_TIMEOUT)
+        self._wake_writer.close()
+        try:
+            if os.stat(self.path).st_ino == self._inode:   # still ours
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # --- the event loop ----------------------------------------------------------------
+    def _serve(self) -> None:
+        try:
+            while not self._closing:
+                for key, events in self._selector.select():
+                    try:
+                        key.data(events)
+                    except Exception:       # a bug here must not end the service
+                        self.log.exception("control socket event failed")
+                        if key.fileobj in self._clients:
+                            self._drop(self._clients[key.fileobj])
+        finally:
+            for client in list(self._clients.values()):
+                self._drop(client)
+            self._selector.close()
+            self._listener.close()
+            self._wake_reader.close()
+
+    def _accept(self, events) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.vm.warn_once(("ctl", exc.errno), "control socket accept failed: %s", exc)
+            return
+        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        refusal = None
+        if uid not in (0, os.geteuid()):
+            self.log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
+            refusal = "permission denied"
+        elif len(self._clients) >= MAX_CLIENTS:
+            refusal = f"too many control connections (at most {MAX_CLIENTS})"
+        if refusal:
+            sock.setblocking(False)
+            try:
+                sock.send(_encode({"ok": False, "error": refusal}))
+            except OSError:
+                pass
+            sock.close()
+            return
+        sock.setblocking(False)
+        client = _Client(sock)
+        self._clients[sock] = client
+        self._selector.register(sock, client.events, functools.partial(self._service, client))
+
+    def _service(self, client: _Client, events) -> None:
+        if events & selectors.EVENT_WRITE:
+            self._flush(client)
+        if events & selectors.EVENT_READ and client.sock in self._clients:
+            self._receive(client)
+
+    def _receive(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(MAX_LINE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(client)
+            return
+        client.input += data
+        while client.sock in self._clients:
+            end = client.input.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(client.input[:end])
+            del client.input[:end + 1]
+            if len(line) > MAX_LINE:
+                self._refuse_long_line(client)
+            elif line.strip():
+                self._answer(client, self.handle_line(line))
+        if client.sock in self._clients and len(client.input) > MAX_LINE:
+            self._refuse_long_line(client)
+
+    def _refuse_long_line(self, client: _Client) -> None:
+        """Answer, then close: the rest of an overlong line cannot be parsed."""
+        self._answer(client, _error(f"request longer than {MAX_LINE} bytes"))
+        self._drop(client)
+
+    def _answer(self, client: _Client, answer: dict) -> None:
+        client.output += _encode(answer)
+        self._flush(client)
+
+    def _flush(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.output)
+            del client.output[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(client)
+            return
+        if len(client.output) > MAX_PENDING_OUTPUT:
+            self._drop(client)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.output else 0)
+        if events != client.events:
+            client.events = events
+            self._selector.modify(client.sock, events, functools.partial(self._service, client))
+
+    def _drop(self, client: _Client) -> None:
+        if self._clients.pop(client.sock, None) is not None:
+            self._selector.unregister(client.sock)
+            client.sock.close()
+
+    # --- requests ------------------------------------------------------------------------
+    def handle_line(self, line: bytes) -> dict:
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError):
+            return _error("malformed request: expected one JSON object per line")
+        return self.handle(request)
+
+    def handle(self, request) -> dict:
+        """The answer to one request (a dict decoded from JSON)."""
+        if not isinstance(request, dict):
+            return _error("malformed request: expected a JSON object")
+        command = request.get("command")
+        if not isinstance(command, str):
+            return _error('malformed request: no "command"')
+        try:
+            return {"ok": True, **self._dispatch(command, request)}
+        except (RequestError, KvmError) as exc:
+            return _error(str(exc))
+        except Exception as exc:
+            self.log.exception("control command %s failed", command)
+            return _error(f"{command} failed: {exc}")
+
+    def _dispatch(self, command: str, request: dict) -> dict:
+        handler = self._commands.get(command)
+        if handler is not None:
+            return handler(request)
+        verb, _, register = command.partition("-")
+        if verb == "get" and register in REGISTERS:
+            return self._get_register(register, request)
+        if verb == "set" and register in REGISTERS:
+            return self._set_register(register, request)
+        raise RequestError(f"unknown command '{command}'")
+
+    def _vcpu(self, request: dict):
+        index = request.get("vcpu", 0)
+        count = len(self.vm.vcpus)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+            raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
+        return self.vm.vcpus[index]
+
+    def _get_stats(self, request: dict) -> dict:
+        vcpu = self._vcpu(request)
+        return {"vcpu": vcpu.id, "stats": self.vm.exit_stats()[vcpu.id]}
+
+    def _get_all(self, request: dict) -> dict:
+        vcpu = self._vcpu(request)
+        regs, sregs = vcpu.call(_registers)
+        return {"vcpu": vcpu.id,
+                "registers": {name: read_register(name, regs, sregs) for name in REGISTERS}}
+
+    def _get_register(self, name: str, request: dict) -> dict:
+        vcpu = self._vcpu(request)
+        regs, sregs = vcpu.call(_registers)
+        return {"vcpu": vcpu.id, "register": name, "value": read_register(name, regs, sregs)}
+
+    def _set_register(self, name: str, request: dict) -> dict:
+        """Write on the vCPU thread, and answer with what KVM kept."""
+        vcpu = self._vcpu(request)
+        if "value" not in request:
+            raise RequestError(f'set-{name} needs a "value"')
+        value = _register_value(name, request["value"])
+
+        def write_and_read(vcpu_thread):
+            _write_register(vcpu_thread.kvm_vcpu, name, value)
+            return _registers(vcpu_thread)
+        regs, sregs = vcpu.call(write_and_read)
+        return {"vcpu": vcpu.id, "register": name, "value": read_register(name, regs, sregs)}
+
+    def _inject_nmi(self, request: dict) -> dict:
+        vcpu = self._vcpu(request)
+        vcpu.call(lambda vcpu_thread: vcpu_thread.kvm_vcpu.nmi())
+        return {"vcpu": vcpu.id}
+
+    def _pause(self, request: dict) -> dict:
+        self.vm.pause()
+        return {}
+
+    def _resume(self, request: dict) -> dict:
+        self.vm.resume()
+        return {}
+
+    def _stop(self, status: ExitStatus, request: dict) -> dict:
+        self.vm.stop(status)
+        return {}
+
+
+def _error(message: str) -> dict:
+    return {"ok": False, "error": message}
+
+
+def _encode(message: dict) -> bytes:
+    return json.dumps(message).encode() + b"\n"
+
+
+class ControlClient:
+    """One connection to a VM's control socket; request() raises ControlError
+    when the VM refuses, OSError when the connection fails."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except OSError:
+            self._sock.close()
+            raise
+        self._file = self._sock.makefile("rb")
+
+    def request(self, command: str, **fields) -> dict:
+        self._sock.sendall(_encode({"command": command, **fields}))
+        line = self._file.readline(MAX_PENDING_OUTPUT)
+        if not line.endswith(b"\n"):
+            raise ConnectionError("the VM closed the control connection")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise ControlError(answer.get("error", "request failed"))
+        return answer
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()

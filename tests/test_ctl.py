@@ -1,0 +1,434 @@
+"""The control socket and pyhyvectl, driving a real guest that loops on port writes."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import re
+import socket
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from guestrun import REPO, run_pyhyve
+from types import SimpleNamespace
+
+import pytest
+
+from build import build_rom
+from pyhyve import ctlclient
+from pyhyve.config import Config, ConfigError
+from pyhyve.ctl import ControlClient, ControlError, ControlServer, default_socket_path
+from pyhyve.ctl import segment_access, set_segment_access
+from pyhyve.kvm import abi
+from pyhyve.vcpu import ExitStatus, install_kick_handler
+from pyhyve.vm import VirtualMachine
+
+needs_kvm = pytest.mark.usefixtures("needs_kvm")
+
+
+@pytest.fixture
+def socket_dir():
+    """A short directory: AF_UNIX paths are limited to 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="pyhyve-ctl-") as directory:
+        yield Path(directory)
+
+
+def make_vm(name="ctltest", cpus=1):
+    rom = build_rom("exits", COUNT=10**8)      # minutes of port writes
+    return VirtualMachine(Config({"name": name, "cpus": str(cpus), "lpc.bootrom": str(rom)}))
+
+
+@contextlib.contextmanager
+def run_vm(path, cpus=1):
+    """A VM running on a thread, with its control server on PATH."""
+    install_kick_handler()
+    vm = make_vm(cpus=cpus)
+    try:
+        server = ControlServer(vm, path)
+    except BaseException:
+        vm.close()
+        raise
+    statuses = []
+    thread = threading.Thread(target=lambda: statuses.append(vm.run()), name="test-vm")
+    thread.start()
+    guest = SimpleNamespace(vm=vm, server=server, path=path, thread=thread, statuses=statuses)
+    try:
+        wait_for(lambda: io_exits(guest) > 0)
+        yield guest
+    finally:
+        vm.stop(ExitStatus.POWEROFF)
+        thread.join(10)
+        server.close()
+        vm.close()
+
+
+@pytest.fixture
+def running(socket_dir):
+    with run_vm(str(socket_dir / "ctltest.sock")) as guest:
+        yield guest
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def ask(path, request) -> dict:
+    with ControlClient(path) as client:
+        try:
+            return client.request(**request)
+        except ControlError as exc:
+            return {"ok": False, "error": str(exc)}
+
+
+def io_exits(guest) -> int:
+    return ask(guest.path, {"command": "get-stats"})["stats"].get("io", 0)
+
+
+def ctl(capsys, *args) -> tuple[int, str, str]:
+    status = ctlclient.main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def raw_connection(path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def read_line(sock) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return json.loads(data)
+
+
+# --- the running guest --------------------------------------------------------------------
+@needs_kvm
+def test_stats_grow_pause_freezes_them_resume_lets_them_grow(running, capsys):
+    first = io_exits(running)
+    wait_for(lambda: io_exits(running) > first)
+    assert ask(running.path, {"command": "pause"}) == {"ok": True}
+    frozen = io_exits(running)
+    time.sleep(0.3)
+    assert io_exits(running) == frozen
+    status, out, _ = ctl(capsys, f"--socket={running.path}", "--get-stats")
+    assert status == 0
+    assert out.splitlines()[0] == "vcpu0 stats:"
+    assert re.search(rf"^vm exits due to io\s+\t{frozen}$", out, re.M), out
+    assert ask(running.path, {"command": "resume"}) == {"ok": True}
+    wait_for(lambda: io_exits(running) > frozen)
+
+
+@needs_kvm
+def test_get_rip_and_get_all(running, capsys):
+    status, out, err = ctl(capsys, "--vm=ctltest", f"--socket={running.path}", "--get-rip")
+    assert (status, err) == (0, "")
+    assert re.fullmatch(r"rip\[0\]\t\t0x000000000000[0-9a-f]{4}\n", out), out   # 16-bit IP
+
+    answer = ask(running.path, {"command": "get-all"})
+    registers = answer["registers"]
+    assert registers["cs"]["selector"] == 0xF000 and registers["cs"]["base"] == 0xFFFF0000
+    assert registers["cr0"] & 1 == 0                      # real mode
+    assert set(registers) >= {"rax", "r15", "rflags", "efer", "cr3", "ldtr", "gdtr", "idtr"}
+
+    status, out, _ = ctl(capsys, f"--socket={running.path}", "--get-all")
+    lines = out.splitlines()
+    assert status == 0
+    assert lines[0].startswith("efer[0]\t\t0x")
+    assert "rflags[0]\t0x" in out and "cs[0]\t\t0xf000" in lines
+    assert re.search(r"^cs desc\[0\]\t0x00000000ffff0000/0x0000ffff/0x[0-9a-f]{8}$", out, re.M)
+    assert re.search(r"^gdtr\[0\]\t\t0x[0-9a-f]{16}/0x[0-9a-f]{8}$", out, re.M)
+    assert "vcpu0 stats:" in lines
+
+
+@needs_kvm
+def test_set_registers_while_paused(running, capsys):
+    ask(running.path, {"command": "pause"})
+    status, out, _ = ctl(capsys, f"--socket={running.path}", "--set-rax=0x1122334455667788",
+                         "--get-rax")
+    assert (status, out) == (0, "rax[0]\t\t0x1122334455667788\n")
+    answer = ask(running.path, {"command": "set-rbx", "value": "0xabc"})
+    assert answer == {"ok": True, "vcpu": 0, "register": "rbx", "value": 0xABC}
+    assert ask(running.path, {"command": "get-rbx"})["value"] == 0xABC
+    rip = ask(running.path, {"command": "get-rip"})["value"]
+    assert ask(running.path, {"command": "set-rip", "value": rip})["value"] == rip
+    fs = ask(running.path, {"command": "set-fs", "value": {"base": 0x12340, "selector": 0x1234}})
+    assert (fs["value"]["base"], fs["value"]["selector"]) == (0x12340, 0x1234)
+    status, out, _ = ctl(capsys, f"--socket={running.path}", "--get-desc-fs", "--get-fs")
+    assert out == (f"fs desc[0]\t0x0000000000012340/0x0000ffff/0x{fs['value']['access']:08x}\n"
+                   "fs[0]\t\t0x1234\n")
+    ask(running.path, {"command": "resume"})
+    frozen = io_exits(running)
+    wait_for(lambda: io_exits(running) > frozen)
+
+
+@needs_kvm
+def test_vcpu_selects_an_ap(socket_dir, capsys):
+    with run_vm(str(socket_dir / "smp.sock"), cpus=2) as guest:
+        assert ask(guest.path, {"command": "get-rip", "vcpu": 1})["vcpu"] == 1
+        error = ask(guest.path, {"command": "get-rip", "vcpu": 2})["error"]
+        assert error == "no vcpu 2: the VM has vCPUs 0 to 1"
+        status, out, _ = ctl(capsys, f"--socket={guest.path}", "--cpu=1", "--get-stats",
+                             "--get-cr0")
+        assert status == 0 and out.startswith("cr0[1]\t\t0x") and "vcpu1 stats:" in out
+        status, _, err = ctl(capsys, f"--socket={guest.path}", "--cpu=2", "--get-rip")
+        assert (status, err) == (1, "pyhyvectl: no vcpu 2: the VM has vCPUs 0 to 1\n")
+
+
+@needs_kvm
+def test_inject_nmi(running, capsys):
+    assert ask(running.path, {"command": "inject-nmi"}) == {"ok": True, "vcpu": 0}
+    assert ctl(capsys, f"--socket={running.path}", "--inject-nmi") == (0, "", "")
+
+
+@needs_kvm
+@pytest.mark.parametrize("option, status", [
+    ("--force-poweroff", ExitStatus.POWEROFF),
+    ("--force-reset", ExitStatus.RESET),
+    ("--destroy", ExitStatus.POWEROFF),
+])
+def test_stopping_the_vm(running, capsys, option, status):
+    assert ctl(capsys, f"--socket={running.path}", option) == (0, "", "")
+    running.thread.join(10)
+    assert running.statuses == [status]
+
+
+@needs_kvm
+def test_force_poweroff_of_a_paused_vm(running):
+    ask(running.path, {"command": "pause"})
+    assert ask(running.path, {"command": "force-poweroff"}) == {"ok": True}
+    running.thread.join(10)
+    assert running.statuses == [ExitStatus.POWEROFF]
+
+
+# --- the socket -----------------------------------------------------------------------------
+@needs_kvm
+def test_socket_is_private(running, socket_dir):
+    assert stat.S_IMODE(os.stat(running.path).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(running.path).st_mode)
+
+
+@needs_kvm
+def test_socket_directory_is_created_0700(socket_dir):
+    vm = make_vm()
+    path = socket_dir / "sub" / "vm.sock"
+    server = ControlServer(vm, str(path))
+    try:
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        assert [t for t in threading.enumerate() if t.name == "ctl"]
+    finally:
+        server.close()
+        vm.close()
+    assert not path.exists()
+
+
+@needs_kvm
+def test_two_clients_and_partial_lines(running):
+    first, second = raw_connection(running.path), raw_connection(running.path)
+    with first, second:
+        first.sendall(b'{"command": "get-')
+        second.sendall(b'{"command": "get-stats"}\n')
+        assert read_line(second)["ok"]
+        first.sendall(b'rip"}\n')
+        assert read_line(first)["register"] == "rip"
+        second.sendall(b'{"command": "get-rax"}\n{"command": "get-rbx"}\n')
+        assert read_line(second)["register"] == "rax"
+        assert read_line(second)["register"] == "rbx"
+
+
+@needs_kvm
+@pytest.mark.parametrize("line, error", [
+    (b"{not json", "malformed request"),
+    (b"[" * 60000, "malformed request"),
+    (b'["get-rip"]', "expected a JSON object"),
+    (b'{"vcpu": 0}', 'no "command"'),
+    (b'{"command": "reboot-into-bios"}', "unknown command 'reboot-into-bios'"),
+    (b'{"command": "get-rip", "vcpu": 1}', "no vcpu 1: the VM has vCPUs 0 to 0"),
+    (b'{"command": "get-rip", "vcpu": "0"}', 'no vcpu "0"'),
+    (b'{"command": "set-rip"}', 'set-rip needs a "value"'),
+    (b'{"command": "set-rip", "value": -1}', "value must be a number from 0 to 0xff"),
+    (b'{"command": "set-rip", "value": 18446744073709551616}', "value must be a number"),
+    (b'{"command": "set-cs", "value": {"colour": 1}}', "set-cs takes a value with any of"),
+    (b'{"command": "set-gdtr", "value": 5}', "set-gdtr takes a value with any of"),
+])
+def test_bad_requests_get_error_answers(running, line, error):
+    with raw_connection(running.path) as sock:
+        sock.sendall(line + b"\n")
+        answer = read_line(sock)
+        assert answer["ok"] is False and error in answer["error"], answer
+        sock.sendall(b'{"command": "get-rip"}\n')
+        assert read_line(sock)["ok"]
+
+
+@needs_kvm
+def test_an_overlong_line_closes_only_that_connection(running):
+    with raw_connection(running.path) as sock:
+        try:
+            sock.sendall(b'{"command": "' + b"x" * 70000)
+        except BrokenPipeError:
+            pass
+        answer = read_line(sock)
+        assert answer == {"ok": False, "error": "request longer than 65536 bytes"}
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    assert ask(running.path, {"command": "get-rip"})["ok"]
+
+
+@needs_kvm
+def test_other_users_are_refused(running, socket_dir):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another user")
+    os.chmod(socket_dir, 0o711)
+    os.chmod(running.path, 0o666)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:                # the child connects as nobody and reports the answer
+        try:
+            os.setuid(65534)
+            with raw_connection(running.path) as sock:
+                os.write(writer, json.dumps(read_line(sock)).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        report = pipe.read()
+    os.waitpid(pid, 0)
+    assert json.loads(report) == {"ok": False, "error": "permission denied"}
+
+
+@needs_kvm
+def test_a_second_server_for_a_running_vm_is_refused(running):
+    with pytest.raises(ConfigError, match=r"VM ctltest is already running \(control socket "):
+        ControlServer(running.vm, running.path)
+    assert ask(running.path, {"command": "get-rip"})["ok"]
+
+
+@needs_kvm
+def test_a_stale_socket_is_replaced(socket_dir):
+    path = str(socket_dir / "stale.sock")
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(path)
+    leftover.close()            # as a pyhyve killed with SIGKILL leaves it
+    vm = make_vm()
+    server = ControlServer(vm, path)
+    try:
+        assert ask(path, {"command": "get-stats"}) == {"ok": True, "vcpu": 0, "stats": {}}
+    finally:
+        server.close()
+        vm.close()
+    assert not os.path.exists(path)
+
+
+@needs_kvm
+def test_a_file_in_the_way_is_left_alone(socket_dir):
+    path = socket_dir / "file.sock"
+    path.write_text("precious")
+    vm = make_vm()
+    try:
+        with pytest.raises(ConfigError, match="a file that is not a socket is in the way"):
+            ControlServer(vm, str(path))
+    finally:
+        vm.close()
+    assert path.read_text() == "precious"
+
+
+@needs_kvm
+def test_list_names_answering_vms(running, socket_dir, capsys):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(socket_dir / "dead.sock"))
+    stale.close()
+    assert ctl(capsys, "--list", f"--socket={running.path}") == (0, "ctltest\n", "")
+
+
+# --- pyhyvectl without a VM ---------------------------------------------------------------------
+def test_missing_vm_is_one_line(capsys, socket_dir):
+    path = socket_dir / "nope.sock"
+    status, out, err = ctl(capsys, "--vm=nope", f"--socket={path}", "--get-rip")
+    assert (status, out) == (1, "")
+    assert err == f"pyhyvectl: VM 'nope' is not running (no control socket {path})\n"
+
+    status, _, err = ctl(capsys, "--vm=pyhyve-test-no-such-vm", "--get-stats")
+    assert status == 1
+    assert err == ("pyhyvectl: VM 'pyhyve-test-no-such-vm' is not running (no control socket "
+                   f"{default_socket_path('pyhyve-test-no-such-vm')})\n")
+
+
+def test_stale_socket_is_reported(capsys, socket_dir):
+    path = socket_dir / "dead.sock"
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(str(path))
+    leftover.close()
+    status, _, err = ctl(capsys, "--vm=dead", f"--socket={path}", "--pause")
+    assert status == 1
+    assert err == f"pyhyvectl: VM 'dead' is not running (stale control socket {path})\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--vm=NAME is required"),
+    (["--vm=x"], "nothing to do"),
+    (["--vm=x", "--bogus"], "option --bogus not recognized"),
+    (["--vm=x", "--set-rip=twelve"], "invalid value 'twelve' for --set-rip"),
+    (["--vm=x", "--get-rip", "extra"], "unexpected argument 'extra'"),
+    (["--vm=../x", "--get-rip"], "VM name '../x' cannot name a control socket"),
+])
+def test_usage_errors_are_one_line(capsys, args, message):
+    status, out, err = ctl(capsys, *args)
+    assert (status, out) == (1, "")
+    assert err.startswith("pyhyvectl: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_help(capsys):
+    status, out, _ = ctl(capsys, "--help")
+    assert status == 0 and "--force-poweroff" in out
+
+
+def test_access_rights_round_trip():
+    segment = abi.kvm_segment(type=0xB, s=1, dpl=3, present=1, avl=1, l=1, db=0, g=1)
+    assert segment_access(segment) == 0xB | 1 << 4 | 3 << 5 | 1 << 7 | 1 << 12 | 1 << 13 | 1 << 15
+    copy = abi.kvm_segment()
+    set_segment_access(copy, segment_access(segment) | 1 << 16)
+    assert segment_access(copy) == segment_access(segment) | 1 << 16 and copy.unusable == 1
+
+
+def test_pyhyve_and_pyhyvectl_processes(tmp_path):
+    """The commands as users run them: a VM with its socket, a second VM of the
+    same name refused, pyhyvectl reading stats and powering the VM off."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    socket_path = tmp_path / "ctlvm.sock"
+    rom = build_rom("exits", COUNT=10**8)
+    args = ["-o", f"control.socket={socket_path}", "-l", f"bootrom,{rom}", "ctlvm"]
+    vm = subprocess.Popen([sys.executable, "-m", "pyhyve", *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(100):
+            if socket_path.exists():
+                break
+            time.sleep(0.1)
+        second = run_pyhyve(args, timeout=30)
+        assert second.returncode == 4
+        assert second.stderr.count("\n") == 1 and "already running" in second.stderr
+        ctl = [sys.executable, "-m", "pyhyve.ctlclient", f"--socket={socket_path}"]
+        stats = subprocess.run([*ctl, "--get-stats"], env=env, capture_output=True, text=True,
+                               timeout=30)
+        assert stats.returncode == 0 and "vm exits due to io" in stats.stdout
+        off = subprocess.run([*ctl, "--force-poweroff"], env=env, capture_output=True,
+                             text=True, timeout=30)
+        assert off.returncode == 0, off.stderr
+        assert vm.wait(timeout=30) == 1
+        assert not socket_path.exists()
+    finally:
+        vm.kill()
+        vm.wait()
