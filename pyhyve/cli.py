@@ -30,6 +30,8 @@ Devices:
   -l debugcon,file=PATH    port 0x402 debug console (SeaBIOS's log) written to PATH
   -l fwcfg,qemu            QEMU's fw_cfg interface (present by default)
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
+Direct kernel boot (no firmware):
+  -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   a bzImage (64-bit boot protocol) or a PVH ELF kernel
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree;
@@ -130,7 +132,18 @@ def parse_pci(config: Config, text: str) -> None:
 
 
 def parse_fwcfg_file(config: Config, text: str) -> None:
-    """-f name,string=TEXT|file=PATH: a file for fw_cfg, checked now."""
+    """-f name,string=TEXT|file=PATH: a file for fw_cfg, checked now; or
+    -f kexec,KERNEL[,INITRD[,"CMDLINE"]], the direct kernel boot of xhyve."""
+    if text.startswith("kexec,"):
+        parts = text.split(",", 3)[1:]
+        if not parts[0]:
+            raise ConfigError('-f kexec needs a kernel: -f kexec,KERNEL[,INITRD[,"CMDLINE"]]')
+        config.set("kexec.kernel", parts[0])
+        if len(parts) > 1 and parts[1]:
+            config.set("kexec.initrd", parts[1])
+        if len(parts) > 2:
+            config.set("kexec.cmdline", parts[2].strip('"'))
+        return
     from .devices.fwcfg import parse_fw_cfg_option
     parse_fw_cfg_option(text)
     index = len(config.subtree("fwcfg.file"))

@@ -14,6 +14,7 @@ import uuid
 
 from . import cpuid
 from .boot.bootrom import load_bootrom, set_reset_state
+from .boot.linux import load_kernel, set_boot_state
 from .config import Config, ConfigError, parse_size
 from .devices.chardev import open_backend
 from .devices.debugcon import DebugConsole
@@ -28,9 +29,10 @@ from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci import emulations
-from .pci.bus import PciBus
+from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler, kick_handler_installed
 
+LEGACY_HOLE = (0xA0000, 0x100000)  # VGA window and BIOS area: never RAM for a kernel
 TSS_ADDR = 0xFEFFD000           # three pages KVM needs on Intel, below the bootrom
 IDENTITY_MAP_ADDR = 0xFEFFC000
 HALT_PROBE_INTERVAL = 0.5
@@ -65,9 +67,11 @@ class VirtualMachine:
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)
         bootrom_path = config.get("lpc.bootrom")
-        if not bootrom_path:
-            raise ConfigError("no bootrom given: use -l bootrom,FILE")
-        bootrom = load_bootrom(bootrom_path)
+        self.kernel = config.get("kexec.kernel")
+        if bool(bootrom_path) == bool(self.kernel):
+            raise ConfigError("give either a bootrom (-l bootrom,FILE) or a kernel "
+                              "(-f kexec,KERNEL[,INITRD[,CMDLINE]])")
+        bootrom = load_bootrom(bootrom_path) if bootrom_path else None
 
         self.kvm = Kvm()
         try:
@@ -92,7 +96,8 @@ class VirtualMachine:
                 self.memory.wire()
             except GuestMemoryError as exc:
                 raise ConfigError(str(exc)) from None
-        self.memory.map_bootrom(bootrom)
+        if bootrom is not None:
+            self.memory.map_bootrom(bootrom)
         self.ports = PortBus()
         self.mmio = MmioBus()
         self._create_platform_devices()
@@ -112,7 +117,12 @@ class VirtualMachine:
             kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index,
                                                  self.config.get_bool("x86.x2apic")))
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
-        set_reset_state(self.vcpus[0].kvm_vcpu)
+        if bootrom is not None:
+            set_reset_state(self.vcpus[0].kvm_vcpu)
+        else:
+            entry = load_kernel(self.memory, self.kernel, self.config.get("kexec.initrd"),
+                                self.config.get("kexec.cmdline", ""), self.e820())
+            set_boot_state(self.memory, self.vcpus[0].kvm_vcpu, entry)
 
     def _create_platform_devices(self) -> None:
         """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
@@ -147,10 +157,7 @@ class VirtualMachine:
         if flavour != "qemu":
             raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
         fwcfg = FwCfg(self, cpus=self.topology.cpus, uuid=self.uuid.bytes)
-        ram = [(gpa, size, E820_RAM) for gpa, size in self.memory.ram_ranges()]
-        # KVM's identity-map and TSS pages must not be handed out as RAM or BARs.
-        kvm_pages = (IDENTITY_MAP_ADDR, TSS_ADDR + 3 * 4096 - IDENTITY_MAP_ADDR, E820_RESERVED)
-        fwcfg.add_file("etc/e820", e820_table(ram + [kvm_pages]))
+        fwcfg.add_file("etc/e820", e820_table(self.e820(firmware=True)))
         # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
         fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))
         if "com1" in self.uarts:
@@ -160,6 +167,21 @@ class VirtualMachine:
             name, data = parse_fw_cfg_option(value)
             fwcfg.add_file(name, data)
         return fwcfg
+
+    def e820(self, firmware: bool = False) -> list[tuple[int, int, int]]:
+        """The memory map: RAM, and what must not be used as RAM or for BARs.
+        Firmware (SeaBIOS) carves its own low areas out of the RAM it is given;
+        a directly booted kernel is told about the legacy BIOS hole itself."""
+        ram = [(gpa, size, E820_RAM) for gpa, size in self.memory.ram_ranges()]
+        if not firmware:
+            low = ram.pop(0)[1]
+            ram[:0] = [(0, LEGACY_HOLE[0], E820_RAM),
+                       (LEGACY_HOLE[0], LEGACY_HOLE[1] - LEGACY_HOLE[0], E820_RESERVED),
+                       (LEGACY_HOLE[1], low - LEGACY_HOLE[1], E820_RAM)]
+        reserved = [(ECAM_BASE, ECAM_SIZE, E820_RESERVED),
+                    # KVM's identity-map and TSS pages must not be handed out as RAM or BARs.
+                    (IDENTITY_MAP_ADDR, TSS_ADDR + 3 * 4096 - IDENTITY_MAP_ADDR, E820_RESERVED)]
+        return sorted(ram + reserved)
 
     def _create_pci_devices(self) -> None:
         """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
