@@ -1,0 +1,352 @@
+"""`virtio-blk`: a disk backed by a file or block device (virtio 1.2, 5.2).
+
+    -s SLOT,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]
+
+as bhyve's pci_virtio_block and blockif take them: `ro` opens read-only and
+offers VIRTIO_BLK_F_RO; `nocache` opens with O_DIRECT; `direct` opens with
+O_SYNC; `nodelete` withholds DISCARD; `sectorsize` sets the logical block
+size (and, after the slash, the physical one, reported through TOPOLOGY);
+`ser` is the 20-byte ID GET_ID returns (default: "BHYVE-" and a hash of the
+path, as bhyve makes it).
+
+Data moves with preadv/pwritev straight between the file and guest memory.
+O_DIRECT needs the memory, length and offset of a transfer aligned; guest
+memory is mmap'd in page-aligned pieces at page-aligned guest addresses, so a
+buffer's guest address tells its host alignment, and transfers that are not
+DIRECT_ALIGN-aligned (SeaBIOS reads 512 bytes anywhere) go through a second,
+cached descriptor of the same file.  Linux keeps the two coherent: a direct
+read writes back cached dirty pages first, a direct write invalidates them.
+
+DISCARD punches holes (fallocate PUNCH_HOLE) and is offered only when a probe
+at the end of the file shows the filesystem does that; WRITE_ZEROES uses
+ZERO_RANGE, punching holes when the driver allows unmapping, and writes zeros
+where the filesystem supports neither, so any writable disk offers it.
+"""
+
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import stat
+import struct
+
+from ..config import Config, ConfigError
+from ..pci import emulation
+from .pci import VirtioPciDevice
+from .queue import Chain, VirtqueueError
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_BLOCK = 2
+LEGACY_DEVICE_ID = 0x1001
+CLASS_STORAGE_SCSI = 0x010000
+
+F_SEG_MAX = 1 << 2
+F_RO = 1 << 5
+F_BLK_SIZE = 1 << 6
+F_FLUSH = 1 << 9
+F_TOPOLOGY = 1 << 10
+F_DISCARD = 1 << 13
+F_WRITE_ZEROES = 1 << 14
+
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+WRITE_ZEROES_UNMAP = 1
+
+SECTOR = 512
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2
+ID_BYTES = 20
+MAX_RANGE_SECTORS = 0x3FFFFF     # per DISCARD/WRITE_ZEROES segment, as QEMU
+MAX_RANGE_SEGMENTS = 32
+DIRECT_ALIGN = 4096
+ZERO_CHUNK = 1 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+_HEADER = struct.Struct("<IIQ")            # type, reserved (ioprio), sector
+_SEGMENT = struct.Struct("<QII")           # sector, num_sectors, flags
+# struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4)
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _split(pairs: list[tuple[int, int]], count: int):
+    """(the first `count` bytes of a buffer list, the rest), as (gpa, length) lists."""
+    head, rest = [], []
+    for gpa, length in pairs:
+        if count >= length:
+            head.append((gpa, length))
+            count -= length
+        elif count:
+            head.append((gpa, count))
+            rest.append((gpa + count, length - count))
+            count = 0
+        else:
+            rest.append((gpa, length))
+    return head, rest
+
+
+def _transfer(function, fd: int, views: list[memoryview], offset: int) -> bool:
+    """preadv/pwritev all of `views` at `offset`, resuming short transfers;
+    False if the file ended first."""
+    start = 0
+    while start < len(views):
+        done = function(fd, views[start:start + IOV_MAX], offset)
+        if done <= 0:
+            return False
+        offset += done
+        while done and done >= len(views[start]):
+            done -= len(views[start])
+            start += 1
+        if done:
+            views[start] = views[start][done:]
+    return True
+
+
+def _sector_sizes(text: str) -> tuple[int, int]:
+    logical, _, physical = text.partition("/")
+    try:
+        sizes = int(logical), int(physical or logical)
+    except ValueError:
+        raise ConfigError(f"virtio-blk: sectorsize '{text}' is not L or L/P") from None
+    for size in sizes:
+        if size < SECTOR or size > 65536 or size & (size - 1):
+            raise ConfigError(f"virtio-blk: sector size {size} is not a power of two "
+                              "from 512 to 65536")
+    if sizes[1] < sizes[0]:
+        raise ConfigError(f"virtio-blk: physical sector size {sizes[1]} is below the "
+                          f"logical {sizes[0]}")
+    return sizes
+
+
+@emulation("virtio-blk")
+class VirtioBlock(VirtioPciDevice):
+    """virtio block device: PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]"""
+
+    device_type = VIRTIO_ID_BLOCK
+    legacy_device_id = LEGACY_DEVICE_ID
+    class_code = CLASS_STORAGE_SCSI
+
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """bhyve's blockif_legacy_config: the first word is the path."""
+        path, _, rest = text.partition(",")
+        options = super().legacy_options(rest)
+        if path.startswith("path="):
+            path = path[len("path="):]
+        if path:
+            options["path"] = path
+        return options
+
+    def init(self, options: dict[str, str]) -> None:
+        known = {"path", "ro", "nocache", "direct", "nodelete", "sectorsize", "ser"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"virtio-blk: unknown option '{unknown[0]}'")
+        config = Config(options)
+        path = options.get("path")
+        if not path:
+            raise ConfigError("virtio-blk: no disk path given (-s SLOT,virtio-blk,PATH)")
+        try:
+            self.read_only = config.get_bool("ro")
+            nocache = config.get_bool("nocache")
+            sync = config.get_bool("direct")
+            nodelete = config.get_bool("nodelete")
+        except ConfigError as exc:
+            raise ConfigError(f"virtio-blk: {exc}") from None
+        logical, physical = _sector_sizes(options.get("sectorsize", "512"))
+        serial = options.get("ser")
+        if serial is None:
+            digest = hashlib.md5(path.encode()).digest()
+            serial = "BHYVE-%02X%02X-%02X%02X-%02X%02X" % tuple(digest[:6])
+        self.serial = serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
+        self.path = path
+
+        self.fd = self._open(path, os.O_SYNC if sync else 0)
+        self.direct_fd = None
+        try:
+            self.size = self._disk_size(path)
+            if nocache:
+                self.direct_fd = self._open_direct(path, os.O_SYNC if sync else 0)
+            self.can_punch = not self.read_only and not nodelete and self._probe_punch()
+            self.zero_range = True            # until the filesystem says otherwise
+            self.capacity = self.size // SECTOR
+            features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY
+            features |= F_RO if self.read_only else F_WRITE_ZEROES
+            if self.can_punch:
+                features |= F_DISCARD
+            self.virtio_init([QUEUE_SIZE], features, _CONFIG.size)
+        except BaseException:
+            self._close_files()
+            raise
+        _CONFIG.pack_into(
+            self.device_config, 0, self.capacity, 0, SEG_MAX, 0, 0, 0, logical,
+            (physical // logical).bit_length() - 1, 0, 0, 0, 0, 0, 1,
+            MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, logical // SECTOR,
+            MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, int(self.can_punch))
+
+    # --- the backing file ---------------------------------------------------------------
+    def _open(self, path: str, extra: int) -> int:
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | extra
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            raise ConfigError(f"virtio-blk: {path}: no such file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"virtio-blk: {path} is a directory") from None
+        except (PermissionError, OSError) as exc:
+            if not self.read_only and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise ConfigError(f"virtio-blk: {path} is not writable ({exc.strerror}); "
+                                  "add ,ro to use it read-only") from None
+            raise ConfigError(f"virtio-blk: cannot open {path}: {exc.strerror}") from None
+
+    def _open_direct(self, path: str, extra: int) -> int | None:
+        try:
+            return self._open(path, extra | os.O_DIRECT)
+        except ConfigError as exc:
+            log.warning("%s; nocache ignored: the page cache stays in use", exc)
+            return None
+
+    def _disk_size(self, path: str) -> int:
+        mode = os.fstat(self.fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ConfigError(f"virtio-blk: {path} is not a regular file or block device")
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    def _probe_punch(self) -> bool:
+        """Whether hole punching works here: past the end of the file it changes nothing."""
+        try:
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self.size, SECTOR)
+        except OSError:
+            return False
+        return True
+
+    def _close_files(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.direct_fd = None
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._close_files()
+
+    # --- requests ----------------------------------------------------------------------
+    def handle_request(self, index: int, chain: Chain) -> int:
+        """Serve one request; the status goes in the last byte the driver gave us."""
+        if not chain.writable:
+            raise VirtqueueError("block request without a status byte")
+        memory = self.vm.memory
+        data_in, status = _split(chain.writable, sum(n for _, n in chain.writable) - 1)
+        header, data_out = _split(chain.readable, _HEADER.size)
+        written = 0
+        if sum(n for _, n in header) < _HEADER.size:
+            result = S_IOERR
+        else:
+            kind, _, sector = _HEADER.unpack(b"".join(memory.view(g, n) for g, n in header))
+            try:
+                result, written = self._serve(kind, sector, data_in, data_out)
+            except OSError as exc:
+                self.warn_once(f"io-{exc.errno}", "I/O error on %s: %s", self.path,
+                               exc.strerror)
+                result, written = S_IOERR, 0
+        memory.view(status[0][0], 1, write=True)[0] = result
+        return written + 1
+
+    def _serve(self, kind: int, sector: int, data_in, data_out) -> tuple[int, int]:
+        """(status, bytes written into data_in) for one request."""
+        memory = self.vm.memory
+        if kind == T_IN or kind == T_OUT:
+            buffers = data_in if kind == T_IN else data_out
+            length = sum(n for _, n in buffers)
+            if length % SECTOR or not self._in_disk(sector, length // SECTOR):
+                return S_IOERR, 0
+            if kind == T_OUT and self.read_only:
+                return S_IOERR, 0
+            offset = sector * SECTOR
+            fd = self._fd_for(buffers, offset)
+            views = [memory.view(g, n, write=kind == T_IN) for g, n in buffers]
+            function = os.preadv if kind == T_IN else os.pwritev
+            if not _transfer(function, fd, views, offset):
+                return S_IOERR, 0
+            return S_OK, length if kind == T_IN else 0
+        if kind == T_FLUSH:
+            os.fdatasync(self.fd)
+            return S_OK, 0
+        if kind == T_GET_ID:
+            views = [memory.view(g, n, write=True) for g, n in data_in]
+            done = 0
+            for view in views:
+                count = min(len(view), ID_BYTES - done)
+                view[:count] = self.serial[done:done + count]
+                done += count
+            return S_OK, done
+        if kind == T_DISCARD or kind == T_WRITE_ZEROES:
+            return self._ranges(kind, data_out), 0
+        return S_UNSUPP, 0
+
+    def _in_disk(self, sector: int, count: int) -> bool:
+        return sector + count <= self.capacity
+
+    def _fd_for(self, buffers, offset: int) -> int:
+        if self.direct_fd is not None and offset % DIRECT_ALIGN == 0 and \
+                all(g % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for g, n in buffers):
+            return self.direct_fd
+        return self.fd
+
+    def _ranges(self, kind: int, data_out) -> int:
+        """DISCARD and WRITE_ZEROES: a list of (sector, count, flags) segments."""
+        if self.read_only:
+            return S_IOERR
+        if kind == T_DISCARD and not self.can_punch:
+            return S_UNSUPP
+        length = sum(n for _, n in data_out)
+        if not length or length % _SEGMENT.size or length > _SEGMENT.size * MAX_RANGE_SEGMENTS:
+            return S_IOERR
+        table = b"".join(self.vm.memory.view(g, n) for g, n in data_out)
+        segments = list(_SEGMENT.iter_unpack(table))
+        for sector, count, flags in segments:
+            allowed = WRITE_ZEROES_UNMAP if kind == T_WRITE_ZEROES else 0
+            if flags & ~allowed:
+                return S_UNSUPP
+            if count > MAX_RANGE_SECTORS or not self._in_disk(sector, count):
+                return S_IOERR
+        for sector, count, flags in segments:
+            if count:
+                self._clear(sector * SECTOR, count * SECTOR,
+                            kind == T_DISCARD or bool(flags & WRITE_ZEROES_UNMAP))
+        return S_OK
+
+    def _clear(self, offset: int, length: int, unmap: bool) -> None:
+        """Make a range read as zeros: a hole if allowed, else zeroed blocks."""
+        if unmap and self.can_punch:
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        if self.zero_range:
+            try:
+                _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+                    raise
+                self.zero_range = False
+        zeros = bytes(min(length, ZERO_CHUNK))
+        while length:
+            count = min(length, len(zeros))
+            if not _transfer(os.pwritev, self.fd, [memoryview(zeros)[:count]], offset):
+                raise OSError(errno.EIO, "short write while zeroing")
+            offset += count
+            length -= count

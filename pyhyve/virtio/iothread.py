@@ -1,0 +1,80 @@
+"""The per-VM virtio I/O thread: one selectors loop that serves eventfds.
+
+KVM signals an ioeventfd when the guest writes a queue's notify register, so
+the vCPU does not leave KVM_RUN for the notification; this thread wakes up
+and runs the device's callback.  Every virtio device of a VM shares the one
+thread, created by the first device that asks for it (`io_thread(vm)`) and
+closed with the VM through vm.closables.
+"""
+
+import logging
+import os
+import selectors
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+THREAD_NAME = "virtio-io"
+
+
+class IoThread:
+    """A thread waiting on eventfds and calling back whoever registered them."""
+
+    def __init__(self, name: str = THREAD_NAME):
+        self._selector = selectors.DefaultSelector()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wakeup, selectors.EVENT_READ)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def register(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call callback() on this thread each time the (non-blocking) eventfd fires."""
+        with self._lock:
+            self._callbacks[fd] = callback
+            self._selector.register(fd, selectors.EVENT_READ)
+
+    def unregister(self, fd: int) -> None:
+        with self._lock:
+            if self._callbacks.pop(fd, None) is not None:
+                self._selector.unregister(fd)
+
+    def _loop(self) -> None:
+        while not self._closing:
+            for key, _ in self._selector.select():
+                fd = key.fd
+                try:
+                    os.eventfd_read(fd)      # consume the count; one callback serves all
+                except (BlockingIOError, OSError):
+                    continue
+                with self._lock:
+                    callback = self._callbacks.get(fd)
+                if callback is None:
+                    continue
+                try:
+                    callback()
+                except Exception:        # a device bug must not stop every other device
+                    log.exception("virtio I/O callback for fd %d failed", fd)
+
+    def close(self) -> None:
+        self._closing = True
+        os.eventfd_write(self._wakeup, 1)
+        if self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        with self._lock:
+            self._callbacks.clear()      # devices torn down later unregister nothing
+        self._selector.close()
+        os.close(self._wakeup)
+
+
+def io_thread(vm) -> IoThread:
+    """The VM's I/O thread, started on first use."""
+    thread = getattr(vm, "virtio_io_thread", None)
+    if thread is None:
+        thread = IoThread()
+        vm.virtio_io_thread = thread
+        vm.closables.append(thread)
+    return thread

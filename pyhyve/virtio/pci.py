@@ -1,0 +1,536 @@
+"""The virtio-pci transport (virtio 1.2, sections 4.1 and 4.1.4.8), as bhyve's
+virtio.c and QEMU's virtio-pci provide it.
+
+Devices are transitional, like bhyve's and QEMU's defaults, so both kinds of
+driver find them:
+  - legacy (virtio 0.9.5) drivers: device ID 0x1000 + n, revision 0, the
+    register block in I/O BAR 0 (LEGACY_* below), queues placed by a page
+    frame number;
+  - modern (virtio 1.x) drivers: the same IDs (the virtio type is the
+    subsystem ID), vendor capabilities pointing at the common, ISR, device
+    and notify structures in 32-bit memory BAR 4 (MODERN_* offsets), and the
+    PCI_CFG window capability for firmware that cannot reach the BAR.
+MSI-X (one config vector plus one per queue) lives in memory BAR 1; without
+it interrupts go through INTx and the ISR register, whose read clears it.
+
+Queue notifications: once a queue is live, a KVM ioeventfd on its notify
+address (the MMIO notify slot, and the legacy notify port with the queue
+index as datamatch) makes KVM signal an eventfd instead of exiting to
+userspace, and the VM's virtio I/O thread runs the queue.  A notify write
+that reaches bar_write anyway (no KVM_CAP_IOEVENTFD, an odd access width,
+the PCI_CFG window) runs the queue on the vCPU thread.  Interrupts go out
+through vm.signal_msi (KVM_SIGNAL_MSI) or the INTx router; irqfds and GSI
+routes would save an ioctl per interrupt but are left out for now.
+
+Subclasses set the class attributes, call `virtio_init()` from init(), fill
+`device_config`, and answer chains in `handle_request()` (or override
+`queue_notified()` for queues that hold buffers, such as a network receive
+queue).  Everything runs under the device lock: the vCPU threads and the I/O
+thread never see a half-made change.
+"""
+
+import logging
+import os
+import struct
+import threading
+
+from ..kvm import KvmError, abi
+from ..memory import GuestMemoryError
+from ..pci import BAR_IO, BAR_MEM32, PciDevice
+from ..pci import regs as R
+from .iothread import io_thread
+from .queue import Chain, SplitQueue, VirtqueueError
+
+log = logging.getLogger(__name__)
+
+VIRTIO_VENDOR_ID = 0x1AF4
+
+# Device status (virtio 1.2, 2.1)
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+# Transport feature bits (virtio 1.2, 6)
+F_INDIRECT_DESC = 1 << 28
+F_EVENT_IDX = 1 << 29
+F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1
+
+ISR_QUEUE = 1
+ISR_CONFIG = 2
+NO_VECTOR = 0xFFFF
+
+# Vendor capability types (4.1.4)
+CAP_COMMON_CFG, CAP_NOTIFY_CFG, CAP_ISR_CFG, CAP_DEVICE_CFG, CAP_PCI_CFG = 1, 2, 3, 4, 5
+CAP_LENGTH = 16
+
+LEGACY_BAR, MSIX_BAR, MODERN_BAR = 0, 1, 4
+MODERN_BAR_SIZE = 0x4000
+REGION_SIZE = 0x1000
+MODERN_COMMON, MODERN_ISR, MODERN_DEVICE, MODERN_NOTIFY = 0x0000, 0x1000, 0x2000, 0x3000
+NOTIFY_MULTIPLIER = 4            # each queue gets its own notify address
+MSIX_PBA_OFFSET = 0x800
+
+# struct virtio_pci_common_cfg (4.1.4.3)
+COMMON_DFSELECT, COMMON_DF, COMMON_GFSELECT, COMMON_GF = 0x00, 0x04, 0x08, 0x0C
+COMMON_MSIX, COMMON_NUMQ, COMMON_STATUS, COMMON_CFGGENERATION = 0x10, 0x12, 0x14, 0x15
+COMMON_Q_SELECT, COMMON_Q_SIZE, COMMON_Q_MSIX, COMMON_Q_ENABLE = 0x16, 0x18, 0x1A, 0x1C
+COMMON_Q_NOFF, COMMON_Q_DESCLO, COMMON_Q_DESCHI = 0x1E, 0x20, 0x24
+COMMON_Q_AVAILLO, COMMON_Q_AVAILHI, COMMON_Q_USEDLO, COMMON_Q_USEDHI = 0x28, 0x2C, 0x30, 0x34
+COMMON_SIZE = 0x38
+_COMMON = struct.Struct("<IIIIHHBBHHHHHQQQ")
+
+# The legacy register block in BAR 0 (4.1.4.8)
+LEGACY_HOST_FEATURES, LEGACY_GUEST_FEATURES, LEGACY_QUEUE_PFN = 0x00, 0x04, 0x08
+LEGACY_QUEUE_SIZE, LEGACY_QUEUE_SELECT, LEGACY_QUEUE_NOTIFY = 0x0C, 0x0E, 0x10
+LEGACY_STATUS, LEGACY_ISR = 0x12, 0x13
+LEGACY_CONFIG_VECTOR, LEGACY_QUEUE_VECTOR = 0x14, 0x16
+LEGACY_CONFIG, LEGACY_CONFIG_MSIX = 0x14, 0x18
+LEGACY_PFN_SHIFT = 12
+LEGACY_ALIGN = 4096
+_LEGACY = struct.Struct("<IIIHHHBB")
+
+
+class VirtioPciDevice(PciDevice):
+    """A virtio device on PCI; subclasses are the device types."""
+
+    device_type = 0               # the virtio device ID (1 net, 2 block, 4 entropy...)
+    legacy_device_id = 0          # its transitional PCI device ID (0x1000..0x103F)
+    class_code = 0xFF0000
+
+    def virtio_init(self, queue_sizes: list[int], features: int, config_size: int) -> None:
+        """Declare IDs, BARs, capabilities and queues; call from init()."""
+        self.set_ids(VIRTIO_VENDOR_ID, self.legacy_device_id, self.class_code, revision=0,
+                     subsystem_vendor=VIRTIO_VENDOR_ID, subsystem=self.device_type)
+        self.set_interrupt_pin(1)
+        self.device_features = features | TRANSPORT_FEATURES
+        self.device_config = bytearray(config_size)
+        self.queues = [SplitQueue(self.vm.memory, size) for size in queue_sizes]
+        self.queue_max = list(queue_sizes)
+        self.queue_vectors = [NO_VECTOR] * len(queue_sizes)
+        self._lock = threading.RLock()
+        self._clear_state()
+
+        legacy_size = 32
+        while legacy_size < LEGACY_CONFIG_MSIX + config_size:
+            legacy_size <<= 1
+        self.add_bar(LEGACY_BAR, BAR_IO, legacy_size)
+        self.add_msix(len(queue_sizes) + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
+        self.add_bar(MODERN_BAR, BAR_MEM32, MODERN_BAR_SIZE)
+        for cfg_type, offset in ((CAP_COMMON_CFG, MODERN_COMMON), (CAP_ISR_CFG, MODERN_ISR),
+                                 (CAP_DEVICE_CFG, MODERN_DEVICE)):
+            self._add_virtio_cap(cfg_type, MODERN_BAR, offset, REGION_SIZE)
+        self._add_virtio_cap(CAP_NOTIFY_CFG, MODERN_BAR, MODERN_NOTIFY, REGION_SIZE,
+                             struct.pack("<I", NOTIFY_MULTIPLIER))
+        # The driver writes bar, offset and length, then moves data through the window.
+        window = bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12
+        self._pci_cfg_cap = self._add_virtio_cap(CAP_PCI_CFG, 0, 0, 0, b"\0" * 4, window)
+
+        # Ioeventfds need KVM's support; the I/O thread exists only if they do.
+        self._assigned: set[tuple] = set()
+        self._notify_fds: list[int] = []
+        self._io_thread = None
+        if self.vm.kvm.check_extension(abi.KVM_CAP_IOEVENTFD):
+            self._io_thread = io_thread(self.vm)
+            for index in range(len(self.queues)):
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._notify_fds.append(fd)
+                self._io_thread.register(fd, lambda index=index: self.kick(index))
+
+    def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int,
+                        extra: bytes = b"", writable: bytes | None = None) -> int:
+        """struct virtio_pci_cap (4.1.4): cap_len, cfg_type, bar, id, offset, length."""
+        body = struct.pack("<BBBBxxII", CAP_LENGTH + len(extra), cfg_type, bar, 0,
+                           offset, length) + extra
+        return self.add_capability(R.CAP_ID_VENDOR, body, writable)
+
+    def _clear_state(self) -> None:
+        self.status = 0
+        self.driver_features = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.queue_select = 0
+        self.config_vector = NO_VECTOR
+        self.config_generation = 0
+        self.isr = 0
+
+    # --- hooks for device types ------------------------------------------------------
+    def handle_request(self, index: int, chain: Chain) -> int:
+        """Serve one chain from queue `index`; returns the bytes written to it."""
+        raise NotImplementedError
+
+    def queue_notified(self, index: int, queue: SplitQueue) -> None:
+        """The driver offered buffers: serve every chain, with notifications off
+        while busy, then interrupt the driver if it wants one."""
+        while True:
+            queue.set_notification(False)
+            while (chain := queue.pop()) is not None:
+                queue.push(chain.head, self.handle_request(index, chain))
+            queue.set_notification(True)
+            if not queue.pending():
+                break
+        self.interrupt_queue(index)
+
+    def device_config_write(self, offset: int, size: int, value: int) -> None:
+        """The driver wrote device config; read-only unless a device says otherwise."""
+
+    def device_reset(self) -> None:
+        """Forget device state when the driver resets the device."""
+
+    # --- services for device types ---------------------------------------------------
+    def negotiated(self, feature: int) -> bool:
+        return bool(self.driver_features & feature)
+
+    def interrupt_queue(self, index: int) -> None:
+        """Interrupt for queue `index` if it pushed buffers the driver wants to hear of."""
+        if self.queues[index].needs_interrupt():
+            self._interrupt(self.queue_vectors[index], ISR_QUEUE)
+
+    def notify_config_change(self) -> None:
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            if self.status & STATUS_DRIVER_OK:
+                self._interrupt(self.config_vector, ISR_CONFIG)
+
+    def needs_reset(self, reason: str) -> None:
+        """The driver broke the rules: stop the device until it resets it."""
+        with self._lock:
+            if self.status & STATUS_NEEDS_RESET:
+                return
+            log.warning("%s %s: %s; device needs reset", self.emulation_name, self.bdf, reason)
+            self.status |= STATUS_NEEDS_RESET
+            if self.status & STATUS_DRIVER_OK:
+                self._interrupt(self.config_vector, ISR_CONFIG)
+
+    def kick(self, index: int) -> None:
+        """Run queue `index` (from the I/O thread or a notify register write)."""
+        with self._lock:
+            if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) != STATUS_DRIVER_OK:
+                return
+            if not 0 <= index < len(self.queues) or not self.queues[index].ready:
+                return
+            try:
+                self.queue_notified(index, self.queues[index])
+            except (VirtqueueError, GuestMemoryError) as exc:
+                self.needs_reset(f"queue {index}: {exc}")
+            except Exception:            # a device bug: stop this device, not the VM
+                log.exception("%s %s: queue %d failed", self.emulation_name, self.bdf, index)
+                self.needs_reset(f"queue {index}: internal error")
+
+    def _interrupt(self, vector: int, isr_bit: int) -> None:
+        if self.msix.enabled:
+            if vector != NO_VECTOR:
+                self.msix.fire(vector)
+        else:
+            self.isr |= isr_bit
+            self.assert_intx()
+
+    # --- status, features, reset -------------------------------------------------------
+    def _write_status(self, value: int, modern: bool) -> None:
+        """Legacy drivers have no FEATURES_OK step: what they wrote is what they get."""
+        if value == 0:
+            self._reset()
+            return
+        old = self.status
+        if modern and value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK and \
+                not self._features_acceptable():
+            value &= ~STATUS_FEATURES_OK
+        self.status = value | (old & STATUS_NEEDS_RESET)
+        if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
+            for index, queue in enumerate(self.queues):   # notifications sent too early
+                if queue.ready:
+                    self.kick(index)
+
+    def _features_acceptable(self) -> bool:
+        """Modern drivers must take VERSION_1 and nothing the device did not offer."""
+        features = self.driver_features
+        return bool(features & F_VERSION_1) and not features & ~self.device_features
+
+    def _reset(self) -> None:
+        self._clear_state()
+        for index, queue in enumerate(self.queues):
+            queue.reset()
+            self.queue_vectors[index] = NO_VECTOR
+        self.deassert_intx()
+        self._sync_ioeventfds()
+        self.device_reset()
+
+    def _read_isr(self) -> int:
+        value, self.isr = self.isr, 0
+        self.deassert_intx()
+        return value
+
+    def _activate(self, index: int) -> None:
+        queue = self.queues[index]
+        queue.event_idx = self.negotiated(F_EVENT_IDX)
+        try:
+            queue.activate()
+        except VirtqueueError as exc:
+            self.needs_reset(f"queue {index}: {exc}")
+            return
+        self._sync_ioeventfds()
+        if self.status & STATUS_DRIVER_OK:
+            self.kick(index)
+
+    # --- BAR accesses ---------------------------------------------------------------------
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        with self._lock:
+            if index == MODERN_BAR:
+                return self._modern_read(offset, size)
+            if index == LEGACY_BAR:
+                return self._legacy_read(offset, size)
+        return 0
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            if index == MODERN_BAR:
+                self._modern_write(offset, size, value)
+            elif index == LEGACY_BAR:
+                self._legacy_write(offset, size, value)
+
+    def _config_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.device_config[offset:offset + size].ljust(size, b"\0"),
+                              "little")
+
+    # --- modern interface -----------------------------------------------------------------
+    def _modern_read(self, offset: int, size: int) -> int:
+        region, at = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
+        if region == MODERN_COMMON:
+            if at >= COMMON_SIZE:
+                return 0
+            return int.from_bytes(self._common_bytes()[at:at + size].ljust(size, b"\0"),
+                                  "little")
+        if region == MODERN_ISR:
+            return self._read_isr() if at == 0 else 0
+        if region == MODERN_DEVICE:
+            return self._config_read(at, size)
+        return 0
+
+    def _common_bytes(self) -> bytes:
+        select = self.queue_select
+        if select < len(self.queues):
+            queue = self.queues[select]
+            queue_fields = (queue.size, self.queue_vectors[select], int(queue.ready), select,
+                            queue.desc_addr, queue.avail_addr, queue.used_addr)
+        else:
+            queue_fields = (0, NO_VECTOR, 0, 0, 0, 0, 0)
+        word = self.device_feature_select
+        features = (self.device_features >> (32 * word)) & 0xFFFFFFFF if word < 2 else 0
+        driver_word = self.driver_feature_select
+        driver = (self.driver_features >> (32 * driver_word)) & 0xFFFFFFFF \
+            if driver_word < 2 else 0
+        return _COMMON.pack(word, features, driver_word, driver, self.config_vector,
+                            len(self.queues), self.status, self.config_generation,
+                            select, *queue_fields)
+
+    def _modern_write(self, offset: int, size: int, value: int) -> None:
+        region, at = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
+        if region == MODERN_COMMON:
+            self._common_write(at, size, value)
+        elif region == MODERN_DEVICE:
+            self.device_config_write(at, size, value)
+        elif region == MODERN_NOTIFY:
+            self.kick(at // NOTIFY_MULTIPLIER)
+
+    def _common_write(self, at: int, size: int, value: int) -> None:
+        if size == 8 and at in (COMMON_Q_DESCLO, COMMON_Q_AVAILLO, COMMON_Q_USEDLO):
+            self._common_write(at, 4, value & 0xFFFFFFFF)
+            self._common_write(at + 4, 4, value >> 32)
+            return
+        if at == COMMON_DFSELECT and size == 4:
+            self.device_feature_select = value
+        elif at == COMMON_GFSELECT and size == 4:
+            self.driver_feature_select = value
+        elif at == COMMON_GF and size == 4:
+            word = self.driver_feature_select
+            if word < 2 and not self.status & STATUS_FEATURES_OK:
+                mask = 0xFFFFFFFF << (32 * word)
+                self.driver_features = (self.driver_features & ~mask) | (value << (32 * word))
+        elif at == COMMON_MSIX and size == 2:
+            self.config_vector = self._valid_vector(value)
+        elif at == COMMON_STATUS and size == 1:
+            self._write_status(value, modern=True)
+        elif at == COMMON_Q_SELECT and size == 2:
+            self.queue_select = value
+        elif self.queue_select < len(self.queues) and size in (2, 4):
+            self._queue_register_write(self.queue_select, at, size, value)
+        else:
+            self.warn_once(f"common-{at:#x}-{size}", "ignored %d-byte write at common "
+                           "config offset %#x", size, at)
+
+    def _queue_register_write(self, index: int, at: int, size: int, value: int) -> None:
+        queue = self.queues[index]
+        if at == COMMON_Q_MSIX and size == 2:
+            self.queue_vectors[index] = self._valid_vector(value)
+        elif queue.ready:
+            self.warn_once("live-queue", "driver changed queue %d while it is enabled", index)
+        elif at == COMMON_Q_SIZE and size == 2:
+            if value <= self.queue_max[index]:
+                queue.size = value    # activate() checks it against the ring rules
+            else:
+                self.warn_once("queue-size", "queue %d size %d is above the maximum %d",
+                               index, value, self.queue_max[index])
+        elif at == COMMON_Q_ENABLE and size == 2:
+            if value == 1:
+                self._activate(index)
+        elif size == 4 and COMMON_Q_DESCLO <= at < COMMON_SIZE:
+            name = ("desc_addr", "avail_addr", "used_addr")[(at - COMMON_Q_DESCLO) // 8]
+            shift = 32 if at & 4 else 0
+            old = getattr(queue, name)
+            setattr(queue, name, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
+
+    def _valid_vector(self, vector: int) -> int:
+        """The vector the driver asked for, or NO_VECTOR where there is no such entry."""
+        return vector if vector < self.msix.vectors else NO_VECTOR
+
+    # --- legacy interface ----------------------------------------------------------------
+    def _legacy_config_offset(self) -> int:
+        return LEGACY_CONFIG_MSIX if self.msix.enabled else LEGACY_CONFIG
+
+    def _legacy_read(self, offset: int, size: int) -> int:
+        config = self._legacy_config_offset()
+        if offset >= config:
+            return self._config_read(offset - config, size)
+        if offset <= LEGACY_ISR < offset + size:
+            isr = self._read_isr()
+        else:
+            isr = 0
+        select = self.queue_select
+        if select < len(self.queues):
+            queue = self.queues[select]
+            pfn = queue.desc_addr >> LEGACY_PFN_SHIFT if queue.ready else 0
+            queue_size, queue_vector = self.queue_max[select], self.queue_vectors[select]
+        else:
+            pfn, queue_size, queue_vector = 0, 0, NO_VECTOR
+        block = _LEGACY.pack(self.device_features & 0xFFFFFFFF,
+                             self.driver_features & 0xFFFFFFFF, pfn, queue_size, select, 0,
+                             self.status, isr)
+        block += struct.pack("<HH", self.config_vector, queue_vector)
+        return int.from_bytes(block[offset:offset + size].ljust(size, b"\0"), "little")
+
+    def _legacy_write(self, offset: int, size: int, value: int) -> None:
+        config = self._legacy_config_offset()
+        if offset >= config:
+            self.device_config_write(offset - config, size, value)
+        elif offset == LEGACY_GUEST_FEATURES and size == 4:
+            if not self.status & STATUS_DRIVER_OK:
+                self.driver_features = value & self.device_features
+        elif offset == LEGACY_QUEUE_PFN and size == 4:
+            self._legacy_set_pfn(value)
+        elif offset == LEGACY_QUEUE_SELECT and size == 2:
+            self.queue_select = value
+        elif offset == LEGACY_QUEUE_NOTIFY and size == 2:
+            self.kick(value)
+        elif offset == LEGACY_STATUS and size == 1:
+            self._write_status(value, modern=False)
+        elif offset == LEGACY_CONFIG_VECTOR and size == 2:
+            self.config_vector = self._valid_vector(value)
+        elif offset == LEGACY_QUEUE_VECTOR and size == 2 and \
+                self.queue_select < len(self.queues):
+            self.queue_vectors[self.queue_select] = self._valid_vector(value)
+        else:
+            self.warn_once(f"legacy-{offset:#x}-{size}", "ignored %d-byte write at legacy "
+                           "register %#x", size, offset)
+
+    def _legacy_set_pfn(self, pfn: int) -> None:
+        index = self.queue_select
+        if index >= len(self.queues):
+            return
+        queue = self.queues[index]
+        if pfn == 0:                   # the driver deletes the queue
+            queue.reset()
+            self._sync_ioeventfds()
+            return
+        if queue.ready:
+            self.warn_once("live-queue", "driver moved queue %d while it is enabled", index)
+            return
+        size = queue.size = self.queue_max[index]
+        queue.desc_addr = pfn << LEGACY_PFN_SHIFT
+        queue.avail_addr = queue.desc_addr + 16 * size
+        queue.used_addr = (queue.avail_addr + 6 + 2 * size + LEGACY_ALIGN - 1) & \
+            ~(LEGACY_ALIGN - 1)
+        self._activate(index)
+
+    # --- the PCI_CFG window: BAR accesses through config space -------------------------
+    def _window(self):
+        """(bar, offset, length) of the PCI_CFG capability, if they name a valid access."""
+        cap = self._pci_cfg_cap
+        bar_index = self.config[cap + 4]
+        offset, length = struct.unpack_from("<II", self.config, cap + 8)
+        bar = self.bars[bar_index] if bar_index < 6 else None
+        if bar is None or length not in (1, 2, 4) or offset % length or \
+                offset + length > bar.size:
+            return None
+        return bar_index, offset, length
+
+    def config_read(self, offset: int, size: int) -> int:
+        data = self._pci_cfg_cap + 16
+        if offset < data + 4 and offset + size > data:
+            window = self._window()
+            if window is not None:
+                value = self._dispatch_bar_read(*window)
+                self.config[data:data + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+        return super().config_read(offset, size)
+
+    def config_changed(self, offset: int, size: int) -> None:
+        data = self._pci_cfg_cap + 16
+        if offset < data + 4 and offset + size > data:
+            window = self._window()
+            if window is not None:
+                bar_index, bar_offset, length = window
+                value = int.from_bytes(self.config[data:data + length], "little")
+                self._dispatch_bar_write(bar_index, bar_offset, length, value)
+
+    # --- ioeventfds ------------------------------------------------------------------------
+    def update_mapping(self, bar) -> None:
+        super().update_mapping(bar)
+        if bar.index in (LEGACY_BAR, MODERN_BAR):
+            with self._lock:
+                self._sync_ioeventfds()
+
+    def _sync_ioeventfds(self) -> None:
+        """Assign ioeventfds for live queues at the notify addresses the BARs decode now,
+        and withdraw those that no longer apply."""
+        if not self._notify_fds:
+            return
+        wanted = set()
+        legacy, modern = self.bars[LEGACY_BAR], self.bars[MODERN_BAR]
+        for index, queue in enumerate(self.queues):
+            if not queue.ready:
+                continue
+            if legacy.mapping is not None:
+                wanted.add((index, True, legacy.address + LEGACY_QUEUE_NOTIFY, index))
+            if modern.mapping is not None:
+                wanted.add((index, False, modern.address + MODERN_NOTIFY +
+                            NOTIFY_MULTIPLIER * index, None))
+        for key in self._assigned - wanted:
+            self._ioeventfd(key, deassign=True)
+        for key in wanted - self._assigned:
+            self._ioeventfd(key, deassign=False)
+
+    def _ioeventfd(self, key: tuple, deassign: bool) -> None:
+        index, pio, address, datamatch = key
+        try:
+            self.vm.kvm_vm.ioeventfd(self._notify_fds[index], address, 2, pio, datamatch,
+                                     deassign)
+        except KvmError as exc:
+            # The notify write then exits to userspace and reaches bar_write.
+            self.warn_once(f"ioeventfd-{address:#x}", "no ioeventfd at %#x: %s", address, exc)
+            if not deassign:
+                return
+        if deassign:
+            self._assigned.discard(key)
+        else:
+            self._assigned.add(key)
+
+    def teardown(self) -> None:
+        with self._lock:
+            for key in list(self._assigned):
+                self._ioeventfd(key, deassign=True)
+            for fd in self._notify_fds:
+                self._io_thread.unregister(fd)
+                os.close(fd)
+            self._notify_fds = []
