@@ -150,6 +150,20 @@ def parse_fwcfg_file(config: Config, text: str) -> None:
     config.set(f"fwcfg.file.{index}", text)
 
 
+# bhyve's options that set one config key
+FLAG_KEYS = {
+    "-e": ("x86.strictio", "true"),
+    "-w": ("x86.strictmsr", "false"),
+    "-u": ("rtc.use_localtime", "false"),
+    "-D": ("destroy_on_poweroff", "true"),
+    "-S": ("memory.wired", "true"),
+    "-x": ("x86.x2apic", "true"),
+    "-H": ("x86.vmexit_on_hlt", "true"),
+    "-P": ("x86.vmexit_on_pause", "true"),
+}
+VALUE_KEYS = {"-m": "memory.size", "-U": "uuid"}
+
+
 def parse_args(argv: list[str]) -> Config | None:
     """The config tree the command line describes; None when only help was asked."""
     if "--help" in argv:
@@ -164,28 +178,12 @@ def parse_args(argv: list[str]) -> Config | None:
         if option == "-h":
             print(USAGE)
             return None
-        if option == "-c":
+        if option in FLAG_KEYS:
+            config.set(*FLAG_KEYS[option])
+        elif option in VALUE_KEYS:
+            config.set(VALUE_KEYS[option], value)
+        elif option == "-c":
             parse_cpus(config, value)
-        elif option == "-m":
-            config.set("memory.size", value)
-        elif option == "-e":
-            config.set("x86.strictio", "true")
-        elif option == "-w":
-            config.set("x86.strictmsr", "false")
-        elif option == "-u":
-            config.set("rtc.use_localtime", "false")
-        elif option == "-D":
-            config.set("destroy_on_poweroff", "true")
-        elif option == "-S":
-            config.set("memory.wired", "true")
-        elif option == "-U":
-            config.set("uuid", value)
-        elif option == "-x":
-            config.set("x86.x2apic", "true")
-        elif option == "-H":
-            config.set("x86.vmexit_on_hlt", "true")
-        elif option == "-P":
-            config.set("x86.vmexit_on_pause", "true")
         elif option == "-k":
             config.load_file(value)
         elif option == "-l":
