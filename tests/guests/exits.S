@@ -17,6 +17,6 @@ start16:
 1:  outb %al, $EXIT_PORT
     decl %ecx
     jnz 1b
-    POWEROFF16
+    POWEROFF
 
     RESET_VECTOR start16

@@ -12,15 +12,8 @@ breakhere:
     incq %rax                       /* gdb steps over this: rax + 1 */
     .globl after
 after:
-    leaq message(%rip), %rsi
-    movl $(message_end - message), %ecx
-    movw $DEBUG_PORT, %dx
-    rep outsb
-    movw $PM1A_CNT, %dx
-    movw $S5_SLEEP, %ax
-    outw %ax, %dx
-1:  hlt
-    jmp 1b
+    PRINT64 message, message_end
+    POWEROFF
 
     .globl message
 message:

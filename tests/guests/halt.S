@@ -5,12 +5,7 @@
     .code16
 start16:
     cli
-    movw $ROM_ALIAS_SEG, %ax
-    movw %ax, %ds
-    movw $ROMOFF(message), %si
-    movw $(message_end - message), %cx
-    movw $DEBUG_PORT, %dx
-    rep outsb
+    PRINT16 message, message_end
 1:  hlt
     jmp 1b
 

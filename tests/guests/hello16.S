@@ -5,18 +5,11 @@
     .code16
 start16:
     cli
-    movw $ROM_ALIAS_SEG, %ax
-    movw %ax, %ds
-    movw $ROMOFF(message), %si
-    movw $DEBUG_PORT, %dx
-1:  lodsb
-    testb %al, %al
-    jz 2f
-    outb %al, %dx
-    jmp 1b
-2:  POWEROFF16
+    PRINT16 message, message_end
+    POWEROFF
 
 message:
-    .asciz "hello from real mode\n"
+    .ascii "hello from real mode\n"
+message_end:
 
     RESET_VECTOR start16

@@ -5,15 +5,8 @@
 #include "longmode.inc"
 
 main64:
-    leaq message(%rip), %rsi
-    movl $(message_end - message), %ecx
-    movw $DEBUG_PORT, %dx
-    rep outsb
-    movw $PM1A_CNT, %dx
-    movw $S5_SLEEP, %ax
-    outw %ax, %dx
-1:  hlt
-    jmp 1b
+    PRINT64 message, message_end
+    POWEROFF
 
 message:
     .ascii "hello from long mode\n"

@@ -22,10 +22,6 @@ main64:
     movq %rax, 0x100(%rbx)
     movq 0x10(%rbx), %rax
     movq %rax, 0x100(%rbx)
-    movw $PM1A_CNT, %dx
-    movw $S5_SLEEP, %ax
-    outw %ax, %dx
-1:  hlt
-    jmp 1b
+    POWEROFF
 
     RESET_VECTOR start16

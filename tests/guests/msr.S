@@ -14,15 +14,8 @@ main64:
     orl %edx, %eax
     jnz 1f
     wrmsr
-    leaq message(%rip), %rsi
-    movl $(message_end - message), %ecx
-    movw $DEBUG_PORT, %dx
-    rep outsb
-1:  movw $PM1A_CNT, %dx
-    movw $S5_SLEEP, %ax
-    outw %ax, %dx
-2:  hlt
-    jmp 2b
+    PRINT64 message, message_end
+1:  POWEROFF
 
 null_idt:
     .word 0

@@ -27,11 +27,11 @@ start16:
     jne fail
     movw $ROMOFF(ok_rom), %si
     call print
-    POWEROFF16
+    POWEROFF
 fail:
     movw $ROMOFF(failed), %si
     call print
-    POWEROFF16
+    POWEROFF
 
 print:                      /* %ds:%si -> debug port, until NUL */
     movw $DEBUG_PORT, %dx

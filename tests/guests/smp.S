@@ -18,11 +18,9 @@
 #define ICR_STARTUP  0x4600
 
     ROM_START
-    .code16
-start16:
-    cli
-    xorw %ax, %ax
-    movw %ax, %ds
+#include "pmode.inc"
+
+main32:
     movb $0x5F, %al                /* CMOS: number of CPUs - 1 */
     outb %al, $0x70
     inb $0x71, %al
@@ -31,19 +29,6 @@ start16:
     movl %eax, CPU_COUNT
     movl $0, AP_COUNT
     movl $0, PRINT_LOCK
-    lgdtl %cs:ROMOFF(gdt_descriptor)
-    movl %cr0, %eax
-    orl $1, %eax
-    movl %eax, %cr0
-    ljmpl $0x08, $start32
-
-    .code32
-start32:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movl $0x6000, %esp
     movl $trampoline, %esi         /* copy the AP trampoline below 1 MiB */
     movl $TRAMPOLINE, %edi
     movl $(trampoline_end - trampoline), %ecx
@@ -68,11 +53,7 @@ trampoline_copied:                 /* the GDB stub test stops here */
     movl $tail, %esi
     movl $(tail_end - tail), %ecx
     rep outsb
-    movw $PM1A_CNT, %dx
-    movw $S5_SLEEP, %ax
-    outw %ax, %dx
-2:  hlt
-    jmp 2b
+    POWEROFF
 
 print_dec32:                       /* %eax in decimal to DEBUG_PORT */
     movl $10, %ecx
@@ -143,15 +124,5 @@ trampoline:
 10: hlt
     jmp 10b
 trampoline_end:
-
-    .balign 8
-gdt:
-    .quad 0
-    .quad 0x00CF9B000000FFFF       /* 0x08: 32-bit code (accessed: the GDT is in ROM) */
-    .quad 0x00CF93000000FFFF       /* 0x10: data */
-gdt_end:
-gdt_descriptor:
-    .word gdt_end - gdt - 1
-    .long gdt
 
     RESET_VECTOR start16

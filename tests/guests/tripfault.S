@@ -5,33 +5,14 @@
 #include "rom.inc"
 
     ROM_START
-    .code16
-start16:
-    cli
-    lgdtl %cs:ROMOFF(gdt_descriptor)
-    movl %cr0, %eax
-    orl $1, %eax
-    movl %eax, %cr0
-    ljmpl $0x08, $start32
+#include "pmode.inc"
 
-    .code32
-start32:
-    movw $0x10, %ax
-    movw %ax, %ds
+main32:
     lidt idt_descriptor
     ud2                      /* #UD -> no IDT -> #DF -> no IDT -> shutdown */
 1:  hlt
     jmp 1b
 
-    .balign 8
-gdt:
-    .quad 0
-    .quad 0x00CF9B000000FFFF       /* 0x08: 32-bit code (accessed: the GDT is in ROM) */
-    .quad 0x00CF93000000FFFF       /* 0x10: data */
-gdt_end:
-gdt_descriptor:
-    .word gdt_end - gdt - 1
-    .long gdt
 idt_descriptor:
     .word 0
     .long 0
