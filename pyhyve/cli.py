@@ -11,7 +11,7 @@ from .kvm import KvmError, KvmUnavailable
 from .vcpu import ExitStatus
 
 USAGE = """\
-usage: pyhyve [-DeHhPSuwx] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+usage: pyhyve [-DeHhPSuwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
               [-f name,string=TEXT|file=PATH] [-G [w][address:]port] [-k config_file]
               [-l lpcdev[,conf]]
               [-m memsize[K|M|G|T]] [-o var=value] [-s pci] [-U uuid] vmname
@@ -32,6 +32,7 @@ Devices:
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
 Direct kernel boot (no firmware):
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   a bzImage (64-bit boot protocol) or a PVH ELF kernel
+  -Y              no MP table for a directly booted kernel (x86.mptable=false)
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree;
@@ -51,7 +52,7 @@ Other:
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "c:Def:G:Hhk:l:m:o:Ps:SU:uwx"
+SHORT_OPTIONS = "c:Def:G:Hhk:l:m:o:Ps:SU:uwxY"
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -160,6 +161,7 @@ FLAG_KEYS = {
     "-x": ("x86.x2apic", "true"),
     "-H": ("x86.vmexit_on_hlt", "true"),
     "-P": ("x86.vmexit_on_pause", "true"),
+    "-Y": ("x86.mptable", "false"),
 }
 VALUE_KEYS = {"-m": "memory.size", "-U": "uuid"}
 

@@ -15,6 +15,7 @@ import uuid
 from . import cpuid
 from .boot.bootrom import load_bootrom, set_reset_state
 from .boot.linux import load_kernel, set_boot_state
+from .boot.mptable import MPTABLE_BASE, build_mptable
 from .config import Config, ConfigError, parse_size
 from .devices.chardev import open_backend
 from .devices.debugcon import DebugConsole
@@ -30,6 +31,8 @@ from .kvm import Kvm, KvmError, abi
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci import emulations
 from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
+from .pci.intx import IOAPIC_PIN_BASE, link_for
+from .pci.regs import INTERRUPT_PIN
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler, kick_handler_installed
 
 LEGACY_HOLE = (0xA0000, 0x100000)  # VGA window and BIOS area: never RAM for a kernel
@@ -123,6 +126,8 @@ class VirtualMachine:
             entry = load_kernel(self.memory, self.kernel, self.config.get("kexec.initrd"),
                                 self.config.get("kexec.cmdline", ""), self.e820())
             set_boot_state(self.memory, self.vcpus[0].kvm_vcpu, entry)
+            if self.config.get_bool("x86.mptable", True):
+                self.memory.write(MPTABLE_BASE, self._mptable(supported))
 
     def _create_platform_devices(self) -> None:
         """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
@@ -167,6 +172,13 @@ class VirtualMachine:
             name, data = parse_fw_cfg_option(value)
             fwcfg.add_file(name, data)
         return fwcfg
+
+    def _mptable(self, supported_cpuid: list) -> bytes:
+        leaf1 = next(e for e in supported_cpuid if e.function == 1)
+        wired = [(d.slot, d.config[INTERRUPT_PIN], IOAPIC_PIN_BASE +
+                  link_for(d.slot, d.config[INTERRUPT_PIN]))
+                 for d in self.pci.devices() if d.config[INTERRUPT_PIN]]
+        return build_mptable([v.kvm_vcpu.id for v in self.vcpus], leaf1.eax, leaf1.edx, wired)
 
     def e820(self, firmware: bool = False) -> list[tuple[int, int, int]]:
         """The memory map: RAM, and what must not be used as RAM or for BARs.
