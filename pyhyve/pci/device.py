@@ -279,8 +279,6 @@ class PciDevice:
         else:
             low_mask = ~(bar.size - 1) & (0xFFFFFFFC if bar.kind == BAR_IO else 0xFFFFFFF0)
             address = (bar.address & ~0xFFFFFFFF) | (merged & low_mask)
-            if bar.kind == BAR_IO:
-                address &= 0xFFFF | (merged & low_mask)
         bar.address = address
         self._store_bar(bar)
         self.update_mapping(bar)
