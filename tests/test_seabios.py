@@ -117,3 +117,21 @@ def test_seabios_assigns_every_bar_as_on_qemu(seabios, tmp_path):
 def test_seabios_finds_every_cpu(seabios, tmp_path, cpus):
     log = _seabios_log(["-c", str(cpus)], tmp_path, "Found 0 lpt")
     assert f"Found {cpus} cpu(s) max supported {cpus} cpu(s)" in log
+
+
+def test_seabios_runs_an_option_rom_from_the_rom_bar(seabios, tmp_path):
+    """A minimal PCI option ROM (header 55 AA, size in 512-byte blocks, init at
+    offset 3 that returns far) served through `rom=PATH`: SeaBIOS finds and runs it."""
+    rom = bytearray(512)
+    rom[0:3] = b"\x55\xaa\x01"            # signature, 1 block
+    rom[3:4] = b"\xcb"                    # init entry: retf
+    rom[0x18:0x1A] = (0x40).to_bytes(2, "little")      # PCI data structure offset
+    rom[0x40:0x58] = (b"PCIR" + (0x1B36).to_bytes(2, "little") + (0x0005).to_bytes(2, "little")
+                      + bytes(2) + (0x18).to_bytes(2, "little") + bytes([0])
+                      + bytes([0, 0, 0xFF]) + (1).to_bytes(2, "little") + bytes(2)
+                      + bytes([0]) + bytes([0x80]) + bytes(2))
+    rom[-1] = (-sum(rom[:-1])) & 0xFF
+    path = tmp_path / "test.rom"
+    path.write_bytes(bytes(rom))
+    log = _seabios_log(["-s", f"3,pci-testdev,rom={path}"], tmp_path, "Space available for UMB")
+    assert "Copying option rom (size 512) from" in log or "Running option rom at" in log, log

@@ -28,6 +28,20 @@ MEM64_SIZE = 64 * GiB
 SLOTS, FUNCTIONS = 32, 8
 
 
+MAX_ROM_SIZE = 16 * MiB
+
+
+def _read_rom(path: str, emulation: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            image = file.read(MAX_ROM_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{emulation}: cannot read rom={path}: {exc.strerror}") from None
+    if not image or len(image) > MAX_ROM_SIZE:
+        raise ConfigError(f"{emulation}: rom={path} must hold 1 byte to 16 MiB")
+    return image
+
+
 class PciBus:
     """Bus 0 of the guest's PCI hierarchy."""
 
@@ -64,8 +78,12 @@ class PciBus:
         if (slot, func) in self.functions:
             raise ConfigError(f"PCI slot {slot}:{func} is already taken by "
                               f"{self.functions[slot, func].emulation_name}")
+        options = dict(options)
+        rom_path = options.pop("rom", None)     # any device may carry an option ROM
         device = cls(self.vm, self, slot, func)
         device.init(options)
+        if rom_path is not None:
+            device.add_rom(_read_rom(rom_path, cls.emulation_name))
         self.functions[slot, func] = device
         return device
 
@@ -168,4 +186,4 @@ class PciBus:
             self.remove(device)
 
 
-__all__ = ["PciBus", "ECAM_BASE", "ECAM_SIZE", "MiB"]
+__all__ = ["PciBus", "ECAM_BASE", "ECAM_SIZE"]
