@@ -9,21 +9,32 @@ import time
 import pytest
 
 
-def require_file(path: str, package: str) -> str:
-    """The path of a file from a Debian package, installing the package as root."""
-    if not os.path.exists(path) and os.geteuid() == 0 and shutil.which("apt-get"):
+def _install(package: str) -> None:
+    """apt-get install `package` where we may (as root on Debian); failures show later."""
+    if os.geteuid() == 0 and shutil.which("apt-get"):
         subprocess.run(["apt-get", "install", "-y", "-q", package], capture_output=True,
                        env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def require_file(path: str, package: str) -> str:
+    """The path of a file from a Debian package, installing the package as root."""
+    if not os.path.exists(path):
+        _install(package)
     if not os.path.exists(path):
         pytest.skip(f"{path} is missing and Debian package {package} could not be installed")
     return path
 
 
 def require_program(name: str, package: str) -> str:
-    found = shutil.which(name)
+    """A program from a Debian package, on PATH or in /usr/sbin (mke2fs), installing
+    the package as root."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin"])
+    found = shutil.which(name, path=search)
     if found is None:
-        require_file(f"/usr/bin/{name}", package)
-        found = shutil.which(name)
+        _install(package)
+        found = shutil.which(name, path=search)
+    if found is None:
+        pytest.skip(f"{name} is missing and Debian package {package} could not be installed")
     return found
 
 

@@ -32,6 +32,7 @@ E820_MAX_ENTRIES = 128
 # boot_params / setup header offsets
 SETUP_SECTS = 0x1F1
 BOOT_FLAG = 0x1FE
+ACPI_RSDP_ADDR = 0x070          # boot_params.acpi_rsdp_addr, protocol 2.14+
 HEADER_MAGIC = 0x202
 VERSION = 0x206
 TYPE_OF_LOADER = 0x210
@@ -42,6 +43,8 @@ CMD_LINE_PTR = 0x228
 INITRD_ADDR_MAX = 0x22C
 XLOADFLAGS = 0x236
 CMDLINE_SIZE = 0x238
+PREF_ADDRESS = 0x258            # protocol 2.10+, as init_size
+INIT_SIZE = 0x260
 E820_ENTRIES = 0x1E8
 E820_TABLE = 0x2D0
 LOADED_HIGH = 0x01
@@ -81,7 +84,7 @@ def load_kernel(memory, kernel_path: str, initrd_path: str | None, cmdline: str,
     if image[:4] == b"\x7fELF":
         return _load_pvh(memory, kernel_path, image, initrd, command, e820, rsdp)
     if len(image) > HEADER_MAGIC + 4 and image[HEADER_MAGIC:HEADER_MAGIC + 4] == b"HdrS":
-        return _load_bzimage(memory, kernel_path, image, initrd, command, e820)
+        return _load_bzimage(memory, kernel_path, image, initrd, command, e820, rsdp)
     raise ConfigError(f"kernel {kernel_path} is neither a bzImage nor an ELF file")
 
 
@@ -97,7 +100,10 @@ def _place_initrd(memory, initrd: bytes, limit: int, kernel_end: int) -> int:
 
 
 def _load_bzimage(memory, path: str, image: bytes, initrd: bytes, command: bytes,
-                  e820: list) -> BootEntry:
+                  e820: list, rsdp: int) -> BootEntry:
+    if len(image) < INIT_SIZE + 4:
+        # Too short to hold the header fields read below.
+        raise ConfigError(f"kernel {path}: truncated bzImage ({len(image)} bytes)")
     version = struct.unpack_from("<H", image, VERSION)[0]
     if struct.unpack_from("<H", image, BOOT_FLAG)[0] != 0xAA55:
         raise ConfigError(f"kernel {path}: bad boot sector signature")
@@ -114,8 +120,19 @@ def _load_bzimage(memory, path: str, image: bytes, initrd: bytes, command: bytes
                           f"takes at most {cmdline_size}")
     setup_sects = image[SETUP_SECTS] or 4
     kernel = image[(setup_sects + 1) * 512:]
-    if not memory.is_ram(KERNEL_ADDR, len(kernel)):
-        raise ConfigError(f"kernel {path} ({len(kernel)} bytes) does not fit in guest memory")
+    if not kernel:
+        raise ConfigError(f"kernel {path}: no protected-mode code after the setup sectors")
+    # The kernel needs init_size bytes from where it runs (the load address, or
+    # pref_address where a relocatable kernel decompresses itself), not just
+    # the file's bytes: the initrd must stay clear of all of it.
+    kernel_end = KERNEL_ADDR + len(kernel)
+    if version >= 0x020A:
+        init_size = struct.unpack_from("<I", image, INIT_SIZE)[0]
+        pref_address = struct.unpack_from("<Q", image, PREF_ADDRESS)[0]
+        kernel_end = max(kernel_end, max(KERNEL_ADDR, pref_address) + init_size)
+    if not memory.is_ram(KERNEL_ADDR, kernel_end - KERNEL_ADDR):
+        raise ConfigError(f"kernel {path} needs {kernel_end - KERNEL_ADDR} bytes at "
+                          f"{KERNEL_ADDR:#x}, more than guest memory holds")
     memory.write(KERNEL_ADDR, kernel)
 
     header_end = 0x202 + image[0x201]          # the jump at 0x200 gives the header's length
@@ -126,8 +143,10 @@ def _load_bzimage(memory, path: str, image: bytes, initrd: bytes, command: bytes
     memory.write(CMDLINE_ADDR, command)
     if initrd:
         limit = struct.unpack_from("<I", image, INITRD_ADDR_MAX)[0]
-        address = _place_initrd(memory, initrd, limit, KERNEL_ADDR + len(kernel))
+        address = _place_initrd(memory, initrd, limit, kernel_end)
         struct.pack_into("<II", zero_page, RAMDISK_IMAGE, address, len(initrd))
+    if rsdp and version >= 0x020E:
+        struct.pack_into("<Q", zero_page, ACPI_RSDP_ADDR, rsdp)
     entries = e820[:E820_MAX_ENTRIES]
     zero_page[E820_ENTRIES] = len(entries)
     for index, (address, size, kind) in enumerate(entries):
@@ -138,7 +157,7 @@ def _load_bzimage(memory, path: str, image: bytes, initrd: bytes, command: bytes
 
 def _elf_entry_note(image: bytes, path: str) -> tuple[list, int]:
     """PT_LOAD segments and the PVH entry of an ELF32/ELF64 kernel."""
-    if image[4] not in (1, 2) or image[5] != 1:
+    if len(image) < 0x34 or image[4] not in (1, 2) or image[5] != 1:
         raise ConfigError(f"kernel {path}: not a little-endian ELF32/ELF64 file")
     is64 = image[4] == 2
     try:

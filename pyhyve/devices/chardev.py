@@ -20,7 +20,10 @@ in bhyve, so piped or logged output keeps every byte.
 
 Input is read by one daemon thread per backend, started by attach(), which
 waits on the backend's descriptors with a selector and is woken through an
-eventfd when close() asks it to exit.
+eventfd when close() asks it to exit.  The same thread tells an attached
+`on_connection(connected)` when a socket backend's client comes or goes, for
+devices whose protocol carries the host end's state (virtio-console ports);
+stdio and file backends are always connected.
 """
 
 import atexit
@@ -67,10 +70,19 @@ class Backend:
         self.name = name
         self.dropped = 0                # guest output bytes that could not be delivered
         self._callback: Callable[[bytes], None] | None = None
+        self._on_connection: Callable[[bool], None] | None = None
 
-    def attach(self, callback: Callable[[bytes], None] | None) -> None:
-        """Hand host input to `callback(data)` from now on; None stops it."""
+    @property
+    def connected(self) -> bool:
+        """Whether someone is at the host end to take output."""
+        return True
+
+    def attach(self, callback: Callable[[bytes], None] | None,
+               on_connection: Callable[[bool], None] | None = None) -> None:
+        """Hand host input to `callback(data)` and changes of `connected` to
+        `on_connection(connected)` from now on; None stops them."""
         self._callback = callback
+        self._on_connection = on_connection
 
     def write(self, data: bytes) -> None:
         """Guest output; must not block the calling vCPU for long."""
@@ -130,8 +142,9 @@ class _PolledBackend(Backend):
         self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._selector.register(self._wakeup, selectors.EVENT_READ, None)
 
-    def attach(self, callback: Callable[[bytes], None] | None) -> None:
-        super().attach(callback)
+    def attach(self, callback: Callable[[bytes], None] | None,
+               on_connection: Callable[[bool], None] | None = None) -> None:
+        super().attach(callback, on_connection)
         if self._thread is None and not self._closing:
             self._thread = threading.Thread(target=self._run, name=f"{self.name}-io",
                                             daemon=True)
@@ -150,6 +163,14 @@ class _PolledBackend(Backend):
                 callback(data)
             except Exception:
                 log.exception("%s: input handler failed; input dropped", self.name)
+
+    def _connection_changed(self, connected: bool) -> None:
+        handler = self._on_connection
+        if handler is not None:
+            try:
+                handler(connected)
+            except Exception:
+                log.exception("%s: connection handler failed", self.name)
 
     def close(self) -> None:
         if self._closing:
@@ -258,6 +279,7 @@ class _ServerBackend(_PolledBackend):
         with self._lock:
             self._client = client
         self._selector.register(client, selectors.EVENT_READ, self._on_input)
+        self._connection_changed(True)
 
     def _configure(self, client: socket.socket) -> None:
         """Per-connection socket options."""
@@ -275,11 +297,15 @@ class _ServerBackend(_PolledBackend):
             self._drop_client()
 
     def _drop_client(self) -> None:
+        """Close the client, if any.  The handler hears of it outside our lock: a
+        device may hold its own lock while it waits for ours in write()."""
         with self._lock:
             client, self._client = self._client, None
             if client is not None:
                 self._selector.unregister(client)
                 client.close()
+        if client is not None:
+            self._connection_changed(False)
 
     def _release(self) -> None:
         self._drop_client()

@@ -14,7 +14,8 @@
 start16:
     cli
     movl $COUNT, %ecx
-1:  outb %al, $EXIT_PORT
+    movw $EXIT_PORT, %dx         /* through %dx: ports above 0xFF need it */
+1:  outb %al, %dx
     decl %ecx
     jnz 1b
     POWEROFF

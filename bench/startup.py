@@ -1,0 +1,89 @@
+"""Start-up: from process start to the guest's first instruction, and the
+memory pyhyve itself uses, pyhyve vs QEMU on the same guest in one run.
+
+The guest is tests/guests/exits.S built with EXIT_PORT=0x402: its first
+instruction after the reset vector's jump writes the debug port, so "first
+instruction" is when the debug console file stops being empty.  Both sides
+are polled the same way.  Memory: the resident set of the process while the
+guest runs with 256 MiB, minus what the guest touched (almost nothing: it
+runs from ROM), so the figure is the VMM's own footprint.
+Goals (issue 9): start-up faster than QEMU; pyhyve's own memory under 40 MiB.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, build_rom, save
+
+POLL = 0.0005
+
+
+def _first_byte_and_rss(command: list[str], debug: Path, env=None) -> tuple[float, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    try:
+        while not (debug.exists() and debug.stat().st_size):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited early ({proc.returncode})")
+            time.sleep(POLL)
+        first = time.perf_counter() - start
+        time.sleep(1.0)             # settled: devices up, guest looping
+        with open(f"/proc/{proc.pid}/status") as status:
+            rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+        return first, rss_kib * 1024
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    rom = build_rom("exits", COUNT=10**9, EXIT_PORT=0x402)
+    qemu = shutil.which("qemu-system-x86_64")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    results = {"pyhyve": [], "qemu": []}
+    with tempfile.TemporaryDirectory() as work:
+        for run in range(args.repeat):
+            debug = Path(work) / f"p{run}"
+            results["pyhyve"].append(_first_byte_and_rss(
+                [sys.executable, "-m", "pyhyve", "-m", "256M", "-o",
+                 f"control.socket={work}/s{run}.sock", "-l", f"bootrom,{rom}",
+                 "-l", f"debugcon,file={debug}", f"bench{run}"], debug, env))
+            if qemu:
+                debug = Path(work) / f"q{run}"
+                results["qemu"].append(_first_byte_and_rss(
+                    [qemu, "-machine", "pc", "-enable-kvm", "-m", "256", "-nodefaults",
+                     "-display", "none", "-bios", str(rom), "-chardev",
+                     f"file,id=d,path={debug}", "-device", "isa-debugcon,iobase=0x402,chardev=d"],
+                    debug))
+    figures = {}
+    for side, runs in results.items():
+        if runs:
+            figures[f"{side}_startup_s"] = min(first for first, _ in runs)
+            figures[f"{side}_rss_mib"] = min(rss for _, rss in runs) / (1 << 20)
+    print(f"start-up to first instruction: pyhyve {figures['pyhyve_startup_s'] * 1000:.0f} ms",
+          end="")
+    if "qemu_startup_s" in figures:
+        print(f", qemu {figures['qemu_startup_s'] * 1000:.0f} ms, ratio "
+              f"{figures['pyhyve_startup_s'] / figures['qemu_startup_s']:.2f} (goal < 1)")
+    else:
+        print()
+    print(f"resident memory, 256 MiB guest: pyhyve {figures['pyhyve_rss_mib']:.1f} MiB", end="")
+    if "qemu_rss_mib" in figures:
+        print(f", qemu {figures['qemu_rss_mib']:.1f} MiB (goal: pyhyve < 40 MiB)")
+    else:
+        print()
+    print(f"results: {save('startup', figures).relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
