@@ -11,7 +11,7 @@ from .kvm import KvmError, KvmUnavailable
 from .vcpu import ExitStatus
 
 USAGE = """\
-usage: pyhyve [-DeHhPSuwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+usage: pyhyve [-ADeHhPSuwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
               [-f name,string=TEXT|file=PATH] [-G [w][address:]port] [-k config_file]
               [-l lpcdev[,conf]]
               [-m memsize[K|M|G|T]] [-o var=value] [-s pci] [-U uuid] vmname
@@ -33,6 +33,8 @@ Devices:
 Direct kernel boot (no firmware):
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   a bzImage (64-bit boot protocol) or a PVH ELF kernel
   -Y              no MP table for a directly booted kernel (x86.mptable=false)
+  -A              ACPI tables (the default: for firmware through fw_cfg, for a kernel in
+                  the BIOS area; -o acpi_tables=false leaves them out)
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree;
@@ -52,7 +54,7 @@ Other:
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "c:Def:G:Hhk:l:m:o:Ps:SU:uwxY"
+SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Ps:SU:uwxY"
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -162,6 +164,7 @@ FLAG_KEYS = {
     "-H": ("x86.vmexit_on_hlt", "true"),
     "-P": ("x86.vmexit_on_pause", "true"),
     "-Y": ("x86.mptable", "false"),
+    "-A": ("acpi_tables", "true"),
 }
 VALUE_KEYS = {"-m": "memory.size", "-U": "uuid"}
 

@@ -13,6 +13,7 @@ import threading
 import uuid
 
 from . import cpuid
+from .boot.acpi import build_tables, install_in_fwcfg, platform_from_vm, tables_in_memory
 from .boot.bootrom import load_bootrom, set_reset_state
 from .boot.linux import load_kernel, set_boot_state
 from .boot.mptable import MPTABLE_BASE, build_mptable
@@ -107,6 +108,13 @@ class VirtualMachine:
         self.pci = PciBus(self)
         self.closables.append(self.pci)
         self._create_pci_devices()
+        # bhyve's -A: ACPI tables, for firmware through fw_cfg's table loader,
+        # for a directly booted kernel in the BIOS area.
+        self.acpi_tables = None
+        if self.config.get_bool("acpi_tables", True):
+            self.acpi_tables = build_tables(platform_from_vm(self))
+            if bootrom is not None:
+                install_in_fwcfg(self.fwcfg, self.acpi_tables)
         self.gdb = None
         if "gdb.port" in self.config:
             self.gdb = GdbStub(self, self.config.get("gdb.address", "127.0.0.1"),
@@ -123,8 +131,9 @@ class VirtualMachine:
         if bootrom is not None:
             set_reset_state(self.vcpus[0].kvm_vcpu)
         else:
+            rsdp = tables_in_memory(self.memory, self.acpi_tables) if self.acpi_tables else 0
             entry = load_kernel(self.memory, self.kernel, self.config.get("kexec.initrd"),
-                                self.config.get("kexec.cmdline", ""), self.e820())
+                                self.config.get("kexec.cmdline", ""), self.e820(), rsdp)
             set_boot_state(self.memory, self.vcpus[0].kvm_vcpu, entry)
             if self.config.get_bool("x86.mptable", True):
                 self.memory.write(MPTABLE_BASE, self._mptable(supported))

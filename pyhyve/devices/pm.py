@@ -31,7 +31,7 @@ class PowerManagement:
         self.vm = vm
         self.status = 0
         self.enable = 0
-        self.control = 0
+        self.control = SCI_EN       # the FADT has no SMI_CMD: ACPI is always on
         self._epoch = time.monotonic_ns()
         vm.ports.register("pm1a-evt", PM1A_EVT_PORT, 4, self._evt_read, self._evt_write)
         vm.ports.register("pm1a-cnt", PM1A_CNT_PORT, 2, self._cnt_read, self._cnt_write)
