@@ -29,6 +29,7 @@ from .devices.uart import COM_PORTS, Uart16550
 from .gdbstub import GdbStub
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
+from .msiroutes import MsiRoutes
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci import emulations
 from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
@@ -94,6 +95,11 @@ class VirtualMachine:
             self.kvm_vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR,
                                    abi.KVM_MSR_EXIT_REASON_UNKNOWN |
                                    abi.KVM_MSR_EXIT_REASON_INVAL)
+        self.msi_routes = None
+        if self.kvm.check_extension(abi.KVM_CAP_IRQFD) and \
+                self.kvm.check_extension(abi.KVM_CAP_IRQ_ROUTING):
+            self.msi_routes = MsiRoutes(self.kvm_vm)
+            self.closables.append(self.msi_routes)
         self.memory = GuestMemory(self.kvm_vm, memory_size)
         if self.config.get_bool("memory.wired"):
             try:
@@ -314,7 +320,11 @@ class VirtualMachine:
                 self.kvm_vm.irq_line(irq, int(bool(sources)))
 
     def signal_msi(self, address: int, data: int) -> None:
-        self.kvm_vm.signal_msi(address, data)
+        """Raise an MSI: through its irqfd when KVM routes MSIs, else KVM_SIGNAL_MSI."""
+        if self.msi_routes is not None:
+            self.msi_routes.signal(address, data)
+        else:
+            self.kvm_vm.signal_msi(address, data)
 
     def warn_once(self, key, message: str, *args) -> None:
         """Log a guest-caused problem the first time it happens."""
