@@ -19,8 +19,8 @@ index as datamatch) makes KVM signal an eventfd instead of exiting to
 userspace, and the VM's virtio I/O thread runs the queue.  A notify write
 that reaches bar_write anyway (no KVM_CAP_IOEVENTFD, an odd access width,
 the PCI_CFG window) runs the queue on the vCPU thread.  Interrupts go out
-through vm.signal_msi (KVM_SIGNAL_MSI) or the INTx router; irqfds and GSI
-routes would save an ioctl per interrupt but are left out for now.
+through vm.signal_msi (an irqfd bound to a GSI route per MSI message) or the
+INTx router.
 
 Subclasses set the class attributes, call `virtio_init()` from init(), fill
 `device_config`, and answer chains in `handle_request()` (or override
