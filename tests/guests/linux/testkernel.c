@@ -21,8 +21,6 @@
 #define COM1 0x3F8
 #define LSR_THRE 0x20                  /* transmit holding register empty */
 
-static int failures;
-
 static void putc(char c)
 {
     while (!(inb(COM1 + 5) & LSR_THRE))
@@ -74,7 +72,6 @@ void fail(const char *what)
     puts("FAIL ");
     puts(what);
     puts("\n");
-    failures++;
 }
 
 /* Both kernels can touch the first 4 GiB only (identity-mapped by the
@@ -133,7 +130,13 @@ static void check_map(const struct boot_info *info)
         const struct map_entry *e = &info->map[i];
         /* Sorted and non-overlapping: each entry starts where the last ended or later. */
         if (i > 0 && e->addr < end) {
-            fail("memory map: entries unsorted or overlapping");
+            puts("FAIL memory map: entries unsorted or overlapping at entry ");
+            put_dec(i);
+            puts(" (0x");
+            put_hex(e->addr);
+            puts(" below 0x");
+            put_hex(end);
+            puts(")\n");
             return;
         }
         if (e->addr + e->size < e->addr) {
@@ -364,7 +367,6 @@ static void check_acpi(const struct boot_info *info)
             puts("FAIL acpi: bad table at 0x");
             put_hex(addr);
             puts("\n");
-            failures++;
             bad = 1;
             continue;
         }

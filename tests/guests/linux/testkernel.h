@@ -32,7 +32,7 @@ struct boot_info {
 void puts(const char *s);
 void put_dec(u64 value);
 void put_hex(u64 value);
-void fail(const char *what);          /* "FAIL <what>", remembered for the end */
+void fail(const char *what);          /* prints "FAIL <what>" */
 int readable(u64 addr, u64 size);      /* below 4 GiB, where our page tables reach */
 void run_checks(struct boot_info *info) __attribute__((noreturn));
 
