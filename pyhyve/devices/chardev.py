@@ -71,6 +71,7 @@ class Backend:
         self.dropped = 0                # guest output bytes that could not be delivered
         self._callback: Callable[[bytes], None] | None = None
         self._on_connection: Callable[[bool], None] | None = None
+        self._failed = False            # a write error was reported once already
 
     @property
     def connected(self) -> bool:
@@ -83,6 +84,17 @@ class Backend:
         `on_connection(connected)` from now on; None stops them."""
         self._callback = callback
         self._on_connection = on_connection
+
+    def _write_or_drop(self, fd: int, data: bytes, where: str) -> None:
+        """Write it all, or count it as dropped and say so the first time."""
+        try:
+            _write_all(fd, data)
+        except OSError as exc:
+            self.dropped += len(data)
+            if not self._failed:
+                self._failed = True
+                log.warning("%s: writing to %s failed (%s); output is dropped",
+                            self.name, where, _reason(exc))
 
     def write(self, data: bytes) -> None:
         """Guest output; must not block the calling vCPU for long."""
@@ -99,7 +111,6 @@ class FileBackend(Backend):
         super().__init__(name)
         self.path = path
         self._lock = threading.Lock()
-        self._failed = False
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                                0o644)
@@ -111,14 +122,7 @@ class FileBackend(Backend):
             if self._fd is None:
                 self.dropped += len(data)
                 return
-            try:
-                _write_all(self._fd, data)
-            except OSError as exc:
-                self.dropped += len(data)
-                if not self._failed:
-                    self._failed = True
-                    log.warning("%s: writing %s failed (%s); output is dropped",
-                                self.name, self.path, _reason(exc))
+            self._write_or_drop(self._fd, data, self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -197,7 +201,6 @@ class StdioBackend(_PolledBackend):
         super().__init__(name)
         self._in_fd = in_fd
         self._out_fd = out_fd
-        self._failed = False
         self._saved_mode = None
         self._selector.register(in_fd, selectors.EVENT_READ, self._on_input)
         if os.isatty(in_fd):
@@ -209,14 +212,7 @@ class StdioBackend(_PolledBackend):
         if self._closing:
             self.dropped += len(data)
             return
-        try:
-            _write_all(self._out_fd, data)
-        except OSError as exc:
-            self.dropped += len(data)
-            if not self._failed:
-                self._failed = True
-                log.warning("%s: writing to stdout failed (%s); output is dropped",
-                            self.name, _reason(exc))
+        self._write_or_drop(self._out_fd, data, "stdout")
 
     def _on_input(self, fd: int) -> None:
         try:
