@@ -8,6 +8,8 @@ import sys
 from .config import Config, ConfigError
 from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
+from .snapshot import SnapshotError, restore_into
+from .snapshot import read as read_snapshot
 from .vcpu import ExitStatus
 
 USAGE = """\
@@ -51,10 +53,13 @@ Debugging:
   -G [w][addr:]port  GDB stub on TCP (default address 127.0.0.1); w: wait for gdb before the BSP runs
 Other:
   -h              this help
+  -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint and run it on
+                  (its config comes from the snapshot; other options override keys);
+                  a snapshot pyhyve cannot read is refused with exit status 4
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Ps:SU:uwxY"
+SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Pr:s:SU:uwxY"
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -135,7 +140,8 @@ def parse_pci(config: Config, text: str) -> None:
 
 
 def parse_fwcfg_file(config: Config, text: str) -> None:
-    """-f name,string=TEXT|file=PATH: a file for fw_cfg, checked now; or
+    """-f name,string=TEXT|file=PATH: a file for fw_cfg (read and checked when
+    the VM is built, as those from -k are); or
     -f kexec,KERNEL[,INITRD[,"CMDLINE"]], the direct kernel boot of xhyve."""
     if text.startswith("kexec,"):
         parts = text.split(",", 3)[1:]
@@ -147,8 +153,6 @@ def parse_fwcfg_file(config: Config, text: str) -> None:
         if len(parts) > 2:
             config.set("kexec.cmdline", parts[2].strip('"'))
         return
-    from .devices.fwcfg import parse_fw_cfg_option
-    parse_fw_cfg_option(text)
     index = len(config.subtree("fwcfg.file"))
     config.set(f"fwcfg.file.{index}", text)
 
@@ -203,6 +207,8 @@ def parse_args(argv: list[str]) -> Config | None:
             config.set("gdb.port", str(port))
             config.set("gdb.address", address)
             config.set("gdb.wait", "true" if wait else "false")
+        elif option == "-r":
+            config.set("restore.path", value)
         elif option == "-o":
             key, sep, setting = value.partition("=")
             if not sep:
@@ -212,7 +218,8 @@ def parse_args(argv: list[str]) -> Config | None:
         raise ConfigError(f"unexpected arguments after the VM name: {' '.join(rest[1:])}")
     if rest:
         config.set("name", rest[0])
-    elif "name" not in config and not config.get_bool("config.dump"):
+    if not config.get("name") and not config.get_bool("config.dump") \
+            and "restore.path" not in config:
         raise ConfigError("no VM name given (pyhyve -h for help)")
     return config
 
@@ -225,13 +232,23 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         if config is None:
             return 0
+        snap = None
+        if "restore.path" in config:
+            config, snap = _restore_config(config)
         if config.get_bool("config.dump"):
             print(config.dump())
             return 0
         vm = VirtualMachine(config)
-    except (ConfigError, KvmUnavailable, KvmError) as exc:
+    except (ConfigError, KvmUnavailable, KvmError, SnapshotError) as exc:
         print(f"pyhyve: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
+    if snap is not None:
+        try:
+            restore_into(vm, snap)
+        except (SnapshotError, KvmError) as exc:
+            vm.close()
+            print(f"pyhyve: cannot restore: {exc}", file=sys.stderr)
+            return ExitStatus.ERROR
     try:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
@@ -246,6 +263,23 @@ def main(argv: list[str] | None = None) -> int:
         return int(status)
     finally:
         vm.close()
+
+
+def _restore_config(options: Config):
+    """-r FILE: the snapshot's config, with the command line's keys on top."""
+    snap = read_snapshot(options.get("restore.path"))
+    saved = snap.manifest["config"]
+    if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in saved.items()):
+        raise SnapshotError(f"snapshot {options.get('restore.path')} is corrupt (config)")
+    config = Config()
+    for key, value in saved.items():
+        config.set(key, value)
+    for key in options.keys():
+        if key != "restore.path":
+            config.set(key, options.get(key))
+    config.set_default("lpc.debugcon.append", "true")
+    return config, snap
 
 
 def _handle_sigterm(vm) -> None:

@@ -10,7 +10,8 @@ The protocol is one JSON object per line each way:
         -> {"ok": false, "error": "unknown command 'bogus'"}
 
 Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
-inject-nmi, force-reset, force-poweroff and destroy; those about one vCPU
+inject-nmi, force-reset, force-poweroff, destroy, checkpoint and suspend
+(with "path": pyhyve.snapshot); those about one vCPU
 take "vcpu" (default 0).  Register access runs on the vCPU's own thread
 (VcpuThread.call), so it sees the vCPU between two KVM_RUNs.
 """
@@ -189,6 +190,8 @@ class ControlServer:
             "force-reset": functools.partial(self._stop, ExitStatus.RESET),
             "force-poweroff": functools.partial(self._stop, ExitStatus.POWEROFF),
             "destroy": functools.partial(self._stop, ExitStatus.POWEROFF),
+            "checkpoint": functools.partial(self._snapshot, False),
+            "suspend": functools.partial(self._snapshot, True),
         }
         self._listener = self._listen()
         self._inode = os.stat(self.path).st_ino
@@ -464,6 +467,35 @@ class ControlServer:
     def _stop(self, status: ExitStatus, request: dict) -> dict:
         self.vm.stop(status)
         return {}
+
+    def _snapshot(self, suspend: bool, request: dict) -> dict:
+        """checkpoint: pause, save to "path", resume (unless it was paused before);
+        suspend: the same, then stop the VM with exit status 1 (as bhyve exits)."""
+        from . import snapshot
+        path = request.get("path")
+        if not isinstance(path, str) or not path:
+            raise RequestError('this command needs a "path"')
+        path = os.path.abspath(path)
+        try:
+            snapshot.check_savable(self.vm)
+        except snapshot.SnapshotError as exc:
+            raise RequestError(str(exc)) from None
+        was_paused = all(vcpu.paused for vcpu in self.vm.vcpus)
+        self.vm.pause()
+        try:
+            snapshot.save(self.vm, path)
+        except BaseException as exc:
+            if not was_paused:           # a failed save leaves the VM as it was
+                self.vm.resume()
+            if isinstance(exc, snapshot.SnapshotError):
+                raise RequestError(str(exc)) from None
+            raise
+        if not suspend and not was_paused:
+            self.vm.resume()
+        if suspend:
+            self.vm.exit_detail = f"suspended to {path}"
+            self.vm.stop(ExitStatus.POWEROFF)
+        return {"path": path}
 
 
 def _error(message: str) -> dict:

@@ -2,7 +2,7 @@
 
 As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
-register reads, --get-stats, then --force-reset, --force-poweroff, --destroy.
+register reads, --get-stats, --checkpoint, --suspend, then --resume, --force-reset, --force-poweroff, --destroy.
 """
 
 import getopt
@@ -33,6 +33,8 @@ Operations:
   --set-desc-SEG --desc-base=B --desc-limit=L --desc-access=A   (missing parts are 0)
   --pause, --resume    stop every vCPU at an instruction boundary, or let them run
   --inject-nmi         an NMI to the vCPU
+  --checkpoint=FILE    save the VM's state to FILE (pyhyve -r FILE restores it), go on
+  --suspend=FILE       save the VM's state to FILE, then stop the VM (exit status 1)
   --force-reset        stop the VM with exit status 0 (reset)
   --force-poweroff     stop the VM with exit status 1 (power off)
   --destroy            stop the VM (power off)"""
@@ -47,7 +49,7 @@ DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
 ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume",
            "force-reset", "force-poweroff", "destroy")
 LONG_OPTIONS = (["help", "list", "vm=", "cpu=", "socket=", "desc-base=", "desc-limit=",
-                 "desc-access=", *ACTIONS]
+                 "desc-access=", "checkpoint=", "suspend=", *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"get-desc-{name}" for name in DESCRIPTORS]
@@ -83,6 +85,7 @@ class Plan:
         self.desc = {"base": 0, "limit": 0, "access": 0}
         self.gets: set[str] = set()         # scalars and selectors
         self.desc_gets: set[str] = set()
+        self.snapshots: dict[str, str] = {}    # checkpoint/suspend: FILE
         for option, value in options:
             self._add(option[2:], value)
 
@@ -93,6 +96,10 @@ class Plan:
             self.name = value
         elif option == "socket":
             self.socket = value
+        elif option in ("checkpoint", "suspend"):
+            if not value:
+                raise UsageError(f"--{option} needs a file: --{option}=FILE")
+            self.snapshots[option] = os.path.abspath(value)
         elif option == "cpu":
             self.cpu = _number(value, option)
         elif option.startswith("desc-"):
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if "list" in plan.actions:
             return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory())
         path = plan.socket_path()
-        if not (plan.actions or plan.sets or plan.desc_sets or plan.reads()):
+        if not (plan.actions or plan.snapshots or plan.sets or plan.desc_sets or plan.reads()):
             raise UsageError("nothing to do (pyhyvectl --help lists the operations)")
         with _connect(plan.name or path, path) as client:
             run(plan, client)
@@ -197,6 +204,9 @@ def run(plan: Plan, client: ControlClient) -> None:
         stats = client.request("get-stats", vcpu=cpu)["stats"]
         for line in format_stats(stats, cpu):
             print(line)
+    for action in ("checkpoint", "suspend"):
+        if action in plan.snapshots:
+            client.request(action, path=plan.snapshots[action])
     for action in ("resume", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
             client.request(action)

@@ -82,8 +82,12 @@ class GuestMemory:
 
     @staticmethod
     def _anonymous(size: int) -> mmap.mmap:
-        return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                         | getattr(mmap, "MAP_NORESERVE", 0))
+        try:
+            return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                             | getattr(mmap, "MAP_NORESERVE", 0))
+        except OSError as exc:
+            raise GuestMemoryError(f"cannot allocate {size} bytes of guest memory: "
+                                   f"{exc.strerror}") from None
 
     def wire(self) -> None:
         """Lock guest RAM into host memory (bhyve's -S), failing clearly if not allowed."""

@@ -100,12 +100,12 @@ class VirtualMachine:
                 self.kvm.check_extension(abi.KVM_CAP_IRQ_ROUTING):
             self.msi_routes = MsiRoutes(self.kvm_vm)
             self.closables.append(self.msi_routes)
-        self.memory = GuestMemory(self.kvm_vm, memory_size)
-        if self.config.get_bool("memory.wired"):
-            try:
+        try:
+            self.memory = GuestMemory(self.kvm_vm, memory_size)
+            if self.config.get_bool("memory.wired"):
                 self.memory.wire()
-            except GuestMemoryError as exc:
-                raise ConfigError(str(exc)) from None
+        except GuestMemoryError as exc:
+            raise ConfigError(str(exc)) from None
         if bootrom is not None:
             self.memory.map_bootrom(bootrom)
         self.ports = PortBus()

@@ -14,7 +14,9 @@ class DebugConsole:
     def __init__(self, vm, path: str):
         self.vm = vm
         self.path = path
-        self._file = open(path, "wb", buffering=0)
+        # A restored VM (pyhyve -r) goes on writing where the saved one stopped.
+        append = vm.config.get_bool("lpc.debugcon.append")
+        self._file = open(path, "ab" if append else "wb", buffering=0)
         vm.ports.register_sized("debugcon", DEBUGCON_PORT, frozenset((1,)),
                                 self._read, self._write)
 

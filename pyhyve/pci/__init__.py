@@ -14,7 +14,8 @@ from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 _EMULATIONS: dict[str, type] = {}
 # Modules whose import registers the built-in emulations.
 BUILTIN_MODULES = ("pyhyve.pci.hostbridge", "pyhyve.pci.lpc", "pyhyve.pci.testdev",
-                   "pyhyve.virtio.blk", "pyhyve.virtio.console", "pyhyve.virtio.rnd")
+                   "pyhyve.virtio.blk", "pyhyve.virtio.console", "pyhyve.virtio.net",
+                   "pyhyve.virtio.rnd")
 
 
 def emulation(name: str):

@@ -1,4 +1,5 @@
-"""The per-VM virtio I/O thread: one selectors loop that serves eventfds.
+"""The per-VM virtio I/O thread: one selectors loop that serves eventfds
+(and other readable fds, such as a network device's tap).
 
 KVM signals an ioeventfd when the guest writes a queue's notify register, so
 the vCPU does not leave KVM_RUN for the notification; this thread wakes up
@@ -23,7 +24,7 @@ class IoThread:
 
     def __init__(self, name: str = THREAD_NAME):
         self._selector = selectors.DefaultSelector()
-        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._callbacks: dict[int, tuple[Callable[[], None], bool]] = {}
         self._lock = threading.Lock()
         self._closing = False
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -31,10 +32,11 @@ class IoThread:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def register(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call callback() on this thread each time the (non-blocking) eventfd fires."""
+    def register(self, fd: int, callback: Callable[[], None], eventfd: bool = True) -> None:
+        """Call callback() on this thread each time the (non-blocking) eventfd fires;
+        with eventfd=False, each time `fd` is readable, leaving the reading to callback."""
         with self._lock:
-            self._callbacks[fd] = callback
+            self._callbacks[fd] = (callback, eventfd)
             self._selector.register(fd, selectors.EVENT_READ)
 
     def unregister(self, fd: int) -> None:
@@ -46,14 +48,15 @@ class IoThread:
         while not self._closing:
             for key, _ in self._selector.select():
                 fd = key.fd
-                try:
-                    os.eventfd_read(fd)      # consume the count; one callback serves all
-                except (BlockingIOError, OSError):
-                    continue
                 with self._lock:
-                    callback = self._callbacks.get(fd)
+                    callback, eventfd = self._callbacks.get(fd, (None, False))
                 if callback is None:
                     continue
+                if eventfd:
+                    try:
+                        os.eventfd_read(fd)  # consume the count; one callback serves all
+                    except (BlockingIOError, OSError):
+                        continue
                 try:
                     callback()
                 except Exception:        # a device bug must not stop every other device

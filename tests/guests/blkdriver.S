@@ -14,6 +14,10 @@
  *     of what it read ("blk ok" / "blk mismatch");
  *     with READ_ONLY: read TOTAL_KIB from sector 0 in CHUNK_KIB requests and
  *     touch nothing (bench/blk.py times the device, not the emulated CPU);
+ *     with NUMBERED: write TOTAL_KIB of the pattern in CHUNK_KIB blocks in
+ *     order, FLUSH after every GROUP of them and print "acked N" (N in hex)
+ *     once that flush completed: blocks 0 to N-1 are then on the disk
+ *     (tests/test_disk_integrity.py kills pyhyve at random points);
  *  4. power off (PM1a S5; QEMU's isa-debug-exit takes the same write).
  *
  * One request is in flight at a time and the driver polls the used ring: it
@@ -36,6 +40,10 @@
 #ifndef READ_ONLY
 #define READ_ONLY 0
 #endif
+#ifndef NUMBERED
+#define NUMBERED 0
+#endif
+#define GROUP          8        /* NUMBERED: blocks per FLUSH */
 #define CHUNK          (CHUNK_KIB * 1024)
 #define CHUNKS         (TOTAL_KIB / CHUNK_KIB)
 #define SECTOR         512
@@ -112,6 +120,8 @@ main64:
     call init_device
 #if READ_ONLY
     call read_only
+#elif NUMBERED
+    call write_numbered
 #else
     call write_read_verify
 #endif
@@ -414,6 +424,43 @@ write_read_verify:
     ret
 9:  PRINT "blk flush failed\n"
     ret
+
+#if NUMBERED
+write_numbered:
+    xorl %ebx, %ebx                /* the block's first sector */
+    xorl %r12d, %r12d              /* blocks written */
+1:  movq %rbx, %rdi
+    call fill_pattern
+    movl $T_OUT, %edi
+    movq %rbx, %rsi
+    movl $CHUNK, %edx
+    call submit
+    testl %eax, %eax
+    jnz 8f
+    addq $(CHUNK / SECTOR), %rbx
+    incl %r12d
+    testl $(GROUP - 1), %r12d
+    jnz 2f
+    movl $T_FLUSH, %edi
+    xorl %esi, %esi
+    xorl %edx, %edx
+    call submit
+    testl %eax, %eax
+    jnz 9f
+    PRINT "acked "
+    movl %r12d, %eax
+    xorl %ecx, %ecx
+    call puthex
+    PRINT "\n"
+2:  cmpq $(CHUNKS * CHUNK / SECTOR), %rbx
+    jne 1b
+    PRINT "blk done\n"
+    ret
+8:  PRINT "blk write failed\n"
+    ret
+9:  PRINT "blk flush failed\n"
+    ret
+#endif
 
 /* Fill BUF with the pattern of CHUNK bytes from sector %rdi.  Two dwords per
  * store: the low one is 0x5A000000 + (s << 16) + i (i even), the high one

@@ -1,0 +1,391 @@
+"""Save a paused VM to one file and build a running VM back from it
+(bhyve's `bhyvectl --suspend` / `bhyve -r`).
+
+The snapshot is one file:
+
+    b"PYHYVE-SNAPSHOT\\n"          16 bytes of magic
+    manifest length               8 bytes, little endian
+    manifest                      JSON, UTF-8
+    data                          the binary parts the manifest points into
+
+The manifest is {"format": "pyhyve-snapshot", "version": 1, "config": {...},
+"vcpus": [...], "vm": {...}, "devices": {...}, "memory": [...],
+"data_size": N, "data_sha256": HEX}.  Binary parts are [offset, length]
+pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
+fpu, xsave (with KVM_CAP_XSAVE), xcrs (with KVM_CAP_XCRS), lapic and
+vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST that
+KVM_GET_MSRS reads ({"index": value} in hex); the irqchip (PIC master,
+PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
+shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
+[gpa, length, offset] of 4 KiB pages that are not all zero; everything
+else is zero after a restore.  The data area's SHA-256 is checked before
+anything is restored, so a truncated or corrupt file is refused.
+
+Platform devices whose state is plain data are saved: PM1 status/enable/
+control, the RTC (NVRAM, index registers, clock offset), UART registers
+and pending input, the i8042 controller, the PCI config-address latch and
+the config space and BAR/ROM addresses of every PCI function, whose
+mappings, PAM shadowing (memory.set_bios_area) and PIRQ routes are
+re-established on restore.  Devices with state outside that (virtio
+devices with live queues and I/O threads, pci-testdev) make save() refuse
+with SnapshotError naming the device, rather than write a snapshot that
+would not run.  Not saved: an fw_cfg transfer in progress, the GDB stub's
+connection, and the host side of character backends (they are opened
+again from the config).
+"""
+
+import base64
+import ctypes
+import hashlib
+import json
+import mmap
+import os
+import struct
+
+from .kvm import abi
+
+MAGIC = b"PYHYVE-SNAPSHOT\n"
+FORMAT = "pyhyve-snapshot"
+VERSION = 1
+PAGE = 4096
+_LENGTH = struct.Struct("<Q")
+MAX_MANIFEST = 64 << 20
+SAVABLE_PCI = {"hostbridge", "amd_hostbridge", "lpc"}
+KVM_CAP_XCRS = 56
+IRQCHIPS = (0, 1, 2)            # KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC
+_ZERO_PAGE = bytes(PAGE)
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be written or read; the message is fit for a user."""
+
+
+# --- saving --------------------------------------------------------------------------
+class _Writer:
+    def __init__(self):
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.sha = hashlib.sha256()
+
+    def add(self, data) -> list[int]:
+        data = bytes(data)
+        where = [self.size, len(data)]
+        self.chunks.append(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return where
+
+
+def check_savable(vm) -> None:
+    """Raise SnapshotError naming the first device whose state is not saved."""
+    for device in vm.pci.devices():
+        name = getattr(device, "emulation_name", type(device).__name__)
+        if name not in SAVABLE_PCI:
+            raise SnapshotError(f"cannot snapshot: device {name} at PCI {device.bdf} "
+                                f"has state pyhyve does not save")
+
+
+def _readable_msrs(kvm_vcpu, indices: list[int]) -> dict[int, int]:
+    """The MSRs KVM_GET_MSRS reads: it stops at the first it refuses, so skip that one."""
+    values: dict[int, int] = {}
+    rest = list(indices)
+    while rest:
+        got = kvm_vcpu.get_msrs(rest)
+        values.update(got)
+        rest = rest[len(got) + 1:]
+    return values
+
+
+def _vcpu_state(vm, vcpu_thread, writer: _Writer, msr_indices: list[int]) -> dict:
+    kvm_vcpu = vcpu_thread.kvm_vcpu
+    state = {"id": vcpu_thread.id, "apic_id": kvm_vcpu.id,
+             "regs": writer.add(kvm_vcpu.get_regs()),
+             "sregs": writer.add(kvm_vcpu.get_sregs()),
+             "fpu": writer.add(kvm_vcpu.get_fpu()),
+             "lapic": writer.add(kvm_vcpu.get_lapic()),
+             "mp_state": kvm_vcpu.get_mp_state(),
+             "vcpu_events": writer.add(kvm_vcpu.get_vcpu_events())}
+    if vm.kvm.check_extension(abi.KVM_CAP_XSAVE):
+        state["xsave"] = writer.add(kvm_vcpu.get_xsave())
+    if vm.kvm.check_extension(KVM_CAP_XCRS):
+        state["xcrs"] = writer.add(kvm_vcpu.get_xcrs())
+    msrs = _readable_msrs(kvm_vcpu, msr_indices)
+    state["msrs"] = {f"{index:#x}": f"{value:#x}" for index, value in msrs.items()}
+    return state
+
+
+def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
+    """[gpa, length, offset] for each run of pages that are not all zero."""
+    runs = []
+    memory = vm.memory
+    for gpa, backing, size in ((0, memory._lowmem, memory.lowmem_size),
+                               (0x100000000, memory._highmem, memory.highmem_size)):
+        if backing is None or not size:
+            continue
+        view = memoryview(backing)
+        try:
+            start = None
+            for page in range(0, size, PAGE):
+                zero = view[page:page + PAGE] == _ZERO_PAGE
+                if not zero and start is None:
+                    start = page
+                elif zero and start is not None:
+                    where = writer.add(view[start:page])
+                    runs.append([gpa + start, page - start, where[0]])
+                    start = None
+            if start is not None:
+                where = writer.add(view[start:size])
+                runs.append([gpa + start, size - start, where[0]])
+        finally:
+            view.release()
+    return runs
+
+
+def _device_state(vm) -> dict:
+    pm = vm.pm
+    rtc = vm.rtc
+    with rtc._cond:
+        rtc_state = {"nvram": base64.b64encode(bytes(rtc._nvram)).decode(),
+                     "index": rtc._index, "ext_index": rtc._ext_index, "a": rtc._a,
+                     "b": rtc._b, "flags": rtc._flags, "offset": rtc._offset,
+                     "held": rtc._held}
+    i8042 = vm.i8042
+    with i8042._lock:
+        kbd = {"ram": base64.b64encode(bytes(i8042._ram)).decode(), "sys": i8042._sys,
+               "output_port": i8042._output_port, "queue": [list(q) for q in i8042._queue],
+               "last_read": i8042._last_read, "last_was_command": i8042._last_was_command,
+               "command": i8042._command, "kbd_command": i8042._kbd_command}
+    uarts = {}
+    for name, uart in vm.uarts.items():
+        with uart._lock:
+            uarts[name] = {field: getattr(uart, f"_{field}") for field in
+                           ("ier", "fcr", "lcr", "mcr", "scr", "divisor", "msr",
+                            "overrun", "thre_pending")}
+            uarts[name]["pending"] = base64.b64encode(bytes(uart._pending)).decode()
+    pci = []
+    for device in vm.pci.devices():
+        pci.append({"slot": device.slot, "func": device.func,
+                    "emulation": device.emulation_name,
+                    "config": base64.b64encode(bytes(device.config)).decode(),
+                    "bars": [None if bar is None else bar.address for bar in device.bars],
+                    "rom_address": device.rom_address})
+    return {"pm": {"status": pm.status, "enable": pm.enable, "control": pm.control},
+            "rtc": rtc_state, "i8042": kbd, "uarts": uarts,
+            "pci_config_address": vm.pci.config_address, "pci": pci}
+
+
+def save(vm, path: str) -> None:
+    """Write VM's state to PATH; every vCPU must be paused (or stopped)."""
+    check_savable(vm)
+    writer = _Writer()
+    msr_indices = vm.kvm.msr_index_list()
+    vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
+             for vcpu in vm.vcpus]
+    kvm_vm = vm.kvm_vm
+    state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
+             "pit2": writer.add(kvm_vm.get_pit2()),
+             "clock": writer.add(kvm_vm.get_clock())}
+    devices = _device_state(vm)
+    memory = _memory_runs(vm, writer)
+    manifest = {"format": FORMAT, "version": VERSION, "config": {key: vm.config.get(key) for key in vm.config.keys()},
+                "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
+                "devices": devices, "memory": memory, "data_size": writer.size,
+                "data_sha256": writer.sha.hexdigest()}
+    encoded = json.dumps(manifest, sort_keys=True).encode()
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            out.write(MAGIC + _LENGTH.pack(len(encoded)) + encoded)
+            for chunk in writer.chunks:
+                out.write(chunk)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
+
+
+# --- reading -------------------------------------------------------------------------
+class Snapshot:
+    """A snapshot file, checked: manifest and data area."""
+
+    def __init__(self, manifest: dict, data: mmap.mmap | bytes):
+        self.manifest = manifest
+        self.data = data
+
+    def blob(self, where) -> bytes:
+        offset, length = where
+        return bytes(self.data[offset:offset + length])
+
+    def load(self, ctype, where):
+        data = self.blob(where)
+        if len(data) != ctypes.sizeof(ctype):
+            raise SnapshotError(f"snapshot {ctype.__name__} has {len(data)} bytes, "
+                                f"this pyhyve expects {ctypes.sizeof(ctype)}")
+        return ctype.from_buffer_copy(data)
+
+
+def read(path: str) -> Snapshot:
+    """Open and check PATH; SnapshotError says in one line what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + _LENGTH.size)
+            if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
+                raise SnapshotError(f"{path} is not a pyhyve snapshot")
+            if len(head) != len(MAGIC) + _LENGTH.size:
+                raise SnapshotError(f"snapshot {path} is truncated")
+            length = _LENGTH.unpack_from(head, len(MAGIC))[0]
+            if length > MAX_MANIFEST:
+                raise SnapshotError(f"snapshot {path} is corrupt (manifest length {length})")
+            encoded = f.read(length)
+            if len(encoded) != length:
+                raise SnapshotError(f"snapshot {path} is truncated")
+            try:
+                manifest = json.loads(encoded)
+            except (ValueError, UnicodeDecodeError):
+                raise SnapshotError(f"snapshot {path} is corrupt (bad manifest)") from None
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                raise SnapshotError(f"{path} is not a pyhyve snapshot")
+            if manifest.get("version") != VERSION:
+                raise SnapshotError(f"snapshot {path} has format version "
+                                    f"{manifest.get('version')!r}; this pyhyve reads "
+                                    f"version {VERSION}")
+            start = len(MAGIC) + _LENGTH.size + length
+            data_size = manifest.get("data_size")
+            if not isinstance(data_size, int) or \
+                    os.fstat(f.fileno()).st_size != start + data_size:
+                raise SnapshotError(f"snapshot {path} is truncated or has trailing data")
+            f.seek(start)
+            data = f.read(data_size)
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != manifest.get("data_sha256"):
+        raise SnapshotError(f"snapshot {path} is corrupt (checksum mismatch)")
+    for key in ("config", "vcpus", "vm", "devices", "memory"):
+        if key not in manifest:
+            raise SnapshotError(f"snapshot {path} is corrupt (no {key})")
+    return Snapshot(manifest, data)
+
+
+# --- restoring -----------------------------------------------------------------------
+def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
+    kvm_vcpu.set_sregs(snap.load(abi.kvm_sregs, state["sregs"]))
+    kvm_vcpu.set_regs(snap.load(abi.kvm_regs, state["regs"]))
+    if "xsave" in state and vm.kvm.check_extension(abi.KVM_CAP_XSAVE):
+        kvm_vcpu.set_xsave(snap.load(abi.kvm_xsave, state["xsave"]))
+    else:
+        kvm_vcpu.set_fpu(snap.load(abi.kvm_fpu, state["fpu"]))
+    if "xcrs" in state and vm.kvm.check_extension(KVM_CAP_XCRS):
+        kvm_vcpu.set_xcrs(snap.load(abi.kvm_xcrs, state["xcrs"]))
+    msrs = {int(index, 16): int(value, 16) for index, value in state["msrs"].items()}
+    pending = list(msrs.items())
+    while pending:                   # KVM_SET_MSRS stops at the first it refuses
+        done = kvm_vcpu.set_msrs(dict(pending))
+        if done < len(pending):
+            vm.log.debug("restore: MSR %#x not accepted", pending[done][0])
+        pending = pending[done + 1:]
+    kvm_vcpu.set_lapic(snap.load(abi.kvm_lapic_state, state["lapic"]))
+    kvm_vcpu.set_mp_state(state["mp_state"])
+    kvm_vcpu.set_vcpu_events(snap.load(abi.kvm_vcpu_events, state["vcpu_events"]))
+
+
+def _restore_memory(vm, snap: Snapshot) -> None:
+    memory = vm.memory
+    for backing in (memory._lowmem, memory._highmem):
+        if backing is None:
+            continue
+        try:
+            backing.madvise(mmap.MADV_DONTNEED)       # private anonymous: now all zero
+        except OSError:                               # wired (mlocked) memory
+            chunk = bytes(1 << 20)
+            for start in range(0, len(backing), len(chunk)):
+                end = min(start + len(chunk), len(backing))
+                backing[start:end] = chunk[:end - start]
+    for gpa, length, offset in snap.manifest["memory"]:
+        if gpa >= 0x100000000:
+            backing, base, size = memory._highmem, 0x100000000, memory.highmem_size
+        else:
+            backing, base, size = memory._lowmem, 0, memory.lowmem_size
+        if backing is None or gpa < base or gpa - base + length > size:
+            raise SnapshotError(f"snapshot memory run {gpa:#x}+{length:#x} is outside "
+                                "guest memory")
+        backing[gpa - base:gpa - base + length] = snap.data[offset:offset + length]
+
+
+def _restore_devices(vm, devices: dict) -> None:
+    pm = devices["pm"]
+    vm.pm.status, vm.pm.enable, vm.pm.control = pm["status"], pm["enable"], pm["control"]
+    r = devices["rtc"]
+    rtc = vm.rtc
+    with rtc._cond:
+        rtc._nvram[:] = base64.b64decode(r["nvram"])
+        rtc._index, rtc._ext_index = r["index"], r["ext_index"]
+        rtc._a, rtc._b, rtc._flags = r["a"], r["b"], r["flags"]
+        rtc._offset, rtc._held = r["offset"], r["held"]
+        rtc._set_period()
+    k = devices["i8042"]
+    kbd = vm.i8042
+    with kbd._lock:
+        kbd._ram[:] = base64.b64decode(k["ram"])
+        kbd._sys, kbd._output_port = k["sys"], k["output_port"]
+        kbd._queue.clear()
+        kbd._queue.extend(tuple(q) for q in k["queue"])
+        kbd._last_read, kbd._last_was_command = k["last_read"], k["last_was_command"]
+        kbd._command, kbd._kbd_command = k["command"], k["kbd_command"]
+    for name, u in devices["uarts"].items():
+        uart = vm.uarts.get(name)
+        if uart is None:
+            raise SnapshotError(f"snapshot has a {name} the restored VM lacks")
+        with uart._lock:
+            for field, value in u.items():
+                if field != "pending":
+                    setattr(uart, f"_{field}", value)
+            uart._pending[:] = base64.b64decode(u["pending"])
+    vm.pci.config_address = devices["pci_config_address"]
+    by_location = {(d.slot, d.func): d for d in vm.pci.devices()}
+    for saved in devices["pci"]:
+        device = by_location.get((saved["slot"], saved["func"]))
+        if device is None or device.emulation_name != saved["emulation"]:
+            raise SnapshotError(f"snapshot's PCI {saved['slot']}:{saved['func']} "
+                                f"({saved['emulation']}) is not in the restored VM")
+        config = base64.b64decode(saved["config"])
+        if len(config) != len(device.config):
+            raise SnapshotError(f"snapshot's PCI {device.bdf} config space has "
+                                f"{len(config)} bytes")
+        device.config[:] = config
+        for bar, address in zip(device.bars, saved["bars"]):
+            if bar is not None and address is not None:
+                bar.address = address
+                device.update_mapping(bar)
+        device.rom_address = saved["rom_address"]
+        device._update_rom_mapping()
+        # PAM shadowing (hostbridge) and PIRQ routes (lpc) follow their registers.
+        device.config_changed(0x40, len(device.config) - 0x40)
+
+
+def restore_into(vm, path: str | Snapshot) -> None:
+    """Load a snapshot into VM, freshly built from the snapshot's config and not
+    yet running."""
+    snap = read(path) if isinstance(path, str) else path
+    m = snap.manifest
+    try:
+        if len(m["vcpus"]) != len(vm.vcpus):
+            raise SnapshotError(f"snapshot has {len(m['vcpus'])} vCPUs, the VM "
+                                f"{len(vm.vcpus)}")
+        if m.get("memory_size", vm.memory.size) != vm.memory.size:
+            raise SnapshotError("snapshot's memory size differs from the VM's")
+        _restore_memory(vm, snap)
+        _restore_devices(vm, m["devices"])
+        state = m["vm"]
+        for chip, where in zip(IRQCHIPS, state["irqchip"]):
+            vm.kvm_vm.set_irqchip(snap.load(abi.kvm_irqchip, where))
+        vm.kvm_vm.set_pit2(snap.load(abi.kvm_pit_state2, state["pit2"]))
+        clock = snap.load(abi.kvm_clock_data, state["clock"])
+        clock.flags = 0
+        vm.kvm_vm.set_clock(clock)
+        for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
+            _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None
