@@ -64,9 +64,6 @@
 #define V_USED      (VARS + 24) /* qword: the used ring's address */
 #define BUF         0x40000     /* the data buffer, CHUNK bytes */
 
-#define CONFIG_ADDRESS 0xCF8
-#define CONFIG_DATA    0xCFC
-#define CONFIG_ENABLE  0x80000000
 #define PCI_COMMAND    0x04
 #define PCI_BAR0       0x10
 #define CMD_IO         1
@@ -519,55 +516,7 @@ print_status:                      /* %eax: a status (or TIMEOUT_STATUS) -> "XX\
 1:  PRINT "timeout\n"
     ret
 
-cfg_read:                          /* %edi: bus/slot/func/offset -> %eax (dword) */
-    movl %edi, %eax
-    orl $CONFIG_ENABLE, %eax
-    movw $CONFIG_ADDRESS, %dx
-    outl %eax, %dx
-    movw $CONFIG_DATA, %dx
-    inl %dx, %eax
-    ret
-
-cfg_write:                         /* %edi: bus/slot/func/offset, %esi: dword */
-    movl %edi, %eax
-    orl $CONFIG_ENABLE, %eax
-    movw $CONFIG_ADDRESS, %dx
-    outl %eax, %dx
-    movl %esi, %eax
-    movw $CONFIG_DATA, %dx
-    outl %eax, %dx
-    ret
-
-puts:                              /* %rsi: NUL-terminated string */
-    movw $DEBUG_PORT, %dx
-1:  lodsb
-    testb %al, %al
-    jz 2f
-    outb %al, %dx
-    jmp 1b
-2:  ret
-
-/* %rax in hex, %ecx digits (0: as many as it needs).  Clobbers rax-rdx, r8, r9. */
-puthex:
-    movq %rax, %r8
-    testl %ecx, %ecx
-    jnz 2f
-    movq %rax, %r9
-1:  incl %ecx
-    shrq $4, %r9
-    jnz 1b
-2:  leal -4(,%rcx,4), %r9d         /* shift of the first digit */
-3:  movq %r8, %rax
-    movl %r9d, %ecx
-    shrq %cl, %rax
-    andl $0xF, %eax
-    leaq hex_digits(%rip), %rdx
-    movb (%rdx,%rax), %al
-    movw $DEBUG_PORT, %dx
-    outb %al, %dx
-    subl $4, %r9d
-    jns 3b
-    ret
+#include "lib64.inc"
 
 hex_digits: .ascii "0123456789abcdef"
 
