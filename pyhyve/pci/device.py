@@ -135,11 +135,27 @@ class PciDevice:
         return bar
 
     def add_rom(self, image: bytes) -> None:
-        """Serve an expansion ROM through the ROM BAR at 0x30 (`rom=PATH`)."""
+        """Serve an expansion ROM through the ROM BAR at 0x30 (`rom=PATH`).
+
+        As QEMU's pci_patch_ids does, a ROM whose PCI data structure names other
+        IDs (iPXE's virtio-net ROM names 1af4:1041, the modern device) gets this
+        device's, with byte 6 of the header adjusted to keep the checksum;
+        firmware runs only ROMs that name the device they sit on."""
+        image = bytearray(image)
+        pcir = int.from_bytes(image[0x18:0x1A], "little") if len(image) >= 0x1A else 0
+        if image[:2] == b"\x55\xaa" and pcir and image[pcir:pcir + 4] == b"PCIR" and \
+                len(image) >= pcir + 8:
+            delta = 0
+            for at, value in ((pcir + 4, self._get16(R.VENDOR_ID)),
+                              (pcir + 6, self._get16(R.DEVICE_ID))):
+                new = value.to_bytes(2, "little")
+                delta += sum(new) - sum(image[at:at + 2])
+                image[at:at + 2] = new
+            image[6] = (image[6] - delta) & 0xFF
         size = 2048
         while size < len(image):
             size <<= 1
-        self.rom = image.ljust(size, b"\xff")
+        self.rom = bytes(image).ljust(size, b"\xff")
         self.rom_size = size
         self.rom_address = self.bus.allocate(BAR_MEM32, size)
         self._set32(R.ROM_ADDRESS, self.rom_address)

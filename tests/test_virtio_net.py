@@ -1,0 +1,383 @@
+"""virtio-net: options, TX/RX framing over a fake tap, and iPXE booting over a real tap
+inside a private network namespace."""
+
+import hashlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyhyve.config import ConfigError
+from pyhyve.virtio import net as N
+from pyhyve.virtio import pci as V
+from pyhyve.virtio.net import VirtioNet
+from test_virtio import BUFFERS, SLOT, Driver, Ring, VirtioVm, make, wait_for
+
+QUEUES = {N.RX: (0x10000, 0x11000, 0x12000), N.TX: (0x20000, 0x21000, 0x22000)}
+LEGACY_PFNS = {N.RX: 0x30, N.TX: 0x50}
+FRAME = bytes.fromhex("ffffffffffff00a098010203") + b"\x08\x00" + bytes(range(100))
+
+
+@pytest.fixture
+def tap(monkeypatch):
+    """A datagram socketpair standing in for the tap: one end for the device."""
+    device_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    device_end.setblocking(False)
+    opened = []
+
+    def fake_open(name):
+        opened.append(name)
+        return os.dup(device_end.fileno())
+
+    monkeypatch.setattr(N, "open_tap", fake_open)
+    host_end.settimeout(5)
+    yield host_end, opened
+    device_end.close()
+    host_end.close()
+
+
+def modern(features, **options):
+    vm = VirtioVm()
+    device = make(vm, VirtioNet, tap="tap0", **options)
+    driver = Driver(vm, device)
+    assert driver.negotiate(features) & V.STATUS_FEATURES_OK
+    rings = {}
+    for index, (desc, avail, used) in QUEUES.items():
+        driver.set_common(V.COMMON_Q_SELECT, 2, index)
+        size = driver.common(V.COMMON_Q_SIZE, 2)
+        for offset, address in ((V.COMMON_Q_DESCLO, desc), (V.COMMON_Q_AVAILLO, avail),
+                                (V.COMMON_Q_USEDLO, used)):
+            driver.set_common(offset, 4, address)
+            driver.set_common(offset + 4, 4, 0)
+        rings[index] = Ring(vm, desc, avail, used, size)
+        driver.set_common(V.COMMON_Q_ENABLE, 2, 1)
+    driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
+                      V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+    return vm, device, driver, rings
+
+
+def legacy(features, **options):
+    vm = VirtioVm()
+    device = make(vm, VirtioNet, tap="tap0", **options)
+    driver = Driver(vm, device)
+    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    driver.legacy_write(V.LEGACY_GUEST_FEATURES, 4, features)
+    rings = {}
+    for index, pfn in LEGACY_PFNS.items():
+        driver.legacy_write(V.LEGACY_QUEUE_SELECT, 2, index)
+        size = driver.legacy_read(V.LEGACY_QUEUE_SIZE, 2)
+        desc = pfn << 12
+        rings[index] = Ring(vm, desc, desc + 16 * size,
+                            (desc + 16 * size + 6 + 2 * size + 4095) & ~4095, size)
+        driver.legacy_write(V.LEGACY_QUEUE_PFN, 4, pfn)
+    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
+                        V.STATUS_DRIVER_OK)
+    return vm, device, driver, rings
+
+
+def legacy_notify(driver, index):
+    driver.legacy_write(V.LEGACY_QUEUE_NOTIFY, 2, index)
+
+
+# --- options --------------------------------------------------------------------------------------
+def test_bhyve_option_syntax():
+    assert VirtioNet.legacy_options("tap0") == {"tap": "tap0"}
+    assert VirtioNet.legacy_options("tap0,mac=00:a0:98:00:00:01,mtu=9000") == \
+        {"tap": "tap0", "mac": "00:a0:98:00:00:01", "mtu": "9000"}
+    assert VirtioNet.legacy_options("tap=vm0tap,rom=/x") == {"tap": "vm0tap", "rom": "/x"}
+
+
+def test_config_space_and_features(tap):
+    _, opened = tap
+    vm = VirtioVm()
+    device = make(vm, VirtioNet, tap="tap7", mac="02:00:00:aa:bb:cc", mtu=9000)
+    driver = Driver(vm, device)
+    assert opened == ["tap7"]
+    assert driver.cfg(0x02, 2) == 0x1000 and driver.cfg(0x2E, 2) == 1
+    assert driver.cfg(0x0A, 2) == 0x0200                      # class: Ethernet controller
+    features = driver.device_features()
+    for feature in (N.F_MAC, N.F_STATUS, N.F_MRG_RXBUF, N.F_MTU, V.F_VERSION_1):
+        assert features & feature
+    config = bytes(driver.read(V.CAP_DEVICE_CFG, i, 1) for i in range(12))
+    assert config == bytes.fromhex("020000aabbcc") + struct.pack("<HHH", 1, 1, 9000)
+    vm.close()
+
+
+def test_default_mac_is_bhyves(tap):
+    vm = VirtioVm()
+    vm.name = "vm-one"
+    device = make(vm, VirtioNet, tap="tap0")
+    digest = hashlib.md5(f"{SLOT}-0-vm-one".encode()).digest()
+    assert device.mac == b"\x00\xa0\x98" + digest[:3]
+    assert device.device_config[:6] == device.mac
+    assert not device.device_features & N.F_MTU
+    assert N.generate_mac(SLOT, 0, "vm-one") == device.mac != N.generate_mac(SLOT + 1, 0,
+                                                                              "vm-one")
+    vm.close()
+
+
+def test_rom_ids_patched_as_qemu_does(tap, tmp_path):
+    """iPXE's virtio-net ROM names 1af4:1041; firmware runs only a ROM naming the device."""
+    rom = bytearray(512)
+    rom[0:3] = b"\x55\xaa\x01"
+    rom[0x18:0x1A] = (0x40).to_bytes(2, "little")
+    rom[0x40:0x48] = b"PCIR" + struct.pack("<HH", 0x1AF4, 0x1041)
+    rom[-1] = (-sum(rom)) & 0xFF
+    path = tmp_path / "virtio.rom"
+    path.write_bytes(rom)
+    vm = VirtioVm()
+    device = make(vm, VirtioNet, tap="tap0", rom=path)
+    assert struct.unpack_from("<HH", device.rom, 0x44) == (0x1AF4, 0x1000)
+    assert sum(device.rom[:512]) % 256 == 0
+    assert device.rom[:6] == rom[:6] and device.rom[7:0x44] == rom[7:0x44]
+    vm.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "no tap given"),
+    ({"tap": "tap0", "mac": "00:a0:98:00:00"}, "is not xx:xx"),
+    ({"tap": "tap0", "mac": "01:00:5e:00:00:01"}, "multicast or zero"),
+    ({"tap": "tap0", "mac": "00:00:00:00:00:00"}, "multicast or zero"),
+    ({"tap": "tap0", "mtu": "big"}, "mtu 'big' is not a number"),
+    ({"tap": "tap0", "mtu": "20"}, "mtu '20'"),
+    ({"tap": "tap0", "speed": "10"}, "unknown option 'speed'"),
+])
+def test_bad_options(tap, options, message):
+    vm = VirtioVm()
+    with pytest.raises(ConfigError, match=message):
+        vm.pci.add(SLOT, 0, VirtioNet, options)
+    vm.close()
+
+
+def test_tap_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="not a valid interface name"):
+        N.open_tap("a-name-far-too-long")
+    monkeypatch.setattr(N, "TUN_PATH", "/nonexistent/tun")
+    with pytest.raises(ConfigError, match=r"^virtio-net: /nonexistent/tun is missing"):
+        N.open_tap("tap0")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may open any tap")
+def test_tap_permission_denied():
+    if not os.path.exists(N.TUN_PATH):
+        pytest.skip(f"{N.TUN_PATH} is missing")
+    with pytest.raises(ConfigError, match="virtio-net: cannot"):
+        N.open_tap("pyhvdenied0")
+
+
+# --- transmit -------------------------------------------------------------------------------------
+def test_tx_modern(tap):
+    host, _ = tap
+    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF | N.F_MAC)
+    vm.memory.write(BUFFERS, b"\x01" * 12)                  # the driver's header is not passed on
+    vm.memory.write(BUFFERS + 0x100, FRAME[:50])
+    vm.memory.write(BUFFERS + 0x200, FRAME[50:])
+    rings[N.TX].offer([(BUFFERS, 12, False), (BUFFERS + 0x100, 50, False),
+                       (BUFFERS + 0x200, len(FRAME) - 50, False)])
+    driver.notify(N.TX)
+    assert host.recv(4096) == bytes(12) + FRAME
+    assert rings[N.TX].completed() == [(0, 0)]
+    # header and data in one buffer
+    vm.memory.write(BUFFERS, bytes(12) + FRAME)
+    rings[N.TX].offer([(BUFFERS, 12 + len(FRAME), False)])
+    driver.notify(N.TX)
+    assert host.recv(4096) == bytes(12) + FRAME
+    assert device.tx_dropped == 0
+    vm.close()
+
+
+def test_tx_legacy_header(tap):
+    host, _ = tap
+    vm, device, driver, rings = legacy(N.F_MAC)
+    vm.memory.write(BUFFERS, bytes(10) + FRAME)
+    rings[N.TX].offer([(BUFFERS, 10 + len(FRAME), False)])
+    legacy_notify(driver, N.TX)
+    assert host.recv(4096) == bytes(12) + FRAME
+    vm.close()
+
+
+def test_tx_drops_bad_frames(tap):
+    host, _ = tap
+    vm, device, driver, rings = modern(V.F_VERSION_1, mtu=100)
+    vm.memory.write(BUFFERS, bytes(12 + 200))
+    rings[N.TX].offer([(BUFFERS, 8, False)])                 # no room for the header
+    rings[N.TX].offer([(BUFFERS, 12, False)])                # a header, no frame
+    rings[N.TX].offer([(BUFFERS, 12 + 100 + 19, False)])     # over MTU + Ethernet + VLAN
+    rings[N.TX].offer([(BUFFERS, 12 + 100 + 18, False)])     # just fits
+    driver.notify(N.TX)
+    assert len(rings[N.TX].completed()) == 4
+    assert device.tx_dropped == 3
+    assert host.recv(4096) == bytes(12 + 118)
+    host.settimeout(0.1)
+    with pytest.raises(TimeoutError):
+        host.recv(4096)
+    vm.close()
+
+
+# --- receive --------------------------------------------------------------------------------------
+def test_rx_waits_for_buffers_then_delivers(tap):
+    host, _ = tap
+    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF)
+    host.send(b"\x07" * 12 + FRAME)                          # the tap's header is not passed on
+    # No buffers: the frame waits and the tap leaves the I/O thread.
+    assert wait_for(lambda: device._rx_frame is not None and not device._rx_armed)
+    host.send(b"\x07" * 12 + FRAME[::-1])
+    vm.memory.write(BUFFERS, b"\xee" * 4096)
+    rings[N.RX].offer([(BUFFERS, 2048, True)])
+    rings[N.RX].offer([(BUFFERS + 2048, 2048, True)])
+    driver.notify(N.RX)
+    assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 2)
+    header = struct.pack("<10xH", 1)
+    assert vm.memory.read(BUFFERS, 12 + len(FRAME)) == header + FRAME
+    assert vm.memory.read(BUFFERS + 2048, 12 + len(FRAME)) == header + FRAME[::-1]
+    assert rings[N.RX].completed() == [(0, 12 + len(FRAME)), (1, 12 + len(FRAME))]
+    assert device._rx_armed
+    vm.close()
+
+
+def test_rx_mergeable_and_drops(tap):
+    host, _ = tap
+    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF)
+    big = bytes(range(256)) * 12                             # 3072 bytes: three 1100-byte buffers
+    for i in range(3):
+        rings[N.RX].offer([(BUFFERS + 0x1000 * i, 1100, True)])
+    driver.notify(N.RX)
+    host.send(bytes(12) + big)
+    assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 3)
+    assert rings[N.RX].completed() == [(0, 1100), (1, 1100), (2, 3084 - 2200)]
+    received = b"".join(vm.memory.read(BUFFERS + 0x1000 * i, 1100) for i in range(3))
+    assert received[:12] == struct.pack("<10xH", 3) and received[12:3084] == big
+    vm.close()
+
+    vm, device, driver, rings = modern(V.F_VERSION_1)         # no merging: one buffer a frame
+    rings[N.RX].offer([(BUFFERS, 1100, True)])
+    rings[N.RX].offer([(BUFFERS + 0x1000, 4000, True)])
+    driver.notify(N.RX)
+    host.send(bytes(12) + big)
+    host.send(bytes(12) + big)
+    assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 2)
+    assert rings[N.RX].completed() == [(0, 0), (1, 3084)]
+    assert device.rx_dropped == 1
+    assert vm.memory.read(BUFFERS + 0x1000, 3084) == struct.pack("<10xH", 1) + big
+    vm.close()
+
+
+def test_rx_legacy_header(tap):
+    host, _ = tap
+    vm, device, driver, rings = legacy(N.F_MAC)
+    rings[N.RX].offer([(BUFFERS, 2048, True)])
+    legacy_notify(driver, N.RX)
+    host.send(b"\x05" * 12 + FRAME)
+    assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 1)
+    assert rings[N.RX].completed() == [(0, 10 + len(FRAME))]
+    assert vm.memory.read(BUFFERS, 10 + len(FRAME)) == bytes(10) + FRAME
+    vm.close()
+
+
+def test_reset_stops_receiving(tap):
+    host, _ = tap
+    vm, device, driver, rings = modern(V.F_VERSION_1)
+    rings[N.RX].offer([(BUFFERS, 2048, True)])
+    driver.notify(N.RX)
+    assert device._rx_armed
+    driver.set_common(V.COMMON_STATUS, 1, 0)
+    assert not device._rx_armed
+    host.send(bytes(12) + FRAME)
+    time.sleep(0.2)
+    assert vm.memory.read_u16(rings[N.RX].used + 2) == 0
+    vm.close()
+
+
+# --- end to end: iPXE from Debian's ipxe-qemu boots over DHCP and TFTP -----------------------------
+IPXE_OK = "pyhyve-ipxe-ok"
+HOST_ADDRESS = "10.77.0.1"
+
+
+@pytest.fixture
+def netns(tmp_path):
+    """A private network namespace holding a tap with 10.77.0.1/24 and dnsmasq serving
+    DHCP and TFTP on it; yields (namespace, tap)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create network namespaces and taps")
+    if not os.path.exists(N.TUN_PATH):
+        pytest.skip(f"{N.TUN_PATH} is missing")
+    from firmware import require_program
+    ip = require_program("ip", "iproute2")
+    dnsmasq = require_program("dnsmasq", "dnsmasq")
+    namespace, tap_name = f"pyhyve-test-{os.getpid()}", f"pyhvtap{os.getpid() % 1000}"
+    tftp = tmp_path / "tftp"
+    tftp.mkdir()
+    (tftp / "boot.ipxe").write_text(f"#!ipxe\necho {IPXE_OK}\npoweroff\n")
+    subprocess.run([ip, "netns", "add", namespace], check=True)
+    server = None
+    try:
+        def inside(*command):
+            subprocess.run([ip, "netns", "exec", namespace, *command], check=True)
+        inside(ip, "link", "set", "lo", "up")
+        inside(ip, "tuntap", "add", "mode", "tap", "name", tap_name)
+        inside(ip, "addr", "add", f"{HOST_ADDRESS}/24", "dev", tap_name)
+        inside(ip, "link", "set", tap_name, "up")
+        server = subprocess.Popen(
+            [ip, "netns", "exec", namespace, dnsmasq, "--no-daemon", "--conf-file=/dev/null",
+             f"--interface={tap_name}", "--bind-interfaces", "--port=0",
+             "--dhcp-range=10.77.0.50,10.77.0.60", "--enable-tftp", f"--tftp-root={tftp}",
+             "--dhcp-boot=boot.ipxe", f"--pid-file={tmp_path / 'dnsmasq.pid'}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "dnsmasq.log", "wb"))
+        yield namespace, tap_name, ip
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        subprocess.run([ip, "netns", "delete", namespace])
+
+
+def _boot(command: list[str], timeout: float) -> tuple[str, int]:
+    """Run a VM until iPXE's script has spoken; then the script's poweroff ends it,
+    or two SIGTERMs do.  Returns the console and the exit status."""
+    from firmware import read_until
+    from guestrun import REPO
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        console = read_until(proc, IPXE_OK, timeout=timeout)
+        try:
+            status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1)          # two signals sent at once can arrive as one
+            proc.send_signal(signal.SIGTERM)
+            status = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    return console, status
+
+
+@pytest.fixture
+def ipxe_rom():
+    from firmware import require_file
+    require_file("/usr/share/seabios/bios.bin", "seabios")
+    return require_file("/usr/lib/ipxe/qemu/pxe-virtio.rom", "ipxe-qemu")
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_ipxe_boots_over_virtio_net(netns, ipxe_rom):
+    namespace, tap_name, ip = netns
+    console, status = _boot(
+        [ip, "netns", "exec", namespace, sys.executable, "-m", "pyhyve", "-m", "128M",
+         "-l", "bootrom,/usr/share/seabios/bios.bin", "-l", "com1,stdio", "-l", "fwcfg,qemu",
+         "-s", f"3,virtio-net,tap={tap_name},rom={ipxe_rom}", "ipxe-vm"], timeout=240)
+    # iPXE's virtio-net driver found the device through the patched ROM and set it up.
+    assert "iPXE initialising devices...ok" in console, console
+    if IPXE_OK not in console and "internal_error" in console:
+        pytest.skip("iPXE probed virtio-net, then hit an instruction this host's KVM "
+                    "cannot emulate (KVM internal error) before DHCP")
+    assert IPXE_OK in console, console
+    assert status == 1                                  # the script powered off
