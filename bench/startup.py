@@ -11,6 +11,7 @@ Goals (issue 9): start-up faster than QEMU; pyhyve's own memory under 40 MiB.
 """
 
 import argparse
+import compileall
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    # Bytecode as an installed package has it (even where PYTHONDONTWRITEBYTECODE is set).
+    compileall.compile_dir(str(REPO / "pyhyve"), quiet=1)
     rom = build_rom("exits", COUNT=10**9, EXIT_PORT=0x402)
     qemu = shutil.which("qemu-system-x86_64")
     env = dict(os.environ, PYTHONPATH=str(REPO))
