@@ -99,15 +99,6 @@
  * guest runs natively or under the host's instruction emulator. */
 #define TIMEOUT_TICKS (1 << 38)
 
-/* Print a string literal on the debug port (clobbers rax, rdx, rsi). */
-.macro PRINT text
-    leaq 98f(%rip), %rsi
-    call puts
-    jmp 99f
-98: .asciz "\text"
-99:
-.endm
-
     ROM_START
 #include "longmode.inc"
 
@@ -140,7 +131,7 @@ find_device:
     addl $0x800, %ebx
     cmpl $(32 << 11), %ebx
     jne 1b
-    PRINT "no virtio-blk on bus 0\n"
+    PRINT_STR "no virtio-blk on bus 0\n"
     jmp poweroff
 2:  leal PCI_BAR0(%rbx), %edi
     call cfg_read
@@ -159,18 +150,18 @@ find_device:
     orl $(CMD_IO | CMD_MASTER), %esi
     leal PCI_COMMAND(%rbx), %edi
     call cfg_write
-    PRINT "virtio-blk 00:"
+    PRINT_STR "virtio-blk 00:"
     movl %ebx, %eax
     shrl $11, %eax
     movl $2, %ecx
     call puthex
-    PRINT ".0 io 0x"
+    PRINT_STR ".0 io 0x"
     movl V_IOBASE, %eax
     movl $4, %ecx
     call puthex
-    PRINT "\n"
+    PRINT_STR "\n"
     ret
-8:  PRINT "virtio-blk BAR 0 is not I/O\n"
+8:  PRINT_STR "virtio-blk BAR 0 is not I/O\n"
     jmp poweroff
 
 /* --- 2: legacy initialisation ---------------------------------------------------- */
@@ -186,11 +177,11 @@ init_device:
     leal VIRTIO_HOST_FEATURES(%rbx), %edx
     inl %dx, %eax
     pushq %rax
-    PRINT "host features 0x"
+    PRINT_STR "host features 0x"
     movl (%rsp), %eax
     movl $8, %ecx
     call puthex
-    PRINT "\n"
+    PRINT_STR "\n"
     popq %rax
     andl $F_FLUSH, %eax            /* FLUSH is defined only once negotiated */
     leal VIRTIO_GUEST_FEATURES(%rbx), %edx
@@ -234,12 +225,12 @@ init_device:
     movb $(S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK), %al
     outb %al, %dx
 
-    PRINT "queue size "            /* the size and the disk's capacity, for the log */
+    PRINT_STR "queue size "            /* the size and the disk's capacity, for the log */
     movl V_QMASK, %eax
     incl %eax
     xorl %ecx, %ecx
     call puthex
-    PRINT " capacity "
+    PRINT_STR " capacity "
     leal VIRTIO_CONFIG(%rbx), %edx
     inl %dx, %eax
     movl %eax, %r12d
@@ -250,13 +241,13 @@ init_device:
     movq %rax, %r12
     xorl %ecx, %ecx
     call puthex
-    PRINT "\n"
+    PRINT_STR "\n"
     cmpq $(TOTAL_KIB * 2), %r12    /* sectors the run needs */
     jb 9f
     ret
-8:  PRINT "bad queue size\n"
+8:  PRINT_STR "bad queue size\n"
     jmp poweroff
-9:  PRINT "disk too small\n"
+9:  PRINT_STR "disk too small\n"
     jmp poweroff
 
 /* --- one request ----------------------------------------------------------------- */
@@ -335,10 +326,10 @@ read_only:
     addq $(CHUNK / SECTOR), %rbx
     cmpq $(CHUNKS * CHUNK / SECTOR), %rbx
     jne 1b
-    PRINT "read done\n"
+    PRINT_STR "read done\n"
     ret
 8:  pushq %rax
-    PRINT "read status "
+    PRINT_STR "read status "
     popq %rax
     call print_status
     ret
@@ -360,7 +351,7 @@ write_read_verify:
     testq %rbx, %rbx
     jnz 2f
     pushq %rax                     /* the first write's status, ro or not */
-    PRINT "write status "
+    PRINT_STR "write status "
     movq (%rsp), %rax
     call print_status
     popq %rax
@@ -375,7 +366,7 @@ write_read_verify:
     xorl %edx, %edx
     call submit
     pushq %rax
-    PRINT "flush status "
+    PRINT_STR "flush status "
     movq (%rsp), %rax
     call print_status
     popq %rax
@@ -396,30 +387,30 @@ write_read_verify:
     cmpq $(CHUNKS * CHUNK / SECTOR), %rbx
     jne 3b
 
-    PRINT "written checksum "
+    PRINT_STR "written checksum "
     movq %r14, %rax
     movl $16, %ecx
     call puthex
-    PRINT "\nread checksum "
+    PRINT_STR "\nread checksum "
     movq %r15, %rax
     movl $16, %ecx
     call puthex
-    PRINT "\n"
+    PRINT_STR "\n"
     cmpq %r14, %r15
     jne 6f
-    PRINT "blk ok\n"
+    PRINT_STR "blk ok\n"
     ret
-6:  PRINT "blk mismatch\n"
+6:  PRINT_STR "blk mismatch\n"
     ret
 7:  pushq %rax
-    PRINT "read status "
+    PRINT_STR "read status "
     popq %rax
     call print_status
-    PRINT "blk read failed\n"
+    PRINT_STR "blk read failed\n"
     ret
-8:  PRINT "blk write failed\n"
+8:  PRINT_STR "blk write failed\n"
     ret
-9:  PRINT "blk flush failed\n"
+9:  PRINT_STR "blk flush failed\n"
     ret
 
 #if NUMBERED
@@ -444,18 +435,18 @@ write_numbered:
     call submit
     testl %eax, %eax
     jnz 9f
-    PRINT "acked "
+    PRINT_STR "acked "
     movl %r12d, %eax
     xorl %ecx, %ecx
     call puthex
-    PRINT "\n"
+    PRINT_STR "\n"
 2:  cmpq $(CHUNKS * CHUNK / SECTOR), %rbx
     jne 1b
-    PRINT "blk done\n"
+    PRINT_STR "blk done\n"
     ret
-8:  PRINT "blk write failed\n"
+8:  PRINT_STR "blk write failed\n"
     ret
-9:  PRINT "blk flush failed\n"
+9:  PRINT_STR "blk flush failed\n"
     ret
 #endif
 
@@ -511,9 +502,9 @@ print_status:                      /* %eax: a status (or TIMEOUT_STATUS) -> "XX\
     je 1f
     movl $2, %ecx
     call puthex
-    PRINT "\n"
+    PRINT_STR "\n"
     ret
-1:  PRINT "timeout\n"
+1:  PRINT_STR "timeout\n"
     ret
 
 #include "lib64.inc"

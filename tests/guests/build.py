@@ -35,12 +35,14 @@ def _digest(source: Path, defines: dict[str, int]) -> str:
     return sha.hexdigest()[:16]
 
 
-def build_rom(name: str, **defines: int) -> Path:
-    """The bootrom image for tests/guests/NAME.S (built once per content)."""
+def _assemble(name: str, suffix: str, defines: dict[str, int], ld_flags: list[str],
+              objcopy_flags: list[str], check) -> Path:
+    """gcc -c, ld, objcopy -O binary, cached by content; `check(data)` returns
+    an error message for a bad image, or None."""
     source = GUESTS / f"{name}.S"
     if not source.exists():
         raise BuildError(f"no guest source {source}")
-    image = CACHE / f"{name}-{_digest(source, defines)}.rom"
+    image = CACHE / f"{name}-{_digest(source, defines)}{suffix}"
     if image.exists():
         return image
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -50,21 +52,28 @@ def build_rom(name: str, **defines: int) -> Path:
     commands = [
         ["gcc", "-c", "-m32", "-nostdlib", "-I", str(GUESTS), *flags,
          "-o", str(work / "guest.o"), str(source)],
-        ["ld", "-m", "elf_i386", "-T", str(GUESTS / "rom.ld"),
-         "-o", str(work / "guest.elf"), str(work / "guest.o")],
-        ["objcopy", "-O", "binary", str(work / "guest.elf"), str(work / "guest.bin")],
+        ["ld", "-m", "elf_i386", *ld_flags, "-o", str(work / "guest.elf"), str(work / "guest.o")],
+        ["objcopy", "-O", "binary", *objcopy_flags, str(work / "guest.elf"),
+         str(work / "guest.bin")],
     ]
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode:
             raise BuildError(f"{' '.join(command)}:\n{result.stderr}")
-    data = (work / "guest.bin").read_bytes()
-    if len(data) != ROM_SIZE:
-        raise BuildError(f"{name}: image is {len(data)} bytes, expected {ROM_SIZE}")
+    problem = check((work / "guest.bin").read_bytes())
+    if problem:
+        raise BuildError(f"{name}: {problem}")
     os.replace(work / "guest.elf", image.with_suffix(".elf"))
     os.replace(work / "guest.bin", image)
     shutil.rmtree(work, ignore_errors=True)
     return image
+
+
+def build_rom(name: str, **defines: int) -> Path:
+    """The bootrom image for tests/guests/NAME.S (built once per content)."""
+    return _assemble(name, ".rom", defines, ["-T", str(GUESTS / "rom.ld")], [],
+                     lambda data: None if len(data) == ROM_SIZE else
+                     f"image is {len(data)} bytes, expected {ROM_SIZE}")
 
 
 def rom_symbols(name: str, **defines: int) -> dict[str, int]:
@@ -82,30 +91,8 @@ BOOT_SECTOR_BASE = 0x7C00
 def build_boot_sector(name: str) -> Path:
     """The 512-byte boot sector for tests/guests/NAME.S, linked at 0x7C00 where
     the BIOS loads it (built once per content)."""
-    source = GUESTS / f"{name}.S"
-    if not source.exists():
-        raise BuildError(f"no guest source {source}")
-    image = CACHE / f"{name}-{_digest(source, {})}.mbr"
-    if image.exists():
-        return image
-    CACHE.mkdir(parents=True, exist_ok=True)
-    work = CACHE / f"{image.stem}.{os.getpid()}"
-    work.mkdir(exist_ok=True)
-    commands = [
-        ["gcc", "-c", "-m32", "-nostdlib", "-I", str(GUESTS), "-o", str(work / "mbr.o"),
-         str(source)],
-        ["ld", "-m", "elf_i386", f"-Ttext={BOOT_SECTOR_BASE:#x}", "-e", "_start",
-         "-o", str(work / "mbr.elf"), str(work / "mbr.o")],
-        ["objcopy", "-O", "binary", "-j", ".text", str(work / "mbr.elf"),
-         str(work / "mbr.bin")],
-    ]
-    for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise BuildError(f"{' '.join(command)}:\n{result.stderr}")
-    data = (work / "mbr.bin").read_bytes()
-    if len(data) != BOOT_SECTOR_SIZE or data[-2:] != b"\x55\xaa":
-        raise BuildError(f"{name}: boot sector is {len(data)} bytes or lacks 55 AA")
-    os.replace(work / "mbr.bin", image)
-    shutil.rmtree(work, ignore_errors=True)
-    return image
+    return _assemble(name, ".mbr", {}, [f"-Ttext={BOOT_SECTOR_BASE:#x}", "-e", "_start"],
+                     ["-j", ".text"],
+                     lambda data: None if len(data) == BOOT_SECTOR_SIZE and
+                     data[-2:] == b"\x55\xaa" else
+                     f"boot sector is {len(data)} bytes or lacks 55 AA")

@@ -38,15 +38,6 @@
 #define INTX_PIN       19              /* slot 3 INTA: link (3 + 1 - 1) % 4 = 3, pin 16 + 3 */
 #define WAIT_LOOPS     1000000
 
-/* Print a string literal on the debug port (clobbers rax, rdx, rsi). */
-.macro PRINT_STR text
-    leaq 98f(%rip), %rsi
-    call puts
-    jmp 99f
-98: .asciz "\text"
-99:
-.endm
-
     ROM_START
 #include "longmode.inc"
 
