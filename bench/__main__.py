@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-BENCHMARKS = ("exits.py", "blk.py", "startup.py")
+BENCHMARKS = ("exits.py", "blk.py", "startup.py", "boot.py", "density.py", "snapshot.py")
 
 
 def main() -> int:

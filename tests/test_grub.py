@@ -2,11 +2,7 @@
 grub.cfg and `cat`s a file from an ext2 partition on the serial console, then
 halts; the same disk on pyhyve and on QEMU, with both boot times printed.
 
-The disk is built without loop devices or mounts: an MBR with GRUB's boot.img
-as boot code and one partition table entry, GRUB's core.img (made by
-grub-mkimage, its embedded prefix naming the partition) in the sectors after
-the MBR, where boot.img's kernel sector pointer finds it, and an ext2
-filesystem made by `mke2fs -d` in a file, copied in at PARTITION_START.
+The disk comes from tests/guests/grubdisk.py (no loop devices or mounts).
 
 GRUB's `halt` powers a QEMU machine off through its ACPI tables; where
 SeaBIOS finds no ACPI power-off register (pyhyve without ACPI tables for the
@@ -16,7 +12,6 @@ pyhyve, like bhyve, reports as exit status 2.
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -25,35 +20,11 @@ from pathlib import Path
 
 import pytest
 from firmware import read_until, require_file, require_program
+from grubdisk import BOOT_IMG, FILE_TEXT, MARKER, build_grub_disk
 from guestrun import REPO
-
-SECTOR = 512
-PARTITION_START = 2048                  # sectors: what fdisk picks, 1 MiB
-PARTITION_SIZE = 8 * 1024 * 1024
-BOOT_IMG = "/usr/lib/grub/i386-pc/boot.img"
-BOOT_IMG_KERNEL_SECTOR = 0x5C           # GRUB_BOOT_MACHINE_KERNEL_SECTOR: core.img's LBA
-PARTITION_TABLE = 446
-GRUB_MODULES = ["biosdisk", "part_msdos", "ext2", "serial", "terminal", "cat", "echo",
-                "normal", "configfile", "halt"]
-
-MARKER = "pyhyve-grub-e2e: grub.cfg runs"
-FILE_TEXT = "pyhyve-grub-e2e: this line lives in hello.txt on ext2"
-GRUB_CFG = f"""serial --unit=0 --speed=115200
-terminal_input serial
-terminal_output serial
-echo {MARKER}
-cat (hd0,msdos1)/hello.txt
-halt
-"""
 
 BOOT_TIMEOUT = 240                      # QEMU takes about 40 s here, pyhyve somewhat more
 HALT_TIMEOUT = 60
-
-
-def partition_entry(start: int, sectors: int) -> bytes:
-    """An active Linux partition, addressed by LBA (its CHS fields say "beyond 8 GiB")."""
-    return struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff",
-                       start, sectors)
 
 
 @pytest.fixture(scope="module")
@@ -61,35 +32,7 @@ def grub_disk(tmp_path_factory) -> Path:
     boot_img = require_file(BOOT_IMG, "grub-pc-bin")
     mkimage = require_program("grub-mkimage", "grub-common")
     mke2fs = require_program("mke2fs", "e2fsprogs")
-    work = tmp_path_factory.mktemp("grub")
-    root = work / "root"
-    (root / "boot" / "grub").mkdir(parents=True)
-    (root / "boot" / "grub" / "grub.cfg").write_text(GRUB_CFG)
-    (root / "hello.txt").write_text(FILE_TEXT + "\n")
-
-    partition = work / "partition.img"
-    with open(partition, "wb") as file:
-        file.truncate(PARTITION_SIZE)
-    subprocess.run([mke2fs, "-q", "-F", "-t", "ext2", "-d", str(root), str(partition)],
-                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
-    core_img = work / "core.img"
-    subprocess.run([mkimage, "-O", "i386-pc", "-o", str(core_img), "-p",
-                    "(hd0,msdos1)/boot/grub", *GRUB_MODULES], check=True, capture_output=True)
-    core = core_img.read_bytes()
-    assert SECTOR + len(core) <= PARTITION_START * SECTOR, "core.img overlaps the partition"
-
-    mbr = bytearray(Path(boot_img).read_bytes()[:PARTITION_TABLE].ljust(SECTOR, b"\0"))
-    struct.pack_into("<Q", mbr, BOOT_IMG_KERNEL_SECTOR, 1)
-    mbr[PARTITION_TABLE:PARTITION_TABLE + 16] = partition_entry(PARTITION_START,
-                                                                PARTITION_SIZE // SECTOR)
-    mbr[510:512] = b"\x55\xaa"
-    disk = work / "disk.img"
-    with open(disk, "wb") as file:
-        file.write(mbr)
-        file.write(core)                        # from sector 1
-        file.seek(PARTITION_START * SECTOR)
-        file.write(partition.read_bytes())
-    return disk
+    return build_grub_disk(tmp_path_factory.mktemp("grub"), boot_img, mkimage, mke2fs)
 
 
 @dataclass
