@@ -6,10 +6,11 @@ import struct
 import tracemalloc
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fakevm import FakeVm
+from fuzzing import fuzz_settings
 from pyhyve.config import ConfigError
 from pyhyve.devices.fwcfg import (
     DMA_CTL_ERROR, DMA_CTL_READ, DMA_CTL_SELECT, DMA_CTL_SKIP, DMA_CTL_WRITE,
@@ -336,7 +337,7 @@ access = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.lists(access, max_size=40))
 def test_random_guest_accesses_never_raise(accesses):
     vm = FakeVm(memory_size=SMALL)

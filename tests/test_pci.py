@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from fakevm import FakeVm
-from hypothesis import given, settings
+from fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyhyve.cli import parse_pci
@@ -1271,7 +1272,7 @@ def apply_setup(vm, devices, setup):
                              (MSIX_FUNCTION_MASK if setup["function_mask"] else 0))
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(setups, operations)
 def test_random_config_and_bar_traffic_keeps_devices_consistent(setup, ops):
     vm = PciVm()

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from fakevm import FakeVm
-from hypothesis import given, settings
+from fuzzing import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pyhyve.devices import rtc as rtc_module
@@ -493,7 +494,7 @@ ACCESS = st.tuples(st.booleans(), st.sampled_from(PORTS), st.sampled_from((1, 2,
                    st.integers(0, 0xFFFFFFFF))
 
 
-@settings(max_examples=150, deadline=None)
+@fuzz_settings(150)
 @given(st.lists(ACCESS, max_size=80), st.booleans())
 def test_random_port_traffic_never_raises(accesses, use_utc):
     vm = FakeVm()

@@ -2,9 +2,10 @@
 
 import time
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from fakevm import FakeVm
+from fuzzing import fuzz_settings
 from pyhyve.devices.pm import (PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, PM_TIMER_HZ,
                                PWRBTN_EN, PWRBTN_STS, SCI_IRQ, SLP_EN, PowerManagement)
 from pyhyve.vcpu import ExitStatus
@@ -43,7 +44,7 @@ def test_pm_timer_counts_at_3_579545_mhz():
     assert 0.04 * PM_TIMER_HZ < ticks < 1.0 * PM_TIMER_HZ
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.lists(st.tuples(st.integers(0x400, 0x40B), st.sampled_from([1, 2, 4]),
                           st.integers(0, 0xFFFFFFFF)), max_size=30))
 def test_guest_writes_never_raise(accesses):

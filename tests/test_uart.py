@@ -8,10 +8,11 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fakevm import FakeVm
+from fuzzing import fuzz_settings
 from pyhyve.config import ConfigError
 from pyhyve.devices.chardev import (Backend, FileBackend, StdioBackend, TcpBackend,
                                     UnixBackend, open_backend)
@@ -440,7 +441,7 @@ operation = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.lists(operation, min_size=10, max_size=80))
 def test_random_accesses_keep_registers_consistent(operations):
     rig = Rig()

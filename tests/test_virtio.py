@@ -13,7 +13,8 @@ import time
 
 import pytest
 from fakevm import FakeVm, RecordingKvmVm
-from hypothesis import HealthCheck, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from pyhyve.config import ConfigError
@@ -583,8 +584,7 @@ DESCRIPTORS = st.lists(st.tuples(ADDRESSES, LENGTHS, FLAGS, st.integers(0, 7)),
 HEADS = st.lists(st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF)), min_size=1, max_size=4)
 
 
-@settings(max_examples=80, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(80, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(descriptors=DESCRIPTORS, heads=HEADS,
        header=st.tuples(st.sampled_from([0, 1, 4, 8, 11, 13, 99]), st.integers(0, 2**64 - 1)))
 def test_garbage_never_escapes(disk, descriptors, heads, header):

@@ -9,7 +9,8 @@ import time
 
 import pytest
 from fakevm import FakeVm
-from hypothesis import event, given, settings
+from fuzzing import fuzz_settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from pyhyve.memory import MiB
@@ -548,7 +549,7 @@ def test_event_idx_arithmetic(memory, old, pushes, event, expected):
     assert need_event_reference(event, (old + pushes) & 0xFFFF, old) is expected
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz_settings(200)
 @given(old=st.integers(0, 0xFFFF), pushes=st.integers(1, 8), event=st.integers(0, 0xFFFF),
        near=st.booleans())
 def test_event_idx_matches_its_meaning(old, pushes, event, near):
@@ -649,7 +650,7 @@ descriptors = mostly(
     st.binary(min_size=16, max_size=16))
 
 
-@settings(max_examples=300, deadline=2000)
+@fuzz_settings(300, deadline=2000)
 @given(last_avail=st.integers(0, 0xFFFF), size=st.sampled_from([1, 2, 4, 16]),
        event_idx=st.booleans(), data=st.data())
 def test_arbitrary_guest_bytes_never_escape(last_avail, size, event_idx, data):

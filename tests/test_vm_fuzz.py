@@ -6,12 +6,13 @@ status 1 (powered off, so the guest ran to its end) and no Python traceback."""
 
 import pytest
 
+from fuzzing import SCALE
 from guestrun import run_rom
 from pyhyve.vcpu import ExitStatus
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
-ITERATIONS = 20000
+ITERATIONS = 20000 * SCALE
 SEEDS = [1, 2, 0x9E3779B9, 0xDEADBEEF, 0x12345678]
 
 
