@@ -18,10 +18,11 @@ from fuzzing import fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
-from pyhyve.pci import BAR_IO, emulations
+from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
 from pyhyve.virtio import pci as V
 from pyhyve.virtio.pci import VirtioPciDevice
+from test_pci import fuzz_bar_access, fuzz_config_access
 from test_virtio import SLOT, Driver, VirtioVm
 
 MiB = 1 << 20
@@ -93,44 +94,6 @@ NOTIFY = st.tuples(st.just("notify"), st.integers(0, 7))
 OPERATIONS = st.lists(st.one_of(CONFIG, BAR, BAR, RAM, RAM, NOTIFY), max_size=60)
 
 
-def config_access(vm, slot, how, offset, size, value, write):
-    offset &= ~(size - 1)
-    if how == "cf8":
-        offset &= 0xFF
-        vm.port_write(0xCF8, 4, 0x80000000 | slot << 11 | offset & 0xFC)
-        address, read, store = 0xCFC + (offset & 3), vm.port_read, vm.port_write
-    else:
-        address, read, store = 0xE0000000 | slot << 15 | offset, vm.mmio_read, vm.mmio_write
-    if write:
-        store(address, size, value)
-    else:
-        assert read(address, size) < 1 << 8 * size
-
-
-def bar_access(vm, device, index, offset, size, value, write):
-    if index == 6:
-        if device.rom is None:
-            return
-        base, length, on_ports = device.rom_address, device.rom_size, False
-    else:
-        bar = device.bars[index]
-        if bar is None:
-            return
-        base, length, on_ports = bar.address, bar.size, bar.kind == BAR_IO
-    address = base + offset % length
-    value &= (1 << 8 * size) - 1
-    if on_ports:
-        size, address, value = min(size, 4), address & 0xFFFF, value & 0xFFFFFFFF
-        if write:
-            vm.port_write(address, size, value)
-        else:
-            assert vm.port_read(address, size) < 1 << 8 * size
-    elif write:
-        vm.mmio_write(address, size, value)
-    else:
-        assert vm.mmio_read(address, size) < 1 << 8 * size
-
-
 def start_every_queue(driver, queues: int) -> None:
     driver.negotiate(driver.device_features())
     for index in range(queues):
@@ -178,9 +141,9 @@ def test_random_guest_traffic_never_escapes(tmp_path, name, operations, started)
                 start_every_queue(driver, len(device.queues))
             for operation in operations:
                 if operation[0] == "config":
-                    config_access(vm, slot, *operation[1:])
+                    fuzz_config_access(vm, slot, 0, *operation[1:])
                 elif operation[0] == "bar":
-                    bar_access(vm, device, *operation[1:])
+                    fuzz_bar_access(vm, device, *operation[1:])
                 elif operation[0] == "notify":
                     if driver:
                         driver.notify(operation[1] % len(device.queues))
