@@ -15,6 +15,7 @@ import pytest
 from pyhyve.config import ConfigError
 from pyhyve.virtio import net as N
 from pyhyve.virtio import pci as V
+from pyhyve.virtio import tap as T
 from pyhyve.virtio.net import VirtioNet
 from test_virtio import BUFFERS, SLOT, Driver, Ring, VirtioVm, make, wait_for
 
@@ -86,9 +87,11 @@ def legacy_notify(driver, index):
 
 # --- options --------------------------------------------------------------------------------------
 def test_bhyve_option_syntax():
-    assert VirtioNet.legacy_options("tap0") == {"tap": "tap0"}
+    assert VirtioNet.legacy_options("tap0") == {"backend": "tap0"}
     assert VirtioNet.legacy_options("tap0,mac=00:a0:98:00:00:01,mtu=9000") == \
-        {"tap": "tap0", "mac": "00:a0:98:00:00:01", "mtu": "9000"}
+        {"backend": "tap0", "mac": "00:a0:98:00:00:01", "mtu": "9000"}
+    assert VirtioNet.legacy_options("slirp,hostfwd=tcp::2222-:22") == \
+        {"backend": "slirp", "hostfwd": "tcp::2222-:22"}
     assert VirtioNet.legacy_options("tap=vm0tap,rom=/x") == {"tap": "vm0tap", "rom": "/x"}
 
 
@@ -139,7 +142,9 @@ def test_rom_ids_patched_as_qemu_does(tap, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({}, "no tap given"),
+    ({}, "no backend given"),
+    ({"backend": "tap0", "tap": "tap1"}, "either a backend or tap=, not both"),
+    ({"tap": "tap0", "hostfwd": "tcp::2222-:22"}, "hostfwd= needs the slirp backend"),
     ({"tap": "tap0", "mac": "00:a0:98:00:00"}, "is not xx:xx"),
     ({"tap": "tap0", "mac": "01:00:5e:00:00:01"}, "multicast or zero"),
     ({"tap": "tap0", "mac": "00:00:00:00:00:00"}, "multicast or zero"),
@@ -156,18 +161,18 @@ def test_bad_options(tap, options, message):
 
 def test_tap_errors(monkeypatch):
     with pytest.raises(ConfigError, match="not a valid interface name"):
-        N.open_tap("a-name-far-too-long")
-    monkeypatch.setattr(N, "TUN_PATH", "/nonexistent/tun")
+        T.open_tap("a-name-far-too-long")
+    monkeypatch.setattr(T, "TUN_PATH", "/nonexistent/tun")
     with pytest.raises(ConfigError, match=r"^virtio-net: /nonexistent/tun is missing"):
-        N.open_tap("tap0")
+        T.open_tap("tap0")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may open any tap")
 def test_tap_permission_denied():
-    if not os.path.exists(N.TUN_PATH):
-        pytest.skip(f"{N.TUN_PATH} is missing")
+    if not os.path.exists(T.TUN_PATH):
+        pytest.skip(f"{T.TUN_PATH} is missing")
     with pytest.raises(ConfigError, match="virtio-net: cannot"):
-        N.open_tap("pyhvdenied0")
+        T.open_tap("pyhvdenied0")
 
 
 # --- transmit -------------------------------------------------------------------------------------
@@ -304,8 +309,8 @@ def netns(tmp_path):
     DHCP and TFTP on it; yields (namespace, tap)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces and taps")
-    if not os.path.exists(N.TUN_PATH):
-        pytest.skip(f"{N.TUN_PATH} is missing")
+    if not os.path.exists(T.TUN_PATH):
+        pytest.skip(f"{T.TUN_PATH} is missing")
     from firmware import require_program
     ip = require_program("ip", "iproute2")
     dnsmasq = require_program("dnsmasq", "dnsmasq")

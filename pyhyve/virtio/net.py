@@ -1,44 +1,51 @@
-"""`virtio-net`: a network card backed by a Linux tap device (virtio 1.2, 5.1).
+"""`virtio-net`: a network card on a Linux tap or on user-mode networking (virtio 1.2, 5.1).
 
     -s SLOT,virtio-net,tapN[,mac=xx:xx:xx:xx:xx:xx][,mtu=N]
     -s SLOT,virtio-net,tap=NAME[,mac=...][,mtu=N]
+    -s SLOT,virtio-net,slirp[,hostfwd=RULE[;RULE...]][,tftp=DIR][,bootfile=NAME][,mac=...][,mtu=N]
 
-as bhyve's pci_virtio_net takes them.  The tap is opened through
-/dev/net/tun (created if it does not exist, as a non-persistent tap that
-goes away with pyhyve) with IFF_VNET_HDR and a 12-byte
-virtio_net_hdr_mrg_rxbuf on every frame.  The default MAC is bhyve's: OUI
-00:a0:98 and the first three bytes of the MD5 of "SLOT-FUNC-VMNAME".
+as bhyve's pci_virtio_net takes them (the bare first word is the backend, a
+tap's name or `slirp`; `backend=` says the same as a config key).  The
+backend is a non-blocking fd carrying one frame per read or write behind a
+12-byte virtio_net_hdr_mrg_rxbuf: a tap opened with IFF_VNET_HDR (tap.py),
+or the socket to a libslirp thread (slirp.py), so the data path below is the
+same for both.  The default MAC is bhyve's: OUI 00:a0:98 and the first three
+bytes of the MD5 of "SLOT-FUNC-VMNAME".
 
 Features: MAC, STATUS (the link is always up), MRG_RXBUF, and MTU when
 `mtu=` is given.  Checksum and segmentation offloads are not offered, so
 every header pyhyve sends either way is all zeros apart from num_buffers;
 drivers that take neither VERSION_1 nor MRG_RXBUF get the 10-byte legacy
-header.
+header.  The device config is read-only, except that a legacy driver may set
+the MAC by writing it (virtio 1.2, 5.1.4.3: no CTRL_MAC_ADDR is offered); other
+config writes are dropped and counted in config_writes_dropped.
 
 TX (queue 1): each chain's data after the driver's header goes out with one
 writev; chains too short for the header and frames longer than the MTU
-allows are dropped and counted in tx_dropped.  RX (queue 0): the tap is
-watched by the VM's virtio I/O thread; frames go into the posted buffers
-(several of them with MRG_RXBUF).  When the driver has posted none, the
-tap is taken off the I/O thread until the driver kicks the receive queue, so
-pending frames wait in the kernel (which drops the oldest when its queue
-fills) instead of the thread spinning.  Frames that do not fit the buffers
-are dropped and counted in rx_dropped.
+allows are dropped and counted in tx_dropped.  RX (queue 0): the backend fd
+is watched by the VM's virtio I/O thread; frames go into the posted buffers
+(several of them with MRG_RXBUF).  When the driver has posted none, the fd
+is taken off the I/O thread until the driver kicks the receive queue, so
+pending frames wait in the kernel (which drops them when its queue fills)
+instead of the thread spinning.  Frames that do not fit the buffers are
+dropped and counted in rx_dropped.
 """
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
 import re
 import struct
+from typing import Callable
 
 from ..config import ConfigError
 from ..pci import emulation
+from . import slirp
 from .iothread import io_thread
 from .pci import F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET, VirtioPciDevice
 from .queue import Chain, SplitQueue
+from .tap import open_tap
 
 log = logging.getLogger(__name__)
 
@@ -60,42 +67,13 @@ ETHER_OVERHEAD = 14 + 4           # Ethernet header and one VLAN tag
 DEFAULT_MTU = 1500
 MIN_MTU, MAX_MTU = 68, 65535 - ETHER_OVERHEAD
 READ_SIZE = HDR_LEN + 65536
+ZERO_HEADER = bytes(HDR_LEN)       # what every frame to the backend carries: no offloads
 OUI = b"\x00\xa0\x98"
+MAC_LEN = 6
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 
-TUN_PATH = "/dev/net/tun"
-TUNSETIFF = 0x400454CA
-TUNSETVNETHDRSZ = 0x400454D8
-IFF_TAP = 0x0002
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-IFNAMSIZ = 16
-
-
-def open_tap(name: str) -> int:
-    """A non-blocking fd for tap `name` carrying 12-byte virtio-net headers."""
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
-        raise ConfigError(f"virtio-net: '{name}' is not a valid interface name")
-    try:
-        fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"virtio-net: {TUN_PATH} is missing (load the tun module)") from None
-    except OSError as exc:
-        raise ConfigError(f"virtio-net: cannot open {TUN_PATH}: {exc.strerror}") from None
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
-                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", HDR_LEN))
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno == errno.EPERM:
-            reason = "permission denied (needs root or CAP_NET_ADMIN)"
-        elif exc.errno == errno.EBUSY:
-            reason = "it is in use, or is not a tap"
-        else:
-            reason = exc.strerror
-        raise ConfigError(f"virtio-net: cannot attach to tap {name}: {reason}") from None
-    return fd
+TAP_OPTIONS = {"tap", "backend", "mac", "mtu"}
+SLIRP_OPTIONS = TAP_OPTIONS | {"hostfwd", "tftp", "bootfile"}
 
 
 def parse_mac(text: str) -> bytes:
@@ -115,7 +93,7 @@ def generate_mac(slot: int, func: int, vm_name: str) -> bytes:
 
 @emulation("virtio-net")
 class VirtioNet(VirtioPciDevice):
-    """virtio network card on a tap: tapN or tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,mtu=N]"""
+    """virtio network card: tapN, tap=NAME or slirp[,hostfwd=...], [,mac=...][,mtu=N]"""
 
     device_type = VIRTIO_ID_NET
     legacy_device_id = LEGACY_DEVICE_ID
@@ -129,16 +107,10 @@ class VirtioNet(VirtioPciDevice):
             return super().legacy_options(text)
         options = super().legacy_options(rest)
         if first:
-            options["tap"] = first
+            options["backend"] = first
         return options
 
     def init(self, options: dict[str, str]) -> None:
-        unknown = sorted(set(options) - {"tap", "mac", "mtu"})
-        if unknown:
-            raise ConfigError(f"virtio-net: unknown option '{unknown[0]}'")
-        name = options.get("tap")
-        if not name:
-            raise ConfigError("virtio-net: no tap given (-s SLOT,virtio-net,tapN)")
         if "mac" in options:
             mac = parse_mac(options["mac"])
         else:
@@ -154,34 +126,63 @@ class VirtioNet(VirtioPciDevice):
                 raise ConfigError(f"virtio-net: mtu '{options['mtu']}' is not a number "
                                   f"from {MIN_MTU} to {MAX_MTU}")
             features |= F_MTU
-        self.mac, self.mtu, self.tap_name = mac, mtu, name
-        self.tx_dropped = self.rx_dropped = 0
-        self.tap_fd = open_tap(name)
+        self.mac, self.mtu = mac, mtu
+        self.tx_dropped = self.rx_dropped = self.config_writes_dropped = 0
+        self.backend_fd, self.backend_name, self._close_backend = self._open_backend(options)
         try:
             self.virtio_init([QUEUE_SIZE, QUEUE_SIZE], features, _CONFIG.size)
         except BaseException:
-            os.close(self.tap_fd)
+            self._close_backend()
             raise
         _CONFIG.pack_into(self.device_config, 0, mac, S_LINK_UP, 1, mtu)
-        self._tap_thread = io_thread(self.vm)
+        self._backend_thread = io_thread(self.vm)
         self._rx_armed = False
-        self._rx_frame: bytes | None = None    # read from the tap, waiting for buffers
+        self._rx_frame: bytes | None = None    # read from the backend, waiting for buffers
+
+    def _open_backend(self, options: dict[str, str]) -> tuple[int, str, Callable[[], None]]:
+        """(fd, name for messages, close) of the tap or slirp network the options name."""
+        backend, tap = options.get("backend"), options.get("tap")
+        if backend and tap:
+            raise ConfigError("virtio-net: give either a backend or tap=, not both")
+        name = backend or tap
+        if not name:
+            raise ConfigError("virtio-net: no backend given (-s SLOT,virtio-net,tapN "
+                              "or -s SLOT,virtio-net,slirp)")
+        user_networking = backend == "slirp"
+        allowed = SLIRP_OPTIONS if user_networking else TAP_OPTIONS
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            if unknown[0] in SLIRP_OPTIONS:
+                raise ConfigError(f"virtio-net: {unknown[0]}= needs the slirp backend")
+            raise ConfigError(f"virtio-net: unknown option '{unknown[0]}'")
+        if not user_networking:
+            fd = open_tap(name)
+            return fd, f"tap {name}", lambda: os.close(fd)
+        forwards = slirp.parse_hostfwd(options["hostfwd"]) if "hostfwd" in options else []
+        tftp = options.get("tftp")
+        if tftp is not None and not os.path.isdir(tftp):
+            raise ConfigError(f"virtio-net: tftp directory '{tftp}' does not exist")
+        network = slirp.SlirpBackend(
+            forwards, self.mtu, tftp=tftp, bootfile=options.get("bootfile"),
+            warn=lambda message: self.warn_once(f"slirp:{message}", "slirp: %s", message))
+        return network.fd, "slirp", network.close
 
     def _header_length(self) -> int:
         if self.negotiated(F_VERSION_1 | F_MRG_RXBUF):
             return HDR_LEN
         return LEGACY_HDR_LEN
 
-    # --- the tap on the I/O thread ------------------------------------------------------
+    # --- the backend on the I/O thread --------------------------------------------------
     def _arm(self, armed: bool) -> None:
         if armed != self._rx_armed:
             if armed:
-                self._tap_thread.register(self.tap_fd, self._tap_readable, eventfd=False)
+                self._backend_thread.register(self.backend_fd, self._backend_readable,
+                                              eventfd=False)
             else:
-                self._tap_thread.unregister(self.tap_fd)
+                self._backend_thread.unregister(self.backend_fd)
             self._rx_armed = armed
 
-    def _tap_readable(self) -> None:
+    def _backend_readable(self) -> None:
         with self._lock:
             if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) == STATUS_DRIVER_OK \
                     and self.queues[RX].ready:
@@ -192,11 +193,23 @@ class VirtioNet(VirtioPciDevice):
     def device_reset(self) -> None:
         self._arm(False)
         self._rx_frame = None
+        self.device_config[:MAC_LEN] = self.mac      # as configured, whatever a driver wrote
+
+    def device_config_write(self, offset: int, size: int, value: int) -> None:
+        """Legacy drivers set the MAC this way (no CTRL_MAC_ADDR is offered); the rest
+        of the config, and all of it for modern drivers, is read-only."""
+        if offset + size <= MAC_LEN and not self.negotiated(F_VERSION_1):
+            value &= (1 << (8 * size)) - 1
+            self.device_config[offset:offset + size] = value.to_bytes(size, "little")
+            return
+        self.config_writes_dropped += 1
+        self.warn_once("config-write", "virtio-net: driver wrote %d bytes at read-only "
+                       "device config offset %#x; dropped", size, offset)
 
     def teardown(self) -> None:
         with self._lock:
             self._arm(False)
-            os.close(self.tap_fd)
+            self._close_backend()
         super().teardown()
 
     # --- receive -------------------------------------------------------------------------
@@ -209,18 +222,23 @@ class VirtioNet(VirtioPciDevice):
         self.interrupt_queue(RX)
 
     def _receive(self, queue: SplitQueue) -> None:
-        """Move frames from the tap into posted buffers until either runs out."""
+        """Move frames from the backend into posted buffers until either runs out."""
         while True:
             frame = self._rx_frame
             if frame is None:
                 try:
-                    frame = os.read(self.tap_fd, READ_SIZE)
+                    frame = os.read(self.backend_fd, READ_SIZE)
                 except BlockingIOError:
                     queue.set_notification(True)
                     return
                 except OSError as exc:
-                    self.warn_once("tap-read", "virtio-net: reading tap %s failed: %s",
-                                   self.tap_name, exc.strerror)
+                    self.warn_once("backend-read", "virtio-net: reading %s failed: %s",
+                                   self.backend_name, exc.strerror)
+                    self._arm(False)
+                    return
+                if not frame:           # the other end is gone: nothing more will come
+                    self.warn_once("backend-closed", "virtio-net: %s closed",
+                                   self.backend_name)
                     self._arm(False)
                     return
                 if len(frame) <= HDR_LEN:
@@ -231,12 +249,12 @@ class VirtioNet(VirtioPciDevice):
                 # Buffers the driver posts from here on come with a kick.
                 queue.set_notification(True)
                 if not self._deliver(queue, frame):
-                    self._arm(False)    # leave the rest in the tap until the kick
+                    self._arm(False)    # leave the rest in the backend until the kick
                     return
             self._rx_frame = None
 
     def _deliver(self, queue: SplitQueue, frame: bytes) -> bool:
-        """Put one frame (tap header first) in the buffers; False, using none of them,
+        """Put one frame (backend header first) in the buffers; False, using none of them,
         if the driver has not posted enough."""
         header_length = self._header_length()
         mergeable = self.negotiated(F_MRG_RXBUF)
@@ -285,10 +303,10 @@ class VirtioNet(VirtioPciDevice):
             self.tx_dropped += 1
             return 0
         try:
-            os.writev(self.tap_fd, [bytes(HDR_LEN)] + frame)
-        except OSError as exc:        # the tap is down or its queue is full: a lost frame
+            os.writev(self.backend_fd, [ZERO_HEADER] + frame)
+        except OSError as exc:        # the tap is down or a queue is full: a lost frame
             self.tx_dropped += 1
             if exc.errno not in (errno.EAGAIN, errno.EIO):
-                self.warn_once("tap-write", "virtio-net: writing tap %s failed: %s",
-                               self.tap_name, exc.strerror)
+                self.warn_once("backend-write", "virtio-net: writing %s failed: %s",
+                               self.backend_name, exc.strerror)
         return 0
