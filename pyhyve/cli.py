@@ -8,6 +8,7 @@ import sys
 from .config import Config, ConfigError
 from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
+from .sandbox import confine
 from .snapshot import SnapshotError, restore_into
 from .snapshot import read as read_snapshot
 from .vcpu import ExitStatus
@@ -41,6 +42,10 @@ Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree;
                   -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock)
+Least privilege (applied once devices, disks and sockets are open, before the guest runs):
+  -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
+  -o process.seccomp=BOOL   refuse system calls the running VM does not need (default true;
+                            needs libseccomp2)
 x86:
   -e              exit on unemulated I/O (x86.strictio); default: reads return all ones
   -H              yield the host CPU when the guest halts (always so with KVM's LAPIC)
@@ -253,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
             vm.closables.append(ControlServer(vm, path))
+            _handle_sigterm(vm)
+            confine(config)         # everything needing root is open; no vCPU has run
         except ConfigError as exc:
             print(f"pyhyve: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
-        _handle_sigterm(vm)
         status = vm.run()
         if status == ExitStatus.ERROR and vm.exit_detail:
             print(f"pyhyve: {vm.exit_detail}", file=sys.stderr)

@@ -273,6 +273,8 @@ class ControlServer:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+        except PermissionError:     # dropped to -o process.user: the next start removes it
+            self.log.info("control socket %s left behind", self.path)
 
     # --- the event loop ----------------------------------------------------------------
     def _serve(self) -> None:
