@@ -212,8 +212,52 @@ def _port(rule: str, text: str) -> int:
 class _Timer:
     __slots__ = ("callback", "opaque", "expires")
 
-    def __init__(self, callback, opaque):
+    def __init__(self, callback: Callable[[int], None], opaque: int):
         self.callback, self.opaque, self.expires = callback, opaque, None
+
+
+class TimerHeap:
+    """libslirp's timers (times in ms of time.monotonic_ns), due ones fired by the poll
+    loop, whose poll timeout is the time to the next; moved or freed timers leave stale
+    heap entries behind, skipped when they come up."""
+
+    def __init__(self):
+        self._timers: dict[int, _Timer] = {}
+        self._heap: list[tuple[int, int]] = []
+        self._next_handle = 1
+
+    def new(self, callback: Callable[[int], None], opaque: int) -> int:
+        """A handle (never 0, which libslirp would take for failure) for a stopped timer."""
+        handle = self._next_handle
+        self._next_handle += 1
+        self._timers[handle] = _Timer(callback, opaque)
+        return handle
+
+    def free(self, handle: int) -> None:
+        self._timers.pop(handle, None)
+
+    def modify(self, handle: int, expires_ms: int) -> None:
+        timer = self._timers.get(handle)
+        if timer is not None:
+            timer.expires = expires_ms
+            heapq.heappush(self._heap, (expires_ms, handle))
+
+    def run_due(self) -> int | None:
+        """Fire the timers that are due; milliseconds until the next one, or None."""
+        heap = self._heap
+        while heap:
+            expires, handle = heap[0]
+            timer = self._timers.get(handle)
+            if timer is None or timer.expires != expires:
+                heapq.heappop(heap)
+                continue
+            wait = expires - time.monotonic_ns() // 1_000_000
+            if wait > 0:
+                return wait
+            heapq.heappop(heap)
+            timer.expires = None
+            timer.callback(timer.opaque)
+        return None
 
 
 class SlirpBackend:
@@ -230,9 +274,7 @@ class SlirpBackend:
         self._device_end, self.fd = device_end, device_end.fileno()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closing = False
-        self._timers: dict[int, _Timer] = {}
-        self._timer_heap: list[tuple[int, int]] = []
-        self._next_timer = 1
+        self._timers = TimerHeap()
         self._polled: list[tuple[int, int]] = []   # this round's (fd, events), by index
         self._revents: dict[int, int] = {}
         self._frame = bytearray(FRAME_BUFFER)
@@ -305,7 +347,7 @@ class SlirpBackend:
     def _poll_once(self) -> None:
         """One round of libslirp's poll protocol, then due timers and guest frames."""
         lib, slirp, net = self._lib, self._slirp, self._net.fileno()
-        until_timer = self._run_timers()
+        until_timer = self._timers.run_due()
         timeout = ctypes.c_uint32(NO_TIMEOUT if until_timer is None
                                   else min(until_timer, NO_TIMEOUT - 1))
         self._polled = [(self._wakeup, select.POLLIN), (net, select.POLLIN)]
@@ -366,33 +408,10 @@ class SlirpBackend:
         self._warn(message.decode(errors="replace"))
 
     def _timer_new(self, callback: int, callback_opaque: int, opaque) -> int:
-        handle = self._next_timer
-        self._next_timer += 1
-        self._timers[handle] = _Timer(TimerCallback(callback), callback_opaque)
-        return handle
+        return self._timers.new(TimerCallback(callback), callback_opaque)
 
     def _timer_free(self, handle: int, opaque) -> None:
-        self._timers.pop(handle, None)
+        self._timers.free(handle)
 
     def _timer_mod(self, handle: int, expires_ms: int, opaque) -> None:
-        timer = self._timers.get(handle)
-        if timer is not None:
-            timer.expires = expires_ms
-            heapq.heappush(self._timer_heap, (expires_ms, handle))
-
-    def _run_timers(self) -> int | None:
-        """Fire the timers that are due; milliseconds until the next one, or None."""
-        heap = self._timer_heap
-        while heap:
-            expires, handle = heap[0]
-            timer = self._timers.get(handle)
-            if timer is None or timer.expires != expires:
-                heapq.heappop(heap)           # freed or moved since it was pushed
-                continue
-            wait = expires - time.monotonic_ns() // 1_000_000
-            if wait > 0:
-                return wait
-            heapq.heappop(heap)
-            timer.expires = None
-            timer.callback(timer.opaque)
-        return None
+        self._timers.modify(handle, expires_ms)
