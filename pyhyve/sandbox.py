@@ -36,6 +36,7 @@ SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_ACT_ERRNO_BASE = 0x00050000
 SCMP_FLTATR_CTL_NNP = 3
 SCMP_FLTATR_CTL_TSYNC = 4
+SCMP_CMP_EQ = 4
 SCMP_CMP_MASKED_EQ = 7
 NR_SCMP_ERROR = -1
 
@@ -79,13 +80,19 @@ ALLOWED_SYSCALLS = {
     # Python's allocator, guest memory teardown, thread stacks
     "memory": ("mmap", "munmap", "mprotect", "madvise", "brk", "mremap"),
     # vCPU kicks (pthread_kill), SIGTERM's power button, thread start and exit
+    # (restart_syscall: how a futex wait that a signal interrupted goes on)
     "signals and threads": ("rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
-                            "tgkill", "getpid", "gettid", "set_robust_list", "rseq",
-                            "sched_getaffinity", "exit", "exit_group"),
+                            "restart_syscall", "tgkill", "getpid", "gettid",
+                            "set_robust_list", "rseq", "sched_getaffinity", "exit",
+                            "exit_group"),
     # the control socket compares a client's uid with its own
     "identity": ("getuid", "geteuid", "getgid", "getegid"),
     "randomness": ("getrandom",),
 }
+# User networking (libslirp) opens the guest's connections as the guest asks:
+# these, and socket() for AF_INET and AF_INET6 only.
+INET_SOCKET_SYSCALLS = ("connect", "bind", "listen")
+AF_INET, AF_INET6 = 2, 10
 
 
 def drop_privileges(user: str) -> None:
@@ -146,11 +153,11 @@ def _rule(lib, ctx, action: int, name: str, *conditions: _ArgCmp) -> None:
            f"rule for {name}")
 
 
-def install_seccomp() -> None:
+def install_seccomp(inet_sockets: bool = False) -> None:
     """Allow ALLOWED_SYSCALLS on every thread of the process, refuse the rest
     with EPERM.  New threads stay possible (clone with CLONE_THREAD and no new
-    namespace); new processes, exec, new sockets, ptrace, mounts, module
-    loading and uid changes do not."""
+    namespace); new processes, exec, new sockets (but IPv4 and IPv6 ones with
+    inet_sockets), ptrace, mounts, module loading and uid changes do not."""
     lib = _load_libseccomp()
     ctx = lib.seccomp_init(scmp_act_errno(errno.EPERM))
     if not ctx:
@@ -166,6 +173,11 @@ def install_seccomp() -> None:
               _ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_THREAD | CLONE_NEW_NAMESPACES,
                       CLONE_THREAD))
         _rule(lib, ctx, scmp_act_errno(errno.ENOSYS), "clone3")
+        if inet_sockets:
+            for name in INET_SOCKET_SYSCALLS:
+                _rule(lib, ctx, SCMP_ACT_ALLOW, name)
+            for family in (AF_INET, AF_INET6):
+                _rule(lib, ctx, SCMP_ACT_ALLOW, "socket", _ArgCmp(0, SCMP_CMP_EQ, family, 0))
         _check(lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_NNP, 1), "no_new_privs")
         _check(lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1), "thread sync")
         _check(lib.seccomp_load(ctx), "load")
@@ -184,6 +196,12 @@ def confine(config: Config) -> None:
         drop_privileges(user)
     if use_seccomp:
         try:
-            install_seccomp()
+            install_seccomp(inet_sockets=uses_user_networking(config))
         except OSError as exc:
             raise ConfigError(f"process.seccomp: {exc.strerror or exc}") from None
+
+
+def uses_user_networking(config: Config) -> bool:
+    """Whether a virtio-net device has the slirp backend (pci.0.SLOT.FUNC.backend)."""
+    return any(key.endswith(".backend") and value == "slirp"
+               for key, value in config.subtree("pci").items())

@@ -1,0 +1,239 @@
+"""Least privilege (pyhyve.sandbox): `-o process.user=NAME` and the seccomp
+filter.  The filter and the user change are irreversible for a process, so
+every test that applies them does it in a child process."""
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from build import build_rom
+from guestrun import REPO, run_rom
+from pyhyve import sandbox
+from pyhyve.config import ConfigError
+from pyhyve.vcpu import ExitStatus
+
+NOBODY = pwd.getpwnam("nobody")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+
+
+def _run_python(script: str, *args: str) -> dict:
+    """Run SCRIPT in a fresh interpreter; it prints one JSON object last."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}"))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _status_fields(path: Path) -> dict[str, str]:
+    """/proc/PID/status (or a task's) as name -> value."""
+    return dict(line.split(":\t", 1) for line in path.read_text().splitlines()
+                if ":\t" in line)
+
+
+@needs_root
+@pytest.mark.usefixtures("needs_kvm")
+def test_guest_runs_to_its_normal_end_as_nobody_under_seccomp(tmp_path):
+    result = run_rom(tmp_path, "hello64", "-o", "process.user=nobody",
+                     "-o", "process.seccomp=true",
+                     "-o", f"control.socket={tmp_path / 'ctl.sock'}")
+    assert result.debug == "hello from long mode\n"
+    assert result.status == ExitStatus.POWEROFF, result.stderr
+    assert result.stderr == ""
+
+
+@needs_root
+@pytest.mark.usefixtures("needs_kvm")
+def test_running_vm_every_thread_is_nobody_and_filtered(tmp_path):
+    """While the guest counts, each of pyhyve's threads (vCPUs, control socket,
+    virtio I/O, halt watcher) has nobody's ids, no capabilities and the filter;
+    then SIGTERM (power button, ignored by the guest) and a second SIGTERM
+    power it off, as without the sandbox."""
+    debug = tmp_path / "debug"
+    rom = build_rom("counter", TARGET=1 << 30, EVERY=5, DELAY=2000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyhyve", "-c", "2", "-s", "3,virtio-rnd",
+         "-l", f"bootrom,{rom}", "-l", f"debugcon,file={debug}",
+         "-o", f"control.socket={tmp_path / 'ctl.sock'}",
+         "-o", "process.user=nobody", "-o", "process.seccomp=true", "sandboxed"],
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        while "count 5\n" not in (debug.read_text() if debug.exists() else ""):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        tasks = {task.name: _status_fields(task / "status")
+                 for task in Path(f"/proc/{proc.pid}/task").iterdir()}
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)           # two signals sent at once can arrive as one
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == ExitStatus.POWEROFF
+    finally:
+        proc.kill()
+        proc.wait()
+    # main, two vCPUs, control socket, virtio I/O, halt watcher
+    assert len(tasks) >= 6, tasks
+    groups = {str(gid) for gid in os.getgrouplist(NOBODY.pw_name, NOBODY.pw_gid)}
+    for tid, fields in tasks.items():
+        assert fields["Uid"].split() == [str(NOBODY.pw_uid)] * 4, tid
+        assert fields["Gid"].split() == [str(NOBODY.pw_gid)] * 4, tid
+        assert set(fields["Groups"].split()) == groups, tid
+        assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0, tid
+        assert fields["Seccomp"] == "2" and fields["NoNewPrivs"] == "1", tid
+    assert proc.stderr.read() == ""
+    counts = debug.read_text().splitlines()
+    assert counts == [f"count {5 * n}" for n in range(1, len(counts) + 1)]
+
+
+FORBIDDEN = """
+    import ctypes, errno, json, os, socket, sys, threading
+    from pyhyve.config import Config
+    from pyhyve.vm import VirtualMachine
+    from pyhyve import sandbox
+
+    def refused(call):
+        try:
+            call()
+        except PermissionError:
+            return "EPERM"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+        return "allowed"
+
+    rom, debug, scratch = sys.argv[1:4]
+    vm = VirtualMachine(Config({"name": "filtered", "lpc.bootrom": rom,
+                                "lpc.debugcon.path": debug}))
+    sandbox.install_seccomp(inet_sockets=False)
+    status = vm.run()
+    vm.close()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def libc_call(function, *args):
+        if function(*args) < 0:
+            raise OSError(ctypes.get_errno(), function.__name__)
+
+    def write_file():
+        with open(scratch, "w") as f:
+            f.write("written after the filter")
+
+    worker = threading.Thread(target=lambda: None)
+    results = {
+        "vm_status": int(status),
+        "execv": refused(lambda: os.execv("/bin/true", ["true"])),
+        "fork": refused(os.fork),
+        "posix_spawn": refused(lambda: os.posix_spawn("/bin/true", ["true"], {})),
+        "af_packet": refused(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
+        "af_unix": refused(lambda: socket.socket(socket.AF_UNIX)),
+        "af_inet": refused(lambda: socket.socket(socket.AF_INET)),
+        "ptrace": refused(lambda: libc_call(libc.ptrace, 0, 0, None, None)),
+        "mount": refused(lambda: libc_call(libc.mount, b"none", b"/mnt", b"tmpfs", 0, None)),
+        "setuid": refused(lambda: os.setuid(0)),
+        "unshare": refused(lambda: libc_call(libc.unshare, 0x40000000)),   # CLONE_NEWNET
+        "thread": refused(worker.start),
+        "write_file": refused(write_file),
+        "seccomp": open("/proc/self/status").read().split("Seccomp:\\t")[1][0],
+    }
+    worker.join()
+    print(json.dumps(results))
+"""
+
+
+@pytest.mark.usefixtures("needs_kvm")
+def test_forbidden_calls_are_refused_while_a_vm_still_runs(tmp_path):
+    debug = tmp_path / "debug"
+    results = _run_python(FORBIDDEN, str(build_rom("hello64")), str(debug),
+                          str(tmp_path / "scratch"))
+    assert results["vm_status"] == ExitStatus.POWEROFF
+    assert debug.read_text() == "hello from long mode\n"
+    assert results["thread"] == results["write_file"] == "allowed"
+    assert (tmp_path / "scratch").read_text() == "written after the filter"
+    for call in ("execv", "fork", "posix_spawn", "af_packet", "af_unix", "af_inet",
+                 "ptrace", "mount", "setuid", "unshare"):
+        assert results[call] == "EPERM", call
+    assert results["seccomp"] == "2"
+
+
+INET = """
+    import json, os, socket
+    from pyhyve import sandbox
+
+    def outcome(call):
+        try:
+            call().close()
+        except PermissionError:
+            return "EPERM"
+        return "allowed"
+
+    sandbox.install_seccomp(inet_sockets=True)
+    print(json.dumps({
+        "inet": outcome(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM)),
+        "inet6": outcome(lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)),
+        "unix": outcome(lambda: socket.socket(socket.AF_UNIX)),
+        "netlink": outcome(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)),
+    }))
+"""
+
+
+def test_user_networking_may_open_ip_sockets_only():
+    assert _run_python(INET) == {"inet": "allowed", "inet6": "allowed",
+                                 "unix": "EPERM", "netlink": "EPERM"}
+
+
+def test_user_networking_is_read_from_the_config():
+    from pyhyve.config import Config
+    assert sandbox.uses_user_networking(Config({"pci.0.3.0.device": "virtio-net",
+                                                "pci.0.3.0.backend": "slirp"}))
+    assert not sandbox.uses_user_networking(Config({"pci.0.3.0.device": "virtio-net",
+                                                    "pci.0.3.0.tap": "tap0"}))
+
+
+DROP = """
+    import json, os, threading
+    from pathlib import Path
+    from pyhyve import sandbox
+    from pyhyve.config import ConfigError
+
+    release = threading.Event()
+    workers = [threading.Thread(target=release.wait, name=f"worker{i}") for i in range(3)]
+    for worker in workers:
+        worker.start()
+    sandbox.drop_privileges("nobody")
+    uids = {task.name: (task / "status").read_text().split("Uid:\\t")[1].split("\\n")[0]
+            for task in Path("/proc/self/task").iterdir()}
+    try:
+        sandbox.drop_privileges("root")
+        again = "became root"
+    except ConfigError as exc:
+        again = str(exc)
+    release.set()
+    for worker in workers:
+        worker.join()
+    print(json.dumps({"uids": uids, "again": again}))
+"""
+
+
+@needs_root
+def test_the_drop_applies_to_every_thread_and_is_final():
+    results = _run_python(DROP)
+    assert len(results["uids"]) == 4
+    for uid_line in results["uids"].values():
+        assert uid_line.split() == [str(NOBODY.pw_uid)] * 4
+    assert results["again"] == "process.user: cannot become 'root': only root can change user"
+
+
+def test_unknown_user_is_a_config_error():
+    with pytest.raises(ConfigError, match="process.user: no such user 'no-such-user'"):
+        sandbox.drop_privileges("no-such-user")
+
+
+def test_missing_libseccomp_names_the_debian_package(monkeypatch):
+    monkeypatch.setattr(sandbox, "LIBSECCOMP", "libseccomp-missing.so.2")
+    with pytest.raises(ConfigError, match="install Debian package libseccomp2"):
+        sandbox.install_seccomp()
