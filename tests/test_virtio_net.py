@@ -11,6 +11,9 @@ import sys
 import time
 
 import pytest
+from fuzzing import fuzz_settings
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 
 from pyhyve.config import ConfigError
 from pyhyve.virtio import net as N
@@ -224,6 +227,93 @@ def test_tx_drops_bad_frames(tap):
     vm.close()
 
 
+# Chains of up to four buffers, some device-writable (which TX ignores), of lengths
+# around the header size and the MTU below.
+FUZZ_MTU = 100
+TX_SEGMENTS = st.lists(st.tuples(st.one_of(st.integers(1, 14), st.integers(1, 2 * FUZZ_MTU)),
+                                 st.booleans(), st.binary(min_size=1, max_size=1)),
+                       min_size=1, max_size=4)
+
+
+@fuzz_settings(60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chains=st.lists(TX_SEGMENTS, min_size=1, max_size=6),
+       driver_kind=st.sampled_from([("modern", V.F_VERSION_1, N.HDR_LEN),
+                                    ("legacy", N.F_MRG_RXBUF, N.HDR_LEN),
+                                    ("legacy", N.F_MAC, N.LEGACY_HDR_LEN)]))
+def test_tx_fuzz_every_chain_is_sent_or_counted(tap, chains, driver_kind):
+    """Whatever chains the driver offers, each valid one is completed: sent whole when
+    its data past the header is a frame no longer than the MTU allows, else dropped
+    and counted.  A chain with a readable buffer after a writable one breaks the ring
+    rules: the device stops there and asks for a reset.  Nothing else goes out."""
+    host, _ = tap
+    kind, features, header_length = driver_kind
+    vm, device, driver, rings = (modern if kind == "modern" else legacy)(features,
+                                                                         mtu=FUZZ_MTU)
+    expected, served, broken, address = [], 0, False, BUFFERS
+    for segments in chains:
+        buffers, data, seen_writable = [], b"", False
+        for length, writable, fill in segments:
+            vm.memory.write(address, fill * length)
+            buffers.append((address, length, writable))
+            broken |= seen_writable and not writable
+            seen_writable |= writable
+            if not writable:
+                data += fill * length
+            address += 0x1000
+        rings[N.TX].offer(buffers)
+        if broken:
+            continue
+        served += 1
+        frame = data[header_length:]
+        if len(data) > header_length and len(frame) <= FUZZ_MTU + N.ETHER_OVERHEAD:
+            expected.append(frame)
+    if kind == "modern":
+        driver.notify(N.TX)
+    else:
+        legacy_notify(driver, N.TX)
+    assert len(rings[N.TX].completed()) == served
+    assert bool(device.status & V.STATUS_NEEDS_RESET) == broken
+    assert device.tx_dropped == served - len(expected)
+    host.setblocking(False)
+    for frame in expected:
+        assert host.recv(4096) == bytes(N.HDR_LEN) + frame
+    with pytest.raises(BlockingIOError):
+        host.recv(4096)
+    host.setblocking(True)
+    vm.close()
+
+
+# --- the device config: the MAC is the only thing a driver may write -------------------------
+def test_legacy_driver_may_set_the_mac(tap):
+    vm, device, driver, _ = legacy(N.F_MAC)
+    config = V.LEGACY_CONFIG
+    for i, byte in enumerate(bytes.fromhex("0200c0ffee01")):
+        driver.legacy_write(config + i, 1, byte)
+    assert bytes(driver.legacy_read(config + i, 1) for i in range(6)) == \
+        bytes.fromhex("0200c0ffee01")
+    assert device.config_writes_dropped == 0
+    driver.legacy_write(config + 6, 2, 0)                     # status: read-only
+    driver.legacy_write(config + 4, 4, 0xFFFFFFFF)            # runs past the MAC
+    driver.legacy_write(config + 0x20, 1, 0xFF)               # past the config
+    assert device.config_writes_dropped == 3
+    assert driver.legacy_read(config + 6, 2) == N.S_LINK_UP
+    assert bytes(device.device_config[4:6]) == bytes.fromhex("ee01")
+    driver.legacy_write(V.LEGACY_STATUS, 1, 0)                # reset: the configured MAC
+    assert bytes(device.device_config[:6]) == device.mac
+    vm.close()
+
+
+def test_modern_driver_cannot_write_config(tap):
+    vm, device, driver, _ = modern(V.F_VERSION_1 | N.F_MAC, mtu=9000)
+    before = bytes(device.device_config)
+    for offset, size in ((0, 1), (0, 4), (4, 2), (6, 2), (10, 2), (0x100, 4)):
+        driver.write(V.CAP_DEVICE_CFG, offset, size, (1 << (8 * size)) - 1)
+    assert bytes(device.device_config) == before
+    assert device.config_writes_dropped == 6
+    assert not driver.status() & V.STATUS_NEEDS_RESET
+    vm.close()
+
+
 # --- receive --------------------------------------------------------------------------------------
 def test_rx_waits_for_buffers_then_delivers(tap):
     host, _ = tap
@@ -269,6 +359,23 @@ def test_rx_mergeable_and_drops(tap):
     assert rings[N.RX].completed() == [(0, 0), (1, 3084)]
     assert device.rx_dropped == 1
     assert vm.memory.read(BUFFERS + 0x1000, 3084) == struct.pack("<10xH", 1) + big
+    vm.close()
+
+
+def test_rx_buffer_without_room_for_the_header(tap):
+    """A 4-byte receive buffer cannot hold the header: that frame is dropped, counted,
+    the buffer returned empty; the next frame goes to the next buffer."""
+    host, _ = tap
+    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF)
+    rings[N.RX].offer([(BUFFERS, 4, True)])
+    rings[N.RX].offer([(BUFFERS + 0x1000, 2048, True)])
+    driver.notify(N.RX)
+    host.send(bytes(12) + FRAME)
+    host.send(bytes(12) + FRAME[::-1])
+    assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 2)
+    assert rings[N.RX].completed() == [(0, 0), (1, 12 + len(FRAME))]
+    assert device.rx_dropped == 1
+    assert vm.memory.read(BUFFERS + 0x1000 + 12, len(FRAME)) == FRAME[::-1]
     vm.close()
 
 

@@ -203,7 +203,7 @@ class VirtioNet(VirtioPciDevice):
             self.device_config[offset:offset + size] = value.to_bytes(size, "little")
             return
         self.config_writes_dropped += 1
-        self.warn_once("config-write", "virtio-net: driver wrote %d bytes at read-only "
+        self.warn_once("config-write", "driver wrote %d bytes at read-only "
                        "device config offset %#x; dropped", size, offset)
 
     def teardown(self) -> None:
@@ -232,12 +232,12 @@ class VirtioNet(VirtioPciDevice):
                     queue.set_notification(True)
                     return
                 except OSError as exc:
-                    self.warn_once("backend-read", "virtio-net: reading %s failed: %s",
+                    self.warn_once("backend-read", "reading %s failed: %s",
                                    self.backend_name, exc.strerror)
                     self._arm(False)
                     return
                 if not frame:           # the other end is gone: nothing more will come
-                    self.warn_once("backend-closed", "virtio-net: %s closed",
+                    self.warn_once("backend-closed", "%s closed",
                                    self.backend_name)
                     self._arm(False)
                     return
@@ -307,6 +307,6 @@ class VirtioNet(VirtioPciDevice):
         except OSError as exc:        # the tap is down or a queue is full: a lost frame
             self.tx_dropped += 1
             if exc.errno not in (errno.EAGAIN, errno.EIO):
-                self.warn_once("backend-write", "virtio-net: writing %s failed: %s",
+                self.warn_once("backend-write", "writing %s failed: %s",
                                self.backend_name, exc.strerror)
         return 0
