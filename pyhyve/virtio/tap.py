@@ -39,6 +39,8 @@ def open_tap(name: str) -> int:
             reason = "permission denied (needs root or CAP_NET_ADMIN)"
         elif exc.errno == errno.EBUSY:
             reason = "it is in use, or is not a tap"
+        elif exc.errno == errno.EINVAL:       # the name is taken by another kind of link
+            reason = "an interface of that name exists and is not a tap"
         else:
             reason = exc.strerror
         raise ConfigError(f"virtio-net: cannot attach to tap {name}: {reason}") from None
