@@ -8,7 +8,7 @@ The snapshot is one file:
     manifest                      JSON, UTF-8
     data                          the binary parts the manifest points into
 
-The manifest is {"format": "pyhyve-snapshot", "version": 1, "config": {...},
+The manifest is {"format": "pyhyve-snapshot", "version": 2, "config": {...},
 "vcpus": [...], "vm": {...}, "devices": {...}, "memory": [...],
 "data_size": N, "data_sha256": HEX}.  Binary parts are [offset, length]
 pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
@@ -19,22 +19,37 @@ PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
 shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
 [gpa, length, offset] of 4 KiB pages that are not all zero; everything
 else is zero after a restore.  The data area's SHA-256 is checked before
-anything is restored, so a truncated or corrupt file is refused.
+anything is restored, so a truncated or corrupt file is refused, as is a
+snapshot of another format version.
 
 Platform devices whose state is plain data are saved: PM1 status/enable/
 control, the RTC (NVRAM, index registers, clock offset), UART registers
-and pending input, the i8042 controller, the PCI config-address latch and
-the config space and BAR/ROM addresses of every PCI function, whose
-mappings, PAM shadowing (memory.set_bios_area) and PIRQ routes are
-re-established on restore.  Devices with state outside that (virtio
-devices with live queues and I/O threads, pci-testdev) make save() refuse
-with SnapshotError naming the device, rather than write a snapshot that
-would not run.  Not saved: an fw_cfg transfer in progress, the GDB stub's
-connection, and the host side of character backends (they are opened
-again from the config).
+and pending input, the i8042 controller and the PCI config-address latch.
+Each PCI function saves itself (PciDevice.save_state): config space, BAR
+and ROM addresses as the guest programmed them, MSI/MSI-X state and the
+INTx condition, and for virtio devices the transport (status, features,
+selectors, ISR, vectors) and each queue's layout and ring positions, plus
+what the device type keeps (virtio-console: port handshake and waiting
+input).  While it is saved, every device is quiesced (PciDevice.quiesce):
+the vCPUs are paused already, virtio devices serve what the driver offered
+and stop taking work, virtio-blk syncs its disk, so no request is caught
+half done and guest memory, saved last, holds every completion.
+
+A restore builds the VM from the saved config, then puts back memory, the
+platform devices, the irqchip, clock and vCPUs, and last the PCI functions,
+whose BARs are decoded (and notify ioeventfds assigned) where the guest put
+them, whose PAM shadowing and PIRQ routes follow the chipset registers, and
+whose live queues are looked at once, since notifications do not survive.
+A device type that declares no savable state (PciDevice.savable) makes
+save() refuse with SnapshotError naming it, rather than write a snapshot
+that would not run.  Not saved: an fw_cfg transfer in progress, the GDB
+stub's connection, a frame virtio-net read from its tap and not yet
+delivered (the network sees one lost packet), and the host side of
+character backends (they are opened again from the config).
 """
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -46,11 +61,13 @@ from .kvm import abi
 
 MAGIC = b"PYHYVE-SNAPSHOT\n"
 FORMAT = "pyhyve-snapshot"
-VERSION = 1
+VERSION = 2
 PAGE = 4096
 _LENGTH = struct.Struct("<Q")
 MAX_MANIFEST = 64 << 20
-SAVABLE_PCI = {"hostbridge", "amd_hostbridge", "lpc"}
+# Chipset functions: their registers are all their state, and what they drive
+# (PAM shadowing, PIRQ routes) follows config_changed() after a restore.
+CHIPSET = {"hostbridge", "amd_hostbridge", "lpc"}
 KVM_CAP_XCRS = 56
 IRQCHIPS = (0, 1, 2)            # KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC
 _ZERO_PAGE = bytes(PAGE)
@@ -79,8 +96,8 @@ class _Writer:
 def check_savable(vm) -> None:
     """Raise SnapshotError naming the first device whose state is not saved."""
     for device in vm.pci.devices():
-        name = getattr(device, "emulation_name", type(device).__name__)
-        if name not in SAVABLE_PCI:
+        name = device.emulation_name
+        if not device.savable and name not in CHIPSET:
             raise SnapshotError(f"cannot snapshot: device {name} at PCI {device.bdf} "
                                 f"has state pyhyve does not save")
 
@@ -162,13 +179,8 @@ def _device_state(vm) -> dict:
                            ("ier", "fcr", "lcr", "mcr", "scr", "divisor", "msr",
                             "overrun", "thre_pending")}
             uarts[name]["pending"] = base64.b64encode(bytes(uart._pending)).decode()
-    pci = []
-    for device in vm.pci.devices():
-        pci.append({"slot": device.slot, "func": device.func,
-                    "emulation": device.emulation_name,
-                    "config": base64.b64encode(bytes(device.config)).decode(),
-                    "bars": [None if bar is None else bar.address for bar in device.bars],
-                    "rom_address": device.rom_address})
+    pci = [{"slot": device.slot, "func": device.func, "emulation": device.emulation_name,
+            "state": device.save_state()} for device in vm.pci.devices()]
     return {"pm": {"status": pm.status, "enable": pm.enable, "control": pm.control},
             "rtc": rtc_state, "i8042": kbd, "uarts": uarts,
             "pci_config_address": vm.pci.config_address, "pci": pci}
@@ -179,15 +191,25 @@ def save(vm, path: str) -> None:
     check_savable(vm)
     writer = _Writer()
     msr_indices = vm.kvm.msr_index_list()
-    vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
-             for vcpu in vm.vcpus]
-    kvm_vm = vm.kvm_vm
-    state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
-             "pit2": writer.add(kvm_vm.get_pit2()),
-             "clock": writer.add(kvm_vm.get_clock())}
-    devices = _device_state(vm)
-    memory = _memory_runs(vm, writer)
-    manifest = {"format": FORMAT, "version": VERSION, "config": {key: vm.config.get(key) for key in vm.config.keys()},
+    with contextlib.ExitStack() as quiesced:
+        # Devices settle first: what they finish may raise interrupts, which
+        # the vCPU and irqchip state must then hold.
+        for device in vm.pci.devices():
+            try:
+                quiesced.enter_context(device.quiesce())
+            except OSError as exc:             # a disk that cannot sync
+                raise SnapshotError(f"cannot snapshot: {device.emulation_name} at PCI "
+                                    f"{device.bdf}: {exc.strerror or exc}") from None
+        vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
+                 for vcpu in vm.vcpus]
+        kvm_vm = vm.kvm_vm
+        state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
+                 "pit2": writer.add(kvm_vm.get_pit2()),
+                 "clock": writer.add(kvm_vm.get_clock())}
+        devices = _device_state(vm)
+        memory = _memory_runs(vm, writer)
+    config = {key: vm.config.get(key) for key in vm.config.keys()}
+    manifest = {"format": FORMAT, "version": VERSION, "config": config,
                 "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
                 "devices": devices, "memory": memory, "data_size": writer.size,
                 "data_sha256": writer.sha.hexdigest()}
@@ -314,7 +336,7 @@ def _restore_memory(vm, snap: Snapshot) -> None:
         backing[gpa - base:gpa - base + length] = snap.data[offset:offset + length]
 
 
-def _restore_devices(vm, devices: dict) -> None:
+def _restore_platform(vm, devices: dict) -> None:
     pm = devices["pm"]
     vm.pm.status, vm.pm.enable, vm.pm.control = pm["status"], pm["enable"], pm["control"]
     r = devices["rtc"]
@@ -344,25 +366,19 @@ def _restore_devices(vm, devices: dict) -> None:
                     setattr(uart, f"_{field}", value)
             uart._pending[:] = base64.b64decode(u["pending"])
     vm.pci.config_address = devices["pci_config_address"]
+
+
+def _restore_pci(vm, saved_functions: list) -> None:
+    """Last, once interrupts can be delivered: a restored device may raise one."""
     by_location = {(d.slot, d.func): d for d in vm.pci.devices()}
-    for saved in devices["pci"]:
+    for saved in saved_functions:
         device = by_location.get((saved["slot"], saved["func"]))
         if device is None or device.emulation_name != saved["emulation"]:
             raise SnapshotError(f"snapshot's PCI {saved['slot']}:{saved['func']} "
                                 f"({saved['emulation']}) is not in the restored VM")
-        config = base64.b64decode(saved["config"])
-        if len(config) != len(device.config):
-            raise SnapshotError(f"snapshot's PCI {device.bdf} config space has "
-                                f"{len(config)} bytes")
-        device.config[:] = config
-        for bar, address in zip(device.bars, saved["bars"]):
-            if bar is not None and address is not None:
-                bar.address = address
-                device.update_mapping(bar)
-        device.rom_address = saved["rom_address"]
-        device._update_rom_mapping()
-        # PAM shadowing (hostbridge) and PIRQ routes (lpc) follow their registers.
-        device.config_changed(0x40, len(device.config) - 0x40)
+        device.restore_state(saved["state"])
+        if device.emulation_name in CHIPSET:
+            device.config_changed(0x40, len(device.config) - 0x40)
 
 
 def restore_into(vm, path: str | Snapshot) -> None:
@@ -377,7 +393,7 @@ def restore_into(vm, path: str | Snapshot) -> None:
         if m.get("memory_size", vm.memory.size) != vm.memory.size:
             raise SnapshotError("snapshot's memory size differs from the VM's")
         _restore_memory(vm, snap)
-        _restore_devices(vm, m["devices"])
+        _restore_platform(vm, m["devices"])
         state = m["vm"]
         for chip, where in zip(IRQCHIPS, state["irqchip"]):
             vm.kvm_vm.set_irqchip(snap.load(abi.kvm_irqchip, where))
@@ -387,5 +403,6 @@ def restore_into(vm, path: str | Snapshot) -> None:
         vm.kvm_vm.set_clock(clock)
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
+        _restore_pci(vm, m["devices"]["pci"])
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None

@@ -1,23 +1,41 @@
 """Snapshots: pyhyvectl --suspend/--checkpoint and pyhyve -r, on a guest that counts
-in RAM (tests/guests/counter.S), and the snapshots pyhyve must refuse."""
+in RAM (tests/guests/counter.S) and on a guest that drives virtio-blk with its
+own driver (tests/guests/blkdriver.S), suspended with requests in flight; the
+device state a snapshot carries (PCI, virtio transport, queue positions); and
+the snapshots pyhyve must refuse."""
 
 import json
 import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from test_blkdriver import checksum, pattern
+from test_virtio import (BUFFERS, LEGACY_PFN, MODERN_BLK, MSI_ADDRESS, SLOT, Driver, Ring,
+                         VirtioVm, blk_do, blk_request, make)
 
 from build import build_rom
 from guestrun import REPO, run_pyhyve
 from pyhyve import ctlclient, snapshot
+from pyhyve.cli import parse_args
 from pyhyve.config import Config
+from pyhyve.memory import MiB
+from pyhyve.pci import PciDevice
+from pyhyve.pci import regs as R
+from pyhyve.pci.intx import IOAPIC_PIN_BASE, link_for
+from pyhyve.pci.testdev import PciTestDevice
+from pyhyve.vcpu import ExitStatus, install_kick_handler
+from pyhyve.virtio import blk as B
+from pyhyve.virtio import pci as V
+from pyhyve.virtio.blk import VirtioBlock
+from pyhyve.virtio.rnd import VirtioRandom
 from pyhyve.vm import VirtualMachine
 
-pytestmark = pytest.mark.usefixtures("needs_kvm")
+needs_kvm = pytest.mark.usefixtures("needs_kvm")
 
 TARGET, EVERY, DELAY = 80, 5, 300000
 ALL_COUNTS = [f"count {n}" for n in range(EVERY, TARGET + 1, EVERY)]
@@ -27,12 +45,13 @@ def counter_rom() -> Path:
     return build_rom("counter", TARGET=TARGET, EVERY=EVERY, DELAY=DELAY)
 
 
-def start_counter(tmp_path: Path, debug: Path, sock: Path) -> subprocess.Popen:
+def start_counter(tmp_path: Path, debug: Path, sock: Path,
+                  devices: list[str] = ()) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "pyhyve", "-l", f"bootrom,{counter_rom()}",
-                             "-l", f"debugcon,file={debug}", "-o", f"control.socket={sock}",
-                             "snapcounter"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             *devices, "-l", f"debugcon,file={debug}",
+                             "-o", f"control.socket={sock}", "snapcounter"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_lines(debug: Path, count: int, timeout: float = 30.0) -> None:
@@ -48,9 +67,13 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
+@needs_kvm
 def test_suspend_then_restore_in_a_new_process(tmp_path):
+    """With PCI devices the guest leaves alone: they come back as they were."""
     debug, sock, snap = tmp_path / "debug.txt", tmp_path / "c.sock", tmp_path / "vm.snap"
-    vm = start_counter(tmp_path, debug, sock)
+    devices = ["-s", "4,virtio-rnd", "-s", "5,pci-testdev",
+               "-s", f"6,virtio-console,con={tmp_path / 'con.sock'}"]
+    vm = start_counter(tmp_path, debug, sock, devices)
     try:
         wait_for_lines(debug, 2)
         assert ctlclient.main([f"--socket={sock}", f"--suspend={snap}"]) == 0
@@ -68,6 +91,7 @@ def test_suspend_then_restore_in_a_new_process(tmp_path):
     assert lines(debug) == ALL_COUNTS            # every count once, in order, to the end
 
 
+@needs_kvm
 def test_checkpoint_lets_the_vm_run_on_and_can_be_restored(tmp_path):
     debug, sock, snap = tmp_path / "debug.txt", tmp_path / "c.sock", tmp_path / "vm.snap"
     vm = start_counter(tmp_path, debug, sock)
@@ -105,10 +129,11 @@ def saved(tmp_path) -> Path:
     return path
 
 
+@needs_kvm
 def test_sparse_memory_and_round_trip_in_process(saved, tmp_path):
     snap = snapshot.read(str(saved))
     manifest = snap.manifest
-    assert manifest["format"] == "pyhyve-snapshot" and manifest["version"] == 1
+    assert manifest["format"] == "pyhyve-snapshot" and manifest["version"] == snapshot.VERSION
     assert manifest["config"]["name"] == "snapunit"
     assert [run[:2] for run in manifest["memory"]] == [[0x123000, 4096]]
     assert manifest["vcpus"][0]["msrs"]
@@ -132,8 +157,11 @@ def _rewrite_manifest(path: Path, change) -> None:
                      + data[start + length:])
 
 
-def _version_2(path: Path) -> None:
-    _rewrite_manifest(path, lambda m: m.update(version=2))
+OLD_VERSION = snapshot.VERSION - 1
+
+
+def _old_version(path: Path) -> None:
+    _rewrite_manifest(path, lambda m: m.update(version=OLD_VERSION))
 
 
 def _truncate(path: Path) -> None:
@@ -160,13 +188,15 @@ def _missing(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (_version_2, "has format version 2; this pyhyve reads version 1"),
+    (_old_version, f"has format version {OLD_VERSION}; this pyhyve reads version "
+                   f"{snapshot.VERSION}"),
     (_truncate, "is truncated"),
     (_truncate_header, "is truncated"),
     (_flip_data_byte, "is corrupt (checksum mismatch)"),
     (_garbage, "is not a pyhyve snapshot"),
     (_missing, "cannot read snapshot"),
 ])
+@needs_kvm
 def test_bad_snapshots_are_refused_with_one_line(saved, damage, message):
     damage(saved)
     result = run_pyhyve(["-r", str(saved)], timeout=60)
@@ -175,12 +205,277 @@ def test_bad_snapshots_are_refused_with_one_line(saved, damage, message):
     assert message in result.stderr
 
 
+class UnsavedDevice(PciDevice):
+    """A device type that does not say its state can be saved."""
+
+    emulation_name = "unsaved-test"
+
+
+@needs_kvm
 def test_devices_with_unsaved_state_make_save_refuse(tmp_path):
     vm = VirtualMachine(Config({"name": "snaprefuse", "lpc.bootrom": str(counter_rom()),
                                 "pci.0.3.0.device": "virtio-rnd"}))
     try:
-        with pytest.raises(snapshot.SnapshotError, match=r"device virtio-rnd at PCI "):
+        vm.pci.add(7, 0, UnsavedDevice, {})
+        with pytest.raises(snapshot.SnapshotError, match=r"device unsaved-test at PCI 00:07.0"):
             snapshot.save(vm, str(tmp_path / "x.snap"))
         assert not (tmp_path / "x.snap").exists()
     finally:
         vm.close()
+
+
+# --- device state on the fake VM of tests/test_virtio.py ------------------------------------------
+def _json(state: dict) -> dict:
+    """The state as it comes back from a snapshot's manifest."""
+    return json.loads(json.dumps(state))
+
+
+def _moved_to(new_vm: VirtioVm, old_vm: VirtioVm) -> None:
+    """The new VM's RAM as the old one left it (what a snapshot carries)."""
+    new_vm.memory.write(0, old_vm.memory.read(0, old_vm.memory.size))
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * 256)
+    return path
+
+
+def test_virtio_blk_state_round_trips(small_disk):
+    """Queue positions, the BAR the guest moved, MSI-X and a request offered
+    but not yet taken all carry over to a freshly built device."""
+    old = VirtioVm()
+    device = make(old, VirtioBlock, path=small_disk)
+    driver = Driver(old, device)
+    first_bar4 = driver.bar(4)
+    driver.cfg_write(R.BAR0 + 16, 4, 0xC1000000)       # the guest moves BAR 4
+    driver.enable_msix(2)
+    ring = driver.start(MODERN_BLK, vector=1, config_vector=0)
+    for sector in (1, 2):
+        assert blk_do(driver, ring, B.T_IN, sector=sector, in_length=512)[0] == B.S_OK
+    status = blk_request(old, ring, B.T_IN, sector=3, in_length=512)   # not notified
+    state = _json(device.save_state())
+    assert state["virtio"]["queues"][0]["last_avail"] == 2
+    old.close()
+
+    new = VirtioVm(ioeventfd=True)
+    _moved_to(new, old)
+    restored = make(new, VirtioBlock, path=small_disk)
+    new.msis.clear()
+    restored.restore_state(state)
+    # The offered request was taken where the old device stopped, and completed.
+    ring.memory = new.memory
+    assert ring.completed() == [(6, 513)]
+    assert new.memory.read_u8(status) == B.S_OK
+    assert new.memory.read(BUFFERS + 0x20000, 512) == small_disk.read_bytes()[1536:2048]
+    assert new.msis == [(MSI_ADDRESS, 0x41)]            # vector 1, as the guest programmed
+    # BAR 4 decodes where the guest put it, with the notify ioeventfd there.
+    assert new.mmio.lookup(first_bar4) is None
+    assert (0xC1000000 + V.MODERN_NOTIFY, 2, False, None) in new.kvm_vm.ioeventfds
+    driver = Driver(new, restored)
+    assert driver.status() == V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | \
+        V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK
+    status, length, data = blk_do(driver, ring, B.T_IN, sector=4, in_length=512)
+    assert (status, length) == (B.S_OK, 513)
+    assert data == small_disk.read_bytes()[2048:2560]
+    assert restored.queues[0].last_avail == restored.queues[0].used_idx == 4
+    new.close()
+
+
+def test_legacy_virtio_with_intx_round_trips():
+    """A legacy driver's queue (by page frame) and an asserted INTx with its ISR."""
+    old = VirtioVm()
+    device = make(old, VirtioRandom)
+    driver = Driver(old, device)
+    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    driver.legacy_write(V.LEGACY_QUEUE_SELECT, 2, 0)
+    size = driver.legacy_read(V.LEGACY_QUEUE_SIZE, 2)
+    driver.legacy_write(V.LEGACY_QUEUE_PFN, 4, LEGACY_PFN)
+    desc = LEGACY_PFN << 12
+    avail = desc + 16 * size
+    ring = Ring(old, desc, avail, (avail + 6 + 2 * size + 4095) & ~4095, size)
+    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
+                        V.STATUS_DRIVER_OK)
+    ring.offer([(BUFFERS, 64, True)])
+    driver.legacy_write(V.LEGACY_QUEUE_NOTIFY, 2, 0)
+    assert ring.completed() == [(0, 64)]
+    irq = IOAPIC_PIN_BASE + link_for(SLOT, 1)
+    assert old.irq_levels[irq]                          # the guest has not read the ISR
+    state = _json(device.save_state())
+    old.close()
+
+    new = VirtioVm()
+    _moved_to(new, old)
+    restored = make(new, VirtioRandom)
+    assert not new.irq_levels.get(irq)
+    restored.restore_state(state)
+    assert new.irq_levels[irq]                          # the line is driven again
+    driver = Driver(new, restored)
+    assert driver.legacy_read(V.LEGACY_QUEUE_PFN, 4) == LEGACY_PFN
+    assert driver.legacy_read(V.LEGACY_ISR, 1) == V.ISR_QUEUE
+    assert not new.irq_levels[irq]
+    ring.memory = new.memory
+    ring.offer([(BUFFERS + 0x1000, 32, True)])
+    driver.legacy_write(V.LEGACY_QUEUE_NOTIFY, 2, 0)
+    assert ring.completed() == [(1, 32)]
+    new.close()
+
+
+def test_pci_testdev_state_round_trips():
+    """Its scratch register, and an MSI-X vector raised while masked: the restored
+    device sends it once the guest unmasks."""
+    old = VirtioVm()
+    device = make(old, PciTestDevice)
+    driver = Driver(old, device)
+    registers, table = driver.bar(0), driver.bar(4)
+    old.mmio_write(registers + 4, 4, 0x12345678)
+    driver.enable_msix(2)
+    old.mmio_write(table + 16 + 12, 4, 1)               # mask vector 1
+    old.mmio_write(registers + 8, 4, 1)                 # raise it
+    assert old.msis == []
+    state = _json(device.save_state())
+    old.close()
+
+    new = VirtioVm()
+    make(new, PciTestDevice).restore_state(state)
+    assert new.mmio_read(registers + 4, 4) == 0x12345678
+    assert new.mmio_read(table + device.msix.pba_offset, 8) == 1 << 1
+    new.mmio_write(table + 16 + 12, 4, 0)
+    assert new.msis == [(MSI_ADDRESS, 0x41)]
+    new.close()
+
+
+def test_restore_refuses_state_that_does_not_fit(small_disk):
+    old = VirtioVm()
+    device = make(old, VirtioBlock, path=small_disk)
+    Driver(old, device).start(MODERN_BLK)
+    state = _json(device.save_state())
+    old.close()
+    ring_outside, position_too_big = _json(state), _json(state)
+    ring_outside["virtio"]["queues"][0]["used"] = 1 << 40
+    position_too_big["virtio"]["queues"][0]["last_avail"] = 0x10000
+    for bad, message in ((ring_outside, "queue 0: ring not in guest RAM"),
+                         (position_too_big, "are not 16-bit")):
+        new = VirtioVm()
+        try:
+            with pytest.raises(ValueError, match=message):
+                make(new, VirtioBlock, path=small_disk).restore_state(bad)
+        finally:
+            new.close()
+
+
+# --- a virtio-blk guest suspended with requests in flight -----------------------------------------
+BLK_TOTAL = 4 * MiB                   # blkdriver.S: write, flush, read back, compare
+BLK_CHUNK_KIB = 4
+BLK_WRITES = BLK_TOTAL // (BLK_CHUNK_KIB * 1024)
+NUMBERED_TOTAL = 8 * MiB              # blkdriver.S NUMBERED: "acked N" after every GROUP
+GROUP = 8
+
+
+def blank_disk(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def wait_until(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def offered_request(vm, device) -> tuple[int, int] | None:
+    """(avail idx, request type) when the driver has offered a request the device
+    has not taken yet, else None."""
+    queue, memory = device.queues[0], vm.memory
+    if not queue.ready:
+        return None
+    avail_idx = memory.read_u16(queue.avail_addr + 2)
+    if avail_idx == queue.last_avail:
+        return None
+    head = memory.read_u16(queue.avail_addr + 4 + 2 * (queue.last_avail % queue.size))
+    header = memory.read_u64(queue.desc_addr + 16 * head)
+    return avail_idx, memory.read_u32(header)
+
+
+def saved_queue(path: Path, slot: int) -> dict:
+    manifest = snapshot.read(str(path)).manifest
+    state, = [f["state"] for f in manifest["devices"]["pci"] if f["slot"] == slot]
+    return state["virtio"]["queues"][0]
+
+
+@needs_kvm
+@pytest.mark.parametrize("served, kind", [(1, B.T_OUT), (BLK_WRITES // 2, B.T_OUT),
+                                          (BLK_WRITES + 1 + BLK_WRITES // 2, B.T_IN)],
+                         ids=["first-write", "mid-writes", "mid-reads"])
+def test_blk_guest_suspended_with_a_request_in_flight_loses_no_write(tmp_path, served, kind):
+    """The device is held still until the guest has offered a request it has not
+    taken (the I/O thread waits with the notification), then the VM is saved,
+    and restored in a new process on the same disk."""
+    install_kick_handler()
+    disk, debug, snap = blank_disk(tmp_path, 2 * BLK_TOTAL), tmp_path / "debug", tmp_path / "s"
+    rom = build_rom("blkdriver", CHUNK_KIB=BLK_CHUNK_KIB, TOTAL_KIB=BLK_TOTAL // 1024)
+    vm = VirtualMachine(parse_args(["-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
+                                    "-l", f"debugcon,file={debug}", "snapblk"]))
+    device = vm.pci.functions[3, 0]
+    thread = threading.Thread(target=vm.run, name="snapblk")
+    thread.start()
+    try:
+        wait_until(lambda: device.queues[0].used_idx >= served)
+        with device.quiesce():
+            wait_until(lambda: offered_request(vm, device) is not None)
+            avail_idx, request = offered_request(vm, device)
+            vm.pause()
+            snapshot.save(vm, str(snap))
+    finally:
+        vm.stop(ExitStatus.POWEROFF)
+        thread.join(10)
+        vm.close()
+    assert request == kind
+    before = debug.read_text()
+    assert "write status 00" in before and "blk ok" not in before, before
+    queue = saved_queue(snap, 3)
+    assert queue["last_avail"] == queue["used_idx"] == avail_idx   # served, then saved
+
+    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}"])
+    assert restored.returncode == 1, restored.stderr
+    expected = f"{checksum(pattern(BLK_TOTAL)):016x}"
+    lines = debug.read_text().splitlines()
+    assert lines[3:] == ["write status 00", "flush status 00", f"written checksum {expected}",
+                         f"read checksum {expected}", "blk ok"], lines
+    data = disk.read_bytes()
+    assert data[:BLK_TOTAL] == pattern(BLK_TOTAL) and data[BLK_TOTAL:] == bytes(BLK_TOTAL)
+
+
+@needs_kvm
+@pytest.mark.parametrize("delay", [0, 0.5])
+def test_pyhyvectl_suspend_of_a_writing_guest_loses_no_write(tmp_path, delay):
+    """pyhyvectl --suspend while the guest writes numbered blocks (delay: seconds
+    after its first acknowledged group), then pyhyve -r on the same disk."""
+    disk, debug = blank_disk(tmp_path, NUMBERED_TOTAL), tmp_path / "debug"
+    sock, snap = tmp_path / "c.sock", tmp_path / "vm.snap"
+    rom = build_rom("blkdriver", NUMBERED=1, CHUNK_KIB=4, TOTAL_KIB=NUMBERED_TOTAL // 1024)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyhyve", "-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
+         "-l", f"debugcon,file={debug}", "-o", f"control.socket={sock}", "snapwriter"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: debug.exists() and "acked" in debug.read_text())
+        time.sleep(delay)
+        assert ctlclient.main([f"--socket={sock}", f"--suspend={snap}"]) == 0
+        assert proc.wait(timeout=30) == 1
+    finally:
+        proc.kill()
+        proc.communicate()
+    before = debug.read_text()
+    assert "acked" in before and "blk done" not in before, "suspended too late to test anything"
+
+    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}"])
+    assert restored.returncode == 1, restored.stderr
+    blocks = NUMBERED_TOTAL // 4096
+    expected = [f"acked {n:x}" for n in range(GROUP, blocks + 1, GROUP)] + ["blk done"]
+    assert debug.read_text().splitlines()[3:] == expected    # each once, in order, to the end
+    assert disk.read_bytes() == pattern(NUMBERED_TOTAL)

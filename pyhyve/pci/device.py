@@ -7,6 +7,8 @@ bar_read()/bar_write().  Everything the guest can write to config space is
 checked here, so subclasses only see accesses that make sense.
 """
 
+import base64
+import contextlib
 import logging
 import struct
 import threading
@@ -45,6 +47,9 @@ class PciDevice:
 
     emulation_name = "?"
     config_size = R.CONFIG_SPACE_SIZE
+    # Whether save_state() holds everything this device knows; snapshot.py
+    # refuses VMs with a device that does not say so.
+    savable = False
 
     def __init__(self, vm, bus, slot: int, func: int):
         self.vm = vm
@@ -104,6 +109,53 @@ class PciDevice:
 
     def teardown(self) -> None:
         """Release what init() acquired (files, threads)."""
+
+    # --- snapshots -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def quiesce(self):
+        """Hold the device still while a snapshot is taken (vCPUs already paused):
+        devices that serve requests on other threads finish those the guest
+        made and start no new ones until the block ends."""
+        yield
+
+    def save_state(self) -> dict:
+        """What the guest programmed, as JSON: config space, BAR and ROM addresses,
+        MSI and MSI-X state, the INTx condition.  Subclasses add their own."""
+        state = {"config": base64.b64encode(bytes(self.config)).decode(),
+                 "bars": [None if bar is None else bar.address for bar in self.bars],
+                 "rom_address": self.rom_address, "intx": self.intx_asserted}
+        if self.msi is not None:
+            state["msi"] = self.msi.save_state()
+        if self.msix is not None:
+            state["msix"] = self.msix.save_state()
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        """Take back save_state()'s output on a freshly built device of the same
+        configuration: the BARs decode where the guest had put them, and an
+        asserted INTx drives its line again.  ValueError when it does not fit."""
+        config = base64.b64decode(state["config"])
+        if len(config) != len(self.config):
+            raise ValueError(f"PCI {self.bdf} config space has {len(config)} bytes")
+        if len(state["bars"]) != len(self.bars):
+            raise ValueError(f"PCI {self.bdf} has {len(state['bars'])} BARs")
+        self.config[:] = config
+        for bar, address in zip(self.bars, state["bars"]):
+            if (bar is None) != (address is None):
+                raise ValueError(f"PCI {self.bdf} BAR layout differs")
+            if bar is not None:
+                bar.address = int(address)
+                self.update_mapping(bar)
+        self.rom_address = int(state["rom_address"])
+        self._update_rom_mapping()
+        for capability, key in ((self.msi, "msi"), (self.msix, "msix")):
+            if (capability is None) != (key not in state):
+                raise ValueError(f"PCI {self.bdf} {key.upper()} capability differs")
+            if capability is not None:
+                capability.restore_state(state[key])
+        with self._intx_lock:
+            self.intx_asserted = bool(state["intx"])
+            self._update_intx_line()
 
     # --- helpers for init() --------------------------------------------------------
     def set_ids(self, vendor: int, device: int, class_code: int, revision: int = 0,

@@ -5,6 +5,7 @@ A message whose address is not in the 0xFEExxxxx local-APIC window is a guest
 error: it is dropped and logged once rather than handed to KVM.
 """
 
+import base64
 import struct
 
 from . import regs as R
@@ -40,6 +41,13 @@ class MsiCapability:
 
     def covers(self, offset: int, size: int) -> bool:
         return offset < self.offset + 24 and offset + size > self.offset
+
+    def save_state(self) -> dict:
+        """The registers live in config space; only the pending bits are kept here."""
+        return {"pending": self.pending}
+
+    def restore_state(self, state: dict) -> None:
+        self.pending = int(state["pending"]) & ((1 << self.vectors) - 1)
 
     def _field(self, at: int, fmt: str) -> int:
         return struct.unpack_from(fmt, self.device.config, self.offset + at)[0]
@@ -124,6 +132,17 @@ class MsixCapability:
 
     def covers(self, offset: int, size: int) -> bool:
         return offset < self.offset + 12 and offset + size > self.offset
+
+    def save_state(self) -> dict:
+        return {"table": base64.b64encode(bytes(self.table)).decode(),
+                "pending": self.pending}
+
+    def restore_state(self, state: dict) -> None:
+        table = base64.b64decode(state["table"])
+        if len(table) != len(self.table):
+            raise ValueError(f"MSI-X table has {len(table)} bytes, not {len(self.table)}")
+        self.table[:] = table
+        self.pending = int(state["pending"]) & ((1 << self.vectors) - 1)
 
     @property
     def control(self) -> int:

@@ -22,6 +22,8 @@ CLASS_OTHER = 0xFF0000
 class PciTestDevice(PciDevice):
     """test device: scratch register, INTx, MSI and MSI-X on demand"""
 
+    savable = True
+
     def init(self, options: dict[str, str]) -> None:
         unknown = set(options) - {"vectors"}
         if unknown:
@@ -41,6 +43,14 @@ class PciTestDevice(PciDevice):
         self.add_msix(vectors, bar_index=4)
         self.scratch = 0
         self.raised = 0
+
+    def save_state(self) -> dict:
+        return {**super().save_state(), "scratch": self.scratch, "raised": self.raised}
+
+    def restore_state(self, state: dict) -> None:
+        super().restore_state(state)
+        self.scratch = int(state["scratch"]) & 0xFFFFFFFF
+        self.raised = int(state["raised"])
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if index not in (0, 1):

@@ -21,8 +21,14 @@ DISCARD punches holes (fallocate PUNCH_HOLE) and is offered only when a probe
 at the end of the file shows the filesystem does that; WRITE_ZEROES uses
 ZERO_RANGE, punching holes when the driver allows unmapping, and writes zeros
 where the filesystem supports neither, so any writable disk offers it.
+
+A snapshot keeps no request of its own: the transport serves every offered
+request before it saves the queues (VirtioPciDevice.quiesce), and the disk
+is synced, so the guest finds each write it saw complete on the disk after a
+restore, and re-sends none.
 """
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -243,6 +249,16 @@ class VirtioBlock(VirtioPciDevice):
     def teardown(self) -> None:
         super().teardown()
         self._close_files()
+
+    @contextlib.contextmanager
+    def quiesce(self):
+        """Requests are served whole under the device lock, so once quiesced no
+        request is half done; completed writes go to stable storage before the
+        snapshot that counts them as done is written."""
+        with super().quiesce():
+            if not self.read_only:
+                os.fdatasync(self.fd)
+            yield
 
     # --- requests ----------------------------------------------------------------------
     def handle_request(self, index: int, chain: Chain) -> int:

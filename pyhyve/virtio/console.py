@@ -28,6 +28,7 @@ the rest are dropped and counted in port.dropped.  A byte written to emerg_wr
 up.
 """
 
+import base64
 import struct
 from collections import deque
 from functools import partial
@@ -174,6 +175,27 @@ class VirtioConsole(VirtioPciDevice):
         self._control_ready = False
         for port in self.ports:
             port.ready = port.guest_open = False
+
+    def save_device_state(self) -> dict:
+        """The handshake's progress, host input the guest has not taken yet and
+        control messages it has not received; the backends open anew."""
+        return {"control_ready": self._control_ready,
+                "control_out": [base64.b64encode(m).decode() for m in self._control_out],
+                "ports": [{"pending": base64.b64encode(bytes(port.pending)).decode(),
+                           "dropped": port.dropped, "ready": port.ready,
+                           "guest_open": port.guest_open} for port in self.ports]}
+
+    def restore_device_state(self, state: dict) -> None:
+        if len(state["ports"]) != len(self.ports):
+            raise ValueError(f"virtio-console has {len(self.ports)} ports, the snapshot "
+                             f"{len(state['ports'])}")
+        self._control_ready = bool(state["control_ready"])
+        self._control_out = deque(base64.b64decode(m)
+                                  for m in state["control_out"][:CONTROL_BACKLOG])
+        for port, saved in zip(self.ports, state["ports"]):
+            port.pending[:] = base64.b64decode(saved["pending"])[:PENDING_LIMIT]
+            port.dropped = int(saved["dropped"])
+            port.ready, port.guest_open = bool(saved["ready"]), bool(saved["guest_open"])
 
     def device_config_write(self, offset: int, size: int, value: int) -> None:
         if offset == EMERG_WR_OFFSET:

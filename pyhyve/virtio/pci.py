@@ -29,6 +29,7 @@ queue).  Everything runs under the device lock: the vCPU threads and the I/O
 thread never see a half-made change.
 """
 
+import contextlib
 import logging
 import os
 import struct
@@ -100,6 +101,7 @@ class VirtioPciDevice(PciDevice):
     device_type = 0               # the virtio device ID (1 net, 2 block, 4 entropy...)
     legacy_device_id = 0          # its transitional PCI device ID (0x1000..0x103F)
     class_code = 0xFF0000
+    savable = True
 
     def virtio_init(self, queue_sizes: list[int], features: int, config_size: int) -> None:
         """Declare IDs, BARs, capabilities and queues; call from init()."""
@@ -180,6 +182,16 @@ class VirtioPciDevice(PciDevice):
     def device_reset(self) -> None:
         """Forget device state when the driver resets the device."""
 
+    def save_device_state(self) -> dict:
+        """Device-type state a snapshot must keep beyond the transport's, as JSON
+        (called under the device lock, the device quiesced).  Whatever is left
+        out is as after device_reset(); a device whose buffered input may be
+        lost, as a network card's received frame, needs nothing here."""
+        return {}
+
+    def restore_device_state(self, state: dict) -> None:
+        """Take back save_device_state()'s output (under the device lock)."""
+
     # --- services for device types ---------------------------------------------------
     def negotiated(self, feature: int) -> bool:
         return bool(self.driver_features & feature)
@@ -227,6 +239,67 @@ class VirtioPciDevice(PciDevice):
         else:
             self.isr |= isr_bit
             self.assert_intx()
+
+    # --- snapshots ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def quiesce(self):
+        """Serve every request the driver has offered, notified or not, then hold
+        the device lock: no I/O thread or backend thread is inside a request
+        while the snapshot is taken, and each request is either complete (in the
+        used ring, in guest memory) or not yet taken from the avail ring."""
+        with self._lock:
+            for index in range(len(self.queues)):
+                self.kick(index)
+            yield
+
+    def save_state(self) -> dict:
+        with self._lock:
+            state = super().save_state()
+            state["virtio"] = {
+                "status": self.status, "driver_features": self.driver_features,
+                "device_feature_select": self.device_feature_select,
+                "driver_feature_select": self.driver_feature_select,
+                "queue_select": self.queue_select, "config_vector": self.config_vector,
+                "config_generation": self.config_generation, "isr": self.isr,
+                "queue_vectors": list(self.queue_vectors),
+                "queues": [queue.save_state() for queue in self.queues],
+                "device": self.save_device_state()}
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        """Restore the transport and the queues, re-assign the notify ioeventfds
+        where the BARs now decode, then look at every live queue once: a
+        notification does not survive a snapshot, and receive paths (host input,
+        a tap) start again from a kick."""
+        super().restore_state(state)
+        saved = state["virtio"]
+        if len(saved["queues"]) != len(self.queues) or \
+                len(saved["queue_vectors"]) != len(self.queues):
+            raise ValueError(f"{self.emulation_name} {self.bdf} has {len(self.queues)} "
+                             f"queues, the snapshot {len(saved['queues'])}")
+        with self._lock:
+            self.status = int(saved["status"]) & 0xFF
+            self.driver_features = int(saved["driver_features"]) & (1 << 64) - 1
+            self.device_feature_select = int(saved["device_feature_select"])
+            self.driver_feature_select = int(saved["driver_feature_select"])
+            self.queue_select = int(saved["queue_select"]) & 0xFFFF
+            self.config_vector = self._valid_vector(int(saved["config_vector"]))
+            self.config_generation = int(saved["config_generation"]) & 0xFF
+            self.isr = int(saved["isr"]) & (ISR_QUEUE | ISR_CONFIG)
+            for index, (queue, queue_state) in enumerate(zip(self.queues, saved["queues"])):
+                if not 0 <= int(queue_state["size"]) <= self.queue_max[index]:
+                    raise ValueError(f"queue {index} size {queue_state['size']} is above "
+                                     f"{self.queue_max[index]}")
+                try:
+                    queue.restore_state(queue_state)
+                except VirtqueueError as exc:
+                    raise ValueError(f"queue {index}: {exc}") from None
+                vector = int(saved["queue_vectors"][index])
+                self.queue_vectors[index] = self._valid_vector(vector)
+            self.restore_device_state(saved["device"])
+            self._sync_ioeventfds()
+            for index in range(len(self.queues)):
+                self.kick(index)
 
     # --- status, features, reset -------------------------------------------------------
     def _write_status(self, value: int, modern: bool) -> None:

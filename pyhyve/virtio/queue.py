@@ -136,6 +136,33 @@ class SplitQueue:
         self._signalled = self.used_idx
         self.ready = True
 
+    # --- snapshots ------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Where the queue stands: its layout and the device's two ring positions
+        (the rings themselves are in guest memory, saved with it)."""
+        return {"size": self.size, "desc": self.desc_addr, "avail": self.avail_addr,
+                "used": self.used_addr, "event_idx": self.event_idx, "ready": self.ready,
+                "last_avail": self.last_avail, "used_idx": self.used_idx,
+                "notify": self._notify}
+
+    def restore_state(self, state: dict) -> None:
+        """Put the queue back where save_state() found it: pop() takes the entry
+        after the last one the device took, push() fills the used slot after the
+        last one it filled.  VirtqueueError if a live queue's rings do not fit
+        in guest memory; ValueError for positions that are not u16s."""
+        self.reset()
+        positions = int(state["last_avail"]), int(state["used_idx"])
+        if not all(0 <= position <= 0xFFFF for position in positions):
+            raise ValueError(f"virtqueue positions {positions} are not 16-bit")
+        self.size = int(state["size"])
+        self.desc_addr, self.avail_addr, self.used_addr = (
+            int(state["desc"]), int(state["avail"]), int(state["used"]))
+        self.event_idx = bool(state["event_idx"])
+        self.last_avail, self.used_idx = positions
+        if state["ready"]:
+            self.activate()
+        self._notify = bool(state["notify"])
+
     # --- driver -> device ---------------------------------------------------
     def pending(self) -> bool:
         return self.ready and _U16.unpack_from(self._avail, 2)[0] != self.last_avail
