@@ -144,9 +144,10 @@ class PciDevice:
             if (bar is None) != (address is None):
                 raise ValueError(f"PCI {self.bdf} BAR layout differs")
             if bar is not None:
-                bar.address = int(address)
+                bar.address = int(address) & ((1 << 64) - 1 if bar.kind == BAR_MEM64
+                                              else 0xFFFFFFFF)
                 self.update_mapping(bar)
-        self.rom_address = int(state["rom_address"])
+        self.rom_address = int(state["rom_address"]) & 0xFFFFFFFF
         self._update_rom_mapping()
         for capability, key in ((self.msi, "msi"), (self.msix, "msix")):
             if (capability is None) != (key not in state):

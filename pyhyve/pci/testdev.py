@@ -50,7 +50,7 @@ class PciTestDevice(PciDevice):
     def restore_state(self, state: dict) -> None:
         super().restore_state(state)
         self.scratch = int(state["scratch"]) & 0xFFFFFFFF
-        self.raised = int(state["raised"])
+        self.raised = int(state["raised"]) & 0xFFFFFFFF
 
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if index not in (0, 1):

@@ -22,6 +22,13 @@ the PCI_CFG window) runs the queue on the vCPU thread.  Interrupts go out
 through vm.signal_msi (an irqfd bound to a GSI route per MSI message) or the
 INTx router.
 
+Snapshots: quiesce() serves what the driver offered and holds the device
+lock while the VM is saved; save_state() adds the transport registers and
+each queue's layout and ring positions to the PCI state, and restore_state()
+re-activates live queues on the restored guest memory, re-assigns their
+ioeventfds and kicks them once.  Device types keep anything more through
+save_device_state()/restore_device_state().
+
 Subclasses set the class attributes, call `virtio_init()` from init(), fill
 `device_config`, and answer chains in `handle_request()` (or override
 `queue_notified()` for queues that hold buffers, such as a network receive
@@ -280,8 +287,8 @@ class VirtioPciDevice(PciDevice):
         with self._lock:
             self.status = int(saved["status"]) & 0xFF
             self.driver_features = int(saved["driver_features"]) & (1 << 64) - 1
-            self.device_feature_select = int(saved["device_feature_select"])
-            self.driver_feature_select = int(saved["driver_feature_select"])
+            self.device_feature_select = int(saved["device_feature_select"]) & 0xFFFFFFFF
+            self.driver_feature_select = int(saved["driver_feature_select"]) & 0xFFFFFFFF
             self.queue_select = int(saved["queue_select"]) & 0xFFFF
             self.config_vector = self._valid_vector(int(saved["config_vector"]))
             self.config_generation = int(saved["config_generation"]) & 0xFF

@@ -156,7 +156,7 @@ class SplitQueue:
             raise ValueError(f"virtqueue positions {positions} are not 16-bit")
         self.size = int(state["size"])
         self.desc_addr, self.avail_addr, self.used_addr = (
-            int(state["desc"]), int(state["avail"]), int(state["used"]))
+            int(state[ring]) & (1 << 64) - 1 for ring in ("desc", "avail", "used"))
         self.event_idx = bool(state["event_idx"])
         self.last_avail, self.used_idx = positions
         if state["ready"]:
