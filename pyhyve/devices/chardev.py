@@ -13,10 +13,15 @@ the current one, which is closed: a client that hung or vanished without
 closing can never lock the user out of the console.  The socket carries raw
 bytes (use `nc` or `socat`, not telnet).
 
-Guest output must never stall a vCPU: a socket backend sends without blocking,
-so output with no client connected, or beyond what the kernel's socket buffer
-holds, is dropped and counted in `dropped`.  stdio and file writes block, as
-in bhyve, so piped or logged output keeps every byte.
+Guest output must never stall a vCPU for long, and is never queued in pyhyve:
+what the host end does not take is dropped and counted in `dropped`, as a
+real UART's bits are lost on a line nobody reads, and the first loss is logged.
+A socket backend sends without blocking, so output with no client connected,
+or beyond what the kernel's socket buffer holds, is dropped at once.  stdio and
+file writes wait up to STALL_LIMIT for a reader that is merely slow (a pipe to
+`tee`), then drop output at once until the reader takes some again (bhyve's
+stdout is non-blocking and drops what does not fit); a regular file is always
+writable, so a log keeps every byte.
 
 Input is read by one daemon thread per backend, started by attach(), which
 waits on the backend's descriptors with a selector and is woken through an
@@ -30,11 +35,13 @@ import atexit
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
 import termios
 import threading
+import time
 import tty
 from typing import Callable
 
@@ -43,6 +50,7 @@ from ..config import ConfigError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 4096
+STALL_LIMIT = 0.2      # seconds one write may wait for a slow reader
 JOIN_TIMEOUT = 5.0
 SPECS = "stdio, file=PATH, unix=PATH or tcp=HOST:PORT"
 
@@ -72,6 +80,9 @@ class Backend:
         self._callback: Callable[[bytes], None] | None = None
         self._on_connection: Callable[[bool], None] | None = None
         self._failed = False            # a write error was reported once already
+        self._lagging = False           # the reader did not take the last output
+        self._lag_reported = False
+        self._output_ready: select.poll | None = None   # POLLOUT on the output fd
 
     @property
     def connected(self) -> bool:
@@ -85,16 +96,40 @@ class Backend:
         self._callback = callback
         self._on_connection = on_connection
 
+    def _watch_output(self, fd: int) -> None:
+        """Poll `fd` for room before each write (see _write_or_drop)."""
+        self._output_ready = select.poll()
+        self._output_ready.register(fd, select.POLLOUT)
+
     def _write_or_drop(self, fd: int, data: bytes, where: str) -> None:
-        """Write it all, or count it as dropped and say so the first time."""
+        """Write what `fd` takes, in chunks a blocking write never waits on;
+        wait at most STALL_LIMIT for room, and not at all while the reader is
+        lagging.  The rest is dropped and counted; problems are said once."""
+        view = memoryview(data)
+        wait_until = time.monotonic() + (0.0 if self._lagging else STALL_LIMIT)
         try:
-            _write_all(fd, data)
+            while view:
+                timeout_ms = max(0.0, wait_until - time.monotonic()) * 1000
+                if not self._output_ready.poll(timeout_ms):
+                    break
+                view = view[os.write(fd, view[:select.PIPE_BUF]):]
         except OSError as exc:
-            self.dropped += len(data)
+            self.dropped += len(view)
             if not self._failed:
                 self._failed = True
                 log.warning("%s: writing to %s failed (%s); output is dropped",
                             self.name, where, _reason(exc))
+            return
+        self._lagging = bool(view)
+        if view:
+            self.dropped += len(view)
+            self._report_lag(where)
+
+    def _report_lag(self, where: str) -> None:
+        if not self._lag_reported:
+            self._lag_reported = True
+            log.warning("%s: %s is not taking output; dropping what does not fit",
+                        self.name, where)
 
     def write(self, data: bytes) -> None:
         """Guest output; must not block the calling vCPU for long."""
@@ -116,6 +151,7 @@ class FileBackend(Backend):
                                0o644)
         except OSError as exc:
             raise ConfigError(f"{name}: cannot open file={path}: {_reason(exc)}") from None
+        self._watch_output(self._fd)
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -202,6 +238,7 @@ class StdioBackend(_PolledBackend):
         self._in_fd = in_fd
         self._out_fd = out_fd
         self._saved_mode = None
+        self._watch_output(out_fd)
         self._selector.register(in_fd, selectors.EVENT_READ, self._on_input)
         if os.isatty(in_fd):
             self._saved_mode = termios.tcgetattr(in_fd)
@@ -260,8 +297,13 @@ class _ServerBackend(_PolledBackend):
             if self._client is not None:
                 try:
                     sent = self._client.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    full = sent < len(data)
+                except BlockingIOError:
+                    full = True
                 except OSError:
-                    pass        # buffer full, or the client is leaving: the I/O thread sees it
+                    full = False    # the client is leaving: the I/O thread sees it
+                if full:
+                    self._report_lag("the client")
             self.dropped += len(data) - sent
 
     def _on_accept(self, listener: socket.socket) -> None:
@@ -393,12 +435,6 @@ def _check_stale_socket(error: OSError, path: str) -> None:
         except OSError:
             pass
     raise error
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _reason(exc: OSError) -> str:
