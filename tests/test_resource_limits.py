@@ -234,6 +234,27 @@ def test_stdio_output_to_a_stuck_pipe_is_dropped_and_resumes(caplog):
         os.close(fd)
 
 
+def test_stdio_output_from_several_vcpus_at_once():
+    out_read, out_write = os.pipe()
+    in_read, in_write = os.pipe()
+    backend = StdioBackend("com1", in_read, out_write)
+    writers = [threading.Thread(target=lambda: [backend.write(b"y") for _ in range(20000)])
+               for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    received = 0
+    while any(writer.is_alive() for writer in writers) or \
+            select.select([out_read], [], [], 0)[0]:
+        if select.select([out_read], [], [], 0.01)[0]:
+            received += len(os.read(out_read, 1 << 16))
+    for writer in writers:
+        writer.join()
+    assert received + backend.dropped == 4 * 20000     # each byte written or counted
+    backend.close()
+    for fd in (out_read, out_write, in_read, in_write):
+        os.close(fd)
+
+
 # --- virtqueue notifications ------------------------------------------------------------
 @pytest.mark.parametrize("driver_ok", [1, 0], ids=["live-queue", "no-driver"])
 def test_virtqueue_notify_flood(needs_kvm, tmp_path, driver_ok):

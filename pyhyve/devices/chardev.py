@@ -102,9 +102,11 @@ class Backend:
         self._output_ready.register(fd, select.POLLOUT)
 
     def _write_or_drop(self, fd: int, data: bytes, where: str) -> None:
-        """Write what `fd` takes, in chunks a blocking write never waits on;
-        wait at most STALL_LIMIT for room, and not at all while the reader is
-        lagging.  The rest is dropped and counted; problems are said once."""
+        """Write what `fd` takes, in chunks of PIPE_BUF (which a pipe that polls
+        writable takes at once); wait at most STALL_LIMIT for room, and not at
+        all while the reader is lagging.  The rest is dropped and counted;
+        problems are said once.  Callers serialise: a poll object has one user
+        at a time."""
         view = memoryview(data)
         wait_until = time.monotonic() + (0.0 if self._lagging else STALL_LIMIT)
         try:
@@ -238,6 +240,7 @@ class StdioBackend(_PolledBackend):
         self._in_fd = in_fd
         self._out_fd = out_fd
         self._saved_mode = None
+        self._write_lock = threading.Lock()     # vCPUs may write at once
         self._watch_output(out_fd)
         self._selector.register(in_fd, selectors.EVENT_READ, self._on_input)
         if os.isatty(in_fd):
@@ -246,10 +249,11 @@ class StdioBackend(_PolledBackend):
             atexit.register(self._restore)
 
     def write(self, data: bytes) -> None:
-        if self._closing:
-            self.dropped += len(data)
-            return
-        self._write_or_drop(self._out_fd, data, "stdout")
+        with self._write_lock:
+            if self._closing:
+                self.dropped += len(data)
+                return
+            self._write_or_drop(self._out_fd, data, "stdout")
 
     def _on_input(self, fd: int) -> None:
         try:
