@@ -112,7 +112,7 @@ class SplitQueue:
         self.ready = False
         self.last_avail = 0
         self.used_idx = 0
-        self._desc = self._avail = self._used = None
+        self._desc = self._avail = self._used = self._used_words = None
         self._mask = 0
         self._used_event_offset = self._avail_event_offset = 0
         self._notify = True
@@ -130,6 +130,11 @@ class SplitQueue:
         except GuestMemoryError as error:
             raise VirtqueueError(f"ring not in guest RAM: {error}") from None
         self._desc, self._avail, self._used = desc, avail, used
+        # The fields the driver polls (used->flags, used->idx, avail_event) are
+        # written through this u16 view: one store each.  struct.pack_into
+        # zeroes its field before it writes it, and a driver polling used->idx
+        # in between sees the index fall back to 0.
+        self._used_words = used.cast("H")
         self._mask = size - 1
         self._used_event_offset = 4 + 2 * size
         self._avail_event_offset = 4 + 8 * size
@@ -187,7 +192,7 @@ class SplitQueue:
         self.last_avail = last
         if self.event_idx and self._notify:
             # Ask to be notified as soon as the driver offers the next entry.
-            _U16.pack_into(self._used, self._avail_event_offset, last)
+            self._used_words[self._avail_event_offset // 2] = last
         return chain
 
     def _walk(self, head: int, size: int) -> Chain:
@@ -261,7 +266,7 @@ class SplitQueue:
         idx = self.used_idx
         _USED_ELEM.pack_into(used, 4 + 8 * (idx & self._mask), head, written)
         idx = (idx + 1) & 0xFFFF
-        _U16.pack_into(used, 2, idx)
+        self._used_words[1] = idx
         self.used_idx = idx
 
     def needs_interrupt(self) -> bool:
@@ -289,10 +294,10 @@ class SplitQueue:
         if not self.ready:
             return
         if not self.event_idx:
-            _U16.pack_into(self._used, 0, 0 if enabled else USED_F_NO_NOTIFY)
+            self._used_words[0] = 0 if enabled else USED_F_NO_NOTIFY
         elif enabled:
             avail_idx = _U16.unpack_from(self._avail, 2)[0]
-            _U16.pack_into(self._used, self._avail_event_offset, avail_idx)
+            self._used_words[self._avail_event_offset // 2] = avail_idx
         if enabled:
             self._full_barrier()
 
