@@ -2,15 +2,17 @@
  * for tests/test_resource_limits.py: neither pyhyve's memory nor the BSP's
  * progress may suffer from what one vCPU does to a device.
  *
- * The BSP (long mode, from longmode.inc) finds and sets up the target, wakes the AP
- * with INIT/SIPI (as smp.S does) and waits until it checks in, prints
- * "flooding", then counts down WORK_LOOPS and prints "tick N" on the debug
- * port, again and again until it has ticked TICKS times and the AP has done
- * FLOOD_TARGET iterations (blocks of BLOCK bytes for FLOOD_UART, single
- * accesses otherwise): a flooding vCPU that stalls stops the run too.  Then
- * it prints "flood N" (the AP's iterations so far) and "irqs N" (interrupts
- * its IDT took), and powers off while the AP is still at it.  The AP stays in real mode and loops forever on
- * port I/O, which reaches every target:
+ * The BSP (long mode, from longmode.inc: this host's instruction emulator
+ * cannot run a 32-bit protected-mode iret) finds and sets up the target,
+ * wakes the AP with INIT/SIPI (as smp.S does), waits until it checks in and
+ * prints "flooding".  Then it counts down WORK_LOOPS and prints "tick N" on
+ * the debug port, again and again until it has ticked TICKS times and the AP
+ * has done FLOOD_TARGET iterations (blocks of BLOCK bytes for FLOOD_UART,
+ * single accesses otherwise): a flooding vCPU that stalls stops the run too.
+ * Last it prints "flood N" (the AP's iterations so far) and "irqs N"
+ * (interrupts its IDT took), and powers off while the AP is still at it.
+ * The AP stays in real mode and loops forever on port I/O, which reaches
+ * every target:
  *   FLOOD_UART         rep outsb of BLOCK bytes to COM1's THR, never looking at
  *                      LSR (pyhyve's THR is always empty: waiting would only
  *                      double the exits per byte)
