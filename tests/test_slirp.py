@@ -165,6 +165,25 @@ def test_arp_for_the_gateway_is_answered(wire):
     assert reply[32:38] == GUEST_MAC and socket.inet_ntoa(reply[38:42]) == GUEST_IP
 
 
+@needs_libslirp
+def test_frames_the_device_does_not_take_are_dropped_and_counted(wire):
+    """With nobody reading the device's end, libslirp's replies fill the socket; the
+    rest are dropped and counted, and the network keeps running."""
+    link = wire()
+    requests = 2000
+    for _ in range(requests):
+        select.select([], [link.backend.fd], [], 5)
+        link.send(arp_request(S.HOST))
+    assert wait_for(lambda: link.backend.dropped > 0, timeout=10)
+    received = 0
+    while select.select([link.backend.fd], [], [], 0.5)[0]:
+        os.read(link.backend.fd, S.FRAME_BUFFER)
+        received += 1
+    assert received + link.backend.dropped == requests
+    link.send(arp_request(S.HOST))                              # still answering
+    link.receive(lambda f: struct.unpack_from("!H", f, 12)[0] == ETH_ARP)
+
+
 def offer_for(xid: int):
     def accept(frame: bytes) -> bool:
         packet = parse_ipv4(frame)

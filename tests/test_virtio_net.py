@@ -260,7 +260,7 @@ def test_tx_fuzz_every_chain_is_sent_or_counted(tap, chains, driver_kind):
             seen_writable |= writable
             if not writable:
                 data += fill * length
-            address += 0x1000
+            address += 0x100                  # a segment is at most 2 * FUZZ_MTU long
         rings[N.TX].offer(buffers)
         if broken:
             continue

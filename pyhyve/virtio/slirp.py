@@ -19,7 +19,7 @@ each behind a zeroed 12-byte virtio_net_hdr_mrg_rxbuf exactly as on a tap:
 the socket is the queue and the wakeup for transmitted frames, and the device
 receives from it with the same code (and the same wait-for-buffers logic) as
 from a tap.  Frames the device is not taking fill the socket and are then
-dropped, which libslirp allows (TCP retransmits).
+dropped and counted, which libslirp allows (TCP retransmits).
 """
 
 import ctypes
