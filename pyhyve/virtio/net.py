@@ -93,7 +93,8 @@ def generate_mac(slot: int, func: int, vm_name: str) -> bytes:
 
 @emulation("virtio-net")
 class VirtioNet(VirtioPciDevice):
-    """virtio network card: tapN, tap=NAME or slirp[,hostfwd=...], [,mac=...][,mtu=N]"""
+    """virtio network card: tapN, tap=NAME or slirp[,hostfwd=R][,tftp=D][,bootfile=F];
+    each with [,mac=xx:xx:xx:xx:xx:xx][,mtu=N]"""
 
     device_type = VIRTIO_ID_NET
     legacy_device_id = LEGACY_DEVICE_ID
