@@ -376,12 +376,19 @@ publish:
 
 /* The next used element of queue %rbp: %eax its head, %edx its length; ZF
  * set (and nothing consumed) when the device has returned nothing new.
- * A head the driver never offered stops the guest.  Clobbers rcx. */
+ * A device that returns more buffers than the driver offered, or a head out
+ * of the ring, stops the guest.  Clobbers rcx. */
 next_used:
     movq Q_USED(%rbp), %rcx
+    movzwl 2(%rcx), %edx
+    subw Q_LAST_USED(%rbp), %dx    /* returned and not yet consumed */
+    jz 1f
+    movzwl %dx, %edx
+    movl Q_AVAIL_IDX(%rbp), %eax
+    subl Q_LAST_USED(%rbp), %eax   /* offered and not yet consumed */
+    cmpl %eax, %edx
+    ja bad_used_idx
     movl Q_LAST_USED(%rbp), %eax
-    cmpw %ax, 2(%rcx)
-    je 1f
     andl Q_MASK(%rbp), %eax
     movl 8(%rcx,%rax,8), %edx      /* used elements start at +4: id, then len */
     movl 4(%rcx,%rax,8), %eax
@@ -391,6 +398,9 @@ next_used:
 1:  ret
 bad_head:
     PRINT_STR "device returned a bad head\n"
+    jmp poweroff
+bad_used_idx:
+    PRINT_STR "device's used index ran past the buffers offered\n"
     jmp poweroff
 
 /* Wait, up to TIMEOUT_TICKS, for queue %rbp's next used element (next_used's
@@ -443,21 +453,42 @@ blast:
     cmpl Q_MASK(%rbp), %eax
     jne 2b
 3:  call publish
-4:  call wait_used                 /* then offer each head again as it comes back */
-    movl %eax, %esi
+    movq Q_USED(%rbp), %r13        /* the rings in registers: the loop below runs */
+    movq Q_AVAIL(%rbp), %r14       /* once per frame, and the guest's instructions */
+    movl Q_MASK(%rbp), %r15d       /* are emulated one by one on the test hosts */
+4:  call wait_used                 /* then offer each head again as it comes back: */
     movl %ebx, %r12d               /* offered before this batch */
-5:  cmpl $BLAST_FRAMES, %ebx
-    je 6f
+    movl Q_LAST_USED(%rbp), %esi   /* used elements consumed */
+    movzwl 2(%r13), %edi           /* the device's used index, now */
+    movl %edi, %ecx
+    subw %si, %cx
+    movzwl %cx, %ecx               /* returned and not yet consumed */
+    movl %ebx, %edx
+    subl %esi, %edx                /* offered and not yet consumed */
+    cmpl %edx, %ecx
+    ja bad_used_idx
+    jmp 6f                         /* the head wait_used took first */
+5:  cmpw %si, %di                  /* every other head the device returned meanwhile */
+    je 7f
     movl %esi, %eax
-    call add_buffer
+    andl %r15d, %eax
+    movl 4(%r13,%rax,8), %eax      /* the element's head */
+    cmpl %r15d, %eax
+    ja bad_head
+    incl %esi
+6:  cmpl $BLAST_FRAMES, %ebx
+    je 5b
+    movl %ebx, %edx
+    andl %r15d, %edx
+    movw %ax, 4(%r14,%rdx,2)
     incl %ebx
-6:  call next_used                 /* everything else the device finished meanwhile */
-    movl %eax, %esi
-    jnz 5b
+    jmp 5b
+7:  movl %esi, Q_LAST_USED(%rbp)
+    movl %ebx, Q_AVAIL_IDX(%rbp)
     cmpl %ebx, %r12d
-    je 7f                          /* the tail: nothing new to tell the device */
+    je 8f                          /* the tail: nothing new to tell the device */
     call publish
-7:  cmpl $BLAST_FRAMES, Q_LAST_USED(%rbp)
+8:  cmpl $BLAST_FRAMES, %esi
     jne 4b
     PRINT_STR "blast done\n"
     ret
