@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-BENCHMARKS = ("exits.py", "blk.py", "startup.py", "boot.py", "density.py", "snapshot.py")
+BENCHMARKS = ("exits.py", "blk.py", "net.py", "startup.py", "boot.py", "density.py",
+              "snapshot.py")
 
 
 def main() -> int:

@@ -7,7 +7,6 @@ missing one at the host."""
 
 import os
 import random
-import shutil
 import struct
 import subprocess
 import sys
@@ -107,9 +106,6 @@ class Guest:
 @pytest.fixture(params=["pyhyve", "qemu"])
 def guest(request, netns, tmp_path):
     namespace, ip = netns
-    if request.param == "qemu" and shutil.which("qemu-system-x86_64") is None:
-        from firmware import require_program
-        require_program("qemu-system-x86_64", "qemu-system-x86")
     vm = Guest(request.param, namespace, ip, tmp_path)
     try:
         yield vm

@@ -1,0 +1,194 @@
+"""virtio-net transmit throughput: pyhyve vs QEMU on the same guest, through a tap.
+
+The guest is tests/guests/netdriver.S built with BLAST_FRAMES=N and
+FRAME_SIZE=S: its own legacy virtio-net driver sends N broadcast frames of S
+bytes (Ethernet header included, no FCS), keeping its transmit ring full and
+polling the used ring, then powers off.  It runs on
+  pyhyve  an in-process VirtualMachine with -s 3,virtio-net,tap=TAP;
+  qemu    qemu-system-x86_64 -enable-kvm with a legacy virtio-net-pci at the
+          same slot (addr=3) on the same tap, isa-debug-exit on the power-off port.
+The tap lives in a network namespace of this process's own (unshare(2) at
+start-up: both sides and every `ip` command inherit it, and it disappears with
+the process).  What reached the host is read from the tap's counters (rx
+packets and bytes: frames the tap accepted from the VM) before and after each
+run; a run that lost frames is reported beside the guest's count.
+Each side runs a big and a tiny (one-frame) blast; the rate is the difference
+in frames over the difference in time, so start-up, the guest's long-mode entry
+and PCI scan cancel out.  The best of --repeat runs counts; the two sides take
+turns, so that a busy spell on the host hits both.  Two frame sizes: full
+(1514 bytes: Mbit/s) and small (64 bytes: packets per second).
+The host's stack drops the frames once the tap has taken them (no protocol
+handles 0x88B5), so the figure is the VMM's transmit path and the tap.
+Where the guest's code is emulated (the test hosts), the guest's own loop (about
+15 instructions a frame) may be what limits both sides.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from common import build_rom, require_program, save
+
+from pyhyve.config import Config
+from pyhyve.vcpu import ExitStatus
+from pyhyve.vm import VirtualMachine
+
+PM1A_CNT = 0x404
+SLOT = 3
+MEMORY_MIB = 64
+TAP = "benchtap0"
+CLONE_NEWNET = 0x40000000
+TINY_FRAMES = 1
+
+
+def enter_private_netns() -> None:
+    """Move this process (before it starts any thread) into a new network namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise SystemExit(f"unshare(CLONE_NEWNET): {os.strerror(ctypes.get_errno())} "
+                         "(the benchmark needs root)")
+
+
+def create_tap(ip: str) -> None:
+    """A persistent tap, up, that both sides attach to in turn."""
+    subprocess.run([ip, "tuntap", "add", "dev", TAP, "mode", "tap"], check=True)
+    subprocess.run([ip, "link", "set", TAP, "up"], check=True)
+
+
+def tap_received(ip: str) -> tuple[int, int]:
+    """(frames, bytes) the tap has taken from the VM side so far."""
+    output = subprocess.run([ip, "-s", "-j", "link", "show", "dev", TAP], check=True,
+                            capture_output=True, text=True).stdout
+    rx = json.loads(output)[0]["stats64"]["rx"]
+    return rx["packets"], rx["bytes"]
+
+
+def pyhyve_seconds(rom: Path, debug: Path) -> float:
+    """Seconds vm.run() takes for the guest (VM creation and teardown excluded)."""
+    vm = VirtualMachine(Config({
+        "name": "bench-net", "memory.size": f"{MEMORY_MIB}M", "lpc.bootrom": str(rom),
+        "lpc.debugcon.path": str(debug),
+        f"pci.0.{SLOT}.0.device": "virtio-net", f"pci.0.{SLOT}.0.tap": TAP}))
+    try:
+        start = time.perf_counter()
+        status = vm.run()
+        elapsed = time.perf_counter() - start
+    finally:
+        vm.close()
+    _check(debug, f"pyhyve exit status {status}")
+    assert status == ExitStatus.POWEROFF, status
+    return elapsed
+
+
+def qemu_seconds(qemu: str, rom: Path, debug: Path) -> float:
+    """Seconds from QEMU's start to its exit (start-up included: the tiny run
+    subtracts it)."""
+    command = [qemu, "-machine", "pc", "-enable-kvm", "-m", str(MEMORY_MIB), "-nodefaults",
+               "-display", "none", "-bios", str(rom),
+               "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+               "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,addr={SLOT}",
+               "-device", f"isa-debug-exit,iobase={PM1A_CNT:#x},iosize=2",
+               "-chardev", f"file,id=dbg,path={debug}",
+               "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - start
+    _check(debug, f"qemu exit code {proc.returncode}: {proc.stderr.strip()}")
+    return elapsed
+
+
+def _check(debug: Path, context: str) -> None:
+    """The guest must have sent everything: a failed run would time nothing."""
+    text = debug.read_text(errors="replace") if debug.exists() else ""
+    debug.unlink(missing_ok=True)
+    if "blast done" not in text:
+        raise SystemExit(f"the guest did not finish sending ({context}):\n{text}")
+
+
+def measure(runs: dict, ip: str, frame_size: int, frames: int, repeat: int) -> dict:
+    """Per side: the raw times, what arrived per big run, and the rates from the best
+    big and the best tiny run."""
+    roms = {"big": build_rom("netdriver", BLAST_FRAMES=frames, FRAME_SIZE=frame_size),
+            "tiny": build_rom("netdriver", BLAST_FRAMES=TINY_FRAMES, FRAME_SIZE=frame_size)}
+    figures = {name: {"big_s": [], "tiny_s": [], "arrived_frames": [], "arrived_bytes": []}
+               for name in runs}
+    for _ in range(repeat):
+        for size, rom in roms.items():
+            for name, run in runs.items():
+                before = tap_received(ip)
+                figures[name][f"{size}_s"].append(run(rom))
+                if size == "big":
+                    after = tap_received(ip)
+                    figures[name]["arrived_frames"].append(after[0] - before[0])
+                    figures[name]["arrived_bytes"].append(after[1] - before[1])
+    for side in figures.values():
+        seconds = min(side["big_s"]) - min(side["tiny_s"])
+        pps = (frames - TINY_FRAMES) / seconds if seconds > 0 else None
+        side["pps"] = pps
+        side["mbit_per_s"] = pps * frame_size * 8 / 1e6 if pps else None
+    return figures
+
+
+def report(name: str, side: dict | None, frames: int, frame_size: int) -> None:
+    if side is None:
+        print(f"  {name:7}: not installed")
+        return
+    times = ", ".join(f"{t:.3f}" for t in side["big_s"])
+    tiny_times = ", ".join(f"{t:.3f}" for t in side["tiny_s"])
+    print(f"  {name:7}: big runs {times} s; tiny runs {tiny_times} s")
+    lost = [frames - arrived for arrived in side["arrived_frames"]]
+    if any(lost) or any(b != frames * frame_size for b in side["arrived_bytes"]):
+        print(f"  {name:7}: the guest sent {frames} frames per big run; the tap took "
+              f"{side['arrived_frames']} ({side['arrived_bytes']} bytes)")
+    if side["pps"]:
+        print(f"  {name:7}: {side['pps']:10.0f} frames/s {side['mbit_per_s']:8.1f} Mbit/s")
+    else:
+        print(f"  {name:7}: no usable difference")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=200000,
+                        help="frames each big run sends")
+    parser.add_argument("--sizes", type=lambda text: [int(s) for s in text.split(",")],
+                        default=[1514, 64], help="frame sizes in bytes (60 to 1514), "
+                        "comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each size")
+    args = parser.parse_args()
+    if any(not 60 <= size <= 1514 for size in args.sizes):
+        raise SystemExit("--sizes: each frame size must be 60 to 1514 bytes")
+    ip = require_program("ip", "iproute2")
+    enter_private_netns()
+    create_tap(ip)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="pyhyve-bench-net-") as tmp:
+        debug = Path(tmp) / "debug.txt"
+        runs = {"pyhyve": lambda rom: pyhyve_seconds(rom, debug)}
+        qemu_path = shutil.which("qemu-system-x86_64")
+        if qemu_path:
+            runs["qemu"] = lambda rom: qemu_seconds(qemu_path, rom, debug)
+        for size in args.sizes:
+            figures = measure(runs, ip, size, args.frames, args.repeat)
+            pyhyve, qemu = figures["pyhyve"], figures.get("qemu")
+            ratio = pyhyve["pps"] / qemu["pps"] if qemu and pyhyve["pps"] and qemu["pps"] \
+                else None
+            print(f"{size}-byte frames: {args.frames} per big run, {TINY_FRAMES} per tiny run "
+                  f"(best of {args.repeat})")
+            report("pyhyve", pyhyve, args.frames, size)
+            report("qemu", qemu, args.frames, size)
+            if ratio:
+                print(f"  ratio pyhyve/qemu : {ratio:.2f}")
+            results[str(size)] = {"pyhyve": pyhyve, "qemu": qemu, "ratio_pyhyve_qemu": ratio}
+    path = save("net", {"frames": args.frames, "repeat": args.repeat, "sizes": results})
+    print(f"results: {path.relative_to(path.parent.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()
