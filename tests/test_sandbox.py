@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -90,6 +91,42 @@ def test_running_vm_every_thread_is_nobody_and_filtered(tmp_path):
     assert proc.stderr.read() == ""
     counts = debug.read_text().splitlines()
     assert counts == [f"count {5 * n}" for n in range(1, len(counts) + 1)]
+
+
+@needs_root
+@pytest.mark.usefixtures("needs_kvm")
+def test_tcp_console_accepts_after_the_drop(tmp_path):
+    """The console's listener was opened as root; the connection arrives once
+    pyhyve is nobody and filtered, and the guest echoes through it."""
+    debug = tmp_path / "debug"
+    with socket.socket() as probe:          # a free port for the console
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyhyve", "-l", f"bootrom,{build_rom('uartecho')}",
+         "-l", f"com1,tcp=127.0.0.1:{port}", "-l", f"debugcon,file={debug}",
+         "-o", f"control.socket={tmp_path / 'ctl.sock'}",
+         "-o", "process.user=nobody", "-o", "process.seccomp=true", "echo"],
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        while "ready" not in (debug.read_text() if debug.exists() else ""):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as console:
+            console.sendall(b"sandboxed")
+            echoed = b""
+            while len(echoed) < len(b"sandboxed"):
+                chunk = console.recv(64)
+                assert chunk, "the console closed"
+                echoed += chunk
+            console.sendall(b"q")
+            status = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert echoed == b"sandboxed"
+    assert status == ExitStatus.POWEROFF
+    assert proc.stderr.read() == ""
 
 
 FORBIDDEN = """
