@@ -20,6 +20,7 @@ from guestrun import REPO, run_rom
 from pyhyve import sandbox
 from pyhyve.config import ConfigError
 from pyhyve.vcpu import ExitStatus
+from test_slirp import needs_libslirp
 
 NOBODY = pwd.getpwnam("nobody")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
@@ -221,6 +222,35 @@ INET = """
 def test_user_networking_may_open_ip_sockets_only():
     assert _run_python(INET) == {"inet": "allowed", "inet6": "allowed",
                                  "unix": "EPERM", "netlink": "EPERM"}
+
+
+SLIRP = """
+    import json, socket, struct, sys
+    sys.path[:0] = sys.argv[1:2]
+    import test_slirp as T
+    from pyhyve import sandbox
+    from pyhyve.virtio import slirp as S
+
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(30)
+    backend = S.SlirpBackend([], 1500)
+    sandbox.install_seccomp(inet_sockets=True)
+    link = T.Wire(backend)
+    link.send(T.arp_request(S.HOST))
+    gateway = link.receive(lambda f: struct.unpack_from("!H", f, 12)[0] == T.ETH_ARP)[22:28]
+    link.send(T.udp_packet(T.GUEST_IP, S.HOST, 40000, receiver.getsockname()[1],
+                           b"through the filter", gateway))
+    print(json.dumps({"received": receiver.recv(100).decode()}))
+    backend.close()
+"""
+
+
+@needs_libslirp
+def test_user_networking_opens_the_guests_connections_under_the_filter():
+    """libslirp makes a UDP socket for the guest's datagram to the host only
+    once the guest sends it: after the filter is in place."""
+    assert _run_python(SLIRP, str(REPO / "tests")) == {"received": "through the filter"}
 
 
 def test_user_networking_is_read_from_the_config():
