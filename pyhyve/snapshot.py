@@ -85,7 +85,10 @@ class _Writer:
         self.sha = hashlib.sha256()
 
     def add(self, data) -> list[int]:
-        data = bytes(data)
+        """Keep `data` for the file.  Guest memory comes as memoryviews, kept as they
+        are (no copy of the guest: its vCPUs stay paused until the file is written)."""
+        if not isinstance(data, memoryview):
+            data = bytes(data)
         where = [self.size, len(data)]
         self.chunks.append(data)
         self.sha.update(data)
@@ -140,21 +143,18 @@ def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
         if backing is None or not size:
             continue
         view = memoryview(backing)
-        try:
-            start = None
-            for page in range(0, size, PAGE):
-                zero = view[page:page + PAGE] == _ZERO_PAGE
-                if not zero and start is None:
-                    start = page
-                elif zero and start is not None:
-                    where = writer.add(view[start:page])
-                    runs.append([gpa + start, page - start, where[0]])
-                    start = None
-            if start is not None:
-                where = writer.add(view[start:size])
-                runs.append([gpa + start, size - start, where[0]])
-        finally:
-            view.release()
+        start = None
+        for page in range(0, size, PAGE):
+            zero = view[page:page + PAGE] == _ZERO_PAGE
+            if not zero and start is None:
+                start = page
+            elif zero and start is not None:
+                where = writer.add(view[start:page])
+                runs.append([gpa + start, page - start, where[0]])
+                start = None
+        if start is not None:
+            where = writer.add(view[start:size])
+            runs.append([gpa + start, size - start, where[0]])
     return runs
 
 
@@ -193,7 +193,8 @@ def save(vm, path: str) -> None:
     msr_indices = vm.kvm.msr_index_list()
     with contextlib.ExitStack() as quiesced:
         # Devices settle first: what they finish may raise interrupts, which
-        # the vCPU and irqchip state must then hold.
+        # the vCPU and irqchip state must then hold.  They stay still until the
+        # file is written, since guest memory goes into it as it is.
         for device in vm.pci.devices():
             try:
                 quiesced.enter_context(device.quiesce())
@@ -208,17 +209,24 @@ def save(vm, path: str) -> None:
                  "clock": writer.add(kvm_vm.get_clock())}
         devices = _device_state(vm)
         memory = _memory_runs(vm, writer)
-    config = {key: vm.config.get(key) for key in vm.config.keys()}
-    manifest = {"format": FORMAT, "version": VERSION, "config": config,
-                "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
-                "devices": devices, "memory": memory, "data_size": writer.size,
-                "data_sha256": writer.sha.hexdigest()}
-    encoded = json.dumps(manifest, sort_keys=True).encode()
+        config = {key: vm.config.get(key) for key in vm.config.keys()}
+        manifest = {"format": FORMAT, "version": VERSION, "config": config,
+                    "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
+                    "devices": devices, "memory": memory, "data_size": writer.size,
+                    "data_sha256": writer.sha.hexdigest()}
+        try:
+            _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks)
+        finally:
+            writer.chunks.clear()    # views of guest memory: it may be unmapped later
+
+
+def _write(path: str, encoded: bytes, chunks: list) -> None:
+    """The file appears whole under PATH or not at all."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as out:
             out.write(MAGIC + _LENGTH.pack(len(encoded)) + encoded)
-            for chunk in writer.chunks:
+            for chunk in chunks:
                 out.write(chunk)
         os.replace(tmp, path)
     except OSError as exc:
@@ -233,7 +241,7 @@ def save(vm, path: str) -> None:
 class Snapshot:
     """A snapshot file, checked: manifest and data area."""
 
-    def __init__(self, manifest: dict, data: mmap.mmap | bytes):
+    def __init__(self, manifest: dict, data: memoryview):
         self.manifest = manifest
         self.data = data
 
@@ -279,8 +287,11 @@ def read(path: str) -> Snapshot:
             if not isinstance(data_size, int) or \
                     os.fstat(f.fileno()).st_size != start + data_size:
                 raise SnapshotError(f"snapshot {path} is truncated or has trailing data")
-            f.seek(start)
-            data = f.read(data_size)
+            # Mapped, not read: the file's pages go from the page cache straight
+            # into guest memory, with no copy in between.
+            mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
+                               prot=mmap.PROT_READ)
+            data = memoryview(mapped)[start:start + data_size]
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror or exc}") from None
     if hashlib.sha256(data).hexdigest() != manifest.get("data_sha256"):
