@@ -60,8 +60,9 @@ ALLOWED_SYSCALLS = {
     # KVM_RUN and every other KVM, tap and terminal request
     "kvm and devices": ("ioctl",),
     # disks (fallocate: discard), consoles, taps, eventfds, sockets already open
+    # (Python's os.preadv/os.pwritev call the *2 variants)
     "file i/o": ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv",
-                 "pwritev", "lseek", "fsync", "fdatasync", "fallocate", "close", "fcntl"),
+                 "pwritev", "preadv2", "pwritev2", "lseek", "fsync", "fdatasync", "fallocate", "close", "fcntl"),
     # snapshots written by pyhyvectl --checkpoint/--suspend (a temporary file,
     # renamed); Python's lazy imports and traceback source lines; the unlink of
     # the control and console sockets at exit
@@ -114,7 +115,9 @@ def drop_privileges(user: str) -> None:
         raise ConfigError(f"process.user: '{user}' could regain root")
 
 
-def _load_libseccomp() -> ctypes.CDLL:
+def load_libseccomp() -> ctypes.CDLL:
+    """libseccomp, typed; load it before dropping privileges (the search path
+    may include directories the new user cannot read)."""
     try:
         lib = ctypes.CDLL(LIBSECCOMP, use_errno=True)
     except OSError:
@@ -151,12 +154,12 @@ def _rule(lib, ctx, action: int, name: str, *conditions: _ArgCmp) -> None:
            f"rule for {name}")
 
 
-def install_seccomp(inet_sockets: bool = False) -> None:
+def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) -> None:
     """Allow ALLOWED_SYSCALLS on every thread of the process, refuse the rest
     with EPERM.  New threads stay possible (clone with CLONE_THREAD and no new
     namespace); new processes, exec, new sockets (but IPv4 and IPv6 ones with
     inet_sockets), ptrace, mounts, module loading and uid changes do not."""
-    lib = _load_libseccomp()
+    lib = lib or load_libseccomp()
     ctx = lib.seccomp_init(scmp_act_errno(errno.EPERM))
     if not ctx:
         raise OSError(errno.ENOMEM, "seccomp: cannot create a filter")
@@ -187,14 +190,14 @@ def confine(config: Config) -> None:
     """What `-o process.user=NAME` and `-o process.seccomp=true|false` ask for:
     the user first (setuid is among the calls the filter refuses)."""
     user = config.get("process.user")
-    use_seccomp = config.get_bool("process.seccomp", True)
+    lib = load_libseccomp() if config.get_bool("process.seccomp", True) else None
     if user is not None:
         if not user:
             raise ConfigError("process.user: empty user name")
         drop_privileges(user)
-    if use_seccomp:
+    if lib is not None:
         try:
-            install_seccomp(inet_sockets=uses_user_networking(config))
+            install_seccomp(uses_user_networking(config), lib)
         except OSError as exc:
             raise ConfigError(f"process.seccomp: {exc.strerror or exc}") from None
 
