@@ -1,6 +1,12 @@
 """Linux tap devices for virtio-net: a tap opened through /dev/net/tun (created
 if it does not exist, as a non-persistent tap that goes away with pyhyve) with
-IFF_VNET_HDR and a 12-byte virtio_net_hdr_mrg_rxbuf on every frame."""
+IFF_VNET_HDR and a 12-byte virtio_net_hdr_mrg_rxbuf on every frame.
+
+TUNSETOFFLOAD tells the tun driver which offloads the reader of the tap (the
+guest, through virtio-net) takes: with TUN_F_CSUM the kernel may hand over
+frames with a partial checksum, with TUN_F_TSO4/TSO6 whole TCP segments of up
+to 64 KiB (the virtio header says which); with none, every frame read is
+complete.  Frames written to the tap may carry those headers whatever is set."""
 
 import errno
 import fcntl
@@ -12,6 +18,11 @@ from ..config import ConfigError
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -45,3 +56,28 @@ def open_tap(name: str) -> int:
             reason = exc.strerror
         raise ConfigError(f"virtio-net: cannot attach to tap {name}: {reason}") from None
     return fd
+
+
+def set_offloads(fd: int, flags: int) -> None:
+    """Tell the tap which TUN_F_* offloads its reader takes (OSError if refused)."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def probe_offloads(fd: int) -> int:
+    """The TUN_F_* offloads the tap on `fd` accepts, leaving it with none set.  Each
+    segmentation offload needs TUN_F_CSUM, and ECN a segmentation offload, so each
+    is tried on top of what it needs; a tap (or an fd that is none) refusing
+    TUN_F_CSUM gets no offloads."""
+    accepted = 0
+    for flags, needs in ((TUN_F_CSUM, 0), (TUN_F_TSO4, TUN_F_CSUM), (TUN_F_TSO6, TUN_F_CSUM),
+                         (TUN_F_TSO_ECN, TUN_F_TSO4 | TUN_F_TSO6)):
+        if needs and not accepted & needs:
+            continue
+        try:
+            set_offloads(fd, accepted | flags)
+        except OSError:
+            continue
+        accepted |= flags
+    if accepted:
+        set_offloads(fd, 0)
+    return accepted
