@@ -78,26 +78,9 @@
 #define Q_AVAIL     16          /* qword: the avail ring's address */
 #define Q_USED      24          /* qword: the used ring's address */
 
-#define PCI_COMMAND    0x04
-#define PCI_BAR0       0x10
-#define CMD_IO         1
-#define CMD_MASTER     4
 #define VIRTIO_NET_ID  0x10001AF4  /* device 0x1000 : vendor 0x1AF4, as config dword 0 */
-#define DEFAULT_IOBASE 0xC000      /* where the driver puts BAR 0 if nobody placed it */
 
-/* The legacy register block in BAR 0; device config (virtio_net_config: the
- * MAC first) follows at 0x14 while MSI-X is off (it stays off here). */
-#define VIRTIO_HOST_FEATURES  0x00
-#define VIRTIO_GUEST_FEATURES 0x04
-#define VIRTIO_QUEUE_PFN      0x08
-#define VIRTIO_QUEUE_SIZE     0x0C
-#define VIRTIO_QUEUE_SELECT   0x0E
-#define VIRTIO_QUEUE_NOTIFY   0x10
-#define VIRTIO_STATUS         0x12
-#define VIRTIO_CONFIG         0x14
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER      2
-#define S_DRIVER_OK   4
+/* Device config (at VIRTIO_CONFIG): virtio_net_config, the MAC first */
 #define F_MAC         (1 << 5)
 #define HDR_LEN       10        /* struct virtio_net_hdr, without MRG_RXBUF */
 #define RX_QUEUE      0
@@ -146,6 +129,8 @@
 #define ICMP_ECHO_REPLY   0
 #define ICMP_ECHO_REQUEST 8     /* as the type and code word: code 0 */
 
+#include "virtio_legacy.inc"         /* after V_IOBASE: its routines use it */
+
     ROM_START
 #include "longmode.inc"
 
@@ -167,67 +152,11 @@ poweroff:
     jmp 1b
 
 /* --- 1: the device on PCI ------------------------------------------------------ */
-find_device:
-    xorl %ebx, %ebx                /* slot << 11, config-address form */
-1:  movl %ebx, %edi
-    call cfg_read
-    cmpl $VIRTIO_NET_ID, %eax
-    je 2f
-    addl $0x800, %ebx
-    cmpl $(32 << 11), %ebx
-    jne 1b
-    PRINT_STR "no virtio-net on bus 0\n"
-    jmp poweroff
-2:  leal PCI_BAR0(%rbx), %edi
-    call cfg_read
-    testl $1, %eax
-    jz 8f                          /* BAR 0 of a transitional device is I/O */
-    andl $0xFFFC, %eax
-    jnz 3f
-    leal PCI_BAR0(%rbx), %edi      /* unassigned (no firmware ran): place it */
-    movl $DEFAULT_IOBASE, %esi
-    call cfg_write
-    movl $DEFAULT_IOBASE, %eax
-3:  movl %eax, V_IOBASE
-    leal PCI_COMMAND(%rbx), %edi   /* decode I/O; bus mastering lets it DMA */
-    call cfg_read
-    movzwl %ax, %esi
-    orl $(CMD_IO | CMD_MASTER), %esi
-    leal PCI_COMMAND(%rbx), %edi
-    call cfg_write
-    PRINT_STR "virtio-net 00:"
-    movl %ebx, %eax
-    shrl $11, %eax
-    movl $2, %ecx
-    call puthex
-    PRINT_STR ".0 io 0x"
-    movl V_IOBASE, %eax
-    movl $4, %ecx
-    call puthex
-    PRINT_STR "\n"
-    ret
-8:  PRINT_STR "virtio-net BAR 0 is not I/O\n"
-    jmp poweroff
+LEGACY_VIRTIO_ROUTINES VIRTIO_NET_ID, virtio-net
 
 /* --- 2: legacy initialisation ---------------------------------------------------- */
 init_device:
-    movl V_IOBASE, %ebx
-    leal VIRTIO_STATUS(%rbx), %edx
-    xorl %eax, %eax
-    outb %al, %dx                  /* reset */
-    movb $S_ACKNOWLEDGE, %al
-    outb %al, %dx
-    movb $(S_ACKNOWLEDGE | S_DRIVER), %al
-    outb %al, %dx
-    leal VIRTIO_HOST_FEATURES(%rbx), %edx
-    inl %dx, %eax
-    pushq %rax
-    PRINT_STR "host features 0x"
-    movl (%rsp), %eax
-    movl $8, %ecx
-    call puthex
-    PRINT_STR "\n"
-    popq %rax
+    call virtio_handshake
     testl $F_MAC, %eax
     jz 8f                          /* without a MAC of its own it has no address */
     movl $F_MAC, %eax              /* nothing else: no offloads, 10-byte header */
