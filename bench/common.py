@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+PM1A_CNT = 0x404                # the test guests power off here (ACPI PM1a, S5)
 sys.path.insert(0, str(REPO / "tests" / "guests"))
 sys.path.insert(0, str(REPO))
 
@@ -31,6 +32,21 @@ def require_program(name: str, package: str) -> str:
     return found
 
 
+def run_guest_on_qemu(qemu: str, rom: Path, memory_mib: int, debug: Path,
+                      devices: list[str]) -> tuple[float, str]:
+    """Run a test-guest ROM on QEMU with the debug console in `debug` and the
+    guest's power-off port as isa-debug-exit, plus `devices` (QEMU arguments);
+    (seconds from start to exit, what went wrong if it failed)."""
+    command = [qemu, "-machine", "pc", "-enable-kvm", "-m", str(memory_mib), "-nodefaults",
+               "-display", "none", "-bios", str(rom), *devices,
+               "-device", f"isa-debug-exit,iobase={PM1A_CNT:#x},iosize=2",
+               "-chardev", f"file,id=dbg,path={debug}",
+               "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return time.perf_counter() - start, f"qemu exit code {proc.returncode}: {proc.stderr.strip()}"
+
+
 def save(name: str, figures: dict) -> Path:
     """Write one benchmark's figures as JSON, stamped with date and machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -41,4 +57,4 @@ def save(name: str, figures: dict) -> Path:
     return path
 
 
-__all__ = ["build_rom", "require_program", "save", "REPO"]
+__all__ = ["build_rom", "require_program", "run_guest_on_qemu", "save", "PM1A_CNT", "REPO"]

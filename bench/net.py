@@ -33,13 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build_rom, require_program, save
+from common import build_rom, require_program, run_guest_on_qemu, save
 
 from pyhyve.config import Config
 from pyhyve.vcpu import ExitStatus
 from pyhyve.vm import VirtualMachine
 
-PM1A_CNT = 0x404
 SLOT = 3
 MEMORY_MIB = 64
 TAP = "benchtap0"
@@ -89,17 +88,10 @@ def pyhyve_seconds(rom: Path, debug: Path) -> float:
 def qemu_seconds(qemu: str, rom: Path, debug: Path) -> float:
     """Seconds from QEMU's start to its exit (start-up included: the tiny run
     subtracts it)."""
-    command = [qemu, "-machine", "pc", "-enable-kvm", "-m", str(MEMORY_MIB), "-nodefaults",
-               "-display", "none", "-bios", str(rom),
-               "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-               "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,addr={SLOT}",
-               "-device", f"isa-debug-exit,iobase={PM1A_CNT:#x},iosize=2",
-               "-chardev", f"file,id=dbg,path={debug}",
-               "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    elapsed = time.perf_counter() - start
-    _check(debug, f"qemu exit code {proc.returncode}: {proc.stderr.strip()}")
+    devices = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+               "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,addr={SLOT}"]
+    elapsed, context = run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices)
+    _check(debug, context)
     return elapsed
 
 
