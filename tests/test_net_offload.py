@@ -530,7 +530,6 @@ def send_from_host(frame: bytes, header: bytes) -> None:
         sock.send(header + frame)
 
 
-@pytest.mark.usefixtures("netns")
 def test_real_tap_probe_and_setting(netns):
     """The probe finds what this kernel's tun offers; the tap's offloads, as the kernel
     reports them, follow the driver: on with GUEST_CSUM and GUEST_TSO4, off after a
@@ -564,7 +563,9 @@ def test_real_tap_large_segment_to_the_guest(netns):
         frame = tcp_frame(GUEST_MAC, PAYLOAD, partial=True)
         header = net_header(gso_type=N.GSO_TCPV4, gso_size=SEGMENT, hdr_len=ETH + IP + TCP,
                             **NEEDS_TCP_CSUM)
-        ours = lambda data: data[6:12] == host_mac and tcp_ports(data) == (5001, 5002)  # noqa
+
+        def ours(data: bytes) -> bool:
+            return data[6:12] == host_mac and tcp_ports(data) == (5001, 5002)
 
         vm, device, driver, rings = modern(MODERN | N.F_GUEST_CSUM | N.F_GUEST_TSO4)
         receiver = Receiver(vm, driver, rings[N.RX])

@@ -175,11 +175,12 @@ class VirtioNet(VirtioPciDevice):
         self.mac, self.mtu = mac, mtu
         self.tx_dropped = self.rx_dropped = self.config_writes_dropped = 0
         self.backend_fd, self.backend_name, self._close_backend = self._open_backend(options)
-        self.tap_offloads = probe_offloads(self.backend_fd) if self._on_tap else 0
-        for flag, allowed in OFFLOAD_FEATURES:
-            if self.tap_offloads & flag:
-                features |= allowed
         try:
+            # TUN_F_* offloads the tap accepts
+            self.tap_offloads = probe_offloads(self.backend_fd) if self._on_tap else 0
+            for flag, allowed in OFFLOAD_FEATURES:
+                if self.tap_offloads & flag:
+                    features |= allowed
             self.virtio_init([QUEUE_SIZE, QUEUE_SIZE], features, _CONFIG.size)
         except BaseException:
             self._close_backend()
