@@ -47,6 +47,9 @@ def _first_byte_and_rss(command: list[str], debug: Path, env=None) -> tuple[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs pyhyve (default: this one), e.g. "
+                             "/usr/bin/python3, which the README installs pyhyve with")
     args = parser.parse_args()
     # Bytecode as an installed package has it (even where PYTHONDONTWRITEBYTECODE is set).
     compileall.compile_dir(str(REPO / "pyhyve"), quiet=1)
@@ -58,7 +61,7 @@ def main() -> None:
         for run in range(args.repeat):
             debug = Path(work) / f"p{run}"
             results["pyhyve"].append(_first_byte_and_rss(
-                [sys.executable, "-m", "pyhyve", "-m", "256M", "-o",
+                [args.python, "-m", "pyhyve", "-m", "256M", "-o",
                  f"control.socket={work}/s{run}.sock", "-l", f"bootrom,{rom}",
                  "-l", f"debugcon,file={debug}", f"bench{run}"], debug, env))
             if qemu:
@@ -68,7 +71,10 @@ def main() -> None:
                      "-display", "none", "-bios", str(rom), "-chardev",
                      f"file,id=d,path={debug}", "-device", "isa-debugcon,iobase=0x402,chardev=d"],
                     debug))
-    figures = {}
+    figures = {"pyhyve_python": args.python,
+               "pyhyve_python_version": subprocess.run(
+                   [args.python, "-c", "import platform; print(platform.python_version())"],
+                   capture_output=True, text=True, check=True).stdout.strip()}
     for side, runs in results.items():
         if runs:
             figures[f"{side}_startup_s"] = min(first for first, _ in runs)
