@@ -8,9 +8,9 @@ The snapshot is one file:
     manifest                      JSON, UTF-8
     data                          the binary parts the manifest points into
 
-The manifest is {"format": "pyhyve-snapshot", "version": 2, "config": {...},
+The manifest is {"format": "pyhyve-snapshot", "version": 3, "config": {...},
 "vcpus": [...], "vm": {...}, "devices": {...}, "memory": [...],
-"data_size": N, "data_sha256": HEX}.  Binary parts are [offset, length]
+"data_size": N, "data_crc32": N}.  Binary parts are [offset, length]
 pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
 fpu, xsave (with KVM_CAP_XSAVE), xcrs (with KVM_CAP_XCRS), lapic and
 vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST that
@@ -18,9 +18,10 @@ KVM_GET_MSRS reads ({"index": value} in hex); the irqchip (PIC master,
 PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
 shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
 [gpa, length, offset] of 4 KiB pages that are not all zero; everything
-else is zero after a restore.  The data area's SHA-256 is checked before
-anything is restored, so a truncated or corrupt file is refused, as is a
-snapshot of another format version.
+else is zero after a restore.  The data area's size and CRC-32 are
+checked before anything is restored, so a truncated or corrupt file is
+refused, as is a snapshot of another format version.  (A CRC catches
+accidents, not forgery: a snapshot is as trusted as the config it holds.)
 
 Platform devices whose state is plain data are saved: PM1 status/enable/
 control, the RTC (NVRAM, index registers, clock offset), UART registers
@@ -51,17 +52,17 @@ character backends (they are opened again from the config).
 import base64
 import contextlib
 import ctypes
-import hashlib
 import json
 import mmap
 import os
 import struct
+import zlib
 
 from .kvm import abi
 
 MAGIC = b"PYHYVE-SNAPSHOT\n"
 FORMAT = "pyhyve-snapshot"
-VERSION = 2
+VERSION = 3                     # 3: a CRC-32 of the data area instead of its SHA-256
 PAGE = 4096
 _LENGTH = struct.Struct("<Q")
 MAX_MANIFEST = 64 << 20
@@ -82,7 +83,7 @@ class _Writer:
     def __init__(self):
         self.chunks: list[bytes] = []
         self.size = 0
-        self.sha = hashlib.sha256()
+        self.crc = 0
 
     def add(self, data) -> list[int]:
         """Keep `data` for the file.  Guest memory comes as memoryviews, kept as they
@@ -91,7 +92,7 @@ class _Writer:
             data = bytes(data)
         where = [self.size, len(data)]
         self.chunks.append(data)
-        self.sha.update(data)
+        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         return where
 
@@ -213,7 +214,7 @@ def save(vm, path: str) -> None:
         manifest = {"format": FORMAT, "version": VERSION, "config": config,
                     "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
                     "devices": devices, "memory": memory, "data_size": writer.size,
-                    "data_sha256": writer.sha.hexdigest()}
+                    "data_crc32": writer.crc}
         try:
             _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks)
         finally:
@@ -294,7 +295,7 @@ def read(path: str) -> Snapshot:
             data = memoryview(mapped)[start:start + data_size]
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror or exc}") from None
-    if hashlib.sha256(data).hexdigest() != manifest.get("data_sha256"):
+    if zlib.crc32(data) != manifest.get("data_crc32"):
         raise SnapshotError(f"snapshot {path} is corrupt (checksum mismatch)")
     for key in ("config", "vcpus", "vm", "devices", "memory"):
         if key not in manifest:
