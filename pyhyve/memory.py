@@ -83,11 +83,18 @@ class GuestMemory:
     @staticmethod
     def _anonymous(size: int) -> mmap.mmap:
         try:
-            return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                             | getattr(mmap, "MAP_NORESERVE", 0))
+            backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                | getattr(mmap, "MAP_NORESERVE", 0))
         except OSError as exc:
             raise GuestMemoryError(f"cannot allocate {size} bytes of guest memory: "
                                    f"{exc.strerror}") from None
+        try:
+            # Transparent huge pages where the host allows them (as QEMU asks):
+            # fewer TLB misses for the guest, 512 times fewer faults filling it.
+            backing.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+        return backing
 
     def wire(self) -> None:
         """Lock guest RAM into host memory (bhyve's -S), failing clearly if not allowed."""
