@@ -1,6 +1,5 @@
 """The `pyhyve` command: bhyve's command line, filling bhyve's config tree."""
 
-import getopt
 import logging
 import signal
 import sys
@@ -9,8 +8,6 @@ from .config import Config, ConfigError
 from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
 from .sandbox import confine
-from .snapshot import SnapshotError, restore_into
-from .snapshot import read as read_snapshot
 from .vcpu import ExitStatus
 
 USAGE = """\
@@ -64,7 +61,39 @@ Other:
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
-SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Pr:s:SU:uwxY"
+SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Pr:s:SU:uwxY"   # getopt(3)'s: a colon follows a valued letter
+
+
+def getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """bhyve's getopt(3) over SHORT_OPTIONS: letters may be grouped (-eH), a value
+    follows its letter (-m1G) or is the next word, and options end at `--` or at
+    the first word that is not one.  Returns ([(option, value)], the other words).
+    (Python's getopt module would do, but imports gettext: start-up time.)"""
+    options, words = [], list(argv)
+    while words and words[0].startswith("-") and words[0] != "-":
+        word = words.pop(0)
+        if word == "--":
+            break
+        if word.startswith("--"):
+            raise ConfigError(f"option {word.partition('=')[0]} not recognized "
+                              "(pyhyve -h for help)")
+        letters = word[1:]
+        while letters:
+            letter, letters = letters[0], letters[1:]
+            at = SHORT_OPTIONS.find(letter)
+            if letter == ":" or at < 0:
+                raise ConfigError(f"option -{letter} not recognized (pyhyve -h for help)")
+            if SHORT_OPTIONS[at + 1:at + 2] != ":":
+                options.append((f"-{letter}", ""))
+                continue
+            if not letters:
+                if not words:
+                    raise ConfigError(f"option -{letter} requires argument "
+                                      "(pyhyve -h for help)")
+                letters = words.pop(0)
+            options.append((f"-{letter}", letters))
+            letters = ""
+    return options, words
 
 
 def parse_cpus(config: Config, text: str) -> None:
@@ -115,9 +144,8 @@ def parse_lpc(config: Config, text: str) -> None:
 
 def parse_pci(config: Config, text: str) -> None:
     """-s [bus:]slot[:func],emulation[,options]: fills pci.BUS.SLOT.FUNC.*"""
-    from .pci import emulations
     if text == "help":
-        from .pci import describe
+        from .pci import describe, emulations
         for name, cls in emulations().items():
             print(f"{name:16} {describe(cls)}")
         raise SystemExit(0)
@@ -136,7 +164,8 @@ def parse_pci(config: Config, text: str) -> None:
     prefix = f"pci.{bus}.{slot}.{func}"
     if f"{prefix}.device" in config:
         raise ConfigError(f"-s '{text}': slot {slot}:{func} is already in use")
-    cls = emulations().get(name)
+    from .pci import find_emulation
+    cls = find_emulation(name)
     if cls is None:
         raise ConfigError(f"unknown PCI emulation '{name}' (pyhyve -s help lists them)")
     config.set(f"{prefix}.device", name)
@@ -183,10 +212,7 @@ def parse_args(argv: list[str]) -> Config | None:
     if "--help" in argv:
         print(USAGE)
         return None
-    try:
-        options, rest = getopt.getopt(argv, SHORT_OPTIONS)
-    except getopt.GetoptError as exc:
-        raise ConfigError(f"{exc.msg} (pyhyve -h for help)") from None
+    options, rest = getopt(argv)
     config = Config()
     for option, value in options:
         if option == "-h":
@@ -244,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             print(config.dump())
             return 0
         vm = VirtualMachine(config)
-    except (ConfigError, KvmUnavailable, KvmError, SnapshotError) as exc:
+    except (ConfigError, KvmUnavailable, KvmError) as exc:
         print(f"pyhyve: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
     if snap is not None:
+        from .snapshot import SnapshotError, restore_into
         try:
             restore_into(vm, snap)
         except (SnapshotError, KvmError) as exc:
@@ -272,12 +299,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _restore_config(options: Config):
-    """-r FILE: the snapshot's config, with the command line's keys on top."""
-    snap = read_snapshot(options.get("restore.path"))
+    """-r FILE: the snapshot's config, with the command line's keys on top; a
+    snapshot that cannot be read is bad user input (ConfigError)."""
+    from .snapshot import SnapshotError
+    from .snapshot import read as read_snapshot
+    try:
+        snap = read_snapshot(options.get("restore.path"))
+    except SnapshotError as exc:
+        raise ConfigError(str(exc)) from None
     saved = snap.manifest["config"]
     if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                               for k, v in saved.items()):
-        raise SnapshotError(f"snapshot {options.get('restore.path')} is corrupt (config)")
+        raise ConfigError(f"snapshot {options.get('restore.path')} is corrupt (config)")
     config = Config()
     for key, value in saved.items():
         config.set(key, value)
