@@ -6,19 +6,18 @@ starts the BSP, then the APs (which wait in KVM for INIT/SIPI), and returns
 bhyve's exit status once any vCPU or device stops the VM.
 """
 
+import hashlib
 import logging
 import socket
+import string
 import sys
 import threading
-import uuid
 
 from . import cpuid
 from .boot.acpi import build_tables, install_in_fwcfg, platform_from_vm, tables_in_memory
 from .boot.bootrom import load_bootrom, set_reset_state
-from .boot.linux import load_kernel, set_boot_state
 from .boot.mptable import MPTABLE_BASE, build_mptable
 from .config import Config, ConfigError, parse_size
-from .devices.chardev import open_backend
 from .devices.debugcon import DebugConsole
 from .devices.fwcfg import E820_RAM, E820_RESERVED, FwCfg, e820_table, parse_fw_cfg_option
 from .devices.i8042 import I8042
@@ -26,12 +25,11 @@ from .devices.pm import PowerManagement
 from .devices.rtc import Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from .devices.uart import COM_PORTS, Uart16550
-from .gdbstub import GdbStub
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
 from .msiroutes import MsiRoutes
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
-from .pci import emulations
+from .pci import find_emulation
 from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
 from .pci.intx import IOAPIC_PIN_BASE, link_for
 from .pci.regs import INTERRUPT_PIN
@@ -43,6 +41,7 @@ IDENTITY_MAP_ADDR = 0xFEFFC000
 HALT_PROBE_INTERVAL = 0.5
 DEFAULT_MEMORY = "256M"
 MAX_VCPUS = 255
+NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
 
 
 class VirtualMachine:
@@ -123,6 +122,7 @@ class VirtualMachine:
                 install_in_fwcfg(self.fwcfg, self.acpi_tables)
         self.gdb = None
         if "gdb.port" in self.config:
+            from .gdbstub import GdbStub
             self.gdb = GdbStub(self, self.config.get("gdb.address", "127.0.0.1"),
                                self.config.get_int("gdb.port", 0, 0, 65535),
                                self.config.get_bool("gdb.wait"))
@@ -137,6 +137,7 @@ class VirtualMachine:
         if bootrom is not None:
             set_reset_state(self.vcpus[0].kvm_vcpu)
         else:
+            from .boot.linux import load_kernel, set_boot_state
             rsdp = tables_in_memory(self.memory, self.acpi_tables) if self.acpi_tables else 0
             entry = load_kernel(self.memory, self.kernel, self.config.get("kexec.initrd"),
                                 self.config.get("kexec.cmdline", ""), self.e820(), rsdp)
@@ -167,6 +168,7 @@ class VirtualMachine:
         for name, (port, irq) in COM_PORTS.items():
             spec = self.config.get(f"lpc.{name}.path")
             if spec is not None:
+                from .devices.chardev import open_backend
                 backend = open_backend(spec, name)
                 self.uarts[name] = Uart16550(self, name, port, irq, backend)
                 self.closables.append(self.uarts[name])
@@ -176,7 +178,7 @@ class VirtualMachine:
         flavour = self.config.get("lpc.fwcfg", "qemu")
         if flavour != "qemu":
             raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
-        fwcfg = FwCfg(self, cpus=self.topology.cpus, uuid=self.uuid.bytes)
+        fwcfg = FwCfg(self, cpus=self.topology.cpus, uuid=self.uuid)
         fwcfg.add_file("etc/e820", e820_table(self.e820(firmware=True)))
         # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
         fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))
@@ -213,7 +215,6 @@ class VirtualMachine:
     def _create_pci_devices(self) -> None:
         """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
         users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
-        registry = emulations()
         slots = {}
         for key, name in self.config.subtree("pci.0").items():
             parts = key.split(".")
@@ -225,7 +226,7 @@ class VirtualMachine:
         if "lpc" not in names and (31, 0) not in slots:
             slots[31, 0] = "lpc"
         for (slot, func), name in sorted(slots.items()):
-            cls = registry.get(name)
+            cls = find_emulation(name)
             if cls is None:
                 raise ConfigError(f"unknown PCI emulation '{name}' (pyhyve -s help lists them)")
             options = {k: v for k, v in self.config.subtree(f"pci.0.{slot}.{func}").items()
@@ -385,12 +386,18 @@ def _topology(config: Config) -> cpuid.Topology:
     return topology
 
 
-def _vm_uuid(config: Config, name: str) -> uuid.UUID:
-    """-U, or as bhyve does, a stable UUID from the host and VM names."""
+def _vm_uuid(config: Config, name: str) -> bytes:
+    """-U, or as bhyve does, a stable UUID from the host and VM names (RFC 4122
+    version 3); its 16 bytes as fw_cfg hands them to firmware.  (The uuid module
+    would do, but costs milliseconds of start-up.)"""
     text = config.get("uuid")
     if text is None:
-        return uuid.uuid3(uuid.NAMESPACE_DNS, f"{socket.gethostname()}{name}")
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise ConfigError(f"invalid UUID '{text}'") from None
+        name_bytes = f"{socket.gethostname()}{name}".encode()
+        digest = bytearray(hashlib.md5(NAMESPACE_DNS + name_bytes).digest())
+        digest[6] = digest[6] & 0x0F | 0x30        # version 3
+        digest[8] = digest[8] & 0x3F | 0x80        # RFC 4122 variant
+        return bytes(digest)
+    digits = text.removeprefix("urn:uuid:").strip("{}").replace("-", "")
+    if len(digits) != 32 or not set(digits) <= set(string.hexdigits):
+        raise ConfigError(f"invalid UUID '{text}'")
+    return bytes.fromhex(digits)

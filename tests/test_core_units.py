@@ -169,7 +169,7 @@ def test_uuid_x2apic_and_wired_memory_options(needs_kvm):
     chosen = "5a3b4c2d-1111-2222-3333-444455556666"
     vm = VirtualMachine(parse_args(["-U", chosen, "-x", "-S", "-l", f"bootrom,{rom}", "vm"]))
     try:
-        assert vm.uuid == uuid.UUID(chosen)
+        assert vm.uuid == uuid.UUID(chosen).bytes
         assert vm.fwcfg._items[FW_CFG_UUID] == uuid.UUID(chosen).bytes
     finally:
         vm.close()
