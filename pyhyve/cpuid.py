@@ -5,7 +5,7 @@ AMD's 0x8000001E); guests derive each CPU's place from its APIC ID, which
 packs thread, core and socket numbers into bit fields.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .kvm import abi
 
@@ -19,8 +19,7 @@ def _bits_for(count: int) -> int:
     return (count - 1).bit_length()
 
 
-@dataclass(frozen=True)
-class Topology:
+class Topology(NamedTuple):
     sockets: int = 1
     cores: int = 1
     threads: int = 1

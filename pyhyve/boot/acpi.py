@@ -22,7 +22,7 @@ asks of a platform.
 """
 
 import struct
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, KBD_IRQ
 from ..devices.pm import PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S5
@@ -56,10 +56,11 @@ CHECKSUM_OFFSET = 9
 
 
 # --- the platform -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class AcpiPlatform:
+class AcpiPlatform(NamedTuple):
     """What the tables describe.  Address windows are (start, end) with `end`
-    exclusive, as everywhere in pyhyve; the defaults are pyhyve's platform."""
+    exclusive, as everywhere in pyhyve; the defaults are pyhyve's platform.
+    (NamedTuples here rather than dataclasses: importing dataclasses costs
+    milliseconds of start-up, and every VM builds ACPI tables.)"""
 
     cpus: tuple[int, ...] = (0,)            # APIC IDs, in vCPU order (ACPI UIDs 0, 1, ...)
     ecam_base: int = ECAM_BASE
@@ -76,7 +77,8 @@ class AcpiPlatform:
     pm_tmr: int = PM_TMR_PORT
     sci_irq: int = SCI_IRQ
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """ValueError for a platform no tables can describe (build_tables asks)."""
         if not self.cpus or len(set(self.cpus)) != len(self.cpus):
             raise ValueError("ACPI needs at least one vCPU, each with its own APIC ID")
         first, last = self.ecam_buses
@@ -112,24 +114,21 @@ def platform_from_vm(vm) -> AcpiPlatform:
 
 
 # --- tables and how they link -------------------------------------------------------------
-@dataclass(frozen=True)
-class Pointer:
+class Pointer(NamedTuple):
     """A field holding another table's physical address."""
     offset: int
     size: int           # 4 or 8 bytes
     target: str         # the signature of the table it points at
 
 
-@dataclass(frozen=True)
-class Checksum:
+class Checksum(NamedTuple):
     """A byte that makes bytes [start, start + length) sum to zero."""
     offset: int
     start: int
     length: int
 
 
-@dataclass(frozen=True)
-class Table:
+class Table(NamedTuple):
     """One table's bytes, its pointer fields (zero until linked) and its checksums."""
     data: bytes
     pointers: tuple[Pointer, ...] = ()
@@ -141,8 +140,7 @@ class Table:
         return self.data[:4].decode("ascii")
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(NamedTuple):
     """The RSDP and the tables it leads to, in the order they are laid out."""
     rsdp: Table
     tables: tuple[Table, ...]
@@ -189,7 +187,7 @@ def _checksummed(table: Table) -> Table:
     that it is valid on its own too."""
     data = bytearray(table.data)
     _fill_checksums(data, 0, table)
-    return replace(table, data=bytes(data))
+    return table._replace(data=bytes(data))
 
 
 def _sdt(signature: bytes, revision: int, body: bytes, pointers=()) -> Table:
@@ -429,6 +427,7 @@ def build_dsdt(platform: AcpiPlatform) -> Table:
 # --- all of them ------------------------------------------------------------------------------
 def build_tables(platform: AcpiPlatform) -> AcpiTables:
     """Every table, FACS first for its 64-byte alignment."""
+    platform.check()
     listed = [build_fadt(platform), build_madt(platform), build_mcfg(platform)]
     signatures = [table.signature for table in listed]
     return AcpiTables(build_rsdp(), (build_facs(), build_dsdt(platform), *listed,
