@@ -18,7 +18,6 @@ take "vcpu" (default 0).  Register access runs on the vCPU's own thread
 
 import errno
 import functools
-import json
 import logging
 import os
 import selectors
@@ -386,6 +385,7 @@ class ControlServer:
 
     # --- requests ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict:
+        import json     # json is imported where requests are read, not at every start-up
         try:
             request = json.loads(line)
         except (ValueError, RecursionError):
@@ -422,6 +422,7 @@ class ControlServer:
         index = request.get("vcpu", 0)
         count = len(self.vm.vcpus)
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+            import json
             raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
         return self.vm.vcpus[index]
 
@@ -505,6 +506,7 @@ def _error(message: str) -> dict:
 
 
 def _encode(message: dict) -> bytes:
+    import json
     return json.dumps(message).encode() + b"\n"
 
 
@@ -528,6 +530,7 @@ class ControlClient:
         line = self._file.readline(MAX_PENDING_OUTPUT)
         if not line.endswith(b"\n"):
             raise ConnectionError("the VM closed the control connection")
+        import json
         answer = json.loads(line)
         if not answer.get("ok"):
             raise ControlError(answer.get("error", "request failed"))
