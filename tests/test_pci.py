@@ -287,6 +287,15 @@ def test_emulations_registry_lists_the_builtins():
     assert registry["pci-testdev"] is PciTestDevice
 
 
+def test_each_builtin_emulation_is_registered_by_the_module_named_for_it():
+    from pyhyve.pci import BUILTIN_MODULES, find_emulation
+    for name, module in BUILTIN_MODULES.items():
+        assert find_emulation(name).__module__ == module
+    builtin = {name for name, cls in emulations().items() if cls.__module__.startswith("pyhyve.")}
+    assert builtin == set(BUILTIN_MODULES)          # none that only `-s help` would find
+    assert find_emulation("no-such-device") is None
+
+
 def test_read_only_header_fields_ignore_writes(vm, testdev):
     before = [cfg_read(vm, TESTDEV_SLOT, 0, o, 4) for o in range(0, 0x40, 4)]
     for offset in (0x00, 0x08, 0x28, 0x2C, 0x34, 0x38):
