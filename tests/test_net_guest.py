@@ -17,6 +17,7 @@ import pytest
 
 from build import build_rom
 from guestrun import REPO
+from inetsum import inet_checksum
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("needs_kvm")]
 
@@ -139,15 +140,6 @@ def test_guest_answers_ping(guest, netns):
 
 
 # --- frames the guest must drop ------------------------------------------------------------
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def mac_bytes(text: str) -> bytes:
     return bytes(int(part, 16) for part in text.split(":"))
 

@@ -19,6 +19,7 @@ import pytest
 from fuzzing import fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from inetsum import ones_complement_sum
 from test_slirp import needs_libslirp
 from test_virtio import BUFFERS, Driver, VirtioVm, make, wait_for
 from test_virtio_net import legacy, legacy_notify, modern
@@ -38,15 +39,6 @@ TCP_CHECK_AT, UDP_CHECK_AT = 16, 6      # offsets of the checksums in their head
 
 
 # --- frames, as a network stack builds them -----------------------------------------------------
-def ones_complement_sum(data: bytes, start: int = 0) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 def pseudo_header_sum(source: str, destination: str, protocol: int, length: int) -> int:
     return ones_complement_sum(socket.inet_aton(source) + socket.inet_aton(destination) +
                                struct.pack("!BBH", 0, protocol, length))

@@ -15,6 +15,7 @@ import textwrap
 import time
 
 import pytest
+from inetsum import inet_checksum
 
 from pyhyve.config import ConfigError
 from pyhyve.virtio import net as N
@@ -44,15 +45,6 @@ needs_libslirp = pytest.mark.skipif(not _libslirp_present(),
 
 
 # --- frames, built and parsed as a guest's network stack would -----------------------------
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def ethernet(destination: bytes, ethertype: int, payload: bytes) -> bytes:
     return destination + GUEST_MAC + struct.pack("!H", ethertype) + payload
 
@@ -68,7 +60,7 @@ def udp_packet(source: str, destination: str, source_port: int, destination_port
     udp = struct.pack("!HHHH", source_port, destination_port, 8 + len(payload), 0) + payload
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
                      socket.inet_aton(source), socket.inet_aton(destination))
-    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
     return ethernet(mac, ETH_IP, ip + udp)
 
 
