@@ -397,8 +397,10 @@ class TcpBackend(_ServerBackend):
     def __init__(self, name: str, address: str):
         host, sep, port = address.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
-        if not sep or not host or not port.isdigit() or int(port) > 0xFFFF:
+        if not sep or not host or not port.isdigit():
             raise ConfigError(f"{name}: tcp={address}: expected tcp=HOST:PORT")
+        if int(port) > 0xFFFF:
+            raise ConfigError(f"{name}: tcp={address}: port {port} is out of range (0-65535)")
         listener = None
         try:
             family, kind, proto, _, sockaddr = socket.getaddrinfo(
