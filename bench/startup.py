@@ -6,8 +6,9 @@ instruction after the reset vector's jump writes the debug port, so "first
 instruction" is when the debug console file stops being empty.  Both sides
 are polled the same way.  pyhyve starts as its installed `pyhyve` command
 does: the console script imports pyhyve.cli and calls main.  Memory: the resident set of the process while the
-guest runs with 256 MiB, minus what the guest touched (almost nothing: it
-runs from ROM), so the figure is the VMM's own footprint.
+guest runs with 256 MiB, minus the resident part of the guest's RAM mapping
+(almost nothing: the guest runs from ROM), so the figure is the VMM's own
+footprint.
 Goals (issue 9): start-up faster than QEMU; pyhyve's own memory under 40 MiB.
 """
 
@@ -24,8 +25,28 @@ from pathlib import Path
 from common import REPO, build_rom, save
 
 POLL = 0.0005
+GUEST_BYTES = 256 << 20
 # What the `pyhyve` script pip installs runs (pyproject.toml: pyhyve.cli:main).
 CONSOLE_SCRIPT = "import sys; from pyhyve.cli import main; sys.exit(main())"
+
+
+def _vmm_rss(pid: int) -> int:
+    """Resident bytes of the process minus those of its guest RAM: the anonymous
+    mapping exactly GUEST_BYTES long (pyhyve's low memory, QEMU's pc.ram)."""
+    total = guest = 0
+    size, anonymous = 0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:          # a mapping's header
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+                size, anonymous = end - start, len(fields) == 5
+            elif fields[0] == "Rss:":
+                resident = int(fields[1]) * 1024
+                total += resident
+                if size == GUEST_BYTES and anonymous:
+                    guest += resident
+    return total - guest
 
 
 def _first_byte_and_rss(command: list[str], debug: Path, env=None) -> tuple[float, int]:
@@ -39,9 +60,7 @@ def _first_byte_and_rss(command: list[str], debug: Path, env=None) -> tuple[floa
             time.sleep(POLL)
         first = time.perf_counter() - start
         time.sleep(1.0)             # settled: devices up, guest looping
-        with open(f"/proc/{proc.pid}/status") as status:
-            rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-        return first, rss_kib * 1024
+        return first, _vmm_rss(proc.pid)
     finally:
         proc.kill()
         proc.wait()
