@@ -62,7 +62,8 @@ ALLOWED_SYSCALLS = {
     # disks (fallocate: discard), consoles, taps, eventfds, sockets already open
     # (Python's os.preadv/os.pwritev call the *2 variants)
     "file i/o": ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv",
-                 "pwritev", "preadv2", "pwritev2", "lseek", "fsync", "fdatasync", "fallocate", "close", "fcntl"),
+                 "pwritev", "preadv2", "pwritev2", "lseek", "fsync", "fdatasync",
+                 "fallocate", "close", "fcntl"),
     # snapshots written by pyhyvectl --checkpoint/--suspend (a temporary file,
     # renamed); Python's lazy imports and traceback source lines; the unlink of
     # the control and console sockets at exit

@@ -61,7 +61,7 @@ from . import slirp
 from .iothread import io_thread
 from .pci import F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET, VirtioPciDevice
 from .queue import Chain, SplitQueue
-from .tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, open_tap,
+from .tap import (HDR_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, open_tap,
                   probe_offloads, set_offloads)
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,7 @@ GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 
 RX, TX = 0, 1
 QUEUE_SIZE = 256
-HDR_LEN = 12                      # struct virtio_net_hdr_mrg_rxbuf
-LEGACY_HDR_LEN = 10               # struct virtio_net_hdr
+LEGACY_HDR_LEN = 10               # struct virtio_net_hdr (HDR_LEN: with num_buffers)
 ETHER_OVERHEAD = 14 + 4           # Ethernet header and one VLAN tag
 DEFAULT_MTU = 1500
 MIN_MTU, MAX_MTU = 68, 65535 - ETHER_OVERHEAD

@@ -35,6 +35,7 @@ import time
 from typing import Callable, NamedTuple
 
 from ..config import ConfigError
+from .tap import HDR_LEN              # frames carry a tap's virtio-net header
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ NETWORK, NETMASK, HOST = "10.0.2.0", "255.255.255.0", "10.0.2.2"
 NAMESERVER, DHCP_START = "10.0.2.3", "10.0.2.15"
 PREFIX6, PREFIX6_LENGTH, HOST6, NAMESERVER6 = "fec0::", 64, "fec0::2", "fec0::3"
 
-HDR_LEN = 12                        # the virtio-net header in front of every frame
 FRAME_BUFFER = HDR_LEN + 65536
 FRAMES_PER_WAKEUP = 64              # guest frames passed to libslirp before it polls again
 CONFIG_VERSION = 1

@@ -27,7 +27,7 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
-HDR_LEN = 12                      # struct virtio_net_hdr_mrg_rxbuf
+HDR_LEN = 12        # struct virtio_net_hdr_mrg_rxbuf, ahead of every frame (slirp.py too)
 
 
 def open_tap(name: str) -> int:
