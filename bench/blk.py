@@ -19,14 +19,9 @@ import argparse
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from common import build_rom, run_guest_on_qemu, save
-
-from pyhyve.config import Config
-from pyhyve.vcpu import ExitStatus
-from pyhyve.vm import VirtualMachine
+from common import build_rom, run_guest_on_pyhyve, run_guest_on_qemu, save
 
 SLOT = 3
 MEMORY_MIB = 64
@@ -34,38 +29,16 @@ GOAL = 0.8
 
 
 def pyhyve_seconds(rom: Path, disk: Path, debug: Path) -> float:
-    """Seconds vm.run() takes for the guest (VM creation and teardown excluded)."""
-    vm = VirtualMachine(Config({
-        "name": "bench-blk", "memory.size": f"{MEMORY_MIB}M", "lpc.bootrom": str(rom),
-        "lpc.debugcon.path": str(debug),
-        f"pci.0.{SLOT}.0.device": "virtio-blk", f"pci.0.{SLOT}.0.path": str(disk)}))
-    try:
-        start = time.perf_counter()
-        status = vm.run()
-        elapsed = time.perf_counter() - start
-    finally:
-        vm.close()
-    _check(debug, f"pyhyve exit status {status}")
-    assert status == ExitStatus.POWEROFF, status
-    return elapsed
+    return run_guest_on_pyhyve("bench-blk", rom, MEMORY_MIB, debug,
+                               {f"pci.0.{SLOT}.0.device": "virtio-blk",
+                                f"pci.0.{SLOT}.0.path": str(disk)}, "read done")
 
 
 def qemu_seconds(qemu: str, rom: Path, disk: Path, debug: Path) -> float:
-    """Seconds from QEMU's start to its exit (start-up included: the tiny run
-    subtracts it)."""
+    """Start-up included: the tiny run subtracts it."""
     devices = ["-drive", f"file={disk},format=raw,if=none,id=d0",
                "-device", f"virtio-blk-pci,drive=d0,disable-modern=on,addr={SLOT}"]
-    elapsed, context = run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices)
-    _check(debug, context)
-    return elapsed
-
-
-def _check(debug: Path, context: str) -> None:
-    """The guest must have read everything: a failed run would time nothing."""
-    text = debug.read_text(errors="replace") if debug.exists() else ""
-    debug.unlink(missing_ok=True)
-    if "read done" not in text:
-        raise SystemExit(f"the guest did not finish its reads ({context}):\n{text}")
+    return run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices, "read done")
 
 
 def measure(runs: dict, big_rom: Path, tiny_rom: Path, big: int, tiny: int,

@@ -32,11 +32,34 @@ def require_program(name: str, package: str) -> str:
     return found
 
 
+def run_guest_on_pyhyve(name: str, rom: Path, memory_mib: int, debug: Path,
+                        devices: dict[str, str], marker: str) -> float:
+    """Seconds vm.run() takes for a test-guest ROM (VM creation and teardown
+    excluded), with the debug console in `debug` and `devices` as config keys.
+    The guest must print `marker` and power off: a failed run would time nothing."""
+    from pyhyve.config import Config
+    from pyhyve.vcpu import ExitStatus
+    from pyhyve.vm import VirtualMachine
+    vm = VirtualMachine(Config({"name": name, "memory.size": f"{memory_mib}M",
+                                "lpc.bootrom": str(rom), "lpc.debugcon.path": str(debug),
+                                **devices}))
+    try:
+        start = time.perf_counter()
+        status = vm.run()
+        elapsed = time.perf_counter() - start
+    finally:
+        vm.close()
+    _require_marker(debug, marker, f"pyhyve exit status {status}")
+    if status != ExitStatus.POWEROFF:
+        raise SystemExit(f"pyhyve: the guest ended with exit status {status}, not power-off")
+    return elapsed
+
+
 def run_guest_on_qemu(qemu: str, rom: Path, memory_mib: int, debug: Path,
-                      devices: list[str]) -> tuple[float, str]:
-    """Run a test-guest ROM on QEMU with the debug console in `debug` and the
-    guest's power-off port as isa-debug-exit, plus `devices` (QEMU arguments);
-    (seconds from start to exit, what went wrong if it failed)."""
+                      devices: list[str], marker: str) -> float:
+    """Seconds from QEMU's start to its exit for a test-guest ROM, with the debug
+    console in `debug`, the guest's power-off port as isa-debug-exit, and
+    `devices` (QEMU arguments).  The guest must print `marker`."""
     command = [qemu, "-machine", "pc", "-enable-kvm", "-m", str(memory_mib), "-nodefaults",
                "-display", "none", "-bios", str(rom), *devices,
                "-device", f"isa-debug-exit,iobase={PM1A_CNT:#x},iosize=2",
@@ -44,7 +67,17 @@ def run_guest_on_qemu(qemu: str, rom: Path, memory_mib: int, debug: Path,
                "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    return time.perf_counter() - start, f"qemu exit code {proc.returncode}: {proc.stderr.strip()}"
+    elapsed = time.perf_counter() - start
+    _require_marker(debug, marker, f"qemu exit code {proc.returncode}: {proc.stderr.strip()}")
+    return elapsed
+
+
+def _require_marker(debug: Path, marker: str, context: str) -> None:
+    """The guest printed `marker` on its debug console (the file is removed)."""
+    text = debug.read_text(errors="replace") if debug.exists() else ""
+    debug.unlink(missing_ok=True)
+    if marker not in text:
+        raise SystemExit(f"the guest did not print {marker!r} ({context}):\n{text}")
 
 
 def save(name: str, figures: dict) -> Path:
@@ -57,4 +90,5 @@ def save(name: str, figures: dict) -> Path:
     return path
 
 
-__all__ = ["build_rom", "require_program", "run_guest_on_qemu", "save", "PM1A_CNT", "REPO"]
+__all__ = ["build_rom", "require_program", "run_guest_on_pyhyve", "run_guest_on_qemu", "save",
+           "PM1A_CNT", "REPO"]

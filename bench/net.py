@@ -30,14 +30,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from common import build_rom, require_program, run_guest_on_qemu, save
-
-from pyhyve.config import Config
-from pyhyve.vcpu import ExitStatus
-from pyhyve.vm import VirtualMachine
+from common import build_rom, require_program, run_guest_on_pyhyve, run_guest_on_qemu, save
 
 SLOT = 3
 MEMORY_MIB = 64
@@ -69,38 +64,16 @@ def tap_received(ip: str) -> tuple[int, int]:
 
 
 def pyhyve_seconds(rom: Path, debug: Path) -> float:
-    """Seconds vm.run() takes for the guest (VM creation and teardown excluded)."""
-    vm = VirtualMachine(Config({
-        "name": "bench-net", "memory.size": f"{MEMORY_MIB}M", "lpc.bootrom": str(rom),
-        "lpc.debugcon.path": str(debug),
-        f"pci.0.{SLOT}.0.device": "virtio-net", f"pci.0.{SLOT}.0.tap": TAP}))
-    try:
-        start = time.perf_counter()
-        status = vm.run()
-        elapsed = time.perf_counter() - start
-    finally:
-        vm.close()
-    _check(debug, f"pyhyve exit status {status}")
-    assert status == ExitStatus.POWEROFF, status
-    return elapsed
+    return run_guest_on_pyhyve("bench-net", rom, MEMORY_MIB, debug,
+                               {f"pci.0.{SLOT}.0.device": "virtio-net",
+                                f"pci.0.{SLOT}.0.tap": TAP}, "blast done")
 
 
 def qemu_seconds(qemu: str, rom: Path, debug: Path) -> float:
-    """Seconds from QEMU's start to its exit (start-up included: the tiny run
-    subtracts it)."""
+    """Start-up included: the tiny run subtracts it."""
     devices = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
                "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,addr={SLOT}"]
-    elapsed, context = run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices)
-    _check(debug, context)
-    return elapsed
-
-
-def _check(debug: Path, context: str) -> None:
-    """The guest must have sent everything: a failed run would time nothing."""
-    text = debug.read_text(errors="replace") if debug.exists() else ""
-    debug.unlink(missing_ok=True)
-    if "blast done" not in text:
-        raise SystemExit(f"the guest did not finish sending ({context}):\n{text}")
+    return run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices, "blast done")
 
 
 def measure(runs: dict, ip: str, frame_size: int, frames: int, repeat: int) -> dict:
