@@ -3,7 +3,8 @@ points the vm_loop uses: config cycles (mechanism #1 and ECAM) at any offset
 and size, reads and writes anywhere in each BAR and the ROM BAR at sizes 1, 2,
 4 and 8, guest RAM rewritten between them, and, for virtio devices that a
 driver started first (every feature offered taken, every queue on the same
-rings), queue notifications that find those arbitrary rings.
+rings), chains offered with arbitrary descriptors and queue notifications
+that find them.
 
 Invariants: no exception escapes to the caller (the vm_loop); reads return
 no more bits than asked for; afterwards, with its BARs put back where they
@@ -11,6 +12,7 @@ were, the device still identifies itself, and a virtio device resets to a
 usable state through its common config."""
 
 import os
+import struct
 from contextlib import contextmanager
 
 import pytest
@@ -23,7 +25,7 @@ from pyhyve.pci import regs as R
 from pyhyve.virtio import pci as V
 from pyhyve.virtio.pci import VirtioPciDevice
 from test_pci import fuzz_bar_access, fuzz_config_access
-from test_virtio import SLOT, Driver, VirtioVm
+from test_virtio import ADDRESSES, AVAIL, DESC, FLAGS, LENGTHS, SLOT, Driver, VirtioVm
 
 MiB = 1 << 20
 SLOTS = {"hostbridge": 0, "amd_hostbridge": 0, "lpc": 31}
@@ -85,13 +87,34 @@ VALUES = st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from(
     (0, 1, 0xFF, 0xFFFF, 0xFFFFFFFF, 0x80000000, 0xFEE00000, 0x10000, 0x11000, 0x12000)))
 CONFIG = st.tuples(st.just("config"), st.sampled_from(("cf8", "ecam")), st.integers(0, 0xFFF),
                    SIZES, VALUES, st.booleans())
-BAR = st.tuples(st.just("bar"), st.integers(0, 6), st.integers(0, MiB - 1),
-                st.sampled_from((1, 2, 4, 8)), st.integers(0, 2**64 - 1), st.booleans())
+# BAR offsets mostly where registers are: the start of a BAR and of each virtio
+# structure in the modern BAR (ISR, device config, notify), else anywhere.
+BAR_OFFSETS = st.one_of(st.integers(0, 0x3F), st.integers(0, 0x3F),
+                        st.tuples(st.sampled_from((0x1000, 0x2000, 0x3000)),
+                                  st.integers(0, 0x3F)).map(sum),
+                        st.integers(0, MiB - 1))
+# ("bar", which of the device's BARs, offset, size, value, write)
+BAR = st.tuples(st.just("bar"), st.integers(0, 6), BAR_OFFSETS, st.sampled_from((1, 2, 4, 8)),
+                st.one_of(VALUES, st.integers(0, 2**64 - 1)), st.booleans())
 RAM = st.tuples(st.just("ram"), st.one_of(st.integers(0x10000, 0x13000),
                                           st.integers(0, 16 * MiB - 64)),
                 st.binary(min_size=1, max_size=64))
 NOTIFY = st.tuples(st.just("notify"), st.integers(0, 7))
-OPERATIONS = st.lists(st.one_of(CONFIG, BAR, BAR, RAM, RAM, NOTIFY), max_size=60)
+# A descriptor (address, length, flags, next) written at index `head`, and head
+# offered in the avail ring that every started queue shares.
+OFFER = st.tuples(st.just("offer"), st.integers(0, 7),
+                  st.tuples(ADDRESSES, LENGTHS, FLAGS, st.integers(0, 7)))
+OPERATIONS = st.lists(st.one_of(CONFIG, BAR, BAR, RAM, RAM, NOTIFY, OFFER, OFFER),
+                      max_size=60)
+MAX_RING = 256                  # the largest queue: every size's slot for idx is filled
+
+
+def offer(vm, head: int, descriptor: tuple) -> None:
+    """Put `descriptor` at `head` and make head the next avail entry, whatever the
+    reading queue's size (the slot is idx modulo it: every slot holds head)."""
+    vm.memory.write(DESC + 16 * head, struct.pack("<QIHH", *descriptor))
+    vm.memory.write(AVAIL + 4, struct.pack(f"<{MAX_RING}H", *[head] * MAX_RING))
+    vm.memory.write_u16(AVAIL + 2, (vm.memory.read_u16(AVAIL + 2) + 1) & 0xFFFF)
 
 
 def start_every_queue(driver, queues: int) -> None:
@@ -123,7 +146,7 @@ def check_usable(vm, device, slot, ids, bar_registers):
 
 
 @pytest.mark.parametrize("name", sorted(emulations()))
-@fuzz_settings(40, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(100, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=OPERATIONS, started=st.booleans())
 def test_random_guest_traffic_never_escapes(tmp_path, name, operations, started):
     slot = SLOTS.get(name, DEFAULT_SLOT)
@@ -136,6 +159,8 @@ def test_random_guest_traffic_never_escapes(tmp_path, name, operations, started)
                              for index in range(6)}
             vm.pci.config_write(0, slot, 0, R.COMMAND, 2,
                                 R.COMMAND_IO | R.COMMAND_MEMORY | R.COMMAND_MASTER)
+            decoded = [index for index, bar in enumerate(device.bars) if bar is not None]
+            decoded += [6] if device.rom is not None else []      # 6: the ROM BAR
             driver = Driver(vm, device) if isinstance(device, VirtioPciDevice) else None
             if driver and started:
                 start_every_queue(driver, len(device.queues))
@@ -143,10 +168,14 @@ def test_random_guest_traffic_never_escapes(tmp_path, name, operations, started)
                 if operation[0] == "config":
                     fuzz_config_access(vm, slot, 0, *operation[1:])
                 elif operation[0] == "bar":
-                    fuzz_bar_access(vm, device, *operation[1:])
+                    _, which, *access = operation
+                    if decoded:
+                        fuzz_bar_access(vm, device, decoded[which % len(decoded)], *access)
                 elif operation[0] == "notify":
                     if driver:
                         driver.notify(operation[1] % len(device.queues))
+                elif operation[0] == "offer":
+                    offer(vm, *operation[1:])
                 else:
                     vm.memory.write(operation[1], operation[2])
             check_usable(vm, device, slot, ids, bar_registers)
