@@ -8,7 +8,7 @@ The snapshot is one file:
     manifest                      JSON, UTF-8
     data                          the binary parts the manifest points into
 
-The manifest is {"format": "pyhyve-snapshot", "version": 3, "config": {...},
+The manifest is {"format": "pyhyve-snapshot", "version": 4, "config": {...},
 "vcpus": [...], "vm": {...}, "devices": {...}, "memory": [...],
 "data_size": N, "data_crc32": N}.  Binary parts are [offset, length]
 pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
@@ -24,7 +24,8 @@ refused, as is a snapshot of another format version.  (A CRC catches
 accidents, not forgery: a snapshot is as trusted as the config it holds.)
 
 Platform devices whose state is plain data are saved: PM1 status/enable/
-control, the RTC (NVRAM, index registers, clock offset), UART registers
+control, the RTC (NVRAM, index registers, clock offset), the HPET (its
+registers and where its main counter stood), UART registers
 and pending input, the i8042 controller and the PCI config-address latch.
 Each PCI function saves itself (PciDevice.save_state): config space, BAR
 and ROM addresses as the guest programmed them, MSI/MSI-X state and the
@@ -62,7 +63,7 @@ from .kvm import abi
 
 MAGIC = b"PYHYVE-SNAPSHOT\n"
 FORMAT = "pyhyve-snapshot"
-VERSION = 3                     # 3: a CRC-32 of the data area instead of its SHA-256
+VERSION = 4                     # 3: a CRC-32 of the data area instead of its SHA-256; 4: the HPET
 PAGE = 4096
 _LENGTH = struct.Struct("<Q")
 MAX_MANIFEST = 64 << 20
@@ -183,7 +184,7 @@ def _device_state(vm) -> dict:
     pci = [{"slot": device.slot, "func": device.func, "emulation": device.emulation_name,
             "state": device.save_state()} for device in vm.pci.devices()]
     return {"pm": {"status": pm.status, "enable": pm.enable, "control": pm.control},
-            "rtc": rtc_state, "i8042": kbd, "uarts": uarts,
+            "rtc": rtc_state, "hpet": vm.hpet.save_state(), "i8042": kbd, "uarts": uarts,
             "pci_config_address": vm.pci.config_address, "pci": pci}
 
 
@@ -359,6 +360,7 @@ def _restore_platform(vm, devices: dict) -> None:
         rtc._a, rtc._b, rtc._flags = r["a"], r["b"], r["flags"]
         rtc._offset, rtc._held = r["offset"], r["held"]
         rtc._set_period()
+    vm.hpet.restore_state(devices["hpet"])
     k = devices["i8042"]
     kbd = vm.i8042
     with kbd._lock:

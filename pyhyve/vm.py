@@ -20,14 +20,15 @@ from .boot.mptable import MPTABLE_BASE, build_mptable
 from .config import Config, ConfigError, parse_size
 from .devices.debugcon import DebugConsole
 from .devices.fwcfg import E820_RAM, E820_RESERVED, FwCfg, e820_table, parse_fw_cfg_option
+from .devices.hpet import Hpet
 from .devices.i8042 import I8042
 from .devices.pm import PowerManagement
-from .devices.rtc import Rtc
+from .devices.rtc import RTC_IRQ, Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from .devices.uart import COM_PORTS, Uart16550
+from .gsiroutes import GsiRoutes
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
-from .msiroutes import MsiRoutes
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci import find_emulation
 from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
@@ -41,6 +42,8 @@ IDENTITY_MAP_ADDR = 0xFEFFC000
 HALT_PROBE_INTERVAL = 0.5
 DEFAULT_MEMORY = "256M"
 MAX_VCPUS = 255
+REQUIRED_CAPS = ((abi.KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"),
+                 (abi.KVM_CAP_IRQFD, "KVM_CAP_IRQFD"))
 NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
 
 
@@ -59,6 +62,7 @@ class VirtualMachine:
         self._warned: set = set()
         self._irq_lock = threading.Lock()
         self._irq_sources: dict[int, set] = {}
+        self._irq_cut_off: set[tuple[int, str]] = set()
         self.unclaimed_accesses = 0
         self.closables: list = []
         self.vcpus: list[VcpuThread] = []
@@ -94,11 +98,11 @@ class VirtualMachine:
             self.kvm_vm.enable_cap(abi.KVM_CAP_X86_USER_SPACE_MSR,
                                    abi.KVM_MSR_EXIT_REASON_UNKNOWN |
                                    abi.KVM_MSR_EXIT_REASON_INVAL)
-        self.msi_routes = None
-        if self.kvm.check_extension(abi.KVM_CAP_IRQFD) and \
-                self.kvm.check_extension(abi.KVM_CAP_IRQ_ROUTING):
-            self.msi_routes = MsiRoutes(self.kvm_vm)
-            self.closables.append(self.msi_routes)
+        for cap, name in REQUIRED_CAPS:
+            if not self.kvm.check_extension(cap):
+                raise KvmError(f"this host's KVM lacks {name}, which pyhyve needs")
+        self.gsi_routes = GsiRoutes(self.kvm_vm)
+        self.closables.append(self.gsi_routes)
         try:
             self.memory = GuestMemory(self.kvm_vm, memory_size)
             if self.config.get_bool("memory.wired"):
@@ -154,6 +158,10 @@ class VirtualMachine:
                        cpus=self.topology.cpus)
         self.closables.append(self.rtc)
         self.i8042 = I8042(self)
+        self.hpet = Hpet(self.mmio, lambda gsi, level: self.set_irq_level(gsi, level, "hpet"),
+                         self._set_hpet_legacy_route,
+                         self.warn_once)
+        self.closables.append(self.hpet)
         self.port_a = SystemControlPortA(self)
         self.reset_control = ResetControl(self)
         self.post = PostCodes(self)
@@ -315,17 +323,39 @@ class VirtualMachine:
         link routed to the UART's IRQ must not lower it while the UART holds it."""
         with self._irq_lock:
             sources = self._irq_sources.setdefault(irq, set())
-            was_high = bool(sources)
+            was_high = self._irq_high(irq)
             (sources.add if level else sources.discard)(source)
-            if bool(sources) != was_high:
-                self.kvm_vm.irq_line(irq, int(bool(sources)))
+            self._irq_update(irq, was_high)
+
+    def connect_irq_source(self, irq: int, source: str, connected: bool) -> None:
+        """Cut a source off its line, or connect it again (the chipset gating a
+        device: the HPET's legacy route takes IRQ 8 from the RTC)."""
+        with self._irq_lock:
+            was_high = self._irq_high(irq)
+            (self._irq_cut_off.discard if connected else self._irq_cut_off.add)((irq, source))
+            self._irq_update(irq, was_high)
+
+    def _irq_high(self, irq: int) -> bool:
+        return any((irq, source) not in self._irq_cut_off
+                   for source in self._irq_sources.get(irq, ()))
+
+    def _irq_update(self, irq: int, was_high: bool) -> None:
+        high = self._irq_high(irq)
+        if high != was_high:
+            self.kvm_vm.irq_line(irq, int(high))
+
+    def _set_hpet_legacy_route(self, taken: bool) -> None:
+        """The HPET's legacy replacement route takes IRQ 0 from the PIT (which KVM
+        emulates: its HPET_LEGACY flag silences channel 0) and IRQ 8 from the RTC."""
+        pit = self.kvm_vm.get_pit2()
+        pit.flags = (pit.flags & ~abi.KVM_PIT_FLAGS_HPET_LEGACY) | \
+            (abi.KVM_PIT_FLAGS_HPET_LEGACY if taken else 0)
+        self.kvm_vm.set_pit2(pit)
+        self.connect_irq_source(RTC_IRQ, "rtc", not taken)
 
     def signal_msi(self, address: int, data: int) -> None:
-        """Raise an MSI: through its irqfd when KVM routes MSIs, else KVM_SIGNAL_MSI."""
-        if self.msi_routes is not None:
-            self.msi_routes.signal(address, data)
-        else:
-            self.kvm_vm.signal_msi(address, data)
+        """Raise an MSI (through its irqfd, see gsiroutes)."""
+        self.gsi_routes.signal(address, data)
 
     def warn_once(self, key, message: str, *args) -> None:
         """Log a guest-caused problem the first time it happens."""

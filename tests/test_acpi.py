@@ -17,6 +17,7 @@ from pyhyve.boot import aml
 from pyhyve.boot.acpi import (ACPI_TABLES_BASE, LOADER_ENTRY_SIZE, AcpiPlatform, build_tables,
                               install_in_fwcfg, platform_from_vm, tables_image,
                               tables_in_memory)
+from pyhyve.devices.hpet import CAPABILITIES as HPET_CAPABILITIES
 from pyhyve.pci.bus import PciBus
 from pyhyve.pci.lpc import LpcBridge
 from pyhyve.pci.testdev import PciTestDevice
@@ -27,7 +28,7 @@ PLATFORM = AcpiPlatform(
     pci_intx=((3, 1), (4, 1), (4, 2), (4, 1), (31, 4)),
     com_ports=(("com1", 0x3F8, 4), ("com2", 0x2F8, 3)),
 )
-SDT_SIGNATURES = {"DSDT", "FACP", "APIC", "MCFG", "XSDT", "RSDT"}
+SDT_SIGNATURES = {"DSDT", "FACP", "APIC", "MCFG", "HPET", "XSDT", "RSDT"}
 
 
 def u16(data, offset):
@@ -288,6 +289,15 @@ def test_mcfg_and_facs(tables):
     assert facs.align == 64
 
 
+def test_hpet_table_matches_the_device():
+    """The Event Timer Block ID is the low half of the capabilities the guest reads."""
+    hpet = build_tables(PLATFORM).table("HPET").data
+    assert len(hpet) == 56
+    assert u32(hpet, 36) == HPET_CAPABILITIES & 0xFFFFFFFF
+    assert struct.unpack_from("<BBBBQ", hpet, 40) == (0, 0, 0, 0, 0xFED00000)
+    assert "HPET" not in {t.signature for t in build_tables(AcpiPlatform(hpet=None)).tables}
+
+
 def test_platform_from_vm():
     vm = FakeVm()
     vm.topology = SimpleNamespace(cpus=2, apic_id=lambda index: 2 * index)
@@ -378,9 +388,9 @@ def test_table_loader_blob(tables):
     assert len(commands) == 2 + len(pointers) + len(checksums)
     assert commands.index(checksums[0]) > commands.index(pointers[-1])
     assert all(src == "etc/acpi/tables" and size in (4, 8) for _, _, src, _, size in pointers)
-    # RSDP -> RSDT, XSDT; FADT -> FACS, DSDT, X_DSDT; XSDT and RSDT -> FADT, MADT, MCFG
+    # RSDP -> RSDT, XSDT; FADT -> FACS, DSDT, X_DSDT; XSDT and RSDT -> FADT, MADT, MCFG, HPET
     assert sorted(size for _, dest, _, _, size in pointers if dest == "etc/acpi/rsdp") == [4, 8]
-    assert sorted(size for _, dest, _, _, size in pointers) == [4] * 6 + [8] * 5
+    assert sorted(size for _, dest, _, _, size in pointers) == [4] * 7 + [8] * 6
     rsdp_checksums = [command[2:] for command in checksums if command[1] == "etc/acpi/rsdp"]
     assert rsdp_checksums == [(8, 0, 20), (32, 0, 36)]
     assert len(checksums) == len(SDT_SIGNATURES) + 2
@@ -451,6 +461,12 @@ def test_iasl_disassembles_and_recompiles_every_table(iasl, tables, tmp_path):
     assert "0xE0000000,         // Range Minimum" not in dsdt       # ECAM is not a window
     assert "I/O Apic ID : 04" in dsls["APIC"]
     assert dsls["FACP"].count("0000000000000408") == 1
+    assert 'EisaId ("PNP0103")' in dsdt and "0xFED00000" in dsdt
+    hpet = dsls["HPET"]
+    # vendor 8086, legacy route capable, 64-bit counter, 3 comparators, revision 1
+    for expected in ("Hardware Block ID : 8086A201", "Space ID : 00 [SystemMemory]",
+                     "Address : 00000000FED00000"):
+        assert expected in " ".join(hpet.split()), expected
 
 
 def test_iasl_compiles_the_same_rsdp(iasl, tables, tmp_path):

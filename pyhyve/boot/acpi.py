@@ -1,10 +1,10 @@
 """The ACPI tables that describe a pyhyve VM to its guest (bhyve's acpi.c).
 
 `build_tables()` turns an `AcpiPlatform` (what the VM has: vCPUs, PCI windows
-and INTx pins, COM ports, the PM registers) into RSDP, RSDT, XSDT, FADT, FACS,
-MADT, MCFG and a DSDT.  Tables point at each other by physical address, which
-is known only once they are placed, so each `Table` lists its pointer fields
-and checksums and is linked in one of two ways:
+and INTx pins, COM ports, the PM registers, the HPET) into RSDP, RSDT, XSDT,
+FADT, FACS, MADT, MCFG, HPET and a DSDT.  Tables point at each other by
+physical address, which is known only once they are placed, so each `Table`
+lists its pointer fields and checksums and is linked in one of two ways:
 
 - `install_in_fwcfg()`: SeaBIOS (like OVMF) reads `etc/acpi/tables` and
   `etc/acpi/rsdp` from fw_cfg, allocates them where it likes, and follows the
@@ -24,6 +24,7 @@ asks of a platform.
 import struct
 from typing import NamedTuple
 
+from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES, HPET_BASE, HPET_SIZE
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, KBD_IRQ
 from ..devices.pm import PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S5
 from ..devices.rtc import CENTURY, RTC_IRQ, RTC_PORT
@@ -76,6 +77,7 @@ class AcpiPlatform(NamedTuple):
     pm1a_cnt: int = PM1A_CNT_PORT
     pm_tmr: int = PM_TMR_PORT
     sci_irq: int = SCI_IRQ
+    hpet: int | None = HPET_BASE            # where the HPET's registers are, if it has one
 
     def check(self) -> None:
         """ValueError for a platform no tables can describe (build_tables asks)."""
@@ -330,6 +332,18 @@ def build_madt(platform: AcpiPlatform) -> Table:
                 struct.pack("<II", LAPIC_ADDRESS, MADT_PCAT_COMPAT) + b"".join(entries))
 
 
+# --- HPET (IA-PC HPET Specification 1.0a, 3.2.4) ----------------------------------------------
+SYSTEM_MEMORY = 0
+
+
+def build_hpet(platform: AcpiPlatform) -> Table:
+    """Event Timer Block ID (the low half of the capabilities register), the
+    block's address, HPET number 0, no minimum periodic tick, no page protection."""
+    body = struct.pack("<I", HPET_CAPABILITIES & 0xFFFFFFFF) + \
+        GAS.pack(SYSTEM_MEMORY, 0, 0, 0, platform.hpet) + struct.pack("<BHB", 0, 0, 0)
+    return _sdt(b"HPET", 1, body)
+
+
 # --- MCFG (PCI Firmware Specification 3.0, 4.1.2) -------------------------------------------
 def build_mcfg(platform: AcpiPlatform) -> Table:
     first, last = platform.ecam_buses
@@ -395,7 +409,7 @@ def _isa_devices(platform: AcpiPlatform) -> list[bytes]:
 def build_dsdt(platform: AcpiPlatform) -> Table:
     """\\_SB.PCI0 (the PCIe root: ECAM, windows, _PRT), the legacy devices behind the
     LPC bridge (or at \\_SB when there is none), a motherboard-resource device that
-    reserves ECAM (Linux trusts MCFG only if something does), _S5 and _PIC."""
+    reserves ECAM (Linux trusts MCFG only if something does), the HPET, _S5 and _PIC."""
     host_bridge = [
         aml.name("_HID", aml.eisa_id("PNP0A08")),
         aml.name("_CID", aml.eisa_id("PNP0A03")),
@@ -409,6 +423,11 @@ def build_dsdt(platform: AcpiPlatform) -> Table:
                        aml.memory32_fixed(platform.ecam_base, platform.ecam_size)))),
     ]
     system_bus = []
+    if platform.hpet is not None:
+        system_bus.append(aml.device("HPET", aml.name("_HID", aml.eisa_id("PNP0103")),
+                                     aml.name("_UID", 0),
+                                     aml.name("_CRS", aml.resource_template(
+                                         aml.memory32_fixed(platform.hpet, HPET_SIZE)))))
     if platform.isa_bridge is not None:
         slot, function = platform.isa_bridge
         host_bridge.append(aml.device("ISA", aml.name("_ADR", (slot << 16) | function),
@@ -429,6 +448,8 @@ def build_tables(platform: AcpiPlatform) -> AcpiTables:
     """Every table, FACS first for its 64-byte alignment."""
     platform.check()
     listed = [build_fadt(platform), build_madt(platform), build_mcfg(platform)]
+    if platform.hpet is not None:
+        listed.append(build_hpet(platform))
     signatures = [table.signature for table in listed]
     return AcpiTables(build_rsdp(), (build_facs(), build_dsdt(platform), *listed,
                                      build_xsdt(signatures), build_rsdt(signatures)))

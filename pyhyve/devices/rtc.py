@@ -332,7 +332,7 @@ class Rtc:
         level = bool(self._flags & self._b & (C_PF | C_AF | C_UF))
         if level != self._irq:
             self._irq = level
-            self.vm.set_irq_level(RTC_IRQ, level)
+            self.vm.set_irq_level(RTC_IRQ, level, source="rtc")
 
     def _next_event(self) -> float | None:
         """Seconds until the next event an enabled interrupt waits for; None if none."""

@@ -328,6 +328,9 @@ class kvm_pit_channel_state(Structure):
                 ("count_load_time", ctypes.c_int64)]
 
 
+KVM_PIT_FLAGS_HPET_LEGACY = 1     # the HPET's legacy route has taken IRQ 0: PIT channel 0 is silent
+
+
 class kvm_pit_state2(Structure):
     _fields_ = [("channels", kvm_pit_channel_state * 3), ("flags", u32),
                 ("reserved", u32 * 9)]
