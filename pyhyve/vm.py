@@ -74,6 +74,10 @@ class VirtualMachine:
         self.uuid = _vm_uuid(config, self.name)
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)
+        try:
+            self.hidden_features = cpuid.feature_mask(config.get("cpu.features", ""))
+        except cpuid.FeatureError as exc:
+            raise ConfigError(str(exc)) from None
         bootrom_path = config.get("lpc.bootrom")
         self.kernel = config.get("kexec.kernel")
         if bool(bootrom_path) == bool(self.kernel):
@@ -136,8 +140,10 @@ class VirtualMachine:
             # KVM's vCPU id is the initial APIC ID, which encodes the topology.
             kvm_vcpu = self.kvm_vm.create_vcpu(self.topology.apic_id(index))
             kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index,
-                                                 self.config.get_bool("x86.x2apic")))
+                                                 self.config.get_bool("x86.x2apic"),
+                                                 self.hidden_features))
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
+        self._check_hidden_features()
         if bootrom is not None:
             set_reset_state(self.vcpus[0].kvm_vcpu)
         else:
@@ -148,6 +154,18 @@ class VirtualMachine:
             set_boot_state(self.memory, self.vcpus[0].kvm_vcpu, entry)
             if self.config.get_bool("x86.mptable", True):
                 self.memory.write(MPTABLE_BASE, self._mptable(supported))
+
+    def _check_hidden_features(self) -> None:
+        """Say so when KVM kept a feature cpu.features hides: kvm_pvm, for one,
+        rewrites CPUID leaves 1 and 7 with the host CPU's flags on KVM_SET_CPUID2."""
+        if not self.hidden_features:
+            return
+        kept = self.vcpus[0].kvm_vcpu.get_cpuid2()
+        for name in sorted(self.hidden_features):
+            if cpuid.visible(kept, name):
+                leaf = cpuid.FEATURES[name][0]
+                self.log.warning("cpu.features: this host's KVM put '%s' back into CPUID "
+                                 "leaf %#x; the guest still sees it", name, leaf)
 
     def _create_platform_devices(self) -> None:
         """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,

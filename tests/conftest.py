@@ -23,3 +23,10 @@ def needs_kvm():
     reason = kvm_usable()
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def linux_guest():
+    """The Linux guest of ../shared/linuxguest, built into the cache once."""
+    from linuxguest import build
+    return build()

@@ -300,6 +300,16 @@ class Vcpu:
                         abi.kvm_cpuid_entry2, entries)
         _ioctl(self.fd, abi.KVM_SET_CPUID2, arg, "KVM_SET_CPUID2")
 
+    def get_cpuid2(self) -> list:
+        """The CPUID table KVM keeps for this vCPU, which is what the guest sees
+        (a host module may have changed what KVM_SET_CPUID2 gave it)."""
+        count = 256
+        arg = _variable(abi.kvm_cpuid2, {"nent": count}, abi.kvm_cpuid_entry2,
+                        [abi.kvm_cpuid_entry2()] * count)
+        _ioctl(self.fd, abi.KVM_GET_CPUID2, arg, "KVM_GET_CPUID2")
+        return [abi.kvm_cpuid_entry2.from_buffer_copy(arg.entries[i])
+                for i in range(arg.header.nent)]
+
     def set_guest_debug(self, control: int, debugregs: list[int] | None = None) -> None:
         arg = abi.kvm_guest_debug(control=control)
         for i, value in enumerate(debugregs or []):

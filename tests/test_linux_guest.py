@@ -1,0 +1,389 @@
+"""Linux 6.1 drives pyhyve's devices with its own drivers and busybox's tools.
+
+One boot with every device bhyve users give (two virtio disks, one read-only;
+virtio-rnd; virtio-console with a named port; virtio-net over slirp with a
+host forward; four UARTs) runs one script whose sections the tests below read;
+the host talks to the script where a test needs both ends (the console port,
+the forwarded TCP port, the power button).  The same script runs under QEMU
+(-machine pc, the same kernel and initramfs) in test_linux_qemu.py, which
+compares what the guest saw.
+
+Each boot takes one to three minutes under this host's emulated KVM, so the
+tests share their boot (module-scoped fixtures) and are marked `linux`
+(`pytest -m "not linux"` skips them for a quick run; CI runs them all).
+"""
+
+import hashlib
+import http.server
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from firmware import require_program
+from linuxguest import GuestRun, pyhyve_command, pyhyve_env, sections, with_script
+
+pytestmark = [pytest.mark.linux, pytest.mark.usefixtures("needs_kvm")]
+
+PORT_NAME = "org.pyhyve.test"
+TZ_AHEAD = "<+0530>-5:30"       # a POSIX TZ 5:30 ahead of UTC, so local time differs
+TZ_OFFSET = 5 * 3600 + 30 * 60
+DISK_SIZE = 16 << 20
+RO_PATTERN = b"read-only pattern\n" * 1000
+
+# The guest's side of every device test, in the order the host side expects.
+DEVICES_SCRIPT = r"""
+section dmesg
+dmesg
+section cmdline
+cat /proc/cmdline
+section clocksource
+cat /sys/devices/system/clocksource/clocksource0/available_clocksource
+cat /sys/devices/system/clocksource/clocksource0/current_clocksource
+section pci
+for d in /sys/bus/pci/devices/*; do
+  read v < $d/vendor; read p < $d/device; read c < $d/class
+  echo "${d##*/} $v $p $c"
+done
+section msi
+for d in /sys/bus/pci/devices/*; do
+  [ -d $d/msi_irqs ] && echo "${d##*/} $(ls $d/msi_irqs | wc -l) $(cat $d/msi_irqs/* | sort -u | tr '\n' ' ')"
+done
+section blk
+mke2fs -q /dev/vda && mkdir -p /mnt/a && mount -t ext2 /dev/vda /mnt/a && echo mounted
+i=0; while [ $i -lt 300 ]; do echo "line $i written by linux"; i=$((i+1)); done > /mnt/a/lines.txt
+dd if=/dev/hwrng of=/mnt/a/random.bin bs=4096 count=16 2>/dev/null
+cd /mnt/a && sha256sum random.bin lines.txt; cd /
+sync; umount /mnt/a && echo unmounted
+section blk_ro
+cat /sys/block/vdb/ro
+cat /sys/block/vdb/size
+dd if=/dev/zero of=/dev/vdb bs=4096 count=1 conv=fsync 2>&1; echo "dd-status $?"
+head -c 18 /dev/vdb
+section rng
+cat /sys/class/misc/hw_random/rng_available
+cat /sys/class/misc/hw_random/rng_current
+dd if=/dev/hwrng bs=32 count=4 2>/dev/null | hexdump -v -e '32/1 "%02x" "\n"'
+section serial
+cat /proc/tty/driver/serial
+for n in 1 2 3; do echo "hello-ttyS$n" > /dev/ttyS$n; done
+section rtc
+echo "RTC-NOW $(cat /sys/class/rtc/rtc0/since_epoch) $(date +%s)"
+section vport
+for p in /sys/class/virtio-ports/*; do echo "${p##*/} $(cat $p/name 2>/dev/null)"; done
+port=$(grep -l "^PORT_NAME$" /sys/class/virtio-ports/*/name | cut -d/ -f5)
+echo "PORT-READY $port"
+read line < /dev/$port
+echo "got: $line"
+echo "pong:$line" > /dev/$port
+section dhcp
+ip link set eth0 up
+udhcpc -i eth0 -n -q -t 10 -s /udhcpc.sh 2>&1 | grep -i lease
+ip -4 addr show eth0 | grep inet
+ip route
+section http
+wget -q -O /tmp/blob http://10.0.2.2:HTTP_PORT/blob && sha256sum /tmp/blob
+section hostfwd
+echo banner-from-guest > /tmp/banner
+nc -l -p 8080 < /tmp/banner > /tmp/from-host &
+sleep 1
+echo "LISTENING"
+wait
+cat /tmp/from-host
+section interrupts
+cat /proc/interrupts
+section power
+for e in /sys/class/input/input*; do
+  [ "$(cat $e/name)" = "Power Button" ] && ev=$(ls $e | grep event)
+done
+echo "WAITING-FOR-BUTTON $ev"
+dd if=/dev/input/$ev bs=24 count=1 of=/dev/null 2>/dev/null
+echo POWER-BUTTON-PRESSED
+poweroff -f
+"""
+
+UDHCPC_SCRIPT = b"""#!/bin/sh
+[ "$1" = bound ] || exit 0
+ip addr add $ip/$mask dev $interface
+ip route add default via $router dev $interface
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class BlobServer:
+    """An HTTP server on the host's loopback with one random file, /blob."""
+
+    def __init__(self):
+        self.blob = os.urandom(256 * 1024)
+        blob = self.blob
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/blob" else 404)
+                self.send_header("Content-Length", str(len(blob)))
+                self.end_headers()
+                self.wfile.write(blob)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def connect_unix(path: Path, timeout: float = 60) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def recv_until(sock: socket.socket, needle: bytes, timeout: float = 60) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while needle not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class DevicesBoot:
+    """What the host saw of the devices boot: console sections, exchanges and files."""
+
+    def __init__(self, tmp: Path, guest, command_for):
+        """command_for(guest, initrd, paths, hostfwd_port) -> (argv, env): the VMM to run."""
+        self.tmp = tmp
+        self.paths = {name: tmp / name for name in
+                      ("disk.img", "ro.img", "com2.out", "com3.out", "com4.out",
+                       "console.sock", "port.sock")}
+        with open(self.paths["disk.img"], "wb") as disk:
+            disk.truncate(DISK_SIZE)
+        self.paths["ro.img"].write_bytes(RO_PATTERN.ljust(1 << 20, b"\0"))
+        self.ro_digest = hashlib.sha256(self.paths["ro.img"].read_bytes()).hexdigest()
+        self.http = BlobServer()
+        self.hostfwd_port = free_port()
+        script = DEVICES_SCRIPT.replace("HTTP_PORT", str(self.http.port)) \
+            .replace("PORT_NAME", PORT_NAME)
+        initrd = with_script(guest, tmp, script, {"udhcpc.sh": UDHCPC_SCRIPT})
+        self.paths["udhcpc"] = initrd
+        argv, env = command_for(guest, initrd, self.paths, self.hostfwd_port)
+        try:
+            self.run = GuestRun(argv, env, tmp / "console.log")
+            self._drive()
+        finally:
+            self.http.close()
+        self.sections = sections(self.run.output)
+
+    def _drive(self) -> None:
+        run = self.run
+        run.expect("RTC-NOW")
+        self.rtc_host_time = time.time()
+        port = connect_unix(self.paths["port.sock"])
+        run.expect("PORT-READY")
+        port.sendall(b"ping-from-host\n")
+        self.port_reply = recv_until(port, b"\n")
+        port.close()
+        run.expect("LISTENING")
+        with socket.create_connection(("127.0.0.1", self.hostfwd_port), timeout=60) as conn:
+            self.hostfwd_banner = recv_until(conn, b"\n")
+            conn.sendall(b"hello-from-host\n")
+        run.expect("WAITING-FOR-BUTTON")
+        self.button_pressed_at = time.monotonic()
+        self.press_power_button()
+        self.status = run.wait()
+
+    def press_power_button(self) -> None:
+        self.run.signal(signal.SIGTERM)
+
+
+def pyhyve_devices(guest, initrd, paths, hostfwd_port):
+    argv = pyhyve_command(
+        guest, initrd,
+        "-l", f"com2,file={paths['com2.out']}", "-l", f"com3,file={paths['com3.out']}",
+        "-l", f"com4,file={paths['com4.out']}",
+        "-s", f"2,virtio-blk,{paths['disk.img']}",
+        "-s", f"3,virtio-blk,{paths['ro.img']},ro",
+        "-s", "4,virtio-rnd",
+        "-s", f"5,virtio-console,console={paths['console.sock']},"
+              f"{PORT_NAME}={paths['port.sock']}",
+        "-s", f"6,virtio-net,slirp,hostfwd=tcp:{hostfwd_port}-:8080",
+        name="linuxdevices")
+    return argv, pyhyve_env(TZ=TZ_AHEAD)
+
+
+@pytest.fixture(scope="module")
+def devices(linux_guest, tmp_path_factory):
+    return DevicesBoot(tmp_path_factory.mktemp("linuxdevices"), linux_guest, pyhyve_devices)
+
+
+# --- boot ------------------------------------------------------------------------------
+def test_userspace_reached_without_platform_complaints(devices):
+    log = devices.sections["dmesg"]
+    assert "LINUX-USERSPACE-OK" in devices.run.output
+    for complaint in ("MP-BIOS bug", "ACPI Error", "ACPI BIOS Error", "Firmware Bug]: ACPI",
+                      "Unable to calibrate against PIT"):
+        assert complaint not in log, complaint
+
+
+def test_timer_is_on_ioapic_pin_2_and_the_hpet_is_used(devices):
+    interrupts = devices.sections["interrupts"]
+    assert re.search(r"^\s*0:\s+\d+\s+IO-APIC\s+2-edge\s+timer", interrupts, re.M), interrupts
+    log = devices.sections["dmesg"]
+    assert "ACPI: HPET id: 0x8086a201 base: 0xfed00000" in log
+    assert "hpet" in devices.sections["clocksource"].split("\n")[0]
+    assert re.search(r"tsc: (PIT calibration matches|using HPET reference calibration)", log)
+
+
+# --- PCI ---------------------------------------------------------------------------------
+# (bus:dev.fn, vendor, device, class) by the PCI IDs the virtio spec gives transitional
+# devices, and the chipset pyhyve adds: i440FX host bridge at 0:0, PIIX3 ISA bridge at 31:0.
+DEVICES_PCI = {
+    "0000:00:00.0": ("0x8086", "0x1237", "0x060000"),
+    "0000:00:02.0": ("0x1af4", "0x1001", "0x010000"),
+    "0000:00:03.0": ("0x1af4", "0x1001", "0x010000"),
+    "0000:00:04.0": ("0x1af4", "0x1005", "0x00ff00"),
+    "0000:00:05.0": ("0x1af4", "0x1003", "0x078000"),
+    "0000:00:06.0": ("0x1af4", "0x1000", "0x020000"),
+    "0000:00:1f.0": ("0x8086", "0x7000", "0x060100"),
+}
+
+
+def pci_functions(section: str) -> dict:
+    return {bdf: tuple(ids) for bdf, *ids in (line.split() for line in section.splitlines())}
+
+
+def test_pci_functions_are_those_given_plus_the_chipset(devices):
+    assert pci_functions(devices.sections["pci"]) == DEVICES_PCI
+
+
+def test_virtio_devices_use_msix(devices):
+    """Each virtio function has MSI-X vectors (config + queues), and /proc/interrupts
+    shows them as PCI-MSIX, none on the I/O APIC's PCI pins."""
+    msi = {line.split()[0]: line.split()[1:] for line in devices.sections["msi"].splitlines()}
+    virtio = [bdf for bdf, ids in DEVICES_PCI.items() if ids[0] == "0x1af4"]
+    for bdf in virtio:
+        assert bdf in msi and int(msi[bdf][0]) >= 2, (bdf, msi)
+        assert set(msi[bdf][1:]) == {"msix"}, msi[bdf]
+    interrupts = devices.sections["interrupts"]
+    assert "PCI-MSIX" in interrupts or "PCI-MSI" in interrupts
+    assert not re.search(r"IO-APIC\s+(1[6-9]|2[0-3])-fasteoi\s+virtio", interrupts), interrupts
+
+
+# --- virtio-blk ----------------------------------------------------------------------------
+def debugfs_cat(image: Path, name: str) -> bytes:
+    debugfs = require_program("debugfs", "e2fsprogs")
+    result = subprocess.run([debugfs, "-R", f"cat /{name}", str(image)], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_virtio_blk_ext2_written_by_linux_reads_back_on_the_host(devices):
+    section = devices.sections["blk"]
+    assert "mounted" in section and "unmounted" in section, section
+    sums = dict(reversed(line.split()) for line in section.splitlines()
+                if re.match(r"^[0-9a-f]{64}\s", line))
+    image = devices.paths["disk.img"]
+    lines = debugfs_cat(image, "lines.txt")
+    assert lines == b"".join(b"line %d written by linux\n" % i for i in range(300))
+    assert hashlib.sha256(lines).hexdigest() == sums["lines.txt"]
+    random_bytes = debugfs_cat(image, "random.bin")
+    assert len(random_bytes) == 65536
+    assert hashlib.sha256(random_bytes).hexdigest() == sums["random.bin"]
+
+
+def test_read_only_virtio_blk_refuses_writes_and_the_image_is_unchanged(devices):
+    """VIRTIO_BLK_F_RO makes Linux mark the disk read-only, so the write fails in
+    the guest (EPERM) before a request is sent; QEMU's readonly=on does the same.
+    (A write request that does reach the device is refused with VIRTIO_BLK_S_IOERR:
+    test_blkdriver.py.)"""
+    lines = devices.sections["blk_ro"].splitlines()
+    assert lines[0] == "1"                                  # /sys/block/vdb/ro
+    assert int(lines[1]) * 512 == 1 << 20
+    status = next(line for line in lines if line.startswith("dd-status"))
+    assert status != "dd-status 0"
+    assert "Operation not permitted" in devices.sections["blk_ro"]
+    assert lines[-1] == "read-only pattern"
+    assert hashlib.sha256(devices.paths["ro.img"].read_bytes()).hexdigest() == \
+        devices.ro_digest
+
+
+# --- virtio-rnd, virtio-console ------------------------------------------------------------
+def test_hwrng_is_virtio_rng_and_gives_bytes(devices):
+    lines = devices.sections["rng"].splitlines()
+    assert lines[1] == "virtio_rng.0"
+    samples = lines[2:]
+    assert len(samples) == 4 and all(re.fullmatch(r"[0-9a-f]{64}", s) for s in samples)
+    assert len(set(samples)) == 4
+
+
+def test_virtio_console_port_has_its_name_and_passes_bytes_both_ways(devices):
+    section = devices.sections["vport"]
+    assert re.search(rf"^vport\dp1 {re.escape(PORT_NAME)}$", section, re.M), section
+    assert "got: ping-from-host" in section
+    assert devices.port_reply == b"pong:ping-from-host\n"
+
+
+# --- serial, RTC ------------------------------------------------------------------------------
+def test_four_uarts_are_ttyS0_to_ttyS3(devices):
+    ports = re.findall(r"^(\d): uart:16550A port:([0-9A-F]+) irq:(\d+)", devices.sections["serial"],
+                       re.M)
+    assert ports == [("0", "000003F8", "4"), ("1", "000002F8", "3"),
+                     ("2", "000003E8", "4"), ("3", "000002E8", "3")]
+    for n in (1, 2, 3):
+        assert f"hello-ttyS{n}" in devices.paths[f"com{n + 1}.out"].read_text()
+
+
+def test_rtc_keeps_local_time_by_default(devices):
+    """bhyve's RTC holds local time unless -u; Linux reads it as UTC, so under a TZ
+    5:30 ahead of UTC both its RTC and its clock read 5:30 ahead."""
+    rtc, date = map(int, devices.sections["rtc"].split()[1:3])
+    host = devices.rtc_host_time + TZ_OFFSET
+    assert abs(rtc - host) <= 5 and abs(date - host) <= 5, (rtc, date, host)
+
+
+# --- virtio-net over slirp ---------------------------------------------------------------------
+def test_dhcp_lease_is_10_0_2_15(devices):
+    section = devices.sections["dhcp"]
+    assert "inet 10.0.2.15/24" in section, section
+    assert "default via 10.0.2.2" in section
+
+
+def test_guest_fetches_a_file_from_the_host_loopback(devices):
+    digest = devices.sections["http"].split()[0]
+    assert digest == hashlib.sha256(devices.http.blob).hexdigest()
+
+
+def test_hostfwd_reaches_a_listener_in_the_guest(devices):
+    assert devices.hostfwd_banner == b"banner-from-guest\n"
+    assert devices.sections["hostfwd"].splitlines()[-1] == "hello-from-host"
+
+
+# --- power -----------------------------------------------------------------------------------
+def test_sigterm_presses_the_power_button_and_the_guest_powers_off(devices):
+    assert "POWER-BUTTON-PRESSED" in devices.sections["power"]
+    assert devices.status == 1
