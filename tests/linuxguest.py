@@ -78,11 +78,12 @@ def _newc_entry(name: str, data: bytes, mode: int, ino: int) -> bytes:
 def with_script(guest: LinuxGuest, directory: Path, script: str,
                 files: dict[str, bytes] | None = None) -> Path:
     """The guest's initramfs with /test.sh (SCRIPT_PRELUDE + script) and `files`
-    appended as a second archive; returns its path."""
+    (executable: helper scripts such as udhcpc's) appended as a second archive;
+    returns its path."""
     entries = [_newc_entry("test.sh", (SCRIPT_PRELUDE + script).encode(),
                            stat.S_IFREG | 0o755, 1)]
     for ino, (name, data) in enumerate(sorted((files or {}).items()), 2):
-        entries.append(_newc_entry(name, data, stat.S_IFREG | 0o644, ino))
+        entries.append(_newc_entry(name, data, stat.S_IFREG | 0o755, ino))
     entries.append(_newc_entry("TRAILER!!!", b"", 0, 0))
     path = directory / "test-initrd.cpio"
     path.write_bytes(guest.initrd.read_bytes() + b"".join(entries))
@@ -164,6 +165,12 @@ class GuestRun:
             pytest.fail(f"{self.command[0]} did not stop:\n{self.output[-4000:]}")
         self._reader.join(5)
         return status
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.kill()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -3,7 +3,6 @@ process, gdb on the kernel, and the RTC in UTC.  Each fixture is one boot (one t
 three minutes here), shared by the tests that read it."""
 
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -72,12 +71,12 @@ def smp_boot(linux_guest, tmp_path_factory):
         initrd = with_script(linux_guest, tmp, script)
         argv = pyhyve_command(linux_guest, initrd, "-s", f"2,virtio-net,tap={netns.tap}",
                               cpus=2, name="linuxsmp")
-        run = GuestRun([netns.ip, "netns", "exec", netns.name, *argv], pyhyve_env(),
-                       tmp / "console.log")
-        run.expect("TAP-UP")
-        ping = netns.run("ping", "-c", "3", "-W", "5", TAP_GUEST)
-        run.send("ping done\n")
-        status = run.wait()
+        with GuestRun([netns.ip, "netns", "exec", netns.name, *argv], pyhyve_env(),
+                      tmp / "console.log") as run:
+            run.expect("TAP-UP")
+            ping = netns.run("ping", "-c", "3", "-W", "5", TAP_GUEST)
+            run.send("ping done\n")
+            status = run.wait()
     finally:
         netns.close()
     return sections(run.output), ping, status
@@ -131,14 +130,14 @@ def snapshot_boot(linux_guest, tmp_path_factory):
     initrd = with_script(linux_guest, tmp, SNAPSHOT_SCRIPT)
     argv = pyhyve_command(linux_guest, initrd, "-s", f"2,virtio-blk,{disk}", "-s", "3,virtio-rnd",
                           "-o", f"control.socket={sock}", name="linuxsnap")
-    first = GuestRun(argv, pyhyve_env(), tmp / "first.log")
-    first.expect("CHECKPOINT-NOW")
-    assert ctlclient.main([f"--socket={sock}", f"--checkpoint={snap}"]) == 0
-    first.kill()                # the restored copy alone goes on with the disk
-    restored = GuestRun([sys.executable, "-m", "pyhyve", "-r", str(snap)], pyhyve_env(),
-                        tmp / "restored.log")
-    restored.send("from the restored process\n")
-    status = restored.wait()
+    with GuestRun(argv, pyhyve_env(), tmp / "first.log") as first:
+        first.expect("CHECKPOINT-NOW")
+        assert ctlclient.main([f"--socket={sock}", f"--checkpoint={snap}"]) == 0
+    # The first VM is gone (killed): the restored copy alone goes on with the disk.
+    with GuestRun([sys.executable, "-m", "pyhyve", "-r", str(snap)], pyhyve_env(),
+                  tmp / "restored.log") as restored:
+        restored.send("from the restored process\n")
+        status = restored.wait()
     return first, restored, status
 
 
@@ -180,23 +179,24 @@ def gdb_boot(linux_guest, tmp_path_factory):
     port = free_port()
     initrd = with_script(linux_guest, tmp, GDB_SCRIPT)
     argv = pyhyve_command(linux_guest, initrd, "-u", "-G", str(port), name="linuxgdb")
-    run = GuestRun(argv, pyhyve_env(TZ="<+0530>-5:30"), tmp / "console.log")
-    run.expect("RTC-NOW")
-    rtc_host_time = time.time()
-    run.expect("GDB-READY")
     commands = [f"file {linux_guest.vmlinux}", f"target remote 127.0.0.1:{port}",
                 f"hbreak {BREAK_AT}", "continue", "bt", "info registers rip", "delete",
                 "detach"]
-    debugger = subprocess.Popen([gdb, "-batch", "-nx", *[a for c in commands for a in ("-ex", c)]],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = ""
-    for line in debugger.stdout:            # the breakpoint is set once gdb says so
-        output += line
-        if "Hardware assisted breakpoint 1" in line:
-            run.send("go\n")
-            break
-    output += debugger.communicate(timeout=600)[0]
-    status = run.wait()
+    with GuestRun(argv, pyhyve_env(TZ="<+0530>-5:30"), tmp / "console.log") as run:
+        run.expect("RTC-NOW")
+        rtc_host_time = time.time()
+        run.expect("GDB-READY")
+        debugger = subprocess.Popen([gdb, "-batch", "-nx",
+                                     *[arg for c in commands for arg in ("-ex", c)]],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = ""
+        for line in debugger.stdout:            # the breakpoint is set once gdb says so
+            output += line
+            if "Hardware assisted breakpoint 1" in line:
+                run.send("go\n")
+                break
+        output += debugger.communicate(timeout=600)[0]
+        status = run.wait()
     return run, output, rtc_host_time, status
 
 
