@@ -42,6 +42,10 @@ platform devices, the irqchip, clock and vCPUs, and last the PCI functions,
 whose BARs are decoded (and notify ioeventfds assigned) where the guest put
 them, whose PAM shadowing and PIRQ routes follow the chipset registers, and
 whose live queues are looked at once, since notifications do not survive.
+Interrupt lines are not saved as levels: once the irqchip is back, every
+wired line is lowered and each device raises again what its registers ask
+for (an edge-triggered line then gives the guest a fresh edge for a
+condition it has not served yet, rather than none).
 A device type that declares no savable state (PciDevice.savable) makes
 save() refuse with SnapshotError naming it, rather than write a snapshot
 that would not run.  Not saved: an fw_cfg transfer in progress, the GDB
@@ -417,6 +421,9 @@ def restore_into(vm, path: str | Snapshot) -> None:
         vm.kvm_vm.set_clock(clock)
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
+        vm.lower_irq_lines()
+        for device in (vm.pm, vm.rtc, vm.hpet, vm.i8042, *vm.uarts.values()):
+            device.resync_irq()
         _restore_pci(vm, m["devices"]["pci"])
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None

@@ -26,7 +26,7 @@ from .devices.pm import PowerManagement
 from .devices.rtc import RTC_IRQ, Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from .devices.uart import COM_PORTS, Uart16550
-from .gsiroutes import GsiRoutes
+from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
@@ -344,6 +344,17 @@ class VirtualMachine:
             was_high = self._irq_high(irq)
             (sources.add if level else sources.discard)(source)
             self._irq_update(irq, was_high)
+
+    def lower_irq_lines(self) -> None:
+        """Every wired line low, in KVM and here: after a restore, KVM's irqchip
+        holds line levels no source here stands for, and a source raising a line
+        KVM already thinks high would give no edge.  Devices then raise again
+        what their state asks for (resync_irq)."""
+        with self._irq_lock:
+            self._irq_sources.clear()
+            for gsi in range(IOAPIC_PINS):
+                if gsi != CASCADE_IRQ:
+                    self.kvm_vm.irq_line(gsi, 0)
 
     def connect_irq_source(self, irq: int, source: str, connected: bool) -> None:
         """Cut a source off its line, or connect it again (the chipset gating a

@@ -1,6 +1,7 @@
 """Run pyhyve on a test guest as a user would, and collect what it printed."""
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,13 @@ class Result:
     status: int
     debug: str          # what the guest wrote to the debug port 0x402
     stderr: str
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_pyhyve(args: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:

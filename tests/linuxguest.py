@@ -33,7 +33,7 @@ SOURCES = Path(os.environ.get("PYHYVE_LINUXGUEST", REPO.parent / "shared" / "lin
 OUTPUT = Path(os.environ.get("PYHYVE_LINUX_CACHE", CACHE.parent / "linuxguest"))
 PACKAGES = ("linux-source-6.1 busybox-static gcc make flex bison bc libelf-dev libssl-dev "
             "cpio lz4 patch")
-BOOT_TIMEOUT = 900              # seconds: a boot takes 1 to 3 minutes here, QEMU's longer
+BOOT_TIMEOUT = 1800             # seconds: a boot takes 2 to 4 minutes here alone, more beside others
 QEMU = "qemu-system-x86_64"
 
 SCRIPT_PRELUDE = """#!/bin/sh

@@ -16,16 +16,10 @@ import pytest
 
 from build import build_rom, rom_symbols
 from firmware import require_program
-from guestrun import REPO, run_pyhyve
+from guestrun import REPO, free_port, run_pyhyve
 from pyhyve.vcpu import ExitStatus
 
 pytestmark = pytest.mark.usefixtures("needs_kvm")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start(rom, port, tmp_path, *extra):
@@ -51,7 +45,7 @@ def _listening(port: int) -> bool:
 def test_gdb_breakpoint_registers_memory_step_detach(tmp_path):
     gdb = require_program("gdb", "gdb")
     symbols = rom_symbols("gdbtarget")
-    port = _free_port()
+    port = free_port()
     proc, debug = _start(build_rom("gdbtarget"), port, tmp_path)
     commands = ["set architecture i386:x86-64", f"target remote 127.0.0.1:{port}",
                 f"hbreak *{symbols['breakhere']:#x}", "continue", "info registers rip rax",
@@ -95,7 +89,7 @@ class Remote:
 
 def test_ctrl_c_stops_a_running_guest_and_physical_memory_reads(tmp_path):
     rom = build_rom("exits", COUNT=10**8)
-    port = _free_port()
+    port = free_port()
     proc, _ = _start(rom, port, tmp_path, "-c", "2")
     try:
         remote = Remote(port)

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from firmware import require_program
+from guestrun import free_port
 from linuxguest import GuestRun, pyhyve_command, pyhyve_env, sections, with_script
 from pyhyve import ctlclient
 
@@ -163,13 +164,6 @@ echo SYNCED
 poweroff -f
 """
 BREAK_AT = "ksys_sync"          # what the script's sync calls
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

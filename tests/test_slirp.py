@@ -15,6 +15,7 @@ import textwrap
 import time
 
 import pytest
+from guestrun import free_port
 from inetsum import inet_checksum
 
 from pyhyve.config import ConfigError
@@ -137,12 +138,6 @@ def wire():
     yield start
     for backend in backends:
         backend.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @needs_libslirp

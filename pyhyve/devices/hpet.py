@@ -320,6 +320,14 @@ class Hpet:
                 self._cond.wait(self._next_wait())
             self._thread = None
 
+    def resync_irq(self) -> None:
+        """Drive the level-triggered lines from GINTR_STA again (after a restore
+        lowered them)."""
+        with self._cond:
+            for timer in self.timers:
+                timer.line = False
+                self._update_line(timer)
+
     # --- snapshots ------------------------------------------------------------------------
     def save_state(self) -> dict:
         with self._cond:

@@ -218,6 +218,12 @@ class I8042:
             self._queue.append((byte, status))
             self._update_irqs()
 
+    def resync_irq(self) -> None:
+        """Drive both lines from the output buffer again (after a restore lowered them)."""
+        with self._lock:
+            self._lines = dict.fromkeys(self._lines, False)
+            self._update_irqs()
+
     def _update_irqs(self) -> None:
         aux = bool(self._queue) and bool(self._queue[0][1] & ST_AUX)
         self._set_line(KBD_IRQ, bool(self._queue) and not aux and

@@ -80,5 +80,9 @@ class PowerManagement:
     def acpi_enabled(self) -> bool:
         return bool(self.control & SCI_EN)
 
+    def resync_irq(self) -> None:
+        """Drive the SCI from the PM1 registers again (after a restore lowered it)."""
+        self._update_sci()
+
     def _update_sci(self) -> None:
         self.vm.set_irq_level(SCI_IRQ, bool(self.status & self.enable & 0xFFFF))

@@ -328,6 +328,12 @@ class Rtc:
             self._last_second = second
         self._update_irq()
 
+    def resync_irq(self) -> None:
+        """Drive the line from register C again (after a restore lowered it)."""
+        with self._cond:
+            self._irq = False
+            self._update_irq()
+
     def _update_irq(self) -> None:
         level = bool(self._flags & self._b & (C_PF | C_AF | C_UF))
         if level != self._irq:

@@ -298,6 +298,12 @@ class Uart16550:
             return IIR_MSR
         return IIR_NOPEND
 
+    def resync_irq(self) -> None:
+        """Drive the line from the registers again (after a restore lowered it)."""
+        with self._lock:
+            self._irq_level = False
+            self._update_irq()
+
     def _update_irq(self) -> None:
         level = (self._mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2 and \
             self._reason() != IIR_NOPEND
