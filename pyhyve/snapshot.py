@@ -178,13 +178,7 @@ def _device_state(vm) -> dict:
                "output_port": i8042._output_port, "queue": [list(q) for q in i8042._queue],
                "last_read": i8042._last_read, "last_was_command": i8042._last_was_command,
                "command": i8042._command, "kbd_command": i8042._kbd_command}
-    uarts = {}
-    for name, uart in vm.uarts.items():
-        with uart._lock:
-            uarts[name] = {field: getattr(uart, f"_{field}") for field in
-                           ("ier", "fcr", "lcr", "mcr", "scr", "divisor", "msr",
-                            "overrun", "thre_pending")}
-            uarts[name]["pending"] = base64.b64encode(bytes(uart._pending)).decode()
+    uarts = {name: uart.save_state() for name, uart in vm.uarts.items()}
     pci = [{"slot": device.slot, "func": device.func, "emulation": device.emulation_name,
             "state": device.save_state()} for device in vm.pci.devices()]
     return {"pm": {"status": pm.status, "enable": pm.enable, "control": pm.control},
@@ -378,11 +372,7 @@ def _restore_platform(vm, devices: dict) -> None:
         uart = vm.uarts.get(name)
         if uart is None:
             raise SnapshotError(f"snapshot has a {name} the restored VM lacks")
-        with uart._lock:
-            for field, value in u.items():
-                if field != "pending":
-                    setattr(uart, f"_{field}", value)
-            uart._pending[:] = base64.b64decode(u["pending"])
+        uart.restore_state(u)
     vm.pci.config_address = devices["pci_config_address"]
 
 

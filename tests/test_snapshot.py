@@ -516,3 +516,43 @@ def test_interrupt_lines_agree_with_the_irqchip_after_restore(tmp_path):
         assert _ioapic_line_levels(restored) & 1 << 4
     finally:
         restored.close()
+
+
+@needs_kvm
+def test_uart_input_survives_and_input_before_the_restore_is_kept(tmp_path):
+    """Unread input in the receive FIFO and behind it is saved; what the host types
+    while the restored VM is being built comes after it, not instead of it."""
+    config = {"name": "uartsnap", "lpc.bootrom": str(counter_rom()),
+              "lpc.com1.path": f"file={tmp_path / 'com1.out'}"}
+    vm = VirtualMachine(Config(config))
+    try:
+        com1 = vm.ports.lookup(0x3F8)
+        com1.write(2, 1, 0x01)              # FCR: 16-byte FIFOs
+        vm.uarts["com1"].receive(b"saved input that is longer than sixteen bytes;")
+        state = vm.uarts["com1"].save_state()
+        snapshot.save(vm, str(tmp_path / "uart.snap"))
+    finally:
+        vm.close()
+    restored = VirtualMachine(Config(config))
+    try:
+        restored.uarts["com1"].receive(b"typed early")
+        snapshot.restore_into(restored, str(tmp_path / "uart.snap"))
+        com1 = restored.ports.lookup(0x3F8)
+        received = bytearray()
+        while com1.read(5, 1) & 0x01:      # LSR: data ready
+            received.append(com1.read(0, 1))
+            if len(received) > 100:
+                break
+        assert bytes(received) == b"saved input that is longer than sixteen bytes;typed early"
+        fresh = VirtualMachine(Config(config))
+        try:
+            fresh.uarts["com1"].restore_state(state)
+            assert fresh.uarts["com1"].save_state() == state
+            for bad in ({**state, "lcr": 256}, {**state, "overrun": 1},
+                        {**state, "pending": "not base64!"}):
+                with pytest.raises(ValueError):
+                    fresh.uarts["com1"].restore_state(bad)
+        finally:
+            fresh.close()
+    finally:
+        restored.close()

@@ -18,6 +18,7 @@ The vCPU threads and the backend's I/O thread (through `receive`) both reach
 the state, so every access holds the UART's lock.
 """
 
+import base64
 import threading
 from collections import deque
 
@@ -99,6 +100,14 @@ def modem_status(mcr: int) -> int:
             (MSR_RI if mcr & MCR_OUT1 else 0) | (MSR_DCD if mcr & MCR_OUT2 else 0))
 
 
+def _byte_or_word(value, field: str) -> int:
+    """A saved register: the divisor has 16 bits, the rest 8."""
+    limit = 0xFFFF if field == "divisor" else 0xFF
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise ValueError(f"UART register {field} cannot hold {value!r}")
+    return value
+
+
 class Uart16550:
     """One COM port: 8 registers at `base_port`, ISA interrupt `irq`, host side `backend`.
 
@@ -141,6 +150,34 @@ class Uart16550:
             self._rx.clear()
             self._refill()
             self._update_irq()
+
+    # --- snapshots ------------------------------------------------------------------
+    REGISTERS = ("ier", "fcr", "lcr", "mcr", "scr", "divisor", "msr")
+
+    def save_state(self) -> dict:
+        """Registers, flags, and the input the guest has not read: the receive
+        FIFO first, then what waits behind it."""
+        with self._lock:
+            state = {field: getattr(self, f"_{field}") for field in self.REGISTERS}
+            state.update(overrun=self._overrun, thre_pending=self._thre_pending,
+                         pending=base64.b64encode(bytes(self._rx) + self._pending).decode())
+            return state
+
+    def restore_state(self, state: dict) -> None:
+        """Into a UART built from the same config and not yet running: host input
+        that arrived meanwhile stays, after the saved input."""
+        values = {field: _byte_or_word(state[field], field) for field in self.REGISTERS}
+        flags = {field: state[field] for field in ("overrun", "thre_pending")}
+        if not all(isinstance(flag, bool) for flag in flags.values()):
+            raise ValueError(f"UART flags must be true or false, not {flags}")
+        saved_input = base64.b64decode(state["pending"], validate=True)
+        with self._lock:
+            for field, value in values.items():
+                setattr(self, f"_{field}", value)
+            self._overrun, self._thre_pending = flags["overrun"], flags["thre_pending"]
+            self._pending[:0] = saved_input + bytes(self._rx)   # input since start: last
+            self._rx.clear()
+            self._refill()
 
     def receive(self, data: bytes) -> None:
         """Host input, called from the backend's I/O thread."""
