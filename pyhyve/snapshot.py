@@ -75,6 +75,7 @@ MAX_MANIFEST = 64 << 20
 # (PAM shadowing, PIRQ routes) follows config_changed() after a restore.
 CHIPSET = {"hostbridge", "amd_hostbridge", "lpc"}
 KVM_CAP_XCRS = 56
+MSR_TSC_DEADLINE = 0x6E0
 IRQCHIPS = (0, 1, 2)            # KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC
 _ZERO_PAGE = bytes(PAGE)
 
@@ -320,6 +321,10 @@ def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
             vm.log.debug("restore: MSR %#x not accepted", pending[done][0])
         pending = pending[done + 1:]
     kvm_vcpu.set_lapic(snap.load(abi.kvm_lapic_state, state["lapic"]))
+    if MSR_TSC_DEADLINE in msrs:
+        # KVM ignores this MSR unless the LAPIC timer is in TSC-deadline mode, which
+        # it is only now: written with the rest, a Linux guest's timer never fired.
+        kvm_vcpu.set_msrs({MSR_TSC_DEADLINE: msrs[MSR_TSC_DEADLINE]})
     kvm_vcpu.set_mp_state(state["mp_state"])
     kvm_vcpu.set_vcpu_events(snap.load(abi.kvm_vcpu_events, state["vcpu_events"]))
 

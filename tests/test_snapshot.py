@@ -23,6 +23,7 @@ from guestrun import REPO, run_pyhyve
 from pyhyve import ctlclient, snapshot
 from pyhyve.cli import parse_args
 from pyhyve.config import Config
+from pyhyve.kvm import abi
 from pyhyve.memory import MiB
 from pyhyve.pci import PciDevice
 from pyhyve.pci import regs as R
@@ -554,5 +555,32 @@ def test_uart_input_survives_and_input_before_the_restore_is_kept(tmp_path):
                     fresh.uarts["com1"].restore_state(bad)
         finally:
             fresh.close()
+    finally:
+        restored.close()
+
+
+@needs_kvm
+def test_tsc_deadline_timer_survives_restore(tmp_path):
+    """A LAPIC timer in TSC-deadline mode keeps its deadline: KVM takes the
+    deadline MSR only once the LAPIC state says TSC-deadline mode."""
+    config = {"name": "tscsnap", "lpc.bootrom": str(counter_rom())}
+    vm = VirtualMachine(Config(config))
+    lvtt, svr = 0x320, 0xF0
+    try:
+        kvm_vcpu = vm.vcpus[0].kvm_vcpu
+        regs = bytearray(bytes(kvm_vcpu.get_lapic()))
+        regs[svr:svr + 4] = (0x1FF).to_bytes(4, "little")          # APIC software-enabled
+        regs[lvtt:lvtt + 4] = ((2 << 17) | 0xEC).to_bytes(4, "little")  # TSC-deadline mode
+        kvm_vcpu.set_lapic(abi.kvm_lapic_state.from_buffer_copy(regs))
+        deadline = kvm_vcpu.get_msrs([0x10])[0x10] + (1 << 40)
+        kvm_vcpu.set_msrs({0x6E0: deadline})
+        assert kvm_vcpu.get_msrs([0x6E0])[0x6E0] == deadline
+        snapshot.save(vm, str(tmp_path / "tsc.snap"))
+    finally:
+        vm.close()
+    restored = VirtualMachine(Config(config))
+    try:
+        snapshot.restore_into(restored, str(tmp_path / "tsc.snap"))
+        assert restored.vcpus[0].kvm_vcpu.get_msrs([0x6E0])[0x6E0] == deadline
     finally:
         restored.close()
