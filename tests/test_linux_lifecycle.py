@@ -166,6 +166,14 @@ poweroff -f
 BREAK_AT = "ksys_sync"          # what the script's sync calls
 
 
+def symbol_address(guest, name: str) -> int:
+    for line in (guest.vmlinux.parent / "System.map").read_text().splitlines():
+        address, _, symbol = line.split()[:3]
+        if symbol == name:
+            return int(address, 16)
+    raise KeyError(name)
+
+
 @pytest.fixture(scope="module")
 def gdb_boot(linux_guest, tmp_path_factory):
     gdb = require_program("gdb", "gdb")
@@ -194,9 +202,11 @@ def gdb_boot(linux_guest, tmp_path_factory):
     return run, output, rtc_host_time, status
 
 
-def test_gdb_hits_a_hardware_breakpoint_in_the_kernel_with_symbols(gdb_boot):
+def test_gdb_hits_a_hardware_breakpoint_in_the_kernel_with_symbols(gdb_boot, linux_guest):
     run, output, _, status = gdb_boot
-    assert f"Hardware assisted breakpoint 1, {BREAK_AT}" in output, output
+    address = symbol_address(linux_guest, BREAK_AT)
+    assert f"Hardware assisted breakpoint 1 at {address:#x}" in output, output
+    assert re.search(rf"^Breakpoint 1, 0x[0-9a-f]+ in {BREAK_AT} \(\)", output, re.M), output
     backtrace = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+)", output, re.M)
     assert backtrace[0] == BREAK_AT and len(backtrace) >= 2, output
     assert "__x64_sys_sync" in backtrace or "do_syscall_64" in backtrace, backtrace

@@ -94,7 +94,7 @@ class Hpet:
         self._set_irq = set_irq
         self._set_legacy_route = set_legacy_route
         self._warn = warn
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())   # no re-entry: a plain lock
         self._config = 0
         self._status = 0
         self._counter_base = 0       # ticks at _started_ns, or the frozen counter
@@ -149,6 +149,9 @@ class Hpet:
         return self.timers[index], field
 
     def _read(self, offset: int, size: int) -> int:
+        if offset == MAIN_COUNTER and size == 4:    # the clocksource read: kept short,
+            with self._cond:                        # Linux times it when it calibrates
+                return self._ticks() & MASK32
         shift = 8 * (offset & 7)
         if shift + 8 * size > 64:
             self._warn(("hpet-access", size), "HPET: %d-byte access at %#x crosses a register",
