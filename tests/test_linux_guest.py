@@ -60,7 +60,7 @@ for d in /sys/bus/pci/devices/*; do
 done
 section blk
 mke2fs -q /dev/vda && mkdir -p /mnt/a && mount -t ext2 /dev/vda /mnt/a && echo mounted
-i=0; while [ $i -lt 300 ]; do echo "line $i written by linux"; i=$((i+1)); done > /mnt/a/lines.txt
+seq 0 299 | sed 's/.*/line & written by linux/' > /mnt/a/lines.txt
 dd if=/dev/hwrng of=/mnt/a/random.bin bs=4096 count=16 2>/dev/null
 cd /mnt/a && sha256sum random.bin lines.txt; cd /
 sync; umount /mnt/a && echo unmounted
