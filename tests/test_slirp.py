@@ -15,7 +15,6 @@ import textwrap
 import time
 
 import pytest
-from guestrun import free_port
 from inetsum import inet_checksum
 
 from pyhyve.config import ConfigError
@@ -138,6 +137,12 @@ def wire():
     yield start
     for backend in backends:
         backend.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @needs_libslirp
