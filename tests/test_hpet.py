@@ -241,7 +241,7 @@ def test_any_guest_access_is_answered(offset, size, value, is_write):
         device.close()
 
 
-def test_the_thread_stops_with_the_device(monkeypatch):
+def test_the_thread_stops_with_the_device():
     device, lines, read, write = make_hpet()
     write(GEN_CONF, ENABLE_CNF)
     assert any(t.name == "hpet" for t in threading.enumerate())
