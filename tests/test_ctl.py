@@ -427,8 +427,8 @@ def test_pyhyve_and_pyhyvectl_processes(tmp_path):
         off = subprocess.run([*ctl, "--force-poweroff"], env=env, capture_output=True,
                              text=True, timeout=30)
         assert off.returncode == 0, off.stderr
-        assert vm.wait(timeout=30) == 1
-        assert not socket_path.exists()
+        assert vm.wait(timeout=30) == 1, vm.stderr.read()
+        assert not socket_path.exists(), vm.stderr.read()
     finally:
         vm.kill()
         vm.wait()

@@ -52,7 +52,7 @@ def test_acknowledged_blocks_survive_sigkill(tmp_path, delay):
          "-o", f"control.socket={tmp_path / 'ctl.sock'}", "disk-integrity"],
         env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: debug.exists() and "acked" in debug.read_text(errors="replace"), 60)
+        wait_for(lambda: debug.exists() and acked_blocks(debug.read_text(errors="replace")), 60)
         time.sleep(delay)
     finally:
         proc.kill()                     # SIGKILL
