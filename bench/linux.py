@@ -1,6 +1,6 @@
 """Linux: wall time from process start to LINUX-USERSPACE-OK and to power-off,
 pyhyve vs QEMU (-machine pc and q35) on the same kernel and initramfs
-(../shared/linuxguest, built into the test cache), with a virtio-blk disk and
+(the quick start's, built from linux-source into its cache), with a virtio-blk disk and
 virtio-rng on each; plus the exits to userspace pyhyve's vCPU took per boot.
 
 The guest's /test.sh prints BENCH-DONE and waits for a line on its console;

@@ -27,6 +27,6 @@ def needs_kvm():
 
 @pytest.fixture(scope="session")
 def linux_guest():
-    """The Linux guest of ../shared/linuxguest, built into the cache once."""
+    """pyhyve's Linux guest, built from linux-source into the kit's cache once."""
     from linuxguest import build
     return build()

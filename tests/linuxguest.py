@@ -1,7 +1,8 @@
-"""The prepared Linux 6.1 guest (../shared/linuxguest) as a test client.
+"""pyhyve's own Linux 6.1 guest (pyhyve/guestkit/source.py) as a test client.
 
-build() runs its build.sh into a persistent cache (minutes once, then
-seconds) and returns the kernel, vmlinux and initramfs.  A test hands the
+build() makes it into the kit's persistent cache, where the quick start's
+`pyhyve-guest run` finds it too (minutes once, then seconds), and returns the
+kernel, vmlinux and initramfs.  A test hands the
 guest a shell script: with_script() appends it to the initramfs as /test.sh,
 which the guest's /init runs after printing LINUX-USERSPACE-OK.  Scripts
 print sections (`section NAME` in SCRIPT_PRELUDE) that sections() splits the
@@ -16,77 +17,50 @@ console, so a test can talk to the guest's script while it runs.
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-from build import CACHE
+from pyhyve.guestkit import Guest, KitError, default_cache, source
+from pyhyve.guestkit.initramfs import EXECUTABLE, newc_archive
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = Path(os.environ.get("PYHYVE_LINUXGUEST", REPO.parent / "shared" / "linuxguest"))
-OUTPUT = Path(os.environ.get("PYHYVE_LINUX_CACHE", CACHE.parent / "linuxguest"))
-PACKAGES = ("linux-source-6.1 busybox-static gcc make flex bison bc libelf-dev libssl-dev "
-            "cpio lz4 patch")
 BOOT_TIMEOUT = 1800             # seconds: a boot takes 2 to 4 minutes here alone, more beside others
 QEMU = "qemu-system-x86_64"
 
+# The kernel keeps logging (dmesg has it all) but no longer onto the console,
+# where a late warning (a clocksource watchdog on a loaded host) would land
+# inside a section.
 SCRIPT_PRELUDE = """#!/bin/sh
 export PATH=/bin
+dmesg -n 1
 section() { echo "@@@ $1"; }
 """
 SECTION = re.compile(r"^@@@ (\S+)\r?$", re.M)
 
 
-class LinuxGuest(NamedTuple):
-    bzimage: Path
-    vmlinux: Path
-    initrd: Path
-    cmdline: str
-
-
-def build() -> LinuxGuest:
+def build() -> Guest:
     """Build (or find built) the guest; fails, rather than skips, when it cannot:
     these tests are the project's main end-to-end client."""
-    script = SOURCES / "build.sh"
-    if not script.exists():
-        pytest.fail(f"the Linux guest's sources are not at {SOURCES} (set PYHYVE_LINUXGUEST "
-                    f"to the linuxguest folder); its packages: apt-get install {PACKAGES}")
-    result = subprocess.run(["bash", str(script), str(OUTPUT)], capture_output=True, text=True)
-    if result.returncode:
-        pytest.fail(f"building the Linux guest failed (needs: apt-get install {PACKAGES}):\n"
-                    f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    return LinuxGuest(OUTPUT / "bzImage", OUTPUT / "vmlinux", OUTPUT / "initrd.cpio",
-                      (SOURCES / "cmdline.txt").read_text().strip())
+    try:
+        return source.build(default_cache() / "source")
+    except KitError as exc:
+        pytest.fail(f"building the Linux guest failed: {exc}")
 
 
-def _newc_entry(name: str, data: bytes, mode: int, ino: int) -> bytes:
-    """One entry of a newc cpio archive (what Linux's initramfs unpacker reads)."""
-    encoded = name.encode() + b"\0"
-    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
-    header = b"070701" + b"".join(b"%08X" % value for value in fields)
-    entry = header + encoded
-    entry += bytes(-len(entry) % 4) + data
-    return entry + bytes(-len(entry) % 4)
-
-
-def with_script(guest: LinuxGuest, directory: Path, script: str,
+def with_script(guest: Guest, directory: Path, script: str,
                 files: dict[str, bytes] | None = None) -> Path:
     """The guest's initramfs with /test.sh (SCRIPT_PRELUDE + script) and `files`
     (executable: helper scripts such as udhcpc's) appended as a second archive;
     returns its path."""
-    entries = [_newc_entry("test.sh", (SCRIPT_PRELUDE + script).encode(),
-                           stat.S_IFREG | 0o755, 1)]
-    for ino, (name, data) in enumerate(sorted((files or {}).items()), 2):
-        entries.append(_newc_entry(name, data, stat.S_IFREG | 0o755, ino))
-    entries.append(_newc_entry("TRAILER!!!", b"", 0, 0))
+    entries = [("test.sh", EXECUTABLE, (SCRIPT_PRELUDE + script).encode())]
+    entries += [(name, EXECUTABLE, data) for name, data in sorted((files or {}).items())]
     path = directory / "test-initrd.cpio"
-    path.write_bytes(guest.initrd.read_bytes() + b"".join(entries))
+    path.write_bytes(guest.initrd.read_bytes() + newc_archive(entries))
     return path
 
 
@@ -178,20 +152,20 @@ class GuestRun:
             self.proc.wait()
 
 
-def pyhyve_command(guest: LinuxGuest, initrd: Path, *args: str, cpus: int = 1,
+def pyhyve_command(guest: Guest, initrd: Path, *args: str, cpus: int = 1,
                    memory: str = "128M", name: str = "linux", extra_cmdline: str = ""
                    ) -> list[str]:
     cmdline = f"{guest.cmdline} {extra_cmdline}".strip()
     return [sys.executable, "-m", "pyhyve", "-m", memory, "-c", str(cpus),
             "-l", "com1,stdio", *args,
-            "-f", f"kexec,{guest.bzimage},{initrd},{cmdline}", name]
+            "-f", f"kexec,{guest.kernel},{initrd},{cmdline}", name]
 
 
 def pyhyve_env(**extra: str) -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), **extra)
 
 
-def qemu_command(guest: LinuxGuest, initrd: Path, *args: str, machine: str = "pc",
+def qemu_command(guest: Guest, initrd: Path, *args: str, machine: str = "pc",
                  memory: str = "128M", cpus: int = 1) -> list[str]:
     """QEMU on the same kernel and initramfs, its console on stdio as pyhyve's."""
     # -cpu host: the CPUID pyhyve gives (KVM's supported set); QEMU's default qemu64
@@ -201,5 +175,5 @@ def qemu_command(guest: LinuxGuest, initrd: Path, *args: str, machine: str = "pc
             "-m", memory,
             "-smp", str(cpus),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-            "-kernel", str(guest.bzimage), "-initrd", str(initrd),
+            "-kernel", str(guest.kernel), "-initrd", str(initrd),
             "-append", guest.cmdline, *args]

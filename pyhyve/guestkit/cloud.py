@@ -1,59 +1,30 @@
-"""`pyhyve-guest build DIR`: a Linux guest for pyhyve from Debian's packages.
+"""Debian's cloud kernel (linux-image-cloud-amd64), for hosts whose KVM runs
+guest code natively.
 
-It downloads the distribution's cloud kernel (linux-image-cloud-amd64) and
-busybox-static with apt-get, and writes DIR/vmlinuz and DIR/initrd.img: an
-initramfs whose /init loads the virtio modules the kernel ships (virtio_pci,
-virtio_blk, virtio_net, virtio_console, virtio_rng, and what they depend on,
-read from each module's .modinfo) and starts a shell on ttyS0.  The guest
-needs no network when it runs.  Then:
-
-    pyhyve -m 512M -c 2 -l com1,stdio -s 2,virtio-rnd \\
-        -f kexec,DIR/vmlinuz,DIR/initrd.img,"console=ttyS0" linux0
+apt-get downloads the kernel package and busybox-static (no root needed, nothing
+installed); the kernel's virtio drivers are modules, so the initramfs carries
+virtio_pci, virtio_blk, virtio_net, virtio_console and virtio_rng and what
+they depend on (read from each module's .modinfo), for /init to load.
 """
 
-import argparse
-import io
 import lzma
 import os
-import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from . import initramfs
+from .steps import Guest, KitError, require_programs, run, step
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio-rng")
-READY = "pyhyve guest ready"
-INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mkdir -p /proc /sys /dev /tmp
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for module in $(cat /modules.order); do
-    insmod /modules/$module.ko 2>/dev/null
-done
-echo "%s"
-exec setsid cttyhack sh
-""" % READY
-
-
-class KitError(Exception):
-    """Building the guest failed; the message says which step."""
-
-
-def _run(command: list[str], cwd: Path | None = None) -> str:
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if result.returncode:
-        raise KitError(f"{' '.join(command)} failed: {result.stderr.strip()[-300:]}")
-    return result.stdout
+CMDLINE = "console=ttyS0"
 
 
 def _kernel_package() -> str:
     """The versioned image package the linux-image-cloud-amd64 metapackage depends on."""
-    for line in _run(["apt-cache", "depends", KERNEL_PACKAGE]).splitlines():
+    for line in run(["apt-cache", "depends", KERNEL_PACKAGE]).splitlines():
         line = line.strip()
         if line.startswith("Depends: linux-image-"):
             return line.split()[1]
@@ -100,65 +71,32 @@ def _collect_modules(module_dir: Path) -> dict[str, bytes]:
     return order
 
 
-def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """A newc cpio archive (what the kernel unpacks as an initramfs)."""
-    out = io.BytesIO()
-    for inode, (name, mode, data) in enumerate(entries + [("TRAILER!!!", 0, b"")], 1):
-        encoded = name.encode() + b"\0"
-        header = "070701" + "".join(f"{v:08x}" for v in (
-            inode, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0))
-        out.write(header.encode() + encoded)
-        out.write(b"\0" * (-(110 + len(encoded)) % 4))
-        out.write(data)
-        out.write(b"\0" * (-len(data) % 4))
-    return out.getvalue()
+def guest(output: Path) -> Guest:
+    """Where build(output) puts the guest."""
+    return Guest(output / "vmlinuz", None, output / "initrd.img", CMDLINE, "cloud")
 
 
-def build(output: Path) -> tuple[Path, Path]:
+def build(output: Path) -> Guest:
     """Download the packages and write output/vmlinuz and output/initrd.img."""
-    for tool in ("apt-get", "apt-cache", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise KitError(f"{tool} is missing: pyhyve-guest needs Debian's package tools")
+    require_programs({"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"})
     output.mkdir(parents=True, exist_ok=True)
+    made = guest(output)
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         os.chmod(work_dir, 0o755)           # apt's download user must write here
-        _run(["apt-get", "download", _kernel_package(), BUSYBOX_PACKAGE], cwd=work_dir)
+        with step(f"downloading {KERNEL_PACKAGE} and {BUSYBOX_PACKAGE} with apt-get"):
+            run(["apt-get", "download", _kernel_package(), BUSYBOX_PACKAGE], cwd=work_dir,
+                show=True)
         root = work_dir / "root"
-        for deb in work_dir.glob("*.deb"):
-            _run(["dpkg-deb", "-x", str(deb), str(root)])
-        kernels = sorted((root / "boot").glob("vmlinuz-*"))
-        module_dirs = sorted((root / "lib" / "modules").glob("*"))
-        busybox = root / "bin" / "busybox"
-        if not kernels or not module_dirs or not busybox.exists():
-            raise KitError("the downloaded packages lack a kernel, modules or busybox")
-        modules = _collect_modules(module_dirs[-1])
-        entries = [("bin", 0o40755, b""), ("modules", 0o40755, b""),
-                   ("bin/busybox", 0o100755, busybox.read_bytes()),
-                   ("init", 0o100755, INIT.encode()),
-                   ("modules.order", 0o100644, "\n".join(modules).encode() + b"\n")]
-        entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in modules.items()]
-        kernel, initrd = output / "vmlinuz", output / "initrd.img"
-        shutil.copyfile(kernels[-1], kernel)
-        initrd.write_bytes(_cpio(entries))
-    return kernel, initrd
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyhyve-guest", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    build_parser = commands.add_parser("build", help="download and assemble the guest")
-    build_parser.add_argument("directory", type=Path)
-    args = parser.parse_args(argv)
-    try:
-        kernel, initrd = build(args.directory)
-    except KitError as exc:
-        print(f"pyhyve-guest: {exc}", file=sys.stderr)
-        return 1
-    print(f"pyhyve -m 512M -c 2 -l com1,stdio -s 2,virtio-rnd "
-          f'-f kexec,{kernel},{initrd},"console=ttyS0" linux0')
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        with step("unpacking them and writing the initramfs"):
+            for deb in work_dir.glob("*.deb"):
+                run(["dpkg-deb", "-x", str(deb), str(root)])
+            kernels = sorted((root / "boot").glob("vmlinuz-*"))
+            module_dirs = sorted((root / "lib" / "modules").glob("*"))
+            busybox = root / "bin" / "busybox"
+            if not kernels or not module_dirs or not busybox.exists():
+                raise KitError("the downloaded packages lack a kernel, modules or busybox")
+            modules = _collect_modules(module_dirs[-1])
+            made.initrd.write_bytes(initramfs.build(busybox, modules))
+            made.kernel.write_bytes(kernels[-1].read_bytes())
+    return made

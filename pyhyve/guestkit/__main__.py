@@ -1,0 +1,7 @@
+"""`python -m pyhyve.guestkit` is `pyhyve-guest`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
