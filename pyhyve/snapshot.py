@@ -23,38 +23,36 @@ checked before anything is restored, so a truncated or corrupt file is
 refused, as is a snapshot of another format version.  (A CRC catches
 accidents, not forgery: a snapshot is as trusted as the config it holds.)
 
-Platform devices whose state is plain data are saved: PM1 status/enable/
-control, the RTC (NVRAM, index registers, clock offset), the HPET (its
-registers and where its main counter stood), UART registers
-and pending input, the i8042 controller and the PCI config-address latch.
-Each PCI function saves itself (PciDevice.save_state): config space, BAR
-and ROM addresses as the guest programmed them, MSI/MSI-X state and the
-INTx condition, and for virtio devices the transport (status, features,
-selectors, ISR, vectors) and each queue's layout and ring positions, plus
-what the device type keeps (virtio-console: port handshake and waiting
-input).  While it is saved, every device is quiesced (PciDevice.quiesce):
-the vCPUs are paused already, virtio devices serve what the driver offered
-and stop taking work, virtio-blk syncs its disk, so no request is caught
-half done and guest memory, saved last, holds every completion.
+Devices are saved by walking the VM's device list (lifecycle.Device):
+"devices" maps each device's name ("rtc", "com1", "pci.0.3.0", ...) to what
+its save_state() returned; a PCI function's state names its emulation, and
+holds config space, BAR and ROM addresses, MSI/MSI-X state and the INTx
+condition, and for virtio devices the transport and each queue's layout
+and ring positions.  While it is saved, every device is quiesced
+(Device.quiesce): the vCPUs are paused already, virtio devices serve what
+the driver offered and stop taking work, virtio-blk syncs its disk, so no
+request is caught half done and guest memory, saved last, holds every
+completion.
 
-A restore builds the VM from the saved config, then puts back memory, the
-platform devices, the irqchip, clock and vCPUs, and last the PCI functions,
-whose BARs are decoded (and notify ioeventfds assigned) where the guest put
-them, whose PAM shadowing and PIRQ routes follow the chipset registers, and
-whose live queues are looked at once, since notifications do not survive.
+A restore builds the VM from the saved config, puts back memory, the
+irqchip, clock and vCPUs, then hands each device its saved state (the set
+of names must match the VM's exactly), once interrupts can be delivered:
+BARs decode where the guest put them, the chipset's PAM shadowing and PIRQ
+routes follow its registers, and virtio devices look at their live queues
+once, since notifications do not survive.  Saved state is data, not code:
+each device checks every field and refuses what does not fit (StateError).
 Interrupt lines are not saved as levels: once the irqchip is back, every
 wired line is lowered and each device raises again what its registers ask
 for (an edge-triggered line then gives the guest a fresh edge for a
 condition it has not served yet, rather than none).
-A device type that declares no savable state (PciDevice.savable) makes
-save() refuse with SnapshotError naming it, rather than write a snapshot
-that would not run.  Not saved: an fw_cfg transfer in progress, the GDB
-stub's connection, a frame virtio-net read from its tap and not yet
-delivered (the network sees one lost packet), and the host side of
-character backends (they are opened again from the config).
+A device that does not declare itself savable (Device.savable) makes save()
+refuse with SnapshotError naming it, rather than write a snapshot that
+would not run.  Not saved: the GDB stub's connection, a frame virtio-net
+read from its tap and not yet delivered (the network sees one lost packet),
+and the host side of character backends (they are opened again from the
+config).
 """
 
-import base64
 import contextlib
 import ctypes
 import json
@@ -64,16 +62,14 @@ import struct
 import zlib
 
 from .kvm import abi
+from .lifecycle import StateError
 
 MAGIC = b"PYHYVE-SNAPSHOT\n"
 FORMAT = "pyhyve-snapshot"
-VERSION = 4                     # 3: a CRC-32 of the data area instead of its SHA-256; 4: the HPET
+VERSION = 5                     # 4: the HPET; 5: devices by name, from the VM's device list
 PAGE = 4096
 _LENGTH = struct.Struct("<Q")
 MAX_MANIFEST = 64 << 20
-# Chipset functions: their registers are all their state, and what they drive
-# (PAM shadowing, PIRQ routes) follows config_changed() after a restore.
-CHIPSET = {"hostbridge", "amd_hostbridge", "lpc"}
 KVM_CAP_XCRS = 56
 MSR_TSC_DEADLINE = 0x6E0
 IRQCHIPS = (0, 1, 2)            # KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC
@@ -105,10 +101,9 @@ class _Writer:
 
 def check_savable(vm) -> None:
     """Raise SnapshotError naming the first device whose state is not saved."""
-    for device in vm.pci.devices():
-        name = device.emulation_name
-        if not device.savable and name not in CHIPSET:
-            raise SnapshotError(f"cannot snapshot: device {name} at PCI {device.bdf} "
+    for device in vm.devices:
+        if not device.savable:
+            raise SnapshotError(f"cannot snapshot: device {device.description} "
                                 f"has state pyhyve does not save")
 
 
@@ -165,28 +160,6 @@ def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
     return runs
 
 
-def _device_state(vm) -> dict:
-    pm = vm.pm
-    rtc = vm.rtc
-    with rtc._cond:
-        rtc_state = {"nvram": base64.b64encode(bytes(rtc._nvram)).decode(),
-                     "index": rtc._index, "ext_index": rtc._ext_index, "a": rtc._a,
-                     "b": rtc._b, "flags": rtc._flags, "offset": rtc._offset,
-                     "held": rtc._held}
-    i8042 = vm.i8042
-    with i8042._lock:
-        kbd = {"ram": base64.b64encode(bytes(i8042._ram)).decode(), "sys": i8042._sys,
-               "output_port": i8042._output_port, "queue": [list(q) for q in i8042._queue],
-               "last_read": i8042._last_read, "last_was_command": i8042._last_was_command,
-               "command": i8042._command, "kbd_command": i8042._kbd_command}
-    uarts = {name: uart.save_state() for name, uart in vm.uarts.items()}
-    pci = [{"slot": device.slot, "func": device.func, "emulation": device.emulation_name,
-            "state": device.save_state()} for device in vm.pci.devices()]
-    return {"pm": {"status": pm.status, "enable": pm.enable, "control": pm.control},
-            "rtc": rtc_state, "hpet": vm.hpet.save_state(), "i8042": kbd, "uarts": uarts,
-            "pci_config_address": vm.pci.config_address, "pci": pci}
-
-
 def save(vm, path: str) -> None:
     """Write VM's state to PATH; every vCPU must be paused (or stopped)."""
     check_savable(vm)
@@ -196,19 +169,19 @@ def save(vm, path: str) -> None:
         # Devices settle first: what they finish may raise interrupts, which
         # the vCPU and irqchip state must then hold.  They stay still until the
         # file is written, since guest memory goes into it as it is.
-        for device in vm.pci.devices():
+        for device in vm.devices:
             try:
                 quiesced.enter_context(device.quiesce())
             except OSError as exc:             # a disk that cannot sync
-                raise SnapshotError(f"cannot snapshot: {device.emulation_name} at PCI "
-                                    f"{device.bdf}: {exc.strerror or exc}") from None
+                raise SnapshotError(f"cannot snapshot: device {device.description}: "
+                                    f"{exc.strerror or exc}") from None
         vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
                  for vcpu in vm.vcpus]
         kvm_vm = vm.kvm_vm
         state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
                  "pit2": writer.add(kvm_vm.get_pit2()),
                  "clock": writer.add(kvm_vm.get_clock())}
-        devices = _device_state(vm)
+        devices = {device.name: device.save_state() for device in vm.devices}
         memory = _memory_runs(vm, writer)
         config = {key: vm.config.get(key) for key in vm.config.keys()}
         manifest = {"format": FORMAT, "version": VERSION, "config": config,
@@ -352,46 +325,28 @@ def _restore_memory(vm, snap: Snapshot) -> None:
         backing[gpa - base:gpa - base + length] = snap.data[offset:offset + length]
 
 
-def _restore_platform(vm, devices: dict) -> None:
-    pm = devices["pm"]
-    vm.pm.status, vm.pm.enable, vm.pm.control = pm["status"], pm["enable"], pm["control"]
-    r = devices["rtc"]
-    rtc = vm.rtc
-    with rtc._cond:
-        rtc._nvram[:] = base64.b64decode(r["nvram"])
-        rtc._index, rtc._ext_index = r["index"], r["ext_index"]
-        rtc._a, rtc._b, rtc._flags = r["a"], r["b"], r["flags"]
-        rtc._offset, rtc._held = r["offset"], r["held"]
-        rtc._set_period()
-    vm.hpet.restore_state(devices["hpet"])
-    k = devices["i8042"]
-    kbd = vm.i8042
-    with kbd._lock:
-        kbd._ram[:] = base64.b64decode(k["ram"])
-        kbd._sys, kbd._output_port = k["sys"], k["output_port"]
-        kbd._queue.clear()
-        kbd._queue.extend(tuple(q) for q in k["queue"])
-        kbd._last_read, kbd._last_was_command = k["last_read"], k["last_was_command"]
-        kbd._command, kbd._kbd_command = k["command"], k["kbd_command"]
-    for name, u in devices["uarts"].items():
-        uart = vm.uarts.get(name)
-        if uart is None:
-            raise SnapshotError(f"snapshot has a {name} the restored VM lacks")
-        uart.restore_state(u)
-    vm.pci.config_address = devices["pci_config_address"]
-
-
-def _restore_pci(vm, saved_functions: list) -> None:
-    """Last, once interrupts can be delivered: a restored device may raise one."""
-    by_location = {(d.slot, d.func): d for d in vm.pci.devices()}
-    for saved in saved_functions:
-        device = by_location.get((saved["slot"], saved["func"]))
-        if device is None or device.emulation_name != saved["emulation"]:
-            raise SnapshotError(f"snapshot's PCI {saved['slot']}:{saved['func']} "
-                                f"({saved['emulation']}) is not in the restored VM")
-        device.restore_state(saved["state"])
-        if device.emulation_name in CHIPSET:
-            device.config_changed(0x40, len(device.config) - 0x40)
+def _restore_devices(vm, saved: dict) -> None:
+    """Each device takes back its own state, then raises the interrupts that
+    state asks for (every wired line was lowered first)."""
+    if not isinstance(saved, dict):
+        raise SnapshotError("snapshot is corrupt (devices)")
+    names = [device.name for device in vm.devices]
+    if set(saved) != set(names):
+        missing, extra = set(names) - set(saved), set(saved) - set(names)
+        raise SnapshotError("snapshot's devices differ from the VM's: "
+                            + "; ".join(part for part in (
+                                missing and f"not saved: {', '.join(sorted(missing))}",
+                                extra and f"not in the VM: {', '.join(sorted(extra))}")
+                                if part))
+    vm.lower_irq_lines()
+    for device in vm.devices:
+        try:
+            device.restore_state(saved[device.name])
+        except StateError as exc:
+            raise SnapshotError(f"snapshot does not fit device {device.description}: "
+                                f"{exc}") from None
+    for device in vm.devices:
+        device.resync_irq()
 
 
 def restore_into(vm, path: str | Snapshot) -> None:
@@ -406,7 +361,6 @@ def restore_into(vm, path: str | Snapshot) -> None:
         if m.get("memory_size", vm.memory.size) != vm.memory.size:
             raise SnapshotError("snapshot's memory size differs from the VM's")
         _restore_memory(vm, snap)
-        _restore_platform(vm, m["devices"])
         state = m["vm"]
         for chip, where in zip(IRQCHIPS, state["irqchip"]):
             vm.kvm_vm.set_irqchip(snap.load(abi.kvm_irqchip, where))
@@ -416,9 +370,6 @@ def restore_into(vm, path: str | Snapshot) -> None:
         vm.kvm_vm.set_clock(clock)
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
-        vm.lower_irq_lines()
-        for device in (vm.pm, vm.rtc, vm.hpet, vm.i8042, *vm.uarts.values()):
-            device.resync_irq()
-        _restore_pci(vm, m["devices"]["pci"])
+        _restore_devices(vm, m["devices"])
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None

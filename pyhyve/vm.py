@@ -64,7 +64,8 @@ class VirtualMachine:
         self._irq_sources: dict[int, set] = {}
         self._irq_cut_off: set[tuple[int, str]] = set()
         self.unclaimed_accesses = 0
-        self.closables: list = []
+        self.devices: list = []         # lifecycle.Device, in the order they were built
+        self.closables: list = []       # devices and services, closed in reverse order
         self.vcpus: list[VcpuThread] = []
 
         memory_size = parse_size(config.get("memory.size", DEFAULT_MEMORY), "memory size")
@@ -119,7 +120,7 @@ class VirtualMachine:
         self.mmio = MmioBus()
         self._create_platform_devices()
         self.pci = PciBus(self)
-        self.closables.append(self.pci)
+        self.add_device(self.pci)
         self._create_pci_devices()
         # bhyve's -A: ACPI tables, for firmware through fw_cfg's table loader,
         # for a directly booted kernel in the BIOS area.
@@ -170,23 +171,22 @@ class VirtualMachine:
     def _create_platform_devices(self) -> None:
         """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
         reset and POST ports, UARTs, fw_cfg and the debug port."""
-        self.pm = PowerManagement(self)
-        self.rtc = Rtc(self, self.memory.lowmem_size, self.memory.highmem_size,
-                       use_utc=not self.config.get_bool("rtc.use_localtime", True),
-                       cpus=self.topology.cpus)
-        self.closables.append(self.rtc)
-        self.i8042 = I8042(self)
-        self.hpet = Hpet(self.mmio, lambda gsi, level: self.set_irq_level(gsi, level, "hpet"),
-                         self._set_hpet_legacy_route,
-                         self.warn_once)
-        self.closables.append(self.hpet)
-        self.port_a = SystemControlPortA(self)
-        self.reset_control = ResetControl(self)
-        self.post = PostCodes(self)
+        self.pm = self.add_device(PowerManagement(self))
+        self.rtc = self.add_device(Rtc(self, self.memory.lowmem_size, self.memory.highmem_size,
+                                       use_utc=not self.config.get_bool("rtc.use_localtime",
+                                                                        True),
+                                       cpus=self.topology.cpus))
+        self.i8042 = self.add_device(I8042(self))
+        self.hpet = self.add_device(Hpet(
+            self.mmio, lambda gsi, level: self.set_irq_level(gsi, level, "hpet"),
+            self._set_hpet_legacy_route, self.warn_once))
+        self.add_device(SystemControlPortA(self))
+        self.add_device(ResetControl(self))
+        self.add_device(PostCodes(self))
         debugcon_path = self.config.get("lpc.debugcon.path")
         if debugcon_path is not None:
             try:
-                self.closables.append(DebugConsole(self, debugcon_path))
+                self.add_device(DebugConsole(self, debugcon_path))
             except OSError as exc:
                 raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
                                   f"{exc.strerror}") from None
@@ -196,9 +196,17 @@ class VirtualMachine:
             if spec is not None:
                 from .devices.chardev import open_backend
                 backend = open_backend(spec, name)
-                self.uarts[name] = Uart16550(self, name, port, irq, backend)
-                self.closables.append(self.uarts[name])
-        self.fwcfg = self._create_fwcfg()
+                self.uarts[name] = self.add_device(Uart16550(self, name, port, irq, backend))
+        self.fwcfg = self.add_device(self._create_fwcfg())
+
+    def add_device(self, device):
+        """Make `device` (a lifecycle.Device) one of the VM's: snapshots save it
+        under its name and close() closes it.  Returns it."""
+        if any(known.name == device.name for known in self.devices):
+            raise ValueError(f"two devices are named {device.name}")
+        self.devices.append(device)
+        self.closables.append(device)
+        return device
 
     def _create_fwcfg(self) -> FwCfg:
         flavour = self.config.get("lpc.fwcfg", "qemu")

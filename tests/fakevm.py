@@ -46,7 +46,12 @@ class FakeVm:
         self.stops: list = []
         self.warnings: list[str] = []
         self.closables: list = []
+        self.devices: list = []
         self.stopping = False
+
+    def add_device(self, device):
+        self.devices.append(device)
+        return device
 
     def set_irq_level(self, irq: int, level: bool, source: str = "platform") -> None:
         """Shared lines as VirtualMachine models them: high while any source asserts."""

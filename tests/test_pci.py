@@ -287,13 +287,78 @@ def test_emulations_registry_lists_the_builtins():
     assert registry["pci-testdev"] is PciTestDevice
 
 
-def test_each_builtin_emulation_is_registered_by_the_module_named_for_it():
+def _declared_emulations() -> dict[str, str]:
+    """Every @emulation("name") in pyhyve's sources, read from the files (an
+    import would only find those some registry line already imports)."""
+    import ast
+    declared = {}
+    for path in sorted((REPO / "pyhyve").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            for decorator in getattr(node, "decorator_list", ()):
+                if isinstance(decorator, ast.Call) and decorator.args and \
+                        getattr(decorator.func, "id", "") == "emulation":
+                    declared[decorator.args[0].value] = module
+    return declared
+
+
+def test_each_emulation_in_the_sources_is_registered_by_its_module():
     from pyhyve.pci import BUILTIN_MODULES, find_emulation
+    declared = _declared_emulations()
+    assert {"virtio-blk", "hostbridge", "lpc"} <= set(declared)    # the scan sees them
+    assert BUILTIN_MODULES == declared        # a forgotten registry line fails here
     for name, module in BUILTIN_MODULES.items():
         assert find_emulation(name).__module__ == module
-    builtin = {name for name, cls in emulations().items() if cls.__module__.startswith("pyhyve.")}
-    assert builtin == set(BUILTIN_MODULES)          # none that only `-s help` would find
     assert find_emulation("no-such-device") is None
+
+
+PLUGIN = '''
+from pyhyve.pci import PciDevice
+
+
+class HelloDevice(PciDevice):
+    """A device from another package"""
+
+    savable = True
+
+    def init(self, options):
+        self.set_ids(0x1234, 0xBEEF, 0xFF0000)
+'''
+
+
+def _install_plugin(root: Path, module: str, target: str) -> None:
+    """A package as pip leaves it: the module and a dist-info with its entry point."""
+    (root / f"{module}.py").write_text(PLUGIN)
+    info = root / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[pyhyve.pci_emulations]\n{target}\n")
+
+
+def test_an_installed_package_adds_an_emulation(tmp_path, monkeypatch):
+    from pyhyve.pci import find_emulation
+    _install_plugin(tmp_path, "hello_pyhyve", "hello-dev = hello_pyhyve:HelloDevice")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cls = find_emulation("hello-dev")
+    assert cls is not None and cls.__name__ == "HelloDevice" and cls.emulation_name == "hello-dev"
+    bus = PciBus(FakeVm())
+    bus.add(6, 0, cls, {})
+    assert bus.config_read(0, 6, 0, R.VENDOR_ID, 4) == 0xBEEF << 16 | 0x1234
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}")
+    listed = subprocess.run([sys.executable, "-m", "pyhyve", "-s", "help"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "hello-dev        A device from another package" in listed.stdout
+
+
+def test_a_broken_plugin_is_one_error_line(tmp_path):
+    _install_plugin(tmp_path, "broken_pyhyve", "broken-dev = broken_pyhyve:NoSuchClass")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}")
+    result = subprocess.run([sys.executable, "-m", "pyhyve", "-s", "3,broken-dev",
+                             "-l", "bootrom,/dev/null", "vm"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 4 and result.stderr.count("\n") == 1, result.stderr
+    assert "PCI emulation 'broken-dev' (broken_pyhyve:NoSuchClass) cannot be loaded" in \
+        result.stderr
 
 
 def test_read_only_header_fields_ignore_writes(vm, testdev):

@@ -404,8 +404,7 @@ def offered_request(vm, device) -> tuple[int, int] | None:
 
 def saved_queue(path: Path, slot: int) -> dict:
     manifest = snapshot.read(str(path)).manifest
-    state, = [f["state"] for f in manifest["devices"]["pci"] if f["slot"] == slot]
-    return state["virtio"]["queues"][0]
+    return manifest["devices"][f"pci.0.{slot}.0"]["virtio"]["queues"][0]
 
 
 @needs_kvm

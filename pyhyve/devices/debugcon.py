@@ -6,11 +6,16 @@ register also lives at 0x402 and is 16 bits wide, so only byte accesses are
 taken here and word accesses still reach the PM1 block.
 """
 
+from ..lifecycle import Device
+
 DEBUGCON_PORT = 0x402
 PROBE_VALUE = 0xE9
 
 
-class DebugConsole:
+class DebugConsole(Device):
+    name = "debugcon"
+    savable = True          # what it wrote is in its file; it holds nothing
+
     def __init__(self, vm, path: str):
         self.vm = vm
         self.path = path

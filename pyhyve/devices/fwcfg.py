@@ -16,6 +16,7 @@ import struct
 import threading
 
 from ..config import ConfigError
+from ..lifecycle import Device, expect_keys, uint
 from ..memory import GuestMemoryError
 
 SELECTOR_PORT = 0x510
@@ -107,13 +108,18 @@ def parse_fw_cfg_option(text: str) -> tuple[str, bytes]:
     return name, data
 
 
-class FwCfg:
+class FwCfg(Device):
     """The fw_cfg device: its items, the guest's cursor into one, and the DMA engine.
 
     Ports: 0x510 selector (16-bit write; bytes accepted as QEMU does), 0x511
     data (reads return the selected item's next bytes, the first in the low
     byte; writes are ignored as in QEMU 2.4+), 0x514-0x51B the DMA address.
+    The items come from the config, so a snapshot holds only the cursor and
+    a half-latched DMA address; a DMA transfer runs within one vCPU exit.
     """
+
+    name = "fw_cfg"
+    savable = True
 
     def __init__(self, vm, *, cpus: int = 1, max_cpus: int | None = None,
                  uuid: bytes = bytes(16), boot_menu: bool = False, nographic: bool = True):
@@ -124,6 +130,7 @@ class FwCfg:
         self._files: dict[str, bytes] = {}
         # vCPU threads share one cursor; QEMU serializes them under its big lock
         self._lock = threading.Lock()
+        self._selected = FW_CFG_SIGNATURE
         self._data = b""
         self._offset = 0
         self._dma_address = 0
@@ -185,8 +192,24 @@ class FwCfg:
 
     def _select(self, key: int) -> None:
         """Point the cursor at an item; unknown items read as zeros."""
-        self._data = self._items.get(key & ~FW_CFG_WRITE_CHANNEL & 0xFFFF, b"")
+        self._selected = key & ~FW_CFG_WRITE_CHANNEL & 0xFFFF
+        self._data = self._items.get(self._selected, b"")
         self._offset = 0
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return {"selected": self._selected, "offset": self._offset,
+                    "dma_address": self._dma_address}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, ("selected", "offset", "dma_address"), self.name)
+        selected = uint(state["selected"], 0xFFFF, "fw_cfg selected item")
+        offset = uint(state["offset"], MAX_ITEM_SIZE, "fw_cfg offset")
+        dma_address = uint(state["dma_address"], (1 << 64) - 1, "fw_cfg DMA address")
+        with self._lock:
+            self._select(selected)
+            self._offset = offset
+            self._dma_address = dma_address
 
     # --- traditional interface: 0x510 selector, 0x511 data -------------------------
     def _port_read(self, offset: int, size: int) -> int:

@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Callable
 
+from ..lifecycle import Device, StateError, bits, expect_keys
+
 HPET_BASE = 0xFED00000
 HPET_SIZE = 0x400
 TIMERS = 3
@@ -82,11 +84,14 @@ class Timer:
         return MASK32 if self.config & TN_32BIT else MASK64
 
 
-class Hpet:
+class Hpet(Device):
     """The HPET's registers, its counter and the thread that fires its comparators.
 
     `set_irq(gsi, level)` drives an interrupt line; `set_legacy_route(taken)`
     cuts the PIT and RTC off IRQs 0 and 8 (True) or connects them again."""
+
+    name = "hpet"
+    savable = True
 
     def __init__(self, mmio, set_irq: Callable[[int, bool], None],
                  set_legacy_route: Callable[[bool], None],
@@ -341,22 +346,23 @@ class Hpet:
     def restore_state(self, state: dict) -> None:
         """Put back saved registers into a freshly built HPET; the counter carries
         on from its saved value and level-triggered lines rise again."""
+        expect_keys(state, ("config", "status", "counter", "timers"), self.name)
         timers = state["timers"]
-        if len(timers) != TIMERS:
-            raise ValueError(f"HPET state has {len(timers)} timers, not {TIMERS}")
+        if not isinstance(timers, list) or len(timers) != TIMERS:
+            raise StateError(f"HPET state must have {TIMERS} timers")
+        for saved in timers:
+            expect_keys(saved, ("config", "comparator", "period"), "HPET timer")
+        saved_timers = [(bits(saved["config"], TN_WRITABLE, "HPET timer config"),
+                         bits(saved["comparator"], MASK64, "HPET comparator"),
+                         bits(saved["period"], MASK64, "HPET period")) for saved in timers]
+        counter = bits(state["counter"], MASK64, "HPET counter")
+        status = bits(state["status"], (1 << TIMERS) - 1, "HPET status")
+        config = bits(state["config"], ENABLE_CNF | LEG_RT_CNF, "HPET config")
         with self._cond:
-            self._counter_base = _integer(state["counter"], MASK64)
+            self._counter_base = counter
             self._started_ns = time.monotonic_ns()
-            self._status = _integer(state["status"], (1 << TIMERS) - 1)
-            for timer, saved in zip(self.timers, timers):
-                timer.config = _integer(saved["config"], TN_WRITABLE)
-                timer.comparator = _integer(saved["comparator"], MASK64)
-                timer.period = _integer(saved["period"], MASK64)
-            self._write_config(_integer(state["config"], ENABLE_CNF | LEG_RT_CNF))
+            self._status = status
+            for timer, (timer_config, comparator, period) in zip(self.timers, saved_timers):
+                timer.config, timer.comparator, timer.period = timer_config, comparator, period
+            self._write_config(config)
             self._cond.notify()
-
-
-def _integer(value, mask: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value & ~mask:
-        raise ValueError(f"HPET state holds {value!r} where a number within {mask:#x} belongs")
-    return value

@@ -11,6 +11,8 @@ after waiting for answers that never come.
 import threading
 from collections import deque
 
+from ..lifecycle import (Device, StateError, decode, encode, expect_keys, flag,
+                         optional_uint, uint)
 from ..vcpu import ExitStatus
 
 DATA_PORT = 0x60
@@ -77,11 +79,16 @@ BAT_OK = 0xAA                   # basic assurance test passed
 KBD_ID = (0xAB, 0x83)           # MF2 keyboard
 SCANCODE_SET_2 = 0x02
 
-class I8042:
+class I8042(Device):
     """The controller, a keyboard that only answers, and an empty aux port.
 
     The port-disable bits of the command byte are kept for the guest to read
     back; as nothing is typed, there is nothing for them to hold back."""
+
+    name = "i8042"
+    savable = True
+    STATE = ("ram", "sys", "output_port", "queue", "last_read", "last_was_command",
+             "command", "kbd_command")
 
     def __init__(self, vm):
         self.vm = vm
@@ -99,6 +106,38 @@ class I8042:
         vm.ports.register("i8042-data", DATA_PORT, 1, self._data_read, self._data_write)
         vm.ports.register("i8042-command", COMMAND_PORT, 1, self._status_read,
                           self._command_write)
+
+    # --- snapshots ------------------------------------------------------------------
+    def save_state(self) -> dict:
+        with self._lock:
+            return {"ram": encode(self._ram), "sys": self._sys,
+                    "output_port": self._output_port,
+                    "queue": [list(entry) for entry in self._queue],
+                    "last_read": self._last_read, "last_was_command": self._last_was_command,
+                    "command": self._command, "kbd_command": self._kbd_command}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, self.STATE, self.name)
+        ram = decode(state["ram"], "i8042 ram", length=len(self._ram))
+        queue = state["queue"]
+        if not isinstance(queue, list) or len(queue) > QUEUE_LIMIT or not all(
+                isinstance(entry, list) and len(entry) == 2 for entry in queue):
+            raise StateError(f"i8042 queue must be at most {QUEUE_LIMIT} [byte, status] pairs")
+        entries = [(uint(byte, 0xFF, "i8042 queued byte"), uint(status, 0xFF, "i8042 status"))
+                   for byte, status in queue]
+        system = flag(state["sys"], "i8042 sys")
+        after_command = flag(state["last_was_command"], "i8042 last_was_command")
+        output_port = uint(state["output_port"], 0xFF, "i8042 output_port")
+        last_read = uint(state["last_read"], 0xFF, "i8042 last_read")
+        command = optional_uint(state["command"], 0xFF, "i8042 command")
+        kbd_command = optional_uint(state["kbd_command"], 0xFF, "i8042 kbd_command")
+        with self._lock:
+            self._ram[:] = ram
+            self._sys, self._output_port = system, output_port
+            self._queue.clear()
+            self._queue.extend(entries)
+            self._last_read, self._last_was_command = last_read, after_command
+            self._command, self._kbd_command = command, kbd_command
 
     # --- port I/O (bytes past the first belong to other ports) --------------------------
     def _data_read(self, offset: int, size: int) -> int:

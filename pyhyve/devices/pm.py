@@ -7,6 +7,7 @@ Writing SLP_EN with SLP_TYP 5 (S5) powers the VM off; the power button
 
 import time
 
+from ..lifecycle import Device, expect_keys, uint
 from ..vcpu import ExitStatus
 
 PM1A_EVT_PORT = 0x400
@@ -24,8 +25,11 @@ SLP_TYP_S5 = 5
 PM1_STS_WRITABLE = 0x8D31       # WAK, RTC, SLPBTN, PWRBTN, GBL, BM, TMR
 
 
-class PowerManagement:
+class PowerManagement(Device):
     """bhyve's pm.c registers on the VM's port bus."""
+
+    name = "pm"
+    savable = True          # the PM timer runs from the host clock: no state
 
     def __init__(self, vm):
         self.vm = vm
@@ -79,6 +83,15 @@ class PowerManagement:
     @property
     def acpi_enabled(self) -> bool:
         return bool(self.control & SCI_EN)
+
+    def save_state(self) -> dict:
+        return {"status": self.status, "enable": self.enable, "control": self.control}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, ("status", "enable", "control"), self.name)
+        registers = {key: uint(state[key], 0xFFFF, f"pm {key}") for key in state}
+        self.status, self.enable, self.control = (registers["status"], registers["enable"],
+                                                  registers["control"])
 
     def resync_irq(self) -> None:
         """Drive the SCI from the PM1 registers again (after a restore lowered it)."""

@@ -25,6 +25,8 @@ import threading
 import time
 from datetime import datetime, timedelta
 
+from ..lifecycle import (Device, decode, encode, expect_keys, flag, number,
+                         uint)
 from ..memory import KiB, MiB
 
 RTC_PORT = 0x70
@@ -77,8 +79,12 @@ CALENDAR_SPAN = 24 * 146097 * 86400    # years 1-9600: 24 cycles of the Gregoria
 LAST_YEAR = 9600
 
 
-class Rtc:
+class Rtc(Device):
     """Time of day, periodic/update/alarm interrupts and 256 bytes of NVRAM."""
+
+    name = "rtc"
+    savable = True
+    STATE = ("nvram", "index", "ext_index", "a", "b", "flags", "offset", "held")
 
     def __init__(self, vm, memory_size_low: int, memory_size_high: int, use_utc: bool,
                  cpus: int):
@@ -111,6 +117,32 @@ class Rtc:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0)
+
+    # --- snapshots ------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """NVRAM (time registers included), index registers, control registers,
+        pending flags, and the clock as an offset from the host clock."""
+        with self._cond:
+            return {"nvram": encode(self._nvram), "index": self._index,
+                    "ext_index": self._ext_index, "a": self._a, "b": self._b,
+                    "flags": self._flags, "offset": self._offset, "held": self._held}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, self.STATE, self.name)
+        nvram = decode(state["nvram"], "rtc nvram", length=len(self._nvram))
+        registers = {key: uint(state[key], limit, f"rtc {key}") for key, limit in
+                     (("index", 0x7F), ("ext_index", 0x7F), ("a", 0xFF), ("b", 0xFF),
+                      ("flags", 0xFF))}
+        offset = number(state["offset"], "rtc offset")
+        held = flag(state["held"], "rtc held")
+        with self._cond:
+            self._nvram[:] = nvram
+            self._index, self._ext_index = registers["index"], registers["ext_index"]
+            self._a, self._b, self._flags = registers["a"], registers["b"], registers["flags"]
+            self._offset, self._held = offset, held
+            self._last_second = math.floor(self._now())
+            self._set_period()
+            self._start_thread()        # interrupts the guest had enabled go on
 
     # --- what the platform tells firmware ---------------------------------------------
     def _fill_platform_bytes(self, low: int, high: int, cpus: int) -> None:

@@ -14,6 +14,7 @@ Every reset ends the VM with exit status 0, as bhyve does; whoever ran it
 starts it again.  KVM cannot gate A20, so the A20 bit is only remembered.
 """
 
+from ..lifecycle import Device, expect_keys, uint
 from ..vcpu import ExitStatus
 
 PORT_A = 0x92
@@ -29,8 +30,24 @@ def _high_ones(size: int) -> int:
     return (1 << (8 * size)) - 0x100 if size > 1 else 0
 
 
-class SystemControlPortA:
+class _ByteRegister(Device):
+    """A register whose one byte is all its state."""
+
+    savable = True
+    _value = 0
+
+    def save_state(self) -> dict:
+        return {"value": self._value}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, ("value",), self.name)
+        self._value = uint(state["value"], 0xFF, f"{self.name} value")
+
+
+class SystemControlPortA(_ByteRegister):
     """Port 0x92: reads back what was written (A20 in bit 1)."""
+
+    name = "port-a"
 
     def __init__(self, vm):
         self.vm = vm
@@ -47,8 +64,10 @@ class SystemControlPortA:
             self.vm.stop(ExitStatus.RESET)
 
 
-class ResetControl:
+class ResetControl(_ByteRegister):
     """Port 0xCF9: hard and soft resets are the same reset here, as in bhyve."""
+
+    name = "reset-control"
 
     def __init__(self, vm):
         self.vm = vm
@@ -64,8 +83,11 @@ class ResetControl:
             self.vm.stop(ExitStatus.RESET)
 
 
-class PostCodes:
+class PostCodes(Device):
     """Port 0x80: `last` is the last code written, `count` how many writes there were."""
+
+    name = "post"
+    savable = True
 
     def __init__(self, vm):
         self.last = 0
@@ -78,3 +100,11 @@ class PostCodes:
     def _write(self, offset: int, size: int, value: int) -> None:
         self.last = value & 0xFF
         self.count += 1
+
+    def save_state(self) -> dict:
+        return {"last": self.last, "count": self.count}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, ("last", "count"), self.name)
+        self.last = uint(state["last"], 0xFF, "post last")
+        self.count = uint(state["count"], (1 << 64) - 1, "post count")

@@ -18,9 +18,10 @@ The vCPU threads and the backend's I/O thread (through `receive`) both reach
 the state, so every access holds the UART's lock.
 """
 
-import base64
 import threading
 from collections import deque
+
+from ..lifecycle import Device, decode, encode, expect_keys, flag, uint
 
 COM_PORTS = {
     "com1": (0x3F8, 4),
@@ -100,19 +101,13 @@ def modem_status(mcr: int) -> int:
             (MSR_RI if mcr & MCR_OUT1 else 0) | (MSR_DCD if mcr & MCR_OUT2 else 0))
 
 
-def _byte_or_word(value, field: str) -> int:
-    """A saved register: the divisor has 16 bits, the rest 8."""
-    limit = 0xFFFF if field == "divisor" else 0xFF
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-        raise ValueError(f"UART register {field} cannot hold {value!r}")
-    return value
-
-
-class Uart16550:
+class Uart16550(Device):
     """One COM port: 8 registers at `base_port`, ISA interrupt `irq`, host side `backend`.
 
     `backend` is a pyhyve.devices.chardev.Backend, or None for a port with
     nothing attached (output is dropped, no input arrives)."""
+
+    savable = True
 
     def __init__(self, vm, name: str, base_port: int, irq: int, backend):
         self.vm = vm
@@ -152,7 +147,8 @@ class Uart16550:
             self._update_irq()
 
     # --- snapshots ------------------------------------------------------------------
-    REGISTERS = ("ier", "fcr", "lcr", "mcr", "scr", "divisor", "msr")
+    REGISTERS = {"ier": 0xFF, "fcr": 0xFF, "lcr": 0xFF, "mcr": 0xFF, "scr": 0xFF,
+                 "divisor": 0xFFFF, "msr": 0xFF}
 
     def save_state(self) -> dict:
         """Registers, flags, and the input the guest has not read: the receive
@@ -160,17 +156,19 @@ class Uart16550:
         with self._lock:
             state = {field: getattr(self, f"_{field}") for field in self.REGISTERS}
             state.update(overrun=self._overrun, thre_pending=self._thre_pending,
-                         pending=base64.b64encode(bytes(self._rx) + self._pending).decode())
+                         pending=encode(bytes(self._rx) + self._pending))
             return state
 
     def restore_state(self, state: dict) -> None:
         """Into a UART built from the same config and not yet running: host input
         that arrived meanwhile stays, after the saved input."""
-        values = {field: _byte_or_word(state[field], field) for field in self.REGISTERS}
-        flags = {field: state[field] for field in ("overrun", "thre_pending")}
-        if not all(isinstance(flag, bool) for flag in flags.values()):
-            raise ValueError(f"UART flags must be true or false, not {flags}")
-        saved_input = base64.b64decode(state["pending"], validate=True)
+        expect_keys(state, (*self.REGISTERS, "overrun", "thre_pending", "pending"), self.name)
+        values = {field: uint(state[field], limit, f"{self.name} {field}")
+                  for field, limit in self.REGISTERS.items()}
+        flags = {field: flag(state[field], f"{self.name} {field}")
+                 for field in ("overrun", "thre_pending")}
+        saved_input = decode(state["pending"], f"{self.name} pending input",
+                             limit=PENDING_LIMIT + FIFO_SIZE)
         with self._lock:
             for field, value in values.items():
                 setattr(self, f"_{field}", value)

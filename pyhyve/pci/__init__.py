@@ -4,11 +4,19 @@
     class MyDevice(PciDevice):
         def init(self, options): ...
 
-makes `-s 5,mydev,opt=value` instantiate MyDevice in slot 5.
+makes `-s 5,mydev,opt=value` instantiate MyDevice in slot 5.  A device kept
+outside pyhyve, in an installed package, names its class in the package's
+entry points instead (pyproject.toml):
+
+    [project.entry-points."pyhyve.pci_emulations"]
+    mydev = "mypackage.mydev:MyDevice"
 """
 
 import importlib
+import logging
+from importlib.metadata import entry_points
 
+from ..config import ConfigError
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 
 _EMULATIONS: dict[str, type] = {}
@@ -35,18 +43,46 @@ def emulation(name: str):
     return register
 
 
+ENTRY_POINTS = "pyhyve.pci_emulations"
+
+
 def find_emulation(name: str) -> type | None:
-    """The emulation registered as `name` (a built-in one is imported now), or None."""
-    if name not in _EMULATIONS and name in BUILTIN_MODULES:
-        importlib.import_module(BUILTIN_MODULES[name])
+    """The emulation registered as `name` (a built-in one, or one an installed
+    package's entry point names, is imported now), or None."""
+    if name not in _EMULATIONS:
+        if name in BUILTIN_MODULES:
+            importlib.import_module(BUILTIN_MODULES[name])
+        else:
+            for entry in entry_points(group=ENTRY_POINTS, name=name):
+                _load(entry)
     return _EMULATIONS.get(name)
 
 
 def emulations() -> dict[str, type]:
-    """Every registered emulation, the built-in ones loaded first."""
+    """Every emulation there is: built-in ones, then installed packages' (one
+    that fails to load is left out, with a warning)."""
     for module in BUILTIN_MODULES.values():
         importlib.import_module(module)
+    for entry in entry_points(group=ENTRY_POINTS):
+        if entry.name not in _EMULATIONS:
+            try:
+                _load(entry)
+            except ConfigError as exc:
+                logging.getLogger(__name__).warning("%s", exc)
     return dict(sorted(_EMULATIONS.items()))
+
+
+def _load(entry) -> None:
+    """Register the PciDevice class an entry point names, under the entry's name."""
+    try:
+        cls = entry.load()
+    except Exception as exc:        # someone else's package: report, never a traceback
+        raise ConfigError(f"PCI emulation '{entry.name}' ({entry.value}) cannot be "
+                          f"loaded: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, PciDevice)):
+        raise ConfigError(f"PCI emulation '{entry.name}' ({entry.value}) is not a "
+                          "PciDevice subclass")
+    emulation(entry.name)(cls)
 
 
 def describe(cls: type) -> str:

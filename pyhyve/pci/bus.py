@@ -9,8 +9,8 @@ import logging
 
 from ..config import ConfigError
 from ..iobus import BusConflict
+from ..lifecycle import Device, bits, expect_keys
 from ..memory import GiB, HIGHMEM_BASE, LOWMEM_LIMIT, MiB
-from . import regs as R
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 from .intx import IntxRouter
 
@@ -42,10 +42,13 @@ def _read_rom(path: str, emulation: str) -> bytes:
     return image
 
 
-class PciBus:
-    """Bus 0 of the guest's PCI hierarchy."""
+class PciBus(Device):
+    """Bus 0 of the guest's PCI hierarchy.  Its own state is the config-address
+    latch at 0xCF8; each function it holds is a device of the VM's too."""
 
     number = 0
+    name = "pci.0"
+    savable = True
 
     def __init__(self, vm):
         self.vm = vm
@@ -85,6 +88,7 @@ class PciBus:
         if rom_path is not None:
             device.add_rom(_read_rom(rom_path, cls.emulation_name))
         self.functions[slot, func] = device
+        self.vm.add_device(device)
         return device
 
     def remove(self, device: PciDevice) -> None:
@@ -181,7 +185,16 @@ class PciBus:
             return
         self.config_write(*self._decode_ecam(offset), size, value)
 
+    def save_state(self) -> dict:
+        return {"config_address": self.config_address}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, ("config_address",), self.name)
+        self.config_address = bits(state["config_address"], 0x8FFFFFFC, "PCI config address")
+
     def close(self) -> None:
+        """The functions are the VM's devices, closed before the bus; any left
+        (a VM that failed while being built) go now."""
         for device in reversed(self.devices()):
             self.remove(device)
 

@@ -7,12 +7,11 @@ bar_read()/bar_write().  Everything the guest can write to config space is
 checked here, so subclasses only see accesses that make sense.
 """
 
-import base64
-import contextlib
 import logging
 import struct
 import threading
 
+from ..lifecycle import Device, StateError, decode, encode, flag, uint
 from . import regs as R
 from .msi import MsiCapability, MsixCapability
 
@@ -42,14 +41,12 @@ class Bar:
         return value | (R.BAR_MEM_PREFETCH if self.prefetchable else 0)
 
 
-class PciDevice:
-    """A PCI function; subclasses set `emulation_name` through @emulation."""
+class PciDevice(Device):
+    """A PCI function; subclasses set `emulation_name` through @emulation, and
+    `savable = True` once save_state() holds everything they know."""
 
     emulation_name = "?"
     config_size = R.CONFIG_SPACE_SIZE
-    # Whether save_state() holds everything this device knows; snapshot.py
-    # refuses VMs with a device that does not say so.
-    savable = False
 
     def __init__(self, vm, bus, slot: int, func: int):
         self.vm = vm
@@ -84,6 +81,21 @@ class PciDevice:
     def bdf(self) -> str:
         return f"{self.bus.number:02x}:{self.slot:02x}.{self.func}"
 
+    @property
+    def name(self) -> str:
+        """Its place in the config (pci.BUS.SLOT.FUNC), which a snapshot keys it by."""
+        return f"pci.{self.bus.number}.{self.slot}.{self.func}"
+
+    @property
+    def description(self) -> str:
+        return f"{self.emulation_name} at PCI {self.bdf}"
+
+    def close(self) -> None:
+        """Off the bus: BARs, interrupts and what init() acquired go (bhyve's
+        pci_emul teardown); a second call does nothing."""
+        if self.bus.functions.get((self.slot, self.func)) is self:
+            self.bus.remove(self)
+
     # --- hooks a device emulation overrides ------------------------------------
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:
@@ -110,18 +122,11 @@ class PciDevice:
     def teardown(self) -> None:
         """Release what init() acquired (files, threads)."""
 
-    # --- snapshots -------------------------------------------------------------------
-    @contextlib.contextmanager
-    def quiesce(self):
-        """Hold the device still while a snapshot is taken (vCPUs already paused):
-        devices that serve requests on other threads finish those the guest
-        made and start no new ones until the block ends."""
-        yield
-
+    # --- snapshots (quiesce() comes from Device: nothing in flight by default) ---
     def save_state(self) -> dict:
         """What the guest programmed, as JSON: config space, BAR and ROM addresses,
         MSI and MSI-X state, the INTx condition.  Subclasses add their own."""
-        state = {"config": base64.b64encode(bytes(self.config)).decode(),
+        state = {"emulation": self.emulation_name, "config": encode(self.config),
                  "bars": [None if bar is None else bar.address for bar in self.bars],
                  "rom_address": self.rom_address, "intx": self.intx_asserted}
         if self.msi is not None:
@@ -133,29 +138,36 @@ class PciDevice:
     def restore_state(self, state: dict) -> None:
         """Take back save_state()'s output on a freshly built device of the same
         configuration: the BARs decode where the guest had put them, and an
-        asserted INTx drives its line again.  ValueError when it does not fit."""
-        config = base64.b64decode(state["config"])
-        if len(config) != len(self.config):
-            raise ValueError(f"PCI {self.bdf} config space has {len(config)} bytes")
-        if len(state["bars"]) != len(self.bars):
-            raise ValueError(f"PCI {self.bdf} has {len(state['bars'])} BARs")
-        self.config[:] = config
-        for bar, address in zip(self.bars, state["bars"]):
-            if (bar is None) != (address is None):
-                raise ValueError(f"PCI {self.bdf} BAR layout differs")
-            if bar is not None:
-                bar.address = int(address) & ((1 << 64) - 1 if bar.kind == BAR_MEM64
-                                              else 0xFFFFFFFF)
-                self.update_mapping(bar)
-        self.rom_address = int(state["rom_address"]) & 0xFFFFFFFF
-        self._update_rom_mapping()
+        asserted INTx drives its line again.  StateError when it does not fit."""
+        if not isinstance(state, dict) or state.get("emulation") != self.emulation_name:
+            raise StateError(f"PCI {self.bdf}: saved state is not a {self.emulation_name}'s")
+        config = decode(state["config"], f"PCI {self.bdf} config space",
+                        length=len(self.config))
+        saved_bars = state["bars"]
+        if not isinstance(saved_bars, list) or len(saved_bars) != len(self.bars) or any(
+                (bar is None) != (address is None) for bar, address in zip(self.bars, saved_bars)):
+            raise StateError(f"PCI {self.bdf} BAR layout differs")
+        addresses = [None if bar is None else
+                     uint(address, (1 << 64) - 1 if bar.kind == BAR_MEM64 else 0xFFFFFFFF,
+                          f"PCI {self.bdf} BAR {bar.index}")
+                     for bar, address in zip(self.bars, saved_bars)]
+        rom_address = uint(state["rom_address"], 0xFFFFFFFF, f"PCI {self.bdf} ROM address")
+        intx = flag(state["intx"], f"PCI {self.bdf} INTx")
         for capability, key in ((self.msi, "msi"), (self.msix, "msix")):
             if (capability is None) != (key not in state):
-                raise ValueError(f"PCI {self.bdf} {key.upper()} capability differs")
+                raise StateError(f"PCI {self.bdf} {key.upper()} capability differs")
+        self.config[:] = config
+        for bar, address in zip(self.bars, addresses):
+            if bar is not None:
+                bar.address = address
+                self.update_mapping(bar)
+        self.rom_address = rom_address
+        self._update_rom_mapping()
+        for capability, key in ((self.msi, "msi"), (self.msix, "msix")):
             if capability is not None:
                 capability.restore_state(state[key])
         with self._intx_lock:
-            self.intx_asserted = bool(state["intx"])
+            self.intx_asserted = intx
             self._update_intx_line()
 
     # --- helpers for init() --------------------------------------------------------

@@ -23,6 +23,12 @@ class HostBridge(PciDevice):
     """i440FX-compatible host bridge with PAM shadowing (SeaBIOS, QEMU pc)"""
 
     vendor, device = 0x8086, 0x1237
+    savable = True          # its registers are all its state
+
+    def restore_state(self, state: dict) -> None:
+        """The saved PAM registers shadow the BIOS area again."""
+        super().restore_state(state)
+        self.config_changed(PAM0, PAM_REGISTERS)
 
     def init(self, options: dict[str, str]) -> None:
         self.set_ids(self.vendor, self.device, CLASS_HOST_BRIDGE, revision=2,

@@ -13,6 +13,13 @@ CLASS_ISA_BRIDGE = 0x060100
 class LpcBridge(PciDevice):
     """PIIX3-compatible LPC/ISA bridge with PIRQ routing"""
 
+    savable = True          # its registers are all its state
+
+    def restore_state(self, state: dict) -> None:
+        """The saved PIRQ routes steer the INTx links again."""
+        super().restore_state(state)
+        self.config_changed(PIRQ_ROUTE, PIRQ_LINKS)
+
     def init(self, options: dict[str, str]) -> None:
         self.set_ids(0x8086, 0x7000, CLASS_ISA_BRIDGE, subsystem_vendor=0x1AF4,
                      subsystem=0x1100)

@@ -1,0 +1,118 @@
+"""The contract every device keeps, platform and PCI alike.
+
+A VM holds its devices in one list (VirtualMachine.devices), in the order it
+built them, and drives them all the same way, as propolis's Lifecycle and
+Migrate traits do: snapshots save and restore each device by its name
+without knowing its class, and closing the VM closes each once.
+
+- `savable`: whether save_state() holds everything the device knows.  Nothing
+  is presumed: a device that does not say True makes a snapshot refuse,
+  naming it, rather than write one that would not run.
+- save_state() -> dict of JSON values, taken while the vCPUs are paused and
+  the device is quiesced.  restore_state(state) takes it back into a device
+  freshly built from the same config and not yet running; saved data is not
+  trusted, so every field is checked (the readers below) and anything that
+  does not fit raises StateError, before the device changes.
+- resync_irq(): after a restore lowered every interrupt line, raise again
+  what the device's registers ask for.
+- quiesce(): a context in which the device finishes work in flight and takes
+  no more (a snapshot is being written).
+- close(): release threads, files and host resources; idempotent.
+"""
+
+import base64
+import contextlib
+
+
+class StateError(ValueError):
+    """Saved device state that does not fit the device; the message names the field."""
+
+
+class Device:
+    """Defaults for devices that have no threads, no interrupts, nothing to
+    release and no state (the chipset's fixed ports)."""
+
+    name = "?"              # unique within the VM: the key of its saved state
+    savable = False
+
+    @property
+    def description(self) -> str:
+        """How messages to a user name it."""
+        return self.name
+
+    def save_state(self) -> dict:
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, (), self.name)
+
+    def resync_irq(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def quiesce(self):
+        yield
+
+    def close(self) -> None:
+        pass
+
+
+# --- readers for restore_state: saved data is checked, never trusted ----------------
+def expect_keys(state, keys, owner: str) -> None:
+    """A dict with exactly these keys."""
+    if not isinstance(state, dict):
+        raise StateError(f"{owner}: saved state is not an object")
+    if set(state) != set(keys):
+        raise StateError(f"{owner}: saved state has fields {sorted(state)}, "
+                         f"expected {sorted(keys)}")
+
+
+def uint(value, limit: int, what: str) -> int:
+    """An integer in [0, limit]."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
+        raise StateError(f"{what} is {value!r}, not an integer from 0 to {limit:#x}")
+    return value
+
+
+def bits(value, mask: int, what: str) -> int:
+    """An integer with no bit set outside `mask` (a register's writable bits)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value & ~mask:
+        raise StateError(f"{what} is {value!r}, not a number within {mask:#x}")
+    return value
+
+
+def optional_uint(value, limit: int, what: str) -> int | None:
+    return None if value is None else uint(value, limit, what)
+
+
+def flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise StateError(f"{what} is {value!r}, not true or false")
+    return value
+
+
+def number(value, what: str) -> float:
+    """A finite real number (times and offsets)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value in (float("inf"), float("-inf")):
+        raise StateError(f"{what} is {value!r}, not a finite number")
+    return float(value)
+
+
+def encode(data: bytes) -> str:
+    return base64.b64encode(bytes(data)).decode()
+
+
+def decode(value, what: str, length: int | None = None, limit: int | None = None) -> bytes:
+    """Bytes saved with encode(): exactly `length` of them, or at most `limit`."""
+    if not isinstance(value, str):
+        raise StateError(f"{what} is {type(value).__name__}, not base64 text")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise StateError(f"{what} is not valid base64") from None
+    if length is not None and len(data) != length:
+        raise StateError(f"{what} has {len(data)} bytes, not {length}")
+    if limit is not None and len(data) > limit:
+        raise StateError(f"{what} has {len(data)} bytes, more than {limit}")
+    return data
