@@ -37,7 +37,8 @@ Direct kernel boot (no firmware):
                   the BIOS area; -o acpi_tables=false leaves them out)
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
-  -o var=value    set a config key (e.g. -o memory.size=1G); -o config.dump=1 prints the tree;
+  -o var=value    set a config key (e.g. -o memory.size=1G; -o help lists them all);
+                  -o config.dump=1 prints the tree;
                   -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock)
 Least privilege (applied once devices, disks and sockets are open, before the guest runs):
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
@@ -146,8 +147,11 @@ def parse_pci(config: Config, text: str) -> None:
     """-s [bus:]slot[:func],emulation[,options]: fills pci.BUS.SLOT.FUNC.*"""
     if text == "help":
         from .pci import describe, emulations
+        from .pci.options import describe as describe_options
         for name, cls in emulations().items():
             print(f"{name:16} {describe(cls)}")
+            for line in describe_options(cls.options):
+                print(f"{'':18}{line}")
         raise SystemExit(0)
     location, _, rest = text.partition(",")
     name, _, options = rest.partition(",")
@@ -241,6 +245,10 @@ def parse_args(argv: list[str]) -> Config | None:
         elif option == "-r":
             config.set("restore.path", value)
         elif option == "-o":
+            if value == "help":
+                from .configkeys import describe
+                print(describe())
+                return None
             key, sep, setting = value.partition("=")
             if not sep:
                 raise ConfigError(f"invalid -o '{value}': expected var=value")

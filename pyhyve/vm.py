@@ -18,6 +18,7 @@ from .boot.acpi import build_tables, install_in_fwcfg, platform_from_vm, tables_
 from .boot.bootrom import load_bootrom, set_reset_state
 from .boot.mptable import MPTABLE_BASE, build_mptable
 from .config import Config, ConfigError, parse_size
+from .configkeys import unknown_keys
 from .devices.debugcon import DebugConsole
 from .devices.fwcfg import E820_RAM, E820_RESERVED, FwCfg, e820_table, parse_fw_cfg_option
 from .devices.hpet import Hpet
@@ -68,6 +69,9 @@ class VirtualMachine:
         self.closables: list = []       # devices and services, closed in reverse order
         self.vcpus: list[VcpuThread] = []
 
+        for key, near in unknown_keys(config.keys()):
+            self.log.warning("unknown config key '%s'%s; ignored", key,
+                             f" (did you mean '{near}'?)" if near else "")
         memory_size = parse_size(config.get("memory.size", DEFAULT_MEMORY), "memory size")
         if memory_size < MIN_MEMORY:
             raise ConfigError(f"memory size {memory_size} bytes is below the 1 MiB minimum")

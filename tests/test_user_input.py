@@ -56,7 +56,7 @@ CASES = {
     "blk-no-path": (["-s", "3,virtio-blk", *VALID], "no disk path"),
     "testdev-vectors-range": (["-s", "3,pci-testdev,vectors=3", *VALID], "power of two"),
     "testdev-vectors-type": (["-s", "3,pci-testdev,vectors=abc", *VALID],
-                             "vectors must be a number"),
+                             "vectors: 'abc' is not a number"),
     "net-no-backend": (["-s", "3,virtio-net", *VALID], "virtio-net: no backend given"),
     "net-tap-bad-name": (["-s", "3,virtio-net,tap=a-name-far-too-long", *VALID],
                          "'a-name-far-too-long' is not a valid interface name"),

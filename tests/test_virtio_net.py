@@ -153,7 +153,7 @@ def test_rom_ids_patched_as_qemu_does(tap, tmp_path):
     ({"tap": "tap0", "mac": "00:a0:98:00:00"}, "is not xx:xx"),
     ({"tap": "tap0", "mac": "01:00:5e:00:00:01"}, "multicast or zero"),
     ({"tap": "tap0", "mac": "00:00:00:00:00:00"}, "multicast or zero"),
-    ({"tap": "tap0", "mtu": "big"}, "mtu 'big' is not a number"),
+    ({"tap": "tap0", "mtu": "big"}, "mtu: 'big' is not a number"),
     ({"tap": "tap0", "mtu": "20"}, "mtu '20'"),
     ({"tap": "tap0", "speed": "10"}, "unknown option 'speed'"),
 ])

@@ -13,6 +13,7 @@ from ..lifecycle import Device, bits, expect_keys
 from ..memory import GiB, HIGHMEM_BASE, LOWMEM_LIMIT, MiB
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 from .intx import IntxRouter
+from .options import check as check_options
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class PciBus(Device):
         if (slot, func) in self.functions:
             raise ConfigError(f"PCI slot {slot}:{func} is already taken by "
                               f"{self.functions[slot, func].emulation_name}")
+        check_options(cls.emulation_name, cls.options, options)
         options = dict(options)
         rom_path = options.pop("rom", None)     # any device may carry an option ROM
         device = cls(self.vm, self, slot, func)

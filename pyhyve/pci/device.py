@@ -47,6 +47,7 @@ class PciDevice(Device):
 
     emulation_name = "?"
     config_size = R.CONFIG_SPACE_SIZE
+    options: tuple = ()         # pci.options.Option: what init() accepts, checked before
 
     def __init__(self, vm, bus, slot: int, func: int):
         self.vm = vm

@@ -12,6 +12,7 @@ MSI-X table.  Registers (32-bit):
 
 from ..config import ConfigError
 from . import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice, emulation
+from .options import Option
 
 MAGIC = 0x54535450
 REG_MAGIC, REG_SCRATCH, REG_RAISE, REG_INTX, REG_COUNT = 0x00, 0x04, 0x08, 0x0C, 0x10
@@ -23,15 +24,10 @@ class PciTestDevice(PciDevice):
     """test device: scratch register, INTx, MSI and MSI-X on demand"""
 
     savable = True
+    options = (Option("vectors", "number", "4", "MSI and MSI-X vectors: 1, 2, 4 ... 32"),)
 
     def init(self, options: dict[str, str]) -> None:
-        unknown = set(options) - {"vectors"}
-        if unknown:
-            raise ConfigError(f"pci-testdev: unknown option {sorted(unknown)[0]}")
-        try:
-            vectors = int(options.get("vectors", "4"))
-        except ValueError:
-            raise ConfigError("pci-testdev: vectors must be a number") from None
+        vectors = int(options.get("vectors", "4"), 0)
         if not 1 <= vectors <= 32 or vectors & (vectors - 1):
             raise ConfigError("pci-testdev: vectors must be a power of two from 1 to 32")
         self.set_ids(0x1B36, 0x0005, CLASS_OTHER, subsystem_vendor=0x1AF4, subsystem=0x1100)

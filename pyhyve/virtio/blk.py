@@ -39,6 +39,7 @@ import struct
 
 from ..config import Config, ConfigError
 from ..pci import emulation
+from ..pci.options import Option
 from .pci import VirtioPciDevice
 from .queue import Chain, VirtqueueError
 
@@ -145,6 +146,15 @@ class VirtioBlock(VirtioPciDevice):
     device_type = VIRTIO_ID_BLOCK
     legacy_device_id = LEGACY_DEVICE_ID
     class_code = CLASS_STORAGE_SCSI
+    options = (
+        Option("path", "path", None, "the disk image (the first word after the name)"),
+        Option("ro", "flag", "false", "read-only: the guest sees VIRTIO_BLK_F_RO"),
+        Option("nocache", "flag", "false", "O_DIRECT: bypass the host's page cache"),
+        Option("direct", "flag", "false", "O_SYNC: each write is on the disk when done"),
+        Option("nodelete", "flag", "false", "no DISCARD (no holes punched in the image)"),
+        Option("sectorsize", "text", "512", "logical[/physical] sector size in bytes"),
+        Option("ser", "text", None, "serial number (default: BHYVE- and a hash of the path)"),
+    )
 
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:
@@ -158,10 +168,6 @@ class VirtioBlock(VirtioPciDevice):
         return options
 
     def init(self, options: dict[str, str]) -> None:
-        known = {"path", "ro", "nocache", "direct", "nodelete", "sectorsize", "ser"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"virtio-blk: unknown option '{unknown[0]}'")
         config = Config(options)
         path = options.get("path")
         if not path:

@@ -36,6 +36,7 @@ from functools import partial
 from ..config import ConfigError
 from ..devices.chardev import Backend, open_backend
 from ..pci import emulation
+from ..pci.options import Option
 from .pci import VirtioPciDevice
 from .queue import Chain, SplitQueue
 
@@ -93,6 +94,11 @@ class VirtioConsole(VirtioPciDevice):
     device_type = VIRTIO_ID_CONSOLE
     legacy_device_id = LEGACY_DEVICE_ID
     class_code = CLASS_COMMUNICATION_OTHER
+    options = (
+        Option("port.N.name", "text", None, "port N's name (port 0 is the console)"),
+        Option("port.N.path", "text", None, "port N's host side: a unix socket path, stdio, "
+               "unix=PATH, tcp=HOST:PORT or file=PATH"),
+    )
 
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:

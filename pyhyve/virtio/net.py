@@ -57,6 +57,7 @@ from typing import Callable
 
 from ..config import ConfigError
 from ..pci import emulation
+from ..pci.options import Option
 from . import slirp
 from .iothread import io_thread
 from .pci import F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET, VirtioPciDevice
@@ -116,8 +117,7 @@ OUI = b"\x00\xa0\x98"
 MAC_LEN = 6
 _CONFIG = struct.Struct("<6sHHH")   # mac, status, max_virtqueue_pairs, mtu
 
-TAP_OPTIONS = {"tap", "backend", "mac", "mtu"}
-SLIRP_OPTIONS = TAP_OPTIONS | {"hostfwd", "tftp", "bootfile"}
+SLIRP_ONLY_OPTIONS = {"hostfwd", "tftp", "bootfile"}
 
 
 def parse_mac(text: str) -> bytes:
@@ -143,6 +143,16 @@ class VirtioNet(VirtioPciDevice):
     device_type = VIRTIO_ID_NET
     legacy_device_id = LEGACY_DEVICE_ID
     class_code = CLASS_NETWORK_ETHERNET
+    options = (
+        Option("backend", "text", None, "tapN or slirp (the first word after the name)"),
+        Option("tap", "text", None, "a tap interface by name (created if missing)"),
+        Option("mac", "text", None, "MAC address (default: from the slot and VM name)"),
+        Option("mtu", "number", str(DEFAULT_MTU), f"MTU the guest is offered, "
+               f"{MIN_MTU} to {MAX_MTU} (VIRTIO_NET_F_MTU)"),
+        Option("hostfwd", "text", None, "slirp: tcp:HOSTPORT-:GUESTPORT[;...] forwards"),
+        Option("tftp", "path", None, "slirp: a directory served by TFTP"),
+        Option("bootfile", "text", None, "slirp: the boot file DHCP names"),
+    )
 
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:
@@ -201,12 +211,9 @@ class VirtioNet(VirtioPciDevice):
             raise ConfigError("virtio-net: no backend given (-s SLOT,virtio-net,tapN "
                               "or -s SLOT,virtio-net,slirp)")
         user_networking = backend == "slirp"
-        allowed = SLIRP_OPTIONS if user_networking else TAP_OPTIONS
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            if unknown[0] in SLIRP_OPTIONS:
-                raise ConfigError(f"virtio-net: {unknown[0]}= needs the slirp backend")
-            raise ConfigError(f"virtio-net: unknown option '{unknown[0]}'")
+        slirp_only = sorted(set(options) & SLIRP_ONLY_OPTIONS)
+        if slirp_only and not user_networking:
+            raise ConfigError(f"virtio-net: {slirp_only[0]}= needs the slirp backend")
         self._on_tap = not user_networking
         if not user_networking:
             fd = open_tap(name)

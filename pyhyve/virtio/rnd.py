@@ -5,7 +5,6 @@ Each buffer the driver offers comes back filled from the host's os.urandom.
 
 import os
 
-from ..config import ConfigError
 from ..pci import emulation
 from .pci import VirtioPciDevice
 from .queue import Chain
@@ -26,8 +25,6 @@ class VirtioRandom(VirtioPciDevice):
     class_code = CLASS_OTHER
 
     def init(self, options: dict[str, str]) -> None:
-        if options:
-            raise ConfigError(f"virtio-rnd: unknown option '{sorted(options)[0]}'")
         self.virtio_init([QUEUE_SIZE], 0, 0)
 
     def handle_request(self, index: int, chain: Chain) -> int:
