@@ -8,6 +8,7 @@ signal) and handing it a request to run between two KVM_RUNs, which is how
 pause, register access and the halt probe see a consistent vCPU.
 """
 
+import ctypes
 import enum
 import fcntl
 import logging
@@ -39,14 +40,38 @@ class ExitStatus(enum.IntEnum):
     ERROR = 4
 
 
+class _SigAction(ctypes.Structure):
+    """glibc's struct sigaction on x86-64."""
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16),
+                ("flags", ctypes.c_int), ("restorer", ctypes.c_void_p)]
+
+
+_c_handler_installed = False
+
+
 def install_kick_handler() -> None:
-    """Give KICK_SIGNAL a no-op handler so it interrupts KVM_RUN (main thread only)."""
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+    """Give KICK_SIGNAL a handler that does nothing, so that the signal only
+    interrupts KVM_RUN.  Python lets only the main thread set handlers, so
+    from any other thread (a program embedding pyhyve runs VMs on its own
+    threads) the handler is set in C, with sigaction: libc's getpid, which is
+    async-signal-safe and touches no Python state.  A handler the program set
+    itself is left alone."""
+    global _c_handler_installed
+    if kick_handler_installed():
+        return
+    if threading.current_thread() is threading.main_thread():
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    action = _SigAction(handler=ctypes.cast(libc.getpid, ctypes.c_void_p).value)
+    if libc.sigaction(int(KICK_SIGNAL), ctypes.byref(action), None) != 0:
+        raise KvmError(f"sigaction({KICK_SIGNAL.name}) failed: errno {ctypes.get_errno()}")
+    _c_handler_installed = True
 
 
 def kick_handler_installed() -> bool:
-    return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    return _c_handler_installed or \
+        signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
 
 
 class VcpuThread:

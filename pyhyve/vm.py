@@ -35,7 +35,7 @@ from .pci import find_emulation
 from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
 from .pci.intx import IOAPIC_PIN_BASE, link_for
 from .pci.regs import INTERRUPT_PIN
-from .vcpu import ExitStatus, VcpuThread, install_kick_handler, kick_handler_installed
+from .vcpu import ExitStatus, VcpuThread, install_kick_handler
 
 LEGACY_HOLE = (0xA0000, 0x100000)  # VGA window and BIOS area: never RAM for a kernel
 TSS_ADDR = 0xFEFFD000           # three pages KVM needs on Intel, below the bootrom
@@ -51,8 +51,11 @@ NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
 class VirtualMachine:
     """One guest: memory, buses, devices and vCPU threads."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, consoles: dict | None = None):
+        """`consoles` maps COM port names ("com1") to chardev.Backend objects
+        (a MemoryConsole, say) for ports the config gives no path for."""
         self.config = config
+        self._given_consoles = dict(consoles or {})
         self.name = config.get("name") or "vm"
         self.log = logging.getLogger(f"pyhyve.{self.name}")
         self.exit_status: ExitStatus | None = None
@@ -194,12 +197,19 @@ class VirtualMachine:
             except OSError as exc:
                 raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
                                   f"{exc.strerror}") from None
+        unknown = sorted(set(self._given_consoles) - set(COM_PORTS))
+        if unknown:
+            raise ConfigError(f"no COM port named {unknown[0]} (com1 to com4)")
         self.uarts = {}
         for name, (port, irq) in COM_PORTS.items():
             spec = self.config.get(f"lpc.{name}.path")
+            backend = self._given_consoles.pop(name, None)
+            if spec is not None and backend is not None:
+                raise ConfigError(f"{name} is given twice: lpc.{name}.path and a console object")
             if spec is not None:
                 from .devices.chardev import open_backend
                 backend = open_backend(spec, name)
+            if backend is not None:
                 self.uarts[name] = self.add_device(Uart16550(self, name, port, irq, backend))
         self.fwcfg = self.add_device(self._create_fwcfg())
 
@@ -274,11 +284,7 @@ class VirtualMachine:
     # --- lifecycle ----------------------------------------------------------------
     def run(self) -> ExitStatus:
         """Run until the guest or a user stops the VM; returns bhyve's exit status."""
-        if threading.current_thread() is threading.main_thread():
-            install_kick_handler()
-        elif not kick_handler_installed():
-            raise KvmError("call pyhyve.vcpu.install_kick_handler() from the main "
-                           "thread before running a VM from another thread")
+        install_kick_handler()          # from any thread: see vcpu.install_kick_handler
         if self.gdb is not None:
             self.gdb.start()
         for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM

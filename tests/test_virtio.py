@@ -488,7 +488,7 @@ def test_discard_and_write_zeroes(blk, disk):
 def test_write_zeroes_without_fallocate(blk, disk):
     """Where the filesystem has neither ZERO_RANGE nor holes, zeros are written."""
     vm, device, driver = blk
-    ring = driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
+    driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
     device.zero_range = False
     device.can_punch = False
     out = struct.pack("<QII", 1, 2, B.WRITE_ZEROES_UNMAP)
@@ -593,7 +593,7 @@ def test_garbage_never_escapes(disk, descriptors, heads, header):
     vm = VirtioVm()
     device = make(vm, VirtioBlock, path=disk)
     driver = Driver(vm, device)
-    ring = driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
+    driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
     for index, descriptor in enumerate(descriptors):
         vm.memory.write(DESC + 16 * index, struct.pack("<QIHH", *descriptor))
     vm.memory.write(BUFFERS, struct.pack("<IIQ", header[0], 0, header[1]))

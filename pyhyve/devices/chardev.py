@@ -141,6 +141,44 @@ class Backend:
         """Release host resources; later output is dropped."""
 
 
+class MemoryConsole(Backend):
+    """A console held in memory, for programs that embed pyhyve (tests): guest
+    output collects in `output` (up to `limit` bytes, the oldest dropped), and
+    send() types input, as if a user were at the other end."""
+
+    def __init__(self, name: str = "console", limit: int = 1 << 20):
+        super().__init__(name)
+        self.limit = limit
+        self._output = bytearray()
+        self._changed = threading.Condition()
+
+    @property
+    def output(self) -> bytes:
+        with self._changed:
+            return bytes(self._output)
+
+    def write(self, data: bytes) -> None:
+        with self._changed:
+            self._output += data
+            excess = len(self._output) - self.limit
+            if excess > 0:
+                del self._output[:excess]
+                self.dropped += excess
+            self._changed.notify_all()
+
+    def wait_for(self, text: bytes | str, timeout: float | None = None) -> bool:
+        """Whether `text` appeared in the output within `timeout` seconds."""
+        needle = text.encode() if isinstance(text, str) else text
+        with self._changed:
+            return self._changed.wait_for(lambda: needle in self._output, timeout)
+
+    def send(self, data: bytes | str) -> None:
+        """Input for the guest (dropped while no device is attached)."""
+        callback = self._callback
+        if callback is not None:
+            callback(data.encode() if isinstance(data, str) else data)
+
+
 class FileBackend(Backend):
     """Guest output appended to a file, for logs; there is no input."""
 

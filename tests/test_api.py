@@ -1,0 +1,74 @@
+"""The embedding API (pyhyve.api), used the way a program would: only the
+names it exports, a VM run on a thread of the caller's, and no signal
+handler asked of the caller."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from firmware import require_file
+from guestrun import REPO
+
+pytestmark = pytest.mark.usefixtures("needs_kvm")
+
+PROGRAM = textwrap.dedent("""
+    import signal, sys, threading
+    from pyhyve.api import ExitStatus, MemoryConsole, PciSlot, Vm, VmSpec
+
+    console = MemoryConsole()
+    spec = VmSpec("apitest", memory="128M", bootrom=sys.argv[1],
+                  pci=[PciSlot(3, "virtio-rnd")], consoles={"com1": console},
+                  config={"control.socket": sys.argv[2] + "/ctl.sock"})
+    with Vm(spec) as vm:
+        vm.start()
+        print("banner", console.wait_for("SeaBIOS (version", timeout=120), flush=True)
+        # from another thread than the one that started it
+        worker = threading.Thread(target=lambda: (vm.pause(), vm.snapshot(sys.argv[2] + "/s"),
+                                                  vm.resume()))
+        worker.start()
+        worker.join(60)
+        print("running", vm.wait(0.5) is None, flush=True)
+        print("stopped", vm.stop(ExitStatus.POWEROFF).name, flush=True)
+    print("python handler", signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)
+    print("threads", [t.name for t in threading.enumerate() if t.name != "MainThread"])
+""")
+
+
+def test_a_program_boots_seabios_and_reads_its_banner_through_the_api(tmp_path):
+    bios = require_file("/usr/share/seabios/bios.bin", "seabios")
+    result = subprocess.run([sys.executable, "-c", PROGRAM, str(bios), str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["banner True", "running True", "stopped POWEROFF"], result.stdout
+    assert "python handler True" in lines                 # nothing asked of the caller
+    assert (tmp_path / "s").stat().st_size > 0             # the snapshot was written
+    leftover = [name for name in eval(lines[-1].removeprefix("threads ")) if "ctl" in name]
+    assert not leftover, lines[-1]                         # closed with the VM
+
+
+def test_spec_errors_are_config_errors_with_the_command_lines_words():
+    from pyhyve.api import ConfigError, PciSlot, Vm, VmSpec
+    bios = require_file("/usr/share/seabios/bios.bin", "seabios")
+    with pytest.raises(ConfigError, match="unknown PCI emulation 'virtio-rng'"):
+        Vm(VmSpec("bad", bootrom=bios, pci=[PciSlot(3, "virtio-rng")]))
+    with pytest.raises(ConfigError, match="no COM port named com9"):
+        Vm(VmSpec("bad", bootrom=bios, consoles={"com9": "stdio"}))
+    with pytest.raises(ConfigError, match="bootrom /dev/null is empty"):
+        Vm(VmSpec("bad", bootrom="/dev/null"))
+
+
+def test_the_readme_example_runs(tmp_path):
+    import re
+    require_file("/usr/share/seabios/bios.bin", "seabios")
+    example = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    example = example.replace("/tmp/demo.snap", str(tmp_path / "demo.snap"))
+    example = example.replace('VmSpec("demo", ', f'VmSpec("demo", config={{"control.socket": '
+                                                  f'"{tmp_path}/ctl.sock"}}, ')
+    result = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True,
+                            timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "POWEROFF" and (tmp_path / "demo.snap").exists()
