@@ -488,7 +488,7 @@ def test_discard_and_write_zeroes(blk, disk):
 def test_write_zeroes_without_fallocate(blk, disk):
     """Where the filesystem has neither ZERO_RANGE nor holes, zeros are written."""
     vm, device, driver = blk
-    driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
+    ring = driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
     device.zero_range = False
     device.can_punch = False
     out = struct.pack("<QII", 1, 2, B.WRITE_ZEROES_UNMAP)
