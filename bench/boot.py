@@ -12,7 +12,6 @@ Goal (issue 9): pyhyve no slower than 1.2x QEMU.
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

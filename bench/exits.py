@@ -22,7 +22,8 @@ from common import build_rom, save
 from pyhyve.boot.bootrom import load_bootrom, set_reset_state
 from pyhyve.config import Config
 from pyhyve.kvm import Kvm, abi
-from pyhyve.memory import GuestMemory, MiB
+from pyhyve.layout import MiB
+from pyhyve.memory import GuestMemory
 from pyhyve.vcpu import ExitStatus
 from pyhyve.vm import VirtualMachine
 

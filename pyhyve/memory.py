@@ -14,18 +14,11 @@ import os
 import struct
 
 from .kvm import abi
+from .layout import (BIOS_AREA_CHUNKS, BIOS_AREA_END, BIOS_AREA_SIZE, HIGHMEM_BASE,
+                     LOWMEM_LIMIT, MiB)
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 PAGE_SIZE = 4096
-LOWMEM_LIMIT = 3 * GiB          # bhyve's default start of the PCI hole
-HIGHMEM_BASE = 4 * GiB
-BIOS_AREA_BASE = 0xE0000        # the legacy BIOS window firmware expects
-BIOS_AREA_SIZE = 128 * KiB
-BIOS_AREA_END = BIOS_AREA_BASE + BIOS_AREA_SIZE
 BIOS_AREA_MODES = ("rom", "ram-ro", "ram")
-# The i440FX PAM granularity above 0xE0000: four 16 KiB chunks, then 64 KiB.
-BIOS_AREA_CHUNKS = ((0xE0000, 0xE4000), (0xE4000, 0xE8000), (0xE8000, 0xEC000),
-                    (0xEC000, 0xF0000), (0xF0000, 0x100000))
 MIN_MEMORY = 1 * MiB
 
 
@@ -169,6 +162,14 @@ class GuestMemory:
             return
         self._remove(gpa)
         self._add(self._bios_region(gpa, region.size, mode))
+
+    def backings(self) -> list[tuple[int, mmap.mmap]]:
+        """(guest-physical base, mapping) of the RAM below and above the PCI hole,
+        whole: a snapshot saves and restores guest RAM through these (shadowed
+        BIOS-area RAM included, which the regions may hide behind the ROM)."""
+        return [(base, backing) for base, backing in ((0, self._lowmem),
+                                                      (HIGHMEM_BASE, self._highmem))
+                if backing is not None]
 
     @property
     def regions(self) -> list[Region]:

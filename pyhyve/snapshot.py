@@ -139,11 +139,8 @@ def _vcpu_state(vm, vcpu_thread, writer: _Writer, msr_indices: list[int]) -> dic
 def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
     """[gpa, length, offset] for each run of pages that are not all zero."""
     runs = []
-    memory = vm.memory
-    for gpa, backing, size in ((0, memory._lowmem, memory.lowmem_size),
-                               (0x100000000, memory._highmem, memory.highmem_size)):
-        if backing is None or not size:
-            continue
+    for gpa, backing in vm.memory.backings():
+        size = len(backing)
         view = memoryview(backing)
         start = None
         for page in range(0, size, PAGE):
@@ -303,10 +300,8 @@ def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
 
 
 def _restore_memory(vm, snap: Snapshot) -> None:
-    memory = vm.memory
-    for backing in (memory._lowmem, memory._highmem):
-        if backing is None:
-            continue
+    backings = vm.memory.backings()
+    for _, backing in backings:
         try:
             backing.madvise(mmap.MADV_DONTNEED)       # private anonymous: now all zero
         except OSError:                               # wired (mlocked) memory
@@ -315,11 +310,9 @@ def _restore_memory(vm, snap: Snapshot) -> None:
                 end = min(start + len(chunk), len(backing))
                 backing[start:end] = chunk[:end - start]
     for gpa, length, offset in snap.manifest["memory"]:
-        if gpa >= 0x100000000:
-            backing, base, size = memory._highmem, 0x100000000, memory.highmem_size
-        else:
-            backing, base, size = memory._lowmem, 0, memory.lowmem_size
-        if backing is None or gpa < base or gpa - base + length > size:
+        base, backing = next(((base, backing) for base, backing in reversed(backings)
+                              if gpa >= base), (0, None))
+        if backing is None or gpa - base + length > len(backing):
             raise SnapshotError(f"snapshot memory run {gpa:#x}+{length:#x} is outside "
                                 "guest memory")
         backing[gpa - base:gpa - base + length] = snap.data[offset:offset + length]

@@ -16,7 +16,7 @@ import threading
 from . import cpuid
 from .boot.acpi import build_tables, install_in_fwcfg, platform_from_vm, tables_in_memory
 from .boot.bootrom import load_bootrom, set_reset_state
-from .boot.mptable import MPTABLE_BASE, build_mptable
+from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
 from .devices.debugcon import DebugConsole
@@ -30,16 +30,15 @@ from .devices.uart import COM_PORTS, Uart16550
 from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
 from .iobus import MmioBus, PortBus
 from .kvm import Kvm, KvmError, abi
+from .layout import (ECAM_BASE, ECAM_SIZE, IDENTITY_MAP_ADDR, LEGACY_HOLE, MPTABLE_BASE,
+                     TSS_ADDR)
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci import find_emulation
-from .pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
+from .pci.bus import PciBus
 from .pci.intx import IOAPIC_PIN_BASE, link_for
 from .pci.regs import INTERRUPT_PIN
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler
 
-LEGACY_HOLE = (0xA0000, 0x100000)  # VGA window and BIOS area: never RAM for a kernel
-TSS_ADDR = 0xFEFFD000           # three pages KVM needs on Intel, below the bootrom
-IDENTITY_MAP_ADDR = 0xFEFFC000
 HALT_PROBE_INTERVAL = 0.5
 DEFAULT_MEMORY = "256M"
 MAX_VCPUS = 255

@@ -8,7 +8,8 @@ the vm_loop uses without /dev/kvm.
 
 from pyhyve.config import Config
 from pyhyve.iobus import MmioBus, PortBus
-from pyhyve.memory import GuestMemory, MiB
+from pyhyve.layout import MiB
+from pyhyve.memory import GuestMemory
 
 
 class RecordingKvmVm:

@@ -14,7 +14,8 @@ import pytest
 from fakevm import FakeVm
 from firmware import require_file, require_program
 from pyhyve.boot import aml
-from pyhyve.boot.acpi import (ACPI_TABLES_BASE, LOADER_ENTRY_SIZE, AcpiPlatform, build_tables,
+from pyhyve.layout import ACPI_TABLES_BASE
+from pyhyve.boot.acpi import (LOADER_ENTRY_SIZE, AcpiPlatform, build_tables,
                               install_in_fwcfg, platform_from_vm, tables_image,
                               tables_in_memory)
 from pyhyve.devices.hpet import CAPABILITIES as HPET_CAPABILITIES

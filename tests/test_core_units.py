@@ -11,7 +11,8 @@ from pyhyve.cli import parse_args
 from pyhyve.config import Config, ConfigError, parse_size
 from pyhyve.iobus import BusConflict, MmioBus, PortBus
 from pyhyve.kvm import abi
-from pyhyve.memory import GiB, GuestMemory, GuestMemoryError, MiB
+from pyhyve.layout import GiB, MiB
+from pyhyve.memory import GuestMemory, GuestMemoryError
 from pyhyve.vcpu import ExitStatus
 
 

@@ -18,7 +18,7 @@ from pyhyve.devices.fwcfg import (
     FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS, FW_CFG_NOGRAPHIC, FW_CFG_RAM_SIZE,
     FW_CFG_SIGNATURE, FW_CFG_UUID, FW_CFG_WRITE_CHANNEL, FwCfg, e820_table,
     parse_fw_cfg_option)
-from pyhyve.memory import MiB
+from pyhyve.layout import MiB
 
 SELECTOR, DATA, DMA_HIGH, DMA_LOW = 0x510, 0x511, 0x514, 0x518
 DESCRIPTOR = 0x1000             # where the tests put DMA descriptors

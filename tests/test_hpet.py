@@ -10,9 +10,10 @@ import time
 from hypothesis import given, settings, strategies as st
 
 from pyhyve.devices import hpet as hpet_module
-from pyhyve.devices.hpet import (ENABLE_CNF, GCAP_ID, GEN_CONF, GINTR_STA, HPET_BASE,
-                                 HPET_SIZE, LEG_RT_CNF, MAIN_COUNTER, TN_32BIT, TN_INT_ENB,
-                                 TN_INT_LEVEL, TN_PERIODIC, TN_VAL_SET, Hpet)
+from pyhyve.devices.hpet import (ENABLE_CNF, GCAP_ID, GEN_CONF, GINTR_STA, HPET_SIZE,
+                                 LEG_RT_CNF, MAIN_COUNTER, TN_32BIT, TN_INT_ENB, TN_INT_LEVEL,
+                                 TN_PERIODIC, TN_VAL_SET, Hpet)
+from pyhyve.layout import HPET_BASE
 from pyhyve.iobus import MmioBus
 
 WAIT = 5.0

@@ -2,7 +2,8 @@
 
 import struct
 
-from pyhyve.boot.mptable import IOAPIC_ADDRESS, LAPIC_ADDRESS, MPTABLE_BASE, build_mptable
+from pyhyve.boot.mptable import build_mptable
+from pyhyve.layout import IOAPIC_BASE as IOAPIC_ADDRESS, LAPIC_BASE as LAPIC_ADDRESS, MPTABLE_BASE
 
 
 def parse(blob: bytes):

@@ -21,7 +21,8 @@ from pyhyve.devices.syscontrol import ResetControl
 from pyhyve.memory import GuestMemoryError
 from pyhyve.pci import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice, emulations
 from pyhyve.pci import regs as R
-from pyhyve.pci.bus import ECAM_BASE, ECAM_SIZE, PciBus
+from pyhyve.layout import ECAM_BASE, ECAM_SIZE
+from pyhyve.pci.bus import PciBus
 from pyhyve.pci.hostbridge import AmdHostBridge, HostBridge
 from pyhyve.pci.lpc import LpcBridge
 from pyhyve.pci.testdev import MAGIC, PciTestDevice

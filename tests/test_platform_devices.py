@@ -16,7 +16,7 @@ from pyhyve.devices.i8042 import I8042
 from pyhyve.devices.rtc import Rtc
 from pyhyve.devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from pyhyve.iobus import BusConflict
-from pyhyve.memory import GiB, MiB
+from pyhyve.layout import GiB, MiB
 from pyhyve.vcpu import ExitStatus
 
 SEC, MIN, HOUR, WDAY, MDAY, MONTH, YEAR, CENTURY = 0, 2, 4, 6, 7, 8, 9, 0x32

@@ -24,7 +24,7 @@ from pyhyve import ctlclient, snapshot
 from pyhyve.cli import parse_args
 from pyhyve.config import Config
 from pyhyve.kvm import abi
-from pyhyve.memory import MiB
+from pyhyve.layout import MiB
 from pyhyve.pci import PciDevice
 from pyhyve.pci import regs as R
 from pyhyve.pci.intx import IOAPIC_PIN_BASE, link_for

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from pyhyve.config import ConfigError
 from pyhyve.kvm import abi
-from pyhyve.memory import MiB
+from pyhyve.layout import MiB
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
 from pyhyve.pci.bus import PciBus

@@ -13,7 +13,7 @@ from fuzzing import fuzz_settings
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from pyhyve.memory import MiB
+from pyhyve.layout import MiB
 from pyhyve.virtio.queue import (AVAIL_F_NO_INTERRUPT, DESC_F_INDIRECT, DESC_F_NEXT,
                                  DESC_F_WRITE, MAX_CHAIN_BYTES, MAX_INDIRECT,
                                  USED_F_NO_NOTIFY, Chain, SplitQueue, VirtqueueError)

@@ -24,13 +24,12 @@ asks of a platform.
 import struct
 from typing import NamedTuple
 
-from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES, HPET_BASE, HPET_SIZE
+from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES, HPET_SIZE
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, KBD_IRQ
 from ..devices.pm import PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S5
 from ..devices.rtc import CENTURY, RTC_IRQ, RTC_PORT
 from ..devices.syscontrol import RC_RST_CPU, RC_SYS_RST, RESET_CONTROL
-from ..memory import LOWMEM_LIMIT
-from ..pci.bus import ECAM_BASE
+from ..layout import ACPI_TABLES_BASE, ECAM_BASE, HPET_BASE, IOAPIC_BASE, LAPIC_BASE, LOWMEM_LIMIT
 from ..pci.intx import IOAPIC_PIN_BASE, link_for
 from ..pci.regs import INTERRUPT_PIN
 from . import aml
@@ -41,13 +40,10 @@ OEM_REVISION = 1
 CREATOR_ID = b"PYHV"
 CREATOR_REVISION = 1
 
-LAPIC_ADDRESS = 0xFEE00000
-IOAPIC_ADDRESS = 0xFEC00000
-PCI_MEM32_END = IOAPIC_ADDRESS  # SeaBIOS places 32-bit BARs top-down from here
+PCI_MEM32_END = IOAPIC_BASE     # SeaBIOS places 32-bit BARs top-down from here
 CONFIG_PORTS = (0xCF8, 8)       # the PCI config mechanism #1 ports the root bridge claims
 ISA_BRIDGE = (31, 0)            # where vm.py puts `lpc` unless told otherwise
 
-ACPI_TABLES_BASE = 0xF2400      # bhyve's RSDP address, inside the BIOS area
 TABLES_FILE = "etc/acpi/tables"
 RSDP_FILE = "etc/acpi/rsdp"
 LOADER_FILE = "etc/table-loader"
@@ -317,7 +313,7 @@ def build_madt(platform: AcpiPlatform) -> Table:
         else:
             entries.append(struct.pack("<BBHIII", LOCAL_X2APIC, 16, 0, apic_id, LAPIC_ENABLED,
                                        uid))
-    entries.append(struct.pack("<BBBBII", IO_APIC, 12, platform.ioapic_id, 0, IOAPIC_ADDRESS, 0))
+    entries.append(struct.pack("<BBBBII", IO_APIC, 12, platform.ioapic_id, 0, IOAPIC_BASE, 0))
     entries.append(struct.pack("<BBBBIH", SOURCE_OVERRIDE, 10, 0, ISA_TIMER_IRQ, ISA_TIMER_GSI,
                                INTI_CONFORMS))
     entries.append(struct.pack("<BBBBIH", SOURCE_OVERRIDE, 10, 0, platform.sci_irq,
@@ -329,7 +325,7 @@ def build_madt(platform: AcpiPlatform) -> Table:
                                    INTI_ACTIVE_HIGH | INTI_EDGE, ALL_X2APIC_PROCESSORS,
                                    NMI_LINT))
     return _sdt(b"APIC", MADT_REVISION,
-                struct.pack("<II", LAPIC_ADDRESS, MADT_PCAT_COMPAT) + b"".join(entries))
+                struct.pack("<II", LAPIC_BASE, MADT_PCAT_COMPAT) + b"".join(entries))
 
 
 # --- HPET (IA-PC HPET Specification 1.0a, 3.2.4) ----------------------------------------------

@@ -9,7 +9,8 @@ import mmap
 import os
 
 from ..config import ConfigError
-from ..memory import PAGE_SIZE, MiB
+from ..layout import MiB
+from ..memory import PAGE_SIZE
 
 MAX_BOOTROM_SIZE = 16 * MiB
 

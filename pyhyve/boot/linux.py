@@ -17,7 +17,8 @@ import struct
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from ..memory import MiB, PAGE_SIZE
+from ..layout import MiB
+from ..memory import PAGE_SIZE
 
 # Guest-physical addresses of what pyhyve builds (all below 1 MiB, like QEMU's).
 GDT_ADDR = 0x500

@@ -8,9 +8,8 @@ x86.mptable=false) leaves it out, as in bhyve.
 
 import struct
 
-MPTABLE_BASE = 0xF0000          # where bhyve puts it, inside the legacy BIOS area
-LAPIC_ADDRESS = 0xFEE00000
-IOAPIC_ADDRESS = 0xFEC00000
+from ..layout import IOAPIC_BASE, LAPIC_BASE, MPTABLE_BASE
+
 IOAPIC_PINS = 24
 BUS_PCI, BUS_ISA = 0, 1
 INT_TYPE_INT, INT_TYPE_NMI, INT_TYPE_EXTINT = 0, 1, 3
@@ -38,7 +37,7 @@ def build_mptable(apic_ids: list[int], cpu_signature: int, cpu_features: int,
                                    cpu_signature, cpu_features, 0))
     entries.append(struct.pack("<BB6s", 1, BUS_PCI, b"PCI   "))
     entries.append(struct.pack("<BB6s", 1, BUS_ISA, b"ISA   "))
-    entries.append(struct.pack("<BBBBI", 2, ioapic_id, 0x11, 1, IOAPIC_ADDRESS))
+    entries.append(struct.pack("<BBBBI", 2, ioapic_id, 0x11, 1, IOAPIC_BASE))
     for irq, pin in ISA_IRQ_TO_PIN.items():
         flags = SCI_FLAGS if irq == sci_irq else 0
         entries.append(struct.pack("<BBHBBBB", 3, INT_TYPE_INT, flags, BUS_ISA, irq,
@@ -52,7 +51,7 @@ def build_mptable(apic_ids: list[int], cpu_signature: int, cpu_features: int,
     config_address = MPTABLE_BASE + 16
     header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), 4, 0,
                                    b"PYHYVE  ", b"pyhyve      ", 0, 0, len(entries),
-                                   LAPIC_ADDRESS, 0, 0, 0))
+                                   LAPIC_BASE, 0, 0, 0))
     table = header + body
     table[7] = _checksum(table)
     pointer = bytearray(struct.pack("<4sIBBB5s", b"_MP_", config_address, 1, 4, 0,

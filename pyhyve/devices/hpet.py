@@ -29,9 +29,9 @@ import threading
 import time
 from typing import Callable
 
+from ..layout import HPET_BASE
 from ..lifecycle import Device, StateError, bits, expect_keys
 
-HPET_BASE = 0xFED00000
 HPET_SIZE = 0x400
 TIMERS = 3
 PERIOD_FS = 10_000_000          # 10 ns per tick: 100 MHz, as QEMU's

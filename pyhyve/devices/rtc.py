@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 
 from ..lifecycle import (Device, decode, encode, expect_keys, flag, number,
                          uint)
-from ..memory import KiB, MiB
+from ..layout import KiB, MiB
 
 RTC_PORT = 0x70
 RTC_IRQ = 8

@@ -10,7 +10,8 @@ import logging
 from ..config import ConfigError
 from ..iobus import BusConflict
 from ..lifecycle import Device, bits, expect_keys
-from ..memory import GiB, HIGHMEM_BASE, LOWMEM_LIMIT, MiB
+from ..layout import (ECAM_BASE, ECAM_SIZE, HIGHMEM_BASE, PCI_IO_WINDOW, PCI_MEM32_WINDOW,
+                      PCI_MEM64_SIZE, GiB, MiB)
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 from .intx import IntxRouter
 from .options import check as check_options
@@ -20,12 +21,6 @@ log = logging.getLogger(__name__)
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC
 CONFIG_ENABLE = 1 << 31
-ECAM_BASE = 0xE0000000            # bhyve's PCI_EMUL_ECFG_BASE
-ECAM_BUSES = 1                    # bus 0 only: 1 MiB of MMCONFIG
-ECAM_SIZE = ECAM_BUSES << 20
-IO_WINDOW = (0xC000, 0x10000)     # where SeaBIOS and QEMU put PCI I/O BARs
-MEM32_WINDOW = (LOWMEM_LIMIT, ECAM_BASE)
-MEM64_SIZE = 64 * GiB
 SLOTS, FUNCTIONS = 32, 8
 
 
@@ -58,9 +53,10 @@ class PciBus(Device):
         self.intx = IntxRouter(vm)
         high_end = HIGHMEM_BASE + vm.memory.highmem_size
         mem64_base = max(HIGHMEM_BASE + 60 * GiB, (high_end + GiB - 1) & ~(GiB - 1))
-        self._next = {BAR_IO: IO_WINDOW[0], BAR_MEM32: MEM32_WINDOW[0], BAR_MEM64: mem64_base}
-        self._limit = {BAR_IO: IO_WINDOW[1], BAR_MEM32: MEM32_WINDOW[1],
-                       BAR_MEM64: mem64_base + MEM64_SIZE}
+        self._next = {BAR_IO: PCI_IO_WINDOW[0], BAR_MEM32: PCI_MEM32_WINDOW[0],
+                      BAR_MEM64: mem64_base}
+        self._limit = {BAR_IO: PCI_IO_WINDOW[1], BAR_MEM32: PCI_MEM32_WINDOW[1],
+                       BAR_MEM64: mem64_base + PCI_MEM64_SIZE}
         # Only the first port: dispatch is by the starting port, so a dword at
         # 0xCF8 lands here while a byte at 0xCF9 reaches the reset control register.
         vm.ports.register("pci-config-address", CONFIG_ADDRESS_PORT, 1,
@@ -71,7 +67,7 @@ class PciBus(Device):
 
     @property
     def mem64_window(self) -> tuple[int, int]:
-        return self._limit[BAR_MEM64] - MEM64_SIZE, self._limit[BAR_MEM64]
+        return self._limit[BAR_MEM64] - PCI_MEM64_SIZE, self._limit[BAR_MEM64]
 
     # --- devices -------------------------------------------------------------------
     def add(self, slot: int, func: int, cls: type, options: dict[str, str]) -> PciDevice:
@@ -201,4 +197,4 @@ class PciBus(Device):
             self.remove(device)
 
 
-__all__ = ["PciBus", "ECAM_BASE", "ECAM_SIZE"]
+__all__ = ["PciBus"]

@@ -7,7 +7,7 @@ which SeaBIOS relies on to shadow itself.  `amd_hostbridge` is bhyve's AMD
 variant (1022:7432), for guests that want an AMD host bridge.
 """
 
-from ..memory import BIOS_AREA_CHUNKS
+from ..layout import BIOS_AREA_CHUNKS
 from . import PciDevice, emulation
 
 PAM0 = 0x59

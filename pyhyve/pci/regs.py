@@ -1,5 +1,7 @@
 """PCI configuration space offsets and bits (PCI Local Bus 3.0, PCIe base spec)."""
 
+from ..layout import LAPIC_BASE
+
 CONFIG_SPACE_SIZE = 4096          # PCIe extended config space, seen through ECAM
 CONFIG_HEADER_END = 0x40
 CAPABILITIES_START = 0x40
@@ -47,5 +49,5 @@ CAP_ID_VENDOR = 0x09
 CAP_ID_PCIE = 0x10
 CAP_ID_MSIX = 0x11
 
-MSI_ADDRESS_BASE = 0xFEE00000
+MSI_ADDRESS_BASE = LAPIC_BASE
 MSI_ADDRESS_MASK = 0xFFF00000

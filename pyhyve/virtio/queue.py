@@ -14,7 +14,8 @@ activation and reset against the device's data path.
 import struct
 import threading
 
-from ..memory import GuestMemoryError, MiB
+from ..layout import MiB
+from ..memory import GuestMemoryError
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
