@@ -14,8 +14,8 @@ import sys
 import threading
 
 from . import cpuid
-from .boot.acpi import build_tables, install_in_fwcfg, platform_from_vm, tables_in_memory
-from .boot.bootrom import load_bootrom, set_reset_state
+from .boot import method_for
+from .boot.acpi import build_tables, platform_from_vm
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
@@ -85,21 +85,16 @@ class VirtualMachine:
             self.hidden_features = cpuid.feature_mask(config.get("cpu.features", ""))
         except cpuid.FeatureError as exc:
             raise ConfigError(str(exc)) from None
-        bootrom_path = config.get("lpc.bootrom")
-        self.kernel = config.get("kexec.kernel")
-        if bool(bootrom_path) == bool(self.kernel):
-            raise ConfigError("give either a bootrom (-l bootrom,FILE) or a kernel "
-                              "(-f kexec,KERNEL[,INITRD[,CMDLINE]])")
-        bootrom = load_bootrom(bootrom_path) if bootrom_path else None
+        self.boot = method_for(config)
 
         self.kvm = Kvm()
         try:
-            self._create(memory_size, bootrom)
+            self._create(memory_size)
         except BaseException:
             self.close()
             raise
 
-    def _create(self, memory_size: int, bootrom) -> None:
+    def _create(self, memory_size: int) -> None:
         self.kvm_vm = self.kvm.create_vm()
         self.kvm_vm.set_tss_addr(TSS_ADDR)
         self.kvm_vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
@@ -120,21 +115,18 @@ class VirtualMachine:
                 self.memory.wire()
         except GuestMemoryError as exc:
             raise ConfigError(str(exc)) from None
-        if bootrom is not None:
-            self.memory.map_bootrom(bootrom)
+        self.boot.map_memory(self.memory)
         self.ports = PortBus()
         self.mmio = MmioBus()
         self._create_platform_devices()
         self.pci = PciBus(self)
         self.add_device(self.pci)
         self._create_pci_devices()
-        # bhyve's -A: ACPI tables, for firmware through fw_cfg's table loader,
-        # for a directly booted kernel in the BIOS area.
+        # bhyve's -A: ACPI tables, placed where the boot method's guest looks
         self.acpi_tables = None
         if self.config.get_bool("acpi_tables", True):
             self.acpi_tables = build_tables(platform_from_vm(self))
-            if bootrom is not None:
-                install_in_fwcfg(self.fwcfg, self.acpi_tables)
+        self.boot.install_tables(self, self.acpi_tables)
         self.gdb = None
         if "gdb.port" in self.config:
             from .gdbstub import GdbStub
@@ -151,16 +143,7 @@ class VirtualMachine:
                                                  self.hidden_features))
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
         self._check_hidden_features()
-        if bootrom is not None:
-            set_reset_state(self.vcpus[0].kvm_vcpu)
-        else:
-            from .boot.linux import load_kernel, set_boot_state
-            rsdp = tables_in_memory(self.memory, self.acpi_tables) if self.acpi_tables else 0
-            entry = load_kernel(self.memory, self.kernel, self.config.get("kexec.initrd"),
-                                self.config.get("kexec.cmdline", ""), self.e820(), rsdp)
-            set_boot_state(self.memory, self.vcpus[0].kvm_vcpu, entry)
-            if self.config.get_bool("x86.mptable", True):
-                self.memory.write(MPTABLE_BASE, self._mptable(supported))
+        self.boot.start(self)
 
     def _check_hidden_features(self) -> None:
         """Say so when KVM kept a feature cpu.features hides: kvm_pvm, for one,
@@ -237,12 +220,14 @@ class VirtualMachine:
             fwcfg.add_file(name, data)
         return fwcfg
 
-    def _mptable(self, supported_cpuid: list) -> bytes:
-        leaf1 = next(e for e in supported_cpuid if e.function == 1)
+    def write_mptable(self) -> None:
+        """An MP table at MPTABLE_BASE, for a kernel that reads it rather than ACPI."""
+        leaf1 = next(e for e in self.kvm.supported_cpuid() if e.function == 1)
         wired = [(d.slot, d.config[INTERRUPT_PIN], IOAPIC_PIN_BASE +
                   link_for(d.slot, d.config[INTERRUPT_PIN]))
                  for d in self.pci.devices() if d.config[INTERRUPT_PIN]]
-        return build_mptable([v.kvm_vcpu.id for v in self.vcpus], leaf1.eax, leaf1.edx, wired)
+        self.memory.write(MPTABLE_BASE, build_mptable([v.kvm_vcpu.id for v in self.vcpus],
+                                                      leaf1.eax, leaf1.edx, wired))
 
     def e820(self, firmware: bool = False) -> list[tuple[int, int, int]]:
         """The memory map: RAM, and what must not be used as RAM or for BARs.

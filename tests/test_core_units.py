@@ -191,3 +191,15 @@ def test_x2apic_is_offered_only_with_x(needs_kvm):
     assert not leaf1.ecx & CPUID_X2APIC
     leaf1 = [e for e in vcpu_cpuid(supported, Topology(), 0, x2apic=True) if e.function == 1][0]
     assert leaf1.ecx & CPUID_X2APIC
+
+
+def test_the_boot_method_follows_the_config(tmp_path):
+    from pyhyve.boot import FirmwareBoot, KernelBoot, method_for
+    rom = tmp_path / "rom.bin"
+    rom.write_bytes(b"\xf4" * 4096)
+    assert type(method_for(Config({"kexec.kernel": "/vmlinuz"}))) is KernelBoot
+    firmware = method_for(Config({"lpc.bootrom": str(rom)}))
+    assert type(firmware) is FirmwareBoot and len(firmware.rom) == 4096
+    for both_or_neither in ({"lpc.bootrom": str(rom), "kexec.kernel": "/vmlinuz"}, {}):
+        with pytest.raises(ConfigError, match="give either a bootrom"):
+            method_for(Config(both_or_neither))
