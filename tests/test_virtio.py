@@ -489,8 +489,8 @@ def test_write_zeroes_without_fallocate(blk, disk):
     """Where the filesystem has neither ZERO_RANGE nor holes, zeros are written."""
     vm, device, driver = blk
     ring = driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
-    device.zero_range = False
-    device.can_punch = False
+    device.image.zero_range = False
+    device.image.can_punch = False
     out = struct.pack("<QII", 1, 2, B.WRITE_ZEROES_UNMAP)
     assert blk_do(driver, ring, B.T_WRITE_ZEROES, out=out)[0] == B.S_OK
     assert disk.read_bytes()[512:1536] == bytes(1024)
@@ -736,7 +736,7 @@ def test_nocache(disk):
     transfers use it, the rest (SeaBIOS reads 512 bytes anywhere) the cached descriptor."""
     vm = VirtioVm()
     device = make(vm, VirtioBlock, path=disk, nocache="true")
-    if device.direct_fd is None:
+    if device.image.direct_fd is None:
         vm.close()
         pytest.skip("this filesystem refuses O_DIRECT")
     driver = Driver(vm, device)
@@ -751,7 +751,7 @@ def test_nocache(disk):
         patch.setattr(os, "preadv", spy)
         aligned = blk_do(driver, ring, B.T_IN, sector=8, in_length=4096)
         odd = blk_do(driver, ring, B.T_IN, sector=1, in_length=512)
-    assert used == [device.direct_fd, device.fd]
+    assert used == [device.image.direct_fd, device.image.fd]
     assert aligned == (B.S_OK, 4097, disk.read_bytes()[4096:8192])
     assert odd[0] == B.S_OK and odd[2] == disk.read_bytes()[512:1024]
     vm.close()

@@ -9,18 +9,10 @@ size (and, after the slash, the physical one, reported through TOPOLOGY);
 `ser` is the 20-byte ID GET_ID returns (default: "BHYVE-" and a hash of the
 path, as bhyve makes it).
 
-Data moves with preadv/pwritev straight between the file and guest memory.
-O_DIRECT needs the memory, length and offset of a transfer aligned; guest
-memory is mmap'd in page-aligned pieces at page-aligned guest addresses, so a
-buffer's guest address tells its host alignment, and transfers that are not
-DIRECT_ALIGN-aligned (SeaBIOS reads 512 bytes anywhere) go through a second,
-cached descriptor of the same file.  Linux keeps the two coherent: a direct
-read writes back cached dirty pages first, a direct write invalidates them.
-
-DISCARD punches holes (fallocate PUNCH_HOLE) and is offered only when a probe
-at the end of the file shows the filesystem does that; WRITE_ZEROES uses
-ZERO_RANGE, punching holes when the driver allows unmapping, and writes zeros
-where the filesystem supports neither, so any writable disk offers it.
+Data moves with preadv/pwritev straight between the image (pyhyve.block,
+which also holds O_DIRECT, hole punching and zeroing) and guest memory.
+DISCARD is offered only where the image can punch holes; WRITE_ZEROES on any
+writable disk.
 
 A snapshot keeps no request of its own: the transport serves every offered
 request before it saves the queues (VirtioPciDevice.quiesce), and the disk
@@ -29,14 +21,11 @@ restore, and re-sends none.
 """
 
 import contextlib
-import ctypes
-import errno
 import hashlib
 import logging
-import os
-import stat
 import struct
 
+from ..block import DIRECT_ALIGN, BlockImage
 from ..config import Config, ConfigError
 from ..pci import emulation
 from ..pci.options import Option
@@ -67,28 +56,11 @@ SEG_MAX = QUEUE_SIZE - 2
 ID_BYTES = 20
 MAX_RANGE_SECTORS = 0x3FFFFF     # per DISCARD/WRITE_ZEROES segment, as QEMU
 MAX_RANGE_SEGMENTS = 32
-DIRECT_ALIGN = 4096
-ZERO_CHUNK = 1 << 20
-IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 _HEADER = struct.Struct("<IIQ")            # type, reserved (ioprio), sector
 _SEGMENT = struct.Struct("<QII")           # sector, num_sectors, flags
 # struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4)
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
 
 def _split(pairs: list[tuple[int, int]], count: int):
     """(the first `count` bytes of a buffer list, the rest), as (gpa, length) lists."""
@@ -104,23 +76,6 @@ def _split(pairs: list[tuple[int, int]], count: int):
         else:
             rest.append((gpa, length))
     return head, rest
-
-
-def _transfer(function, fd: int, views: list[memoryview], offset: int) -> bool:
-    """preadv/pwritev all of `views` at `offset`, resuming short transfers;
-    False if the file ended first."""
-    start = 0
-    while start < len(views):
-        done = function(fd, views[start:start + IOV_MAX], offset)
-        if done <= 0:
-            return False
-        offset += done
-        while done and done >= len(views[start]):
-            done -= len(views[start])
-            start += 1
-        if done:
-            views[start] = views[start][done:]
-    return True
 
 
 def _sector_sizes(text: str) -> tuple[int, int]:
@@ -187,74 +142,26 @@ class VirtioBlock(VirtioPciDevice):
         self.serial = serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self.path = path
 
-        self.fd = self._open(path, os.O_SYNC if sync else 0)
-        self.direct_fd = None
+        self.image = BlockImage("virtio-blk", path, self.read_only, nocache, sync, nodelete)
         try:
-            self.size = self._disk_size(path)
-            if nocache:
-                self.direct_fd = self._open_direct(path, os.O_SYNC if sync else 0)
-            self.can_punch = not self.read_only and not nodelete and self._probe_punch()
-            self.zero_range = True            # until the filesystem says otherwise
-            self.capacity = self.size // SECTOR
+            self.capacity = self.image.size // SECTOR
             features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY
             features |= F_RO if self.read_only else F_WRITE_ZEROES
-            if self.can_punch:
+            if self.image.can_punch:
                 features |= F_DISCARD
             self.virtio_init([QUEUE_SIZE], features, _CONFIG.size)
         except BaseException:
-            self._close_files()
+            self.image.close()
             raise
         _CONFIG.pack_into(
             self.device_config, 0, self.capacity, 0, SEG_MAX, 0, 0, 0, logical,
             (physical // logical).bit_length() - 1, 0, 0, 0, 0, 0, 1,
             MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, logical // SECTOR,
-            MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, int(self.can_punch))
-
-    # --- the backing file ---------------------------------------------------------------
-    def _open(self, path: str, extra: int) -> int:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | extra
-        try:
-            return os.open(path, flags)
-        except FileNotFoundError:
-            raise ConfigError(f"virtio-blk: {path}: no such file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"virtio-blk: {path} is a directory") from None
-        except (PermissionError, OSError) as exc:
-            if not self.read_only and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise ConfigError(f"virtio-blk: {path} is not writable ({exc.strerror}); "
-                                  "add ,ro to use it read-only") from None
-            raise ConfigError(f"virtio-blk: cannot open {path}: {exc.strerror}") from None
-
-    def _open_direct(self, path: str, extra: int) -> int | None:
-        try:
-            return self._open(path, extra | os.O_DIRECT)
-        except ConfigError as exc:
-            log.warning("%s; nocache ignored: the page cache stays in use", exc)
-            return None
-
-    def _disk_size(self, path: str) -> int:
-        mode = os.fstat(self.fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise ConfigError(f"virtio-blk: {path} is not a regular file or block device")
-        return os.lseek(self.fd, 0, os.SEEK_END)
-
-    def _probe_punch(self) -> bool:
-        """Whether hole punching works here: past the end of the file it changes nothing."""
-        try:
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, self.size, SECTOR)
-        except OSError:
-            return False
-        return True
-
-    def _close_files(self) -> None:
-        for fd in (self.fd, self.direct_fd):
-            if fd is not None:
-                os.close(fd)
-        self.fd = self.direct_fd = None
+            MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, int(self.image.can_punch))
 
     def teardown(self) -> None:
         super().teardown()
-        self._close_files()
+        self.image.close()
 
     @contextlib.contextmanager
     def quiesce(self):
@@ -262,8 +169,7 @@ class VirtioBlock(VirtioPciDevice):
         request is half done; completed writes go to stable storage before the
         snapshot that counts them as done is written."""
         with super().quiesce():
-            if not self.read_only:
-                os.fdatasync(self.fd)
+            self.image.flush()
             yield
 
     # --- requests ----------------------------------------------------------------------
@@ -298,15 +204,14 @@ class VirtioBlock(VirtioPciDevice):
                 return S_IOERR, 0
             if kind == T_OUT and self.read_only:
                 return S_IOERR, 0
-            offset = sector * SECTOR
-            fd = self._fd_for(buffers, offset)
+            aligned = all(g % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for g, n in buffers)
             views = [memory.view(g, n, write=kind == T_IN) for g, n in buffers]
-            function = os.preadv if kind == T_IN else os.pwritev
-            if not _transfer(function, fd, views, offset):
+            move = self.image.readv if kind == T_IN else self.image.writev
+            if not move(views, sector * SECTOR, aligned):
                 return S_IOERR, 0
             return S_OK, length if kind == T_IN else 0
         if kind == T_FLUSH:
-            os.fdatasync(self.fd)
+            self.image.flush()
             return S_OK, 0
         if kind == T_GET_ID:
             views = [memory.view(g, n, write=True) for g, n in data_in]
@@ -323,17 +228,11 @@ class VirtioBlock(VirtioPciDevice):
     def _in_disk(self, sector: int, count: int) -> bool:
         return sector + count <= self.capacity
 
-    def _fd_for(self, buffers, offset: int) -> int:
-        if self.direct_fd is not None and offset % DIRECT_ALIGN == 0 and \
-                all(g % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for g, n in buffers):
-            return self.direct_fd
-        return self.fd
-
     def _ranges(self, kind: int, data_out) -> int:
         """DISCARD and WRITE_ZEROES: a list of (sector, count, flags) segments."""
         if self.read_only:
             return S_IOERR
-        if kind == T_DISCARD and not self.can_punch:
+        if kind == T_DISCARD and not self.image.can_punch:
             return S_UNSUPP
         length = sum(n for _, n in data_out)
         if not length or length % _SEGMENT.size or length > _SEGMENT.size * MAX_RANGE_SEGMENTS:
@@ -348,27 +247,6 @@ class VirtioBlock(VirtioPciDevice):
                 return S_IOERR
         for sector, count, flags in segments:
             if count:
-                self._clear(sector * SECTOR, count * SECTOR,
-                            kind == T_DISCARD or bool(flags & WRITE_ZEROES_UNMAP))
+                self.image.clear(sector * SECTOR, count * SECTOR,
+                                 kind == T_DISCARD or bool(flags & WRITE_ZEROES_UNMAP))
         return S_OK
-
-    def _clear(self, offset: int, length: int, unmap: bool) -> None:
-        """Make a range read as zeros: a hole if allowed, else zeroed blocks."""
-        if unmap and self.can_punch:
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            return
-        if self.zero_range:
-            try:
-                _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
-                    raise
-                self.zero_range = False
-        zeros = bytes(min(length, ZERO_CHUNK))
-        while length:
-            count = min(length, len(zeros))
-            if not _transfer(os.pwritev, self.fd, [memoryview(zeros)[:count]], offset):
-                raise OSError(errno.EIO, "short write while zeroing")
-            offset += count
-            length -= count

@@ -1,0 +1,65 @@
+"""The block backend every disk device shares (pyhyve.block), on its own."""
+
+import errno
+
+import pytest
+
+from pyhyve.block import BlockImage
+from pyhyve.config import ConfigError
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * 64)          # 16 KiB
+    return path
+
+
+def test_reads_writes_and_flushes(image_file):
+    image = BlockImage("disk", str(image_file))
+    try:
+        assert image.size == 16384
+        data = bytearray(8)
+        assert image.readv([memoryview(data)], 250)
+        assert bytes(data) == bytes([250, 251, 252, 253, 254, 255, 0, 1])
+        assert image.writev([memoryview(b"abc"), memoryview(b"de")], 4096)
+        image.flush()
+        assert image_file.read_bytes()[4096:4101] == b"abcde"
+        assert not image.readv([memoryview(bytearray(16))], 16384 - 8)   # past the end
+    finally:
+        image.close()
+
+
+@pytest.mark.parametrize("punch, zero_range", [(True, True), (False, True), (False, False)])
+def test_clear_reads_as_zeros_whichever_way_the_filesystem_allows(image_file, punch, zero_range):
+    image = BlockImage("disk", str(image_file))
+    try:
+        image.can_punch = image.can_punch and punch
+        image.zero_range = zero_range
+        image.clear(1024, 2048, unmap=True)
+        data = image_file.read_bytes()
+        assert data[1024:3072] == bytes(2048) and data[1023] == 255 and data[3072] == 0
+        assert data[3073] == 1
+    finally:
+        image.close()
+
+
+def test_read_only_refuses_writes(image_file):
+    image = BlockImage("disk", str(image_file), read_only=True)
+    try:
+        assert not image.can_punch
+        for write in (lambda: image.writev([memoryview(b"x")], 0),
+                      lambda: image.clear(0, 512, unmap=False)):
+            with pytest.raises(OSError) as raised:
+                write()
+            assert raised.value.errno == errno.EROFS
+    finally:
+        image.close()
+    assert image_file.read_bytes()[:1] == b"\0"
+
+
+def test_open_errors_name_the_device(tmp_path):
+    with pytest.raises(ConfigError, match="^ahci-hd: .*/missing: no such file$"):
+        BlockImage("ahci-hd", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="is a directory"):
+        BlockImage("nvme", str(tmp_path))
