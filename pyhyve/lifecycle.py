@@ -15,6 +15,10 @@ without knowing its class, and closing the VM closes each once.
   does not fit raises StateError, before the device changes.
 - resync_irq(): after a restore lowered every interrupt line, raise again
   what the device's registers ask for.
+- pause()/resume(): the VM is paused (its vCPUs are, before pause() is
+  called) and the device stops acting on the guest of its own accord (a
+  counter that advances, host input written into guest memory) until
+  resume(), which the VM calls before its vCPUs run again.
 - quiesce(): a context in which the device finishes work in flight and takes
   no more (a snapshot is being written).
 - close(): release threads, files and host resources; idempotent.
@@ -47,6 +51,12 @@ class Device:
         expect_keys(state, (), self.name)
 
     def resync_irq(self) -> None:
+        pass
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
         pass
 
     @contextlib.contextmanager

@@ -302,10 +302,16 @@ class VirtualMachine:
         return self._stopped.wait(timeout)
 
     def pause(self) -> None:
+        """vCPUs first, then the devices (lifecycle.Device.pause)."""
         for vcpu in self.vcpus:
             vcpu.pause()
+        for device in self.devices:
+            device.pause()
 
     def resume(self) -> None:
+        """Devices first, so that no vCPU runs while a device is still paused."""
+        for device in self.devices:
+            device.resume()
         for vcpu in self.vcpus:
             vcpu.resume()
 

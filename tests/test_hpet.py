@@ -250,3 +250,23 @@ def test_the_thread_stops_with_the_device():
     time.sleep(0.05)
     assert device._thread is None
     assert hpet_module.TIMERS == 3
+
+
+def test_a_paused_vm_finds_the_counter_and_its_timers_where_they_stood():
+    """As under QEMU, whose HPET runs on the virtual clock: paused, the main counter
+    stands still and no comparator fires; resumed, both go on from there."""
+    device, lines, read, write = make_hpet()
+    try:
+        write(tn_conf(2), TN_INT_ENB | TN_INT_LEVEL | (17 << 9))
+        write(tn_cmp(2), 3_000_000, 8)               # 30 ms after the start
+        write(GEN_CONF, ENABLE_CNF)
+        device.pause()
+        stood = read(MAIN_COUNTER, 8)
+        time.sleep(0.1)
+        assert read(MAIN_COUNTER, 8) == stood < 3_000_000
+        assert lines.rises(17) == 0                  # the match did not come while paused
+        device.resume()
+        assert lines.wait_rises(17, 1)
+        assert read(MAIN_COUNTER, 8) >= 3_000_000 > stood
+    finally:
+        device.close()

@@ -497,6 +497,21 @@ def test_write_zeroes_without_fallocate(blk, disk):
 
 
 # --- status, reset, errors --------------------------------------------------------------------
+def test_a_paused_device_leaves_requests_for_resume(blk, disk):
+    """While the VM is paused, a notified queue waits: nothing moves into guest
+    memory until resume() looks at every queue."""
+    vm, device, driver = blk
+    ring = driver.start(MODERN_BLK)
+    device.pause()
+    status = blk_request(vm, ring, B.T_IN, sector=2, in_length=512)
+    driver.notify(0)
+    assert ring.completed() == [] and vm.memory.read_u8(status) == 0xEE
+    device.resume()
+    (_, length), = ring.completed()
+    assert length == 513 and vm.memory.read_u8(status) == B.S_OK
+    assert vm.memory.read(BUFFERS + 0x20000, 512) == disk.read_bytes()[1024:1536]
+
+
 def test_reset(blk):
     vm, device, driver = blk
     driver.enable_msix(2)

@@ -193,3 +193,24 @@ def test_unusable_console_backends_are_one_line(tmp_path, spec, message):
         busy.close()
     assert proc.returncode == ExitStatus.ERROR
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_pausing_the_vm_pauses_its_devices_and_resuming_resumes_them():
+    """vm.pause() reaches every device (the HPET's counter stands still), and
+    vm.resume() brings them back before the vCPUs."""
+    import time
+
+    from pyhyve.layout import HPET_BASE
+    vm = VirtualMachine(Config({"name": "pausing", "lpc.bootrom": str(build_rom("halt"))}))
+    try:
+        hpet = vm.mmio.lookup(HPET_BASE)
+        hpet.write(0x10, 4, 1)                       # GEN_CONF: ENABLE_CNF
+        vm.pause()
+        stood = hpet.read(0xF0, 8)
+        time.sleep(0.02)
+        assert hpet.read(0xF0, 8) == stood           # MAIN_COUNTER
+        vm.resume()
+        time.sleep(0.02)
+        assert hpet.read(0xF0, 8) > stood
+    finally:
+        vm.close()

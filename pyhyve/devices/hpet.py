@@ -104,6 +104,7 @@ class Hpet(Device):
         self._status = 0
         self._counter_base = 0       # ticks at _started_ns, or the frozen counter
         self._started_ns = 0
+        self._paused = False         # the VM is: the counter stands still, as in QEMU
         self.timers = [Timer(index) for index in range(TIMERS)]
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -122,9 +123,13 @@ class Hpet(Device):
     def enabled(self) -> bool:
         return bool(self._config & ENABLE_CNF)
 
+    @property
+    def _counting(self) -> bool:
+        return self.enabled and not self._paused
+
     def _ticks(self) -> int:
         """The main counter, unwrapped (it wraps at 2**64 in the register)."""
-        if not self.enabled:
+        if not self._counting:
             return self._counter_base
         return self._counter_base + (time.monotonic_ns() - self._started_ns) // TICK_NS
 
@@ -194,7 +199,7 @@ class Hpet(Device):
         value &= ENABLE_CNF | LEG_RT_CNF
         self._lower_lines()                 # the routes may change; _update_line raises again
         old, self._config = self._config, value
-        if (old ^ value) & ENABLE_CNF:
+        if (old ^ value) & ENABLE_CNF and not self._paused:
             now_ns = time.monotonic_ns()
             if value & ENABLE_CNF:
                 self._started_ns = now_ns
@@ -309,18 +314,18 @@ class Hpet(Device):
     def _next_wait(self) -> float | None:
         """Seconds until the earliest armed match; None when nothing is armed."""
         matches = [timer.next_match for timer in self.timers if timer.next_match is not None]
-        if not matches or not self.enabled:
+        if not matches or not self._counting:
             return None
         return min(max(min(matches) - self._ticks(), 0) * TICK_NS / 1e9, MAX_SLEEP)
 
     def _start_thread(self) -> None:
-        if self.enabled and self._thread is None and not self._closed:
+        if self._counting and self._thread is None and not self._closed:
             self._thread = threading.Thread(target=self._run, name="hpet", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
         with self._cond:
-            while not self._closed and self.enabled:
+            while not self._closed and self._counting:
                 now = self._ticks()
                 for timer in self.timers:
                     if timer.next_match is not None and timer.next_match <= now:
@@ -335,6 +340,22 @@ class Hpet(Device):
             for timer in self.timers:
                 timer.line = False
                 self._update_line(timer)
+
+    def pause(self) -> None:
+        """Stop the main counter (and so the comparators) where it stands."""
+        with self._cond:
+            if not self._paused:
+                self._counter_base = self._ticks()
+                self._paused = True
+                self._cond.notify()
+
+    def resume(self) -> None:
+        with self._cond:
+            if self._paused:
+                self._paused = False
+                self._started_ns = time.monotonic_ns()
+                self._start_thread()
+                self._cond.notify()
 
     # --- snapshots ------------------------------------------------------------------------
     def save_state(self) -> dict:

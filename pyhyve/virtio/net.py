@@ -283,10 +283,10 @@ class VirtioNet(VirtioPciDevice):
     def _backend_readable(self) -> None:
         with self._lock:
             if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) == STATUS_DRIVER_OK \
-                    and self.queues[RX].ready:
+                    and self.queues[RX].ready and not self._paused:
                 self.kick(RX)
             else:
-                self._arm(False)       # until the driver (re)starts the device
+                self._arm(False)       # until the driver (re)starts the device, or resume()
 
     def device_reset(self) -> None:
         self._arm(False)

@@ -121,6 +121,7 @@ class VirtioPciDevice(PciDevice):
         self.queue_max = list(queue_sizes)
         self.queue_vectors = [NO_VECTOR] * len(queue_sizes)
         self._lock = threading.RLock()
+        self._paused = False             # the VM is: queues wait, host input stays queued
         self._clear_state()
 
         legacy_size = 32
@@ -225,7 +226,13 @@ class VirtioPciDevice(PciDevice):
                 self._interrupt(self.config_vector, ISR_CONFIG)
 
     def kick(self, index: int) -> None:
-        """Run queue `index` (from the I/O thread or a notify register write)."""
+        """Run queue `index` (from the I/O thread or a notify register write);
+        while the VM is paused the queue waits for resume()."""
+        with self._lock:
+            if not self._paused:
+                self._run_queue(index)
+
+    def _run_queue(self, index: int) -> None:
         with self._lock:
             if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) != STATUS_DRIVER_OK:
                 return
@@ -256,8 +263,19 @@ class VirtioPciDevice(PciDevice):
         used ring, in guest memory) or not yet taken from the avail ring."""
         with self._lock:
             for index in range(len(self.queues)):
-                self.kick(index)
+                self._run_queue(index)
             yield
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Look at every queue once: what was offered or arrived meanwhile."""
+        with self._lock:
+            self._paused = False
+            for index in range(len(self.queues)):
+                self._run_queue(index)
 
     def save_state(self) -> dict:
         with self._lock:
