@@ -14,11 +14,14 @@ from pyhyve.pci.options import check
 
 
 def _literal_keys_read() -> set[str]:
-    """Every literal key a `config.get*()` call in pyhyve reads."""
+    """Every literal key a `config.get*()` call in pyhyve reads, and each boot
+    method's `config_key`."""
     keys = set()
     for path in (REPO / "pyhyve").rglob("*.py"):
+        text = path.read_text()
         keys |= set(re.findall(r"config\.(?:get|get_bool|get_int|subtree)\(\s*\"([^\"{]+)\"",
-                               path.read_text()))
+                               text))
+        keys |= set(re.findall(r"^\s+config_key = \"([^\"]+)\"", text, re.M))
     return keys
 
 
