@@ -21,11 +21,19 @@ without knowing its class, and closing the VM closes each once.
   resume(), which the VM calls before its vCPUs run again.
 - quiesce(): a context in which the device finishes work in flight and takes
   no more (a snapshot is being written).
+- acpi_objects(): what the device adds to the DSDT (bhyve's pe_write_dsdt),
+  as (where, AML) pairs; the tables are built from the devices the VM has.
 - close(): release threads, files and host resources; idempotent.
 """
 
 import base64
 import contextlib
+
+
+# where a device's ACPI objects go in the DSDT
+ACPI_ISA = "isa"            # behind the LPC bridge (\_SB.PCI0.ISA; \_SB without one)
+ACPI_SYSTEM = "system"      # \_SB
+ACPI_PCI_ROOT = "pci"       # \_SB.PCI0, beside the PCI functions
 
 
 class StateError(ValueError):
@@ -52,6 +60,11 @@ class Device:
 
     def resync_irq(self) -> None:
         pass
+
+    def acpi_objects(self) -> list[tuple[str, bytes]]:
+        """(ACPI_ISA, ACPI_SYSTEM or ACPI_PCI_ROOT, AML) for each object the
+        device describes itself with in the DSDT (an aml.device(), say)."""
+        return []
 
     def pause(self) -> None:
         pass

@@ -14,7 +14,7 @@ import sys
 import threading
 
 from . import cpuid
-from .boot import method_for
+from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size

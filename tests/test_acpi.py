@@ -18,7 +18,11 @@ from pyhyve.layout import ACPI_TABLES_BASE
 from pyhyve.boot.acpi import (LOADER_ENTRY_SIZE, AcpiPlatform, build_tables,
                               install_in_fwcfg, platform_from_vm, tables_image,
                               tables_in_memory)
-from pyhyve.devices.hpet import CAPABILITIES as HPET_CAPABILITIES
+from pyhyve.devices.hpet import CAPABILITIES as HPET_CAPABILITIES, Hpet
+from pyhyve.devices.i8042 import I8042
+from pyhyve.devices.rtc import Rtc
+from pyhyve.devices.uart import acpi_device as uart_acpi_device
+from pyhyve.lifecycle import ACPI_ISA, ACPI_SYSTEM
 from pyhyve.pci.bus import PciBus
 from pyhyve.pci.lpc import LpcBridge
 from pyhyve.pci.testdev import PciTestDevice
@@ -27,7 +31,10 @@ PLATFORM = AcpiPlatform(
     cpus=(0, 1, 2, 3),
     pci_mem64=(64 << 30, 128 << 30),
     pci_intx=((3, 1), (4, 1), (4, 2), (4, 1), (31, 4)),
-    com_ports=(("com1", 0x3F8, 4), ("com2", 0x2F8, 3)),
+    objects=(*Rtc.acpi_objects(None), *I8042.acpi_objects(None),
+             (ACPI_ISA, uart_acpi_device("com1", 0x3F8, 4)),
+             (ACPI_ISA, uart_acpi_device("com2", 0x2F8, 3)),
+             *Hpet.acpi_objects(None)),
 )
 SDT_SIGNATURES = {"DSDT", "FACP", "APIC", "MCFG", "HPET", "XSDT", "RSDT"}
 
@@ -302,9 +309,9 @@ def test_hpet_table_matches_the_device():
 def test_platform_from_vm():
     vm = FakeVm()
     vm.topology = SimpleNamespace(cpus=2, apic_id=lambda index: 2 * index)
-    vm.uarts = {"com2": SimpleNamespace(name="com2", base_port=0x2F8, irq=3),
-                "com1": SimpleNamespace(name="com1", base_port=0x3F8, irq=4)}
     vm.pci = PciBus(vm)
+    described = SimpleNamespace(acpi_objects=lambda: [(ACPI_SYSTEM, b"described")])
+    vm.devices.append(described)
     try:
         vm.pci.add(5, 0, PciTestDevice, {})
         vm.pci.add(31, 0, LpcBridge, {})
@@ -315,7 +322,7 @@ def test_platform_from_vm():
     assert platform.cpus == (0, 2) and platform.ioapic_id == 1
     assert platform.pci_intx == ((5, 1),)
     assert platform.isa_bridge == (31, 0)
-    assert platform.com_ports == (("com1", 0x3F8, 4), ("com2", 0x2F8, 3))
+    assert platform.objects == ((ACPI_SYSTEM, b"described"),)   # from every device
     assert platform.pci_mem64 == vm.pci.mem64_window
 
 

@@ -194,7 +194,7 @@ def test_x2apic_is_offered_only_with_x(needs_kvm):
 
 
 def test_the_boot_method_follows_the_config(tmp_path):
-    from pyhyve.boot import FirmwareBoot, KernelBoot, method_for
+    from pyhyve.boot.methods import FirmwareBoot, KernelBoot, method_for
     rom = tmp_path / "rom.bin"
     rom.write_bytes(b"\xf4" * 4096)
     assert type(method_for(Config({"kexec.kernel": "/vmlinuz"}))) is KernelBoot

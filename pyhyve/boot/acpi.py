@@ -1,8 +1,9 @@
 """The ACPI tables that describe a pyhyve VM to its guest (bhyve's acpi.c).
 
 `build_tables()` turns an `AcpiPlatform` (what the VM has: vCPUs, PCI windows
-and INTx pins, COM ports, the PM registers, the HPET) into RSDP, RSDT, XSDT,
-FADT, FACS, MADT, MCFG, HPET and a DSDT.  Tables point at each other by
+and INTx pins, the PM registers, the HPET, and the DSDT objects its devices
+describe themselves with, Device.acpi_objects()) into RSDP, RSDT, XSDT, FADT,
+FACS, MADT, MCFG, HPET and a DSDT.  Tables point at each other by
 physical address, which is known only once they are placed, so each `Table`
 lists its pointer fields and checksums and is linked in one of two ways:
 
@@ -24,12 +25,12 @@ asks of a platform.
 import struct
 from typing import NamedTuple
 
-from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES, HPET_SIZE
-from ..devices.i8042 import COMMAND_PORT, DATA_PORT, KBD_IRQ
+from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES
 from ..devices.pm import PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S5
-from ..devices.rtc import CENTURY, RTC_IRQ, RTC_PORT
+from ..devices.rtc import CENTURY
 from ..devices.syscontrol import RC_RST_CPU, RC_SYS_RST, RESET_CONTROL
 from ..layout import ACPI_TABLES_BASE, ECAM_BASE, HPET_BASE, IOAPIC_BASE, LAPIC_BASE, LOWMEM_LIMIT
+from ..lifecycle import ACPI_ISA, ACPI_PCI_ROOT, ACPI_SYSTEM
 from ..pci.intx import IOAPIC_PIN_BASE, link_for
 from ..pci.regs import INTERRUPT_PIN
 from . import aml
@@ -67,8 +68,8 @@ class AcpiPlatform(NamedTuple):
     pci_mem64: tuple[int, int] | None = None
     pci_intx: tuple[tuple[int, int], ...] = ()      # (slot, pin), pin 1-4 = INTA-INTD
     isa_bridge: tuple[int, int] | None = ISA_BRIDGE  # (slot, function) of the LPC bridge
-    com_ports: tuple[tuple[str, int, int], ...] = ()  # ("com1", port, irq)
-    keyboard: bool = True                   # the i8042
+    # what the devices describe themselves with: (lifecycle.ACPI_*, AML) pairs
+    objects: tuple[tuple[str, bytes], ...] = ()
     pm1a_evt: int = PM1A_EVT_PORT
     pm1a_cnt: int = PM1A_CNT_PORT
     pm_tmr: int = PM_TMR_PORT
@@ -101,13 +102,12 @@ def platform_from_vm(vm) -> AcpiPlatform:
     pins = sorted({(device.slot, device.config[INTERRUPT_PIN]) for device in devices
                    if 1 <= device.config[INTERRUPT_PIN] <= 4})
     lpc = [(device.slot, device.func) for device in devices if device.emulation_name == "lpc"]
-    uarts = sorted(vm.uarts.values(), key=lambda uart: uart.name)
     return AcpiPlatform(
         cpus=tuple(vm.topology.apic_id(index) for index in range(vm.topology.cpus)),
         pci_mem64=vm.pci.mem64_window,
         pci_intx=tuple(pins),
         isa_bridge=lpc[0] if lpc else None,
-        com_ports=tuple((uart.name, uart.base_port, uart.irq) for uart in uarts),
+        objects=tuple(item for device in vm.devices for item in device.acpi_objects()),
     )
 
 
@@ -384,28 +384,11 @@ def _routing_table(platform: AcpiPlatform) -> bytes:
     return aml.package(*entries)
 
 
-def _isa_devices(platform: AcpiPlatform) -> list[bytes]:
-    devices = [aml.device("RTC", aml.name("_HID", aml.eisa_id("PNP0B00")),
-                          aml.name("_CRS", aml.resource_template(
-                              aml.io(RTC_PORT, RTC_PORT, 1, 2), aml.irq_no_flags(RTC_IRQ))))]
-    if platform.keyboard:
-        devices.append(aml.device("KBD", aml.name("_HID", aml.eisa_id("PNP0303")),
-                                  aml.name("_CRS", aml.resource_template(
-                                      aml.io(DATA_PORT, DATA_PORT, 1, 1),
-                                      aml.io(COMMAND_PORT, COMMAND_PORT, 1, 1),
-                                      aml.irq_no_flags(KBD_IRQ)))))
-    for uid, (com, port, irq) in enumerate(platform.com_ports, 1):
-        devices.append(aml.device(com.upper(), aml.name("_HID", aml.eisa_id("PNP0501")),
-                                  aml.name("_UID", uid),
-                                  aml.name("_CRS", aml.resource_template(
-                                      aml.io(port, port, 1, 8), aml.irq_no_flags(irq)))))
-    return devices
-
-
 def build_dsdt(platform: AcpiPlatform) -> Table:
-    """\\_SB.PCI0 (the PCIe root: ECAM, windows, _PRT), the legacy devices behind the
-    LPC bridge (or at \\_SB when there is none), a motherboard-resource device that
-    reserves ECAM (Linux trusts MCFG only if something does), the HPET, _S5 and _PIC."""
+    """\\_SB.PCI0 (the PCIe root: ECAM, windows, _PRT), a motherboard-resource device
+    that reserves ECAM (Linux trusts MCFG only if something does), _S5 and _PIC, and
+    what the devices add: the legacy ones behind the LPC bridge (or at \\_SB when
+    there is none), the HPET at \\_SB."""
     host_bridge = [
         aml.name("_HID", aml.eisa_id("PNP0A08")),
         aml.name("_CID", aml.eisa_id("PNP0A03")),
@@ -418,18 +401,17 @@ def build_dsdt(platform: AcpiPlatform) -> Table:
                    aml.name("_CRS", aml.resource_template(
                        aml.memory32_fixed(platform.ecam_base, platform.ecam_size)))),
     ]
-    system_bus = []
-    if platform.hpet is not None:
-        system_bus.append(aml.device("HPET", aml.name("_HID", aml.eisa_id("PNP0103")),
-                                     aml.name("_UID", 0),
-                                     aml.name("_CRS", aml.resource_template(
-                                         aml.memory32_fixed(platform.hpet, HPET_SIZE)))))
+    placed = {ACPI_ISA: [], ACPI_SYSTEM: [], ACPI_PCI_ROOT: []}
+    for where, body in platform.objects:
+        placed[where].append(body)
+    system_bus = placed[ACPI_SYSTEM]
+    host_bridge += placed[ACPI_PCI_ROOT]
     if platform.isa_bridge is not None:
         slot, function = platform.isa_bridge
         host_bridge.append(aml.device("ISA", aml.name("_ADR", (slot << 16) | function),
-                                      *_isa_devices(platform)))
+                                      *placed[ACPI_ISA]))
     else:
-        system_bus += _isa_devices(platform)
+        system_bus += placed[ACPI_ISA]
     body = b"".join([
         aml.name("PICM", 0),
         aml.method("_PIC", 1, aml.store(aml.arg(0), aml.name_string("PICM"))),

@@ -29,8 +29,9 @@ import threading
 import time
 from typing import Callable
 
+from ..boot import aml
 from ..layout import HPET_BASE
-from ..lifecycle import Device, StateError, bits, expect_keys
+from ..lifecycle import ACPI_SYSTEM, Device, StateError, bits, expect_keys
 
 HPET_SIZE = 0x400
 TIMERS = 3
@@ -340,6 +341,13 @@ class Hpet(Device):
             for timer in self.timers:
                 timer.line = False
                 self._update_line(timer)
+
+    def acpi_objects(self) -> list[tuple[str, bytes]]:
+        """PNP0103, which Linux looks for beside the HPET table."""
+        return [(ACPI_SYSTEM, aml.device("HPET", aml.name("_HID", aml.eisa_id("PNP0103")),
+                                         aml.name("_UID", 0),
+                                         aml.name("_CRS", aml.resource_template(
+                                             aml.memory32_fixed(HPET_BASE, HPET_SIZE)))))]
 
     def pause(self) -> None:
         """Stop the main counter (and so the comparators) where it stands."""

@@ -11,7 +11,8 @@ after waiting for answers that never come.
 import threading
 from collections import deque
 
-from ..lifecycle import (Device, StateError, decode, encode, expect_keys, flag,
+from ..boot import aml
+from ..lifecycle import (ACPI_ISA, Device, StateError, decode, encode, expect_keys, flag,
                          optional_uint, uint)
 from ..vcpu import ExitStatus
 
@@ -106,6 +107,14 @@ class I8042(Device):
         vm.ports.register("i8042-data", DATA_PORT, 1, self._data_read, self._data_write)
         vm.ports.register("i8042-command", COMMAND_PORT, 1, self._status_read,
                           self._command_write)
+
+    def acpi_objects(self) -> list[tuple[str, bytes]]:
+        """The keyboard (PNP0303): Linux finds the i8042 through it."""
+        return [(ACPI_ISA, aml.device("KBD", aml.name("_HID", aml.eisa_id("PNP0303")),
+                                      aml.name("_CRS", aml.resource_template(
+                                          aml.io(DATA_PORT, DATA_PORT, 1, 1),
+                                          aml.io(COMMAND_PORT, COMMAND_PORT, 1, 1),
+                                          aml.irq_no_flags(KBD_IRQ)))))]
 
     # --- snapshots ------------------------------------------------------------------
     def save_state(self) -> dict:

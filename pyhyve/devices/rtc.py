@@ -25,7 +25,8 @@ import threading
 import time
 from datetime import datetime, timedelta
 
-from ..lifecycle import (Device, decode, encode, expect_keys, flag, number,
+from ..boot import aml
+from ..lifecycle import (ACPI_ISA, Device, decode, encode, expect_keys, flag, number,
                          uint)
 from ..layout import KiB, MiB
 
@@ -117,6 +118,12 @@ class Rtc(Device):
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0)
+
+    def acpi_objects(self) -> list[tuple[str, bytes]]:
+        return [(ACPI_ISA, aml.device("RTC", aml.name("_HID", aml.eisa_id("PNP0B00")),
+                                      aml.name("_CRS", aml.resource_template(
+                                          aml.io(RTC_PORT, RTC_PORT, 1, 2),
+                                          aml.irq_no_flags(RTC_IRQ)))))]
 
     # --- snapshots ------------------------------------------------------------------
     def save_state(self) -> dict:

@@ -21,7 +21,8 @@ the state, so every access holds the UART's lock.
 import threading
 from collections import deque
 
-from ..lifecycle import Device, decode, encode, expect_keys, flag, uint
+from ..boot import aml
+from ..lifecycle import ACPI_ISA, Device, decode, encode, expect_keys, flag, uint
 
 COM_PORTS = {
     "com1": (0x3F8, 4),
@@ -101,6 +102,14 @@ def modem_status(mcr: int) -> int:
             (MSR_RI if mcr & MCR_OUT1 else 0) | (MSR_DCD if mcr & MCR_OUT2 else 0))
 
 
+def acpi_device(name: str, port: int, irq: int) -> bytes:
+    """COMn (PNP0501) with _UID n, as firmware describes a PC's serial ports."""
+    return aml.device(name.upper(), aml.name("_HID", aml.eisa_id("PNP0501")),
+                      aml.name("_UID", int(name.removeprefix("com"))),
+                      aml.name("_CRS", aml.resource_template(aml.io(port, port, 1, 8),
+                                                             aml.irq_no_flags(irq))))
+
+
 class Uart16550(Device):
     """One COM port: 8 registers at `base_port`, ISA interrupt `irq`, host side `backend`.
 
@@ -145,6 +154,9 @@ class Uart16550(Device):
             self._rx.clear()
             self._refill()
             self._update_irq()
+
+    def acpi_objects(self) -> list[tuple[str, bytes]]:
+        return [(ACPI_ISA, acpi_device(self.name, self.base_port, self.irq))]
 
     # --- snapshots ------------------------------------------------------------------
     REGISTERS = {"ier": 0xFF, "fcr": 0xFF, "lcr": 0xFF, "mcr": 0xFF, "scr": 0xFF,

@@ -1,0 +1,93 @@
+"""Ways a guest starts, as a registry: a bootrom at the reset vector (bhyve's
+`-l bootrom`), or a kernel loaded into memory (`-f kexec`: a Linux bzImage
+or a PVH ELF kernel).
+
+A boot method owns its part of the machine at three points of the build:
+map_memory() once guest memory exists (a bootrom below 4 GiB and its BIOS
+area alias), install_tables() once the devices are in place and the ACPI
+tables built (firmware reads them from fw_cfg; a kernel finds them in the
+BIOS area, beside an MP table), and start() once the vCPUs exist (the
+BSP's first state).  method_for(config) picks the one the config asks for;
+a new method (multiboot, UEFI with a variable store) is one more class in
+METHODS.
+"""
+
+from ..config import ConfigError
+from .acpi import install_in_fwcfg, tables_in_memory
+from .bootrom import load_bootrom, set_reset_state
+
+
+class BootMethod:
+    """The hooks; a method overrides those it needs."""
+
+    config_key = ""             # the config key that asks for this method
+
+    def __init__(self, config):
+        self.config = config
+
+    def map_memory(self, memory) -> None:
+        pass
+
+    def install_tables(self, vm, acpi_tables) -> None:
+        pass
+
+    def start(self, vm) -> None:
+        raise NotImplementedError
+
+
+class FirmwareBoot(BootMethod):
+    """A firmware image (SeaBIOS, OVMF) ending at 4 GiB; the BSP starts at the
+    reset vector and the firmware finds the ACPI tables in fw_cfg."""
+
+    config_key = "lpc.bootrom"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rom = load_bootrom(config.get(self.config_key))     # read before KVM is set up
+
+    def map_memory(self, memory) -> None:
+        memory.map_bootrom(self.rom)
+
+    def install_tables(self, vm, acpi_tables) -> None:
+        if acpi_tables is not None:
+            install_in_fwcfg(vm.fwcfg, acpi_tables)
+
+    def start(self, vm) -> None:
+        set_reset_state(vm.vcpus[0].kvm_vcpu)
+
+
+class KernelBoot(BootMethod):
+    """A kernel, initramfs and command line put in memory as a boot loader
+    would; the ACPI tables and an MP table go into the BIOS area, where the
+    kernel looks for them, and the BSP starts at the kernel's entry."""
+
+    config_key = "kexec.kernel"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rsdp = 0
+
+    def install_tables(self, vm, acpi_tables) -> None:
+        if acpi_tables is not None:
+            self.rsdp = tables_in_memory(vm.memory, acpi_tables)
+
+    def start(self, vm) -> None:
+        from .linux import load_kernel, set_boot_state
+        entry = load_kernel(vm.memory, self.config.get(self.config_key),
+                            self.config.get("kexec.initrd"), self.config.get("kexec.cmdline", ""),
+                            vm.e820(), self.rsdp)
+        set_boot_state(vm.memory, vm.vcpus[0].kvm_vcpu, entry)
+        if self.config.get_bool("x86.mptable", True):
+            vm.write_mptable()
+
+
+METHODS = (FirmwareBoot, KernelBoot)
+
+
+def method_for(config) -> BootMethod:
+    """The boot method the config names; exactly one must be named."""
+    named = [method for method in METHODS if config.get(method.config_key)]
+    if len(named) != 1:
+        raise ConfigError("give either a bootrom (-l bootrom,FILE) or a kernel "
+                          "(-f kexec,KERNEL[,INITRD[,CMDLINE]])")
+    return named[0](config)
