@@ -3,6 +3,7 @@ through fw_cfg's table loader, ACPICA's own tools (every table disassembled by
 `iasl -d`, recompiled and compared, the DSDT evaluated by `acpiexec`), and
 SeaBIOS installing the tables in a real boot."""
 
+import re
 import struct
 import subprocess
 import threading
@@ -602,3 +603,34 @@ def test_seabios_installs_our_tables(tmp_path, rom):
     assert platform.cpus == (0, 1) and platform.pci_intx == ((3, 1),)
     for signature in ("DSDT", "APIC", "MCFG", "FACS"):
         assert found[signature] == tables.table(signature).data
+
+
+class DescribedDevice(PciTestDevice):
+    """A PCI function that adds its own object beside itself, as a device with a
+    _DSM or a companion platform device would."""
+
+    def acpi_objects(self):
+        from pyhyve.boot import aml
+        from pyhyve.lifecycle import ACPI_PCI_ROOT
+        return [(ACPI_PCI_ROOT, aml.device("TST0", aml.name("_ADR", self.slot << 16)))]
+
+
+def test_a_device_adds_its_own_objects_where_it_says(iasl, tmp_path):
+    vm = FakeVm()
+    vm.topology = SimpleNamespace(cpus=1, apic_id=lambda index: index)
+    vm.pci = PciBus(vm)
+    try:
+        vm.pci.add(6, 0, DescribedDevice, {})
+        vm.pci.add(31, 0, LpcBridge, {})
+        vm.add_device(SimpleNamespace(acpi_objects=lambda: [*Rtc.acpi_objects(None)]))
+        tables = build_tables(platform_from_vm(vm))
+    finally:
+        vm.pci.close()
+        vm.memory.close()
+    path = tmp_path / "dsdt.dat"
+    path.write_bytes(tables.table("DSDT").data)
+    dsdt = disassemble(iasl, path)
+    assert re.search(r"Device \(PCI0\)\s*\{.*Device \(TST0\)\s*\{\s*Name \(_ADR, 0x00060000\)",
+                     dsdt, re.S), dsdt
+    assert re.search(r"Device \(ISA\)\s*\{\s*Name \(_ADR, 0x001F0000\).*Device \(RTC\)", dsdt,
+                     re.S), dsdt
