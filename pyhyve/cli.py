@@ -1,6 +1,7 @@
 """The `pyhyve` command: bhyve's command line, filling bhyve's config tree."""
 
 import logging
+import os
 import signal
 import sys
 
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KvmUnavailable, KvmError) as exc:
         print(f"pyhyve: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
+    except BrokenPipeError:         # help piped into `head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if snap is not None:
         from .snapshot import SnapshotError, restore_into
         try:

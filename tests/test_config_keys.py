@@ -83,3 +83,13 @@ def test_numbered_options_match_numbers_only():
         check("virtio-console", console.options, {"port.x.path": "stdio"})
     with pytest.raises(ConfigError, match="virtio-rnd: unknown option 'a' \\(it takes rom\\)"):
         check("virtio-rnd", emulations()["virtio-rnd"].options, {"a": "1"})
+
+
+def test_help_read_by_head_ends_quietly():
+    """`pyhyve -s help | head -1`: the reader leaves early, and pyhyve says nothing."""
+    import subprocess
+    import sys
+    result = subprocess.run(f"{sys.executable} -m pyhyve -s help | head -1", shell=True,
+                            capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.stdout.startswith("amd_hostbridge") and result.stderr == ""
