@@ -85,11 +85,12 @@ def test_numbered_options_match_numbers_only():
         check("virtio-rnd", emulations()["virtio-rnd"].options, {"a": "1"})
 
 
-def test_help_read_by_head_ends_quietly():
-    """`pyhyve -s help | head -1`: the reader leaves early, and pyhyve says nothing."""
+def test_help_into_a_closed_pipe_ends_quietly():
+    """`pyhyve -s help | true`: the reader is gone before pyhyve writes, and
+    pyhyve says nothing about it (no BrokenPipeError traceback)."""
     import subprocess
     import sys
-    result = subprocess.run(f"{sys.executable} -m pyhyve -s help | head -1", shell=True,
+    result = subprocess.run(f"{sys.executable} -m pyhyve -s help | true", shell=True,
                             capture_output=True, text=True, timeout=60,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert result.stdout.startswith("amd_hostbridge") and result.stderr == ""
+    assert result.stderr == ""
