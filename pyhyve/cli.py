@@ -269,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="pyhyve: %(name)s: %(levelname)s: %(message)s")
     from .vm import VirtualMachine
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        try:
+            config = parse_args(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()      # help text: a reader that is gone shows here
         if config is None:
             return 0
         snap = None
