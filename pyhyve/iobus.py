@@ -4,6 +4,13 @@ Devices claim address ranges with a read and a write callback:
     read(offset, size) -> int        write(offset, size, value) -> None
 where `offset` is relative to the start of the claimed range.  Port lookups
 are a dict hit per port; MMIO ranges are found by bisection.
+
+A device that only needs to know that the guest wrote somewhere (a virtio
+queue's notify register) asks the bus for a write notifier: an eventfd that
+the hypervisor signals without leaving the guest (KVM's ioeventfd, set up
+by the VM as the bus's `notifier`).  Where there is none, or it refuses,
+add_notifier() says so and the write exits to the range's callback as any
+other: a device never talks to KVM itself.
 """
 
 import bisect
@@ -15,6 +22,38 @@ Write = Callable[[int, int, int], None]
 
 class BusConflict(Exception):
     """Two devices claimed overlapping ranges."""
+
+
+class NotifierUnavailable(Exception):
+    """A write notifier cannot be set up; the message says why."""
+
+
+# notifier(fd, address, size, datamatch, deassign): the hypervisor's half
+Notifier = Callable[[int, int, int, "int | None", bool], None]
+
+
+class _Notifiers:
+    """Write notifiers, shared by both buses."""
+
+    notifier: Notifier | None = None
+
+    @property
+    def notifies(self) -> bool:
+        """Whether add_notifier() can work at all on this bus."""
+        return self.notifier is not None
+
+    def add_notifier(self, fd: int, address: int, size: int,
+                     datamatch: int | None = None) -> None:
+        """Writes of `size` bytes at `address` (of value `datamatch`, if given)
+        signal eventfd `fd` and reach no callback; NotifierUnavailable if not."""
+        if self.notifier is None:
+            raise NotifierUnavailable("the hypervisor offers no write notifiers")
+        self.notifier(fd, address, size, datamatch, False)
+
+    def remove_notifier(self, fd: int, address: int, size: int,
+                        datamatch: int | None = None) -> None:
+        if self.notifier is not None:
+            self.notifier(fd, address, size, datamatch, True)
 
 
 class Range:
@@ -32,7 +71,7 @@ class Range:
         return f"<Range {self.name} {self.base:#x}-{self.end - 1:#x}>"
 
 
-class PortBus:
+class PortBus(_Notifiers):
     """The 64 KiB x86 I/O port space."""
 
     def __init__(self):
@@ -87,7 +126,7 @@ class PortBus:
         return sorted(set(self._ports.values()), key=lambda r: r.base)
 
 
-class MmioBus:
+class MmioBus(_Notifiers):
     """Guest-physical ranges that are not RAM and are served by devices."""
 
     def __init__(self):

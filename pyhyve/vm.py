@@ -28,7 +28,7 @@ from .devices.rtc import RTC_IRQ, Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from .devices.uart import COM_PORTS, Uart16550
 from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
-from .iobus import MmioBus, PortBus
+from .iobus import MmioBus, NotifierUnavailable, PortBus
 from .kvm import Kvm, KvmError, abi
 from .layout import (ECAM_BASE, ECAM_SIZE, IDENTITY_MAP_ADDR, LEGACY_HOLE, MPTABLE_BASE,
                      TSS_ADDR)
@@ -118,6 +118,9 @@ class VirtualMachine:
         self.boot.map_memory(self.memory)
         self.ports = PortBus()
         self.mmio = MmioBus()
+        if self.kvm.check_extension(abi.KVM_CAP_IOEVENTFD):
+            self.ports.notifier = self._ioeventfd_notifier(pio=True)
+            self.mmio.notifier = self._ioeventfd_notifier(pio=False)
         self._create_platform_devices()
         self.pci = PciBus(self)
         self.add_device(self.pci)
@@ -219,6 +222,16 @@ class VirtualMachine:
             name, data = parse_fw_cfg_option(value)
             fwcfg.add_file(name, data)
         return fwcfg
+
+    def _ioeventfd_notifier(self, pio: bool):
+        """The buses' write notifiers (iobus): KVM ioeventfds in port or MMIO space."""
+        def notifier(fd: int, address: int, size: int, datamatch: int | None,
+                     deassign: bool) -> None:
+            try:
+                self.kvm_vm.ioeventfd(fd, address, size, pio, datamatch, deassign)
+            except KvmError as exc:
+                raise NotifierUnavailable(str(exc)) from None
+        return notifier
 
     def write_mptable(self) -> None:
         """An MP table at MPTABLE_BASE, for a kernel that reads it rather than ACPI."""

@@ -203,3 +203,18 @@ def test_the_boot_method_follows_the_config(tmp_path):
     for both_or_neither in ({"lpc.bootrom": str(rom), "kexec.kernel": "/vmlinuz"}, {}):
         with pytest.raises(ConfigError, match="give either a bootrom"):
             method_for(Config(both_or_neither))
+
+
+def test_write_notifiers_go_to_the_hypervisor_or_say_why_not():
+    from pyhyve.iobus import MmioBus, NotifierUnavailable, PortBus
+    for bus in (PortBus(), MmioBus()):
+        assert not bus.notifies
+        with pytest.raises(NotifierUnavailable):
+            bus.add_notifier(7, 0xC010, 2, 1)
+        bus.remove_notifier(7, 0xC010, 2, 1)          # nothing to withdraw: no error
+        calls = []
+        bus.notifier = lambda *args: calls.append(args)
+        assert bus.notifies
+        bus.add_notifier(7, 0xC010, 2, 1)
+        bus.remove_notifier(7, 0xC010, 2)
+        assert calls == [(7, 0xC010, 2, 1, False), (7, 0xC010, 2, None, True)]

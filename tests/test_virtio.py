@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from pyhyve.config import ConfigError
-from pyhyve.kvm import abi
 from pyhyve.layout import MiB
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
@@ -53,22 +52,18 @@ class IoeventfdKvmVm(RecordingKvmVm):
             self.ioeventfds[key] = fd
 
 
-class FakeKvm:
-    def __init__(self, ioeventfd: bool):
-        self.ioeventfd = ioeventfd
-
-    def check_extension(self, cap: int) -> int:
-        return int(cap == abi.KVM_CAP_IOEVENTFD and self.ioeventfd)
-
-
 class VirtioVm(FakeVm):
-    """FakeVm with KVM's capability check, MSI recording and (optionally) ioeventfds."""
+    """FakeVm with MSI recording and (optionally) write notifiers as KVM's
+    ioeventfds, recorded as KVM keeps them."""
 
     def __init__(self, ioeventfd: bool = False):
         super().__init__(memory_size=16 * MiB)
         if ioeventfd:
             self.kvm_vm = IoeventfdKvmVm()
-        self.kvm = FakeKvm(ioeventfd)
+            for bus, pio in ((self.ports, True), (self.mmio, False)):
+                bus.notifier = (lambda fd, address, size, datamatch, deassign, pio=pio:
+                                self.kvm_vm.ioeventfd(fd, address, size, pio, datamatch,
+                                                      deassign))
         self.msis: list[tuple[int, int]] = []
         self.pci = PciBus(self)
 
@@ -497,6 +492,26 @@ def test_write_zeroes_without_fallocate(blk, disk):
 
 
 # --- status, reset, errors --------------------------------------------------------------------
+def test_a_refused_notifier_leaves_the_notify_write_to_exit(disk, caplog):
+    """The bus offers notifiers but the hypervisor refuses one: the device says so
+    once, and the driver's notify write reaches the device the slow way."""
+    from pyhyve.iobus import NotifierUnavailable
+
+    def refuse(fd, address, size, datamatch, deassign):
+        if not deassign:
+            raise NotifierUnavailable("no more ioeventfds")
+    vm = VirtioVm()
+    vm.ports.notifier = vm.mmio.notifier = refuse
+    try:
+        device = make(vm, VirtioBlock, path=disk)
+        driver = Driver(vm, device)
+        ring = driver.start(MODERN_BLK)
+        assert blk_do(driver, ring, B.T_IN, sector=1, in_length=512)[:2] == (B.S_OK, 513)
+        assert "no ioeventfd at" in caplog.text and "no more ioeventfds" in caplog.text
+    finally:
+        vm.close()
+
+
 def test_a_paused_device_leaves_requests_for_resume(blk, disk):
     """While the VM is paused, a notified queue waits: nothing moves into guest
     memory until resume() looks at every queue."""

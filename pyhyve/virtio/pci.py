@@ -13,12 +13,12 @@ driver find them:
 MSI-X (one config vector plus one per queue) lives in memory BAR 1; without
 it interrupts go through INTx and the ISR register, whose read clears it.
 
-Queue notifications: once a queue is live, a KVM ioeventfd on its notify
+Queue notifications: once a queue is live, a write notifier on its notify
 address (the MMIO notify slot, and the legacy notify port with the queue
-index as datamatch) makes KVM signal an eventfd instead of exiting to
-userspace, and the VM's virtio I/O thread runs the queue.  A notify write
-that reaches bar_write anyway (no KVM_CAP_IOEVENTFD, an odd access width,
-the PCI_CFG window) runs the queue on the vCPU thread.  Interrupts go out
+index as datamatch; the buses set them up as KVM ioeventfds) signals an
+eventfd instead of exiting to userspace, and the VM's virtio I/O thread runs
+the queue.  A notify write that reaches bar_write anyway (no notifiers, an
+odd access width, the PCI_CFG window) runs the queue on the vCPU thread.  Interrupts go out
 through vm.signal_msi (an irqfd bound to a GSI route per MSI message) or the
 INTx router.
 
@@ -42,7 +42,7 @@ import os
 import struct
 import threading
 
-from ..kvm import KvmError, abi
+from ..iobus import NotifierUnavailable
 from ..memory import GuestMemoryError
 from ..pci import BAR_IO, BAR_MEM32, PciDevice
 from ..pci import regs as R
@@ -139,11 +139,12 @@ class VirtioPciDevice(PciDevice):
         window = bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12
         self._pci_cfg_cap = self._add_virtio_cap(CAP_PCI_CFG, 0, 0, 0, b"\0" * 4, window)
 
-        # Ioeventfds need KVM's support; the I/O thread exists only if they do.
+        # Write notifiers need the hypervisor's support; the I/O thread exists
+        # only if they do.
         self._assigned: set[tuple] = set()
         self._notify_fds: list[int] = []
         self._io_thread = None
-        if self.vm.kvm.check_extension(abi.KVM_CAP_IOEVENTFD):
+        if self.vm.ports.notifies and self.vm.mmio.notifies:
             self._io_thread = io_thread(self.vm)
             for index in range(len(self.queues)):
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -611,10 +612,13 @@ class VirtioPciDevice(PciDevice):
 
     def _ioeventfd(self, key: tuple, deassign: bool) -> None:
         index, pio, address, datamatch = key
+        bus = self.vm.ports if pio else self.vm.mmio
         try:
-            self.vm.kvm_vm.ioeventfd(self._notify_fds[index], address, 2, pio, datamatch,
-                                     deassign)
-        except KvmError as exc:
+            if deassign:
+                bus.remove_notifier(self._notify_fds[index], address, 2, datamatch)
+            else:
+                bus.add_notifier(self._notify_fds[index], address, 2, datamatch)
+        except NotifierUnavailable as exc:
             # The notify write then exits to userspace and reaches bar_write.
             self.warn_once(f"ioeventfd-{address:#x}", "no ioeventfd at %#x: %s", address, exc)
             if not deassign:
