@@ -1,39 +1,31 @@
-"""A virtual machine assembled from a config tree, and its lifecycle.
+"""The machine: KVM VM, memory, buses, vCPUs and the device list, and its
+lifecycle.
 
 Construction follows bhyve's order: parse and check every user setting, then
-create the KVM VM, memory, irqchip and PIT, devices and vCPUs.  `run()`
+create the KVM VM, memory, irqchip and PIT, the devices (which builder.py
+chooses from the config), the boot method's part, and vCPUs.  `run()`
 starts the BSP, then the APs (which wait in KVM for INIT/SIPI), and returns
 bhyve's exit status once any vCPU or device stops the VM.
 """
 
-import hashlib
 import logging
-import socket
-import string
 import sys
 import threading
 
-from . import cpuid
+from . import builder, cpuid
 from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
-from .devices.debugcon import DebugConsole
-from .devices.fwcfg import E820_RAM, E820_RESERVED, FwCfg, e820_table, parse_fw_cfg_option
-from .devices.hpet import Hpet
-from .devices.i8042 import I8042
-from .devices.pm import PowerManagement
-from .devices.rtc import RTC_IRQ, Rtc
-from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
-from .devices.uart import COM_PORTS, Uart16550
+from .devices.fwcfg import E820_RAM, E820_RESERVED
+from .devices.rtc import RTC_IRQ
 from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
 from .iobus import MmioBus, NotifierUnavailable, PortBus
 from .kvm import Kvm, KvmError, abi
 from .layout import (ECAM_BASE, ECAM_SIZE, IDENTITY_MAP_ADDR, LEGACY_HOLE, MPTABLE_BASE,
                      TSS_ADDR)
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
-from .pci import find_emulation
 from .pci.bus import PciBus
 from .pci.intx import IOAPIC_PIN_BASE, link_for
 from .pci.regs import INTERRUPT_PIN
@@ -41,10 +33,8 @@ from .vcpu import ExitStatus, VcpuThread, install_kick_handler
 
 HALT_PROBE_INTERVAL = 0.5
 DEFAULT_MEMORY = "256M"
-MAX_VCPUS = 255
 REQUIRED_CAPS = ((abi.KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"),
                  (abi.KVM_CAP_IRQFD, "KVM_CAP_IRQFD"))
-NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
 
 
 class VirtualMachine:
@@ -77,8 +67,8 @@ class VirtualMachine:
         memory_size = parse_size(config.get("memory.size", DEFAULT_MEMORY), "memory size")
         if memory_size < MIN_MEMORY:
             raise ConfigError(f"memory size {memory_size} bytes is below the 1 MiB minimum")
-        self.topology = _topology(config)
-        self.uuid = _vm_uuid(config, self.name)
+        self.topology = builder.topology(config)
+        self.uuid = builder.vm_uuid(config, self.name)
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)
         try:
@@ -121,10 +111,10 @@ class VirtualMachine:
         if self.kvm.check_extension(abi.KVM_CAP_IOEVENTFD):
             self.ports.notifier = self._ioeventfd_notifier(pio=True)
             self.mmio.notifier = self._ioeventfd_notifier(pio=False)
-        self._create_platform_devices()
+        builder.add_platform_devices(self, self._given_consoles)
         self.pci = PciBus(self)
         self.add_device(self.pci)
-        self._create_pci_devices()
+        builder.add_pci_devices(self)
         # bhyve's -A: ACPI tables, placed where the boot method's guest looks
         self.acpi_tables = None
         if self.config.get_bool("acpi_tables", True):
@@ -160,44 +150,6 @@ class VirtualMachine:
                 self.log.warning("cpu.features: this host's KVM put '%s' back into CPUID "
                                  "leaf %#x; the guest still sees it", name, leaf)
 
-    def _create_platform_devices(self) -> None:
-        """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
-        reset and POST ports, UARTs, fw_cfg and the debug port."""
-        self.pm = self.add_device(PowerManagement(self))
-        self.rtc = self.add_device(Rtc(self, self.memory.lowmem_size, self.memory.highmem_size,
-                                       use_utc=not self.config.get_bool("rtc.use_localtime",
-                                                                        True),
-                                       cpus=self.topology.cpus))
-        self.i8042 = self.add_device(I8042(self))
-        self.hpet = self.add_device(Hpet(
-            self.mmio, lambda gsi, level: self.set_irq_level(gsi, level, "hpet"),
-            self._set_hpet_legacy_route, self.warn_once))
-        self.add_device(SystemControlPortA(self))
-        self.add_device(ResetControl(self))
-        self.add_device(PostCodes(self))
-        debugcon_path = self.config.get("lpc.debugcon.path")
-        if debugcon_path is not None:
-            try:
-                self.add_device(DebugConsole(self, debugcon_path))
-            except OSError as exc:
-                raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
-                                  f"{exc.strerror}") from None
-        unknown = sorted(set(self._given_consoles) - set(COM_PORTS))
-        if unknown:
-            raise ConfigError(f"no COM port named {unknown[0]} (com1 to com4)")
-        self.uarts = {}
-        for name, (port, irq) in COM_PORTS.items():
-            spec = self.config.get(f"lpc.{name}.path")
-            backend = self._given_consoles.pop(name, None)
-            if spec is not None and backend is not None:
-                raise ConfigError(f"{name} is given twice: lpc.{name}.path and a console object")
-            if spec is not None:
-                from .devices.chardev import open_backend
-                backend = open_backend(spec, name)
-            if backend is not None:
-                self.uarts[name] = self.add_device(Uart16550(self, name, port, irq, backend))
-        self.fwcfg = self.add_device(self._create_fwcfg())
-
     def add_device(self, device):
         """Make `device` (a lifecycle.Device) one of the VM's: snapshots save it
         under its name and close() closes it.  Returns it."""
@@ -206,22 +158,6 @@ class VirtualMachine:
         self.devices.append(device)
         self.closables.append(device)
         return device
-
-    def _create_fwcfg(self) -> FwCfg:
-        flavour = self.config.get("lpc.fwcfg", "qemu")
-        if flavour != "qemu":
-            raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
-        fwcfg = FwCfg(self, cpus=self.topology.cpus, uuid=self.uuid)
-        fwcfg.add_file("etc/e820", e820_table(self.e820(firmware=True)))
-        # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
-        fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))
-        if "com1" in self.uarts:
-            # SeaBIOS prints on the serial console only when told where it is.
-            fwcfg.add_file("etc/sercon-port", COM_PORTS["com1"][0].to_bytes(2, "little"))
-        for key, value in sorted(self.config.subtree("fwcfg.file").items()):
-            name, data = parse_fw_cfg_option(value)
-            fwcfg.add_file(name, data)
-        return fwcfg
 
     def _ioeventfd_notifier(self, pio: bool):
         """The buses' write notifiers (iobus): KVM ioeventfds in port or MMIO space."""
@@ -256,27 +192,6 @@ class VirtualMachine:
                     # KVM's identity-map and TSS pages must not be handed out as RAM or BARs.
                     (IDENTITY_MAP_ADDR, TSS_ADDR + 3 * 4096 - IDENTITY_MAP_ADDR, E820_RESERVED)]
         return sorted(ram + reserved)
-
-    def _create_pci_devices(self) -> None:
-        """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
-        users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
-        slots = {}
-        for key, name in self.config.subtree("pci.0").items():
-            parts = key.split(".")
-            if len(parts) == 3 and parts[2] == "device":
-                slots[int(parts[0]), int(parts[1])] = name
-        names = set(slots.values())
-        if not names & {"hostbridge", "amd_hostbridge"} and (0, 0) not in slots:
-            slots[0, 0] = "hostbridge"
-        if "lpc" not in names and (31, 0) not in slots:
-            slots[31, 0] = "lpc"
-        for (slot, func), name in sorted(slots.items()):
-            cls = find_emulation(name)
-            if cls is None:
-                raise ConfigError(f"unknown PCI emulation '{name}' (pyhyve -s help lists them)")
-            options = {k: v for k, v in self.config.subtree(f"pci.0.{slot}.{func}").items()
-                       if k != "device"}
-            self.pci.add(slot, func, cls, options)
 
     # --- lifecycle ----------------------------------------------------------------
     def run(self) -> ExitStatus:
@@ -394,7 +309,7 @@ class VirtualMachine:
         if high != was_high:
             self.kvm_vm.irq_line(irq, int(high))
 
-    def _set_hpet_legacy_route(self, taken: bool) -> None:
+    def set_hpet_legacy_route(self, taken: bool) -> None:
         """The HPET's legacy replacement route takes IRQ 0 from the PIT (which KVM
         emulates: its HPET_LEGACY flag silences channel 0) and IRQ 8 from the RTC."""
         pit = self.kvm_vm.get_pit2()
@@ -450,34 +365,3 @@ class VirtualMachine:
         return [{abi.EXIT_REASON_NAMES.get(reason, str(reason)): count
                  for reason, count in enumerate(vcpu.exit_counts) if count}
                 for vcpu in self.vcpus]
-
-
-def _topology(config: Config) -> cpuid.Topology:
-    cpus = config.get_int("cpus", 1, 1, MAX_VCPUS)
-    sockets = config.get_int("sockets", 0, 0, MAX_VCPUS)
-    cores = config.get_int("cores", 0, 0, MAX_VCPUS)
-    threads = config.get_int("threads", 0, 0, MAX_VCPUS)
-    if not (sockets or cores or threads):
-        return cpuid.Topology(sockets=cpus)
-    topology = cpuid.Topology(sockets or 1, cores or 1, threads or 1)
-    if "cpus" in config and topology.cpus != cpus:
-        raise ConfigError(f"cpus={cpus} does not match sockets*cores*threads="
-                          f"{topology.cpus}")
-    return topology
-
-
-def _vm_uuid(config: Config, name: str) -> bytes:
-    """-U, or as bhyve does, a stable UUID from the host and VM names (RFC 4122
-    version 3); its 16 bytes as fw_cfg hands them to firmware.  (The uuid module
-    would do, but costs milliseconds of start-up.)"""
-    text = config.get("uuid")
-    if text is None:
-        name_bytes = f"{socket.gethostname()}{name}".encode()
-        digest = bytearray(hashlib.md5(NAMESPACE_DNS + name_bytes).digest())
-        digest[6] = digest[6] & 0x0F | 0x30        # version 3
-        digest[8] = digest[8] & 0x3F | 0x80        # RFC 4122 variant
-        return bytes(digest)
-    digits = text.removeprefix("urn:uuid:").strip("{}").replace("-", "")
-    if len(digits) != 32 or not set(digits) <= set(string.hexdigits):
-        raise ConfigError(f"invalid UUID '{text}'")
-    return bytes.fromhex(digits)

@@ -1,0 +1,132 @@
+"""Turning a config into a machine: the platform devices, fw_cfg and the PCI
+functions a VirtualMachine gets, and the settings read on the way (CPU
+topology, UUID).  The machine (vm.py) owns KVM, memory, buses, vCPUs and the
+device list; what goes into them, and in which order, is decided here.
+"""
+
+import hashlib
+import socket
+import string
+
+from . import cpuid
+from .config import Config, ConfigError
+from .devices.debugcon import DebugConsole
+from .devices.fwcfg import FwCfg, e820_table, parse_fw_cfg_option
+from .devices.hpet import Hpet
+from .devices.i8042 import I8042
+from .devices.pm import PowerManagement
+from .devices.rtc import Rtc
+from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
+from .devices.uart import COM_PORTS, Uart16550
+from .pci import find_emulation
+
+MAX_VCPUS = 255
+NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
+
+
+def add_platform_devices(vm, consoles: dict) -> None:
+    """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
+    reset and POST ports, UARTs, fw_cfg and the debug port."""
+    vm.pm = vm.add_device(PowerManagement(vm))
+    vm.rtc = vm.add_device(Rtc(vm, vm.memory.lowmem_size, vm.memory.highmem_size,
+                               use_utc=not vm.config.get_bool("rtc.use_localtime", True),
+                               cpus=vm.topology.cpus))
+    vm.i8042 = vm.add_device(I8042(vm))
+    vm.hpet = vm.add_device(Hpet(
+        vm.mmio, lambda gsi, level: vm.set_irq_level(gsi, level, "hpet"),
+        vm.set_hpet_legacy_route, vm.warn_once))
+    vm.add_device(SystemControlPortA(vm))
+    vm.add_device(ResetControl(vm))
+    vm.add_device(PostCodes(vm))
+    debugcon_path = vm.config.get("lpc.debugcon.path")
+    if debugcon_path is not None:
+        try:
+            vm.add_device(DebugConsole(vm, debugcon_path))
+        except OSError as exc:
+            raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
+                              f"{exc.strerror}") from None
+    unknown = sorted(set(consoles) - set(COM_PORTS))
+    if unknown:
+        raise ConfigError(f"no COM port named {unknown[0]} (com1 to com4)")
+    vm.uarts = {}
+    for name, (port, irq) in COM_PORTS.items():
+        spec = vm.config.get(f"lpc.{name}.path")
+        backend = consoles.pop(name, None)
+        if spec is not None and backend is not None:
+            raise ConfigError(f"{name} is given twice: lpc.{name}.path and a console object")
+        if spec is not None:
+            from .devices.chardev import open_backend
+            backend = open_backend(spec, name)
+        if backend is not None:
+            vm.uarts[name] = vm.add_device(Uart16550(vm, name, port, irq, backend))
+    vm.fwcfg = vm.add_device(build_fwcfg(vm))
+
+
+def build_fwcfg(vm) -> FwCfg:
+    flavour = vm.config.get("lpc.fwcfg", "qemu")
+    if flavour != "qemu":
+        raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
+    fwcfg = FwCfg(vm, cpus=vm.topology.cpus, uuid=vm.uuid)
+    fwcfg.add_file("etc/e820", e820_table(vm.e820(firmware=True)))
+    # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
+    fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))
+    if "com1" in vm.uarts:
+        # SeaBIOS prints on the serial console only when told where it is.
+        fwcfg.add_file("etc/sercon-port", COM_PORTS["com1"][0].to_bytes(2, "little"))
+    for key, value in sorted(vm.config.subtree("fwcfg.file").items()):
+        name, data = parse_fw_cfg_option(value)
+        fwcfg.add_file(name, data)
+    return fwcfg
+
+
+def add_pci_devices(vm) -> None:
+    """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
+    users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
+    slots = {}
+    for key, name in vm.config.subtree("pci.0").items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[2] == "device":
+            slots[int(parts[0]), int(parts[1])] = name
+    names = set(slots.values())
+    if not names & {"hostbridge", "amd_hostbridge"} and (0, 0) not in slots:
+        slots[0, 0] = "hostbridge"
+    if "lpc" not in names and (31, 0) not in slots:
+        slots[31, 0] = "lpc"
+    for (slot, func), name in sorted(slots.items()):
+        cls = find_emulation(name)
+        if cls is None:
+            raise ConfigError(f"unknown PCI emulation '{name}' (pyhyve -s help lists them)")
+        options = {k: v for k, v in vm.config.subtree(f"pci.0.{slot}.{func}").items()
+                   if k != "device"}
+        vm.pci.add(slot, func, cls, options)
+
+
+def topology(config: Config) -> cpuid.Topology:
+    cpus = config.get_int("cpus", 1, 1, MAX_VCPUS)
+    sockets = config.get_int("sockets", 0, 0, MAX_VCPUS)
+    cores = config.get_int("cores", 0, 0, MAX_VCPUS)
+    threads = config.get_int("threads", 0, 0, MAX_VCPUS)
+    if not (sockets or cores or threads):
+        return cpuid.Topology(sockets=cpus)
+    topology = cpuid.Topology(sockets or 1, cores or 1, threads or 1)
+    if "cpus" in config and topology.cpus != cpus:
+        raise ConfigError(f"cpus={cpus} does not match sockets*cores*threads="
+                          f"{topology.cpus}")
+    return topology
+
+
+def vm_uuid(config: Config, name: str) -> bytes:
+    """-U, or as bhyve does, a stable UUID from the host and VM names (RFC 4122
+    version 3); its 16 bytes as fw_cfg hands them to firmware.  (The uuid module
+    would do, but costs milliseconds of start-up.)"""
+    text = config.get("uuid")
+    if text is None:
+        name_bytes = f"{socket.gethostname()}{name}".encode()
+        digest = bytearray(hashlib.md5(NAMESPACE_DNS + name_bytes).digest())
+        digest[6] = digest[6] & 0x0F | 0x30        # version 3
+        digest[8] = digest[8] & 0x3F | 0x80        # RFC 4122 variant
+        return bytes(digest)
+    digits = text.removeprefix("urn:uuid:").strip("{}").replace("-", "")
+    if len(digits) != 32 or not set(digits) <= set(string.hexdigits):
+        raise ConfigError(f"invalid UUID '{text}'")
+    return bytes.fromhex(digits)
