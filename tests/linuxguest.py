@@ -82,6 +82,7 @@ class GuestRun:
         self.command = command
         self._log = open(log, "wb") if log else None
         self.started = time.monotonic()
+        self.started_wall = time.time()     # for clocks the guest reports
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
