@@ -23,7 +23,6 @@ message pyhyve's command line would print.
 import threading
 from dataclasses import dataclass, field
 
-from . import snapshot
 from .config import Config, ConfigError
 from .devices.chardev import Backend, MemoryConsole
 from .devices.uart import COM_PORTS
@@ -143,11 +142,7 @@ class Vm:
     def snapshot(self, path: str) -> None:
         """Save the VM to `path` (snapshot.SnapshotError if it cannot be); it is
         paused meanwhile and runs on afterwards if it ran before."""
-        self._machine.pause()
-        try:
-            snapshot.save(self._machine, path)
-        finally:
-            self._machine.resume()
+        self._machine.checkpoint(path)
 
     def press_power_button(self) -> None:
         """The ACPI power button, as SIGTERM to pyhyve presses it."""

@@ -483,18 +483,10 @@ class ControlServer:
             snapshot.check_savable(self.vm)
         except snapshot.SnapshotError as exc:
             raise RequestError(str(exc)) from None
-        was_paused = all(vcpu.paused for vcpu in self.vm.vcpus)
-        self.vm.pause()
         try:
-            snapshot.save(self.vm, path)
-        except BaseException as exc:
-            if not was_paused:           # a failed save leaves the VM as it was
-                self.vm.resume()
-            if isinstance(exc, snapshot.SnapshotError):
-                raise RequestError(str(exc)) from None
-            raise
-        if not suspend and not was_paused:
-            self.vm.resume()
+            self.vm.checkpoint(path, stay_paused=suspend)
+        except snapshot.SnapshotError as exc:
+            raise RequestError(str(exc)) from None
         if suspend:
             self.vm.exit_detail = f"suspended to {path}"
             self.vm.stop(ExitStatus.POWEROFF)

@@ -243,6 +243,23 @@ class VirtualMachine:
         for vcpu in self.vcpus:
             vcpu.resume()
 
+    def checkpoint(self, path: str, stay_paused: bool = False) -> None:
+        """Save a snapshot to `path` with vCPUs and devices paused; afterwards the
+        VM runs on if it ran before, unless `stay_paused` (a suspend, which stops
+        it next).  snapshot.SnapshotError if it cannot be saved; a failed save
+        leaves the VM as it was."""
+        from . import snapshot
+        was_paused = all(vcpu.paused for vcpu in self.vcpus)
+        self.pause()
+        try:
+            snapshot.save(self, path)
+        except BaseException:
+            if not was_paused:
+                self.resume()
+            raise
+        if not stay_paused and not was_paused:
+            self.resume()
+
     def press_power_button(self) -> None:
         self.pm.press_power_button()
 

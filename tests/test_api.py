@@ -14,7 +14,7 @@ from guestrun import REPO
 pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 PROGRAM = textwrap.dedent("""
-    import signal, sys, threading
+    import signal, sys, threading, time
     from pyhyve.api import ExitStatus, MemoryConsole, PciSlot, Vm, VmSpec
 
     console = MemoryConsole()
@@ -30,6 +30,11 @@ PROGRAM = textwrap.dedent("""
         worker.start()
         worker.join(60)
         print("running", vm.wait(0.5) is None, flush=True)
+        vm.pause()                  # a snapshot of a paused VM leaves it paused
+        vm.snapshot(sys.argv[2] + "/s2")
+        time.sleep(0.5)             # a resumed vCPU would have left its pause by now
+        print("stays paused", all(vcpu.paused for vcpu in vm.machine.vcpus), flush=True)
+        vm.resume()
         print("stopped", vm.stop(ExitStatus.POWEROFF).name, flush=True)
     print("python handler", signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL)
     print("threads", [t.name for t in threading.enumerate() if t.name != "MainThread"])
@@ -43,7 +48,8 @@ def test_a_program_boots_seabios_and_reads_its_banner_through_the_api(tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[:3] == ["banner True", "running True", "stopped POWEROFF"], result.stdout
+    assert lines[:4] == ["banner True", "running True", "stays paused True",
+                         "stopped POWEROFF"], result.stdout
     assert "python handler True" in lines                 # nothing asked of the caller
     assert (tmp_path / "s").stat().st_size > 0             # the snapshot was written
     leftover = [name for name in eval(lines[-1].removeprefix("threads ")) if "ctl" in name]

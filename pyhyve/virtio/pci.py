@@ -18,9 +18,9 @@ address (the MMIO notify slot, and the legacy notify port with the queue
 index as datamatch; the buses set them up as KVM ioeventfds) signals an
 eventfd instead of exiting to userspace, and the VM's virtio I/O thread runs
 the queue.  A notify write that reaches bar_write anyway (no notifiers, an
-odd access width, the PCI_CFG window) runs the queue on the vCPU thread.  Interrupts go out
-through vm.signal_msi (an irqfd bound to a GSI route per MSI message) or the
-INTx router.
+odd access width, the PCI_CFG window) runs the queue on the vCPU thread.
+Interrupts go out through vm.signal_msi (an irqfd bound to a GSI route per
+MSI message) or the INTx router.
 
 Snapshots: quiesce() serves what the driver offered and holds the device
 lock while the VM is saved; save_state() adds the transport registers and
