@@ -262,11 +262,12 @@ class ControlServer:
         if self._closing:
             return
         self._closing = True
-        self._wake_writer.send(b"\0")
+        self._wake_writer.send(b"\0")    # the thread may have seen _closing already
         self._thread.join(CLOSE_TIMEOUT)
         if self._thread.is_alive():
             self.log.warning("control thread still busy after %.0f s", CLOSE_TIMEOUT)
         self._wake_writer.close()
+        self._wake_reader.close()       # here, not by the thread: the send above needs it
         try:
             if os.stat(self.path).st_ino == self._inode:   # still ours
                 os.unlink(self.path)
@@ -291,7 +292,6 @@ class ControlServer:
                 self._drop(client)
             self._selector.close()
             self._listener.close()
-            self._wake_reader.close()
 
     def _accept(self, events) -> None:
         try:

@@ -105,11 +105,12 @@ def raw_connection(path) -> socket.socket:
 
 
 def read_line(sock) -> dict:
+    """One answer, read a byte at a time: two answers may arrive in one segment."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
+        byte = sock.recv(1)
+        assert byte, f"connection closed after {data!r}"
+        data += byte
     return json.loads(data)
 
 
@@ -314,6 +315,24 @@ def test_a_second_server_for_a_running_vm_is_refused(running):
     with pytest.raises(ConfigError, match=r"VM ctltest is already running \(control socket "):
         ControlServer(running.vm, running.path)
     assert ask(running.path, {"command": "get-rip"})["ok"]
+
+
+@needs_kvm
+def test_close_after_the_thread_saw_closing(socket_dir):
+    """The race a force-poweroff sets up: the control thread finishes its
+    request, sees the VM closing and leaves before close() wakes it."""
+    vm = make_vm()
+    server = ControlServer(vm, str(socket_dir / "race.sock"))
+    try:
+        server._closing = True
+        raw_connection(server.path).close()     # one more turn of the event loop
+        server._thread.join(10)
+        assert not server._thread.is_alive()
+        server._closing = False
+        server.close()
+        assert not os.path.exists(server.path)
+    finally:
+        vm.close()
 
 
 @needs_kvm
