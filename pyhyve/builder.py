@@ -27,21 +27,21 @@ NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
 def add_platform_devices(vm, consoles: dict) -> None:
     """The legacy devices bhyve's lpc owns: PM, RTC, keyboard controller,
     reset and POST ports, UARTs, fw_cfg and the debug port."""
-    vm.pm = vm.add_device(PowerManagement(vm))
-    vm.rtc = vm.add_device(Rtc(vm, vm.memory.lowmem_size, vm.memory.highmem_size,
+    context = vm.context
+    vm.pm = vm.add_device(PowerManagement(context))
+    vm.rtc = vm.add_device(Rtc(context, vm.memory.lowmem_size, vm.memory.highmem_size,
                                use_utc=not vm.config.get_bool("rtc.use_localtime", True),
                                cpus=vm.topology.cpus))
-    vm.i8042 = vm.add_device(I8042(vm))
-    vm.hpet = vm.add_device(Hpet(
-        vm.mmio, lambda gsi, level: vm.set_irq_level(gsi, level, "hpet"),
-        vm.set_hpet_legacy_route, vm.warn_once))
-    vm.add_device(SystemControlPortA(vm))
-    vm.add_device(ResetControl(vm))
-    vm.add_device(PostCodes(vm))
+    vm.i8042 = vm.add_device(I8042(context))
+    vm.hpet = vm.add_device(Hpet(context, vm.set_hpet_legacy_route))
+    vm.add_device(SystemControlPortA(context))
+    vm.add_device(ResetControl(context))
+    vm.add_device(PostCodes(context))
     debugcon_path = vm.config.get("lpc.debugcon.path")
     if debugcon_path is not None:
         try:
-            vm.add_device(DebugConsole(vm, debugcon_path))
+            vm.add_device(DebugConsole(context, debugcon_path,
+                                       vm.config.get_bool("lpc.debugcon.append")))
         except OSError as exc:
             raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
                               f"{exc.strerror}") from None
@@ -58,7 +58,7 @@ def add_platform_devices(vm, consoles: dict) -> None:
             from .devices.chardev import open_backend
             backend = open_backend(spec, name)
         if backend is not None:
-            vm.uarts[name] = vm.add_device(Uart16550(vm, name, port, irq, backend))
+            vm.uarts[name] = vm.add_device(Uart16550(context, name, port, irq, backend))
     vm.fwcfg = vm.add_device(build_fwcfg(vm))
 
 
@@ -66,7 +66,7 @@ def build_fwcfg(vm) -> FwCfg:
     flavour = vm.config.get("lpc.fwcfg", "qemu")
     if flavour != "qemu":
         raise ConfigError(f"fw_cfg flavour '{flavour}' is not supported: use -l fwcfg,qemu")
-    fwcfg = FwCfg(vm, cpus=vm.topology.cpus, uuid=vm.uuid)
+    fwcfg = FwCfg(vm.context, cpus=vm.topology.cpus, uuid=vm.uuid)
     fwcfg.add_file("etc/e820", e820_table(vm.e820(firmware=True)))
     # As QEMU's default -boot reboot-timeout=-1: no retry after a failed boot.
     fwcfg.add_file("etc/boot-fail-wait", (0xFFFFFFFF).to_bytes(4, "little"))

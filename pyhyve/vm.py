@@ -18,6 +18,7 @@ from .boot.acpi import build_tables, platform_from_vm
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
+from .devctx import DeviceContext
 from .devices.fwcfg import E820_RAM, E820_RESERVED
 from .devices.rtc import RTC_IRQ
 from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
@@ -60,6 +61,8 @@ class VirtualMachine:
         self.devices: list = []         # lifecycle.Device, in the order they were built
         self.closables: list = []       # devices and services, closed in reverse order
         self.vcpus: list[VcpuThread] = []
+        self.has_run = False            # the guest has run: tables in its memory are its own
+        self._closing = False
 
         for key, near in unknown_keys(config.keys()):
             self.log.warning("unknown config key '%s'%s; ignored", key,
@@ -108,18 +111,16 @@ class VirtualMachine:
         self.boot.map_memory(self.memory)
         self.ports = PortBus()
         self.mmio = MmioBus()
+        self.context = DeviceContext(self)      # what devices get of this machine
         if self.kvm.check_extension(abi.KVM_CAP_IOEVENTFD):
             self.ports.notifier = self._ioeventfd_notifier(pio=True)
             self.mmio.notifier = self._ioeventfd_notifier(pio=False)
         builder.add_platform_devices(self, self._given_consoles)
-        self.pci = PciBus(self)
+        self.pci = PciBus(self.context)
         self.add_device(self.pci)
         builder.add_pci_devices(self)
-        # bhyve's -A: ACPI tables, placed where the boot method's guest looks
         self.acpi_tables = None
-        if self.config.get_bool("acpi_tables", True):
-            self.acpi_tables = build_tables(platform_from_vm(self))
-        self.boot.install_tables(self, self.acpi_tables)
+        self._install_tables()
         self.gdb = None
         if "gdb.port" in self.config:
             from .gdbstub import GdbStub
@@ -159,6 +160,26 @@ class VirtualMachine:
         self.closables.append(device)
         return device
 
+    def remove_device(self, device) -> None:
+        """A device taken off its bus (pci.PciBus.remove): no longer saved,
+        paused or closed with the VM, and gone from the ACPI tables."""
+        self.devices.remove(device)
+        self.closables.remove(device)
+        if not self._closing:
+            self._install_tables()
+
+    def _install_tables(self) -> None:
+        """bhyve's -A: ACPI tables built from the devices the VM has now, placed
+        where the boot method's guest looks (fw_cfg, read afresh at each
+        firmware boot; or guest memory, only before the guest runs)."""
+        if not self.config.get_bool("acpi_tables", True):
+            return
+        if self.acpi_tables is not None and not self.boot.can_replace_tables(self):
+            self.log.info("ACPI tables not rebuilt: the guest holds them already")
+            return
+        self.acpi_tables = build_tables(platform_from_vm(self))
+        self.boot.install_tables(self, self.acpi_tables)
+
     def _ioeventfd_notifier(self, pio: bool):
         """The buses' write notifiers (iobus): KVM ioeventfds in port or MMIO space."""
         def notifier(fd: int, address: int, size: int, datamatch: int | None,
@@ -197,6 +218,7 @@ class VirtualMachine:
     def run(self) -> ExitStatus:
         """Run until the guest or a user stops the VM; returns bhyve's exit status."""
         install_kick_handler()          # from any thread: see vcpu.install_kick_handler
+        self.has_run = True
         if self.gdb is not None:
             self.gdb.start()
         for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
@@ -276,7 +298,8 @@ class VirtualMachine:
 
     def close(self) -> None:
         """Release devices, vCPUs, memory and KVM descriptors."""
-        for device in reversed(self.closables):
+        self._closing = True
+        for device in reversed(list(self.closables)):     # a bus unplugs as it closes
             device.close()
         self.closables.clear()
         for vcpu in self.vcpus:

@@ -7,6 +7,7 @@ the vm_loop uses without /dev/kvm.
 """
 
 from pyhyve.config import Config
+from pyhyve.devctx import DeviceContext
 from pyhyve.iobus import MmioBus, PortBus
 from pyhyve.layout import MiB
 from pyhyve.memory import GuestMemory
@@ -49,10 +50,14 @@ class FakeVm:
         self.closables: list = []
         self.devices: list = []
         self.stopping = False
+        self.context = DeviceContext(self)
 
     def add_device(self, device):
         self.devices.append(device)
         return device
+
+    def remove_device(self, device):
+        self.devices.remove(device)
 
     def set_irq_level(self, irq: int, level: bool, source: str = "platform") -> None:
         """Shared lines as VirtualMachine models them: high while any source asserts."""

@@ -310,7 +310,7 @@ def test_hpet_table_matches_the_device():
 def test_platform_from_vm():
     vm = FakeVm()
     vm.topology = SimpleNamespace(cpus=2, apic_id=lambda index: 2 * index)
-    vm.pci = PciBus(vm)
+    vm.pci = PciBus(vm.context)
     described = SimpleNamespace(acpi_objects=lambda: [(ACPI_SYSTEM, b"described")])
     vm.devices.append(described)
     try:
@@ -332,8 +332,8 @@ class RecordingFwCfg:
     def __init__(self):
         self.files = {}
 
-    def add_file(self, name, data):
-        assert name not in self.files
+    def add_file(self, name, data, replace=False):
+        assert replace or name not in self.files
         self.files[name] = data
 
 
@@ -618,7 +618,7 @@ class DescribedDevice(PciTestDevice):
 def test_a_device_adds_its_own_objects_where_it_says(iasl, tmp_path):
     vm = FakeVm()
     vm.topology = SimpleNamespace(cpus=1, apic_id=lambda index: index)
-    vm.pci = PciBus(vm)
+    vm.pci = PciBus(vm.context)
     try:
         vm.pci.add(6, 0, DescribedDevice, {})
         vm.pci.add(31, 0, LpcBridge, {})

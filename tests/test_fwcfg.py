@@ -71,7 +71,7 @@ def vm():
 
 @pytest.fixture
 def fwcfg(vm):
-    device = FwCfg(vm, cpus=4, max_cpus=8, uuid=bytes(range(16)), boot_menu=True)
+    device = FwCfg(vm.context, cpus=4, max_cpus=8, uuid=bytes(range(16)), boot_menu=True)
     device.add_file("opt/zeta", b"last")
     device.add_file("etc/e820", e820_table([(0, 16 * MiB, E820_RAM)]))
     device.add_file("opt/alpha", b"hello fw_cfg")
@@ -341,7 +341,7 @@ access = st.one_of(
 @given(st.lists(access, max_size=40))
 def test_random_guest_accesses_never_raise(accesses):
     vm = FakeVm(memory_size=SMALL)
-    FwCfg(vm).add_file("opt/f", b"data" * 40)
+    FwCfg(vm.context).add_file("opt/f", b"data" * 40)
     for kind, *args in accesses:
         if kind == "out":
             vm.port_write(*args)

@@ -6,6 +6,7 @@ the HPET, calibrate with it and use it as a clocksource)."""
 
 import threading
 import time
+from types import SimpleNamespace
 
 from hypothesis import given, settings, strategies as st
 
@@ -13,6 +14,7 @@ from pyhyve.devices import hpet as hpet_module
 from pyhyve.devices.hpet import (ENABLE_CNF, GCAP_ID, GEN_CONF, GINTR_STA, HPET_SIZE,
                                  LEG_RT_CNF, MAIN_COUNTER, TN_32BIT, TN_INT_ENB, TN_INT_LEVEL,
                                  TN_PERIODIC, TN_VAL_SET, Hpet)
+from pyhyve.devctx import DeviceContext
 from pyhyve.layout import HPET_BASE
 from pyhyve.iobus import MmioBus
 
@@ -59,7 +61,10 @@ class Lines:
 def make_hpet():
     lines = Lines()
     bus = MmioBus()
-    device = Hpet(bus, lines.set_irq, lines.legacy.append, lines.warn)
+    device = Hpet(DeviceContext(SimpleNamespace(
+        memory=None, ports=None, mmio=bus, name="hpet-test", closables=[],
+        set_irq_level=lambda gsi, level, source: lines.set_irq(gsi, level),
+        warn_once=lines.warn)), lines.legacy.append)
     entry = bus.lookup(HPET_BASE)
     assert (entry.base, entry.end) == (HPET_BASE, HPET_BASE + HPET_SIZE)
 

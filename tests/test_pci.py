@@ -124,7 +124,7 @@ def vm():
 
 @pytest.fixture
 def bus(vm):
-    bus = PciBus(vm)
+    bus = PciBus(vm.context)
     bus.add(0, 0, HostBridge, {})
     bus.add(LPC_SLOT, 0, LpcBridge, {})
     return bus
@@ -229,7 +229,7 @@ def test_config_address_latches_only_on_dword_writes(vm, testdev):
 
 
 def test_reset_control_register_at_0xcf9_does_not_disturb_the_address(vm, testdev):
-    ResetControl(vm)
+    ResetControl(vm.context)
     address = cf8(TESTDEV_SLOT, 0, 0)
     vm.port_write(0xCF8, 4, address)
     vm.port_write(0xCF9, 1, 0x02)                    # SYS_RST without RST_CPU: no reset
@@ -267,7 +267,7 @@ def test_extended_config_space_is_empty_but_present(vm, testdev):
     (PciTestDevice, 0x00051B36, 0xFF0000, 0x11001AF4),
 ])
 def test_header_defaults(vm, cls, ids, class_code, subsystem):
-    bus = PciBus(vm)
+    bus = PciBus(vm.context)
     bus.add(2, 0, cls, {})
     for read in (lambda o, s: cfg_read(vm, 2, 0, o, s), lambda o, s: ecam_read(vm, 2, 0, o, s)):
         assert read(R.VENDOR_ID, 4) == ids
@@ -342,7 +342,7 @@ def test_an_installed_package_adds_an_emulation(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     cls = find_emulation("hello-dev")
     assert cls is not None and cls.__name__ == "HelloDevice" and cls.emulation_name == "hello-dev"
-    bus = PciBus(FakeVm())
+    bus = PciBus(FakeVm().context)
     bus.add(6, 0, cls, {})
     assert bus.config_read(0, 6, 0, R.VENDOR_ID, 4) == 0xBEEF << 16 | 0x1234
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{REPO}")
@@ -963,7 +963,7 @@ def bootrom_vm():
     rom = mmap.mmap(-1, BOOTROM_SIZE)
     rom.write(bytes((i * 7 + (i >> 8)) & 0xFF for i in range(BOOTROM_SIZE)))
     vm.memory.map_bootrom(rom)
-    bus = PciBus(vm)
+    bus = PciBus(vm.context)
     bus.add(0, 0, HostBridge, {})
     vm.rom = rom
     return vm
@@ -1353,7 +1353,7 @@ def test_random_config_and_bar_traffic_keeps_devices_consistent(setup, ops):
     vm = PciVm()
     rom = mmap.mmap(-1, BOOTROM_SIZE)
     vm.memory.map_bootrom(rom)
-    bus = PciBus(vm)
+    bus = PciBus(vm.context)
     devices = [bus.add(slot, func, cls, {}) for slot, func, cls in FUZZ_DEVICES]
     originals = {}
     for device in devices:

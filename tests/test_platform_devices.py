@@ -124,7 +124,7 @@ def vm():
 
 @pytest.fixture
 def rtc(vm):
-    device = Rtc(vm, 128 * MiB, 0, use_utc=True, cpus=1)
+    device = Rtc(vm.context, 128 * MiB, 0, use_utc=True, cpus=1)
     yield device
     device.close()
 
@@ -148,7 +148,7 @@ def clock(monkeypatch):
     (3 * GiB, 2048 * GiB, 255, {0x34: (3072 - 16) * 16, 0x5B: 0xFFFFFF, 0x5F: 254}),
 ])
 def test_cmos_memory_and_cpus(vm, low, high, cpus, expect):
-    device = Rtc(vm, low, high, use_utc=True, cpus=cpus)
+    device = Rtc(vm.context, low, high, use_utc=True, cpus=cpus)
     widths = {0x5B: 3, 0x5F: 1}
     for index, value in expect.items():
         assert cmos_word(vm, index, widths.get(index, 2)) == value, hex(index)
@@ -188,7 +188,7 @@ def test_nvram_banks_and_nmi_bit(vm, rtc):
 @pytest.mark.parametrize("mode", [B_24H, B_24H | B_BINARY, 0, B_BINARY],
                          ids=["bcd24", "bin24", "bcd12", "bin12"])
 def test_time_follows_host_clock(vm, use_utc, mode):
-    device = Rtc(vm, 128 * MiB, 0, use_utc=use_utc, cpus=1)
+    device = Rtc(vm.context, 128 * MiB, 0, use_utc=use_utc, cpus=1)
     cmos_write(vm, REG_B, mode)
     seen = read_time(vm)
     host = datetime.now(timezone.utc).replace(tzinfo=None) if use_utc else datetime.now()
@@ -321,7 +321,7 @@ def test_set_bit_clears_uie(vm, rtc):
 
 
 def test_close_stops_the_thread(vm):
-    device = Rtc(vm, 128 * MiB, 0, use_utc=True, cpus=1)
+    device = Rtc(vm.context, 128 * MiB, 0, use_utc=True, cpus=1)
     cmos_write(vm, REG_B, B_24H | B_PIE)
     assert rtc_threads()
     device.close()
@@ -331,7 +331,7 @@ def test_close_stops_the_thread(vm):
 # --- i8042 ---------------------------------------------------------------------------
 @pytest.fixture
 def kbc(vm):
-    return I8042(vm)
+    return I8042(vm.context)
 
 
 def kbc_command(vm, command: int, data: int | None = None) -> None:
@@ -399,7 +399,7 @@ def test_i8042_keyboard_commands(vm, kbc):
 def test_i8042_keyboard_irq(vm, kbc):
     history = []
 
-    def record(irq, level):
+    def record(irq, level, source="platform"):
         history.append((irq, level))
         vm.irq_levels[irq] = level
 
@@ -455,7 +455,7 @@ def test_i8042_unknown_command_warns(vm, kbc):
 
 # --- system control ports ----------------------------------------------------------------
 def test_port_92(vm):
-    SystemControlPortA(vm)
+    SystemControlPortA(vm.context)
     vm.port_write(0x92, 1, 0x02)
     assert vm.port_read(0x92, 1) == 0x02
     assert vm.stops == []
@@ -466,7 +466,7 @@ def test_port_92(vm):
 
 
 def test_reset_control_register(vm):
-    ResetControl(vm)
+    ResetControl(vm.context)
     vm.ports.register("pci-cfgaddr", 0xCF8, 1, lambda o, s: 0, lambda o, s, v: None)
     vm.ports.register("pci-cfgdata", 0xCFC, 4, lambda o, s: 0, lambda o, s, v: None)
     vm.port_write(0xCF9, 1, 0x02)
@@ -480,7 +480,7 @@ def test_reset_control_register(vm):
 
 
 def test_post_codes(vm):
-    post = PostCodes(vm)
+    post = PostCodes(vm.context)
     for code in (0x10, 0x20, 0x55):
         vm.port_write(0x80, 1, code)
     vm.port_write(0x80, 2, 0x1234)
@@ -498,11 +498,11 @@ ACCESS = st.tuples(st.booleans(), st.sampled_from(PORTS), st.sampled_from((1, 2,
 @given(st.lists(ACCESS, max_size=80), st.booleans())
 def test_random_port_traffic_never_raises(accesses, use_utc):
     vm = FakeVm()
-    rtc = Rtc(vm, 3 * GiB, GiB, use_utc=use_utc, cpus=4)
-    I8042(vm)
-    SystemControlPortA(vm)
-    ResetControl(vm)
-    PostCodes(vm)
+    rtc = Rtc(vm.context, 3 * GiB, GiB, use_utc=use_utc, cpus=4)
+    I8042(vm.context)
+    SystemControlPortA(vm.context)
+    ResetControl(vm.context)
+    PostCodes(vm.context)
     try:
         for is_write, port, size, value in accesses:
             if is_write:

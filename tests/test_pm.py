@@ -13,7 +13,7 @@ from pyhyve.vcpu import ExitStatus
 
 def make():
     vm = FakeVm()
-    return vm, PowerManagement(vm)
+    return vm, PowerManagement(vm.context)
 
 
 def test_s5_sleep_powers_off_and_other_states_do_not():

@@ -52,14 +52,14 @@ class Rig:
         self.irq_calls: list[bool] = []
         record = self.vm.set_irq_level
 
-        def set_irq_level(irq, level):
+        def set_irq_level(irq, level, source):
             assert irq == IRQ
             self.irq_calls.append(level)
-            record(irq, level)
+            record(irq, level, source)
 
         self.vm.set_irq_level = set_irq_level
         self.backend = MemoryBackend()
-        self.uart = Uart16550(self.vm, "com1", BASE, IRQ, self.backend)
+        self.uart = Uart16550(self.vm.context, "com1", BASE, IRQ, self.backend)
 
     def inb(self, reg: int) -> int:
         return self.vm.port_read(BASE + reg, 1)
@@ -414,13 +414,13 @@ def test_close_releases_backend_and_ignores_input(rig):
 def test_port_clash_closes_the_backend(rig):
     backend = MemoryBackend()
     with pytest.raises(BusConflict):
-        Uart16550(rig.vm, "com1-again", BASE, IRQ, backend)
+        Uart16550(rig.vm.context, "com1-again", BASE, IRQ, backend)
     assert backend.closed
 
 
 def test_uart_without_backend_drops_output():
     vm = FakeVm()
-    Uart16550(vm, "com2", *COM_PORTS["com2"], None)
+    Uart16550(vm.context, "com2", *COM_PORTS["com2"], None)
     vm.port_write(0x2F8, 1, ord("a"))
     assert vm.port_read(0x2F8 + LSR, 1) == 0x60
 
@@ -618,7 +618,7 @@ def test_new_client_replaces_the_old_one(tmp_path):
 def test_unix_backend_feeds_the_uart(tmp_path):
     path = str(tmp_path / "console")
     vm = FakeVm()
-    uart = Uart16550(vm, "com1", BASE, IRQ, open_backend(f"unix={path}", "com1"))
+    uart = Uart16550(vm.context, "com1", BASE, IRQ, open_backend(f"unix={path}", "com1"))
     vm.port_write(BASE + FCR, 1, 0x01)
     vm.port_write(BASE + IER, 1, 0x01)
     vm.port_write(BASE + MCR, 1, 0x08)

@@ -65,7 +65,7 @@ class VirtioVm(FakeVm):
                                 self.kvm_vm.ioeventfd(fd, address, size, pio, datamatch,
                                                       deassign))
         self.msis: list[tuple[int, int]] = []
-        self.pci = PciBus(self)
+        self.pci = PciBus(self.context)
 
     def signal_msi(self, address: int, data: int) -> None:
         self.msis.append((address, data))

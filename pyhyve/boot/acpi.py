@@ -500,6 +500,6 @@ def install_in_fwcfg(fwcfg, tables: AcpiTables) -> None:
     commands += [loader_add_checksum(file, offset + checksum.offset, offset + checksum.start,
                                      checksum.length)
                  for file, table, offset in placed for checksum in table.checksums]
-    fwcfg.add_file(TABLES_FILE, bytes(blob))
-    fwcfg.add_file(RSDP_FILE, bytes(rsdp))
-    fwcfg.add_file(LOADER_FILE, b"".join(commands))
+    fwcfg.add_file(TABLES_FILE, bytes(blob), replace=True)
+    fwcfg.add_file(RSDP_FILE, bytes(rsdp), replace=True)
+    fwcfg.add_file(LOADER_FILE, b"".join(commands), replace=True)

@@ -31,6 +31,10 @@ class BootMethod:
     def install_tables(self, vm, acpi_tables) -> None:
         pass
 
+    def can_replace_tables(self, vm) -> bool:
+        """Whether tables installed again (the devices changed) reach the guest."""
+        return not vm.has_run
+
     def start(self, vm) -> None:
         raise NotImplementedError
 
@@ -51,6 +55,9 @@ class FirmwareBoot(BootMethod):
     def install_tables(self, vm, acpi_tables) -> None:
         if acpi_tables is not None:
             install_in_fwcfg(vm.fwcfg, acpi_tables)
+
+    def can_replace_tables(self, vm) -> bool:
+        return True         # the firmware reads fw_cfg afresh at each boot
 
     def start(self, vm) -> None:
         set_reset_state(vm.vcpus[0].kvm_vcpu)

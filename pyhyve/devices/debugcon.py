@@ -16,13 +16,11 @@ class DebugConsole(Device):
     name = "debugcon"
     savable = True          # what it wrote is in its file; it holds nothing
 
-    def __init__(self, vm, path: str):
-        self.vm = vm
+    def __init__(self, context, path: str, append: bool = False):
+        """append: go on writing where a saved VM stopped (pyhyve -r)."""
         self.path = path
-        # A restored VM (pyhyve -r) goes on writing where the saved one stopped.
-        append = vm.config.get_bool("lpc.debugcon.append")
         self._file = open(path, "ab" if append else "wb", buffering=0)
-        vm.ports.register_sized("debugcon", DEBUGCON_PORT, frozenset((1,)),
+        context.ports.register_sized("debugcon", DEBUGCON_PORT, frozenset((1,)),
                                 self._read, self._write)
 
     def _read(self, offset: int, size: int) -> int:

@@ -7,7 +7,7 @@ item at port 0x510 and reads it a byte at a time at 0x511, or hands the device
 a DMA descriptor through the big-endian address register at 0x514-0x51B.
 
 Everything the guest names (selectors, descriptor addresses, lengths) is
-checked: guest memory is reached only through `vm.memory`, a bad address sets
+checked: guest memory is reached only through `context.memory`, a bad address sets
 the descriptor's ERROR bit, and no access ever raises out of the vm_loop.
 """
 
@@ -121,11 +121,11 @@ class FwCfg(Device):
     name = "fw_cfg"
     savable = True
 
-    def __init__(self, vm, *, cpus: int = 1, max_cpus: int | None = None,
+    def __init__(self, context, *, cpus: int = 1, max_cpus: int | None = None,
                  uuid: bytes = bytes(16), boot_menu: bool = False, nographic: bool = True):
         if len(uuid) != 16:
             raise ValueError("fw_cfg UUID must be 16 bytes")
-        self.vm = vm
+        self.context = context
         self._items: dict[int, bytes] = {}
         self._files: dict[str, bytes] = {}
         # vCPU threads share one cursor; QEMU serializes them under its big lock
@@ -137,15 +137,15 @@ class FwCfg(Device):
         self.add_bytes(FW_CFG_SIGNATURE, SIGNATURE)
         self.add_bytes(FW_CFG_ID, struct.pack("<I", ID_TRADITIONAL | ID_DMA))
         self.add_bytes(FW_CFG_UUID, bytes(uuid))
-        self.add_bytes(FW_CFG_RAM_SIZE, struct.pack("<Q", vm.memory.size))
+        self.add_bytes(FW_CFG_RAM_SIZE, struct.pack("<Q", context.memory.size))
         self.add_bytes(FW_CFG_NOGRAPHIC, struct.pack("<H", int(nographic)))
         self.add_bytes(FW_CFG_NB_CPUS, struct.pack("<H", cpus))
         self.add_bytes(FW_CFG_MAX_CPUS, struct.pack("<H", max_cpus or cpus))
         self.add_bytes(FW_CFG_BOOT_MENU, struct.pack("<H", int(boot_menu)))
         self._rebuild_directory()
         self.reset()
-        vm.ports.register("fw_cfg", SELECTOR_PORT, 2, self._port_read, self._port_write)
-        vm.ports.register("fw_cfg-dma", DMA_PORT, DMA_PORT_SIZE, self._dma_read,
+        context.ports.register("fw_cfg", SELECTOR_PORT, 2, self._port_read, self._port_write)
+        context.ports.register("fw_cfg-dma", DMA_PORT, DMA_PORT_SIZE, self._dma_read,
                           self._dma_write)
 
     # --- items ----------------------------------------------------------------
@@ -160,17 +160,19 @@ class FwCfg(Device):
             raise ValueError(f"fw_cfg item {key:#x} is larger than 4 GiB")
         self._items[key] = bytes(data)
 
-    def add_file(self, name: str, data: bytes) -> None:
-        """Add a named file; raises ConfigError for a bad or duplicate name."""
+    def add_file(self, name: str, data: bytes, replace: bool = False) -> None:
+        """Add a named file (or, with replace, give one new contents, which
+        firmware reads at its next boot); ConfigError for a bad or duplicate name."""
         _check_name(name)
-        if name in self._files:
+        if name in self._files and not replace:
             raise ConfigError(f"fw_cfg file '{name}' is given twice")
-        if len(self._files) >= MAX_FILES:
+        if name not in self._files and len(self._files) >= MAX_FILES:
             raise ConfigError(f"too many fw_cfg files (at most {MAX_FILES})")
         if len(data) > MAX_ITEM_SIZE:
             raise ConfigError(f"fw_cfg file '{name}' is larger than 4 GiB")
-        self._files[name] = bytes(data)
-        self._rebuild_directory()
+        with self._lock:
+            self._files[name] = bytes(data)
+            self._rebuild_directory()
 
     def _rebuild_directory(self) -> None:
         """Number files in name order from 0x20 and rewrite FW_CFG_FILE_DIR, as QEMU does."""
@@ -245,7 +247,7 @@ class FwCfg(Device):
     def _dma_transfer(self, address: int) -> None:
         """Run one descriptor and write its control word back (0, or ERROR)."""
         try:
-            control, length, target = DMA_ACCESS.unpack(self.vm.memory.read(address, 16))
+            control, length, target = DMA_ACCESS.unpack(self.context.memory.read(address, 16))
         except GuestMemoryError:
             self._dma_complete(address, DMA_CTL_ERROR)
             return
@@ -273,26 +275,26 @@ class FwCfg(Device):
         count = min(length, max(len(data) - offset, 0))
         self._offset = offset + count
         if operation == DMA_CTL_WRITE:
-            self.vm.warn_once("fwcfg-dma-write", "guest tried to write a read-only "
+            self.context.warn_once("fwcfg-dma-write", "guest tried to write a read-only "
                               "fw_cfg item by DMA")
             return DMA_CTL_ERROR
         if operation != DMA_CTL_READ:
             return 0
-        memory = self.vm.memory
+        memory = self.context.memory
         try:
             if count:
                 memory.write(target, memoryview(data)[offset:offset + count])
             if length > count:
                 self._zero_fill(target + count, length - count)
         except GuestMemoryError:
-            self.vm.warn_once("fwcfg-dma-range", "fw_cfg DMA to %#x+%#x is outside "
+            self.context.warn_once("fwcfg-dma-range", "fw_cfg DMA to %#x+%#x is outside "
                               "guest memory", target, length)
             return DMA_CTL_ERROR
         return 0
 
     def _zero_fill(self, gpa: int, length: int) -> None:
         """Zero guest memory in place, a chunk at a time, without a length-sized buffer."""
-        view = self.vm.memory.view(gpa, length, write=True)
+        view = self.context.memory.view(gpa, length, write=True)
         zeros = memoryview(bytes(min(length, ZERO_FILL_CHUNK)))
         for start in range(0, length, len(zeros)):
             end = min(start + len(zeros), length)
@@ -300,6 +302,6 @@ class FwCfg(Device):
 
     def _dma_complete(self, address: int, status: int) -> None:
         try:
-            self.vm.memory.write(address, struct.pack(">I", status))
+            self.context.memory.write(address, struct.pack(">I", status))
         except GuestMemoryError:
             pass                            # nowhere to report it; QEMU drops it too

@@ -88,18 +88,16 @@ class Timer:
 class Hpet(Device):
     """The HPET's registers, its counter and the thread that fires its comparators.
 
-    `set_irq(gsi, level)` drives an interrupt line; `set_legacy_route(taken)`
-    cuts the PIT and RTC off IRQs 0 and 8 (True) or connects them again."""
+    `set_legacy_route(taken)` cuts the PIT and RTC off IRQs 0 and 8 (True) or
+    connects them again: the PIT is KVM's, so that is the machine's to do."""
 
     name = "hpet"
     savable = True
 
-    def __init__(self, mmio, set_irq: Callable[[int, bool], None],
-                 set_legacy_route: Callable[[bool], None],
-                 warn: Callable[..., None]):
-        self._set_irq = set_irq
+    def __init__(self, context, set_legacy_route: Callable[[bool], None]):
+        self._context = context
         self._set_legacy_route = set_legacy_route
-        self._warn = warn
+        self._warn = context.warn_once
         self._cond = threading.Condition(threading.Lock())   # no re-entry: a plain lock
         self._config = 0
         self._status = 0
@@ -109,7 +107,7 @@ class Hpet(Device):
         self.timers = [Timer(index) for index in range(TIMERS)]
         self._thread: threading.Thread | None = None
         self._closed = False
-        mmio.register("hpet", HPET_BASE, HPET_SIZE, self._read, self._write)
+        context.mmio.register("hpet", HPET_BASE, HPET_SIZE, self._read, self._write)
 
     def close(self) -> None:
         with self._cond:
@@ -281,7 +279,7 @@ class Hpet(Device):
         gsi = self._route(timer)
         timer.line = level
         if gsi is not None:
-            self._set_irq(gsi, level)
+            self._context.irq_line(gsi, "hpet").set(level)
 
     def _lower_lines(self) -> None:
         for timer in self.timers:

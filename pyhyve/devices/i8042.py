@@ -91,8 +91,8 @@ class I8042(Device):
     STATE = ("ram", "sys", "output_port", "queue", "last_read", "last_was_command",
              "command", "kbd_command")
 
-    def __init__(self, vm):
-        self.vm = vm
+    def __init__(self, context):
+        self.context = context
         self._lock = threading.Lock()
         self._ram = bytearray(32)
         self._ram[0] = POWER_ON_COMMAND_BYTE
@@ -104,8 +104,9 @@ class I8042(Device):
         self._command: int | None = None        # controller command awaiting its data byte
         self._kbd_command: int | None = None    # keyboard command awaiting its parameter
         self._lines = {KBD_IRQ: False, AUX_IRQ: False}
-        vm.ports.register("i8042-data", DATA_PORT, 1, self._data_read, self._data_write)
-        vm.ports.register("i8042-command", COMMAND_PORT, 1, self._status_read,
+        self._irq_lines = {irq: context.irq_line(irq) for irq in self._lines}
+        context.ports.register("i8042-data", DATA_PORT, 1, self._data_read, self._data_write)
+        context.ports.register("i8042-command", COMMAND_PORT, 1, self._status_read,
                           self._command_write)
 
     def acpi_objects(self) -> list[tuple[str, bytes]]:
@@ -225,15 +226,15 @@ class I8042(Device):
             self._set_output_port(self._output_port | OUT_A20)
         elif command >= PULSE_OUTPUT:
             if not command & OUT_RESET:     # 0xFE (and other even ones) pulse reset
-                self.vm.stop(ExitStatus.RESET)
+                self.context.request_stop(ExitStatus.RESET)
         else:
-            self.vm.warn_once(("i8042-command", command),
+            self.context.warn_once(("i8042-command", command),
                               "i8042: unsupported controller command %#x ignored", command)
 
     def _set_output_port(self, value: int) -> None:
         self._output_port = value
         if not value & OUT_RESET:
-            self.vm.stop(ExitStatus.RESET)
+            self.context.request_stop(ExitStatus.RESET)
 
     # --- the keyboard -----------------------------------------------------------------
     def _keyboard(self, byte: int) -> None:
@@ -281,7 +282,7 @@ class I8042(Device):
     def _set_line(self, irq: int, level: bool) -> None:
         if self._lines[irq] != level:
             self._lines[irq] = level
-            self.vm.set_irq_level(irq, level)
+            self._irq_lines[irq].set(level)
 
 
 def _high_ones(size: int) -> int:

@@ -31,15 +31,16 @@ class PowerManagement(Device):
     name = "pm"
     savable = True          # the PM timer runs from the host clock: no state
 
-    def __init__(self, vm):
-        self.vm = vm
+    def __init__(self, context):
+        self.context = context
+        self._sci = context.irq_line(SCI_IRQ)
         self.status = 0
         self.enable = 0
         self.control = SCI_EN       # the FADT has no SMI_CMD: ACPI is always on
         self._epoch = time.monotonic_ns()
-        vm.ports.register("pm1a-evt", PM1A_EVT_PORT, 4, self._evt_read, self._evt_write)
-        vm.ports.register("pm1a-cnt", PM1A_CNT_PORT, 2, self._cnt_read, self._cnt_write)
-        vm.ports.register("pm-tmr", PM_TMR_PORT, 4, self._tmr_read, self._ignore)
+        context.ports.register("pm1a-evt", PM1A_EVT_PORT, 4, self._evt_read, self._evt_write)
+        context.ports.register("pm1a-cnt", PM1A_CNT_PORT, 2, self._cnt_read, self._cnt_write)
+        context.ports.register("pm-tmr", PM_TMR_PORT, 4, self._tmr_read, self._ignore)
 
     def timer(self) -> int:
         """The 3.579545 MHz PM timer, 32 bits wide (FADT TMR_VAL_EXT)."""
@@ -50,7 +51,7 @@ class PowerManagement(Device):
         return self.timer() >> (8 * offset)
 
     def _ignore(self, offset: int, size: int, value: int) -> None:
-        self.vm.warn_once("pm-tmr-write", "guest wrote to the read-only PM timer")
+        self.context.warn_once("pm-tmr-write", "guest wrote to the read-only PM timer")
 
     def _evt_read(self, offset: int, size: int) -> int:
         value = self.status | (self.enable << 16)
@@ -73,7 +74,7 @@ class PowerManagement(Device):
         mask = (((1 << (8 * size)) - 1) << (8 * offset)) & 0xFFFF
         self.control = (self.control & ~mask) | (value & mask & ~SLP_EN)
         if value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == SLP_TYP_S5:
-            self.vm.stop(ExitStatus.POWEROFF)
+            self.context.request_stop(ExitStatus.POWEROFF)
 
     def press_power_button(self) -> None:
         """What the ACPI power button does: PWRBTN_STS, then an SCI if enabled."""
@@ -98,4 +99,4 @@ class PowerManagement(Device):
         self._update_sci()
 
     def _update_sci(self) -> None:
-        self.vm.set_irq_level(SCI_IRQ, bool(self.status & self.enable & 0xFFFF))
+        self._sci.set(bool(self.status & self.enable & 0xFFFF))

@@ -87,9 +87,10 @@ class Rtc(Device):
     savable = True
     STATE = ("nvram", "index", "ext_index", "a", "b", "flags", "offset", "held")
 
-    def __init__(self, vm, memory_size_low: int, memory_size_high: int, use_utc: bool,
+    def __init__(self, context, memory_size_low: int, memory_size_high: int, use_utc: bool,
                  cpus: int):
-        self.vm = vm
+        self.context = context
+        self._line = context.irq_line(RTC_IRQ, source="rtc")
         self._use_utc = use_utc
         self._nvram = bytearray(256)
         self._index = 0
@@ -108,7 +109,7 @@ class Rtc(Device):
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        vm.ports.register("rtc", RTC_PORT, 4, self._io_read, self._io_write)
+        context.ports.register("rtc", RTC_PORT, 4, self._io_read, self._io_write)
 
     def close(self) -> None:
         """Stop the interrupt thread."""
@@ -270,7 +271,7 @@ class Rtc(Device):
         """Restart the clock from the time registers, with a fresh second starting now."""
         seconds = self._registers_to_seconds()
         if seconds is None:
-            self.vm.warn_once("rtc-invalid-time", "guest set an invalid RTC date/time; "
+            self.context.warn_once("rtc-invalid-time", "guest set an invalid RTC date/time; "
                               "the RTC stops until it is given a valid one")
             return
         self._offset = seconds - self._host_clock()
@@ -377,7 +378,7 @@ class Rtc(Device):
         level = bool(self._flags & self._b & (C_PF | C_AF | C_UF))
         if level != self._irq:
             self._irq = level
-            self.vm.set_irq_level(RTC_IRQ, level, source="rtc")
+            self._line.set(level)
 
     def _next_event(self) -> float | None:
         """Seconds until the next event an enabled interrupt waits for; None if none."""

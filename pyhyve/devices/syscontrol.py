@@ -49,10 +49,10 @@ class SystemControlPortA(_ByteRegister):
 
     name = "port-a"
 
-    def __init__(self, vm):
-        self.vm = vm
+    def __init__(self, context):
+        self.context = context
         self._value = 0
-        vm.ports.register("port-a", PORT_A, 1, self._read, self._write)
+        context.ports.register("port-a", PORT_A, 1, self._read, self._write)
 
     def _read(self, offset: int, size: int) -> int:
         return self._value | _high_ones(size)
@@ -61,7 +61,7 @@ class SystemControlPortA(_ByteRegister):
         value &= 0xFF
         previous, self._value = self._value, value
         if value & PORT_A_RESET and not previous & PORT_A_RESET:
-            self.vm.stop(ExitStatus.RESET)
+            self.context.request_stop(ExitStatus.RESET)
 
 
 class ResetControl(_ByteRegister):
@@ -69,10 +69,10 @@ class ResetControl(_ByteRegister):
 
     name = "reset-control"
 
-    def __init__(self, vm):
-        self.vm = vm
+    def __init__(self, context):
+        self.context = context
         self._value = 0
-        vm.ports.register("reset-control", RESET_CONTROL, 1, self._read, self._write)
+        context.ports.register("reset-control", RESET_CONTROL, 1, self._read, self._write)
 
     def _read(self, offset: int, size: int) -> int:
         return self._value | _high_ones(size)
@@ -80,7 +80,7 @@ class ResetControl(_ByteRegister):
     def _write(self, offset: int, size: int, value: int) -> None:
         self._value = value & RC_SYS_RST
         if value & RC_RST_CPU:
-            self.vm.stop(ExitStatus.RESET)
+            self.context.request_stop(ExitStatus.RESET)
 
 
 class PostCodes(Device):
@@ -89,10 +89,10 @@ class PostCodes(Device):
     name = "post"
     savable = True
 
-    def __init__(self, vm):
+    def __init__(self, context):
         self.last = 0
         self.count = 0
-        vm.ports.register("post", POST_PORT, 1, self._read, self._write)
+        context.ports.register("post", POST_PORT, 1, self._read, self._write)
 
     def _read(self, offset: int, size: int) -> int:
         return self.last | _high_ones(size)

@@ -118,11 +118,12 @@ class Uart16550(Device):
 
     savable = True
 
-    def __init__(self, vm, name: str, base_port: int, irq: int, backend):
-        self.vm = vm
+    def __init__(self, context, name: str, base_port: int, irq: int, backend):
+        self.context = context
         self.name = name
         self.base_port = base_port
         self.irq = irq
+        self._line = context.irq_line(irq)
         self.backend = backend
         self.rx_dropped = 0             # host input bytes lost to a full pending buffer
         self._lock = threading.Lock()
@@ -132,7 +133,7 @@ class Uart16550(Device):
         self._closed = False
         self.reset()
         try:
-            vm.ports.register(name, base_port, 8, self._read, self._write)
+            context.ports.register(name, base_port, 8, self._read, self._write)
         except BaseException:
             self.close()                    # the UART owns its backend from the start
             raise
@@ -201,7 +202,7 @@ class Uart16550(Device):
                 del self._pending[PENDING_LIMIT:]
                 self.rx_dropped += excess
                 self._overrun = True        # tell the guest that input was lost
-                self.vm.warn_once(("uart-input-dropped", self.name),
+                self.context.warn_once(("uart-input-dropped", self.name),
                                   "%s: guest is not reading its input; dropping bytes",
                                   self.name)
             self._update_irq()
@@ -356,4 +357,4 @@ class Uart16550(Device):
             self._reason() != IIR_NOPEND
         if level != self._irq_level:
             self._irq_level = level
-            self.vm.set_irq_level(self.irq, level)
+            self._line.set(level)

@@ -46,12 +46,12 @@ class PciBus(Device):
     name = "pci.0"
     savable = True
 
-    def __init__(self, vm):
-        self.vm = vm
+    def __init__(self, context):
+        self.context = context
         self.functions: dict[tuple[int, int], PciDevice] = {}
         self.config_address = 0
-        self.intx = IntxRouter(vm)
-        high_end = HIGHMEM_BASE + vm.memory.highmem_size
+        self.intx = IntxRouter(context)
+        high_end = HIGHMEM_BASE + context.memory.highmem_size
         mem64_base = max(HIGHMEM_BASE + 60 * GiB, (high_end + GiB - 1) & ~(GiB - 1))
         self._next = {BAR_IO: PCI_IO_WINDOW[0], BAR_MEM32: PCI_MEM32_WINDOW[0],
                       BAR_MEM64: mem64_base}
@@ -59,11 +59,11 @@ class PciBus(Device):
                        BAR_MEM64: mem64_base + PCI_MEM64_SIZE}
         # Only the first port: dispatch is by the starting port, so a dword at
         # 0xCF8 lands here while a byte at 0xCF9 reaches the reset control register.
-        vm.ports.register("pci-config-address", CONFIG_ADDRESS_PORT, 1,
+        context.ports.register("pci-config-address", CONFIG_ADDRESS_PORT, 1,
                           self._address_read, self._address_write)
-        vm.ports.register("pci-config-data", CONFIG_DATA_PORT, 4,
+        context.ports.register("pci-config-data", CONFIG_DATA_PORT, 4,
                           self._data_read, self._data_write)
-        vm.mmio.register("pci-ecam", ECAM_BASE, ECAM_SIZE, self._ecam_read, self._ecam_write)
+        context.mmio.register("pci-ecam", ECAM_BASE, ECAM_SIZE, self._ecam_read, self._ecam_write)
 
     @property
     def mem64_window(self) -> tuple[int, int]:
@@ -81,12 +81,12 @@ class PciBus(Device):
         check_options(cls.emulation_name, cls.options, options)
         options = dict(options)
         rom_path = options.pop("rom", None)     # any device may carry an option ROM
-        device = cls(self.vm, self, slot, func)
+        device = cls(self.context, self, slot, func)
         device.init(options)
         if rom_path is not None:
             device.add_rom(_read_rom(rom_path, cls.emulation_name))
         self.functions[slot, func] = device
-        self.vm.add_device(device)
+        self.context.plug(device)
         return device
 
     def remove(self, device: PciDevice) -> None:
@@ -95,6 +95,7 @@ class PciBus(Device):
         device.unmap_all()
         device.teardown()
         del self.functions[device.slot, device.func]
+        self.context.unplug(device)
 
     def is_multifunction(self, slot: int) -> bool:
         return any(s == slot and f > 0 for s, f in self.functions)
@@ -114,7 +115,7 @@ class PciBus(Device):
     def map(self, device: PciDevice, kind: str, address: int, size: int, name: str,
             read, write):
         """Decode a BAR at `address`; None (logged once) where that cannot be."""
-        bus = self.vm.ports if kind == BAR_IO else self.vm.mmio
+        bus = self.context.ports if kind == BAR_IO else self.context.mmio
         if address == 0 or (kind == BAR_IO and address + size > 0x10000):
             return None
         try:
@@ -124,7 +125,7 @@ class PciBus(Device):
             return None
 
     def unmap(self, kind: str, mapping) -> None:
-        (self.vm.ports if kind == BAR_IO else self.vm.mmio).unregister(mapping)
+        (self.context.ports if kind == BAR_IO else self.context.mmio).unregister(mapping)
 
     # --- config cycles --------------------------------------------------------------------
     def config_read(self, bus: int, slot: int, func: int, offset: int, size: int) -> int:

@@ -49,8 +49,8 @@ class PciDevice(Device):
     config_size = R.CONFIG_SPACE_SIZE
     options: tuple = ()         # pci.options.Option: what init() accepts, checked before
 
-    def __init__(self, vm, bus, slot: int, func: int):
-        self.vm = vm
+    def __init__(self, context, bus, slot: int, func: int):
+        self.context = context      # devctx.DeviceContext: all of the machine a device uses
         self.bus = bus
         self.slot = slot
         self.func = func

@@ -39,7 +39,7 @@ class HostBridge(PciDevice):
     def config_changed(self, offset: int, size: int) -> None:
         if offset < PAM0 + PAM_REGISTERS and offset + size > PAM0:
             for gpa, _ in BIOS_AREA_CHUNKS:
-                self.vm.memory.set_bios_area(gpa, self._pam_mode(gpa))
+                self.context.memory.set_bios_area(gpa, self._pam_mode(gpa))
 
     def _pam_mode(self, gpa: int) -> str:
         """The PAM attribute for a BIOS-area chunk: PAM0's high nibble covers

@@ -23,8 +23,10 @@ def link_for(slot: int, pin: int) -> int:
 
 
 class IntxRouter:
-    def __init__(self, vm):
-        self.vm = vm
+    def __init__(self, context):
+        self.context = context
+        self._pins = [context.irq_line(IOAPIC_PIN_BASE + link, "pci")
+                      for link in range(PIRQ_LINKS)]
         self.routes = [PIRQ_DISABLED] * PIRQ_LINKS    # what the LPC bridge holds
         self.counts = [0] * PIRQ_LINKS
         self._lock = threading.Lock()
@@ -35,14 +37,14 @@ class IntxRouter:
         return irq if not route & PIRQ_DISABLED and irq in ROUTABLE_IRQS else None
 
     def _drive(self, link: int, level: bool) -> None:
-        self.vm.set_irq_level(IOAPIC_PIN_BASE + link, level, source="pci")
+        self._pins[link].set(level)
         self._drive_isa(link, self.routes[link], level)
 
     def _drive_isa(self, link: int, route: int, level: bool) -> None:
         """Each link is its own source on a (possibly shared) ISA IRQ line."""
         irq = self.isa_irq(route)
         if irq is not None:
-            self.vm.set_irq_level(irq, level, source=f"pirq{link}")
+            self.context.irq_line(irq, f"pirq{link}").set(level)
 
     def assert_pin(self, device) -> None:
         link = link_for(device.slot, device.config[0x3D])

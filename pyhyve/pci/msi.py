@@ -98,7 +98,7 @@ class MsiCapability:
                                   address)
             return
         multiple = enabled_vectors - 1
-        self.device.vm.signal_msi(address, (data & ~multiple) | (vector & multiple))
+        self.device.context.signal_msi(address, (data & ~multiple) | (vector & multiple))
 
 
 class MsixCapability:
@@ -200,7 +200,7 @@ class MsixCapability:
             self.device.warn_once("msix-address", "MSI-X vector %d address %#x is not an "
                                   "APIC address", vector, address)
             return
-        self.device.vm.signal_msi(address, data)
+        self.device.context.signal_msi(address, data)
 
     def _deliver_pending(self) -> None:
         if not self.pending or not self.enabled or self.function_masked:

@@ -177,7 +177,7 @@ class VirtioBlock(VirtioPciDevice):
         """Serve one request; the status goes in the last byte the driver gave us."""
         if not chain.writable:
             raise VirtqueueError("block request without a status byte")
-        memory = self.vm.memory
+        memory = self.context.memory
         data_in, status = _split(chain.writable, sum(n for _, n in chain.writable) - 1)
         header, data_out = _split(chain.readable, _HEADER.size)
         written = 0
@@ -196,7 +196,7 @@ class VirtioBlock(VirtioPciDevice):
 
     def _serve(self, kind: int, sector: int, data_in, data_out) -> tuple[int, int]:
         """(status, bytes written into data_in) for one request."""
-        memory = self.vm.memory
+        memory = self.context.memory
         if kind == T_IN or kind == T_OUT:
             buffers = data_in if kind == T_IN else data_out
             length = sum(n for _, n in buffers)
@@ -237,7 +237,7 @@ class VirtioBlock(VirtioPciDevice):
         length = sum(n for _, n in data_out)
         if not length or length % _SEGMENT.size or length > _SEGMENT.size * MAX_RANGE_SEGMENTS:
             return S_IOERR
-        table = b"".join(self.vm.memory.view(g, n) for g, n in data_out)
+        table = b"".join(self.context.memory.view(g, n) for g, n in data_out)
         segments = list(_SEGMENT.iter_unpack(table))
         for sector, count, flags in segments:
             allowed = WRITE_ZEROES_UNMAP if kind == T_WRITE_ZEROES else 0

@@ -219,7 +219,7 @@ class VirtioConsole(VirtioPciDevice):
             super().queue_notified(index, queue)
 
     def handle_request(self, index: int, chain: Chain) -> int:
-        data = chain.read_all(self.vm.memory)
+        data = chain.read_all(self.context.memory)
         if index == CONTROL_TX:
             self._control_message(data)
         elif data:
@@ -230,7 +230,7 @@ class VirtioConsole(VirtioPciDevice):
         """Move waiting host input into the port's receive buffers."""
         if self.negotiated(F_MULTIPORT) and not port.guest_open:
             return
-        memory = self.vm.memory
+        memory = self.context.memory
         while port.pending and (chain := queue.pop()) is not None:
             written = chain.write(memory, port.pending)
             del port.pending[:written]
@@ -239,7 +239,7 @@ class VirtioConsole(VirtioPciDevice):
 
     def _send_control(self, queue: SplitQueue) -> None:
         """One device-to-driver message per buffer the driver posted."""
-        memory = self.vm.memory
+        memory = self.context.memory
         while self._control_out and (chain := queue.pop()) is not None:
             queue.push(chain.head, chain.write(memory, self._control_out.popleft()))
         self.interrupt_queue(CONTROL_RX)

@@ -59,7 +59,6 @@ from ..config import ConfigError
 from ..pci import emulation
 from ..pci.options import Option
 from . import slirp
-from .iothread import io_thread
 from .pci import F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET, VirtioPciDevice
 from .queue import Chain, SplitQueue
 from .tap import (HDR_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, open_tap,
@@ -169,7 +168,7 @@ class VirtioNet(VirtioPciDevice):
         if "mac" in options:
             mac = parse_mac(options["mac"])
         else:
-            mac = generate_mac(self.slot, self.func, self.vm.name)
+            mac = generate_mac(self.slot, self.func, self.context.vm_name)
         features = F_MAC | F_STATUS | F_MRG_RXBUF
         mtu = DEFAULT_MTU
         if "mtu" in options:
@@ -195,7 +194,7 @@ class VirtioNet(VirtioPciDevice):
             self._close_backend()
             raise
         _CONFIG.pack_into(self.device_config, 0, mac, S_LINK_UP, 1, mtu)
-        self._backend_thread = io_thread(self.vm)
+        self._backend_thread = self.context.io_thread()
         self._rx_armed = False
         self._rx_frame: bytes | None = None    # read from the backend, waiting for buffers
         self._tap_receive_offloads = 0         # what the tap was told (the probe left none)
@@ -390,7 +389,7 @@ class VirtioNet(VirtioPciDevice):
             return True
         if header_length == HDR_LEN:
             struct.pack_into("<H", payload, LEGACY_HDR_LEN, len(chains))
-        memory, offset = self.vm.memory, 0
+        memory, offset = self.context.memory, 0
         for chain, capacity in chains:
             written = chain.write(memory, data[offset:offset + capacity])
             offset += written
@@ -400,7 +399,7 @@ class VirtioNet(VirtioPciDevice):
     # --- transmit ------------------------------------------------------------------------
     def handle_request(self, index: int, chain: Chain) -> int:
         header_length = self._header_length()
-        views = chain.readable_views(self.vm.memory)
+        views = chain.readable_views(self.context.memory)
         skip = header_length
         frame = []
         for view in views:

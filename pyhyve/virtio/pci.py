@@ -46,7 +46,6 @@ from ..iobus import NotifierUnavailable
 from ..memory import GuestMemoryError
 from ..pci import BAR_IO, BAR_MEM32, PciDevice
 from ..pci import regs as R
-from .iothread import io_thread
 from .queue import Chain, SplitQueue, VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ class VirtioPciDevice(PciDevice):
         self.set_interrupt_pin(1)
         self.device_features = features | TRANSPORT_FEATURES
         self.device_config = bytearray(config_size)
-        self.queues = [SplitQueue(self.vm.memory, size) for size in queue_sizes]
+        self.queues = [SplitQueue(self.context.memory, size) for size in queue_sizes]
         self.queue_max = list(queue_sizes)
         self.queue_vectors = [NO_VECTOR] * len(queue_sizes)
         self._lock = threading.RLock()
@@ -144,8 +143,8 @@ class VirtioPciDevice(PciDevice):
         self._assigned: set[tuple] = set()
         self._notify_fds: list[int] = []
         self._io_thread = None
-        if self.vm.ports.notifies and self.vm.mmio.notifies:
-            self._io_thread = io_thread(self.vm)
+        if self.context.ports.notifies and self.context.mmio.notifies:
+            self._io_thread = self.context.io_thread()
             for index in range(len(self.queues)):
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._notify_fds.append(fd)
@@ -612,7 +611,7 @@ class VirtioPciDevice(PciDevice):
 
     def _ioeventfd(self, key: tuple, deassign: bool) -> None:
         index, pio, address, datamatch = key
-        bus = self.vm.ports if pio else self.vm.mmio
+        bus = self.context.ports if pio else self.context.mmio
         try:
             if deassign:
                 bus.remove_notifier(self._notify_fds[index], address, 2, datamatch)

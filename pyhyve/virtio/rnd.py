@@ -29,4 +29,4 @@ class VirtioRandom(VirtioPciDevice):
 
     def handle_request(self, index: int, chain: Chain) -> int:
         wanted = min(sum(length for _, length in chain.writable), MAX_REQUEST)
-        return chain.write(self.vm.memory, os.urandom(wanted))
+        return chain.write(self.context.memory, os.urandom(wanted))
