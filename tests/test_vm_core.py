@@ -214,3 +214,39 @@ def test_pausing_the_vm_pauses_its_devices_and_resuming_resumes_them():
         assert hpet.read(0xF0, 8) > stood
     finally:
         vm.close()
+
+
+def fw_cfg_file(vm, wanted: str) -> bytes:
+    """A fw_cfg file as firmware reads it: the directory, then the file, by port."""
+    ports = vm.ports.lookup(0x510)          # selector at 0x510, data at 0x511
+
+    def read(key: int, length: int) -> bytes:
+        ports.write(0, 2, key)
+        return bytes(ports.read(1, 1) for _ in range(length))
+    count = int.from_bytes(read(0x19, 4), "big")
+    directory = read(0x19, 4 + 64 * count)[4:]
+    for offset in range(0, len(directory), 64):
+        size, key = int.from_bytes(directory[offset:offset + 4], "big"), \
+            int.from_bytes(directory[offset + 4:offset + 6], "big")
+        if directory[offset + 8:offset + 64].rstrip(b"\0").decode() == wanted:
+            return read(key, size)
+    raise AssertionError(f"no fw_cfg file {wanted}")
+
+
+def test_acpi_tables_follow_a_removed_pci_function():
+    """The _PRT entry of slot 5 (DWordConst 0x0005FFFF) leaves the tables the
+    firmware reads at its next boot, and the function leaves the device list."""
+    slot5, slot6 = b"\x0c\xff\xff\x05\x00", b"\x0c\xff\xff\x06\x00"
+    rom = build_rom("exits", COUNT=1)
+    vm = VirtualMachine(Config({"lpc.bootrom": str(rom), "pci.0.5.0.device": "virtio-rnd",
+                                "pci.0.6.0.device": "virtio-rnd"}))
+    try:
+        assert slot5 in vm.acpi_tables.table("DSDT").data
+        assert slot5 in fw_cfg_file(vm, "etc/acpi/tables")
+        vm.pci.remove(vm.pci.functions[5, 0])
+        assert "pci.0.5.0" not in [device.name for device in vm.devices]
+        assert slot5 not in vm.acpi_tables.table("DSDT").data
+        assert slot5 not in fw_cfg_file(vm, "etc/acpi/tables")
+        assert slot6 in fw_cfg_file(vm, "etc/acpi/tables")
+    finally:
+        vm.close()
