@@ -18,6 +18,7 @@ take "vcpu" (default 0).  Register access runs on the vCPU's own thread
 
 import errno
 import functools
+import json
 import logging
 import os
 import selectors
@@ -26,6 +27,7 @@ import stat
 import struct
 import threading
 
+from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
 from .kvm import KvmError, abi
 from .vcpu import ExitStatus
@@ -385,7 +387,6 @@ class ControlServer:
 
     # --- requests ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict:
-        import json     # json is imported where requests are read, not at every start-up
         try:
             request = json.loads(line)
         except (ValueError, RecursionError):
@@ -422,7 +423,6 @@ class ControlServer:
         index = request.get("vcpu", 0)
         count = len(self.vm.vcpus)
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
-            import json
             raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
         return self.vm.vcpus[index]
 
@@ -474,7 +474,6 @@ class ControlServer:
     def _snapshot(self, suspend: bool, request: dict) -> dict:
         """checkpoint: pause, save to "path", resume (unless it was paused before);
         suspend: the same, then stop the VM with exit status 1 (as bhyve exits)."""
-        from . import snapshot
         path = request.get("path")
         if not isinstance(path, str) or not path:
             raise RequestError('this command needs a "path"')
@@ -498,7 +497,6 @@ def _error(message: str) -> dict:
 
 
 def _encode(message: dict) -> bytes:
-    import json
     return json.dumps(message).encode() + b"\n"
 
 
@@ -522,7 +520,6 @@ class ControlClient:
         line = self._file.readline(MAX_PENDING_OUTPUT)
         if not line.endswith(b"\n"):
             raise ConnectionError("the VM closed the control connection")
-        import json
         answer = json.loads(line)
         if not answer.get("ok"):
             raise ControlError(answer.get("error", "request failed"))

@@ -59,6 +59,7 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import zlib
 
 from .kvm import abi
@@ -192,13 +193,22 @@ def save(vm, path: str) -> None:
 
 
 def _write(path: str, encoded: bytes, chunks: list) -> None:
-    """The file appears whole under PATH or not at all."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """The file appears whole under PATH or not at all.  It is first written to
+    a fresh file beside PATH, made with O_EXCL and O_NOFOLLOW and mode 0600 (the
+    guest's RAM is in it; a name another user planted is never reused or
+    followed), synced, then renamed over PATH."""
+    directory, name = os.path.split(os.path.abspath(path))
     try:
-        with open(tmp, "wb") as out:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
+    try:
+        with open(fd, "wb") as out:
             out.write(MAGIC + _LENGTH.pack(len(encoded)) + encoded)
             for chunk in chunks:
                 out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         try:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from build import build_rom
 from guestrun import REPO, run_rom
 from pyhyve import sandbox
 from pyhyve.config import ConfigError
+from pyhyve.ctl import ControlClient
 from pyhyve.vcpu import ExitStatus
 from test_slirp import needs_libslirp
 
@@ -73,6 +75,15 @@ def test_running_vm_every_thread_is_nobody_and_filtered(tmp_path):
             time.sleep(0.05)
         tasks = {task.name: _status_fields(task / "status")
                  for task in Path(f"/proc/{proc.pid}/task").iterdir()}
+        # The control socket answers after the drop: nothing it needs is
+        # imported then (Python's own modules are under /root, 0700, here).
+        with tempfile.TemporaryDirectory() as snapshots, \
+                ControlClient(str(tmp_path / "ctl.sock")) as control:
+            os.chown(snapshots, NOBODY.pw_uid, NOBODY.pw_gid)
+            assert "io" in json.dumps(control.request("get-stats"))
+            saved = control.request("checkpoint", path=f"{snapshots}/vm.snap")
+            assert os.stat(saved["path"]).st_mode & 0o777 == 0o600
+            assert os.listdir(snapshots) == ["vm.snap"]
         proc.send_signal(signal.SIGTERM)
         time.sleep(1)           # two signals sent at once can arrive as one
         proc.send_signal(signal.SIGTERM)

@@ -147,6 +147,32 @@ def test_sparse_memory_and_round_trip_in_process(saved, tmp_path):
         vm.close()
 
 
+@needs_kvm
+def test_snapshot_file_is_private_and_replaces_what_was_there(tmp_path):
+    """0600 whatever the umask; a symlink at the path is replaced, not
+    followed; a file planted where the old temporary name was is left alone;
+    nothing but the snapshot is left in the directory."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    directory = tmp_path / "snaps"
+    directory.mkdir()
+    target = directory / "vm.snap"
+    target.symlink_to(victim)
+    planted = directory / f"vm.snap.tmp{os.getpid()}"
+    planted.symlink_to(victim)
+    vm = VirtualMachine(Config({"name": "private", "lpc.bootrom": str(counter_rom())}))
+    umask = os.umask(0)
+    try:
+        snapshot.save(vm, str(target))
+    finally:
+        os.umask(umask)
+        vm.close()
+    assert victim.read_bytes() == b"not yours"
+    assert not target.is_symlink() and target.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in directory.iterdir()) == ["vm.snap", planted.name]
+    assert snapshot.read(str(target)).manifest["config"]["name"] == "private"
+
+
 def _rewrite_manifest(path: Path, change) -> None:
     data = path.read_bytes()
     start = len(snapshot.MAGIC) + 8
