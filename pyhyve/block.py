@@ -13,6 +13,14 @@ address tells its host alignment); others go through the cached descriptor.
 Linux keeps the two coherent: a direct read writes back cached dirty pages
 first, a direct write invalidates them.  `sync` adds O_SYNC to both.
 
+Locking, as QEMU's: an open file description lock (F_OFD_SETLK) on the whole
+image, shared for a read-only disk and exclusive for a writable one, so two
+VMs never write one image, nor one read it while another writes.  OFD locks
+belong to the descriptor, not the process: they survive the privilege drop,
+and go away with the descriptor (or the process, however it ends).
+`lock=False` is the operator's way out (an image on a filesystem without
+locks, or shared on purpose).
+
 clear() makes a range read as zeros: a hole (fallocate PUNCH_HOLE) where
 unmapping is allowed and the filesystem punches holes (probed once, past
 the end of the file, where it changes nothing); else ZERO_RANGE; else
@@ -23,9 +31,11 @@ report to its guest.
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import stat
+import struct
 
 from .config import ConfigError
 
@@ -37,6 +47,7 @@ IOV_MAX = os.sysconf("SC_IOV_MAX")
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+_FLOCK = struct.Struct("@hhqqi4x")      # struct flock: type, whence, start, length, pid
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _libc.fallocate.restype = ctypes.c_int
@@ -69,13 +80,15 @@ class BlockImage:
     """An open disk image: its size, what it can do, and I/O on it."""
 
     def __init__(self, owner: str, path: str, read_only: bool = False, nocache: bool = False,
-                 sync: bool = False, nodelete: bool = False):
+                 sync: bool = False, nodelete: bool = False, lock: bool = True):
         """`owner` (the device, "virtio-blk") prefixes error messages."""
         self.owner, self.path, self.read_only = owner, path, read_only
         extra = os.O_SYNC if sync else 0
         self.fd = self._open(extra)
         self.direct_fd = None
         try:
+            if lock:
+                self._lock()
             mode = os.fstat(self.fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise ConfigError(f"{owner}: {path} is not a regular file or block device")
@@ -87,6 +100,21 @@ class BlockImage:
         except BaseException:
             self.close()
             raise
+
+    def _lock(self) -> None:
+        kind = fcntl.F_RDLCK if self.read_only else fcntl.F_WRLCK
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                held = "is open for writing" if self.read_only else "is in use"
+                raise ConfigError(f"{self.owner}: {self.path} {held} elsewhere (another VM?); "
+                                  "lock=off shares it anyway") from None
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise ConfigError(f"{self.owner}: cannot lock {self.path}: "
+                                  f"{exc.strerror}") from None
+            log.warning("%s: %s cannot be locked here (%s); opened without a lock",
+                        self.owner, self.path, exc.strerror)
 
     def _open(self, extra: int) -> int:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | extra

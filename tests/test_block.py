@@ -1,6 +1,9 @@
 """The block backend every disk device shares (pyhyve.block), on its own."""
 
 import errno
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -63,3 +66,30 @@ def test_open_errors_name_the_device(tmp_path):
         BlockImage("ahci-hd", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="is a directory"):
         BlockImage("nvme", str(tmp_path))
+
+
+def test_images_are_locked_as_qemu_locks_them(image_file):
+    """Writers exclusive, readers shared, lock=False opts out, and the lock
+    goes with the image; another process sees it too (OFD locks are per
+    open file, so one process opening twice is refused just the same)."""
+    writer = BlockImage("virtio-blk", str(image_file))
+    for read_only in (False, True):
+        with pytest.raises(ConfigError, match=f"virtio-blk: {image_file} is .* elsewhere"):
+            BlockImage("virtio-blk", str(image_file), read_only=read_only)
+    probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, struct
+        fd = os.open({str(image_file)!r}, os.O_RDONLY)
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
+        except OSError as exc:
+            print(exc.errno)
+        """)], capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() in (str(errno.EAGAIN), str(errno.EACCES)), probe
+    BlockImage("virtio-blk", str(image_file), lock=False).close()
+    writer.close()
+    readers = [BlockImage("virtio-blk", str(image_file), read_only=True) for _ in range(2)]
+    with pytest.raises(ConfigError, match="in use elsewhere"):
+        BlockImage("virtio-blk", str(image_file))
+    for reader in readers:
+        reader.close()
+    BlockImage("virtio-blk", str(image_file)).close()
