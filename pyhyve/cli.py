@@ -264,7 +264,31 @@ def parse_args(argv: list[str]) -> Config | None:
     return config
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived while the VM was being set up."""
+
+
+def _interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """SIGINT, SIGHUP and SIGQUIT end pyhyve the same way at any point: while
+    setting up, what was opened is closed; once the guest runs, the VM stops
+    (as a power-off) and its sockets and files are cleaned up; one line says so."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupted)
+    try:
+        return _main(argv)
+    except Interrupted as exc:
+        print(f"pyhyve: {exc} while setting up; stopped", file=sys.stderr)
+        return ExitStatus.ERROR
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING,
                         format="pyhyve: %(name)s: %(levelname)s: %(message)s")
     from .vm import VirtualMachine
@@ -300,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
             vm.closables.append(ControlServer(vm, path))
-            _handle_sigterm(vm)
             confine(config)         # everything needing root is open; no vCPU has run
         except ConfigError as exc:
             print(f"pyhyve: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
+        stopped_by = _handle_signals(vm)
         status = vm.run()
-        if status == ExitStatus.ERROR and vm.exit_detail:
+        if stopped_by:
+            print(f"pyhyve: {stopped_by[0]}: powered off", file=sys.stderr)
+        elif status == ExitStatus.ERROR and vm.exit_detail:
             print(f"pyhyve: {vm.exit_detail}", file=sys.stderr)
         return int(status)
     finally:
@@ -336,9 +362,11 @@ def _restore_config(options: Config):
     return config, snap
 
 
-def _handle_sigterm(vm) -> None:
-    """bhyve: SIGTERM presses the ACPI power button; a second one powers off."""
-    presses = []
+def _handle_signals(vm) -> list[str]:
+    """While the guest runs.  bhyve: SIGTERM presses the ACPI power button; a
+    second one powers off.  SIGINT, SIGHUP, SIGQUIT power off at once; the
+    list returned gets their names."""
+    presses, stopped_by = [], []
 
     def on_sigterm(signum, frame):
         presses.append(signum)
@@ -347,4 +375,11 @@ def _handle_sigterm(vm) -> None:
         else:
             vm.stop(ExitStatus.POWEROFF)
 
+    def on_stop_signal(signum, frame):
+        stopped_by.append(signal.Signals(signum).name)
+        vm.stop(ExitStatus.POWEROFF)
+
     signal.signal(signal.SIGTERM, on_sigterm)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
+    return stopped_by

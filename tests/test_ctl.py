@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import re
+import signal
 import socket
 import stat
 import tempfile
@@ -448,6 +449,32 @@ def test_pyhyve_and_pyhyvectl_processes(tmp_path):
         assert off.returncode == 0, off.stderr
         assert vm.wait(timeout=30) == 1, vm.stderr.read()
         assert not socket_path.exists(), vm.stderr.read()
+    finally:
+        vm.kill()
+        vm.wait()
+
+
+@needs_kvm
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGQUIT])
+def test_stop_signals_power_off_and_clean_up(tmp_path, signum):
+    """A terminal closing (SIGHUP), Ctrl-C and Ctrl-\\ end a running VM as a
+    power-off: the control socket is removed, one line says why, no traceback."""
+    socket_path = tmp_path / "sig.sock"
+    rom = build_rom("exits", COUNT=10**8)
+    vm = subprocess.Popen([sys.executable, "-m", "pyhyve", "-o", f"control.socket={socket_path}",
+                           "-l", f"bootrom,{rom}", "sigvm"],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if socket_path.exists():
+                break
+            time.sleep(0.1)
+        assert ask(str(socket_path), {"command": "get-stats"})["ok"]
+        vm.send_signal(signum)
+        assert vm.wait(timeout=30) == ExitStatus.POWEROFF
+        assert vm.stderr.read() == f"pyhyve: {signal.Signals(signum).name}: powered off\n"
+        assert not socket_path.exists()
     finally:
         vm.kill()
         vm.wait()
