@@ -550,3 +550,10 @@ def test_ipxe_boots_over_slirp(vmm, ipxe_rom, tmp_path):
     _skip_if_kvm_gave_up(console)
     assert IPXE_OK in console, console
     assert status == powered_off                        # the script powered off
+
+
+def test_the_mtu_option_states_the_models_limits():
+    """emulations.py writes them out so that listing options imports no model."""
+    mtu = next(option for option in VirtioNetPci.options if option.name == "mtu")
+    assert mtu.default == str(N.DEFAULT_MTU)
+    assert f"{N.MIN_MTU} to {N.MAX_MTU}" in mtu.help
