@@ -3,6 +3,8 @@ virtqueues in guest memory), with real AF_UNIX sockets as the host ends: bytes
 both ways, input held while the guest posts no buffers, the MULTIPORT control
 handshake, and control messages that make no sense."""
 
+import base64
+import json
 import socket
 import struct
 
@@ -10,6 +12,7 @@ import pytest
 from test_virtio import SLOT, Driver, Ring, VirtioVm, wait_for
 
 from pyhyve.config import ConfigError
+from pyhyve.lifecycle import StateError
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
 from pyhyve.virtio import console as C
@@ -386,3 +389,33 @@ def test_file_backend_and_teardown(tmp_path):
     assert sock.exists()
     vm.close()
     assert not sock.exists()
+
+
+def test_model_state_round_trips_and_refuses_what_does_not_fit(multi):
+    """The console model's own snapshot fields, checked before anything changes."""
+    vm, device, driver, paths = multi
+    handshake(driver)
+    model = device.model
+    with device.lock:
+        model.ports[1].pending += b"waiting"
+        model.ports[1].dropped = 3
+        state = json.loads(json.dumps(model.save_state()))
+        model.reset()
+        model.restore_state(state)
+        assert model.save_state() == state
+        assert model.ports[1].pending == b"waiting" and model.ports[0].ready
+    too_long = base64.b64encode(bytes(C.PENDING_LIMIT + 1)).decode()
+    for change, message in (
+            (lambda s: s["ports"].pop(), "has 2 ports"),
+            (lambda s: s["ports"][0].update(pending="not base64!"), "not valid base64"),
+            (lambda s: s["ports"][0].update(pending=too_long), "more than"),
+            (lambda s: s["ports"][1].update(dropped=-1), "dropped"),
+            (lambda s: s["ports"][1].update(ready="yes"), "ready"),
+            (lambda s: s.update(control_out=["AA=="] * (C.CONTROL_BACKLOG + 1)), "at most"),
+            (lambda s: s.pop("control_ready"), "fields")):
+        bad = json.loads(json.dumps(state))
+        change(bad)
+        with device.lock:
+            with pytest.raises(StateError, match=message):
+                model.restore_state(bad)
+            assert model.save_state() == state
