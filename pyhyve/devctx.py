@@ -13,7 +13,7 @@ Threading: every method may be called from any thread (vCPU threads, the
 I/O thread, device timers).
 """
 
-from .virtio.iothread import IoThread
+from .iothread import IoThread
 
 
 class IrqLine:

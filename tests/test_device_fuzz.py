@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio.pci import VirtioPciDevice
 from test_pci import fuzz_bar_access, fuzz_config_access
@@ -121,8 +122,8 @@ def start_every_queue(driver, queues: int) -> None:
     driver.negotiate(driver.device_features())
     for index in range(queues):
         driver.setup_queue(index)
-    driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                      V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+    driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                      D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
 
 
 def cfg_read(vm, slot, offset, size):
@@ -140,8 +141,8 @@ def check_usable(vm, device, slot, ids, bar_registers):
         driver = Driver(vm, device)
         driver.set_common(V.COMMON_STATUS, 1, 0)                     # reset
         assert driver.common(V.COMMON_STATUS, 1) == 0
-        driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
-        assert driver.common(V.COMMON_STATUS, 1) == V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER
+        driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
+        assert driver.common(V.COMMON_STATUS, 1) == D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER
         assert driver.common(V.COMMON_NUMQ, 2) == len(device.queues)
 
 

@@ -25,14 +25,15 @@ from test_virtio import BUFFERS, Driver, VirtioVm, make, wait_for
 from test_virtio_net import legacy, legacy_notify, modern
 
 from pyhyve.virtio import net as N
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio import tap as T
-from pyhyve.virtio.net import VirtioNet
+from pyhyve.virtio.emulations import VirtioNetPci
 
 ALL_TAP_OFFLOADS = T.TUN_F_CSUM | T.TUN_F_TSO4 | T.TUN_F_TSO6 | T.TUN_F_TSO_ECN
 OFFLOAD_BITS = (N.F_CSUM | N.F_GUEST_CSUM | N.F_HOST_TSO4 | N.F_HOST_TSO6 | N.F_HOST_ECN |
                 N.F_GUEST_TSO4 | N.F_GUEST_TSO6 | N.F_GUEST_ECN)
-MODERN = V.F_VERSION_1 | N.F_MRG_RXBUF
+MODERN = D.F_VERSION_1 | N.F_MRG_RXBUF
 GUEST_MAC, HOST_IP, GUEST_IP = bytes.fromhex("525400000002"), "10.0.0.1", "10.0.0.2"
 ETH, IP, TCP, UDP = 14, 20, 20, 8
 TCP_CHECK_AT, UDP_CHECK_AT = 16, 6      # offsets of the checksums in their headers
@@ -151,7 +152,7 @@ def test_probe_of_an_fd_that_is_no_tap_finds_none():
 def test_features_follow_the_probe(tap, accepts, offered):
     tap.accepts = accepts
     vm = VirtioVm()
-    device = make(vm, VirtioNet, tap="tap0")
+    device = make(vm, VirtioNetPci, tap="tap0")
     assert Driver(vm, device).device_features() & OFFLOAD_BITS == offered
     assert tap.told == []                     # nothing to tell before a driver comes
     vm.close()
@@ -164,11 +165,11 @@ def test_user_networking_offers_no_offloads(monkeypatch):
     monkeypatch.setattr(N, "probe_offloads", no_tap)
     monkeypatch.setattr(N, "set_offloads", no_tap)
     vm = VirtioVm()
-    device = make(vm, VirtioNet, backend="slirp")
+    device = make(vm, VirtioNetPci, backend="slirp")
     driver = Driver(vm, device)
     assert driver.device_features() & OFFLOAD_BITS == 0
     # A driver taking them anyway is refused, and its headers are not passed on.
-    assert not driver.negotiate(MODERN | N.F_CSUM) & V.STATUS_FEATURES_OK
+    assert not driver.negotiate(MODERN | N.F_CSUM) & D.STATUS_FEATURES_OK
     vm.close()
 
 
@@ -177,10 +178,10 @@ def test_user_networking_offers_no_offloads(monkeypatch):
                                     N.F_CSUM | N.F_HOST_ECN])
 def test_modern_driver_taking_an_offload_without_its_base_is_refused(tap, orphan):
     vm = VirtioVm()
-    driver = Driver(vm, make(vm, VirtioNet, tap="tap0"))
-    assert not driver.negotiate(MODERN | orphan) & V.STATUS_FEATURES_OK
+    driver = Driver(vm, make(vm, VirtioNetPci, tap="tap0"))
+    assert not driver.negotiate(MODERN | orphan) & D.STATUS_FEATURES_OK
     assert driver.negotiate(MODERN | N.F_CSUM | N.F_GUEST_CSUM | N.F_HOST_TSO4 |
-                            N.F_GUEST_TSO6 | orphan) & V.STATUS_FEATURES_OK
+                            N.F_GUEST_TSO6 | orphan) & D.STATUS_FEATURES_OK
     vm.close()
 
 
@@ -193,7 +194,7 @@ def test_legacy_driver_orphaned_offload_is_ignored(tap):
     vm.memory.write(BUFFERS, net_header(gso_type=N.GSO_TCPV4, gso_size=1000) + frame)
     rings[N.TX].offer([(BUFFERS, 10 + len(frame), False)])
     legacy_notify(driver, N.TX)
-    assert device.tx_dropped == 1
+    assert device.model.tx_dropped == 1
     vm.close()
 
 
@@ -206,12 +207,12 @@ def test_legacy_driver_orphaned_offload_is_ignored(tap):
 ])
 def test_tap_told_at_driver_ok_and_on_reset(tap, features, told):
     vm = VirtioVm()
-    device = make(vm, VirtioNet, tap="tap0")
+    device = make(vm, VirtioNetPci, tap="tap0")
     driver = Driver(vm, device)
-    assert driver.negotiate(MODERN | features) & V.STATUS_FEATURES_OK
+    assert driver.negotiate(MODERN | features) & D.STATUS_FEATURES_OK
     assert tap.told == []
-    driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                      V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+    driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                      D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
     assert tap.told == told
     driver.set_common(V.COMMON_STATUS, 1, 0)
     assert tap.told == told + [0] * len(told)
@@ -232,7 +233,7 @@ def test_restored_device_tells_the_tap_again(tap):
     vm.close()
     tap.told.clear()
     vm = VirtioVm()
-    make(vm, VirtioNet, tap="tap0").restore_state(state)
+    make(vm, VirtioNetPci, tap="tap0").restore_state(state)
     assert tap.told == [T.TUN_F_CSUM | T.TUN_F_TSO4]
     vm.close()
 
@@ -243,11 +244,11 @@ def test_tap_refusing_the_setting_is_logged_once(tap, monkeypatch, caplog):
     monkeypatch.setattr(N, "set_offloads", refuse)
     vm, device, driver, _ = modern(MODERN | N.F_GUEST_CSUM)
     driver.negotiate(MODERN | N.F_GUEST_CSUM)
-    driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                      V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+    driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                      D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
     failures = [r for r in caplog.records if "tap tap0 offloads to 0x1 failed" in r.message]
     assert len(failures) == 1
-    assert not device.status & V.STATUS_NEEDS_RESET
+    assert not device.status & D.STATUS_NEEDS_RESET
     vm.close()
 
 
@@ -271,7 +272,7 @@ def test_tx_header_passed_through(tap):
     rings[N.TX].offer([(BUFFERS, 4, False), (BUFFERS + 0x100, 8 + len(big), False)])
     driver.notify(N.TX)
     assert tap.host.recv(70000) == header + b"\x00\x00" + big
-    assert device.tx_dropped == 0
+    assert device.model.tx_dropped == 0
     vm.close()
 
 
@@ -297,7 +298,7 @@ def test_tx_header_ignored_without_csum(tap):
         rings[N.TX].offer([(BUFFERS, 12 + len(payload), False)])
         driver.notify(N.TX)
     assert tap.host.recv(4096) == bytes(12) + frame
-    assert device.tx_dropped == 1
+    assert device.model.tx_dropped == 1
     vm.close()
 
 
@@ -331,7 +332,7 @@ def test_tx_fuzz_headers_sent_verbatim_or_counted(tap, chains):
             expected.append(header + b"\0\0" + frame)
     driver.notify(N.TX)
     assert len(rings[N.TX].completed()) == len(chains)
-    assert device.tx_dropped == len(chains) - len(expected)
+    assert device.model.tx_dropped == len(chains) - len(expected)
     tap.host.setblocking(False)
     for frame in expected:
         assert tap.host.recv(4096) == frame
@@ -379,7 +380,7 @@ def test_rx_drops_frames_prepared_for_offloads_not_taken(tap):
     tap.host.send(net_header(gso_type=N.GSO_TCPV4 | N.GSO_ECN, gso_size=1000) + b"\0\0" + frame)
     tap.host.send(net_header(**NEEDS_TCP_CSUM) + b"\0\0" + frame)
     assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 1)
-    assert device.rx_dropped == 2
+    assert device.model.rx_dropped == 2
     vm.close()
 
     vm, device, driver, rings = modern(MODERN)
@@ -388,7 +389,7 @@ def test_rx_drops_frames_prepared_for_offloads_not_taken(tap):
     tap.host.send(net_header(**NEEDS_TCP_CSUM) + b"\0\0" + frame)
     tap.host.send(net_header(flags=2) + b"\0\0" + frame)        # DATA_VALID: zeroed
     assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 1)
-    assert device.rx_dropped == 1
+    assert device.model.rx_dropped == 1
     assert vm.memory.read(BUFFERS, 12 + len(frame)) == struct.pack("<10xH", 1) + frame
     vm.close()
 
@@ -529,11 +530,11 @@ def test_real_tap_probe_and_setting(netns):
     with inside(netns):
         assert reported_offloads() == (False, False)
         vm, device, driver, _ = modern(MODERN | N.F_GUEST_CSUM | N.F_GUEST_TSO4)
-        print(f"tap offloads probed: {device.tap_offloads:#x}; features offered: "
+        print(f"tap offloads probed: {device.model.tap_offloads:#x}; features offered: "
               f"{driver.device_features() & OFFLOAD_BITS:#x}")
-        assert device.tap_offloads & T.TUN_F_CSUM
+        assert device.model.tap_offloads & T.TUN_F_CSUM
         assert device.device_features & OFFLOAD_BITS == sum(
-            bits for flag, bits in N.OFFLOAD_FEATURES if device.tap_offloads & flag)
+            bits for flag, bits in N.OFFLOAD_FEATURES if device.model.tap_offloads & flag)
         assert reported_offloads() == (True, True)
         driver.set_common(V.COMMON_STATUS, 1, 0)
         assert reported_offloads() == (False, False)
@@ -577,7 +578,7 @@ def test_real_tap_large_segment_to_the_guest(netns):
         assert all(checksum_is_complete(got) for _, got in segments)
         assert all(len(got) == ETH + IP + TCP + SEGMENT for _, got in segments)
         assert b"".join(got[ETH + IP + TCP:] for _, got in segments) == PAYLOAD
-        assert device.rx_dropped == 0
+        assert device.model.rx_dropped == 0
         vm.close()
 
 
@@ -618,7 +619,7 @@ def test_real_tap_completes_a_guests_partial_checksum(netns):
             tx.send(udp_frame(host_mac, b"complete", partial=False))
             expected = [b"partial", b"complete"] if arrives else [b"complete"]
             assert [server.recv(100) for _ in expected] == expected
-            assert device.tx_dropped == 0
+            assert device.model.tx_dropped == 0
             vm.close()
 
 
@@ -654,5 +655,5 @@ def test_real_tap_large_segment_from_the_guest(netns):
             while len(received) < len(PAYLOAD):
                 received += connection.recv(65536)
         assert received == PAYLOAD
-        assert device.tx_dropped == 0
+        assert device.model.tx_dropped == 0
         vm.close()

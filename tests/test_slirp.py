@@ -19,9 +19,10 @@ from inetsum import inet_checksum
 
 from pyhyve.config import ConfigError
 from pyhyve.virtio import net as N
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio import slirp as S
-from pyhyve.virtio.net import VirtioNet
+from pyhyve.virtio.emulations import VirtioNetPci
 from test_virtio import BUFFERS, SLOT, Driver, Ring, VirtioVm, make, wait_for
 
 GUEST_MAC = bytes.fromhex("5254000a0b0c")
@@ -317,9 +318,9 @@ QUEUES = {N.RX: (0x10000, 0x11000, 0x12000), N.TX: (0x20000, 0x21000, 0x22000)}
 @needs_libslirp
 def test_device_gets_a_dhcp_offer():
     vm = VirtioVm()
-    device = make(vm, VirtioNet, backend="slirp")
+    device = make(vm, VirtioNetPci, backend="slirp")
     driver = Driver(vm, device)
-    assert driver.negotiate(V.F_VERSION_1 | N.F_MRG_RXBUF) & V.STATUS_FEATURES_OK
+    assert driver.negotiate(D.F_VERSION_1 | N.F_MRG_RXBUF) & D.STATUS_FEATURES_OK
     rings = {}
     for index, (desc, avail, used) in QUEUES.items():
         driver.set_common(V.COMMON_Q_SELECT, 2, index)
@@ -329,8 +330,8 @@ def test_device_gets_a_dhcp_offer():
             driver.set_common(offset + 4, 4, 0)
         rings[index] = Ring(vm, desc, avail, used, driver.common(V.COMMON_Q_SIZE, 2))
         driver.set_common(V.COMMON_Q_ENABLE, 2, 1)
-    driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                      V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+    driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                      D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
     try:
         for i in range(4):
             rings[N.RX].offer([(BUFFERS + 0x800 * i, 0x800, True)])
@@ -350,7 +351,7 @@ def test_device_gets_a_dhcp_offer():
             return offer is not None
         assert wait_for(offered)
         check_offer(offer)
-        assert device.tx_dropped == device.rx_dropped == 0
+        assert device.model.tx_dropped == device.model.rx_dropped == 0
     finally:
         vm.close()
 
@@ -410,7 +411,7 @@ def test_hostfwd_syntax_as_qemu_and_bhyve_write_it():
 def test_bad_slirp_options(options, message):
     vm = VirtioVm()
     with pytest.raises(ConfigError, match=message):
-        vm.pci.add(SLOT, 0, VirtioNet, options)
+        vm.pci.add(SLOT, 0, VirtioNetPci, options)
     vm.close()
 
 
@@ -418,7 +419,7 @@ def test_missing_libslirp_names_the_package(monkeypatch):
     monkeypatch.setattr(S, "LIBRARY", "libslirp-not-installed.so.0")
     vm = VirtioVm()
     with pytest.raises(ConfigError) as error:
-        vm.pci.add(SLOT, 0, VirtioNet, {"backend": "slirp"})
+        vm.pci.add(SLOT, 0, VirtioNetPci, {"backend": "slirp"})
     assert str(error.value) == "virtio-net: slirp needs libslirp (apt-get install libslirp0)"
     vm.close()
 

@@ -31,9 +31,10 @@ from pyhyve.pci.intx import IOAPIC_PIN_BASE, link_for
 from pyhyve.pci.testdev import PciTestDevice
 from pyhyve.vcpu import ExitStatus, install_kick_handler
 from pyhyve.virtio import blk as B
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
-from pyhyve.virtio.blk import VirtioBlock
-from pyhyve.virtio.rnd import VirtioRandom
+from pyhyve.virtio.emulations import VirtioBlockPci
+from pyhyve.virtio.emulations import VirtioRandomPci
 from pyhyve.vm import VirtualMachine
 
 needs_kvm = pytest.mark.usefixtures("needs_kvm")
@@ -273,7 +274,7 @@ def test_virtio_blk_state_round_trips(small_disk):
     """Queue positions, the BAR the guest moved, MSI-X and a request offered
     but not yet taken all carry over to a freshly built device."""
     old = VirtioVm()
-    device = make(old, VirtioBlock, path=small_disk)
+    device = make(old, VirtioBlockPci, path=small_disk)
     driver = Driver(old, device)
     first_bar4 = driver.bar(4)
     driver.cfg_write(R.BAR0 + 16, 4, 0xC1000000)       # the guest moves BAR 4
@@ -288,7 +289,7 @@ def test_virtio_blk_state_round_trips(small_disk):
 
     new = VirtioVm(ioeventfd=True)
     _moved_to(new, old)
-    restored = make(new, VirtioBlock, path=small_disk)
+    restored = make(new, VirtioBlockPci, path=small_disk)
     new.msis.clear()
     restored.restore_state(state)
     # The offered request was taken where the old device stopped, and completed.
@@ -301,8 +302,8 @@ def test_virtio_blk_state_round_trips(small_disk):
     assert new.mmio.lookup(first_bar4) is None
     assert (0xC1000000 + V.MODERN_NOTIFY, 2, False, None) in new.kvm_vm.ioeventfds
     driver = Driver(new, restored)
-    assert driver.status() == V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | \
-        V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK
+    assert driver.status() == D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER | \
+        D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK
     status, length, data = blk_do(driver, ring, B.T_IN, sector=4, in_length=512)
     assert (status, length) == (B.S_OK, 513)
     assert data == small_disk.read_bytes()[2048:2560]
@@ -313,17 +314,17 @@ def test_virtio_blk_state_round_trips(small_disk):
 def test_legacy_virtio_with_intx_round_trips():
     """A legacy driver's queue (by page frame) and an asserted INTx with its ISR."""
     old = VirtioVm()
-    device = make(old, VirtioRandom)
+    device = make(old, VirtioRandomPci)
     driver = Driver(old, device)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
     driver.legacy_write(V.LEGACY_QUEUE_SELECT, 2, 0)
     size = driver.legacy_read(V.LEGACY_QUEUE_SIZE, 2)
     driver.legacy_write(V.LEGACY_QUEUE_PFN, 4, LEGACY_PFN)
     desc = LEGACY_PFN << 12
     avail = desc + 16 * size
     ring = Ring(old, desc, avail, (avail + 6 + 2 * size + 4095) & ~4095, size)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                        V.STATUS_DRIVER_OK)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                        D.STATUS_DRIVER_OK)
     ring.offer([(BUFFERS, 64, True)])
     driver.legacy_write(V.LEGACY_QUEUE_NOTIFY, 2, 0)
     assert ring.completed() == [(0, 64)]
@@ -334,7 +335,7 @@ def test_legacy_virtio_with_intx_round_trips():
 
     new = VirtioVm()
     _moved_to(new, old)
-    restored = make(new, VirtioRandom)
+    restored = make(new, VirtioRandomPci)
     assert not new.irq_levels.get(irq)
     restored.restore_state(state)
     assert new.irq_levels[irq]                          # the line is driven again
@@ -375,19 +376,26 @@ def test_pci_testdev_state_round_trips():
 
 def test_restore_refuses_state_that_does_not_fit(small_disk):
     old = VirtioVm()
-    device = make(old, VirtioBlock, path=small_disk)
+    device = make(old, VirtioBlockPci, path=small_disk)
     Driver(old, device).start(MODERN_BLK)
     state = _json(device.save_state())
     old.close()
     ring_outside, position_too_big = _json(state), _json(state)
     ring_outside["virtio"]["queues"][0]["used"] = 1 << 40
     position_too_big["virtio"]["queues"][0]["last_avail"] = 0x10000
+    status_text, isr_bits, model_field = _json(state), _json(state), _json(state)
+    status_text["virtio"]["status"] = "15"
+    isr_bits["virtio"]["isr"] = 4
+    model_field["virtio"]["device"] = {"capacity": 8}     # virtio-blk's model keeps nothing
     for bad, message in ((ring_outside, "queue 0: ring not in guest RAM"),
-                         (position_too_big, "are not 16-bit")):
+                         (position_too_big, "are not 16-bit"),
+                         (status_text, "virtio status is '15'"),
+                         (isr_bits, "virtio ISR is 4"),
+                         (model_field, "virtio-blk: saved state has fields")):
         new = VirtioVm()
         try:
             with pytest.raises(ValueError, match=message):
-                make(new, VirtioBlock, path=small_disk).restore_state(bad)
+                make(new, VirtioBlockPci, path=small_disk).restore_state(bad)
         finally:
             new.close()
 

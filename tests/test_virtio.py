@@ -23,9 +23,10 @@ from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
 from pyhyve.pci.bus import PciBus
 from pyhyve.virtio import blk as B
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
-from pyhyve.virtio.blk import VirtioBlock
-from pyhyve.virtio.rnd import VirtioRandom
+from pyhyve.virtio.emulations import VirtioBlockPci
+from pyhyve.virtio.emulations import VirtioRandomPci
 
 SLOT = 4
 MSI_ADDRESS = 0xFEE00000
@@ -170,12 +171,12 @@ class Driver:
     def negotiate(self, features: int) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK; returns the status read back."""
         self.set_common(V.COMMON_STATUS, 1, 0)
-        self.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+        self.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
         for word in (0, 1):
             self.set_common(V.COMMON_GFSELECT, 4, word)
             self.set_common(V.COMMON_GF, 4, (features >> (32 * word)) & 0xFFFFFFFF)
         self.set_common(V.COMMON_STATUS, 1,
-                        V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER | V.STATUS_FEATURES_OK)
+                        D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER | D.STATUS_FEATURES_OK)
         return self.common(V.COMMON_STATUS, 1)
 
     def setup_queue(self, index: int, vector: int | None = None) -> Ring:
@@ -195,12 +196,12 @@ class Driver:
 
     def start(self, features: int, vector: int | None = None,
               config_vector: int | None = None) -> Ring:
-        assert self.negotiate(features) & V.STATUS_FEATURES_OK
+        assert self.negotiate(features) & D.STATUS_FEATURES_OK
         if config_vector is not None:
             self.set_common(V.COMMON_MSIX, 2, config_vector)
         ring = self.setup_queue(0, vector=vector)
-        self.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                        V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+        self.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                        D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
         return ring
 
     def notify(self, index: int) -> None:
@@ -245,7 +246,7 @@ def make(vm, cls, **options):
 @pytest.fixture
 def blk(disk):
     vm = VirtioVm()
-    device = make(vm, VirtioBlock, path=disk, ser=SERIAL)
+    device = make(vm, VirtioBlockPci, path=disk, ser=SERIAL)
     yield vm, device, Driver(vm, device)
     vm.close()
 
@@ -277,7 +278,7 @@ def blk_do(driver, ring, kind, **kwargs):
     return driver.vm.memory.read_u8(status), length, data
 
 
-MODERN_BLK = V.F_VERSION_1 | B.F_FLUSH | B.F_BLK_SIZE | B.F_SEG_MAX
+MODERN_BLK = D.F_VERSION_1 | B.F_FLUSH | B.F_BLK_SIZE | B.F_SEG_MAX
 
 
 # --- identity and capabilities ------------------------------------------------------------
@@ -317,21 +318,21 @@ def test_blk_config_space(blk, disk):
 def test_modern_feature_negotiation(blk):
     vm, device, driver = blk
     features = driver.device_features()
-    for bit in (V.F_VERSION_1, V.F_EVENT_IDX, V.F_INDIRECT_DESC, B.F_SEG_MAX, B.F_BLK_SIZE,
+    for bit in (D.F_VERSION_1, D.F_EVENT_IDX, D.F_INDIRECT_DESC, B.F_SEG_MAX, B.F_BLK_SIZE,
                 B.F_FLUSH, B.F_WRITE_ZEROES):
         assert features & bit
     assert not features & B.F_RO
-    assert driver.negotiate(V.F_VERSION_1 | B.F_FLUSH) & V.STATUS_FEATURES_OK
+    assert driver.negotiate(D.F_VERSION_1 | B.F_FLUSH) & D.STATUS_FEATURES_OK
     driver.set_common(V.COMMON_GFSELECT, 4, 0)
     assert driver.common(V.COMMON_GF, 4) == B.F_FLUSH
     # a modern driver must take VERSION_1, and nothing the device did not offer
-    assert not driver.negotiate(B.F_FLUSH) & V.STATUS_FEATURES_OK
-    assert not driver.negotiate(V.F_VERSION_1 | B.F_RO) & V.STATUS_FEATURES_OK
+    assert not driver.negotiate(B.F_FLUSH) & D.STATUS_FEATURES_OK
+    assert not driver.negotiate(D.F_VERSION_1 | B.F_RO) & D.STATUS_FEATURES_OK
     # once FEATURES_OK is set the features stay as they are
-    assert driver.negotiate(V.F_VERSION_1) & V.STATUS_FEATURES_OK
+    assert driver.negotiate(D.F_VERSION_1) & D.STATUS_FEATURES_OK
     driver.set_common(V.COMMON_GFSELECT, 4, 0)
     driver.set_common(V.COMMON_GF, 4, B.F_FLUSH)
-    assert device.driver_features == V.F_VERSION_1
+    assert device.driver_features == D.F_VERSION_1
 
 
 def test_legacy_driver(blk, disk):
@@ -340,7 +341,7 @@ def test_legacy_driver(blk, disk):
     host = driver.legacy_read(V.LEGACY_HOST_FEATURES, 4)
     assert host == device.device_features & 0xFFFFFFFF and host & B.F_FLUSH
     driver.legacy_write(V.LEGACY_STATUS, 1, 0)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
     driver.legacy_write(V.LEGACY_GUEST_FEATURES, 4, B.F_FLUSH | (1 << 31))  # 31: not offered
     assert driver.legacy_read(V.LEGACY_GUEST_FEATURES, 4) == B.F_FLUSH
     assert driver.legacy_read(V.LEGACY_CONFIG, 4) == DISK_SIZE // 512   # capacity, low half
@@ -353,8 +354,8 @@ def test_legacy_driver(blk, disk):
     avail = desc + 16 * size
     used = (avail + 6 + 2 * size + 4095) & ~4095
     ring = Ring(vm, desc, avail, used, size)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                        V.STATUS_DRIVER_OK)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                        D.STATUS_DRIVER_OK)
     status = blk_request(vm, ring, B.T_IN, sector=1, in_length=512)
     driver.legacy_write(V.LEGACY_QUEUE_NOTIFY, 2, 0)
     assert ring.completed() == [(0, 513)]
@@ -435,16 +436,16 @@ def test_blk_bad_requests(blk, disk):
     assert ring.completed() == [(ring.next_desc - 2, 1)]
     assert vm.memory.read_u8(BUFFERS + 0x800) == B.S_IOERR
     assert disk.read_bytes() == bytes(range(256)) * (DISK_SIZE // 256)
-    assert not driver.status() & V.STATUS_NEEDS_RESET
+    assert not driver.status() & D.STATUS_NEEDS_RESET
     # no status byte at all: nothing to answer with, so the device needs a reset
     ring.offer([(BUFFERS, 16, False)])
     driver.notify(0)
-    assert driver.status() & V.STATUS_NEEDS_RESET
+    assert driver.status() & D.STATUS_NEEDS_RESET
 
 
 def test_ro_disk_refuses_writes(disk):
     vm = VirtioVm()
-    device = make(vm, VirtioBlock, path=disk, ro="true")
+    device = make(vm, VirtioBlockPci, path=disk, ro="true")
     driver = Driver(vm, device)
     features = driver.device_features()
     assert features & B.F_RO and not features & (B.F_DISCARD | B.F_WRITE_ZEROES)
@@ -484,8 +485,8 @@ def test_write_zeroes_without_fallocate(blk, disk):
     """Where the filesystem has neither ZERO_RANGE nor holes, zeros are written."""
     vm, device, driver = blk
     ring = driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
-    device.image.zero_range = False
-    device.image.can_punch = False
+    device.model.image.zero_range = False
+    device.model.image.can_punch = False
     out = struct.pack("<QII", 1, 2, B.WRITE_ZEROES_UNMAP)
     assert blk_do(driver, ring, B.T_WRITE_ZEROES, out=out)[0] == B.S_OK
     assert disk.read_bytes()[512:1536] == bytes(1024)
@@ -503,7 +504,7 @@ def test_a_refused_notifier_leaves_the_notify_write_to_exit(disk, caplog):
     vm = VirtioVm()
     vm.ports.notifier = vm.mmio.notifier = refuse
     try:
-        device = make(vm, VirtioBlock, path=disk)
+        device = make(vm, VirtioBlockPci, path=disk)
         driver = Driver(vm, device)
         ring = driver.start(MODERN_BLK)
         assert blk_do(driver, ring, B.T_IN, sector=1, in_length=512)[:2] == (B.S_OK, 513)
@@ -564,7 +565,7 @@ def test_queue_register_rules(blk):
     assert driver.common(V.COMMON_Q_DESCHI, 4) == 0x1234
     # a ring outside guest memory: enabling it makes the device need a reset
     driver.set_common(V.COMMON_Q_ENABLE, 2, 1)
-    assert driver.status() & V.STATUS_NEEDS_RESET
+    assert driver.status() & D.STATUS_NEEDS_RESET
 
 
 def test_needs_reset_on_malformed_chain(blk):
@@ -573,8 +574,8 @@ def test_needs_reset_on_malformed_chain(blk):
     ring = driver.start(MODERN_BLK, vector=1, config_vector=0)
     ring.offer([(15 * MiB, 2 * MiB, False)])               # runs off the end of RAM
     driver.notify(0)
-    assert driver.status() & V.STATUS_NEEDS_RESET
-    assert driver.status() & V.STATUS_DRIVER_OK
+    assert driver.status() & D.STATUS_NEEDS_RESET
+    assert driver.status() & D.STATUS_DRIVER_OK
     assert vm.msis == [(MSI_ADDRESS, 0x40)]                # the config vector
     assert ring.completed() == []
     # a stopped device ignores the queue until the driver resets it
@@ -593,7 +594,7 @@ def test_needs_reset_with_intx(blk):
     ring = driver.start(MODERN_BLK)
     ring.offer([(BUFFERS, 16, False)], flags_override=1)    # NEXT, into a loop
     driver.notify(0)
-    assert driver.status() & V.STATUS_NEEDS_RESET
+    assert driver.status() & D.STATUS_NEEDS_RESET
     assert device.intx_asserted
     assert driver.read(V.CAP_ISR_CFG, 0, 1) == V.ISR_CONFIG
     assert not device.intx_asserted
@@ -621,7 +622,7 @@ def test_garbage_never_escapes(disk, descriptors, heads, header):
     """Whatever the driver puts in the rings, the device answers or stops; no exception
     reaches the vCPU and the disk does not grow."""
     vm = VirtioVm()
-    device = make(vm, VirtioBlock, path=disk)
+    device = make(vm, VirtioBlockPci, path=disk)
     driver = Driver(vm, device)
     driver.start(MODERN_BLK | B.F_WRITE_ZEROES)
     for index, descriptor in enumerate(descriptors):
@@ -631,7 +632,7 @@ def test_garbage_never_escapes(disk, descriptors, heads, header):
         vm.memory.write_u16(AVAIL + 4 + 2 * i, head)
     vm.memory.write_u16(AVAIL + 2, len(heads))
     driver.notify(0)
-    assert driver.status() & (V.STATUS_NEEDS_RESET | V.STATUS_DRIVER_OK)
+    assert driver.status() & (D.STATUS_NEEDS_RESET | D.STATUS_DRIVER_OK)
     assert os.path.getsize(disk) == DISK_SIZE
     vm.close()
 
@@ -648,7 +649,7 @@ def wait_for(predicate, timeout=5.0):
 
 def test_ioeventfd_notifications(disk):
     vm = VirtioVm(ioeventfd=True)
-    device = make(vm, VirtioBlock, path=disk)
+    device = make(vm, VirtioBlockPci, path=disk)
     driver = Driver(vm, device)
     assert vm.kvm_vm.ioeventfds == {}                     # no queue is live yet
     ring = driver.start(MODERN_BLK)
@@ -683,8 +684,8 @@ def test_ioeventfd_notifications(disk):
 
 def test_one_io_thread_per_vm(disk, tmp_path):
     vm = VirtioVm(ioeventfd=True)
-    make(vm, VirtioBlock, path=disk)
-    vm.pci.add(SLOT + 1, 0, VirtioRandom, {})
+    make(vm, VirtioBlockPci, path=disk)
+    vm.pci.add(SLOT + 1, 0, VirtioRandomPci, {})
     assert len(vm.closables) == 1
     assert [t.name for t in threading.enumerate()].count("virtio-io") == 1
     vm.close()
@@ -700,7 +701,7 @@ def test_pci_cfg_access_window(blk):
     driver.cfg_write(cap + 8, 4, V.MODERN_COMMON + V.COMMON_DFSELECT)
     driver.cfg_write(cap + 16, 4, 1)                        # select the high word
     driver.cfg_write(cap + 8, 4, V.MODERN_COMMON + V.COMMON_DF)
-    assert driver.cfg(cap + 16, 4) == (V.F_VERSION_1 >> 32)
+    assert driver.cfg(cap + 16, 4) == (D.F_VERSION_1 >> 32)
     driver.cfg_write(cap + 8, 4, V.MODERN_DEVICE)
     assert driver.cfg(cap + 16, 4) == DISK_SIZE // 512
     driver.cfg_write(cap + 12, 4, 3)                        # not a valid length: no access
@@ -711,10 +712,10 @@ def test_pci_cfg_access_window(blk):
 # --- virtio-rnd ------------------------------------------------------------------------------------
 def test_rnd_fills_buffers():
     vm = VirtioVm()
-    device = make(vm, VirtioRandom)
+    device = make(vm, VirtioRandomPci)
     driver = Driver(vm, device)
     assert driver.cfg(R.DEVICE_ID, 2) == 0x1005 and driver.cfg(R.SUBSYSTEM_ID, 2) == 4
-    ring = driver.start(V.F_VERSION_1)
+    ring = driver.start(D.F_VERSION_1)
     vm.memory.write(BUFFERS, bytes(64))
     vm.memory.write(BUFFERS + 0x1000, bytes(32))
     ring.offer([(BUFFERS, 64, True), (BUFFERS + 0x1000, 32, True)])
@@ -723,15 +724,15 @@ def test_rnd_fills_buffers():
     data = vm.memory.read(BUFFERS, 64) + vm.memory.read(BUFFERS + 0x1000, 32)
     assert data != bytes(96) and len(set(data)) > 20
     with pytest.raises(ConfigError, match="unknown option"):
-        vm.pci.add(SLOT + 1, 0, VirtioRandom, {"x": "1"})
+        vm.pci.add(SLOT + 1, 0, VirtioRandomPci, {"x": "1"})
     vm.close()
 
 
 # --- options ------------------------------------------------------------------------------------------
 def test_blk_options(tmp_path, disk):
-    assert VirtioBlock.legacy_options("/d/disk.img,ro,sectorsize=512/4096,ser=ABC") == {
+    assert VirtioBlockPci.legacy_options("/d/disk.img,ro,sectorsize=512/4096,ser=ABC") == {
         "path": "/d/disk.img", "ro": "true", "sectorsize": "512/4096", "ser": "ABC"}
-    assert VirtioBlock.legacy_options("path=/x,nocache") == {"path": "/x", "nocache": "true"}
+    assert VirtioBlockPci.legacy_options("path=/x,nocache") == {"path": "/x", "nocache": "true"}
     vm = VirtioVm()
     cases = [({}, "no disk path"), ({"path": tmp_path / "missing"}, "no such file"),
              ({"path": tmp_path}, "directory"), ({"path": disk, "bogus": 1}, "unknown option"),
@@ -740,13 +741,13 @@ def test_blk_options(tmp_path, disk):
              ({"path": disk, "ro": "maybe"}, "not a boolean")]
     for options, message in cases:
         with pytest.raises(ConfigError, match=message):
-            make(vm, VirtioBlock, **options)
-    device = make(vm, VirtioBlock, path=disk, sectorsize="4096/16384")
+            make(vm, VirtioBlockPci, **options)
+    device = make(vm, VirtioBlockPci, path=disk, sectorsize="4096/16384")
     driver = Driver(vm, device)
     assert driver.read(V.CAP_DEVICE_CFG, 20, 4) == 4096               # blk_size
     assert driver.read(V.CAP_DEVICE_CFG, 24, 1) == 2                  # physical_block_exp
     assert driver.read(V.CAP_DEVICE_CFG, 0, 8) == DISK_SIZE // 512    # still 512-byte units
-    assert device.serial.startswith(b"BHYVE-")
+    assert device.model.serial.startswith(b"BHYVE-")
     vm.close()
 
 
@@ -756,8 +757,8 @@ def test_blk_not_writable(tmp_path, disk):
     disk.chmod(0o444)
     vm = VirtioVm()
     with pytest.raises(ConfigError, match="not writable.*add ,ro"):
-        make(vm, VirtioBlock, path=disk)
-    make(vm, VirtioBlock, path=disk, ro="true")
+        make(vm, VirtioBlockPci, path=disk)
+    make(vm, VirtioBlockPci, path=disk, ro="true")
     vm.close()
 
 
@@ -765,8 +766,8 @@ def test_nocache(disk):
     """nocache opens the disk with O_DIRECT where the filesystem allows it: aligned
     transfers use it, the rest (SeaBIOS reads 512 bytes anywhere) the cached descriptor."""
     vm = VirtioVm()
-    device = make(vm, VirtioBlock, path=disk, nocache="true")
-    if device.image.direct_fd is None:
+    device = make(vm, VirtioBlockPci, path=disk, nocache="true")
+    if device.model.image.direct_fd is None:
         vm.close()
         pytest.skip("this filesystem refuses O_DIRECT")
     driver = Driver(vm, device)
@@ -781,7 +782,7 @@ def test_nocache(disk):
         patch.setattr(os, "preadv", spy)
         aligned = blk_do(driver, ring, B.T_IN, sector=8, in_length=4096)
         odd = blk_do(driver, ring, B.T_IN, sector=1, in_length=512)
-    assert used == [device.image.direct_fd, device.image.fd]
+    assert used == [device.model.image.direct_fd, device.model.image.fd]
     assert aligned == (B.S_OK, 4097, disk.read_bytes()[4096:8192])
     assert odd[0] == B.S_OK and odd[2] == disk.read_bytes()[512:1024]
     vm.close()

@@ -3,6 +3,8 @@ virtqueues in guest memory), with real AF_UNIX sockets as the host ends: bytes
 both ways, input held while the guest posts no buffers, the MULTIPORT control
 handshake, and control messages that make no sense."""
 
+import base64
+import json
 import socket
 import struct
 
@@ -10,11 +12,13 @@ import pytest
 from test_virtio import SLOT, Driver, Ring, VirtioVm, wait_for
 
 from pyhyve.config import ConfigError
+from pyhyve.lifecycle import StateError
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
 from pyhyve.virtio import console as C
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
-from pyhyve.virtio.console import VirtioConsole
+from pyhyve.virtio.emulations import VirtioConsolePci
 
 QUEUES = 0x100000              # queue i's rings at QUEUES + 0x1000 * i
 BUFFERS = 0x200000             # buffer j at BUFFERS + 0x100 * j
@@ -31,11 +35,11 @@ class ConsoleDriver(Driver):
         self.next_buffer = 0
 
     def start(self, features: int) -> None:
-        assert self.negotiate(features) & V.STATUS_FEATURES_OK
+        assert self.negotiate(features) & D.STATUS_FEATURES_OK
         for index in range(self.common(V.COMMON_NUMQ, 2)):
             self.rings[index] = self._open_queue(index)
-        self.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                        V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+        self.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                        D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
 
     def _open_queue(self, index: int) -> Ring:
         base = QUEUES + 0x1000 * index
@@ -110,8 +114,8 @@ def recv_exactly(client: socket.socket, count: int) -> bytes:
     return data
 
 
-def make_console(vm, text: str) -> VirtioConsole:
-    return vm.pci.add(SLOT, 0, VirtioConsole, VirtioConsole.legacy_options(text))
+def make_console(vm, text: str) -> VirtioConsolePci:
+    return vm.pci.add(SLOT, 0, VirtioConsolePci, VirtioConsolePci.legacy_options(text))
 
 
 @pytest.fixture
@@ -146,22 +150,22 @@ def test_identity_and_features(single):
     assert driver.common(V.COMMON_NUMQ, 2) == 2
     assert driver.read(V.CAP_DEVICE_CFG, 4, 4) == 1                # max_nr_ports
     assert "virtio-console" in emulations()
-    assert device.ports[0].name == "port1"
+    assert device.model.ports[0].name == "port1"
 
 
 def test_bytes_both_ways(single):
     vm, device, driver, path = single
     driver.enable_msix(3)
-    driver.start(V.F_VERSION_1)
+    driver.start(D.F_VERSION_1)
     driver.set_common(V.COMMON_Q_SELECT, 2, 0)
     driver.set_common(V.COMMON_Q_MSIX, 2, 1)
-    with connect(device.ports[0], path) as client:
+    with connect(device.model.ports[0], path) as client:
         # guest output goes to the socket; the buffer comes back with nothing written
         assert driver.send(0, b"hello host\n") == [(0, 0)]
         assert recv_exactly(client, 11) == b"hello host\n"
         # input with no buffer posted waits...
         client.sendall(b"early")
-        assert wait_for(lambda: device.ports[0].pending == b"early")
+        assert wait_for(lambda: device.model.ports[0].pending == b"early")
         # ...until the driver posts one
         driver.offer(0, receive=16)
         assert driver.received(0) == [b"early"]
@@ -172,15 +176,15 @@ def test_bytes_both_ways(single):
         client.sendall(b"abcdef")
         assert wait_for(lambda: vm.memory.read_u16(driver.rings[0].used + 2) == 3)
         assert driver.received(0) == [b"abcd", b"ef"]
-    assert device.ports[0].dropped == 0
+    assert device.model.ports[0].dropped == 0
 
 
 def test_input_beyond_the_limit_is_dropped(single):
     vm, device, driver, path = single
-    driver.start(V.F_VERSION_1)
-    port = device.ports[0]
+    driver.start(D.F_VERSION_1)
+    port = device.model.ports[0]
     total = C.PENDING_LIMIT + 5000
-    with connect(device.ports[0], path) as client:
+    with connect(device.model.ports[0], path) as client:
         client.sendall(b"x" * total)
         assert wait_for(lambda: len(port.pending) + port.dropped == total)
     assert len(port.pending) == C.PENDING_LIMIT and port.dropped == 5000
@@ -192,7 +196,7 @@ def test_input_beyond_the_limit_is_dropped(single):
 def test_emergency_write(single):
     """emerg_wr takes a byte even before the driver set anything up."""
     vm, device, driver, path = single
-    with connect(device.ports[0], path) as client:
+    with connect(device.model.ports[0], path) as client:
         driver.write(V.CAP_DEVICE_CFG, 8, 4, 0xAB00 | ord("!"))      # the low byte counts
         assert recv_exactly(client, 1) == b"!"
 
@@ -200,7 +204,7 @@ def test_emergency_write(single):
 def test_legacy_driver(single):
     """A virtio 0.9.5 driver: queues by page frame number, notify by port."""
     vm, device, driver, path = single
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
     rings = {}
     for index in (0, 1):
         pfn = (QUEUES >> 12) + 4 * index
@@ -209,9 +213,9 @@ def test_legacy_driver(single):
         desc = pfn << 12
         rings[index] = Ring(vm, desc, desc + 16 * size, desc + 4096, size)
         driver.legacy_write(V.LEGACY_QUEUE_PFN, 4, pfn)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                        V.STATUS_DRIVER_OK)
-    with connect(device.ports[0], path) as client:
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                        D.STATUS_DRIVER_OK)
+    with connect(device.model.ports[0], path) as client:
         vm.memory.write(BUFFERS, b"legacy out")
         rings[1].offer([(BUFFERS, 10, False)])
         driver.legacy_write(V.LEGACY_QUEUE_NOTIFY, 2, 1)
@@ -225,7 +229,7 @@ def test_legacy_driver(single):
 
 # --- several ports: the control handshake ------------------------------------------------------
 def handshake(driver) -> list[tuple]:
-    driver.start(V.F_VERSION_1 | C.F_MULTIPORT)
+    driver.start(D.F_VERSION_1 | C.F_MULTIPORT)
     driver.post_control_buffers()
     driver.control(0, C.DEVICE_READY)
     assert driver.messages() == [(0, C.DEVICE_ADD, 0), (1, C.DEVICE_ADD, 0)]
@@ -240,18 +244,18 @@ def test_multiport_handshake(multi):
     assert features & C.F_MULTIPORT
     assert driver.common(V.COMMON_NUMQ, 2) == 6
     assert driver.read(V.CAP_DEVICE_CFG, 4, 4) == 2                # max_nr_ports
-    with connect(device.ports[0], paths[0]) as first:
+    with connect(device.model.ports[0], paths[0]) as first:
         # port 0 is the console; its host end is open, port 1's not yet
         assert handshake(driver) == [(0, C.CONSOLE_PORT, 1), (0, C.PORT_NAME, 0, "port1"),
                                      (0, C.PORT_OPEN, 1), (1, C.PORT_NAME, 0, "port2")]
-        with connect(device.ports[1], paths[1]) as second:
+        with connect(device.model.ports[1], paths[1]) as second:
             assert wait_for(lambda: vm.memory.read_u16(driver.rings[2].used + 2) == 7)
             assert driver.messages() == [(1, C.PORT_OPEN, 1)]
             # input waits while the guest end is closed, even with buffers posted
             rx, tx = port_queues(1)
             driver.offer(rx, receive=32)
             second.sendall(b"for port 2")
-            assert wait_for(lambda: device.ports[1].pending == b"for port 2")
+            assert wait_for(lambda: device.model.ports[1].pending == b"for port 2")
             assert driver.received(rx) == []
             driver.control(1, C.PORT_OPEN, 1)
             assert driver.received(rx) == [b"for port 2"]
@@ -262,7 +266,7 @@ def test_multiport_handshake(multi):
             # the guest closes port 2: input waits again
             driver.control(1, C.PORT_OPEN, 0)
             second.sendall(b"later")
-            assert wait_for(lambda: device.ports[1].pending == b"later")
+            assert wait_for(lambda: device.model.ports[1].pending == b"later")
             assert driver.received(rx) == []
         # the client leaves: the host end closes
         assert wait_for(lambda: vm.memory.read_u16(driver.rings[2].used + 2) == 8)
@@ -271,7 +275,7 @@ def test_multiport_handshake(multi):
 
 def test_control_messages_wait_for_buffers(multi):
     vm, device, driver, paths = multi
-    driver.start(V.F_VERSION_1 | C.F_MULTIPORT)
+    driver.start(D.F_VERSION_1 | C.F_MULTIPORT)
     driver.control(0, C.DEVICE_READY)
     assert driver.messages() == []
     driver.post_control_buffers(1)
@@ -282,7 +286,7 @@ def test_control_messages_wait_for_buffers(multi):
 
 def test_bad_control_messages_are_ignored(multi):
     vm, device, driver, paths = multi
-    driver.start(V.F_VERSION_1 | C.F_MULTIPORT)
+    driver.start(D.F_VERSION_1 | C.F_MULTIPORT)
     driver.post_control_buffers()
     driver.control(0, C.PORT_READY)                     # before DEVICE_READY
     driver.control(0, C.PORT_OPEN)
@@ -299,8 +303,8 @@ def test_bad_control_messages_are_ignored(multi):
     driver.control(0, 99)                               # no such event
     driver.control(1, C.PORT_OPEN)                      # the port is not ready
     assert driver.messages() == []
-    assert not device.ports[1].guest_open
-    assert not driver.status() & V.STATUS_NEEDS_RESET
+    assert not device.model.ports[1].guest_open
+    assert not driver.status() & D.STATUS_NEEDS_RESET
     # the handshake still works
     driver.control(1, C.PORT_READY)
     assert driver.messages() == [(1, C.PORT_NAME, 0, "port2")]
@@ -311,11 +315,11 @@ def test_bad_control_messages_are_ignored(multi):
 def test_control_ignored_without_multiport(multi):
     """A driver that did not take MULTIPORT has port 0 only and no control."""
     vm, device, driver, paths = multi
-    driver.start(V.F_VERSION_1)
+    driver.start(D.F_VERSION_1)
     driver.post_control_buffers()
     driver.control(0, C.DEVICE_READY)
     assert driver.messages() == []
-    with connect(device.ports[0], paths[0]) as first:
+    with connect(device.model.ports[0], paths[0]) as first:
         driver.offer(0, receive=8)
         first.sendall(b"console")
         assert wait_for(lambda: vm.memory.read_u16(driver.rings[0].used + 2) == 1)
@@ -326,9 +330,9 @@ def test_reset_forgets_the_handshake(multi):
     vm, device, driver, paths = multi
     handshake(driver)
     driver.set_common(V.COMMON_STATUS, 1, 0)
-    assert not any(port.ready for port in device.ports)
+    assert not any(port.ready for port in device.model.ports)
     driver.rings.clear()
-    driver.start(V.F_VERSION_1 | C.F_MULTIPORT)
+    driver.start(D.F_VERSION_1 | C.F_MULTIPORT)
     driver.post_control_buffers()
     driver.control(0, C.DEVICE_READY)
     assert driver.messages() == [(0, C.DEVICE_ADD, 0), (1, C.DEVICE_ADD, 0)]
@@ -336,11 +340,11 @@ def test_reset_forgets_the_handshake(multi):
 
 # --- options and teardown ----------------------------------------------------------------------
 def test_options(tmp_path):
-    assert VirtioConsole.legacy_options("a=/x,b=tcp=127.0.0.1:0") == {
+    assert VirtioConsolePci.legacy_options("a=/x,b=tcp=127.0.0.1:0") == {
         "port.0.name": "a", "port.0.path": "/x", "port.1.name": "b",
         "port.1.path": "tcp=127.0.0.1:0"}
     with pytest.raises(ConfigError, match="port 'a' needs a path"):
-        VirtioConsole.legacy_options("a")
+        VirtioConsolePci.legacy_options("a")
     vm = VirtioVm()
     sock = str(tmp_path / "s")
     cases = [({}, "no ports"), ({"bogus": "1"}, "unknown option 'bogus'"),
@@ -357,7 +361,7 @@ def test_options(tmp_path):
     cases.append((many, "at most 16"))
     for options, message in cases:
         with pytest.raises(ConfigError, match=message):
-            vm.pci.add(SLOT, 0, VirtioConsole, options)
+            vm.pci.add(SLOT, 0, VirtioConsolePci, options)
     vm.close()
 
 
@@ -375,7 +379,7 @@ def test_file_backend_and_teardown(tmp_path):
     vm = VirtioVm()
     device = make_console(vm, f"log=file={log}")
     driver = ConsoleDriver(vm, device)
-    driver.start(V.F_VERSION_1)
+    driver.start(D.F_VERSION_1)
     driver.send(0, b"to the file")
     assert log.read_bytes() == b"to the file"
     vm.close()
@@ -385,3 +389,33 @@ def test_file_backend_and_teardown(tmp_path):
     assert sock.exists()
     vm.close()
     assert not sock.exists()
+
+
+def test_model_state_round_trips_and_refuses_what_does_not_fit(multi):
+    """The console model's own snapshot fields, checked before anything changes."""
+    vm, device, driver, paths = multi
+    handshake(driver)
+    model = device.model
+    with device.lock:
+        model.ports[1].pending += b"waiting"
+        model.ports[1].dropped = 3
+        state = json.loads(json.dumps(model.save_state()))
+        model.reset()
+        model.restore_state(state)
+        assert model.save_state() == state
+        assert model.ports[1].pending == b"waiting" and model.ports[0].ready
+    too_long = base64.b64encode(bytes(C.PENDING_LIMIT + 1)).decode()
+    for change, message in (
+            (lambda s: s["ports"].pop(), "has 2 ports"),
+            (lambda s: s["ports"][0].update(pending="not base64!"), "not valid base64"),
+            (lambda s: s["ports"][0].update(pending=too_long), "more than"),
+            (lambda s: s["ports"][1].update(dropped=-1), "dropped"),
+            (lambda s: s["ports"][1].update(ready="yes"), "ready"),
+            (lambda s: s.update(control_out=["AA=="] * (C.CONTROL_BACKLOG + 1)), "at most"),
+            (lambda s: s.pop("control_ready"), "fields")):
+        bad = json.loads(json.dumps(state))
+        change(bad)
+        with device.lock:
+            with pytest.raises(StateError, match=message):
+                model.restore_state(bad)
+            assert model.save_state() == state

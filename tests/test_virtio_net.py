@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 
 from pyhyve.config import ConfigError
 from pyhyve.virtio import net as N
+from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio import tap as T
-from pyhyve.virtio.net import VirtioNet
+from pyhyve.virtio.emulations import VirtioNetPci
 from test_virtio import BUFFERS, SLOT, Driver, Ring, VirtioVm, make, wait_for
 
 QUEUES = {N.RX: (0x10000, 0x11000, 0x12000), N.TX: (0x20000, 0x21000, 0x22000)}
@@ -49,9 +50,9 @@ def tap(monkeypatch):
 
 def modern(features, **options):
     vm = VirtioVm()
-    device = make(vm, VirtioNet, tap="tap0", **options)
+    device = make(vm, VirtioNetPci, tap="tap0", **options)
     driver = Driver(vm, device)
-    assert driver.negotiate(features) & V.STATUS_FEATURES_OK
+    assert driver.negotiate(features) & D.STATUS_FEATURES_OK
     rings = {}
     for index, (desc, avail, used) in QUEUES.items():
         driver.set_common(V.COMMON_Q_SELECT, 2, index)
@@ -62,16 +63,16 @@ def modern(features, **options):
             driver.set_common(offset + 4, 4, 0)
         rings[index] = Ring(vm, desc, avail, used, size)
         driver.set_common(V.COMMON_Q_ENABLE, 2, 1)
-    driver.set_common(V.COMMON_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                      V.STATUS_FEATURES_OK | V.STATUS_DRIVER_OK)
+    driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                      D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
     return vm, device, driver, rings
 
 
 def legacy(features, **options):
     vm = VirtioVm()
-    device = make(vm, VirtioNet, tap="tap0", **options)
+    device = make(vm, VirtioNetPci, tap="tap0", **options)
     driver = Driver(vm, device)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
     driver.legacy_write(V.LEGACY_GUEST_FEATURES, 4, features)
     rings = {}
     for index, pfn in LEGACY_PFNS.items():
@@ -81,8 +82,8 @@ def legacy(features, **options):
         rings[index] = Ring(vm, desc, desc + 16 * size,
                             (desc + 16 * size + 6 + 2 * size + 4095) & ~4095, size)
         driver.legacy_write(V.LEGACY_QUEUE_PFN, 4, pfn)
-    driver.legacy_write(V.LEGACY_STATUS, 1, V.STATUS_ACKNOWLEDGE | V.STATUS_DRIVER |
-                        V.STATUS_DRIVER_OK)
+    driver.legacy_write(V.LEGACY_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                        D.STATUS_DRIVER_OK)
     return vm, device, driver, rings
 
 
@@ -92,24 +93,24 @@ def legacy_notify(driver, index):
 
 # --- options --------------------------------------------------------------------------------------
 def test_bhyve_option_syntax():
-    assert VirtioNet.legacy_options("tap0") == {"backend": "tap0"}
-    assert VirtioNet.legacy_options("tap0,mac=00:a0:98:00:00:01,mtu=9000") == \
+    assert VirtioNetPci.legacy_options("tap0") == {"backend": "tap0"}
+    assert VirtioNetPci.legacy_options("tap0,mac=00:a0:98:00:00:01,mtu=9000") == \
         {"backend": "tap0", "mac": "00:a0:98:00:00:01", "mtu": "9000"}
-    assert VirtioNet.legacy_options("slirp,hostfwd=tcp::2222-:22") == \
+    assert VirtioNetPci.legacy_options("slirp,hostfwd=tcp::2222-:22") == \
         {"backend": "slirp", "hostfwd": "tcp::2222-:22"}
-    assert VirtioNet.legacy_options("tap=vm0tap,rom=/x") == {"tap": "vm0tap", "rom": "/x"}
+    assert VirtioNetPci.legacy_options("tap=vm0tap,rom=/x") == {"tap": "vm0tap", "rom": "/x"}
 
 
 def test_config_space_and_features(tap):
     _, opened = tap
     vm = VirtioVm()
-    device = make(vm, VirtioNet, tap="tap7", mac="02:00:00:aa:bb:cc", mtu=9000)
+    device = make(vm, VirtioNetPci, tap="tap7", mac="02:00:00:aa:bb:cc", mtu=9000)
     driver = Driver(vm, device)
     assert opened == ["tap7"]
     assert driver.cfg(0x02, 2) == 0x1000 and driver.cfg(0x2E, 2) == 1
     assert driver.cfg(0x0A, 2) == 0x0200                      # class: Ethernet controller
     features = driver.device_features()
-    for feature in (N.F_MAC, N.F_STATUS, N.F_MRG_RXBUF, N.F_MTU, V.F_VERSION_1):
+    for feature in (N.F_MAC, N.F_STATUS, N.F_MRG_RXBUF, N.F_MTU, D.F_VERSION_1):
         assert features & feature
     config = bytes(driver.read(V.CAP_DEVICE_CFG, i, 1) for i in range(12))
     assert config == bytes.fromhex("020000aabbcc") + struct.pack("<HHH", 1, 1, 9000)
@@ -119,13 +120,13 @@ def test_config_space_and_features(tap):
 def test_default_mac_is_bhyves(tap):
     vm = VirtioVm()
     vm.name = "vm-one"
-    device = make(vm, VirtioNet, tap="tap0")
+    device = make(vm, VirtioNetPci, tap="tap0")
     digest = hashlib.md5(f"{SLOT}-0-vm-one".encode()).digest()
-    assert device.mac == b"\x00\xa0\x98" + digest[:3]
-    assert device.device_config[:6] == device.mac
+    assert device.model.mac == b"\x00\xa0\x98" + digest[:3]
+    assert device.model.config[:6] == device.model.mac
     assert not device.device_features & N.F_MTU
-    assert N.generate_mac(SLOT, 0, "vm-one") == device.mac != N.generate_mac(SLOT + 1, 0,
-                                                                              "vm-one")
+    assert N.generate_mac(f"{SLOT}-0", "vm-one") == device.model.mac != \
+        N.generate_mac(f"{SLOT + 1}-0", "vm-one")
     vm.close()
 
 
@@ -139,7 +140,7 @@ def test_rom_ids_patched_as_qemu_does(tap, tmp_path):
     path = tmp_path / "virtio.rom"
     path.write_bytes(rom)
     vm = VirtioVm()
-    device = make(vm, VirtioNet, tap="tap0", rom=path)
+    device = make(vm, VirtioNetPci, tap="tap0", rom=path)
     assert struct.unpack_from("<HH", device.rom, 0x44) == (0x1AF4, 0x1000)
     assert sum(device.rom[:512]) % 256 == 0
     assert device.rom[:6] == rom[:6] and device.rom[7:0x44] == rom[7:0x44]
@@ -160,7 +161,7 @@ def test_rom_ids_patched_as_qemu_does(tap, tmp_path):
 def test_bad_options(tap, options, message):
     vm = VirtioVm()
     with pytest.raises(ConfigError, match=message):
-        vm.pci.add(SLOT, 0, VirtioNet, options)
+        vm.pci.add(SLOT, 0, VirtioNetPci, options)
     vm.close()
 
 
@@ -183,7 +184,7 @@ def test_tap_permission_denied():
 # --- transmit -------------------------------------------------------------------------------------
 def test_tx_modern(tap):
     host, _ = tap
-    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF | N.F_MAC)
+    vm, device, driver, rings = modern(D.F_VERSION_1 | N.F_MRG_RXBUF | N.F_MAC)
     vm.memory.write(BUFFERS, b"\x01" * 12)                  # the driver's header is not passed on
     vm.memory.write(BUFFERS + 0x100, FRAME[:50])
     vm.memory.write(BUFFERS + 0x200, FRAME[50:])
@@ -197,7 +198,7 @@ def test_tx_modern(tap):
     rings[N.TX].offer([(BUFFERS, 12 + len(FRAME), False)])
     driver.notify(N.TX)
     assert host.recv(4096) == bytes(12) + FRAME
-    assert device.tx_dropped == 0
+    assert device.model.tx_dropped == 0
     vm.close()
 
 
@@ -213,7 +214,7 @@ def test_tx_legacy_header(tap):
 
 def test_tx_drops_bad_frames(tap):
     host, _ = tap
-    vm, device, driver, rings = modern(V.F_VERSION_1, mtu=100)
+    vm, device, driver, rings = modern(D.F_VERSION_1, mtu=100)
     vm.memory.write(BUFFERS, bytes(12 + 200))
     rings[N.TX].offer([(BUFFERS, 8, False)])                 # no room for the header
     rings[N.TX].offer([(BUFFERS, 12, False)])                # a header, no frame
@@ -221,7 +222,7 @@ def test_tx_drops_bad_frames(tap):
     rings[N.TX].offer([(BUFFERS, 12 + 100 + 18, False)])     # just fits
     driver.notify(N.TX)
     assert len(rings[N.TX].completed()) == 4
-    assert device.tx_dropped == 3
+    assert device.model.tx_dropped == 3
     assert host.recv(4096) == bytes(12 + 118)
     host.settimeout(0.1)
     with pytest.raises(TimeoutError):
@@ -239,7 +240,7 @@ TX_SEGMENTS = st.lists(st.tuples(st.one_of(st.integers(1, 14), st.integers(1, 2 
 
 @fuzz_settings(60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chains=st.lists(TX_SEGMENTS, min_size=1, max_size=6),
-       driver_kind=st.sampled_from([("modern", V.F_VERSION_1, N.HDR_LEN),
+       driver_kind=st.sampled_from([("modern", D.F_VERSION_1, N.HDR_LEN),
                                     ("legacy", N.F_MRG_RXBUF, N.HDR_LEN),
                                     ("legacy", N.F_MAC, N.LEGACY_HDR_LEN)]))
 def test_tx_fuzz_every_chain_is_sent_or_counted(tap, chains, driver_kind):
@@ -274,8 +275,8 @@ def test_tx_fuzz_every_chain_is_sent_or_counted(tap, chains, driver_kind):
     else:
         legacy_notify(driver, N.TX)
     assert len(rings[N.TX].completed()) == served
-    assert bool(device.status & V.STATUS_NEEDS_RESET) == broken
-    assert device.tx_dropped == served - len(expected)
+    assert bool(device.status & D.STATUS_NEEDS_RESET) == broken
+    assert device.model.tx_dropped == served - len(expected)
     host.setblocking(False)
     for frame in expected:
         assert host.recv(4096) == bytes(N.HDR_LEN) + frame
@@ -293,36 +294,36 @@ def test_legacy_driver_may_set_the_mac(tap):
         driver.legacy_write(config + i, 1, byte)
     assert bytes(driver.legacy_read(config + i, 1) for i in range(6)) == \
         bytes.fromhex("0200c0ffee01")
-    assert device.config_writes_dropped == 0
+    assert device.model.config_writes_dropped == 0
     driver.legacy_write(config + 6, 2, 0)                     # status: read-only
     driver.legacy_write(config + 4, 4, 0xFFFFFFFF)            # runs past the MAC
     driver.legacy_write(config + 0x20, 1, 0xFF)               # past the config
-    assert device.config_writes_dropped == 3
+    assert device.model.config_writes_dropped == 3
     assert driver.legacy_read(config + 6, 2) == N.S_LINK_UP
-    assert bytes(device.device_config[4:6]) == bytes.fromhex("ee01")
+    assert bytes(device.model.config[4:6]) == bytes.fromhex("ee01")
     driver.legacy_write(V.LEGACY_STATUS, 1, 0)                # reset: the configured MAC
-    assert bytes(device.device_config[:6]) == device.mac
+    assert bytes(device.model.config[:6]) == device.model.mac
     vm.close()
 
 
 def test_modern_driver_cannot_write_config(tap):
-    vm, device, driver, _ = modern(V.F_VERSION_1 | N.F_MAC, mtu=9000)
-    before = bytes(device.device_config)
+    vm, device, driver, _ = modern(D.F_VERSION_1 | N.F_MAC, mtu=9000)
+    before = bytes(device.model.config)
     for offset, size in ((0, 1), (0, 4), (4, 2), (6, 2), (10, 2), (0x100, 4)):
         driver.write(V.CAP_DEVICE_CFG, offset, size, (1 << (8 * size)) - 1)
-    assert bytes(device.device_config) == before
-    assert device.config_writes_dropped == 6
-    assert not driver.status() & V.STATUS_NEEDS_RESET
+    assert bytes(device.model.config) == before
+    assert device.model.config_writes_dropped == 6
+    assert not driver.status() & D.STATUS_NEEDS_RESET
     vm.close()
 
 
 # --- receive --------------------------------------------------------------------------------------
 def test_rx_waits_for_buffers_then_delivers(tap):
     host, _ = tap
-    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF)
+    vm, device, driver, rings = modern(D.F_VERSION_1 | N.F_MRG_RXBUF)
     host.send(DATA_VALID + FRAME)                            # the tap's header is not passed on
     # No buffers: the frame waits and the tap leaves the I/O thread.
-    assert wait_for(lambda: device._rx_frame is not None and not device._rx_armed)
+    assert wait_for(lambda: device.model._rx_frame is not None and not device.model._rx_armed)
     host.send(DATA_VALID + FRAME[::-1])
     vm.memory.write(BUFFERS, b"\xee" * 4096)
     rings[N.RX].offer([(BUFFERS, 2048, True)])
@@ -333,13 +334,13 @@ def test_rx_waits_for_buffers_then_delivers(tap):
     assert vm.memory.read(BUFFERS, 12 + len(FRAME)) == header + FRAME
     assert vm.memory.read(BUFFERS + 2048, 12 + len(FRAME)) == header + FRAME[::-1]
     assert rings[N.RX].completed() == [(0, 12 + len(FRAME)), (1, 12 + len(FRAME))]
-    assert device._rx_armed
+    assert device.model._rx_armed
     vm.close()
 
 
 def test_rx_mergeable_and_drops(tap):
     host, _ = tap
-    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF)
+    vm, device, driver, rings = modern(D.F_VERSION_1 | N.F_MRG_RXBUF)
     big = bytes(range(256)) * 12                             # 3072 bytes: three 1100-byte buffers
     for i in range(3):
         rings[N.RX].offer([(BUFFERS + 0x1000 * i, 1100, True)])
@@ -351,7 +352,7 @@ def test_rx_mergeable_and_drops(tap):
     assert received[:12] == struct.pack("<10xH", 3) and received[12:3084] == big
     vm.close()
 
-    vm, device, driver, rings = modern(V.F_VERSION_1)         # no merging: one buffer a frame
+    vm, device, driver, rings = modern(D.F_VERSION_1)         # no merging: one buffer a frame
     rings[N.RX].offer([(BUFFERS, 1100, True)])
     rings[N.RX].offer([(BUFFERS + 0x1000, 4000, True)])
     driver.notify(N.RX)
@@ -359,7 +360,7 @@ def test_rx_mergeable_and_drops(tap):
     host.send(bytes(12) + big)
     assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 2)
     assert rings[N.RX].completed() == [(0, 0), (1, 3084)]
-    assert device.rx_dropped == 1
+    assert device.model.rx_dropped == 1
     assert vm.memory.read(BUFFERS + 0x1000, 3084) == struct.pack("<10xH", 1) + big
     vm.close()
 
@@ -368,7 +369,7 @@ def test_rx_buffer_without_room_for_the_header(tap):
     """A 4-byte receive buffer cannot hold the header: that frame is dropped, counted,
     the buffer returned empty; the next frame goes to the next buffer."""
     host, _ = tap
-    vm, device, driver, rings = modern(V.F_VERSION_1 | N.F_MRG_RXBUF)
+    vm, device, driver, rings = modern(D.F_VERSION_1 | N.F_MRG_RXBUF)
     rings[N.RX].offer([(BUFFERS, 4, True)])
     rings[N.RX].offer([(BUFFERS + 0x1000, 2048, True)])
     driver.notify(N.RX)
@@ -376,7 +377,7 @@ def test_rx_buffer_without_room_for_the_header(tap):
     host.send(bytes(12) + FRAME[::-1])
     assert wait_for(lambda: vm.memory.read_u16(rings[N.RX].used + 2) == 2)
     assert rings[N.RX].completed() == [(0, 0), (1, 12 + len(FRAME))]
-    assert device.rx_dropped == 1
+    assert device.model.rx_dropped == 1
     assert vm.memory.read(BUFFERS + 0x1000 + 12, len(FRAME)) == FRAME[::-1]
     vm.close()
 
@@ -395,12 +396,12 @@ def test_rx_legacy_header(tap):
 
 def test_reset_stops_receiving(tap):
     host, _ = tap
-    vm, device, driver, rings = modern(V.F_VERSION_1)
+    vm, device, driver, rings = modern(D.F_VERSION_1)
     rings[N.RX].offer([(BUFFERS, 2048, True)])
     driver.notify(N.RX)
-    assert device._rx_armed
+    assert device.model._rx_armed
     driver.set_common(V.COMMON_STATUS, 1, 0)
-    assert not device._rx_armed
+    assert not device.model._rx_armed
     host.send(bytes(12) + FRAME)
     time.sleep(0.2)
     assert vm.memory.read_u16(rings[N.RX].used + 2) == 0
@@ -549,3 +550,10 @@ def test_ipxe_boots_over_slirp(vmm, ipxe_rom, tmp_path):
     _skip_if_kvm_gave_up(console)
     assert IPXE_OK in console, console
     assert status == powered_off                        # the script powered off
+
+
+def test_the_mtu_option_states_the_models_limits():
+    """emulations.py writes them out so that listing options imports no model."""
+    mtu = next(option for option in VirtioNetPci.options if option.name == "mtu")
+    assert mtu.default == str(N.DEFAULT_MTU)
+    assert f"{N.MIN_MTU} to {N.MAX_MTU}" in mtu.help

@@ -27,10 +27,10 @@ BUILTIN_MODULES = {
     "amd_hostbridge": "pyhyve.pci.hostbridge",
     "lpc": "pyhyve.pci.lpc",
     "pci-testdev": "pyhyve.pci.testdev",
-    "virtio-blk": "pyhyve.virtio.blk",
-    "virtio-console": "pyhyve.virtio.console",
-    "virtio-net": "pyhyve.virtio.net",
-    "virtio-rnd": "pyhyve.virtio.rnd",
+    "virtio-blk": "pyhyve.virtio.emulations",
+    "virtio-console": "pyhyve.virtio.emulations",
+    "virtio-net": "pyhyve.virtio.emulations",
+    "virtio-rnd": "pyhyve.virtio.emulations",
 }
 
 

@@ -15,28 +15,21 @@ DISCARD is offered only where the image can punch holes; WRITE_ZEROES on any
 writable disk.
 
 A snapshot keeps no request of its own: the transport serves every offered
-request before it saves the queues (VirtioPciDevice.quiesce), and the disk
-is synced, so the guest finds each write it saw complete on the disk after a
+request before it saves the queues (the transport's quiesce()), and the
+disk is synced (this model's), so the guest finds each write it saw complete on the disk after a
 restore, and re-sends none.
 """
 
 import contextlib
 import hashlib
-import logging
 import struct
 
 from ..block import DIRECT_ALIGN, BlockImage
 from ..config import Config, ConfigError
-from ..pci import emulation
-from ..pci.options import Option
-from .pci import VirtioPciDevice
+from .device import Transport, VirtioDevice
 from .queue import Chain, VirtqueueError
 
-log = logging.getLogger(__name__)
-
 VIRTIO_ID_BLOCK = 2
-LEGACY_DEVICE_ID = 0x1001
-CLASS_STORAGE_SCSI = 0x010000
 
 F_SEG_MAX = 1 << 2
 F_RO = 1 << 5
@@ -94,44 +87,22 @@ def _sector_sizes(text: str) -> tuple[int, int]:
     return sizes
 
 
-@emulation("virtio-blk")
-class VirtioBlock(VirtioPciDevice):
-    """virtio block device: PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]"""
+class VirtioBlock(VirtioDevice):
+    """virtio block device: the model, built from its options (config keys)"""
 
     device_type = VIRTIO_ID_BLOCK
-    legacy_device_id = LEGACY_DEVICE_ID
-    class_code = CLASS_STORAGE_SCSI
-    options = (
-        Option("path", "path", None, "the disk image (the first word after the name)"),
-        Option("ro", "flag", "false", "read-only: the guest sees VIRTIO_BLK_F_RO"),
-        Option("nocache", "flag", "false", "O_DIRECT: bypass the host's page cache"),
-        Option("direct", "flag", "false", "O_SYNC: each write is on the disk when done"),
-        Option("nodelete", "flag", "false", "no DISCARD (no holes punched in the image)"),
-        Option("sectorsize", "text", "512", "logical[/physical] sector size in bytes"),
-        Option("ser", "text", None, "serial number (default: BHYVE- and a hash of the path)"),
-    )
+    name = "virtio-blk"
 
-    @classmethod
-    def legacy_options(cls, text: str) -> dict[str, str]:
-        """bhyve's blockif_legacy_config: the first word is the path."""
-        path, _, rest = text.partition(",")
-        options = super().legacy_options(rest)
-        if path.startswith("path="):
-            path = path[len("path="):]
-        if path:
-            options["path"] = path
-        return options
-
-    def init(self, options: dict[str, str]) -> None:
-        config = Config(options)
+    def __init__(self, transport: Transport, options: dict[str, str]):
+        keys = Config(options)
         path = options.get("path")
         if not path:
             raise ConfigError("virtio-blk: no disk path given (-s SLOT,virtio-blk,PATH)")
         try:
-            self.read_only = config.get_bool("ro")
-            nocache = config.get_bool("nocache")
-            sync = config.get_bool("direct")
-            nodelete = config.get_bool("nodelete")
+            self.read_only = keys.get_bool("ro")
+            nocache = keys.get_bool("nocache")
+            sync = keys.get_bool("direct")
+            nodelete = keys.get_bool("nodelete")
         except ConfigError as exc:
             raise ConfigError(f"virtio-blk: {exc}") from None
         logical, physical = _sector_sizes(options.get("sectorsize", "512"))
@@ -149,18 +120,17 @@ class VirtioBlock(VirtioPciDevice):
             features |= F_RO if self.read_only else F_WRITE_ZEROES
             if self.image.can_punch:
                 features |= F_DISCARD
-            self.virtio_init([QUEUE_SIZE], features, _CONFIG.size)
+            super().__init__(transport, [QUEUE_SIZE], features, _CONFIG.size)
         except BaseException:
             self.image.close()
             raise
         _CONFIG.pack_into(
-            self.device_config, 0, self.capacity, 0, SEG_MAX, 0, 0, 0, logical,
+            self.config, 0, self.capacity, 0, SEG_MAX, 0, 0, 0, logical,
             (physical // logical).bit_length() - 1, 0, 0, 0, 0, 0, 1,
             MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, logical // SECTOR,
             MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, int(self.image.can_punch))
 
-    def teardown(self) -> None:
-        super().teardown()
+    def close(self) -> None:
         self.image.close()
 
     @contextlib.contextmanager
@@ -168,16 +138,15 @@ class VirtioBlock(VirtioPciDevice):
         """Requests are served whole under the device lock, so once quiesced no
         request is half done; completed writes go to stable storage before the
         snapshot that counts them as done is written."""
-        with super().quiesce():
-            self.image.flush()
-            yield
+        self.image.flush()
+        yield
 
     # --- requests ----------------------------------------------------------------------
     def handle_request(self, index: int, chain: Chain) -> int:
         """Serve one request; the status goes in the last byte the driver gave us."""
         if not chain.writable:
             raise VirtqueueError("block request without a status byte")
-        memory = self.context.memory
+        memory = self.transport.memory
         data_in, status = _split(chain.writable, sum(n for _, n in chain.writable) - 1)
         header, data_out = _split(chain.readable, _HEADER.size)
         written = 0
@@ -188,15 +157,15 @@ class VirtioBlock(VirtioPciDevice):
             try:
                 result, written = self._serve(kind, sector, data_in, data_out)
             except OSError as exc:
-                self.warn_once(f"io-{exc.errno}", "I/O error on %s: %s", self.path,
-                               exc.strerror)
+                self.transport.warn_once(f"io-{exc.errno}", "I/O error on %s: %s",
+                                         self.path, exc.strerror)
                 result, written = S_IOERR, 0
         memory.view(status[0][0], 1, write=True)[0] = result
         return written + 1
 
     def _serve(self, kind: int, sector: int, data_in, data_out) -> tuple[int, int]:
         """(status, bytes written into data_in) for one request."""
-        memory = self.context.memory
+        memory = self.transport.memory
         if kind == T_IN or kind == T_OUT:
             buffers = data_in if kind == T_IN else data_out
             length = sum(n for _, n in buffers)
@@ -237,7 +206,7 @@ class VirtioBlock(VirtioPciDevice):
         length = sum(n for _, n in data_out)
         if not length or length % _SEGMENT.size or length > _SEGMENT.size * MAX_RANGE_SEGMENTS:
             return S_IOERR
-        table = b"".join(self.context.memory.view(g, n) for g, n in data_out)
+        table = b"".join(self.transport.memory.view(g, n) for g, n in data_out)
         segments = list(_SEGMENT.iter_unpack(table))
         for sector, count, flags in segments:
             allowed = WRITE_ZEROES_UNMAP if kind == T_WRITE_ZEROES else 0

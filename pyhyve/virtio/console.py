@@ -28,21 +28,17 @@ the rest are dropped and counted in port.dropped.  A byte written to emerg_wr
 up.
 """
 
-import base64
 import struct
 from collections import deque
 from functools import partial
 
 from ..config import ConfigError
 from ..devices.chardev import Backend, open_backend
-from ..pci import emulation
-from ..pci.options import Option
-from .pci import VirtioPciDevice
+from ..lifecycle import StateError, decode, encode, expect_keys, flag, uint
+from .device import Transport, VirtioDevice
 from .queue import Chain, SplitQueue
 
 VIRTIO_ID_CONSOLE = 3
-LEGACY_DEVICE_ID = 0x1003
-CLASS_COMMUNICATION_OTHER = 0x078000
 
 F_MULTIPORT = 1 << 1
 F_EMERG_WRITE = 1 << 2
@@ -87,32 +83,13 @@ class Port:
         self.guest_open = False      # the driver's PORT_OPEN
 
 
-@emulation("virtio-console")
-class VirtioConsole(VirtioPciDevice):
-    """virtio console: NAME=PATH[,NAME=PATH...] (PATH: a unix socket, stdio, unix=, tcp=, file=)"""
+class VirtioConsole(VirtioDevice):
+    """virtio console: the model, built from its options (port.N.name, port.N.path)"""
 
     device_type = VIRTIO_ID_CONSOLE
-    legacy_device_id = LEGACY_DEVICE_ID
-    class_code = CLASS_COMMUNICATION_OTHER
-    options = (
-        Option("port.N.name", "text", None, "port N's name (port 0 is the console)"),
-        Option("port.N.path", "text", None, "port N's host side: a unix socket path, stdio, "
-               "unix=PATH, tcp=HOST:PORT or file=PATH"),
-    )
+    name = "virtio-console"
 
-    @classmethod
-    def legacy_options(cls, text: str) -> dict[str, str]:
-        """bhyve's pci_vtcon_legacy_config: NAME=PATH pairs become port.N.name/path."""
-        options = {}
-        for number, item in enumerate(filter(None, text.split(","))):
-            name, sep, path = item.partition("=")
-            if not sep:
-                raise ConfigError(f"virtio-console: port '{name}' needs a path (NAME=PATH)")
-            options[f"port.{number}.name"] = name
-            options[f"port.{number}.path"] = path
-        return options
-
-    def init(self, options: dict[str, str]) -> None:
+    def __init__(self, transport: Transport, options: dict[str, str]):
         self._closed = False
         self.ports: list[Port] = []
         try:
@@ -122,11 +99,11 @@ class VirtioConsole(VirtioPciDevice):
             multiport = len(self.ports) > 1
             features = F_EMERG_WRITE | (F_MULTIPORT if multiport else 0)
             queues = 2 * (len(self.ports) + 1) if multiport else 2
-            self.virtio_init([QUEUE_SIZE] * queues, features, _CONFIG.size)
+            super().__init__(transport, [QUEUE_SIZE] * queues, features, _CONFIG.size)
         except BaseException:
             self._close_backends()
             raise
-        _CONFIG.pack_into(self.device_config, 0, 0, 0, len(self.ports), 0)
+        _CONFIG.pack_into(self.config, 0, 0, 0, len(self.ports), 0)
         self._rx_ports = {port.rx: port for port in self.ports}
         self._tx_ports = {port.tx: port for port in self.ports}
         self._control_out: deque[bytes] = deque()
@@ -168,42 +145,54 @@ class VirtioConsole(VirtioPciDevice):
         for port in self.ports:
             port.backend.close()
 
-    def teardown(self) -> None:
+    def close(self) -> None:
         """Stop taking host input, then close the backends outside the lock: their
         threads may be waiting for it."""
-        super().teardown()
-        with self._lock:
+        with self.transport.lock:
             self._closed = True
         self._close_backends()
 
-    def device_reset(self) -> None:
+    def reset(self) -> None:
         self._control_out.clear()
         self._control_ready = False
         for port in self.ports:
             port.ready = port.guest_open = False
 
-    def save_device_state(self) -> dict:
+    def save_state(self) -> dict:
         """The handshake's progress, host input the guest has not taken yet and
         control messages it has not received; the backends open anew."""
         return {"control_ready": self._control_ready,
-                "control_out": [base64.b64encode(m).decode() for m in self._control_out],
-                "ports": [{"pending": base64.b64encode(bytes(port.pending)).decode(),
-                           "dropped": port.dropped, "ready": port.ready,
-                           "guest_open": port.guest_open} for port in self.ports]}
+                "control_out": [encode(message) for message in self._control_out],
+                "ports": [{"pending": encode(port.pending), "dropped": port.dropped,
+                           "ready": port.ready, "guest_open": port.guest_open}
+                          for port in self.ports]}
 
-    def restore_device_state(self, state: dict) -> None:
-        if len(state["ports"]) != len(self.ports):
-            raise ValueError(f"virtio-console has {len(self.ports)} ports, the snapshot "
-                             f"{len(state['ports'])}")
-        self._control_ready = bool(state["control_ready"])
-        self._control_out = deque(base64.b64decode(m)
-                                  for m in state["control_out"][:CONTROL_BACKLOG])
-        for port, saved in zip(self.ports, state["ports"]):
-            port.pending[:] = base64.b64decode(saved["pending"])[:PENDING_LIMIT]
-            port.dropped = int(saved["dropped"])
-            port.ready, port.guest_open = bool(saved["ready"]), bool(saved["guest_open"])
+    def restore_state(self, state: dict) -> None:
+        expect_keys(state, ("control_ready", "control_out", "ports"), self.name)
+        control_ready = flag(state["control_ready"], f"{self.name} control_ready")
+        messages, ports = state["control_out"], state["ports"]
+        if not isinstance(messages, list) or len(messages) > CONTROL_BACKLOG:
+            raise StateError(f"{self.name} control_out is not a list of at most "
+                             f"{CONTROL_BACKLOG} messages")
+        if not isinstance(ports, list) or len(ports) != len(self.ports):
+            raise StateError(f"{self.name} has {len(self.ports)} ports, the snapshot "
+                             f"{len(ports) if isinstance(ports, list) else ports!r}")
+        control_out = [decode(message, f"{self.name} control message") for message in messages]
+        restored = []
+        for port, saved in zip(self.ports, ports):
+            what = f"{self.name} port {port.name}"
+            expect_keys(saved, ("pending", "dropped", "ready", "guest_open"), what)
+            restored.append((decode(saved["pending"], f"{what} pending", limit=PENDING_LIMIT),
+                             uint(saved["dropped"], (1 << 64) - 1, f"{what} dropped"),
+                             flag(saved["ready"], f"{what} ready"),
+                             flag(saved["guest_open"], f"{what} guest_open")))
+        self._control_ready = control_ready
+        self._control_out = deque(control_out)
+        for port, (pending, dropped, ready, guest_open) in zip(self.ports, restored):
+            port.pending[:] = pending
+            port.dropped, port.ready, port.guest_open = dropped, ready, guest_open
 
-    def device_config_write(self, offset: int, size: int, value: int) -> None:
+    def config_write(self, offset: int, size: int, value: int) -> None:
         if offset == EMERG_WR_OFFSET:
             self.ports[0].backend.write(bytes([value & 0xFF]))
 
@@ -219,7 +208,7 @@ class VirtioConsole(VirtioPciDevice):
             super().queue_notified(index, queue)
 
     def handle_request(self, index: int, chain: Chain) -> int:
-        data = chain.read_all(self.context.memory)
+        data = chain.read_all(self.transport.memory)
         if index == CONTROL_TX:
             self._control_message(data)
         elif data:
@@ -228,35 +217,35 @@ class VirtioConsole(VirtioPciDevice):
 
     def _fill(self, port: Port, queue: SplitQueue) -> None:
         """Move waiting host input into the port's receive buffers."""
-        if self.negotiated(F_MULTIPORT) and not port.guest_open:
+        if self.transport.negotiated(F_MULTIPORT) and not port.guest_open:
             return
-        memory = self.context.memory
+        memory = self.transport.memory
         while port.pending and (chain := queue.pop()) is not None:
             written = chain.write(memory, port.pending)
             del port.pending[:written]
             queue.push(chain.head, written)
-        self.interrupt_queue(port.rx)
+        self.transport.interrupt_queue(port.rx)
 
     def _send_control(self, queue: SplitQueue) -> None:
         """One device-to-driver message per buffer the driver posted."""
-        memory = self.context.memory
+        memory = self.transport.memory
         while self._control_out and (chain := queue.pop()) is not None:
             queue.push(chain.head, chain.write(memory, self._control_out.popleft()))
-        self.interrupt_queue(CONTROL_RX)
+        self.transport.interrupt_queue(CONTROL_RX)
 
     def _control(self, port: int, event: int, value: int, payload: bytes = b"") -> None:
         if len(self._control_out) >= CONTROL_BACKLOG:
-            self.warn_once("control-backlog", "the driver takes no control messages; "
+            self.transport.warn_once("control-backlog", "the driver takes no control messages; "
                            "dropping them")
             return
         self._control_out.append(_CONTROL.pack(port, event, value) + payload)
-        self.kick(CONTROL_RX)
+        self.transport.kick(CONTROL_RX)
 
     # --- the control handshake ------------------------------------------------------------
     def _control_message(self, data: bytes) -> None:
         """A driver-to-device message; those that make no sense are ignored."""
-        if not self.negotiated(F_MULTIPORT) or len(data) < _CONTROL.size:
-            self.warn_once("control-bad", "ignored a %d-byte control message", len(data))
+        if not self.transport.negotiated(F_MULTIPORT) or len(data) < _CONTROL.size:
+            self.transport.warn_once("control-bad", "ignored a %d-byte control message", len(data))
             return
         number, event, value = _CONTROL.unpack_from(data)
         if event == DEVICE_READY:
@@ -267,7 +256,7 @@ class VirtioConsole(VirtioPciDevice):
             return
         if not self._control_ready or number >= len(self.ports) or \
                 event not in (PORT_READY, PORT_OPEN):
-            self.warn_once(f"control-{event}", "ignored control event %d for port %d",
+            self.transport.warn_once(f"control-{event}", "ignored control event %d for port %d",
                            event, number)
             return
         port = self.ports[number]
@@ -282,23 +271,23 @@ class VirtioConsole(VirtioPciDevice):
         elif port.ready:
             port.guest_open = bool(value)
             if port.guest_open:
-                self.kick(port.rx)
+                self.transport.kick(port.rx)
 
     # --- the host side (backend threads) ----------------------------------------------------
     def _host_input(self, port: Port, data: bytes) -> None:
-        with self._lock:
+        with self.transport.lock:
             if self._closed:
                 return
             room = PENDING_LIMIT - len(port.pending)
             if len(data) > room:
                 port.dropped += len(data) - room
-                self.warn_once(f"input-dropped-{port.index}", "port %s: the guest is not "
+                self.transport.warn_once(f"input-dropped-{port.index}", "port %s: the guest is not "
                                "reading its input; dropping bytes", port.name)
                 data = data[:room]
             port.pending += data
-            self.kick(port.rx)
+            self.transport.kick(port.rx)
 
     def _host_connection(self, port: Port, connected: bool) -> None:
-        with self._lock:
+        with self.transport.lock:
             if not self._closed and port.ready:
                 self._control(port.index, PORT_OPEN, int(connected))

@@ -10,7 +10,8 @@ backend is a non-blocking fd carrying one frame per read or write behind a
 12-byte virtio_net_hdr_mrg_rxbuf: a tap opened with IFF_VNET_HDR (tap.py),
 or the socket to a libslirp thread (slirp.py), so the data path below is the
 same for both.  The default MAC is bhyve's: OUI 00:a0:98 and the first three
-bytes of the MD5 of "SLOT-FUNC-VMNAME".
+bytes of the MD5 of "SLOT-FUNC-VMNAME" (the transport's instance and the VM's
+name).
 
 Features: MAC, STATUS (the link is always up), MRG_RXBUF, and MTU when
 `mtu=` is given; drivers that take neither VERSION_1 nor MRG_RXBUF get the
@@ -56,10 +57,8 @@ import struct
 from typing import Callable
 
 from ..config import ConfigError
-from ..pci import emulation
-from ..pci.options import Option
 from . import slirp
-from .pci import F_VERSION_1, STATUS_DRIVER_OK, STATUS_NEEDS_RESET, VirtioPciDevice
+from .device import F_VERSION_1, Transport, VirtioDevice
 from .queue import Chain, SplitQueue
 from .tap import (HDR_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, open_tap,
                   probe_offloads, set_offloads)
@@ -67,8 +66,6 @@ from .tap import (HDR_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, op
 log = logging.getLogger(__name__)
 
 VIRTIO_ID_NET = 1
-LEGACY_DEVICE_ID = 0x1000
-CLASS_NETWORK_ETHERNET = 0x020000
 
 F_CSUM = 1 << 0                   # the driver may send partial checksums
 F_GUEST_CSUM = 1 << 1             # ... and take them
@@ -129,46 +126,23 @@ def parse_mac(text: str) -> bytes:
     return mac
 
 
-def generate_mac(slot: int, func: int, vm_name: str) -> bytes:
-    """bhyve's net_genmac: stable per VM name and slot."""
-    return OUI + hashlib.md5(f"{slot}-{func}-{vm_name}".encode()).digest()[:3]
+def generate_mac(instance: str, vm_name: str) -> bytes:
+    """bhyve's net_genmac: stable per VM name and slot ("SLOT-FUNC" on PCI)."""
+    return OUI + hashlib.md5(f"{instance}-{vm_name}".encode()).digest()[:3]
 
 
-@emulation("virtio-net")
-class VirtioNet(VirtioPciDevice):
-    """virtio network card: tapN, tap=NAME or slirp[,hostfwd=R][,tftp=D][,bootfile=F];
-    each with [,mac=xx:xx:xx:xx:xx:xx][,mtu=N]"""
+class VirtioNet(VirtioDevice):
+    """virtio network card: the model, built from its options (config keys)"""
 
     device_type = VIRTIO_ID_NET
-    legacy_device_id = LEGACY_DEVICE_ID
-    class_code = CLASS_NETWORK_ETHERNET
-    options = (
-        Option("backend", "text", None, "tapN or slirp (the first word after the name)"),
-        Option("tap", "text", None, "a tap interface by name (created if missing)"),
-        Option("mac", "text", None, "MAC address (default: from the slot and VM name)"),
-        Option("mtu", "number", str(DEFAULT_MTU), f"MTU the guest is offered, "
-               f"{MIN_MTU} to {MAX_MTU} (VIRTIO_NET_F_MTU)"),
-        Option("hostfwd", "text", None, "slirp: tcp:HOSTPORT-:GUESTPORT[;...] forwards"),
-        Option("tftp", "path", None, "slirp: a directory served by TFTP"),
-        Option("bootfile", "text", None, "slirp: the boot file DHCP names"),
-    )
+    name = "virtio-net"
 
-    @classmethod
-    def legacy_options(cls, text: str) -> dict[str, str]:
-        """bhyve's netbe_legacy_config: a bare first word is the backend."""
-        first, _, rest = text.partition(",")
-        if "=" in first:
-            return super().legacy_options(text)
-        options = super().legacy_options(rest)
-        if first:
-            options["backend"] = first
-        return options
-
-    def init(self, options: dict[str, str]) -> None:
+    def __init__(self, transport: Transport, options: dict[str, str]):
+        self.transport = transport      # slirp's thread may warn before __init__ ends
         if "mac" in options:
             mac = parse_mac(options["mac"])
         else:
-            mac = generate_mac(self.slot, self.func, self.context.vm_name)
+            mac = generate_mac(transport.instance, transport.vm_name)
         features = F_MAC | F_STATUS | F_MRG_RXBUF
         mtu = DEFAULT_MTU
         if "mtu" in options:
@@ -189,12 +163,11 @@ class VirtioNet(VirtioPciDevice):
             for flag, allowed in OFFLOAD_FEATURES:
                 if self.tap_offloads & flag:
                     features |= allowed
-            self.virtio_init([QUEUE_SIZE, QUEUE_SIZE], features, _CONFIG.size)
+            super().__init__(transport, [QUEUE_SIZE, QUEUE_SIZE], features, _CONFIG.size)
         except BaseException:
             self._close_backend()
             raise
-        _CONFIG.pack_into(self.device_config, 0, mac, S_LINK_UP, 1, mtu)
-        self._backend_thread = self.context.io_thread()
+        _CONFIG.pack_into(self.config, 0, mac, S_LINK_UP, 1, mtu)
         self._rx_armed = False
         self._rx_frame: bytes | None = None    # read from the backend, waiting for buffers
         self._tap_receive_offloads = 0         # what the tap was told (the probe left none)
@@ -223,31 +196,28 @@ class VirtioNet(VirtioPciDevice):
             raise ConfigError(f"virtio-net: tftp directory '{tftp}' does not exist")
         network = slirp.SlirpBackend(
             forwards, self.mtu, tftp=tftp, bootfile=options.get("bootfile"),
-            warn=lambda message: self.warn_once(f"slirp:{message}", "slirp: %s", message))
+            warn=lambda message: self.transport.warn_once(f"slirp:{message}", "slirp: %s",
+                                                          message))
         return network.fd, "slirp", network.close
 
     def _header_length(self) -> int:
-        if self.negotiated(F_VERSION_1 | F_MRG_RXBUF):
+        if self.transport.negotiated(F_VERSION_1 | F_MRG_RXBUF):
             return HDR_LEN
         return LEGACY_HDR_LEN
 
     # --- offloads ------------------------------------------------------------------------
-    def _features_acceptable(self) -> bool:
-        features = self.driver_features
-        return super()._features_acceptable() and \
-            all(features & bases for dependents, bases in FEATURE_DEPENDENCIES
-                if features & dependents)
+    def features_acceptable(self, features: int) -> bool:
+        return all(features & bases for dependents, bases in FEATURE_DEPENDENCIES
+                   if features & dependents)
 
-    def _write_status(self, value: int, modern: bool) -> None:
-        """At DRIVER_OK the features are final: set the offloads before the queues run."""
-        if value & STATUS_DRIVER_OK and not self.status & STATUS_DRIVER_OK:
-            self._negotiate_offloads(self.driver_features)
-        super()._write_status(value, modern)
+    def activate(self, features: int) -> None:
+        """The features are final: set the offloads before the queues run."""
+        self._negotiate_offloads(features)
 
     def _negotiate_offloads(self, features: int) -> None:
         """Take the offered offloads in `features` whose dependencies are there too
         (a legacy driver may leave one orphaned), and tell the tap the receive ones."""
-        features &= self.device_features
+        features &= self.features
         for dependents, bases in FEATURE_DEPENDENCIES:
             if not features & bases:
                 features &= ~dependents
@@ -264,7 +234,7 @@ class VirtioNet(VirtioPciDevice):
         try:
             set_offloads(self.backend_fd, wanted)
         except OSError as exc:       # frames not prepared as negotiated are dropped on RX
-            self.warn_once("tap-offload", "setting %s offloads to %#x failed: %s",
+            self.transport.warn_once("tap-offload", "setting %s offloads to %#x failed: %s",
                            self.backend_name, wanted, exc.strerror)
             return
         self._tap_receive_offloads = wanted
@@ -273,46 +243,38 @@ class VirtioNet(VirtioPciDevice):
     def _arm(self, armed: bool) -> None:
         if armed != self._rx_armed:
             if armed:
-                self._backend_thread.register(self.backend_fd, self._backend_readable,
-                                              eventfd=False)
+                self.transport.io_thread.register(self.backend_fd, self._backend_readable,
+                                                  eventfd=False)
             else:
-                self._backend_thread.unregister(self.backend_fd)
+                self.transport.io_thread.unregister(self.backend_fd)
             self._rx_armed = armed
 
     def _backend_readable(self) -> None:
-        with self._lock:
-            if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) == STATUS_DRIVER_OK \
-                    and self.queues[RX].ready and not self._paused:
-                self.kick(RX)
-            else:
+        with self.transport.lock:
+            if not self.transport.kick(RX):
                 self._arm(False)       # until the driver (re)starts the device, or resume()
 
-    def device_reset(self) -> None:
+    def reset(self) -> None:
         self._arm(False)
         self._rx_frame = None
         self._negotiate_offloads(0)
-        self.device_config[:MAC_LEN] = self.mac      # as configured, whatever a driver wrote
+        self.config[:MAC_LEN] = self.mac      # as configured, whatever a driver wrote
 
-    def device_config_write(self, offset: int, size: int, value: int) -> None:
+    def config_write(self, offset: int, size: int, value: int) -> None:
         """Legacy drivers set the MAC this way (no CTRL_MAC_ADDR is offered); the rest
         of the config, and all of it for modern drivers, is read-only."""
-        if offset + size <= MAC_LEN and not self.negotiated(F_VERSION_1):
+        if offset + size <= MAC_LEN and not self.transport.negotiated(F_VERSION_1):
             value &= (1 << (8 * size)) - 1
-            self.device_config[offset:offset + size] = value.to_bytes(size, "little")
+            self.config[offset:offset + size] = value.to_bytes(size, "little")
             return
         self.config_writes_dropped += 1
-        self.warn_once("config-write", "driver wrote %d bytes at read-only "
+        self.transport.warn_once("config-write", "driver wrote %d bytes at read-only "
                        "device config offset %#x; dropped", size, offset)
 
-    def restore_device_state(self, state: dict) -> None:
-        if self.status & STATUS_DRIVER_OK:
-            self._negotiate_offloads(self.driver_features)
-
-    def teardown(self) -> None:
-        with self._lock:
+    def close(self) -> None:
+        with self.transport.lock:
             self._arm(False)
             self._close_backend()
-        super().teardown()
 
     # --- receive -------------------------------------------------------------------------
     def queue_notified(self, index: int, queue: SplitQueue) -> None:
@@ -321,7 +283,7 @@ class VirtioNet(VirtioPciDevice):
             return
         self._arm(True)
         self._receive(queue)
-        self.interrupt_queue(RX)
+        self.transport.interrupt_queue(RX)
 
     def _receive(self, queue: SplitQueue) -> None:
         """Move frames from the backend into posted buffers until either runs out."""
@@ -334,12 +296,12 @@ class VirtioNet(VirtioPciDevice):
                     queue.set_notification(True)
                     return
                 except OSError as exc:
-                    self.warn_once("backend-read", "reading %s failed: %s",
+                    self.transport.warn_once("backend-read", "reading %s failed: %s",
                                    self.backend_name, exc.strerror)
                     self._arm(False)
                     return
                 if not frame:           # the other end is gone: nothing more will come
-                    self.warn_once("backend-closed", "%s closed",
+                    self.transport.warn_once("backend-closed", "%s closed",
                                    self.backend_name)
                     self._arm(False)
                     return
@@ -363,7 +325,7 @@ class VirtioNet(VirtioPciDevice):
         """Put one frame (backend header first) in the buffers; False, using none of them,
         if the driver has not posted enough."""
         header_length = self._header_length()
-        mergeable = self.negotiated(F_MRG_RXBUF)
+        mergeable = self.transport.negotiated(F_MRG_RXBUF)
         payload = bytearray(frame)
         if not self._rx_offloads:
             payload[:LEGACY_HDR_LEN] = ZERO_HEADER[:LEGACY_HDR_LEN]
@@ -389,7 +351,7 @@ class VirtioNet(VirtioPciDevice):
             return True
         if header_length == HDR_LEN:
             struct.pack_into("<H", payload, LEGACY_HDR_LEN, len(chains))
-        memory, offset = self.context.memory, 0
+        memory, offset = self.transport.memory, 0
         for chain, capacity in chains:
             written = chain.write(memory, data[offset:offset + capacity])
             offset += written
@@ -399,7 +361,7 @@ class VirtioNet(VirtioPciDevice):
     # --- transmit ------------------------------------------------------------------------
     def handle_request(self, index: int, chain: Chain) -> int:
         header_length = self._header_length()
-        views = chain.readable_views(self.context.memory)
+        views = chain.readable_views(self.transport.memory)
         skip = header_length
         frame = []
         for view in views:
@@ -428,7 +390,7 @@ class VirtioNet(VirtioPciDevice):
         except OSError as exc:        # the tap is down or a queue is full: a lost frame
             self.tx_dropped += 1
             if exc.errno not in (errno.EAGAIN, errno.EIO):
-                self.warn_once("backend-write", "writing %s failed: %s",
+                self.transport.warn_once("backend-write", "writing %s failed: %s",
                                self.backend_name, exc.strerror)
         return 0
 

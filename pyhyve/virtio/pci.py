@@ -19,21 +19,22 @@ index as datamatch; the buses set them up as KVM ioeventfds) signals an
 eventfd instead of exiting to userspace, and the VM's virtio I/O thread runs
 the queue.  A notify write that reaches bar_write anyway (no notifiers, an
 odd access width, the PCI_CFG window) runs the queue on the vCPU thread.
-Interrupts go out through vm.signal_msi (an irqfd bound to a GSI route per
-MSI message) or the INTx router.
+Interrupts go out through the device context's signal_msi (an irqfd bound
+to a GSI route per MSI message) or the INTx router.
 
-Snapshots: quiesce() serves what the driver offered and holds the device
-lock while the VM is saved; save_state() adds the transport registers and
-each queue's layout and ring positions to the PCI state, and restore_state()
+The transport carries a device model (pyhyve.virtio.device): it is the
+model's Transport, takes the PCI IDs and class from the model's device type,
+serves its config space in both register blocks, and runs its queues.  An
+emulation (pyhyve.virtio.emulations) is a subclass that names the model in
+make_model().  Everything runs under the device lock (`lock`): the vCPU
+threads and the I/O thread never see a half-made change.
+
+Snapshots: quiesce() serves what the driver offered, lets the model finish
+(a disk syncs) and holds the device lock while the VM is saved; save_state()
+adds the transport registers, each queue's layout and ring positions, and
+the model's own state to the PCI state; restore_state() checks all of it,
 re-activates live queues on the restored guest memory, re-assigns their
-ioeventfds and kicks them once.  Device types keep anything more through
-save_device_state()/restore_device_state().
-
-Subclasses set the class attributes, call `virtio_init()` from init(), fill
-`device_config`, and answer chains in `handle_request()` (or override
-`queue_notified()` for queues that hold buffers, such as a network receive
-queue).  Everything runs under the device lock: the vCPU threads and the I/O
-thread never see a half-made change.
+ioeventfds and kicks them once.
 """
 
 import contextlib
@@ -43,28 +44,23 @@ import struct
 import threading
 
 from ..iobus import NotifierUnavailable
+from ..lifecycle import StateError, bits, expect_keys, uint
 from ..memory import GuestMemoryError
 from ..pci import BAR_IO, BAR_MEM32, PciDevice
 from ..pci import regs as R
-from .queue import Chain, SplitQueue, VirtqueueError
+from .device import (F_EVENT_IDX, F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+                     STATUS_NEEDS_RESET, TRANSPORT_FEATURES, VirtioDevice)
+from ..iothread import IoThread
+from .queue import SplitQueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
 VIRTIO_VENDOR_ID = 0x1AF4
-
-# Device status (virtio 1.2, 2.1)
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-STATUS_NEEDS_RESET = 0x40
-STATUS_FAILED = 0x80
-
-# Transport feature bits (virtio 1.2, 6)
-F_INDIRECT_DESC = 1 << 28
-F_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
-TRANSPORT_FEATURES = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1
+# Transitional PCI device ID and class code by virtio device type (4.1.2.1)
+PCI_IDENTITIES = {1: (0x1000, 0x020000),     # network card: Ethernet
+                  2: (0x1001, 0x010000),     # block device: SCSI storage
+                  3: (0x1003, 0x078000),     # console: other communication
+                  4: (0x1005, 0x00FF00)}     # entropy source: other
 
 ISR_QUEUE = 1
 ISR_CONFIG = 2
@@ -102,32 +98,48 @@ _LEGACY = struct.Struct("<IIIHHHBB")
 
 
 class VirtioPciDevice(PciDevice):
-    """A virtio device on PCI; subclasses are the device types."""
+    """A virtio device on PCI: the transport around a model (make_model())."""
 
-    device_type = 0               # the virtio device ID (1 net, 2 block, 4 entropy...)
-    legacy_device_id = 0          # its transitional PCI device ID (0x1000..0x103F)
-    class_code = 0xFF0000
     savable = True
 
-    def virtio_init(self, queue_sizes: list[int], features: int, config_size: int) -> None:
-        """Declare IDs, BARs, capabilities and queues; call from init()."""
-        self.set_ids(VIRTIO_VENDOR_ID, self.legacy_device_id, self.class_code, revision=0,
-                     subsystem_vendor=VIRTIO_VENDOR_ID, subsystem=self.device_type)
-        self.set_interrupt_pin(1)
-        self.device_features = features | TRANSPORT_FEATURES
-        self.device_config = bytearray(config_size)
-        self.queues = [SplitQueue(self.context.memory, size) for size in queue_sizes]
-        self.queue_max = list(queue_sizes)
-        self.queue_vectors = [NO_VECTOR] * len(queue_sizes)
-        self._lock = threading.RLock()
+    def make_model(self, options: dict[str, str]) -> VirtioDevice:
+        """Build the model from the emulation's options (ConfigError where they
+        do not fit), with this transport as its Transport."""
+        raise NotImplementedError
+
+    def init(self, options: dict[str, str]) -> None:
+        """Build the model, then declare IDs, BARs, capabilities and queues after it."""
+        self.lock = threading.RLock()
         self._paused = False             # the VM is: queues wait, host input stays queued
         self._clear_state()
+        self._assigned: set[tuple] = set()
+        self._notify_fds: list[int] = []
+        self.model = self.make_model(options)
+        try:
+            self._declare()
+        except BaseException:
+            self.model.close()
+            raise
+
+    def _declare(self) -> None:
+        model = self.model
+        if model.device_type not in PCI_IDENTITIES:
+            raise ValueError(f"no transitional PCI ID for virtio device type "
+                             f"{model.device_type}")
+        device_id, class_code = PCI_IDENTITIES[model.device_type]
+        self.set_ids(VIRTIO_VENDOR_ID, device_id, class_code, revision=0,
+                     subsystem_vendor=VIRTIO_VENDOR_ID, subsystem=model.device_type)
+        self.set_interrupt_pin(1)
+        self.device_features = model.features | TRANSPORT_FEATURES
+        self.queues = [SplitQueue(self.memory, size) for size in model.queue_sizes]
+        self.queue_max = list(model.queue_sizes)
+        self.queue_vectors = [NO_VECTOR] * len(self.queues)
 
         legacy_size = 32
-        while legacy_size < LEGACY_CONFIG_MSIX + config_size:
+        while legacy_size < LEGACY_CONFIG_MSIX + len(model.config):
             legacy_size <<= 1
         self.add_bar(LEGACY_BAR, BAR_IO, legacy_size)
-        self.add_msix(len(queue_sizes) + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
+        self.add_msix(len(self.queues) + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
         self.add_bar(MODERN_BAR, BAR_MEM32, MODERN_BAR_SIZE)
         for cfg_type, offset in ((CAP_COMMON_CFG, MODERN_COMMON), (CAP_ISR_CFG, MODERN_ISR),
                                  (CAP_DEVICE_CFG, MODERN_DEVICE)):
@@ -138,17 +150,13 @@ class VirtioPciDevice(PciDevice):
         window = bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12
         self._pci_cfg_cap = self._add_virtio_cap(CAP_PCI_CFG, 0, 0, 0, b"\0" * 4, window)
 
-        # Write notifiers need the hypervisor's support; the I/O thread exists
-        # only if they do.
-        self._assigned: set[tuple] = set()
-        self._notify_fds: list[int] = []
-        self._io_thread = None
+        # Write notifiers need the hypervisor's support; the I/O thread serves
+        # them only if they have it.
         if self.context.ports.notifies and self.context.mmio.notifies:
-            self._io_thread = self.context.io_thread()
             for index in range(len(self.queues)):
                 fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                 self._notify_fds.append(fd)
-                self._io_thread.register(fd, lambda index=index: self.kick(index))
+                self.io_thread.register(fd, lambda index=index: self.kick(index))
 
     def _add_virtio_cap(self, cfg_type: int, bar: int, offset: int, length: int,
                         extra: bytes = b"", writable: bytes | None = None) -> int:
@@ -167,40 +175,24 @@ class VirtioPciDevice(PciDevice):
         self.config_generation = 0
         self.isr = 0
 
-    # --- hooks for device types ------------------------------------------------------
-    def handle_request(self, index: int, chain: Chain) -> int:
-        """Serve one chain from queue `index`; returns the bytes written to it."""
-        raise NotImplementedError
+    # --- the model's Transport (pyhyve.virtio.device) ----------------------------------
+    @property
+    def memory(self):
+        return self.context.memory
 
-    def queue_notified(self, index: int, queue: SplitQueue) -> None:
-        """The driver offered buffers: serve every chain, with notifications off
-        while busy, then interrupt the driver if it wants one."""
-        while True:
-            queue.set_notification(False)
-            while (chain := queue.pop()) is not None:
-                queue.push(chain.head, self.handle_request(index, chain))
-            queue.set_notification(True)
-            if not queue.pending():
-                break
-        self.interrupt_queue(index)
+    @property
+    def vm_name(self) -> str:
+        return self.context.vm_name
 
-    def device_config_write(self, offset: int, size: int, value: int) -> None:
-        """The driver wrote device config; read-only unless a device says otherwise."""
+    @property
+    def instance(self) -> str:
+        """bhyve's "SLOT-FUNC", which virtio-net hashes into its default MAC."""
+        return f"{self.slot}-{self.func}"
 
-    def device_reset(self) -> None:
-        """Forget device state when the driver resets the device."""
+    @property
+    def io_thread(self) -> IoThread:
+        return self.context.io_thread()
 
-    def save_device_state(self) -> dict:
-        """Device-type state a snapshot must keep beyond the transport's, as JSON
-        (called under the device lock, the device quiesced).  Whatever is left
-        out is as after device_reset(); a device whose buffered input may be
-        lost, as a network card's received frame, needs nothing here."""
-        return {}
-
-    def restore_device_state(self, state: dict) -> None:
-        """Take back save_device_state()'s output (under the device lock)."""
-
-    # --- services for device types ---------------------------------------------------
     def negotiated(self, feature: int) -> bool:
         return bool(self.driver_features & feature)
 
@@ -210,14 +202,14 @@ class VirtioPciDevice(PciDevice):
             self._interrupt(self.queue_vectors[index], ISR_QUEUE)
 
     def notify_config_change(self) -> None:
-        with self._lock:
+        with self.lock:
             self.config_generation = (self.config_generation + 1) & 0xFF
             if self.status & STATUS_DRIVER_OK:
                 self._interrupt(self.config_vector, ISR_CONFIG)
 
     def needs_reset(self, reason: str) -> None:
         """The driver broke the rules: stop the device until it resets it."""
-        with self._lock:
+        with self.lock:
             if self.status & STATUS_NEEDS_RESET:
                 return
             log.warning("%s %s: %s; device needs reset", self.emulation_name, self.bdf, reason)
@@ -225,26 +217,27 @@ class VirtioPciDevice(PciDevice):
             if self.status & STATUS_DRIVER_OK:
                 self._interrupt(self.config_vector, ISR_CONFIG)
 
-    def kick(self, index: int) -> None:
-        """Run queue `index` (from the I/O thread or a notify register write);
-        while the VM is paused the queue waits for resume()."""
-        with self._lock:
-            if not self._paused:
-                self._run_queue(index)
+    def kick(self, index: int) -> bool:
+        """Run queue `index` (from the I/O thread, a notify register write or the
+        model); while the VM is paused the queue waits for resume()."""
+        with self.lock:
+            return not self._paused and self._run_queue(index)
 
-    def _run_queue(self, index: int) -> None:
-        with self._lock:
+    def _run_queue(self, index: int) -> bool:
+        """Let the model serve queue `index` if the device and the queue are live."""
+        with self.lock:
             if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) != STATUS_DRIVER_OK:
-                return
+                return False
             if not 0 <= index < len(self.queues) or not self.queues[index].ready:
-                return
+                return False
             try:
-                self.queue_notified(index, self.queues[index])
+                self.model.queue_notified(index, self.queues[index])
             except (VirtqueueError, GuestMemoryError) as exc:
                 self.needs_reset(f"queue {index}: {exc}")
-            except Exception:            # a device bug: stop this device, not the VM
+            except Exception:            # a model bug: stop this device, not the VM
                 log.exception("%s %s: queue %d failed", self.emulation_name, self.bdf, index)
                 self.needs_reset(f"queue {index}: internal error")
+            return True
 
     def _interrupt(self, vector: int, isr_bit: int) -> None:
         if self.msix.enabled:
@@ -254,31 +247,35 @@ class VirtioPciDevice(PciDevice):
             self.isr |= isr_bit
             self.assert_intx()
 
-    # --- snapshots ---------------------------------------------------------------------
+    # --- lifecycle ---------------------------------------------------------------------
     @contextlib.contextmanager
     def quiesce(self):
-        """Serve every request the driver has offered, notified or not, then hold
-        the device lock: no I/O thread or backend thread is inside a request
-        while the snapshot is taken, and each request is either complete (in the
-        used ring, in guest memory) or not yet taken from the avail ring."""
-        with self._lock:
+        """Serve every request the driver has offered, notified or not, let the
+        model finish, then hold the device lock: no I/O thread or backend thread
+        is inside a request while the snapshot is taken, and each request is
+        either complete (in the used ring, in guest memory) or not yet taken
+        from the avail ring."""
+        with self.lock:
             for index in range(len(self.queues)):
                 self._run_queue(index)
-            yield
+            with self.model.quiesce():
+                yield
 
     def pause(self) -> None:
-        with self._lock:
+        with self.lock:
             self._paused = True
+            self.model.pause()
 
     def resume(self) -> None:
         """Look at every queue once: what was offered or arrived meanwhile."""
-        with self._lock:
+        with self.lock:
             self._paused = False
+            self.model.resume()
             for index in range(len(self.queues)):
                 self._run_queue(index)
 
     def save_state(self) -> dict:
-        with self._lock:
+        with self.lock:
             state = super().save_state()
             state["virtio"] = {
                 "status": self.status, "driver_features": self.driver_features,
@@ -288,47 +285,60 @@ class VirtioPciDevice(PciDevice):
                 "config_generation": self.config_generation, "isr": self.isr,
                 "queue_vectors": list(self.queue_vectors),
                 "queues": [queue.save_state() for queue in self.queues],
-                "device": self.save_device_state()}
+                "device": self.model.save_state()}
         return state
 
     def restore_state(self, state: dict) -> None:
-        """Restore the transport and the queues, re-assign the notify ioeventfds
-        where the BARs now decode, then look at every live queue once: a
-        notification does not survive a snapshot, and receive paths (host input,
-        a tap) start again from a kick."""
+        """Restore the transport, the queues and the model, re-assign the notify
+        ioeventfds where the BARs now decode, then look at every live queue once:
+        a notification does not survive a snapshot, and receive paths (host
+        input, a tap) start again from a kick.  The transport's registers are
+        checked before anything changes; StateError where they do not fit."""
+        owner = f"{self.emulation_name} {self.bdf}"
+        saved = state.get("virtio") if isinstance(state, dict) else None
+        expect_keys(saved, ("status", "driver_features", "device_feature_select",
+                            "driver_feature_select", "queue_select", "config_vector",
+                            "config_generation", "isr", "queue_vectors", "queues", "device"),
+                    f"{owner} virtio")
+        registers = {key: uint(saved[key], limit, f"{owner} virtio {key}") for key, limit in (
+            ("status", 0xFF), ("driver_features", (1 << 64) - 1),
+            ("device_feature_select", 0xFFFFFFFF), ("driver_feature_select", 0xFFFFFFFF),
+            ("queue_select", 0xFFFF), ("config_vector", 0xFFFF),
+            ("config_generation", 0xFF))}
+        isr = bits(saved["isr"], ISR_QUEUE | ISR_CONFIG, f"{owner} virtio ISR")
+        queues, vectors = saved["queues"], saved["queue_vectors"]
+        if not isinstance(queues, list) or not isinstance(vectors, list) or \
+                len(queues) != len(self.queues) or len(vectors) != len(self.queues):
+            raise StateError(f"{owner} has {len(self.queues)} queues, the snapshot "
+                             f"{len(queues) if isinstance(queues, list) else queues!r}")
+        vectors = [uint(vector, 0xFFFF, f"{owner} queue {index} vector")
+                   for index, vector in enumerate(vectors)]
+        for index, queue_state in enumerate(queues):
+            size = queue_state.get("size") if isinstance(queue_state, dict) else None
+            uint(size, self.queue_max[index], f"{owner} queue {index} size")
         super().restore_state(state)
-        saved = state["virtio"]
-        if len(saved["queues"]) != len(self.queues) or \
-                len(saved["queue_vectors"]) != len(self.queues):
-            raise ValueError(f"{self.emulation_name} {self.bdf} has {len(self.queues)} "
-                             f"queues, the snapshot {len(saved['queues'])}")
-        with self._lock:
-            self.status = int(saved["status"]) & 0xFF
-            self.driver_features = int(saved["driver_features"]) & (1 << 64) - 1
-            self.device_feature_select = int(saved["device_feature_select"]) & 0xFFFFFFFF
-            self.driver_feature_select = int(saved["driver_feature_select"]) & 0xFFFFFFFF
-            self.queue_select = int(saved["queue_select"]) & 0xFFFF
-            self.config_vector = self._valid_vector(int(saved["config_vector"]))
-            self.config_generation = int(saved["config_generation"]) & 0xFF
-            self.isr = int(saved["isr"]) & (ISR_QUEUE | ISR_CONFIG)
-            for index, (queue, queue_state) in enumerate(zip(self.queues, saved["queues"])):
-                if not 0 <= int(queue_state["size"]) <= self.queue_max[index]:
-                    raise ValueError(f"queue {index} size {queue_state['size']} is above "
-                                     f"{self.queue_max[index]}")
+        with self.lock:
+            for key, value in registers.items():
+                setattr(self, key, value)
+            self.config_vector = self._valid_vector(self.config_vector)
+            self.isr = isr
+            for index, (queue, queue_state) in enumerate(zip(self.queues, queues)):
                 try:
                     queue.restore_state(queue_state)
-                except VirtqueueError as exc:
-                    raise ValueError(f"queue {index}: {exc}") from None
-                vector = int(saved["queue_vectors"][index])
-                self.queue_vectors[index] = self._valid_vector(vector)
-            self.restore_device_state(saved["device"])
+                except (VirtqueueError, ValueError, KeyError, TypeError) as exc:
+                    raise StateError(f"{owner} queue {index}: {exc}") from None
+                self.queue_vectors[index] = self._valid_vector(vectors[index])
+            self.model.restore_state(saved["device"])
+            if self.status & STATUS_DRIVER_OK:
+                self.model.activate(self.driver_features)
             self._sync_ioeventfds()
             for index in range(len(self.queues)):
                 self.kick(index)
 
     # --- status, features, reset -------------------------------------------------------
     def _write_status(self, value: int, modern: bool) -> None:
-        """Legacy drivers have no FEATURES_OK step: what they wrote is what they get."""
+        """Legacy drivers have no FEATURES_OK step: what they wrote is what they get.
+        At DRIVER_OK the features are final: the model hears so before its queues run."""
         if value == 0:
             self._reset()
             return
@@ -336,6 +346,8 @@ class VirtioPciDevice(PciDevice):
         if modern and value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK and \
                 not self._features_acceptable():
             value &= ~STATUS_FEATURES_OK
+        if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
+            self.model.activate(self.driver_features)
         self.status = value | (old & STATUS_NEEDS_RESET)
         if value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
             for index, queue in enumerate(self.queues):   # notifications sent too early
@@ -343,9 +355,11 @@ class VirtioPciDevice(PciDevice):
                     self.kick(index)
 
     def _features_acceptable(self) -> bool:
-        """Modern drivers must take VERSION_1 and nothing the device did not offer."""
+        """Modern drivers must take VERSION_1, nothing the device did not offer, and
+        what the model needs with what they took."""
         features = self.driver_features
-        return bool(features & F_VERSION_1) and not features & ~self.device_features
+        return bool(features & F_VERSION_1) and not features & ~self.device_features and \
+            self.model.features_acceptable(features)
 
     def _reset(self) -> None:
         self._clear_state()
@@ -354,7 +368,7 @@ class VirtioPciDevice(PciDevice):
             self.queue_vectors[index] = NO_VECTOR
         self.deassert_intx()
         self._sync_ioeventfds()
-        self.device_reset()
+        self.model.reset()
 
     def _read_isr(self) -> int:
         value, self.isr = self.isr, 0
@@ -375,7 +389,7 @@ class VirtioPciDevice(PciDevice):
 
     # --- BAR accesses ---------------------------------------------------------------------
     def bar_read(self, index: int, offset: int, size: int) -> int:
-        with self._lock:
+        with self.lock:
             if index == MODERN_BAR:
                 return self._modern_read(offset, size)
             if index == LEGACY_BAR:
@@ -383,14 +397,14 @@ class VirtioPciDevice(PciDevice):
         return 0
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        with self._lock:
+        with self.lock:
             if index == MODERN_BAR:
                 self._modern_write(offset, size, value)
             elif index == LEGACY_BAR:
                 self._legacy_write(offset, size, value)
 
     def _config_read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.device_config[offset:offset + size].ljust(size, b"\0"),
+        return int.from_bytes(self.model.config[offset:offset + size].ljust(size, b"\0"),
                               "little")
 
     # --- modern interface -----------------------------------------------------------------
@@ -429,7 +443,7 @@ class VirtioPciDevice(PciDevice):
         if region == MODERN_COMMON:
             self._common_write(at, size, value)
         elif region == MODERN_DEVICE:
-            self.device_config_write(at, size, value)
+            self.model.config_write(at, size, value)
         elif region == MODERN_NOTIFY:
             self.kick(at // NOTIFY_MULTIPLIER)
 
@@ -512,7 +526,7 @@ class VirtioPciDevice(PciDevice):
     def _legacy_write(self, offset: int, size: int, value: int) -> None:
         config = self._legacy_config_offset()
         if offset >= config:
-            self.device_config_write(offset - config, size, value)
+            self.model.config_write(offset - config, size, value)
         elif offset == LEGACY_GUEST_FEATURES and size == 4:
             if not self.status & STATUS_DRIVER_OK:
                 self.driver_features = value & self.device_features
@@ -586,7 +600,7 @@ class VirtioPciDevice(PciDevice):
     def update_mapping(self, bar) -> None:
         super().update_mapping(bar)
         if bar.index in (LEGACY_BAR, MODERN_BAR):
-            with self._lock:
+            with self.lock:
                 self._sync_ioeventfds()
 
     def _sync_ioeventfds(self) -> None:
@@ -628,10 +642,13 @@ class VirtioPciDevice(PciDevice):
             self._assigned.add(key)
 
     def teardown(self) -> None:
-        with self._lock:
+        """Withdraw the notifiers, then close the model (outside the lock: its
+        backend threads may be waiting for it)."""
+        with self.lock:
             for key in list(self._assigned):
                 self._ioeventfd(key, deassign=True)
             for fd in self._notify_fds:
-                self._io_thread.unregister(fd)
+                self.io_thread.unregister(fd)
                 os.close(fd)
             self._notify_fds = []
+        self.model.close()

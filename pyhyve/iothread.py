@@ -1,11 +1,11 @@
-"""The per-VM virtio I/O thread: one selectors loop that serves eventfds
-(and other readable fds, such as a network device's tap).
+"""The per-VM I/O thread: one selectors loop that serves eventfds (and other
+readable fds, such as a network device's tap).
 
-KVM signals an ioeventfd when the guest writes a queue's notify register, so
-the vCPU does not leave KVM_RUN for the notification; this thread wakes up
-and runs the device's callback.  Every virtio device of a VM shares the one
-thread, created by the first device that asks for it (`io_thread(vm)`) and
-closed with the VM through vm.closables.
+KVM signals an ioeventfd when the guest writes a virtio queue's notify
+register, so the vCPU does not leave KVM_RUN for the notification; this
+thread wakes up and runs the device's callback.  Every device of a VM shares
+the one thread, created by the first device that asks for it
+(devctx.DeviceContext.io_thread) and closed with the VM.
 """
 
 import logging
@@ -63,6 +63,10 @@ class IoThread:
                     log.exception("virtio I/O callback for fd %d failed", fd)
 
     def close(self) -> None:
+        """Idempotent: a second close must not close a descriptor number that
+        something else of the process may have been given since."""
+        if self._closing:
+            return
         self._closing = True
         os.eventfd_write(self._wakeup, 1)
         if self._thread is not threading.current_thread():
@@ -71,13 +75,3 @@ class IoThread:
             self._callbacks.clear()      # devices torn down later unregister nothing
         self._selector.close()
         os.close(self._wakeup)
-
-
-def io_thread(vm) -> IoThread:
-    """The VM's I/O thread, started on first use."""
-    thread = getattr(vm, "virtio_io_thread", None)
-    if thread is None:
-        thread = IoThread()
-        vm.virtio_io_thread = thread
-        vm.closables.append(thread)
-    return thread

@@ -1,0 +1,118 @@
+"""The `-s` names of the virtio devices: each binds a device model to the
+virtio-pci transport and declares the options `-s` and the config take.
+
+    -s SLOT,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]
+    -s SLOT,virtio-net,tapN|tap=NAME|slirp[,...]
+    -s SLOT,virtio-console,NAME=PATH[,NAME=PATH...]
+    -s SLOT,virtio-rnd
+
+The models' modules say what each option means.  A model is imported when
+its emulation is instantiated (make_model()), so a VM loads only the models
+it uses; the option declarations, which `-s help` and the checks before
+init() read from the class, stay here.
+"""
+
+from ..config import ConfigError
+from ..pci import PciDevice, emulation
+from ..pci.options import Option
+from .pci import VirtioPciDevice
+
+
+@emulation("virtio-blk")
+class VirtioBlockPci(VirtioPciDevice):
+    """virtio block device: PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]"""
+
+    options = (
+        Option("path", "path", None, "the disk image (the first word after the name)"),
+        Option("ro", "flag", "false", "read-only: the guest sees VIRTIO_BLK_F_RO"),
+        Option("nocache", "flag", "false", "O_DIRECT: bypass the host's page cache"),
+        Option("direct", "flag", "false", "O_SYNC: each write is on the disk when done"),
+        Option("nodelete", "flag", "false", "no DISCARD (no holes punched in the image)"),
+        Option("sectorsize", "text", "512", "logical[/physical] sector size in bytes"),
+        Option("ser", "text", None, "serial number (default: BHYVE- and a hash of the path)"),
+    )
+
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """bhyve's blockif_legacy_config: the first word is the path."""
+        path, _, rest = text.partition(",")
+        options = PciDevice.legacy_options(rest)
+        if path.startswith("path="):
+            path = path[len("path="):]
+        if path:
+            options["path"] = path
+        return options
+
+    def make_model(self, options):
+        from .blk import VirtioBlock
+        return VirtioBlock(self, options)
+
+
+@emulation("virtio-net")
+class VirtioNetPci(VirtioPciDevice):
+    """virtio network card: tapN, tap=NAME or slirp[,hostfwd=R][,tftp=D][,bootfile=F];
+    each with [,mac=xx:xx:xx:xx:xx:xx][,mtu=N]"""
+
+    options = (
+        Option("backend", "text", None, "tapN or slirp (the first word after the name)"),
+        Option("tap", "text", None, "a tap interface by name (created if missing)"),
+        Option("mac", "text", None, "MAC address (default: from the slot and VM name)"),
+        # net.py's DEFAULT_MTU, MIN_MTU and MAX_MTU, written out: reading the
+        # options must not import the model (a test holds them equal)
+        Option("mtu", "number", "1500", "MTU the guest is offered, 68 to 65517 "
+               "(VIRTIO_NET_F_MTU)"),
+        Option("hostfwd", "text", None, "slirp: tcp:HOSTPORT-:GUESTPORT[;...] forwards"),
+        Option("tftp", "path", None, "slirp: a directory served by TFTP"),
+        Option("bootfile", "text", None, "slirp: the boot file DHCP names"),
+    )
+
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """bhyve's netbe_legacy_config: a bare first word is the backend."""
+        first, _, rest = text.partition(",")
+        if "=" in first:
+            return PciDevice.legacy_options(text)
+        options = PciDevice.legacy_options(rest)
+        if first:
+            options["backend"] = first
+        return options
+
+    def make_model(self, options):
+        from .net import VirtioNet
+        return VirtioNet(self, options)
+
+
+@emulation("virtio-console")
+class VirtioConsolePci(VirtioPciDevice):
+    """virtio console: NAME=PATH[,NAME=PATH...] (PATH: a unix socket, stdio, unix=, tcp=, file=)"""
+
+    options = (
+        Option("port.N.name", "text", None, "port N's name (port 0 is the console)"),
+        Option("port.N.path", "text", None, "port N's host side: a unix socket path, stdio, "
+               "unix=PATH, tcp=HOST:PORT or file=PATH"),
+    )
+
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """bhyve's pci_vtcon_legacy_config: NAME=PATH pairs become port.N.name/path."""
+        options = {}
+        for number, item in enumerate(filter(None, text.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ConfigError(f"virtio-console: port '{name}' needs a path (NAME=PATH)")
+            options[f"port.{number}.name"] = name
+            options[f"port.{number}.path"] = path
+        return options
+
+    def make_model(self, options):
+        from .console import VirtioConsole
+        return VirtioConsole(self, options)
+
+
+@emulation("virtio-rnd")
+class VirtioRandomPci(VirtioPciDevice):
+    """virtio entropy device (no options)"""
+
+    def make_model(self, options):
+        from .rnd import VirtioRandom
+        return VirtioRandom(self, options)
