@@ -1,12 +1,16 @@
 """The block backend every disk device shares (pyhyve.block), on its own."""
 
 import errno
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
+from build import build_rom
+from guestrun import REPO, run_pyhyve
 from pyhyve.block import BlockImage
 from pyhyve.config import ConfigError
 
@@ -93,3 +97,30 @@ def test_images_are_locked_as_qemu_locks_them(image_file):
     for reader in readers:
         reader.close()
     BlockImage("virtio-blk", str(image_file)).close()
+
+
+@pytest.mark.usefixtures("needs_kvm")
+def test_a_second_vm_on_a_running_vms_disk_is_refused(image_file, tmp_path):
+    """The operator's view: one line and exit status 4 while the first VM
+    runs; lock=off lets the second start (it ends here at once, on a ROM
+    that powers off)."""
+    running = subprocess.Popen(
+        [sys.executable, "-m", "pyhyve", "-s", f"4,virtio-blk,{image_file}",
+         "-o", f"control.socket={tmp_path / 'first.sock'}",
+         "-l", f"bootrom,{build_rom('exits', COUNT=10**8)}", "first"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
+    try:
+        while not (tmp_path / "first.sock").exists():
+            assert running.poll() is None, running.stderr.read()
+            time.sleep(0.05)
+        powers_off = ["-l", f"bootrom,{build_rom('hello16')}",
+                      "-o", f"control.socket={tmp_path / 'second.sock'}", "second"]
+        second = run_pyhyve(["-s", f"4,virtio-blk,{image_file}", *powers_off])
+        assert second.returncode == 4
+        assert second.stderr == (f"pyhyve: virtio-blk: {image_file} is in use elsewhere "
+                                 "(another VM?); lock=off shares it anyway\n")
+        shared = run_pyhyve(["-s", f"4,virtio-blk,{image_file},ro,lock=off", *powers_off])
+        assert shared.returncode == 1, shared.stderr
+    finally:
+        running.kill()
+        running.wait()

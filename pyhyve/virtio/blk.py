@@ -1,11 +1,14 @@
 """`virtio-blk`: a disk backed by a file or block device (virtio 1.2, 5.2).
 
-    -s SLOT,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]
+    -s SLOT,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,lock=off]
+                          [,sectorsize=L[/P]][,ser=ID]
 
 as bhyve's pci_virtio_block and blockif take them: `ro` opens read-only and
 offers VIRTIO_BLK_F_RO; `nocache` opens with O_DIRECT; `direct` opens with
-O_SYNC; `nodelete` withholds DISCARD; `sectorsize` sets the logical block
-size (and, after the slash, the physical one, reported through TOPOLOGY);
+O_SYNC; `nodelete` withholds DISCARD; `lock=off` leaves the image unlocked
+(pyhyve.block locks it against other VMs by default, as QEMU does);
+`sectorsize` sets the logical block size (and, after the slash, the
+physical one, reported through TOPOLOGY);
 `ser` is the 20-byte ID GET_ID returns (default: "BHYVE-" and a hash of the
 path, as bhyve makes it).
 
@@ -103,6 +106,7 @@ class VirtioBlock(VirtioDevice):
             nocache = keys.get_bool("nocache")
             sync = keys.get_bool("direct")
             nodelete = keys.get_bool("nodelete")
+            lock = keys.get_bool("lock", True)
         except ConfigError as exc:
             raise ConfigError(f"virtio-blk: {exc}") from None
         logical, physical = _sector_sizes(options.get("sectorsize", "512"))
@@ -113,7 +117,8 @@ class VirtioBlock(VirtioDevice):
         self.serial = serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self.path = path
 
-        self.image = BlockImage("virtio-blk", path, self.read_only, nocache, sync, nodelete)
+        self.image = BlockImage("virtio-blk", path, self.read_only, nocache, sync, nodelete,
+                                lock)
         try:
             self.capacity = self.image.size // SECTOR
             features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_TOPOLOGY

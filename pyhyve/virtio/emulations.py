@@ -1,7 +1,8 @@
 """The `-s` names of the virtio devices: each binds a device model to the
 virtio-pci transport and declares the options `-s` and the config take.
 
-    -s SLOT,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]
+    -s SLOT,virtio-blk,PATH[,ro][,nocache][,direct][,nodelete][,lock=off]
+                          [,sectorsize=L[/P]][,ser=ID]
     -s SLOT,virtio-net,tapN|tap=NAME|slirp[,...]
     -s SLOT,virtio-console,NAME=PATH[,NAME=PATH...]
     -s SLOT,virtio-rnd
@@ -20,7 +21,7 @@ from .pci import VirtioPciDevice
 
 @emulation("virtio-blk")
 class VirtioBlockPci(VirtioPciDevice):
-    """virtio block device: PATH[,ro][,nocache][,direct][,nodelete][,sectorsize=L[/P]][,ser=ID]"""
+    """virtio block device on a disk image: PATH[,OPTION...]"""
 
     options = (
         Option("path", "path", None, "the disk image (the first word after the name)"),
@@ -28,6 +29,7 @@ class VirtioBlockPci(VirtioPciDevice):
         Option("nocache", "flag", "false", "O_DIRECT: bypass the host's page cache"),
         Option("direct", "flag", "false", "O_SYNC: each write is on the disk when done"),
         Option("nodelete", "flag", "false", "no DISCARD (no holes punched in the image)"),
+        Option("lock", "flag", "true", "lock the image (shared if ro) against other VMs"),
         Option("sectorsize", "text", "512", "logical[/physical] sector size in bytes"),
         Option("ser", "text", None, "serial number (default: BHYVE- and a hash of the path)"),
     )
