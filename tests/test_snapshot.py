@@ -383,12 +383,17 @@ def test_restore_refuses_state_that_does_not_fit(small_disk):
     ring_outside, position_too_big = _json(state), _json(state)
     ring_outside["virtio"]["queues"][0]["used"] = 1 << 40
     position_too_big["virtio"]["queues"][0]["last_avail"] = 0x10000
+    ready_text, missing_field = _json(state), _json(state)
+    ready_text["virtio"]["queues"][0]["ready"] = "yes"
+    del missing_field["virtio"]["queues"][0]["notify"]
     status_text, isr_bits, model_field = _json(state), _json(state), _json(state)
     status_text["virtio"]["status"] = "15"
     isr_bits["virtio"]["isr"] = 4
     model_field["virtio"]["device"] = {"capacity": 8}     # virtio-blk's model keeps nothing
     for bad, message in ((ring_outside, "queue 0: ring not in guest RAM"),
-                         (position_too_big, "are not 16-bit"),
+                         (position_too_big, "queue 0 last_avail is 65536, not an integer"),
+                         (ready_text, "queue 0 ready is 'yes', not true or false"),
+                         (missing_field, "queue 0: saved state has fields"),
                          (status_text, "virtio status is '15'"),
                          (isr_bits, "virtio ISR is 4"),
                          (model_field, "virtio-blk: saved state has fields")):

@@ -313,19 +313,18 @@ class VirtioPciDevice(PciDevice):
                              f"{len(queues) if isinstance(queues, list) else queues!r}")
         vectors = [uint(vector, 0xFFFF, f"{owner} queue {index} vector")
                    for index, vector in enumerate(vectors)]
-        for index, queue_state in enumerate(queues):
-            size = queue_state.get("size") if isinstance(queue_state, dict) else None
-            uint(size, self.queue_max[index], f"{owner} queue {index} size")
+        checked = [queue.check_state(queue_state, f"{owner} queue {index}")
+                   for index, (queue, queue_state) in enumerate(zip(self.queues, queues))]
         super().restore_state(state)
         with self.lock:
             for key, value in registers.items():
                 setattr(self, key, value)
             self.config_vector = self._valid_vector(self.config_vector)
             self.isr = isr
-            for index, (queue, queue_state) in enumerate(zip(self.queues, queues)):
+            for index, (queue, fields) in enumerate(zip(self.queues, checked)):
                 try:
-                    queue.restore_state(queue_state)
-                except (VirtqueueError, ValueError, KeyError, TypeError) as exc:
+                    queue.restore_state(fields)
+                except VirtqueueError as exc:
                     raise StateError(f"{owner} queue {index}: {exc}") from None
                 self.queue_vectors[index] = self._valid_vector(vectors[index])
             self.model.restore_state(saved["device"])

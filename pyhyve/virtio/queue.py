@@ -15,6 +15,7 @@ import struct
 import threading
 
 from ..layout import MiB
+from ..lifecycle import StateError, expect_keys, flag, uint
 from ..memory import GuestMemoryError
 
 DESC_F_NEXT = 1
@@ -31,6 +32,10 @@ MAX_CHAIN_BYTES = 64 * MiB      # the most one request may make a device read or
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
+
+
+STATE_KEYS = ("size", "desc", "avail", "used", "event_idx", "ready", "last_avail",
+              "used_idx", "notify")
 
 
 class VirtqueueError(Exception):
@@ -151,23 +156,34 @@ class SplitQueue:
                 "last_avail": self.last_avail, "used_idx": self.used_idx,
                 "notify": self._notify}
 
-    def restore_state(self, state: dict) -> None:
-        """Put the queue back where save_state() found it: pop() takes the entry
-        after the last one the device took, push() fills the used slot after the
-        last one it filled.  VirtqueueError if a live queue's rings do not fit
-        in guest memory; ValueError for positions that are not u16s."""
+    def check_state(self, state, what: str) -> tuple:
+        """The saved fields, each checked (lifecycle.StateError names the first
+        that does not fit), in the order restore_state() takes them."""
+        expect_keys(state, STATE_KEYS, what)
+        size = uint(state["size"], self._initial[0], f"{what} size")
+        if not _valid_size(size):
+            raise StateError(f"{what} size {size} is not a power of two")
+        rings = tuple(uint(state[ring], (1 << 64) - 1, f"{what} {ring} ring")
+                      for ring in ("desc", "avail", "used"))
+        return (size, rings, flag(state["event_idx"], f"{what} event_idx"),
+                uint(state["last_avail"], 0xFFFF, f"{what} last_avail"),
+                uint(state["used_idx"], 0xFFFF, f"{what} used_idx"),
+                flag(state["ready"], f"{what} ready"), flag(state["notify"], f"{what} notify"))
+
+    def restore_state(self, checked: tuple) -> None:
+        """Put the queue back where save_state() found it (from check_state()'s
+        fields): pop() takes the entry after the last one the device took,
+        push() fills the used slot after the last one it filled.
+        VirtqueueError if a live queue's rings do not fit in guest memory."""
         self.reset()
-        positions = int(state["last_avail"]), int(state["used_idx"])
-        if not all(0 <= position <= 0xFFFF for position in positions):
-            raise ValueError(f"virtqueue positions {positions} are not 16-bit")
-        self.size = int(state["size"])
-        self.desc_addr, self.avail_addr, self.used_addr = (
-            int(state[ring]) & (1 << 64) - 1 for ring in ("desc", "avail", "used"))
-        self.event_idx = bool(state["event_idx"])
-        self.last_avail, self.used_idx = positions
-        if state["ready"]:
+        size, rings, event_idx, last_avail, used_idx, ready, notify = checked
+        self.size = size
+        self.desc_addr, self.avail_addr, self.used_addr = rings
+        self.event_idx = event_idx
+        self.last_avail, self.used_idx = last_avail, used_idx
+        if ready:
             self.activate()
-        self._notify = bool(state["notify"])
+        self._notify = notify
 
     # --- driver -> device ---------------------------------------------------
     def pending(self) -> bool:
