@@ -1,5 +1,5 @@
 """pyhyve as a library: build a VM from a spec, run it on a thread of its own,
-and drive it from any other: pause, resume, snapshot, stop.
+and drive it from any other: pause, resume, snapshot, stop, reset.
 
     from pyhyve.api import MemoryConsole, PciSlot, Vm, VmSpec
 
@@ -116,7 +116,7 @@ class Vm:
         return self._status
 
     def start(self) -> None:
-        """Run the VM on its own thread (once)."""
+        """Run the VM on its own thread (once, or again after reset())."""
         if self._thread is not None:
             raise RuntimeError(f"VM {self._machine.name} was started already")
         self._thread = threading.Thread(target=self._run, name=f"{self._machine.name}-vm",
@@ -132,6 +132,15 @@ class Vm:
             raise RuntimeError(f"VM {self._machine.name} was not started")
         self._thread.join(timeout)
         return None if self._thread.is_alive() else self._status
+
+    def reset(self) -> None:
+        """Once the VM has stopped (the guest rebooted it: exit status RESET, or
+        any other way), put it in its power-on state with RAM kept, as a reset
+        button would; start() then boots it again."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError(f"VM {self._machine.name} is running: stop it first")
+        self._machine.reset()
+        self._thread, self._status = None, None
 
     def pause(self) -> None:
         self._machine.pause()

@@ -13,8 +13,12 @@ without knowing its class, and closing the VM closes each once.
   freshly built from the same config and not yet running; saved data is not
   trusted, so every field is checked (the readers below) and anything that
   does not fit raises StateError, before the device changes.
-- resync_irq(): after a restore lowered every interrupt line, raise again
-  what the device's registers ask for.
+- reset(power_on): back to the state a machine reset leaves it in.  The
+  machine keeps what save_state() gave when the device was added, and the
+  default takes that back; a device with state a reset does not touch (the
+  RTC's clock and CMOS) overrides.
+- resync_irq(): after a restore or reset lowered every interrupt line, raise
+  again what the device's registers ask for.
 - pause()/resume(): the VM is paused (its vCPUs are, before pause() is
   called) and the device stops acting on the guest of its own accord (a
   counter that advances, host input written into guest memory) until
@@ -57,6 +61,9 @@ class Device:
 
     def restore_state(self, state: dict) -> None:
         expect_keys(state, (), self.name)
+
+    def reset(self, power_on: dict) -> None:
+        self.restore_state(power_on)
 
     def resync_irq(self) -> None:
         pass

@@ -283,7 +283,34 @@ def read(path: str) -> Snapshot:
     return Snapshot(manifest, data)
 
 
+# --- the power-on state: what a reset puts back --------------------------------------
+def kvm_power_on_state(vm) -> Snapshot:
+    """KVM's state of a VM just built (no vCPU has run; the boot method has set
+    the BSP up): every vCPU, the PICs, the I/O APIC and the PIT, kept as a
+    snapshot without memory or devices, for VirtualMachine.reset()."""
+    writer = _Writer()
+    msr_indices = vm.kvm.msr_index_list()
+    vcpus = [_vcpu_state(vm, vcpu, writer, msr_indices) for vcpu in vm.vcpus]
+    state = {"irqchip": [writer.add(vm.kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
+             "pit2": writer.add(vm.kvm_vm.get_pit2())}
+    return Snapshot({"vcpus": vcpus, "vm": state}, memoryview(b"".join(writer.chunks)))
+
+
+def reset_kvm(vm, power_on: Snapshot) -> None:
+    """Put KVM back into kvm_power_on_state(); no vCPU may be running."""
+    _restore_chips(vm, power_on)
+    for vcpu, state in zip(vm.vcpus, power_on.manifest["vcpus"]):
+        _restore_vcpu(vm, vcpu.kvm_vcpu, state, power_on)
+
+
 # --- restoring -----------------------------------------------------------------------
+def _restore_chips(vm, snap: Snapshot) -> None:
+    state = snap.manifest["vm"]
+    for where in state["irqchip"]:
+        vm.kvm_vm.set_irqchip(snap.load(abi.kvm_irqchip, where))
+    vm.kvm_vm.set_pit2(snap.load(abi.kvm_pit_state2, state["pit2"]))
+
+
 def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
     kvm_vcpu.set_sregs(snap.load(abi.kvm_sregs, state["sregs"]))
     kvm_vcpu.set_regs(snap.load(abi.kvm_regs, state["regs"]))
@@ -365,9 +392,7 @@ def restore_into(vm, path: str | Snapshot) -> None:
             raise SnapshotError("snapshot's memory size differs from the VM's")
         _restore_memory(vm, snap)
         state = m["vm"]
-        for chip, where in zip(IRQCHIPS, state["irqchip"]):
-            vm.kvm_vm.set_irqchip(snap.load(abi.kvm_irqchip, where))
-        vm.kvm_vm.set_pit2(snap.load(abi.kvm_pit_state2, state["pit2"]))
+        _restore_chips(vm, snap)
         clock = snap.load(abi.kvm_clock_data, state["clock"])
         clock.flags = 0
         vm.kvm_vm.set_clock(clock)

@@ -62,6 +62,7 @@ class VirtualMachine:
         self.closables: list = []       # devices and services, closed in reverse order
         self.vcpus: list[VcpuThread] = []
         self.has_run = False            # the guest has run: tables in its memory are its own
+        self._device_power_on: dict[str, dict] = {}
         self._closing = False
 
         for key, near in unknown_keys(config.keys()):
@@ -138,6 +139,8 @@ class VirtualMachine:
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
         self._check_hidden_features()
         self.boot.start(self)
+        from . import snapshot
+        self._kvm_power_on = snapshot.kvm_power_on_state(self)
 
     def _check_hidden_features(self) -> None:
         """Say so when KVM kept a feature cpu.features hides: kvm_pvm, for one,
@@ -158,6 +161,7 @@ class VirtualMachine:
             raise ValueError(f"two devices are named {device.name}")
         self.devices.append(device)
         self.closables.append(device)
+        self._device_power_on[device.name] = device.save_state()    # what reset() restores
         return device
 
     def remove_device(self, device) -> None:
@@ -165,6 +169,7 @@ class VirtualMachine:
         paused or closed with the VM, and gone from the ACPI tables."""
         self.devices.remove(device)
         self.closables.remove(device)
+        del self._device_power_on[device.name]
         if not self._closing:
             self._install_tables()
 
@@ -218,8 +223,8 @@ class VirtualMachine:
     def run(self) -> ExitStatus:
         """Run until the guest or a user stops the VM; returns bhyve's exit status."""
         install_kick_handler()          # from any thread: see vcpu.install_kick_handler
-        self.has_run = True
-        if self.gdb is not None:
+        first_run, self.has_run = not self.has_run, True
+        if self.gdb is not None and first_run:
             self.gdb.start()
         for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
             vcpu.start()
@@ -234,6 +239,28 @@ class VirtualMachine:
             vcpu.join(5.0)
         watcher.join(5.0)
         return self.exit_status
+
+    def reset(self) -> None:
+        """QEMU's system_reset, in-process, once run() has returned: every vCPU,
+        the interrupt controllers and the PIT as KVM had them when the VM was
+        built, every device reset (Device.reset), and the boot method starts
+        over (the firmware's reset vector, or the kernel loaded afresh); RAM is
+        kept, as a warm reset keeps it.  run() then boots the guest again.
+        pyhyve's command follows bhyve instead: a reset ends it with status 0."""
+        if any(vcpu.running for vcpu in self.vcpus):
+            raise RuntimeError(f"VM {self.name} is running: reset it after run() returns")
+        from . import snapshot
+        snapshot.reset_kvm(self, self._kvm_power_on)
+        self.lower_irq_lines()
+        for device in self.devices:
+            device.reset(self._device_power_on[device.name])
+        for device in self.devices:
+            device.resync_irq()
+        self.boot.install_tables(self, self.acpi_tables)
+        self.boot.start(self)
+        self.exit_status, self.exit_detail = None, ""
+        self.stopping = False
+        self._stopped.clear()
 
     def stop(self, status: ExitStatus, vcpu: VcpuThread | None = None) -> None:
         """Stop every vCPU; the first status given is the VM's exit status."""

@@ -5,6 +5,7 @@ handler asked of the caller."""
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -78,3 +79,53 @@ def test_the_readme_example_runs(tmp_path):
                             timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "POWEROFF" and (tmp_path / "demo.snap").exists()
+
+
+def test_reset_reboots_in_process_with_ram_kept_and_the_chipset_reset(tmp_path):
+    """The guest resets itself (0xCF9) twice: after each reset() the BSP starts
+    at the reset vector again, RAM still holds the boot count, and port 0x92
+    reads as at power-on although the guest set it before resetting."""
+    from pyhyve.api import ExitStatus, Vm, VmSpec
+    from build import build_rom
+    debug = tmp_path / "debug"
+    spec = VmSpec("reboots", memory="64M", bootrom=str(build_rom("reboots")),
+                  config={"lpc.debugcon.path": str(debug)})
+    statuses = []
+    with Vm(spec) as vm:
+        for _ in range(3):
+            vm.start()
+            statuses.append(vm.wait(60))
+            if statuses[-1] == ExitStatus.RESET:
+                vm.reset()
+    assert statuses == [ExitStatus.RESET, ExitStatus.RESET, ExitStatus.POWEROFF]
+    assert debug.read_text().splitlines() == [f"boot {n}, port 0x92 = 0" for n in (1, 2, 3)]
+
+
+def test_seabios_boots_again_after_a_reset():
+    """SeaBIOS shadows itself into RAM through the host bridge's PAM registers;
+    after reset() the BIOS area is ROM again and it runs its POST once more,
+    as under QEMU's system_reset (its shadow copy from the first boot is in RAM
+    that a warm reset keeps)."""
+    from pyhyve.api import ExitStatus, MemoryConsole, Vm, VmSpec
+    from pyhyve.kvm.abi import KVM_MP_STATE_UNINITIALIZED
+    bios = require_file("/usr/share/seabios/bios.bin", "seabios")
+    console = MemoryConsole()
+    with Vm(VmSpec("twice", memory="128M", cpus=2, bootrom=bios,
+                   consoles={"com1": console})) as vm:
+        vm.start()
+        assert console.wait_for("No bootable device", timeout=120), console.output
+        assert vm.stop(ExitStatus.RESET) == ExitStatus.RESET
+        with pytest.raises(RuntimeError, match="was started already"):
+            vm.start()
+        ap = vm.machine.vcpus[1].kvm_vcpu       # SeaBIOS woke it to count the CPUs
+        assert ap.get_mp_state() != KVM_MP_STATE_UNINITIALIZED
+        vm.reset()
+        assert ap.get_mp_state() == KVM_MP_STATE_UNINITIALIZED     # waits for SIPI again
+        vm.start()
+        deadline = time.monotonic() + 120
+        while console.output.count(b"No bootable device") < 2:
+            assert time.monotonic() < deadline, console.output
+            time.sleep(0.1)
+        assert console.output.count(b"SeaBIOS (version") == 2
+        with pytest.raises(RuntimeError, match="is running"):
+            vm.reset()

@@ -143,7 +143,7 @@ class FwCfg(Device):
         self.add_bytes(FW_CFG_MAX_CPUS, struct.pack("<H", max_cpus or cpus))
         self.add_bytes(FW_CFG_BOOT_MENU, struct.pack("<H", int(boot_menu)))
         self._rebuild_directory()
-        self.reset()
+        self._reset_cursor()
         context.ports.register("fw_cfg", SELECTOR_PORT, 2, self._port_read, self._port_write)
         context.ports.register("fw_cfg-dma", DMA_PORT, DMA_PORT_SIZE, self._dma_read,
                           self._dma_write)
@@ -186,7 +186,10 @@ class FwCfg(Device):
                                        name.encode()))
         self._items[FW_CFG_FILE_DIR] = b"".join(entries)
 
-    def reset(self) -> None:
+    def reset(self, power_on: dict) -> None:
+        self._reset_cursor()
+
+    def _reset_cursor(self) -> None:
         """Back to power-on state: the signature selected, no DMA address latched."""
         with self._lock:
             self._select(FW_CFG_SIGNATURE)

@@ -48,6 +48,7 @@ B_SET = 0x80                    # the guest holds the clock to set it
 B_PIE = 0x40
 B_AIE = 0x20
 B_UIE = 0x10
+B_SQWE = 0x08
 B_BINARY = 0x04                 # binary rather than BCD
 B_24HOUR = 0x02
 C_IRQF = 0x80
@@ -151,6 +152,15 @@ class Rtc(Device):
             self._last_second = math.floor(self._now())
             self._set_period()
             self._start_thread()        # interrupts the guest had enabled go on
+
+    def reset(self, power_on: dict) -> None:
+        """The MC146818's RESET line: interrupt enables and flags clear; the
+        clock and the CMOS bytes (battery-backed) stay as they are."""
+        with self._cond:
+            self._b &= ~(B_PIE | B_AIE | B_UIE | B_SQWE)
+            self._flags = 0
+            self._set_period()
+            self._cond.notify()
 
     # --- what the platform tells firmware ---------------------------------------------
     def _fill_platform_bytes(self, low: int, high: int, cpus: int) -> None:

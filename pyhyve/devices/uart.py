@@ -131,7 +131,7 @@ class Uart16550(Device):
         self._pending = bytearray()
         self._irq_level = False
         self._closed = False
-        self.reset()
+        self._reset_registers()
         try:
             context.ports.register(name, base_port, 8, self._read, self._write)
         except BaseException:
@@ -140,7 +140,10 @@ class Uart16550(Device):
         if backend is not None:
             backend.attach(self.receive)
 
-    def reset(self) -> None:
+    def reset(self, power_on: dict) -> None:
+        self._reset_registers()
+
+    def _reset_registers(self) -> None:
         """The chip's reset state; host input still pending stays, as on a real line."""
         with self._lock:
             self._ier = 0
