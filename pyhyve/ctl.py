@@ -73,10 +73,17 @@ def socket_directory() -> str:
     return SOCKET_DIR
 
 
+MAX_SOCKET_PATH = 107          # sun_path's 108 bytes, less the terminating NUL
+
+
 def default_socket_path(name: str) -> str:
     if not name or name.startswith(".") or "/" in name or "\0" in name:
         raise ConfigError(f"VM name '{name}' cannot name a control socket")
-    return os.path.join(socket_directory(), f"{name}.sock")
+    path = os.path.join(socket_directory(), f"{name}.sock")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"VM name '{name[:20]}...' is too long for a control socket "
+                          f"path (at most {MAX_SOCKET_PATH} bytes; -o control.socket=PATH)")
+    return path
 
 
 def is_listening(path: str) -> bool:
@@ -246,6 +253,9 @@ class ControlServer:
             mode = os.lstat(self.path).st_mode
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise ConfigError(f"cannot create control socket {self.path}: "
+                              f"{exc.strerror}") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"cannot create control socket {self.path}: "
                               "a file that is not a socket is in the way")
