@@ -9,7 +9,7 @@ import socket
 import string
 
 from . import cpuid
-from .config import Config, ConfigError
+from .config import Config, ConfigError, parse_size
 from .devices.debugcon import DebugConsole
 from .devices.fwcfg import FwCfg, e820_table, parse_fw_cfg_option
 from .devices.hpet import Hpet
@@ -37,14 +37,11 @@ def add_platform_devices(vm, consoles: dict) -> None:
     vm.add_device(SystemControlPortA(context))
     vm.add_device(ResetControl(context))
     vm.add_device(PostCodes(context))
+    file_limit = parse_size(vm.config.get("console.file_limit", "128M"), "console.file_limit")
     debugcon_path = vm.config.get("lpc.debugcon.path")
     if debugcon_path is not None:
-        try:
-            vm.add_device(DebugConsole(context, debugcon_path,
-                                       vm.config.get_bool("lpc.debugcon.append")))
-        except OSError as exc:
-            raise ConfigError(f"cannot open debugcon file {debugcon_path}: "
-                              f"{exc.strerror}") from None
+        vm.add_device(DebugConsole(context, debugcon_path,
+                                   vm.config.get_bool("lpc.debugcon.append"), file_limit))
     unknown = sorted(set(consoles) - set(COM_PORTS))
     if unknown:
         raise ConfigError(f"no COM port named {unknown[0]} (com1 to com4)")
@@ -56,7 +53,7 @@ def add_platform_devices(vm, consoles: dict) -> None:
             raise ConfigError(f"{name} is given twice: lpc.{name}.path and a console object")
         if spec is not None:
             from .devices.chardev import open_backend
-            backend = open_backend(spec, name)
+            backend = open_backend(spec, name, file_limit)
         if backend is not None:
             vm.uarts[name] = vm.add_device(Uart16550(context, name, port, irq, backend))
     vm.fwcfg = vm.add_device(build_fwcfg(vm))
@@ -86,6 +83,9 @@ def add_pci_devices(vm) -> None:
     for key, name in vm.config.subtree("pci.0").items():
         parts = key.split(".")
         if len(parts) == 3 and parts[2] == "device":
+            if not (parts[0].isdigit() and parts[1].isdigit()):
+                raise ConfigError(f"pci.0.{key}: '{parts[0]}.{parts[1]}' is not a "
+                                  "SLOT.FUNCTION pair of numbers")
             slots[int(parts[0]), int(parts[1])] = name
     names = set(slots.values())
     if not names & {"hostbridge", "amd_hostbridge"} and (0, 0) not in slots:

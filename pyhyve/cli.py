@@ -312,6 +312,7 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:         # help piped into `head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    stopped_by = _handle_signals(vm)    # from here a stop signal stops the VM, run or not
     if snap is not None:
         from .snapshot import SnapshotError, restore_into
         try:
@@ -328,7 +329,6 @@ def _main(argv: list[str] | None) -> int:
         except ConfigError as exc:
             print(f"pyhyve: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
-        stopped_by = _handle_signals(vm)
         status = vm.run()
         if stopped_by:
             print(f"pyhyve: {stopped_by[0]}: powered off", file=sys.stderr)

@@ -5,7 +5,9 @@ write into one tree, so a config file alone can describe a VM, and
 `-o config.dump=1` prints what the VM would be built from.
 """
 
+import os
 import re
+import stat
 
 
 class ConfigError(Exception):
@@ -15,6 +17,29 @@ class ConfigError(Exception):
 _SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+MAX_CONFIG_FILE = 1 << 20
+
+
+def read_user_file(path: str, what: str, limit: int) -> bytes:
+    """A file the operator named (a config file, a kernel): a regular file of at
+    most `limit` bytes, else ConfigError saying why (never an endless read of a
+    device such as /dev/zero)."""
+    try:
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(f"{what} {path} is not a regular file")
+            if info.st_size > limit:
+                raise ConfigError(f"{what} {path} is {info.st_size} bytes, more than "
+                                  f"{limit} ({what} limit)")
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:                   # it grew while being read
+        raise ConfigError(f"{what} {path} is more than {limit} bytes")
+    return data
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -87,10 +112,9 @@ class Config:
     def load_file(self, path: str) -> None:
         """Read bhyve_config(5) lines: key=value, '#' comments, blank lines."""
         try:
-            with open(path, encoding="utf-8") as file:
-                lines = file.readlines()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            lines = read_user_file(path, "config file", MAX_CONFIG_FILE).decode().splitlines()
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):

@@ -37,6 +37,8 @@ KEYS = {
     "lpc.fwcfg": "fw_cfg flavour: qemu (-l fwcfg,qemu)",
     "lpc.debugcon.path": "file the port 0x402 debug console writes to",
     "lpc.debugcon.append": "append to the debugcon file rather than truncate it",
+    "console.file_limit": "most bytes a file= console or the debugcon file grows to "
+                          "(default 128M); beyond, output is dropped and counted",
     "lpc.comN.path": "COM port N's backend: stdio, file=, unix=, tcp= (-l comN,...)",
     "kexec.kernel": "Linux bzImage or PVH ELF kernel to boot (-f kexec,...)",
     "kexec.initrd": "initramfs for the kernel",

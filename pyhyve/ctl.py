@@ -26,6 +26,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
@@ -34,7 +35,8 @@ from .vcpu import ExitStatus
 
 SOCKET_DIR = "/run/pyhyve"
 MAX_LINE = 64 * 1024            # longer requests close the connection
-MAX_CLIENTS = 32
+MAX_CLIENTS = 32                # when all are taken, the longest idle makes room
+IDLE_TIMEOUT = 60.0             # seconds a connection may sit without a whole request
 MAX_PENDING_OUTPUT = 1 << 20    # answers a client does not read
 CLOSE_TIMEOUT = 5.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -71,10 +73,17 @@ def socket_directory() -> str:
     return SOCKET_DIR
 
 
+MAX_SOCKET_PATH = 107          # sun_path's 108 bytes, less the terminating NUL
+
+
 def default_socket_path(name: str) -> str:
     if not name or name.startswith(".") or "/" in name or "\0" in name:
         raise ConfigError(f"VM name '{name}' cannot name a control socket")
-    return os.path.join(socket_directory(), f"{name}.sock")
+    path = os.path.join(socket_directory(), f"{name}.sock")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"VM name '{name[:20]}...' is too long for a control socket "
+                          f"path (at most {MAX_SOCKET_PATH} bytes; -o control.socket=PATH)")
+    return path
 
 
 def is_listening(path: str) -> bool:
@@ -173,6 +182,7 @@ class _Client:
         self.input = bytearray()
         self.output = bytearray()
         self.events = selectors.EVENT_READ
+        self.last_request = time.monotonic()
 
 
 class ControlServer:
@@ -243,6 +253,9 @@ class ControlServer:
             mode = os.lstat(self.path).st_mode
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise ConfigError(f"cannot create control socket {self.path}: "
+                              f"{exc.strerror}") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"cannot create control socket {self.path}: "
                               "a file that is not a socket is in the way")
@@ -282,7 +295,8 @@ class ControlServer:
     def _serve(self) -> None:
         try:
             while not self._closing:
-                for key, events in self._selector.select():
+                self._drop_stale()
+                for key, events in self._selector.select(IDLE_TIMEOUT / 4):
                     try:
                         key.data(events)
                     except Exception:       # a bug here must not end the service
@@ -309,8 +323,9 @@ class ControlServer:
         if uid not in (0, os.geteuid()):
             self.log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
             refusal = "permission denied"
-        elif len(self._clients) >= MAX_CLIENTS:
-            refusal = f"too many control connections (at most {MAX_CLIENTS})"
+        elif len(self._clients) >= MAX_CLIENTS:       # room for the operator, always
+            idlest = min(self._clients.values(), key=lambda client: client.last_request)
+            self._drop_idle(idlest, "room needed for a new one")
         if refusal:
             sock.setblocking(False)
             try:
@@ -323,6 +338,16 @@ class ControlServer:
         client = _Client(sock)
         self._clients[sock] = client
         self._selector.register(sock, client.events, functools.partial(self._service, client))
+
+    def _drop_idle(self, client: _Client, why: str) -> None:
+        self.vm.warn_once(("ctl-idle", why), "closed an idle control connection: %s", why)
+        self._answer(client, _error(f"connection closed: {why}"))
+        self._drop(client)
+
+    def _drop_stale(self) -> None:
+        deadline = time.monotonic() - IDLE_TIMEOUT
+        for client in [c for c in self._clients.values() if c.last_request < deadline]:
+            self._drop_idle(client, f"no request for {IDLE_TIMEOUT:g} s")
 
     def _service(self, client: _Client, events) -> None:
         if events & selectors.EVENT_WRITE:
@@ -350,6 +375,7 @@ class ControlServer:
             if len(line) > MAX_LINE:
                 self._refuse_long_line(client)
             elif line.strip():
+                client.last_request = time.monotonic()
                 self._answer(client, self.handle_line(line))
         if client.sock in self._clients and len(client.input) > MAX_LINE:
             self._refuse_long_line(client)

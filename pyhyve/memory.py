@@ -78,9 +78,9 @@ class GuestMemory:
         try:
             backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                                 | getattr(mmap, "MAP_NORESERVE", 0))
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise GuestMemoryError(f"cannot allocate {size} bytes of guest memory: "
-                                   f"{exc.strerror}") from None
+                                   f"{getattr(exc, 'strerror', None) or exc}") from None
         try:
             # Transparent huge pages where the host allows them (as QEMU asks):
             # fewer TLB misses for the guest, 512 times fewer faults filling it.

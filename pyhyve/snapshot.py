@@ -255,7 +255,7 @@ def read(path: str) -> Snapshot:
                 raise SnapshotError(f"snapshot {path} is truncated")
             try:
                 manifest = json.loads(encoded)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise SnapshotError(f"snapshot {path} is corrupt (bad manifest)") from None
             if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
                 raise SnapshotError(f"{path} is not a pyhyve snapshot")

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from build import build_rom
-from pyhyve import ctlclient
+from pyhyve import ctl as ctl_module, ctlclient
 from pyhyve.config import Config, ConfigError
 from pyhyve.ctl import ControlClient, ControlError, ControlServer, default_socket_path
 from pyhyve.ctl import segment_access, set_segment_access
@@ -478,3 +478,35 @@ def test_stop_signals_power_off_and_clean_up(tmp_path, signum):
     finally:
         vm.kill()
         vm.wait()
+
+
+@needs_kvm
+def test_idle_connections_cannot_lock_the_operator_out(running):
+    """Every connection taken by clients that never ask anything: the operator
+    still gets an answer, and the longest-idle connection is told why it goes."""
+    idle = [raw_connection(running.path) for _ in range(ctl_module.MAX_CLIENTS)]
+    try:
+        wait_for(lambda: len(running.server._clients) == ctl_module.MAX_CLIENTS)
+        assert ask(running.path, {"command": "get-rip"})["ok"]
+        assert read_line(idle[0]) == {"ok": False,
+                                      "error": "connection closed: room needed for a new one"}
+        assert idle[0].recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@needs_kvm
+def test_a_connection_idle_too_long_is_closed(socket_dir, monkeypatch):
+    monkeypatch.setattr(ctl_module, "IDLE_TIMEOUT", 0.4)
+    with run_vm(str(socket_dir / "idle.sock")) as guest:
+        with raw_connection(guest.path) as quiet, raw_connection(guest.path) as busy:
+            for _ in range(6):              # requests keep `busy` open past the timeout
+                busy.sendall(b'{"command": "get-rip"}\n')
+                assert read_line(busy)["ok"]
+                time.sleep(0.15)
+            assert read_line(quiet) == {"ok": False,
+                                        "error": "connection closed: no request for 0.4 s"}
+            assert quiet.recv(1) == b""
+            busy.sendall(b'{"command": "get-rip"}\n')
+            assert read_line(busy)["ok"]

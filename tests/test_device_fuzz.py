@@ -6,11 +6,15 @@ driver started first (every feature offered taken, every queue on the same
 rings), chains offered with arbitrary descriptors and queue notifications
 that find them.
 
-Invariants: no exception escapes to the caller (the vm_loop); reads return
-no more bits than asked for; afterwards, with its BARs put back where they
-were, the device still identifies itself, and a virtio device resets to a
-usable state through its common config."""
+Invariants: no exception escapes to the caller (the vm_loop); nothing is
+logged at ERROR (a device's internal failure, which the transport turns into
+NEEDS_RESET so the VM runs on, is still a bug); reads return no more bits
+than asked for; afterwards, with its BARs put back where they were, the
+device still identifies itself, and a virtio device resets through its common
+config and then serves one well-formed request.  A mutant (a virtio-rnd that
+raises on each request) must fail that check in every run."""
 
+import logging
 import os
 import struct
 from contextlib import contextmanager
@@ -26,7 +30,8 @@ from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio.pci import VirtioPciDevice
 from test_pci import fuzz_bar_access, fuzz_config_access
-from test_virtio import ADDRESSES, AVAIL, DESC, FLAGS, LENGTHS, SLOT, Driver, VirtioVm
+from test_virtio import (ADDRESSES, AVAIL, BUFFERS, DESC, FLAGS, LENGTHS, SLOT, Driver,
+                         VirtioVm)
 
 MiB = 1 << 20
 SLOTS = {"hostbridge": 0, "amd_hostbridge": 0, "lpc": 31}
@@ -130,6 +135,56 @@ def cfg_read(vm, slot, offset, size):
     return vm.pci.config_read(0, slot, 0, offset, size)
 
 
+# One well-formed request per virtio emulation: (queue, [(gpa, length, device-writable)]).
+# virtio-blk reads sector 0 (header, 512 data bytes, status); virtio-net sends a
+# minimum frame behind its 12-byte header; virtio-console writes on port 0.
+BLK_HEADER = struct.pack("<IIQ", 0, 0, 0)
+REQUESTS = {
+    "virtio-rnd": (0, [(BUFFERS, 64, True)]),
+    "virtio-blk": (0, [(BUFFERS, 16, False), (BUFFERS + 0x200, 512, True),
+                       (BUFFERS + 0x400, 1, True)]),
+    "virtio-net": (1, [(BUFFERS, 12 + 60, False)]),
+    "virtio-console": (1, [(BUFFERS, 5, False)]),
+}
+
+
+@contextmanager
+def no_errors_logged():
+    """Fail if pyhyve logs at ERROR inside (log.exception: a device's own bug)."""
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+    handler = Collect()
+    logger = logging.getLogger("pyhyve")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    assert not handler.messages, handler.messages
+
+
+def serves_a_request(vm, device, name: str) -> None:
+    """From reset, a driver that takes every feature starts the device and makes
+    one well-formed request, which the device completes without NEEDS_RESET."""
+    driver = Driver(vm, device)
+    driver.set_common(V.COMMON_STATUS, 1, 0)
+    driver.negotiate(driver.device_features())
+    queue, buffers = REQUESTS[name]
+    ring = driver.setup_queue(queue)
+    driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
+                      D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
+    vm.memory.write(BUFFERS, BLK_HEADER if name == "virtio-blk" else bytes(16))
+    head = ring.offer(buffers)
+    driver.notify(queue)
+    assert [used[0] for used in ring.completed()] == [head]
+    assert not driver.status() & D.STATUS_NEEDS_RESET
+
+
 def check_usable(vm, device, slot, ids, bar_registers):
     """Put the BARs back, turn decoding on, and see the device answer."""
     for index, value in bar_registers.items():
@@ -144,14 +199,32 @@ def check_usable(vm, device, slot, ids, bar_registers):
         driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER)
         assert driver.common(V.COMMON_STATUS, 1) == D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER
         assert driver.common(V.COMMON_NUMQ, 2) == len(device.queues)
+        serves_a_request(vm, device, device.emulation_name)
 
 
 @pytest.mark.parametrize("name", sorted(emulations()))
 @fuzz_settings(100, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=OPERATIONS, started=st.booleans())
 def test_random_guest_traffic_never_escapes(tmp_path, name, operations, started):
+    exercise(tmp_path, name, operations, started)
+
+
+def test_a_device_that_raises_on_each_request_is_caught(tmp_path, monkeypatch):
+    """The mutant the fuzzer must catch: no traffic at all, and the check that
+    closes every example fails (the transport logs the model's exception and
+    sets NEEDS_RESET; the VM would run on)."""
+    from pyhyve.virtio.rnd import VirtioRandom
+
+    def broken(self, index, chain):
+        raise RuntimeError("mutant")
+    monkeypatch.setattr(VirtioRandom, "handle_request", broken)
+    with pytest.raises(AssertionError):
+        exercise(tmp_path, "virtio-rnd", [], started=False)
+
+
+def exercise(tmp_path, name: str, operations: list, started: bool) -> None:
     slot = SLOTS.get(name, DEFAULT_SLOT)
-    with options_for(name, str(tmp_path)) as options:
+    with options_for(name, str(tmp_path)) as options, no_errors_logged():
         vm = VirtioVm()
         try:
             device = vm.pci.add(slot, 0, emulations()[name], options)

@@ -292,7 +292,7 @@ def test_parse_warns_outside_opt(caplog):
     ("opt/x,file=", "expected NAME"),
     ("opt/x,", "expected NAME"),
     ("opt/" + "y" * 52 + ",string=x", "is 56 bytes long; the limit is 55"),
-    ("opt/x,file=/nonexistent/fw_cfg/file", "cannot read /nonexistent/fw_cfg/file"),
+    ("opt/x,file=/nonexistent/fw_cfg/file", "cannot read -f opt/x file /nonexistent/fw_cfg/file"),
 ])
 def test_parse_rejects(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:

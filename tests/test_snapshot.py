@@ -215,6 +215,11 @@ def _missing(path: Path) -> None:
     path.unlink()
 
 
+def _nested_manifest(path: Path) -> None:
+    encoded = b"[" * 100000 + b"]" * 100000      # deeper than json can parse
+    path.write_bytes(snapshot.MAGIC + struct.pack("<Q", len(encoded)) + encoded)
+
+
 @pytest.mark.parametrize("damage, message", [
     (_old_version, f"has format version {OLD_VERSION}; this pyhyve reads version "
                    f"{snapshot.VERSION}"),
@@ -223,6 +228,7 @@ def _missing(path: Path) -> None:
     (_flip_data_byte, "is corrupt (checksum mismatch)"),
     (_garbage, "is not a pyhyve snapshot"),
     (_missing, "cannot read snapshot"),
+    (_nested_manifest, "is corrupt (bad manifest)"),
 ])
 @needs_kvm
 def test_bad_snapshots_are_refused_with_one_line(saved, damage, message):

@@ -719,3 +719,17 @@ def test_stdio_spec():
     backend = open_backend("stdio", "com1")
     assert isinstance(backend, StdioBackend)
     backend.close()
+
+
+def test_file_backend_stops_at_its_limit_and_says_so_once(tmp_path, caplog):
+    path = tmp_path / "console.log"
+    path.write_bytes(b"0123")               # what was there counts towards the limit
+    backend = open_backend(f"file={path}", "com1", file_limit=10)
+    for chunk in (b"abc", b"defgh", b"ijk"):
+        backend.write(chunk)
+    backend.close()
+    assert path.read_bytes() == b"0123abcdef"
+    assert backend.dropped == len(b"ghijk")
+    assert [record.getMessage() for record in caplog.records] == [
+        f"com1: {path} reached its limit of 10 bytes; further output is dropped "
+        "(-o console.file_limit)"]

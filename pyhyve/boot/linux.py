@@ -16,7 +16,7 @@ ConfigErrors with one clear line.
 import struct
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..config import ConfigError, read_user_file
 from ..layout import MiB
 from ..memory import PAGE_SIZE
 
@@ -65,19 +65,11 @@ class BootEntry:
     argument: int              # RSI for bzImage, EBX for PVH
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
 def load_kernel(memory, kernel_path: str, initrd_path: str | None, cmdline: str,
                 e820: list[tuple[int, int, int]], rsdp: int = 0) -> BootEntry:
     """Load a bzImage or PVH ELF kernel into guest memory; returns the BSP's entry."""
-    image = _read(kernel_path, "kernel")
-    initrd = _read(initrd_path, "initrd") if initrd_path else b""
+    image = read_user_file(kernel_path, "kernel", memory.size)
+    initrd = read_user_file(initrd_path, "initrd", memory.size) if initrd_path else b""
     command = cmdline.encode() + b"\0"
     if len(command) > CMDLINE_MAX:
         raise ConfigError(f"kernel command line is {len(command) - 1} bytes, more than "

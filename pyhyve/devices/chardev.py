@@ -53,9 +53,10 @@ READ_SIZE = 4096
 STALL_LIMIT = 0.2      # seconds one write may wait for a slow reader
 JOIN_TIMEOUT = 5.0
 SPECS = "stdio, file=PATH, unix=PATH or tcp=HOST:PORT"
+FILE_LIMIT = 128 << 20 # bytes a console file may grow to (-o console.file_limit)
 
 
-def open_backend(spec: str, name: str = "console") -> "Backend":
+def open_backend(spec: str, name: str = "console", file_limit: int = FILE_LIMIT) -> "Backend":
     """The backend `spec` describes; `name` (e.g. "com1") prefixes error messages
     and names the I/O thread."""
     if spec == "stdio":
@@ -63,7 +64,7 @@ def open_backend(spec: str, name: str = "console") -> "Backend":
     kind, sep, arg = spec.partition("=")
     if sep and arg:
         if kind == "file":
-            return FileBackend(name, arg)
+            return FileBackend(name, arg, file_limit)
         if kind == "unix":
             return UnixBackend(name, arg)
         if kind == "tcp":
@@ -180,17 +181,21 @@ class MemoryConsole(Backend):
 
 
 class FileBackend(Backend):
-    """Guest output appended to a file, for logs; there is no input."""
+    """Guest output appended to a file, for logs; there is no input.  The file
+    grows to `limit` bytes at most: a guest printing without end must not fill
+    the host's disk.  What is beyond is dropped, counted, and said once."""
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, limit: int = FILE_LIMIT, truncate: bool = False):
         super().__init__(name)
         self.path = path
+        self.limit = limit
         self._lock = threading.Lock()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o644)
+            self._fd = os.open(path, flags | (os.O_TRUNC if truncate else 0), 0o644)
         except OSError as exc:
             raise ConfigError(f"{name}: cannot open file={path}: {_reason(exc)}") from None
+        self._size = os.fstat(self._fd).st_size
         self._watch_output(self._fd)
 
     def write(self, data: bytes) -> None:
@@ -198,7 +203,17 @@ class FileBackend(Backend):
             if self._fd is None:
                 self.dropped += len(data)
                 return
-            self._write_or_drop(self._fd, data, self.path)
+            room = max(self.limit - self._size, 0)
+            if len(data) > room:
+                if self.dropped == 0:
+                    log.warning("%s: %s reached its limit of %d bytes; further output is "
+                                "dropped (-o console.file_limit)", self.name, self.path,
+                                self.limit)
+                self.dropped += len(data) - room
+                data = data[:room]
+            if data:
+                self._size += len(data)
+                self._write_or_drop(self._fd, data, self.path)
 
     def close(self) -> None:
         with self._lock:

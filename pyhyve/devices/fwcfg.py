@@ -15,7 +15,7 @@ import logging
 import struct
 import threading
 
-from ..config import ConfigError
+from ..config import ConfigError, read_user_file
 from ..lifecycle import Device, expect_keys, uint
 from ..memory import GuestMemoryError
 
@@ -92,14 +92,7 @@ def parse_fw_cfg_option(text: str) -> tuple[str, bytes]:
     if value.startswith("string="):
         data = value[len("string="):].encode()
     elif value.startswith("file=") and len(value) > len("file="):
-        path = value[len("file="):]
-        try:
-            with open(path, "rb") as source:
-                data = source.read(MAX_ITEM_SIZE + 1)
-        except OSError as exc:
-            raise ConfigError(f"-f {name}: cannot read {path}: {exc.strerror}") from None
-        if len(data) > MAX_ITEM_SIZE:
-            raise ConfigError(f"-f {name}: {path} is too large for fw_cfg (4 GiB at most)")
+        data = read_user_file(value[len("file="):], f"-f {name} file", MAX_ITEM_SIZE)
     else:
         raise ConfigError(usage)
     if not name.startswith("opt/"):
