@@ -76,17 +76,24 @@ def build_fwcfg(vm) -> FwCfg:
     return fwcfg
 
 
-def add_pci_devices(vm) -> None:
-    """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
-    users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
+def pci_slots(config: Config) -> dict[tuple[int, int], str]:
+    """(slot, function) -> emulation name, from the pci.0.SLOT.FUNC.device keys;
+    a slot that is not a number is an error (checked before any other key)."""
     slots = {}
-    for key, name in vm.config.subtree("pci.0").items():
+    for key, name in config.subtree("pci.0").items():
         parts = key.split(".")
         if len(parts) == 3 and parts[2] == "device":
             if not (parts[0].isdigit() and parts[1].isdigit()):
                 raise ConfigError(f"pci.0.{key}: '{parts[0]}.{parts[1]}' is not a "
                                   "SLOT.FUNCTION pair of numbers")
             slots[int(parts[0]), int(parts[1])] = name
+    return slots
+
+
+def add_pci_devices(vm) -> None:
+    """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
+    users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
+    slots = pci_slots(vm.config)
     names = set(slots.values())
     if not names & {"hostbridge", "amd_hostbridge"} and (0, 0) not in slots:
         slots[0, 0] = "hostbridge"

@@ -22,10 +22,10 @@ _FALSE = {"0", "false", "no", "off"}
 MAX_CONFIG_FILE = 1 << 20
 
 
-def read_user_file(path: str, what: str, limit: int) -> bytes:
+def read_user_file(path: str, what: str, limit: int, limit_is: str = "its limit") -> bytes:
     """A file the operator named (a config file, a kernel): a regular file of at
-    most `limit` bytes, else ConfigError saying why (never an endless read of a
-    device such as /dev/zero)."""
+    most `limit` bytes (`limit_is` says what that is), else ConfigError saying
+    why (never an endless read of a device such as /dev/zero)."""
     try:
         with open(path, "rb") as file:
             info = os.fstat(file.fileno())
@@ -33,7 +33,7 @@ def read_user_file(path: str, what: str, limit: int) -> bytes:
                 raise ConfigError(f"{what} {path} is not a regular file")
             if info.st_size > limit:
                 raise ConfigError(f"{what} {path} is {info.st_size} bytes, more than "
-                                  f"{limit} ({what} limit)")
+                                  f"{limit}, {limit_is}")
             data = file.read(limit + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None

@@ -65,6 +65,7 @@ class VirtualMachine:
         self._device_power_on: dict[str, dict] = {}
         self._closing = False
 
+        builder.pci_slots(config)       # a malformed slot is an error, not an unknown key
         for key, near in unknown_keys(config.keys()):
             self.log.warning("unknown config key '%s'%s; ignored", key,
                              f" (did you mean '{near}'?)" if near else "")

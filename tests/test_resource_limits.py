@@ -200,11 +200,11 @@ def test_console_flood_to_a_file_stops_at_its_limit(needs_kvm, tmp_path):
     the debug port's file stop at console.file_limit, and the drop is said once."""
     path = tmp_path / "com1.log"
     run = run_flood(tmp_path, FLOOD_UART, "-l", f"com1,file={path}",
-                    "-o", "console.file_limit=1M", target=CONSOLE_BLOCKS)
+                    "-o", "console.file_limit=64K", target=CONSOLE_BLOCKS)
     sent = run.flood * BLOCK
     check_run(run, sent, CONSOLE_BLOCKS)
-    assert sent > MIB and path.stat().st_size == MIB
-    assert run.stderr.count("reached its limit of 1048576 bytes") == 1, run.stderr
+    assert sent > 64 * 1024 and path.stat().st_size == 64 * 1024
+    assert run.stderr.count("reached its limit of 65536 bytes") == 1, run.stderr
 
 
 def test_console_flood_to_stdout_nobody_reads(needs_kvm, tmp_path):

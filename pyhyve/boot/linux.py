@@ -68,8 +68,9 @@ class BootEntry:
 def load_kernel(memory, kernel_path: str, initrd_path: str | None, cmdline: str,
                 e820: list[tuple[int, int, int]], rsdp: int = 0) -> BootEntry:
     """Load a bzImage or PVH ELF kernel into guest memory; returns the BSP's entry."""
-    image = read_user_file(kernel_path, "kernel", memory.size)
-    initrd = read_user_file(initrd_path, "initrd", memory.size) if initrd_path else b""
+    fits = "the guest's memory size: it cannot fit"
+    image = read_user_file(kernel_path, "kernel", memory.size, fits)
+    initrd = read_user_file(initrd_path, "initrd", memory.size, fits) if initrd_path else b""
     command = cmdline.encode() + b"\0"
     if len(command) > CMDLINE_MAX:
         raise ConfigError(f"kernel command line is {len(command) - 1} bytes, more than "
