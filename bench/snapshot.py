@@ -111,8 +111,9 @@ def pyhyve_run(rom: Path, work: Path, env: dict) -> tuple[float, float, int]:
         stop(proc)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pyhyve", "-r", str(snap),
-                             "-o", f"lpc.debugcon.path={restored_debug}",
-                             "-o", f"control.socket={work}/r.sock"],
+                             "-m", f"{MEMORY_MIB}M", "-l", f"bootrom,{rom}",
+                             "-l", f"debugcon,file={restored_debug}",
+                             "-o", f"control.socket={work}/r.sock", "bench-snap"],
                             stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         wait_for_file_text(restored_debug, b".", proc)

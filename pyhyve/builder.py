@@ -77,8 +77,9 @@ def build_fwcfg(vm) -> FwCfg:
 
 
 def pci_slots(config: Config) -> dict[tuple[int, int], str]:
-    """(slot, function) -> emulation name, from the pci.0.SLOT.FUNC.device keys;
-    a slot that is not a number is an error (checked before any other key)."""
+    """(slot, function) -> emulation name, from the pci.0.SLOT.FUNC.device keys,
+    with the chipset bhyve users write as `-s 0,hostbridge -s 31,lpc` where the
+    config lacks it; a slot that is not a number is an error."""
     slots = {}
     for key, name in config.subtree("pci.0").items():
         parts = key.split(".")
@@ -87,18 +88,17 @@ def pci_slots(config: Config) -> dict[tuple[int, int], str]:
                 raise ConfigError(f"pci.0.{key}: '{parts[0]}.{parts[1]}' is not a "
                                   "SLOT.FUNCTION pair of numbers")
             slots[int(parts[0]), int(parts[1])] = name
-    return slots
-
-
-def add_pci_devices(vm) -> None:
-    """Instantiate every pci.0.SLOT.FUNC.device, adding the chipset bhyve
-    users write as `-s 0,hostbridge -s 31,lpc` when the config lacks it."""
-    slots = pci_slots(vm.config)
     names = set(slots.values())
     if not names & {"hostbridge", "amd_hostbridge"} and (0, 0) not in slots:
         slots[0, 0] = "hostbridge"
     if "lpc" not in names and (31, 0) not in slots:
         slots[31, 0] = "lpc"
+    return slots
+
+
+def add_pci_devices(vm) -> None:
+    """Instantiate every PCI function pci_slots() names."""
+    slots = pci_slots(vm.config)
     for (slot, func), name in sorted(slots.items()):
         cls = find_emulation(name)
         if cls is None:

@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, parse_size
 from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
 from .sandbox import confine
@@ -57,7 +57,8 @@ Debugging:
   -G [w][addr:]port  GDB stub on TCP (default address 127.0.0.1); w: wait for gdb before the BSP runs
 Other:
   -h              this help
-  -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint and run it on
+  -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint; give
+                  the VM's own options too (a snapshot carries state, not them)
                   (its config comes from the snapshot; other options override keys);
                   a snapshot pyhyve cannot read is refused with exit status 4
 
@@ -340,26 +341,54 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _restore_config(options: Config):
-    """-r FILE: the snapshot's config, with the command line's keys on top; a
+    """-r FILE: the VM is the operator's options (command line and -k), never
+    the snapshot's, which carries state and no authority: a crafted file must
+    not name host files, sockets or sandbox settings.  The saved options only
+    show that the machine is the same one (memory, CPU topology, the PCI
+    functions); the devices' names and state are checked when restored.  A
     snapshot that cannot be read is bad user input (ConfigError)."""
     from .snapshot import SnapshotError
     from .snapshot import read as read_snapshot
+    path = options.get("restore.path")
     try:
-        snap = read_snapshot(options.get("restore.path"))
+        snap = read_snapshot(path)
     except SnapshotError as exc:
         raise ConfigError(str(exc)) from None
     saved = snap.manifest["config"]
     if not isinstance(saved, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                               for k, v in saved.items()):
-        raise ConfigError(f"snapshot {options.get('restore.path')} is corrupt (config)")
+        raise ConfigError(f"snapshot {path} is corrupt (config)")
     config = Config()
-    for key, value in saved.items():
-        config.set(key, value)
     for key in options.keys():
         if key != "restore.path":
             config.set(key, options.get(key))
+    if not (config.get("lpc.bootrom") or config.get("kexec.kernel")):
+        raise ConfigError(f"restoring {path} needs the VM's own options (its bootrom or "
+                          "kernel, memory, CPUs, -s devices and their files), as when it "
+                          "was started: a snapshot does not supply them")
+    _check_same_machine(config, Config(saved), path)
     config.set_default("lpc.debugcon.append", "true")
     return config, snap
+
+
+def _check_same_machine(config: Config, saved: Config, path: str) -> None:
+    from .builder import pci_slots, topology
+    from .vm import DEFAULT_MEMORY
+    differences = []
+    sizes = [parse_size(c.get("memory.size", DEFAULT_MEMORY), "memory size")
+             for c in (config, saved)]
+    if sizes[0] != sizes[1]:
+        differences.append(f"memory {sizes[0]} bytes, saved {sizes[1]}")
+    shapes = [topology(c) for c in (config, saved)]
+    if shapes[0] != shapes[1]:
+        differences.append(f"CPU topology {shapes[0]}, saved {shapes[1]}")
+    slots = [pci_slots(c) for c in (config, saved)]
+    for where in sorted(set(slots[0]) | set(slots[1])):
+        given, had = (s.get(where, "nothing") for s in slots)
+        if given != had:
+            differences.append(f"PCI {where[0]}.{where[1]} {given}, saved {had}")
+    if differences:
+        raise ConfigError(f"snapshot {path} is of another machine: " + "; ".join(differences))
 
 
 def _handle_signals(vm) -> list[str]:

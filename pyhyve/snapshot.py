@@ -5,10 +5,11 @@ The snapshot is one file:
 
     b"PYHYVE-SNAPSHOT\\n"          16 bytes of magic
     manifest length               8 bytes, little endian
+    manifest CRC-32               4 bytes, little endian
     manifest                      JSON, UTF-8
     data                          the binary parts the manifest points into
 
-The manifest is {"format": "pyhyve-snapshot", "version": 4, "config": {...},
+The manifest is {"format": "pyhyve-snapshot", "version": 6, "config": {...},
 "vcpus": [...], "vm": {...}, "devices": {...}, "memory": [...],
 "data_size": N, "data_crc32": N}.  Binary parts are [offset, length]
 pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
@@ -18,10 +19,17 @@ KVM_GET_MSRS reads ({"index": value} in hex); the irqchip (PIC master,
 PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
 shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
 [gpa, length, offset] of 4 KiB pages that are not all zero; everything
-else is zero after a restore.  The data area's size and CRC-32 are
-checked before anything is restored, so a truncated or corrupt file is
-refused, as is a snapshot of another format version.  (A CRC catches
-accidents, not forgery: a snapshot is as trusted as the config it holds.)
+else is zero after a restore.  The manifest's CRC-32 (before it is parsed)
+and the data area's size and CRC-32 are checked before anything is
+restored, so a truncated or corrupt file is refused, as is a snapshot of
+another format version.  A CRC catches accidents, not forgery, and a
+snapshot needs no more trust than that: it carries state, never authority.
+"config" records the options the VM ran with, for the operator to read; a
+restore builds the VM from the operator's own options (pyhyve -r, as bhyve
+-r and QEMU -incoming: disks, consoles, firmware, taps, sockets and the
+sandbox come only from the command line or -k) and refuses a snapshot
+whose machine differs: memory size, CPU topology, the devices by name and
+emulation.
 
 Devices are saved by walking the VM's device list (lifecycle.Device):
 "devices" maps each device's name ("rtc", "com1", "pci.0.3.0", ...) to what
@@ -34,7 +42,7 @@ the driver offered and stop taking work, virtio-blk syncs its disk, so no
 request is caught half done and guest memory, saved last, holds every
 completion.
 
-A restore builds the VM from the saved config, puts back memory, the
+A restore puts back memory, the
 irqchip, clock and vCPUs, then hands each device its saved state (the set
 of names must match the VM's exactly), once interrupts can be delivered:
 BARs decode where the guest put them, the chipset's PAM shadowing and PIRQ
@@ -49,8 +57,8 @@ A device that does not declare itself savable (Device.savable) makes save()
 refuse with SnapshotError naming it, rather than write a snapshot that
 would not run.  Not saved: the GDB stub's connection, a frame virtio-net
 read from its tap and not yet delivered (the network sees one lost packet),
-and the host side of character backends (they are opened again from the
-config).
+and the host side of character backends (the operator's options open
+them again).
 """
 
 import contextlib
@@ -67,9 +75,9 @@ from .lifecycle import StateError
 
 MAGIC = b"PYHYVE-SNAPSHOT\n"
 FORMAT = "pyhyve-snapshot"
-VERSION = 5                     # 4: the HPET; 5: devices by name, from the VM's device list
+VERSION = 6         # 4: the HPET; 5: devices by name; 6: the manifest's CRC in the header
 PAGE = 4096
-_LENGTH = struct.Struct("<Q")
+_HEADER = struct.Struct("<QI")      # manifest length, its CRC-32
 MAX_MANIFEST = 64 << 20
 KVM_CAP_XCRS = 56
 MSR_TSC_DEADLINE = 0x6E0
@@ -204,7 +212,7 @@ def _write(path: str, encoded: bytes, chunks: list) -> None:
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
     try:
         with open(fd, "wb") as out:
-            out.write(MAGIC + _LENGTH.pack(len(encoded)) + encoded)
+            out.write(MAGIC + _HEADER.pack(len(encoded), zlib.crc32(encoded)) + encoded)
             for chunk in chunks:
                 out.write(chunk)
             out.flush()
@@ -242,17 +250,21 @@ def read(path: str) -> Snapshot:
     """Open and check PATH; SnapshotError says in one line what is wrong."""
     try:
         with open(path, "rb") as f:
-            head = f.read(len(MAGIC) + _LENGTH.size)
+            head = f.read(len(MAGIC) + _HEADER.size)
             if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
                 raise SnapshotError(f"{path} is not a pyhyve snapshot")
-            if len(head) != len(MAGIC) + _LENGTH.size:
+            if len(head) != len(MAGIC) + _HEADER.size:
                 raise SnapshotError(f"snapshot {path} is truncated")
-            length = _LENGTH.unpack_from(head, len(MAGIC))[0]
+            length, manifest_crc = _HEADER.unpack_from(head, len(MAGIC))
             if length > MAX_MANIFEST:
-                raise SnapshotError(f"snapshot {path} is corrupt (manifest length {length})")
+                raise SnapshotError(f"snapshot {path} is corrupt (manifest length {length}), "
+                                    "or from an older pyhyve")
             encoded = f.read(length)
             if len(encoded) != length:
                 raise SnapshotError(f"snapshot {path} is truncated")
+            if zlib.crc32(encoded) != manifest_crc:
+                raise SnapshotError(f"snapshot {path} is corrupt (manifest checksum mismatch), "
+                                    "or from an older pyhyve")
             try:
                 manifest = json.loads(encoded)
             except (ValueError, UnicodeDecodeError, RecursionError):
@@ -263,7 +275,7 @@ def read(path: str) -> Snapshot:
                 raise SnapshotError(f"snapshot {path} has format version "
                                     f"{manifest.get('version')!r}; this pyhyve reads "
                                     f"version {VERSION}")
-            start = len(MAGIC) + _LENGTH.size + length
+            start = len(MAGIC) + _HEADER.size + length
             data_size = manifest.get("data_size")
             if not isinstance(data_size, int) or \
                     os.fstat(f.fileno()).st_size != start + data_size:

@@ -4,7 +4,6 @@ three minutes here), shared by the tests that read it."""
 
 import re
 import subprocess
-import sys
 import time
 import uuid
 
@@ -135,7 +134,8 @@ def snapshot_boot(linux_guest, tmp_path_factory):
         first.expect("CHECKPOINT-NOW")
         assert ctlclient.main([f"--socket={sock}", f"--checkpoint={snap}"]) == 0
     # The first VM is gone (killed): the restored copy alone goes on with the disk.
-    with GuestRun([sys.executable, "-m", "pyhyve", "-r", str(snap)], pyhyve_env(),
+    # It is given the same options: a snapshot carries state, not configuration.
+    with GuestRun([*argv[:3], "-r", str(snap), *argv[3:]], pyhyve_env(),
                   tmp / "restored.log") as restored:
         restored.send("from the restored process\n")
         status = restored.wait()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,17 @@ def counter_rom() -> Path:
     return build_rom("counter", TARGET=TARGET, EVERY=EVERY, DELAY=DELAY)
 
 
+def counter_args(debug: Path, sock: Path, devices: list[str] = ()) -> list[str]:
+    """The counter VM's options: the same start it and restore it."""
+    return ["-l", f"bootrom,{counter_rom()}", *devices, "-l", f"debugcon,file={debug}",
+            "-o", f"control.socket={sock}", "snapcounter"]
+
+
 def start_counter(tmp_path: Path, debug: Path, sock: Path,
                   devices: list[str] = ()) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "pyhyve", "-l", f"bootrom,{counter_rom()}",
-                             *devices, "-l", f"debugcon,file={debug}",
-                             "-o", f"control.socket={sock}", "snapcounter"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pyhyve", *counter_args(debug, sock, devices)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_lines(debug: Path, count: int, timeout: float = 30.0) -> None:
@@ -87,7 +92,7 @@ def test_suspend_then_restore_in_a_new_process(tmp_path):
     assert 2 <= len(before) < len(ALL_COUNTS), "suspended too late to test anything"
     assert before == ALL_COUNTS[:len(before)]
     # The restored VM appends to the same debug console file and counts on.
-    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}"],
+    restored = run_pyhyve(["-r", str(snap), *counter_args(debug, tmp_path / "r.sock", devices)],
                           timeout=120)
     assert restored.returncode == 1, restored.stderr
     assert lines(debug) == ALL_COUNTS            # every count once, in order, to the end
@@ -108,8 +113,8 @@ def test_checkpoint_lets_the_vm_run_on_and_can_be_restored(tmp_path):
     assert lines(debug) == ALL_COUNTS
     # Restored into another debug file, it prints what followed the checkpoint.
     other = tmp_path / "other.txt"
-    restored = run_pyhyve(["-r", str(snap), "-o", f"lpc.debugcon.path={other}",
-                           "-o", f"control.socket={tmp_path / 'r.sock'}"], timeout=120)
+    restored = run_pyhyve(["-r", str(snap), *counter_args(other, tmp_path / "r.sock")],
+                          timeout=120)
     assert restored.returncode == 1, restored.stderr
     after = lines(other)
     assert after and after[-1] == ALL_COUNTS[-1]
@@ -175,14 +180,15 @@ def test_snapshot_file_is_private_and_replaces_what_was_there(tmp_path):
 
 
 def _rewrite_manifest(path: Path, change) -> None:
+    """As a forger would: the manifest changed, its length and CRC made to fit."""
     data = path.read_bytes()
-    start = len(snapshot.MAGIC) + 8
+    start = len(snapshot.MAGIC) + 12
     length = struct.unpack_from("<Q", data, len(snapshot.MAGIC))[0]
     manifest = json.loads(data[start:start + length])
     change(manifest)
     encoded = json.dumps(manifest).encode()
-    path.write_bytes(snapshot.MAGIC + struct.pack("<Q", len(encoded)) + encoded
-                     + data[start + length:])
+    path.write_bytes(snapshot.MAGIC + struct.pack("<QI", len(encoded), zlib.crc32(encoded))
+                     + encoded + data[start + length:])
 
 
 OLD_VERSION = snapshot.VERSION - 1
@@ -217,7 +223,14 @@ def _missing(path: Path) -> None:
 
 def _nested_manifest(path: Path) -> None:
     encoded = b"[" * 100000 + b"]" * 100000      # deeper than json can parse
-    path.write_bytes(snapshot.MAGIC + struct.pack("<Q", len(encoded)) + encoded)
+    path.write_bytes(snapshot.MAGIC + struct.pack("<QI", len(encoded), zlib.crc32(encoded))
+                     + encoded)
+
+
+def _flip_manifest_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(snapshot.MAGIC) + 40] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -229,6 +242,7 @@ def _nested_manifest(path: Path) -> None:
     (_garbage, "is not a pyhyve snapshot"),
     (_missing, "cannot read snapshot"),
     (_nested_manifest, "is corrupt (bad manifest)"),
+    (_flip_manifest_byte, "is corrupt (manifest checksum mismatch)"),
 ])
 @needs_kvm
 def test_bad_snapshots_are_refused_with_one_line(saved, damage, message):
@@ -237,6 +251,39 @@ def test_bad_snapshots_are_refused_with_one_line(saved, damage, message):
     assert result.returncode == 4
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("pyhyve: ")
     assert message in result.stderr
+
+
+@needs_kvm
+def test_a_snapshot_grants_no_authority(saved, tmp_path):
+    """Keys a crafted snapshot holds (a console file to create, a control socket,
+    a host file for fw_cfg, the sandbox off) are never applied: the VM is the
+    operator's options; a disk the operator did not give makes it another
+    machine; and without the operator's options there is nothing to restore."""
+    created, evil_socket = tmp_path / "created", tmp_path / "evil.sock"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"host data")
+    _rewrite_manifest(saved, lambda m: m["config"].update({
+        "lpc.com1.path": f"file={created}", "control.socket": str(evil_socket),
+        "fwcfg.file.0": f"opt/victim,file={victim}", "process.seccomp": "false"}))
+    out = tmp_path / "out.txt"
+    operator = ["-l", f"bootrom,{counter_rom()}", "-l", f"debugcon,file={out}",
+                "-o", f"control.socket={tmp_path / 'r.sock'}", "snapunit"]
+    restored = run_pyhyve(["-r", str(saved), *operator], timeout=120)
+    assert restored.returncode == 1, restored.stderr
+    assert lines(out)[-1] == ALL_COUNTS[-1]          # it ran, from the saved reset state
+    assert not created.exists() and not evil_socket.exists()
+
+    _rewrite_manifest(saved, lambda m: m["config"].update({
+        "pci.0.7.0.device": "virtio-blk", "pci.0.7.0.path": str(victim)}))
+    another = run_pyhyve(["-r", str(saved), *operator], timeout=60)
+    assert (another.returncode, another.stderr) == (4, (
+        f"pyhyve: snapshot {saved} is of another machine: PCI 7.0 nothing, saved virtio-blk\n"))
+    bigger = run_pyhyve(["-r", str(saved), "-m", "512M", "-c", "2", *operator], timeout=60)
+    assert bigger.returncode == 4 and "memory 536870912 bytes, saved 268435456" in bigger.stderr
+    assert "CPU topology Topology(sockets=2" in bigger.stderr
+    bare = run_pyhyve(["-r", str(saved)], timeout=60)
+    assert bare.returncode == 4 and "needs the VM's own options" in bare.stderr
+    assert victim.read_bytes() == b"host data"
 
 
 class UnsavedDevice(PciDevice):
@@ -463,8 +510,9 @@ def test_blk_guest_suspended_with_a_request_in_flight_loses_no_write(tmp_path, s
     install_kick_handler()
     disk, debug, snap = blank_disk(tmp_path, 2 * BLK_TOTAL), tmp_path / "debug", tmp_path / "s"
     rom = build_rom("blkdriver", CHUNK_KIB=BLK_CHUNK_KIB, TOTAL_KIB=BLK_TOTAL // 1024)
-    vm = VirtualMachine(parse_args(["-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
-                                    "-l", f"debugcon,file={debug}", "snapblk"]))
+    options = ["-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
+               "-l", f"debugcon,file={debug}", "snapblk"]
+    vm = VirtualMachine(parse_args(options))
     device = vm.pci.functions[3, 0]
     thread = threading.Thread(target=vm.run, name="snapblk")
     thread.start()
@@ -485,7 +533,8 @@ def test_blk_guest_suspended_with_a_request_in_flight_loses_no_write(tmp_path, s
     queue = saved_queue(snap, 3)
     assert queue["last_avail"] == queue["used_idx"] == avail_idx   # served, then saved
 
-    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}"])
+    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}",
+                           *options])
     assert restored.returncode == 1, restored.stderr
     expected = f"{checksum(pattern(BLK_TOTAL)):016x}"
     lines = debug.read_text().splitlines()
@@ -503,9 +552,10 @@ def test_pyhyvectl_suspend_of_a_writing_guest_loses_no_write(tmp_path, delay):
     disk, debug = blank_disk(tmp_path, NUMBERED_TOTAL), tmp_path / "debug"
     sock, snap = tmp_path / "c.sock", tmp_path / "vm.snap"
     rom = build_rom("blkdriver", NUMBERED=1, CHUNK_KIB=4, TOTAL_KIB=NUMBERED_TOTAL // 1024)
+    options = ["-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
+               "-l", f"debugcon,file={debug}", "snapwriter"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyhyve", "-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
-         "-l", f"debugcon,file={debug}", "-o", f"control.socket={sock}", "snapwriter"],
+        [sys.executable, "-m", "pyhyve", "-o", f"control.socket={sock}", *options],
         env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: debug.exists() and "acked" in debug.read_text())
@@ -518,7 +568,8 @@ def test_pyhyvectl_suspend_of_a_writing_guest_loses_no_write(tmp_path, delay):
     before = debug.read_text()
     assert "acked" in before and "blk done" not in before, "suspended too late to test anything"
 
-    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}"])
+    restored = run_pyhyve(["-r", str(snap), "-o", f"control.socket={tmp_path / 'r.sock'}",
+                           *options])
     assert restored.returncode == 1, restored.stderr
     blocks = NUMBERED_TOTAL // 4096
     expected = [f"acked {n:x}" for n in range(GROUP, blocks + 1, GROUP)] + ["blk done"]
