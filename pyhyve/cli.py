@@ -58,9 +58,9 @@ Debugging:
 Other:
   -h              this help
   -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint; give
-                  the VM's own options too (a snapshot carries state, not them)
-                  (its config comes from the snapshot; other options override keys);
-                  a snapshot pyhyve cannot read is refused with exit status 4
+                  the VM's own options too (a snapshot carries state, not them);
+                  one of another machine, or one pyhyve cannot read, is refused
+                  with exit status 4
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
 
