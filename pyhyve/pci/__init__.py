@@ -14,7 +14,6 @@ entry points instead (pyproject.toml):
 
 import importlib
 import logging
-from importlib.metadata import entry_points
 
 from ..config import ConfigError
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
@@ -53,6 +52,7 @@ def find_emulation(name: str) -> type | None:
         if name in BUILTIN_MODULES:
             importlib.import_module(BUILTIN_MODULES[name])
         else:
+            from importlib.metadata import entry_points     # milliseconds: only for plugins
             for entry in entry_points(group=ENTRY_POINTS, name=name):
                 _load(entry)
     return _EMULATIONS.get(name)
@@ -61,6 +61,7 @@ def find_emulation(name: str) -> type | None:
 def emulations() -> dict[str, type]:
     """Every emulation there is: built-in ones, then installed packages' (one
     that fails to load is left out, with a warning)."""
+    from importlib.metadata import entry_points
     for module in BUILTIN_MODULES.values():
         importlib.import_module(module)
     for entry in entry_points(group=ENTRY_POINTS):
