@@ -108,6 +108,19 @@ def add_pci_devices(vm) -> None:
         vm.pci.add(slot, func, cls, options)
 
 
+def vm_name(config: Config) -> str:
+    """The VM's name: printable text, since it names threads, logs, the
+    control socket and the default UUID."""
+    name = config.get("name") or "vm"
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise ConfigError("the VM name is not UTF-8 text") from None
+    if not name.isprintable():
+        raise ConfigError(f"the VM name {name!r} has characters that are not printable")
+    return name
+
+
 def topology(config: Config) -> cpuid.Topology:
     cpus = config.get_int("cpus", 1, 1, MAX_VCPUS)
     sockets = config.get_int("sockets", 0, 0, MAX_VCPUS)

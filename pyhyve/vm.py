@@ -46,7 +46,7 @@ class VirtualMachine:
         (a MemoryConsole, say) for ports the config gives no path for."""
         self.config = config
         self._given_consoles = dict(consoles or {})
-        self.name = config.get("name") or "vm"
+        self.name = builder.vm_name(config)
         self.log = logging.getLogger(f"pyhyve.{self.name}")
         self.exit_status: ExitStatus | None = None
         self.exit_detail = ""

@@ -25,6 +25,7 @@ restore, and re-sends none.
 
 import contextlib
 import hashlib
+import os
 import struct
 
 from ..block import DIRECT_ALIGN, BlockImage
@@ -112,7 +113,7 @@ class VirtioBlock(VirtioDevice):
         logical, physical = _sector_sizes(options.get("sectorsize", "512"))
         serial = options.get("ser")
         if serial is None:
-            digest = hashlib.md5(path.encode()).digest()
+            digest = hashlib.md5(os.fsencode(path)).digest()
             serial = "BHYVE-%02X%02X-%02X%02X-%02X%02X" % tuple(digest[:6])
         self.serial = serial.encode("ascii", "replace")[:ID_BYTES].ljust(ID_BYTES, b"\0")
         self.path = path

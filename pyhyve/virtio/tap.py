@@ -32,7 +32,9 @@ HDR_LEN = 12        # struct virtio_net_hdr_mrg_rxbuf, ahead of every frame (sli
 
 def open_tap(name: str) -> int:
     """A non-blocking fd for tap `name` carrying 12-byte virtio-net headers."""
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
+    raw = os.fsencode(name)
+    if not raw or len(raw) >= IFNAMSIZ or raw in (b".", b"..") or \
+            any(c.isspace() or c in "/:" for c in name):     # as Linux's dev_valid_name
         raise ConfigError(f"virtio-net: '{name}' is not a valid interface name")
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -41,7 +43,7 @@ def open_tap(name: str) -> int:
     except OSError as exc:
         raise ConfigError(f"virtio-net: cannot open {TUN_PATH}: {exc.strerror}") from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(),
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", raw,
                                                IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", HDR_LEN))
     except OSError as exc:
