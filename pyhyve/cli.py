@@ -40,7 +40,8 @@ Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G; -o help lists them all);
                   -o config.dump=1 prints the tree;
-                  -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock)
+                  -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock);
+                  -o pidfile=PATH writes the process's PID there once the VM is set up
 Least privilege (applied once devices, disks and sockets are open, before the guest runs):
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
   -o process.seccomp=BOOL   refuse system calls the running VM does not need (default true;
@@ -56,7 +57,7 @@ Clock:
 Debugging:
   -G [w][addr:]port  GDB stub on TCP (default address 127.0.0.1); w: wait for gdb before the BSP runs
 Other:
-  -h              this help
+  -h, --help      this help; --version: pyhyve's version
   -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint; give
                   the VM's own options too (a snapshot carries state, not them);
                   one of another machine, or one pyhyve cannot read, is refused
@@ -218,6 +219,10 @@ def parse_args(argv: list[str]) -> Config | None:
     if "--help" in argv:
         print(USAGE)
         return None
+    if "--version" in argv:
+        from . import __version__
+        print(f"pyhyve {__version__}")
+        return None
     options, rest = getopt(argv)
     config = Config()
     for option, value in options:
@@ -326,6 +331,9 @@ def _main(argv: list[str] | None) -> int:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
             vm.closables.append(ControlServer(vm, path))
+            pidfile = config.get("pidfile")
+            if pidfile:
+                vm.closables.append(PidFile(pidfile))
             confine(config)         # everything needing root is open; no vCPU has run
         except ConfigError as exc:
             print(f"pyhyve: {exc}", file=sys.stderr)
@@ -389,6 +397,33 @@ def _check_same_machine(config: Config, saved: Config, path: str) -> None:
             differences.append(f"PCI {where[0]}.{where[1]} {given}, saved {had}")
     if differences:
         raise ConfigError(f"snapshot {path} is of another machine: " + "; ".join(differences))
+
+
+class PidFile:
+    """-o pidfile=PATH, as QEMU's -pidfile: the process's PID, written whole
+    (a fresh file renamed into place) once the VM is set up, and removed when
+    it ends if it still holds this PID."""
+
+    def __init__(self, path: str):
+        import tempfile
+        self.path, self.pid = path, os.getpid()
+        try:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)) or ".",
+                                       prefix=".pyhyve-pid.")
+            with open(fd, "w") as out:
+                out.write(f"{self.pid}\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ConfigError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        try:
+            with open(self.path) as current:
+                if current.read().strip() == str(self.pid):
+                    os.unlink(self.path)
+        except OSError:             # gone already, or not ours to remove after a drop
+            pass
 
 
 def _handle_signals(vm) -> list[str]:

@@ -198,6 +198,7 @@ class ControlServer:
             "pause": self._pause,
             "resume": self._resume,
             "inject-nmi": self._inject_nmi,
+            "powerdown": self._powerdown,
             "force-reset": functools.partial(self._stop, ExitStatus.RESET),
             "force-poweroff": functools.partial(self._stop, ExitStatus.POWEROFF),
             "destroy": functools.partial(self._stop, ExitStatus.POWEROFF),
@@ -491,6 +492,11 @@ class ControlServer:
 
     def _resume(self, request: dict) -> dict:
         self.vm.resume()
+        return {}
+
+    def _powerdown(self, request: dict) -> dict:
+        """The ACPI power button, as virsh shutdown presses it; the guest decides."""
+        self.vm.press_power_button()
         return {}
 
     def _stop(self, status: ExitStatus, request: dict) -> dict:

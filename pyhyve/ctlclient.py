@@ -2,7 +2,8 @@
 
 As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
-register reads, --get-stats, --checkpoint, --suspend, then --resume, --force-reset, --force-poweroff, --destroy.
+register reads, --get-stats, --checkpoint, --suspend, then --resume, --powerdown,
+--force-reset, --force-poweroff, --destroy.
 """
 
 import getopt
@@ -17,6 +18,7 @@ from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, SEGMENT_REGISTERS, TABLE
 USAGE = """\
 usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] OPERATION...
        pyhyvectl --list [--socket=PATH]
+       pyhyvectl -h | --help | --version
 
   --vm=NAME            the VM, reached through /run/pyhyve/NAME.sock
   --cpu=N              the vCPU that register operations act on (default 0)
@@ -35,6 +37,7 @@ Operations:
   --inject-nmi         an NMI to the vCPU
   --checkpoint=FILE    save the VM's state to FILE (pyhyve -r FILE restores it), go on
   --suspend=FILE       save the VM's state to FILE, then stop the VM (exit status 1)
+  --powerdown          press the ACPI power button: the guest shuts down (virsh shutdown)
   --force-reset        stop the VM with exit status 0 (reset)
   --force-poweroff     stop the VM with exit status 1 (power off)
   --destroy            stop the VM (power off)"""
@@ -46,9 +49,9 @@ PRINT_ORDER = ("efer", "cr0", "cr2", "cr3", "cr4", "cr8", "rsp", "rip", "rax", "
 DESC_ORDER = ("ds", "es", "fs", "gs", "ss", "cs", "tr", "ldtr", "gdtr", "idtr")
 SELECTOR_ORDER = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")
 DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
-ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume",
+ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "powerdown",
            "force-reset", "force-poweroff", "destroy")
-LONG_OPTIONS = (["help", "list", "vm=", "cpu=", "socket=", "desc-base=", "desc-limit=",
+LONG_OPTIONS = (["help", "version", "list", "vm=", "cpu=", "socket=", "desc-base=", "desc-limit=",
                  "desc-access=", "checkpoint=", "suspend=", *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
@@ -72,7 +75,7 @@ class Plan:
 
     def __init__(self, argv: list[str]):
         try:
-            options, rest = getopt.gnu_getopt(argv, "", LONG_OPTIONS)
+            options, rest = getopt.gnu_getopt(argv, "h", LONG_OPTIONS)
         except getopt.GetoptError as exc:
             raise UsageError(f"{exc.msg} (pyhyvectl --help for help)") from None
         if rest:
@@ -87,10 +90,10 @@ class Plan:
         self.desc_gets: set[str] = set()
         self.snapshots: dict[str, str] = {}    # checkpoint/suspend: FILE
         for option, value in options:
-            self._add(option[2:], value)
+            self._add("help" if option == "-h" else option[2:], value)
 
     def _add(self, option: str, value: str) -> None:
-        if option in ("help", "list") or option in ACTIONS:
+        if option in ("help", "version", "list") or option in ACTIONS:
             self.actions.add(option)
         elif option == "vm":
             self.name = value
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(sys.argv[1:] if argv is None else argv)
         if "help" in plan.actions:
             print(USAGE)
+            return 0
+        if "version" in plan.actions:
+            from . import __version__
+            print(f"pyhyvectl {__version__}")
             return 0
         if "list" in plan.actions:
             return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory())
@@ -207,7 +214,7 @@ def run(plan: Plan, client: ControlClient) -> None:
     for action in ("checkpoint", "suspend"):
         if action in plan.snapshots:
             client.request(action, path=plan.snapshots[action])
-    for action in ("resume", "force-reset", "force-poweroff", "destroy"):
+    for action in ("resume", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
             client.request(action)
 

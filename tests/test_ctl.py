@@ -20,7 +20,9 @@ from types import SimpleNamespace
 import pytest
 
 from build import build_rom
+import pyhyve
 from pyhyve import ctl as ctl_module, ctlclient
+from pyhyve.devices.pm import PWRBTN_STS
 from pyhyve.config import Config, ConfigError
 from pyhyve.ctl import ControlClient, ControlError, ControlServer, default_socket_path
 from pyhyve.ctl import segment_access, set_segment_access
@@ -413,6 +415,40 @@ def test_usage_errors_are_one_line(capsys, args, message):
 def test_help(capsys):
     status, out, _ = ctl(capsys, "--help")
     assert status == 0 and "--force-poweroff" in out
+    assert ctl(capsys, "-h") == (0, out, "")
+    assert ctl(capsys, "--version") == (0, f"pyhyvectl {pyhyve.__version__}\n", "")
+
+
+@needs_kvm
+def test_powerdown_presses_the_power_button(running, capsys):
+    """As virsh shutdown: the guest is asked (PWRBTN_STS), the VM runs on."""
+    assert not running.vm.pm.status & PWRBTN_STS
+    assert ctl(capsys, f"--socket={running.path}", "--powerdown") == (0, "", "")
+    assert running.vm.pm.status & PWRBTN_STS
+    assert running.thread.is_alive()
+
+
+@needs_kvm
+def test_pidfile_holds_the_pid_while_the_vm_runs(tmp_path):
+    """-o pidfile=PATH, as QEMU's -pidfile: there while pyhyve runs, gone after."""
+    pidfile, sock = tmp_path / "vm.pid", tmp_path / "pid.sock"
+    rom = build_rom("exits", COUNT=10**8)
+    vm = subprocess.Popen([sys.executable, "-m", "pyhyve", "-o", f"pidfile={pidfile}",
+                           "-o", f"control.socket={sock}", "-l", f"bootrom,{rom}", "pidvm"],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        for _ in range(300):
+            if pidfile.exists():        # written after the socket, before the guest runs
+                break
+            time.sleep(0.1)
+        assert pidfile.read_text() == f"{vm.pid}\n"
+        assert ask(str(sock), {"command": "force-poweroff"})["ok"]
+        assert vm.wait(timeout=30) == ExitStatus.POWEROFF, vm.stderr.read()
+        assert not pidfile.exists()
+    finally:
+        vm.kill()
+        vm.wait()
 
 
 def test_access_rights_round_trip():

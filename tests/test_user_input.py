@@ -153,6 +153,12 @@ def test_bad_input_is_one_line_and_exit_4(tmp_path, args, message):
     assert elapsed < 10
 
 
+def test_version():
+    import pyhyve
+    proc = run_pyhyve(["--version"], timeout=30)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"pyhyve {pyhyve.__version__}\n", "")
+
+
 def test_fw_cfg_name_outside_opt_warns_once(tmp_path):
     """Accepted, as QEMU does, with one warning (it was printed twice)."""
     debug = tmp_path / "debug"
