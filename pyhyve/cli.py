@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from .config import Config, ConfigError, parse_size
+from .config import Config, ConfigError, parse_size, write_user_file
 from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
 from .sandbox import confine
@@ -405,15 +405,9 @@ class PidFile:
     it ends if it still holds this PID."""
 
     def __init__(self, path: str):
-        import tempfile
         self.path, self.pid = path, os.getpid()
         try:
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)) or ".",
-                                       prefix=".pyhyve-pid.")
-            with open(fd, "w") as out:
-                out.write(f"{self.pid}\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
+            write_user_file(path, [f"{self.pid}\n".encode()], mode=0o644)
         except OSError as exc:
             raise ConfigError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
 

@@ -42,6 +42,32 @@ def read_user_file(path: str, what: str, limit: int, limit_is: str = "its limit"
     return data
 
 
+def write_user_file(path: str, chunks, mode: int = 0o600) -> None:
+    """Write a file at a path the operator named (a snapshot, a pidfile) so that
+    it appears whole or not at all: a fresh file beside it, made with O_EXCL
+    and O_NOFOLLOW (a name another user planted is never reused or followed),
+    given `mode`, synced, then renamed over PATH.  OSError if it cannot be,
+    with nothing left behind."""
+    import tempfile         # here: it costs start-up, and few runs write a file
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with open(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if mode != 0o600:       # mkstemp's; a sandboxed VM may not chmod (a checkpoint)
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def parse_size(text: str, what: str = "size") -> int:
     """bhyve's memory sizes: K/M/G/T suffixes; a bare number below 1 MiB means MiB."""
     match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)

@@ -67,9 +67,9 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 import zlib
 
+from .config import write_user_file
 from .kvm import abi
 from .lifecycle import StateError
 
@@ -201,28 +201,12 @@ def save(vm, path: str) -> None:
 
 
 def _write(path: str, encoded: bytes, chunks: list) -> None:
-    """The file appears whole under PATH or not at all.  It is first written to
-    a fresh file beside PATH, made with O_EXCL and O_NOFOLLOW and mode 0600 (the
-    guest's RAM is in it; a name another user planted is never reused or
-    followed), synced, then renamed over PATH."""
-    directory, name = os.path.split(os.path.abspath(path))
+    """The file appears whole under PATH or not at all, mode 0600: the guest's
+    RAM is in it (config.write_user_file)."""
+    header = MAGIC + _HEADER.pack(len(encoded), zlib.crc32(encoded)) + encoded
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        write_user_file(path, [header, *chunks])
     except OSError as exc:
-        raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
-    try:
-        with open(fd, "wb") as out:
-            out.write(MAGIC + _HEADER.pack(len(encoded), zlib.crc32(encoded)) + encoded)
-            for chunk in chunks:
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
 
 
