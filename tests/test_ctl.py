@@ -428,20 +428,25 @@ def test_powerdown_presses_the_power_button(running, capsys):
     assert running.thread.is_alive()
 
 
+def start_pyhyve(*args: str) -> subprocess.Popen:
+    """pyhyve as users run it, on a guest that writes ports for minutes."""
+    rom = build_rom("exits", COUNT=10**8)
+    return subprocess.Popen([sys.executable, "-m", "pyhyve", "-l", f"bootrom,{rom}", *args],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_file(path: Path, timeout: float = 30.0) -> None:
+    wait_for(path.exists, timeout)
+
+
 @needs_kvm
 def test_pidfile_holds_the_pid_while_the_vm_runs(tmp_path):
     """-o pidfile=PATH, as QEMU's -pidfile: there while pyhyve runs, gone after."""
     pidfile, sock = tmp_path / "vm.pid", tmp_path / "pid.sock"
-    rom = build_rom("exits", COUNT=10**8)
-    vm = subprocess.Popen([sys.executable, "-m", "pyhyve", "-o", f"pidfile={pidfile}",
-                           "-o", f"control.socket={sock}", "-l", f"bootrom,{rom}", "pidvm"],
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE,
-                          text=True)
+    vm = start_pyhyve("-o", f"pidfile={pidfile}", "-o", f"control.socket={sock}", "pidvm")
     try:
-        for _ in range(300):
-            if pidfile.exists():        # written after the socket, before the guest runs
-                break
-            time.sleep(0.1)
+        wait_for_file(pidfile)          # written after the socket, before the guest runs
         assert pidfile.read_text() == f"{vm.pid}\n"
         assert ask(str(sock), {"command": "force-poweroff"})["ok"]
         assert vm.wait(timeout=30) == ExitStatus.POWEROFF, vm.stderr.read()
@@ -469,10 +474,7 @@ def test_pyhyve_and_pyhyvectl_processes(tmp_path):
     vm = subprocess.Popen([sys.executable, "-m", "pyhyve", *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(100):
-            if socket_path.exists():
-                break
-            time.sleep(0.1)
+        wait_for_file(socket_path)
         second = run_pyhyve(args, timeout=30)
         assert second.returncode == 4
         assert second.stderr.count("\n") == 1 and "already running" in second.stderr
@@ -496,16 +498,9 @@ def test_stop_signals_power_off_and_clean_up(tmp_path, signum):
     """A terminal closing (SIGHUP), Ctrl-C and Ctrl-\\ end a running VM as a
     power-off: the control socket is removed, one line says why, no traceback."""
     socket_path = tmp_path / "sig.sock"
-    rom = build_rom("exits", COUNT=10**8)
-    vm = subprocess.Popen([sys.executable, "-m", "pyhyve", "-o", f"control.socket={socket_path}",
-                           "-l", f"bootrom,{rom}", "sigvm"],
-                          env=dict(os.environ, PYTHONPATH=str(REPO)),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    vm = start_pyhyve("-o", f"control.socket={socket_path}", "sigvm")
     try:
-        for _ in range(300):
-            if socket_path.exists():
-                break
-            time.sleep(0.1)
+        wait_for_file(socket_path)
         assert ask(str(socket_path), {"command": "get-stats"})["ok"]
         vm.send_signal(signum)
         assert vm.wait(timeout=30) == ExitStatus.POWEROFF
