@@ -45,20 +45,28 @@ def read_user_file(path: str, what: str, limit: int, limit_is: str = "its limit"
 def write_user_file(path: str, chunks, mode: int = 0o600) -> None:
     """Write a file at a path the operator named (a snapshot, a pidfile) so that
     it appears whole or not at all: a fresh file beside it, made with O_EXCL
-    and O_NOFOLLOW (a name another user planted is never reused or followed),
-    given `mode`, synced, then renamed over PATH.  OSError if it cannot be,
-    with nothing left behind."""
-    import tempfile         # here: it costs start-up, and few runs write a file
+    and O_NOFOLLOW (a name another user planted is never reused or followed)
+    and `mode` (less the umask, so never more), synced, then renamed over PATH.
+    OSError if it cannot be, with nothing left behind.  Only os is used: this
+    runs after a sandboxed VM dropped privileges (a checkpoint), when modules
+    not yet imported may be unreadable."""
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, flags, mode)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
     try:
         with open(fd, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        if mode != 0o600:       # mkstemp's; a sandboxed VM may not chmod (a checkpoint)
-            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
