@@ -8,7 +8,7 @@ import sys
 from .config import Config, ConfigError, parse_size, write_user_file
 from .ctl import ControlServer, default_socket_path
 from .kvm import KvmError, KvmUnavailable
-from .sandbox import confine
+from .sandbox import confine, remove_at_exit
 from .vcpu import ExitStatus
 
 USAGE = """\
@@ -46,6 +46,9 @@ Least privilege (applied once devices, disks and sockets are open, before the gu
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
   -o process.seccomp=BOOL   refuse system calls the running VM does not need (default true;
                             needs libseccomp2)
+  -o process.landlock=BOOL  open files by name only to read Python's own, write snapshots
+                            and remove sockets at exit (default true; Linux 5.13 or later)
+  -o snapshot.dir=DIR       where pyhyvectl --checkpoint/--suspend may write snapshots
 x86:
   -e              exit on unemulated I/O (x86.strictio); default: reads return all ones
   -H              yield the host CPU when the guest halts (always so with KVM's LAPIC)
@@ -410,6 +413,7 @@ class PidFile:
             write_user_file(path, [f"{self.pid}\n".encode()], mode=0o644)
         except OSError as exc:
             raise ConfigError(f"cannot write pidfile {path}: {exc.strerror or exc}") from None
+        remove_at_exit(path)
 
     def close(self) -> None:
         try:

@@ -52,6 +52,9 @@ KEYS = {
     "control.socket": "path of the control socket (default /run/pyhyve/NAME.sock)",
     "process.seccomp": "confine the process with seccomp (default true)",
     "process.user": "user to drop to once devices are open",
+    "process.landlock": "confine the files the process may open with Landlock (default true)",
+    "snapshot.dir": "the only directory pyhyvectl --checkpoint/--suspend may write to "
+                    "(needed where Landlock is in force)",
     "restore.path": "snapshot to restore (-r)",
     "config.dump": "print the config tree and exit",
 }

@@ -30,6 +30,7 @@ import time
 
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
+from .sandbox import catch_up, remove_at_exit, snapshot_refusal
 from .kvm import KvmError, abi
 from .vcpu import ExitStatus
 
@@ -238,6 +239,7 @@ class ControlServer:
             os.chmod(self.path, 0o600)
             sock.listen(MAX_CLIENTS)
             sock.setblocking(False)
+            remove_at_exit(self.path)
         except OSError as exc:
             sock.close()
             if bound:
@@ -298,6 +300,7 @@ class ControlServer:
             while not self._closing:
                 self._drop_stale()
                 for key, events in self._selector.select(IDLE_TIMEOUT / 4):
+                    catch_up()
                     try:
                         key.data(events)
                     except Exception:       # a bug here must not end the service
@@ -510,6 +513,9 @@ class ControlServer:
         if not isinstance(path, str) or not path:
             raise RequestError('this command needs a "path"')
         path = os.path.abspath(path)
+        refusal = snapshot_refusal(path, self.vm.config)
+        if refusal:
+            raise RequestError(refusal)
         try:
             snapshot.check_savable(self.vm)
         except snapshot.SnapshotError as exc:

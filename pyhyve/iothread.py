@@ -14,6 +14,8 @@ import selectors
 import threading
 from typing import Callable
 
+from .sandbox import catch_up
+
 log = logging.getLogger(__name__)
 
 THREAD_NAME = "virtio-io"
@@ -47,6 +49,7 @@ class IoThread:
     def _loop(self) -> None:
         while not self._closing:
             for key, _ in self._selector.select():
+                catch_up()
                 fd = key.fd
                 with self._lock:
                     callback, eventfd = self._callbacks.get(fd, (None, False))

@@ -1,32 +1,59 @@
-"""Least privilege once a VM is set up: drop to another user, then a seccomp filter.
+"""Least privilege once a VM is set up: another user, Landlock, seccomp filters.
 
 bhyve enters Capsicum once its devices are open; Firecracker's jailer drops
-privileges and installs per-thread seccomp filters.  pyhyve does the same in
-two steps, after everything that needs root (/dev/kvm, taps, disks, listening
-sockets) is open and before the vCPUs start:
+privileges and installs per-thread seccomp filters.  pyhyve does the same,
+after everything that needs root (/dev/kvm, taps, disks, listening sockets)
+is open and before the vCPUs start:
 
-1. `drop_privileges(user)`: the user's groups, gid and uid, in that order (a
+1. Landlock rules are gathered while still root (`landlock_rules`): the
+   process may then read only Python's own files (lazy imports, traceback
+   source lines), write only in `snapshot.dir`, and delete only beside the
+   files it removes at exit (sockets, pidfile: `remove_at_exit`).  Files
+   already open are not affected.
+2. `drop_privileges(user)`: the user's groups, gid and uid, in that order (a
    uid change first would leave no right to change groups).  glibc applies
    setuid/setgid to every thread of the process, so threads already running
    (control socket, I/O thread, consoles) drop too.
-2. `install_seccomp()`: an allowlist of the system calls pyhyve's threads make
-   while a guest runs, through libseccomp, synchronised onto every thread.
-   Anything else fails with EPERM.  EPERM rather than killing the process: a
-   call outside the list in a rarely taken path then fails the way a refused
-   permission does (an OSError pyhyve reports, in the thread that made it),
-   instead of killing the guest with no message and its state lost.
+3. The Landlock rules are put in force.  Landlock confines one thread at a
+   time, so the main thread confines itself (the vCPU threads it starts next
+   inherit that), and each service thread already running confines itself
+   when it next wakes up, before it handles what woke it (`catch_up`).
+4. `install_seccomp()`: an allowlist of the system calls pyhyve's threads make
+   while a guest runs, through libseccomp, synchronised onto every thread;
+   ioctl only for KVM, tap and terminal requests, and, where Landlock is not
+   in force, open only for reading and no rename or unlink.  Anything else
+   fails with EPERM.  EPERM rather than killing the process: a call outside
+   the list in a rarely taken path then fails the way a refused permission
+   does (an OSError pyhyve reports, in the thread that made it), instead of
+   killing the guest with no message and its state lost.
+5. Each vCPU thread, the one that runs device emulation for the guest's port
+   and MMIO accesses, adds a filter of its own (`narrow_vcpu_thread`): no
+   file opened for writing, no rename or unlink, no socket.
 
-Both are irreversible for the whole process, so `VirtualMachine.run()` never
+What a process that escaped the guest could still do: use every descriptor
+it holds (its disks, taps, consoles, /dev/kvm, the listening sockets), read
+Python's files, write in `snapshot.dir`, delete files beside its sockets and
+pidfile, start threads, and, with user networking, open IP sockets.  It can
+not exec, fork, open other files, create other sockets, ptrace, mount, load
+modules or change user.
+
+All are irreversible for the whole process, so `VirtualMachine.run()` never
 applies them on its own: the `pyhyve` command does (`confine(config)`), and a
 program using pyhyve as a library may call the same functions when it chooses.
 """
 
 import ctypes
 import errno
+import logging
 import os
 import pwd
+import sys
+import threading
 
+from . import landlock
 from .config import Config, ConfigError
+
+log = logging.getLogger(__name__)
 
 LIBSECCOMP = "libseccomp.so.2"
 
@@ -57,18 +84,13 @@ class _ArgCmp(ctypes.Structure):
 
 # What pyhyve's threads call once the guest runs, by what needs it.
 ALLOWED_SYSCALLS = {
-    # KVM_RUN and every other KVM, tap and terminal request
-    "kvm and devices": ("ioctl",),
     # disks (fallocate: discard), consoles, taps, eventfds, sockets already open
     # (Python's os.preadv/os.pwritev call the *2 variants)
     "file i/o": ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv",
                  "pwritev", "preadv2", "pwritev2", "lseek", "fsync", "fdatasync",
                  "fallocate", "close", "fcntl"),
-    # snapshots written by pyhyvectl --checkpoint/--suspend (a temporary file,
-    # renamed); Python's lazy imports and traceback source lines; the unlink of
-    # the control and console sockets at exit
-    "files by name": ("openat", "newfstatat", "fstat", "getdents64", "getcwd", "rename",
-                      "unlink"),
+    # Python's lazy imports and traceback source lines (openat: see FILES_CHANGED)
+    "files by name": ("newfstatat", "fstat", "getdents64", "getcwd"),
     # the threads' waits: selectors, Event/Condition, sleeps; clocks where the
     # vDSO falls back to the kernel
     "waiting": ("poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl",
@@ -88,7 +110,24 @@ ALLOWED_SYSCALLS = {
     # the control socket compares a client's uid with its own
     "identity": ("getuid", "geteuid"),
     "randomness": ("getrandom",),
+    # confining further: a vCPU thread's own filter, a service thread's
+    # Landlock (prctl: PR_SET_NO_NEW_PRIVS only, below)
+    "confining further": ("seccomp", "landlock_restrict_self"),
 }
+PR_SET_NO_NEW_PRIVS = 38
+# Opening files, renaming and unlinking them, only where Landlock is in force
+# to say which: snapshots written by pyhyvectl --checkpoint/--suspend (a
+# temporary file, renamed); the unlink of the control and console sockets at
+# exit.  Without Landlock, openat is allowed with none of these flags.
+FILES_CHANGED = ("openat", "rename", "unlink")
+OPEN_FOR_CHANGE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+# ioctl requests by their type byte (bits 8-15): KVM's, and 'T' for terminals,
+# tun/tap and FIONBIO (which Python's sockets use for non-blocking mode).
+IOCTL_TYPE_MASK = 0xFF00
+IOCTL_TYPES = {"kvm": 0xAE00, "terminal and tap": 0x5400}
+# What a vCPU thread adds on its own (narrow_vcpu_thread).
+VCPU_REFUSED = ("rename", "unlink", "socket", "connect", "bind", "listen", "accept",
+                "accept4")
 # User networking (libslirp) opens the guest's connections as the guest asks:
 # these, and socket() for AF_INET and AF_INET6 only.
 INET_SOCKET_SYSCALLS = ("connect", "bind", "listen")
@@ -155,11 +194,13 @@ def _rule(lib, ctx, action: int, name: str, *conditions: _ArgCmp) -> None:
            f"rule for {name}")
 
 
-def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) -> None:
+def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
+                    files_changed: bool = True) -> None:
     """Allow ALLOWED_SYSCALLS on every thread of the process, refuse the rest
     with EPERM.  New threads stay possible (clone with CLONE_THREAD and no new
     namespace); new processes, exec, new sockets (but IPv4 and IPv6 ones with
-    inet_sockets), ptrace, mounts, module loading and uid changes do not."""
+    inet_sockets), ptrace, mounts, module loading and uid changes do not.
+    files_changed=False (no Landlock to say where) opens files read-only only."""
     lib = lib or load_libseccomp()
     ctx = lib.seccomp_init(scmp_act_errno(errno.EPERM))
     if not ctx:
@@ -168,6 +209,15 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) 
         for names in ALLOWED_SYSCALLS.values():
             for name in names:
                 _rule(lib, ctx, SCMP_ACT_ALLOW, name)
+        for request_type in IOCTL_TYPES.values():
+            _rule(lib, ctx, SCMP_ACT_ALLOW, "ioctl",
+                  _ArgCmp(1, SCMP_CMP_MASKED_EQ, IOCTL_TYPE_MASK, request_type))
+        if files_changed:
+            for name in FILES_CHANGED:
+                _rule(lib, ctx, SCMP_ACT_ALLOW, name)
+        else:
+            _rule(lib, ctx, SCMP_ACT_ALLOW, "openat",
+                  _ArgCmp(2, SCMP_CMP_MASKED_EQ, OPEN_FOR_CHANGE, 0))
         # A thread, not a process: glibc's pthread_create passes CLONE_THREAD,
         # fork() does not.  clone3's flags sit in memory the filter cannot read,
         # so it answers ENOSYS, and glibc falls back to clone.
@@ -175,6 +225,7 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) 
               _ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_THREAD | CLONE_NEW_NAMESPACES,
                       CLONE_THREAD))
         _rule(lib, ctx, scmp_act_errno(errno.ENOSYS), "clone3")
+        _rule(lib, ctx, SCMP_ACT_ALLOW, "prctl", _ArgCmp(0, SCMP_CMP_EQ, PR_SET_NO_NEW_PRIVS, 0))
         if inet_sockets:
             for name in INET_SOCKET_SYSCALLS:
                 _rule(lib, ctx, SCMP_ACT_ALLOW, name)
@@ -185,20 +236,177 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) 
         _check(lib.seccomp_load(ctx), "load")
     finally:
         lib.seccomp_release(ctx)
+    global _vcpu_filter_lib
+    _vcpu_filter_lib = lib
+
+
+def narrow_vcpu_thread() -> None:
+    """Called by each vCPU thread before its first KVM_RUN: where the process
+    filter is installed, add one for this thread alone that refuses opening a
+    file for writing, rename, unlink and sockets (VCPU_REFUSED).  A vCPU thread
+    runs the device code for the guest's port and MMIO accesses and needs
+    none of them; the control thread (checkpoints) and the I/O threads keep
+    them.  OSError if the filter cannot be loaded."""
+    lib = _vcpu_filter_lib
+    if lib is None:
+        return
+    ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+    if not ctx:
+        raise OSError(errno.ENOMEM, "seccomp: cannot create a filter")
+    refuse = scmp_act_errno(errno.EPERM)
+    try:
+        for name in VCPU_REFUSED:
+            _rule(lib, ctx, refuse, name)
+        for flag in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC):
+            _rule(lib, ctx, refuse, "openat", _ArgCmp(2, SCMP_CMP_MASKED_EQ, flag, flag))
+        _check(lib.seccomp_load(ctx), "load")
+    finally:
+        lib.seccomp_release(ctx)
+
+
+# The process filter's libseccomp once it is installed: vCPU threads then add theirs.
+_vcpu_filter_lib: ctypes.CDLL | None = None
+
+
+# --- Landlock ------------------------------------------------------------------------
+_removed_at_exit: set[str] = set()
+_ruleset: landlock.Ruleset | None = None
+_threads_to_confine: set[int] = set()
+
+
+def remove_at_exit(path: str) -> None:
+    """Whoever makes a file that it deletes when the VM ends (a socket, a
+    pidfile) says so here, before confinement, which then keeps the right to
+    delete files beside it."""
+    _removed_at_exit.add(os.path.abspath(path))
+
+
+def python_file_paths() -> list[str]:
+    """What Python may still read once confined: its import path (lazy imports,
+    traceback source lines) and pyhyve's own directory (an editable install
+    finds it outside sys.path), and the local time zone (log timestamps)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = {os.path.abspath(entry or ".") for entry in sys.path} | {package_parent}
+    paths.add("/etc/localtime")
+    return sorted(path for path in paths if os.path.exists(path))
+
+
+def landlock_rules(config: Config) -> landlock.Ruleset | None:
+    """The rules for `process.landlock` (default true), gathered now, while
+    every path can still be opened; None where Landlock is off or absent."""
+    if not config.get_bool("process.landlock", True):
+        return None
+    abi = landlock.abi_version()
+    if abi == 0:
+        log.info("Landlock is absent from this kernel: seccomp alone confines files")
+        return None
+    ruleset = landlock.Ruleset(abi, deny_tcp=not uses_user_networking(config))
+    try:
+        for path in python_file_paths():
+            ruleset.allow(path, landlock.READ_FILE | landlock.READ_DIR)
+        snapshot_dir = config.get("snapshot.dir")
+        if snapshot_dir:
+            try:
+                ruleset.allow(snapshot_dir, landlock.READ_FILE | landlock.READ_DIR |
+                              landlock.WRITE_FILE | landlock.MAKE_REG |
+                              landlock.REMOVE_FILE | landlock.TRUNCATE)
+            except OSError as exc:
+                raise ConfigError(f"snapshot.dir: {snapshot_dir}: "
+                                  f"{exc.strerror or exc}") from None
+        for path in _user_networking_files(config):
+            ruleset.allow(path, landlock.READ_FILE | landlock.READ_DIR)
+        for path in sorted(_removed_at_exit):
+            ruleset.allow(os.path.dirname(path), landlock.REMOVE_FILE)
+            if os.path.isfile(path):        # a pidfile, read before removal
+                ruleset.allow(path, landlock.READ_FILE)
+    except BaseException:
+        ruleset.close()
+        raise
+    return ruleset
+
+
+def _user_networking_files(config: Config) -> list[str]:
+    """What libslirp reads while the guest runs: the host's resolver
+    configuration (its DNS proxy) and the directories served by TFTP."""
+    if not uses_user_networking(config):
+        return []
+    tftp = [value for key, value in config.subtree("pci").items() if key.endswith(".tftp")]
+    return [path for path in ["/etc/resolv.conf", *tftp] if os.path.exists(path)]
+
+
+def _enforce_landlock(ruleset: landlock.Ruleset) -> None:
+    """Confine this thread; the threads already running confine themselves at
+    their next wake-up (catch_up).  The ruleset stays open for them."""
+    global _ruleset
+    main = threading.get_ident()
+    _ruleset = ruleset          # before the set: a thread found there reads it
+    _threads_to_confine.update(thread.ident for thread in threading.enumerate()
+                               if thread.ident is not None and thread.ident != main)
+    ruleset.restrict_self()
+
+
+def catch_up() -> None:
+    """Called by each long-lived service thread (I/O, consoles, control
+    socket, user networking) each time it wakes, before it handles anything:
+    a thread that was running when the process was confined confines itself
+    now.  One set lookup otherwise."""
+    if not _threads_to_confine:
+        return
+    ident = threading.get_ident()
+    if ident in _threads_to_confine:
+        _threads_to_confine.discard(ident)
+        try:
+            _ruleset.restrict_self()
+        except OSError as exc:       # fail closed: this service ends, unconfined work never runs
+            log.error("%s cannot confine itself (%s) and stops",
+                      threading.current_thread().name, exc)
+            raise SystemExit from None
+
+
+def confined_by_landlock() -> bool:
+    return _ruleset is not None
+
+
+def snapshot_refusal(path: str, config: Config) -> str | None:
+    """Why a snapshot may not be written at PATH (absolute), or None: only
+    beneath `snapshot.dir` where that is set, and only there at all where
+    Landlock is in force (it would refuse anything else, less clearly)."""
+    directory = config.get("snapshot.dir")
+    if not directory:
+        if _ruleset is None:
+            return None
+        return ("this VM is confined by Landlock and may write snapshots only in "
+                "snapshot.dir, which is not set: start it with -o snapshot.dir=DIR")
+    beneath = os.path.realpath(directory)
+    parent = os.path.realpath(os.path.dirname(path))
+    if os.path.commonpath([beneath, parent]) != beneath:
+        return f"{path} is outside snapshot.dir ({directory}), the only place snapshots go"
+    return None
 
 
 def confine(config: Config) -> None:
-    """What `-o process.user=NAME` and `-o process.seccomp=true|false` ask for:
-    the user first (setuid is among the calls the filter refuses)."""
+    """What `-o process.user=NAME`, `-o process.landlock=BOOL` and
+    `-o process.seccomp=BOOL` ask for, in the order the module docstring gives
+    (setuid is among the calls the filter refuses; the rules must be gathered
+    with root's right to open every path)."""
     user = config.get("process.user")
     lib = load_libseccomp() if config.get_bool("process.seccomp", True) else None
+    try:
+        ruleset = landlock_rules(config)
+    except OSError as exc:
+        raise ConfigError(f"process.landlock: {exc.strerror or exc}") from None
     if user is not None:
         if not user:
             raise ConfigError("process.user: empty user name")
         drop_privileges(user)
+    if ruleset is not None:
+        try:
+            _enforce_landlock(ruleset)
+        except OSError as exc:
+            raise ConfigError(f"process.landlock: {exc.strerror or exc}") from None
     if lib is not None:
         try:
-            install_seccomp(uses_user_networking(config), lib)
+            install_seccomp(uses_user_networking(config), lib, files_changed=ruleset is not None)
         except OSError as exc:
             raise ConfigError(f"process.seccomp: {exc.strerror or exc}") from None
 

@@ -20,6 +20,7 @@ from collections import deque
 from typing import Callable
 
 from .kvm import KvmError, abi
+from .sandbox import narrow_vcpu_thread
 
 KICK_SIGNAL = signal.SIGUSR1
 _IO_EXIT = struct.Struct("<BBHIQ")
@@ -185,6 +186,12 @@ class VcpuThread:
 
     # --- the loop ---------------------------------------------------------------
     def _thread_main(self) -> None:
+        try:
+            narrow_vcpu_thread()
+        except OSError as exc:
+            self.log.error("cannot narrow this vCPU thread's system calls: %s", exc)
+            self.vm.stop(ExitStatus.ERROR, vcpu=self)
+            return
         try:
             status = self._vm_loop()
         except BaseException:  # a bug in pyhyve, not in the guest

@@ -129,7 +129,8 @@ def snapshot_boot(linux_guest, tmp_path_factory):
         image.truncate(16 << 20)
     initrd = with_script(linux_guest, tmp, SNAPSHOT_SCRIPT)
     argv = pyhyve_command(linux_guest, initrd, "-s", f"2,virtio-blk,{disk}", "-s", "3,virtio-rnd",
-                          "-o", f"control.socket={sock}", name="linuxsnap")
+                          "-o", f"control.socket={sock}", "-o", f"snapshot.dir={tmp}",
+                          name="linuxsnap")
     with GuestRun(argv, pyhyve_env(), tmp / "first.log") as first:
         first.expect("CHECKPOINT-NOW")
         assert ctlclient.main([f"--socket={sock}", f"--checkpoint={snap}"]) == 0

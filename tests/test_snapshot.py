@@ -49,9 +49,11 @@ def counter_rom() -> Path:
 
 
 def counter_args(debug: Path, sock: Path, devices: list[str] = ()) -> list[str]:
-    """The counter VM's options: the same start it and restore it."""
+    """The counter VM's options: the same start it and restore it.  Snapshots
+    go beside the debug file (the sandbox lets them go to snapshot.dir only)."""
     return ["-l", f"bootrom,{counter_rom()}", *devices, "-l", f"debugcon,file={debug}",
-            "-o", f"control.socket={sock}", "snapcounter"]
+            "-o", f"control.socket={sock}", "-o", f"snapshot.dir={debug.parent}",
+            "snapcounter"]
 
 
 def start_counter(tmp_path: Path, debug: Path, sock: Path,
@@ -553,7 +555,7 @@ def test_pyhyvectl_suspend_of_a_writing_guest_loses_no_write(tmp_path, delay):
     sock, snap = tmp_path / "c.sock", tmp_path / "vm.snap"
     rom = build_rom("blkdriver", NUMBERED=1, CHUNK_KIB=4, TOTAL_KIB=NUMBERED_TOTAL // 1024)
     options = ["-s", f"3,virtio-blk,{disk}", "-l", f"bootrom,{rom}",
-               "-l", f"debugcon,file={debug}", "snapwriter"]
+               "-l", f"debugcon,file={debug}", "-o", f"snapshot.dir={tmp_path}", "snapwriter"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyhyve", "-o", f"control.socket={sock}", *options],
         env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True)

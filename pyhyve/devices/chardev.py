@@ -46,6 +46,7 @@ import tty
 from typing import Callable
 
 from ..config import ConfigError
+from ..sandbox import catch_up, remove_at_exit
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ class _PolledBackend(Backend):
     def _run(self) -> None:
         while not self._closing:
             for key, _ in self._selector.select():
+                catch_up()
                 if key.data is not None and not self._closing:
                     key.data(key.fileobj)
 
@@ -428,6 +430,7 @@ class UnixBackend(_ServerBackend):
             listener.close()
             raise ConfigError(f"{name}: cannot listen on unix {path}: {_reason(exc)}") from None
         self._inode = (created.st_dev, created.st_ino)
+        remove_at_exit(path)
         super().__init__(name, listener)
 
     @property

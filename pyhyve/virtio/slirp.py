@@ -35,6 +35,7 @@ import time
 from typing import Callable, NamedTuple
 
 from ..config import ConfigError
+from ..sandbox import catch_up
 from .tap import HDR_LEN              # frames carry a tap's virtio-net header
 
 log = logging.getLogger(__name__)
@@ -361,6 +362,7 @@ class SlirpBackend:
             error = 0
         except InterruptedError:
             self._revents, error = {}, 1
+        catch_up()
         lib.slirp_pollfds_poll(slirp, error, self._get_revents, None)
         if self._revents.get(net):
             self._input_guest_frames()
