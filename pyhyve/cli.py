@@ -4,6 +4,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from .config import Config, ConfigError, parse_size, write_user_file
 from .ctl import ControlServer, default_socket_path
@@ -41,7 +42,8 @@ Configuration:
   -o var=value    set a config key (e.g. -o memory.size=1G; -o help lists them all);
                   -o config.dump=1 prints the tree;
                   -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock);
-                  -o pidfile=PATH writes the process's PID there once the VM is set up
+                  -o pidfile=PATH writes the process's PID there once the VM is set up;
+                  -o poweroff.grace=SECONDS powers off that long after a SIGTERM the guest ignored
 Least privilege (applied once devices, disks and sockets are open, before the guest runs):
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
   -o process.seccomp=BOOL   refuse system calls the running VM does not need (default true;
@@ -314,6 +316,7 @@ def _main(argv: list[str] | None) -> int:
         if config.get_bool("config.dump"):
             print(config.dump())
             return 0
+        grace = _grace_seconds(config)
         vm = VirtualMachine(config)
     except (ConfigError, KvmUnavailable, KvmError) as exc:
         print(f"pyhyve: {exc}", file=sys.stderr)
@@ -321,7 +324,7 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:         # help piped into `head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    stopped_by = _handle_signals(vm)    # from here a stop signal stops the VM, run or not
+    stopped_by = _handle_signals(vm, grace)    # from here a stop signal stops the VM, run or not
     if snap is not None:
         from .snapshot import SnapshotError, restore_into
         try:
@@ -424,16 +427,41 @@ class PidFile:
             pass
 
 
-def _handle_signals(vm) -> list[str]:
+def _grace_seconds(config: Config) -> float | None:
+    text = config.get("poweroff.grace")
+    if text is None or text == "none":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86400:
+        raise ConfigError(f"poweroff.grace: '{text}' is not a number of seconds "
+                          "from 0 to 86400 (or none)")
+    return seconds
+
+
+def _handle_signals(vm, grace: float | None) -> list[str]:
     """While the guest runs.  bhyve: SIGTERM presses the ACPI power button; a
-    second one powers off.  SIGINT, SIGHUP, SIGQUIT power off at once; the
-    list returned gets their names."""
+    second one powers off.  With `-o poweroff.grace=SECONDS` (as systemd's
+    TimeoutStopSec, where a guest that ignores the button, such as firmware,
+    would otherwise be killed with SIGKILL and leave its sockets behind), the
+    VM also powers off that long after the first.  SIGINT, SIGHUP, SIGQUIT
+    power off at once; the list returned gets their names (or why)."""
     presses, stopped_by = [], []
+
+    def after_grace():
+        stopped_by.append(f"SIGTERM: the guest did not power off within {grace:g} s")
+        vm.stop(ExitStatus.POWEROFF)
 
     def on_sigterm(signum, frame):
         presses.append(signum)
         if len(presses) == 1:
             vm.press_power_button()
+            if grace is not None:
+                timer = threading.Timer(grace, after_grace)
+                timer.daemon = True
+                timer.start()
         else:
             vm.stop(ExitStatus.POWEROFF)
 

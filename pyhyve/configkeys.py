@@ -48,6 +48,8 @@ KEYS = {
     "gdb.port": "TCP port of the GDB stub (-G)",
     "gdb.address": "address the GDB stub listens on (default 127.0.0.1)",
     "gdb.wait": "hold the BSP until GDB attaches (-G w...)",
+    "poweroff.grace": "seconds after a SIGTERM (the power button) before the VM is "
+                      "powered off if the guest has not (default none: bhyve's wait)",
     "pidfile": "file the process's PID is written to once the VM is set up",
     "control.socket": "path of the control socket (default /run/pyhyve/NAME.sock)",
     "process.seccomp": "confine the process with seccomp (default true)",

@@ -456,6 +456,44 @@ def test_pidfile_holds_the_pid_while_the_vm_runs(tmp_path):
         vm.wait()
 
 
+@needs_kvm
+def test_sigterm_grace_powers_off_a_guest_that_ignores_the_button(tmp_path):
+    """-o poweroff.grace=SECONDS: the exits guest ignores the power button; one
+    SIGTERM is enough, and the sockets and pidfile go with it.  Without the
+    option the VM runs on (bhyve's way) until a force-poweroff."""
+    pidfile, sock = tmp_path / "vm.pid", tmp_path / "grace.sock"
+    vm = start_pyhyve("-o", "poweroff.grace=0.5", "-o", f"pidfile={pidfile}",
+                      "-o", f"control.socket={sock}", "gracevm")
+    bhyve = start_pyhyve("-o", f"control.socket={tmp_path / 'bhyve.sock'}", "nogracevm")
+    try:
+        wait_for_file(pidfile)
+        wait_for_file(tmp_path / "bhyve.sock")
+        vm.send_signal(signal.SIGTERM)
+        bhyve.send_signal(signal.SIGTERM)
+        assert vm.wait(timeout=60) == ExitStatus.POWEROFF
+        assert vm.stderr.read() == ("pyhyve: SIGTERM: the guest did not power off "
+                                    "within 0.5 s: powered off\n")
+        assert not sock.exists() and not pidfile.exists()
+        assert bhyve.poll() is None
+        assert ask(str(tmp_path / "bhyve.sock"), {"command": "force-poweroff"})["ok"]
+        assert bhyve.wait(timeout=30) == ExitStatus.POWEROFF
+    finally:
+        for proc in (vm, bhyve):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "1e9", "nan"])
+def test_a_bad_grace_is_one_line(tmp_path, value):
+    result = subprocess.run([sys.executable, "-m", "pyhyve", "-o", f"poweroff.grace={value}",
+                             "-l", f"bootrom,{build_rom('exits', COUNT=1)}", "badgrace"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == ExitStatus.ERROR
+    assert result.stderr == (f"pyhyve: poweroff.grace: '{value}' is not a number of seconds "
+                             "from 0 to 86400 (or none)\n")
+
+
 def test_access_rights_round_trip():
     segment = abi.kvm_segment(type=0xB, s=1, dpl=3, present=1, avl=1, l=1, db=0, g=1)
     assert segment_access(segment) == 0xB | 1 << 4 | 3 << 5 | 1 << 7 | 1 << 12 | 1 << 13 | 1 << 15
