@@ -194,6 +194,7 @@ class ControlServer:
         self.path = path or default_socket_path(vm.name)
         self.log = logging.getLogger(f"pyhyve.{vm.name}.ctl")
         self._commands = {
+            "describe": self._describe,
             "get-stats": self._get_stats,
             "get-all": self._get_all,
             "pause": self._pause,
@@ -455,6 +456,15 @@ class ControlServer:
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
             raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
         return self.vm.vcpus[index]
+
+    def _describe(self, request: dict) -> dict:
+        """What pyhyvectl --list shows of a VM: its process, size and state."""
+        vm = self.vm
+        started = vm.started_at
+        return {"name": vm.name, "pid": os.getpid(), "vcpus": len(vm.vcpus),
+                "memory": vm.memory.size,
+                "state": "paused" if all(vcpu.paused for vcpu in vm.vcpus) else "running",
+                "uptime": 0.0 if started is None else round(time.monotonic() - started, 1)}
 
     def _get_stats(self, request: dict) -> dict:
         vcpu = self._vcpu(request)

@@ -12,7 +12,7 @@ import sys
 
 from .config import ConfigError
 from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, SEGMENT_REGISTERS, TABLE_REGISTERS,
-                  ControlClient, ControlError, default_socket_path, is_listening,
+                  ControlClient, ControlError, default_socket_path,
                   socket_directory)
 
 USAGE = """\
@@ -23,8 +23,9 @@ usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] OPERATION...
   --vm=NAME            the VM, reached through /run/pyhyve/NAME.sock
   --cpu=N              the vCPU that register operations act on (default 0)
   --socket=PATH        use this control socket instead of NAME's
-  --list               name the running VMs (those whose socket answers, in the
-                       socket directory or in --socket's directory)
+  --list               the running VMs (those whose socket answers, in the socket
+                       directory or in --socket's directory): name, PID, uptime,
+                       vCPUs, memory and state (running or paused)
 Operations:
   --get-stats          VM exit counters of the vCPU
   --get-all            every register below, then the exit counters
@@ -170,22 +171,49 @@ def _connect(name: str, path: str) -> ControlClient:
                          f"{exc.strerror or exc}") from None
 
 
+LIST_COLUMNS = "{:<20} {:>8} {:>10} {:>5} {:>8}  {}"
+
+
 def list_vms(directory: str) -> int:
-    """bhyvectl --list: one running VM name a line."""
+    """bhyvectl --list, with what virsh list and ps would add: the VMs whose
+    control socket answers, a line each, under a header."""
     try:
         entries = sorted(os.listdir(directory))
     except FileNotFoundError:
         return 0
     except OSError as exc:
         return _fail(f"cannot list {directory}: {exc.strerror}")
+    print(LIST_COLUMNS.format("NAME", "PID", "UPTIME", "VCPUS", "MEMORY", "STATE"))
     for entry in entries:
         if entry.endswith(".sock"):
-            try:
-                if is_listening(os.path.join(directory, entry)):
-                    print(entry[:-len(".sock")])
-            except OSError:         # another user's VM
-                pass
+            row = _describe(os.path.join(directory, entry), entry[:-len(".sock")])
+            if row is not None:
+                print(LIST_COLUMNS.format(*row))
     return 0
+
+
+def _describe(path: str, name: str) -> tuple | None:
+    """A --list row for the VM at PATH; None when nothing answers there (a
+    stale socket, another user's VM).  A VM too busy to answer is listed
+    with its name alone."""
+    try:
+        with ControlClient(path, timeout=2.0) as client:
+            vm = client.request("describe")
+    except (ConnectionRefusedError, FileNotFoundError, PermissionError):
+        return None
+    except (OSError, ControlError, ValueError):
+        return (name, "-", "-", "-", "-", "not answering")
+    seconds = int(vm["uptime"])
+    uptime = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
+    return (vm["name"], vm["pid"], uptime, vm["vcpus"], _size(vm["memory"]), vm["state"])
+
+
+def _size(size: int) -> str:
+    for unit in "GM":
+        scale = 1 << (30 if unit == "G" else 20)
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size >> 20}M"
 
 
 def run(plan: Plan, client: ControlClient) -> None:

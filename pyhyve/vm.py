@@ -11,6 +11,7 @@ bhyve's exit status once any vCPU or device stops the VM.
 import logging
 import sys
 import threading
+import time
 
 from . import builder, cpuid
 from .boot.methods import method_for
@@ -50,6 +51,7 @@ class VirtualMachine:
         self.log = logging.getLogger(f"pyhyve.{self.name}")
         self.exit_status: ExitStatus | None = None
         self.exit_detail = ""
+        self.started_at: float | None = None     # time.monotonic() of the first run()
         self.stopping = False
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -225,6 +227,8 @@ class VirtualMachine:
         """Run until the guest or a user stops the VM; returns bhyve's exit status."""
         install_kick_handler()          # from any thread: see vcpu.install_kick_handler
         first_run, self.has_run = not self.has_run, True
+        if first_run:
+            self.started_at = time.monotonic()
         if self.gdb is not None and first_run:
             self.gdb.start()
         for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM

@@ -372,7 +372,16 @@ def test_list_names_answering_vms(running, socket_dir, capsys):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(socket_dir / "dead.sock"))
     stale.close()
-    assert ctl(capsys, "--list", f"--socket={running.path}") == (0, "ctltest\n", "")
+    status, out, err = ctl(capsys, "--list", f"--socket={running.path}")
+    assert (status, err) == (0, "")
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "PID", "UPTIME", "VCPUS", "MEMORY", "STATE"]
+    name, pid, uptime, vcpus, memory, state = row.split()
+    assert (name, pid, vcpus, memory, state) == ("ctltest", str(os.getpid()), "1",
+                                                 f"{running.vm.memory.size >> 20}M", "running")
+    assert re.fullmatch(r"0:\d\d:\d\d", uptime)
+    assert ask(running.path, {"command": "pause"})["ok"]
+    assert ctl(capsys, "--list", f"--socket={running.path}")[1].split()[-1] == "paused"
 
 
 # --- pyhyvectl without a VM ---------------------------------------------------------------------
