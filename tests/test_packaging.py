@@ -1,0 +1,93 @@
+"""What is installed beside the code: bash completion and the example systemd
+unit, driven by bash and by pyhyve itself so that they cannot drift from the
+options they name."""
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guestrun import REPO
+from pyhyve.ctl import socket_directory
+
+
+@pytest.fixture
+def commands_on_path(tmp_path) -> dict:
+    """An environment whose PATH finds `pyhyve` and `pyhyvectl` as installed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, module in (("pyhyve", "pyhyve"), ("pyhyvectl", "pyhyve.ctlclient")):
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\nexec {sys.executable} -m {module} \"$@\"\n")
+        script.chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(REPO))
+
+
+def complete(env: dict, command: str, line: str) -> list[str]:
+    """What bash's completion function for COMMAND offers at the end of LINE."""
+    words = shlex.split(line) + ([""] if line.endswith(" ") else [])
+    script = (f"source {REPO / 'completions' / command}\n"
+              f"COMP_WORDS=({' '.join(shlex.quote(word) for word in words)})\n"
+              f"COMP_CWORD={len(words) - 1}\n"
+              f"COMP_LINE={shlex.quote(line)}; COMP_POINT=${{#COMP_LINE}}\n"
+              f"_{command}\n"
+              'printf "%s\\n" "${COMPREPLY[@]}"\n')
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_pyhyve_completes_emulations_keys_and_options(commands_on_path):
+    assert complete(commands_on_path, "pyhyve", "pyhyve -s 3,virtio-b") == ["3,virtio-blk"]
+    assert "memory.size=" in complete(commands_on_path, "pyhyve", "pyhyve -o mem")
+    assert "process.landlock=" in complete(commands_on_path, "pyhyve", "pyhyve -o process.")
+    assert complete(commands_on_path, "pyhyve", "pyhyve --ver") == ["--version"]
+
+
+def test_completion_offers_every_option_of_the_usage():
+    """Each option letter `pyhyve -h` shows is offered after a '-'."""
+    usage = subprocess.run([sys.executable, "-m", "pyhyve", "-h"], capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    letters = {word[1] for line in usage.splitlines() for word in line.split()
+               if len(word) >= 2 and word[0] == "-" and word[1].isalpha()
+               and (len(word) == 2 or not word[2].isalpha())}
+    offered = (REPO / "completions" / "pyhyve").read_text()
+    assert letters and {letter for letter in letters if f"-{letter} " not in offered
+                        and f"-{letter}\n" not in offered} == set()
+
+
+def test_pyhyvectl_completes_options_and_running_vm_names(commands_on_path):
+    assert "--powerdown" in complete(commands_on_path, "pyhyvectl", "pyhyvectl --pow")
+    assert "--checkpoint=" in complete(commands_on_path, "pyhyvectl", "pyhyvectl --check")
+    directory = Path(socket_directory())
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f"completion-test-{os.getpid()}"
+    (directory / f"{name}.sock").touch()
+    try:
+        offered = complete(commands_on_path, "pyhyvectl", "pyhyvectl --vm=completion-test-")
+    finally:
+        (directory / f"{name}.sock").unlink()
+    assert name in offered          # bash completes the part after '='
+
+
+def test_example_systemd_unit_starts_a_vm_pyhyve_accepts(tmp_path, commands_on_path):
+    """The unit's ExecStart, with its instance name and config file filled in,
+    is a command line pyhyve accepts (config.dump parses it and stops)."""
+    unit = (REPO / "contrib" / "pyhyve@.service").read_text()
+    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines()
+                      if line.startswith("ExecStart="))
+    config = tmp_path / "vm0.conf"
+    config.write_text("memory.size=128M\ncpus=1\n")
+    argv = shlex.split(exec_start.replace("/etc/pyhyve/%i.conf", str(config))
+                       .replace("%i", "vm0"))
+    assert Path(argv[0]).name == "pyhyve"
+    result = subprocess.run(["pyhyve", *argv[1:-1], "-o", "config.dump=true", argv[-1]],
+                            env=commands_on_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    dumped = set(result.stdout.splitlines())
+    assert {"name=vm0", "poweroff.grace=60", "pidfile=/run/pyhyve/vm0.pid", "memory.size=128M",
+            "cpus=1"} <= dumped
