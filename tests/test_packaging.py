@@ -3,6 +3,7 @@ unit, driven by bash and by pyhyve itself so that they cannot drift from the
 options they name."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -91,3 +92,64 @@ def test_example_systemd_unit_starts_a_vm_pyhyve_accepts(tmp_path, commands_on_p
     dumped = set(result.stdout.splitlines())
     assert {"name=vm0", "poweroff.grace=60", "pidfile=/run/pyhyve/vm0.pid", "memory.size=128M",
             "cpus=1"} <= dumped
+
+
+MANUALS = {"pyhyve.8": "pyhyve", "pyhyvectl.8": "pyhyve.ctlclient", "pyhyve_config.5": None}
+
+
+def help_text(module: str) -> str:
+    return subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+
+
+def rendered(page: str) -> str:
+    """The page as man shows it, with man's own warnings turned into failures."""
+    result = subprocess.run(["man", "--warnings", "-l", str(REPO / "man" / page)],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0"))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return re.sub(".\b", "", result.stdout)        # bold and underline by overstrike
+
+
+@pytest.mark.parametrize("page", sorted(MANUALS))
+def test_manual_page_renders_without_warnings(page):
+    assert "SEE ALSO" in rendered(page)
+
+
+def test_pyhyve_manual_names_every_option_of_the_usage():
+    usage = help_text("pyhyve")
+    letters = {word[1] for line in usage.splitlines() for word in line.split()
+               if len(word) >= 2 and word[0] == "-" and word[1].isalpha()
+               and (len(word) == 2 or not word[2].isalpha())}
+    page = (REPO / "man" / "pyhyve.8").read_text()
+    assert letters and sorted(letter for letter in letters if f"\\-{letter}" not in page) == []
+
+
+def test_pyhyvectl_manual_names_every_long_option_of_the_usage():
+    usage = help_text("pyhyve.ctlclient")
+    options = set(re.findall(r"--([a-z][a-z-]*[a-z])", usage)) - {"get-REG", "set-REG"}
+    page = (REPO / "man" / "pyhyvectl.8").read_text().replace("\\-", "-")
+    assert options and sorted(option for option in options
+                              if f"--{option}" not in page
+                              and not option.startswith(("get-", "set-"))) == []
+
+
+def test_config_manual_names_every_key_and_device_option():
+    from pyhyve import configkeys
+    from pyhyve.pci import emulations
+    page = (REPO / "man" / "pyhyve_config.5").read_text().replace("\\-", "-")
+    assert sorted(key for key in configkeys.KEYS if f".B {key}\n" not in page) == []
+    for name, emulation in emulations().items():
+        assert f".SS {name}\n" in page
+        assert sorted(option.name for option in emulation.options
+                      if f".B {option.name}\n" not in page) == [], name
+
+
+def test_installed_files_exist():
+    """pyproject's data-files (man pages, completions, the unit) name real files."""
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    data_files = project["tool"]["setuptools"]["data-files"]
+    listed = [path for paths in data_files.values() for path in paths]
+    assert {f"man/{page}" for page in MANUALS} <= set(listed)
+    assert [path for path in listed if not (REPO / path).is_file()] == []
