@@ -102,7 +102,7 @@ class Vm:
             config = spec
         self._machine = VirtualMachine(config, consoles)
         self._thread: threading.Thread | None = None
-        self._status: ExitStatus | None = None
+        self._status: int | None = None
         self._closed = False
 
     @property
@@ -111,8 +111,9 @@ class Vm:
         return self._machine
 
     @property
-    def exit_status(self) -> ExitStatus | None:
-        """bhyve's exit status once the VM stopped, else None."""
+    def exit_status(self) -> int | None:
+        """bhyve's exit status (an ExitStatus) once the VM stopped, else None;
+        a plain int where a test device (isa-debug-exit) chose it."""
         return self._status
 
     def start(self) -> None:
@@ -126,7 +127,7 @@ class Vm:
     def _run(self) -> None:
         self._status = self._machine.run()
 
-    def wait(self, timeout: float | None = None) -> ExitStatus | None:
+    def wait(self, timeout: float | None = None) -> int | None:
         """The exit status once the VM stopped; None if `timeout` passed first."""
         if self._thread is None:
             raise RuntimeError(f"VM {self._machine.name} was not started")
@@ -158,7 +159,7 @@ class Vm:
         self._machine.press_power_button()
 
     def stop(self, status: ExitStatus = ExitStatus.POWEROFF,
-             timeout: float | None = 30.0) -> ExitStatus | None:
+             timeout: float | None = 30.0) -> int | None:
         """Stop the VM (if it still runs) with `status`; its exit status."""
         self._machine.stop(status)
         return self.wait(timeout) if self._thread is not None else self._status

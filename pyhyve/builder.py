@@ -11,9 +11,12 @@ import string
 from . import cpuid
 from .config import Config, ConfigError, parse_size
 from .devices.debugcon import DebugConsole
+from .devices.debugexit import (DEFAULT_IOBASE as DEBUG_EXIT_IOBASE,
+                                DEFAULT_IOSIZE as DEBUG_EXIT_IOSIZE, DebugExit)
 from .devices.fwcfg import FwCfg, e820_table, parse_fw_cfg_option
 from .devices.hpet import Hpet
 from .devices.i8042 import I8042
+from .devices.pctestdev import PC_TESTDEV_DEBUG_EXIT, PcTestdev
 from .devices.pm import PowerManagement
 from .devices.rtc import Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
@@ -57,6 +60,23 @@ def add_platform_devices(vm, consoles: dict) -> None:
         if backend is not None:
             vm.uarts[name] = vm.add_device(Uart16550(context, name, port, irq, backend))
     vm.fwcfg = vm.add_device(build_fwcfg(vm))
+
+
+def add_test_devices(vm) -> None:
+    """QEMU's and bhyve's devices for test guests (kvm-unit-tests): pc-testdev
+    and isa-debug-exit.  Built last, so that a port a user gives them that
+    another device holds is an error naming both, not a clash for the other."""
+    config = vm.config
+    if config.get_bool("lpc.pc-testdev"):
+        vm.add_device(PcTestdev(vm.context))
+        if not config.subtree("lpc.isa-debug-exit"):
+            # bhyve's pc-testdev brings one at kvm-unit-tests' ports
+            vm.add_device(DebugExit(vm.context, PC_TESTDEV_DEBUG_EXIT, 4))
+    if config.subtree("lpc.isa-debug-exit"):
+        iobase = config.get_int("lpc.isa-debug-exit.iobase", DEBUG_EXIT_IOBASE, 0, 0xFFFF)
+        iosize = config.get_int("lpc.isa-debug-exit.iosize", DEBUG_EXIT_IOSIZE, 1,
+                                0x10000 - iobase)
+        vm.add_device(DebugExit(vm.context, iobase, iosize))
 
 
 def build_fwcfg(vm) -> FwCfg:

@@ -8,6 +8,8 @@ import threading
 
 from .config import Config, ConfigError, parse_size, write_user_file
 from .ctl import ControlServer, default_socket_path
+from .devices.debugexit import (DEFAULT_IOBASE as DEBUG_EXIT_IOBASE,
+                                DEFAULT_IOSIZE as DEBUG_EXIT_IOSIZE)
 from .kvm import KvmError, KvmUnavailable
 from .sandbox import confine, remove_at_exit
 from .vcpu import ExitStatus
@@ -27,10 +29,16 @@ Virtual machine:
 Devices:
   -s [bus:]slot[:func],emulation[,conf]  a PCI device (pyhyve -s help lists emulations);
                  a hostbridge at 0:0 and an lpc bridge at 31:0 are added unless given
-  -l bootrom,FILE          firmware mapped to end at 4 GiB; the BSP starts at its reset vector
+  -l bootrom,FILE[,VARS]   firmware mapped to end at 4 GiB; the BSP starts at its reset vector;
+                           VARS: a variable file mapped below it, kept across runs (UEFI)
   -l com1,stdio|file=PATH|unix=PATH|tcp=HOST:PORT   a serial port (com1 to com4)
   -l debugcon,file=PATH    port 0x402 debug console (SeaBIOS's log) written to PATH
   -l fwcfg,qemu            QEMU's fw_cfg interface (present by default)
+  -l isa-debug-exit[,iobase=N][,iosize=N]   a test device: a write of V to its ports
+                           ends pyhyve with status (V << 1) | 1 (default ports 0x501+2)
+  -l pc-testdev            QEMU's and bhyve's test device for kvm-unit-tests (scratch
+                           ports 0xe0, IRQ lines 0x2000, memory 0xff000000; with an
+                           isa-debug-exit at 0xf4+4 unless one is given)
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
 Direct kernel boot (no firmware):
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   a bzImage (64-bit boot protocol) or a PVH ELF kernel
@@ -68,7 +76,8 @@ Other:
                   one of another machine, or one pyhyve cannot read, is refused
                   with exit status 4
 
-Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error."""
+Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error;
+with isa-debug-exit, also whatever odd status the guest chose."""
 
 SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Pr:s:SU:uwxY"   # getopt(3)'s: a colon follows a valued letter
 
@@ -118,14 +127,21 @@ def parse_cpus(config: Config, text: str) -> None:
 
 
 LPC_DEVICES = {
-    "bootrom": "bootrom,FILE: firmware image mapped to end at 4 GiB",
+    "bootrom": "bootrom,FILE[,VARS]: firmware image mapped to end at 4 GiB, and its "
+               "variable file below it",
     "com1": "com1,stdio|file=PATH|unix=PATH|tcp=HOST:PORT: 16550A UART at 0x3f8, IRQ 4",
     "com2": "com2,...: UART at 0x2f8, IRQ 3",
     "com3": "com3,...: UART at 0x3e8, IRQ 4",
     "com4": "com4,...: UART at 0x2e8, IRQ 3",
     "debugcon": "debugcon,file=PATH: port 0x402 debug console (SeaBIOS's log)",
     "fwcfg": "fwcfg,qemu: QEMU's fw_cfg interface (the default)",
+    "isa-debug-exit": "isa-debug-exit[,iobase=N][,iosize=N]: test device; a write of V "
+                      "ends pyhyve with status (V << 1) | 1 (default 0x501, 2 ports)",
+    "pc-testdev": "pc-testdev: test device for kvm-unit-tests (with an isa-debug-exit "
+                  "at 0xf4)",
 }
+LPC_OPTIONAL = ("isa-debug-exit", "pc-testdev")     # devices that need no setting
+DEBUG_EXIT_OPTIONS = ("iobase", "iosize")
 
 
 def parse_lpc(config: Config, text: str) -> None:
@@ -136,10 +152,19 @@ def parse_lpc(config: Config, text: str) -> None:
         raise SystemExit(0)
     if device not in LPC_DEVICES:
         raise ConfigError(f"unknown LPC device '{device}' (pyhyve -l help lists them)")
-    if not options:
+    if not options and device not in LPC_OPTIONAL:
         raise ConfigError(f"-l {device} needs a setting: -l {LPC_DEVICES[device].split(':')[0]}")
     if device == "bootrom":
-        config.set("lpc.bootrom", options.split(",")[0])
+        rom, _, bootvars = options.partition(",")
+        config.set("lpc.bootrom", rom)
+        if bootvars:
+            config.set("lpc.bootvars", bootvars)
+    elif device == "pc-testdev":
+        if options:
+            raise ConfigError(f"-l pc-testdev takes no settings, not '{options}'")
+        config.set("lpc.pc-testdev", "true")
+    elif device == "isa-debug-exit":
+        parse_debug_exit(config, options)
     elif device == "debugcon":
         key, sep, path = options.partition("=")
         if key != "file" or not path:
@@ -149,6 +174,19 @@ def parse_lpc(config: Config, text: str) -> None:
         config.set("lpc.fwcfg", options)
     else:
         config.set(f"lpc.{device}.path", options)
+
+
+def parse_debug_exit(config: Config, options: str) -> None:
+    """isa-debug-exit[,iobase=N][,iosize=N]: both keys are set (to QEMU's
+    defaults where not given), since they are what puts the device there."""
+    values = {"iobase": f"{DEBUG_EXIT_IOBASE:#x}", "iosize": str(DEBUG_EXIT_IOSIZE)}
+    for part in filter(None, options.split(",")):
+        key, sep, value = part.partition("=")
+        if key not in DEBUG_EXIT_OPTIONS or not sep:
+            raise ConfigError(f"-l isa-debug-exit: '{part}' is not iobase=N or iosize=N")
+        values[key] = value
+    for key, value in values.items():
+        config.set(f"lpc.isa-debug-exit.{key}", value)
 
 
 def parse_pci(config: Config, text: str) -> None:

@@ -34,11 +34,17 @@ KEYS = {
     "x86.vmexit_on_pause": "bhyve's -P; accepted, no effect (KVM handles PAUSE)",
     "rtc.use_localtime": "RTC in local time (default); false keeps UTC (-u)",
     "lpc.bootrom": "firmware image mapped below 4 GiB (-l bootrom,FILE)",
+    "lpc.bootvars": "the bootrom's variable file, mapped below it and written by the "
+                    "guest (-l bootrom,FILE,VARS)",
     "lpc.fwcfg": "fw_cfg flavour: qemu (-l fwcfg,qemu)",
     "lpc.debugcon.path": "file the port 0x402 debug console writes to",
     "lpc.debugcon.append": "append to the debugcon file rather than truncate it",
     "console.file_limit": "most bytes a file= console or the debugcon file grows to "
                           "(default 128M); beyond, output is dropped and counted",
+    "lpc.isa-debug-exit.iobase": "first port of the isa-debug-exit test device "
+                                 "(default 0x501; -l isa-debug-exit,iobase=N)",
+    "lpc.isa-debug-exit.iosize": "how many ports it takes (default 2)",
+    "lpc.pc-testdev": "QEMU's and bhyve's pc-testdev for kvm-unit-tests (-l pc-testdev)",
     "lpc.comN.path": "COM port N's backend: stdio, file=, unix=, tcp= (-l comN,...)",
     "kexec.kernel": "Linux bzImage or PVH ELF kernel to boot (-f kexec,...)",
     "kexec.initrd": "initramfs for the kernel",

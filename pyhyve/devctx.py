@@ -49,9 +49,10 @@ class DeviceContext:
     def signal_msi(self, address: int, data: int) -> None:
         self._machine.signal_msi(address, data)
 
-    def request_stop(self, status) -> None:
+    def request_stop(self, status: int) -> None:
         """End the VM with bhyve's exit status (an ExitStatus): a reset or
-        power-off the guest asked the chipset for."""
+        power-off the guest asked the chipset for; or, for a test device
+        only, with any other status as a plain int (isa-debug-exit's)."""
         self._machine.stop(status)
 
     def warn_once(self, key, message: str, *args) -> None:

@@ -128,6 +128,19 @@ class GuestMemory:
         """Map `size` bytes of `backing` read-only at `gpa`."""
         self._add(Region(name, gpa, backing, offset, size, False))
 
+    def set_guest_mapped(self, gpa: int, mapped: bool) -> None:
+        """Show the read-only region at `gpa` to the guest, or take it away so
+        that reads too exit to the MMIO bus (flash answering a command rather
+        than its data).  Only KVM's memslot changes: the host's view stays."""
+        region = self._regions[self._starts.index(gpa)]
+        slot = self._slots[gpa]
+        if mapped:
+            self.vm.set_user_memory_region(slot, gpa, region.size,
+                                           _host_address(region.backing) + region.offset,
+                                           abi.KVM_MEM_READONLY)
+        else:
+            self.vm.set_user_memory_region(slot, gpa, 0, 0)
+
     def map_bootrom(self, rom: mmap.mmap) -> None:
         """Map a bootrom so it ends at 4 GiB, with its tail in the BIOS area."""
         size = len(rom)

@@ -49,7 +49,7 @@ class VirtualMachine:
         self._given_consoles = dict(consoles or {})
         self.name = builder.vm_name(config)
         self.log = logging.getLogger(f"pyhyve.{self.name}")
-        self.exit_status: ExitStatus | None = None
+        self.exit_status: int | None = None      # an ExitStatus, or a test device's
         self.exit_detail = ""
         self.started_at: float | None = None     # time.monotonic() of the first run()
         self.stopping = False
@@ -120,9 +120,11 @@ class VirtualMachine:
             self.ports.notifier = self._ioeventfd_notifier(pio=True)
             self.mmio.notifier = self._ioeventfd_notifier(pio=False)
         builder.add_platform_devices(self, self._given_consoles)
+        self.boot.add_devices(self)
         self.pci = PciBus(self.context)
         self.add_device(self.pci)
         builder.add_pci_devices(self)
+        builder.add_test_devices(self)
         self.acpi_tables = None
         self._install_tables()
         self.gdb = None
@@ -223,8 +225,9 @@ class VirtualMachine:
         return sorted(ram + reserved)
 
     # --- lifecycle ----------------------------------------------------------------
-    def run(self) -> ExitStatus:
-        """Run until the guest or a user stops the VM; returns bhyve's exit status."""
+    def run(self) -> int:
+        """Run until the guest or a user stops the VM; returns bhyve's exit status
+        (an ExitStatus), or the one a test device asked for (see stop())."""
         install_kick_handler()          # from any thread: see vcpu.install_kick_handler
         first_run, self.has_run = not self.has_run, True
         if first_run:
@@ -267,12 +270,16 @@ class VirtualMachine:
         self.stopping = False
         self._stopped.clear()
 
-    def stop(self, status: ExitStatus, vcpu: VcpuThread | None = None) -> None:
-        """Stop every vCPU; the first status given is the VM's exit status."""
+    def stop(self, status: int, vcpu: VcpuThread | None = None) -> None:
+        """Stop every vCPU; the first status given is the VM's exit status.
+        That is one of bhyve's (an ExitStatus), or any other number a test
+        device (isa-debug-exit) passes as a plain int, kept as it is: the
+        guest chose it, and pyhyve's process exits with it."""
         with self._stop_lock:
             if self.exit_status is None:
-                self.exit_status = ExitStatus(status)
-                self.log.info("stopping: %s%s", self.exit_status.name.lower(),
+                self.exit_status = status if isinstance(status, ExitStatus) else int(status)
+                what = getattr(self.exit_status, "name", f"status {self.exit_status}")
+                self.log.info("stopping: %s%s", what.lower(),
                               f" (vcpu{vcpu.id})" if vcpu else "")
             self.stopping = True
         for other in self.vcpus:

@@ -1,8 +1,10 @@
-"""Bootrom loading (bhyve's -l bootrom,FILE) and the x86 reset state.
+"""Bootrom loading (bhyve's -l bootrom,FILE[,VARS]) and the x86 reset state.
 
-The image is mapped read-only so that it ends at 4 GiB; the BSP starts where
-a real CPU does after reset: CS selector 0xF000 with base 0xFFFF0000 and
-RIP 0xFFF0, i.e. 16 bytes below 4 GiB.
+The image is mapped read-only so that it ends at 4 GiB, and a variable file,
+when given, just below it (devices/bootvars.py); as in bhyve, both fit in
+the 16 MiB below 4 GiB, clear of the I/O APIC, HPET and local APIC
+windows.  The BSP starts where a real CPU does after reset: CS selector
+0xF000 with base 0xFFFF0000 and RIP 0xFFF0, i.e. 16 bytes below 4 GiB.
 """
 
 import mmap
@@ -12,7 +14,7 @@ from ..config import ConfigError
 from ..layout import MiB
 from ..memory import PAGE_SIZE
 
-MAX_BOOTROM_SIZE = 16 * MiB
+MAX_BOOTROM_SIZE = 16 * MiB        # bhyve's ROM region: bootrom and variables together
 
 
 def load_bootrom(path: str) -> mmap.mmap:
@@ -33,6 +35,34 @@ def load_bootrom(path: str) -> mmap.mmap:
             return rom
     except OSError as exc:
         raise ConfigError(f"cannot read bootrom {path}: {exc.strerror}") from None
+
+
+def open_bootvars(path: str, rom_size: int):
+    """The variable file, open for reading and writing and mapped shared (the
+    guest's writes reach it through the mapping); sizes are checked as bhyve
+    does, and every problem is a user error."""
+    try:
+        file = open(path, "r+b")
+    except OSError as exc:
+        raise ConfigError(f"cannot open bootrom variable file {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0 or size % PAGE_SIZE:
+            raise ConfigError(f"bootrom variable file {path} is {size} bytes, not a "
+                              f"non-zero multiple of the {PAGE_SIZE}-byte page size")
+        if rom_size + size > MAX_BOOTROM_SIZE:
+            raise ConfigError(f"bootrom and variable file {path} are {rom_size + size} "
+                              f"bytes together, more than the {MAX_BOOTROM_SIZE // MiB} MiB "
+                              "ROM region")
+        backing = mmap.mmap(file.fileno(), size, mmap.MAP_SHARED,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        file.close()
+        raise ConfigError(f"cannot map bootrom variable file {path}: {exc.strerror}") from None
+    except ConfigError:
+        file.close()
+        raise
+    return file, backing
 
 
 def set_reset_state(vcpu) -> None:

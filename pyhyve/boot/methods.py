@@ -2,9 +2,10 @@
 `-l bootrom`), or a kernel loaded into memory (`-f kexec`: a Linux bzImage
 or a PVH ELF kernel).
 
-A boot method owns its part of the machine at three points of the build:
+A boot method owns its part of the machine at four points of the build:
 map_memory() once guest memory exists (a bootrom below 4 GiB and its BIOS
-area alias), install_tables() once the devices are in place and the ACPI
+area alias), add_devices() once the buses exist (the bootrom's variable
+store), install_tables() once the devices are in place and the ACPI
 tables built (firmware reads them from fw_cfg; a kernel finds them in the
 BIOS area, beside an MP table), and start() once the vCPUs exist (the
 BSP's first state).  method_for(config) picks the one the config asks for;
@@ -14,7 +15,9 @@ METHODS.
 
 from ..config import ConfigError
 from .acpi import install_in_fwcfg, tables_in_memory
-from .bootrom import load_bootrom, set_reset_state
+from ..devices.bootvars import BootVars
+from ..layout import HIGHMEM_BASE
+from .bootrom import load_bootrom, open_bootvars, set_reset_state
 
 
 class BootMethod:
@@ -26,6 +29,9 @@ class BootMethod:
         self.config = config
 
     def map_memory(self, memory) -> None:
+        pass
+
+    def add_devices(self, vm) -> None:
         pass
 
     def install_tables(self, vm, acpi_tables) -> None:
@@ -40,17 +46,29 @@ class BootMethod:
 
 
 class FirmwareBoot(BootMethod):
-    """A firmware image (SeaBIOS, OVMF) ending at 4 GiB; the BSP starts at the
-    reset vector and the firmware finds the ACPI tables in fw_cfg."""
+    """A firmware image (SeaBIOS, OVMF) ending at 4 GiB, and its variable file
+    below it if given; the BSP starts at the reset vector and the firmware
+    finds the ACPI tables in fw_cfg."""
 
     config_key = "lpc.bootrom"
 
     def __init__(self, config):
         super().__init__(config)
-        self.rom = load_bootrom(config.get(self.config_key))     # read before KVM is set up
+        # read and checked before KVM is set up
+        self.rom = load_bootrom(config.get(self.config_key))
+        vars_path = config.get("lpc.bootvars")
+        self.vars_file, self.vars = (None, None) if vars_path is None else \
+            open_bootvars(vars_path, len(self.rom))
+        self.vars_gpa = HIGHMEM_BASE - len(self.rom) - (len(self.vars) if self.vars else 0)
 
     def map_memory(self, memory) -> None:
         memory.map_bootrom(self.rom)
+        if self.vars is not None:
+            memory.add_rom("bootvars", self.vars_gpa, self.vars, 0, len(self.vars))
+
+    def add_devices(self, vm) -> None:
+        if self.vars is not None:
+            vm.add_device(BootVars(vm.context, self.vars_gpa, self.vars_file, self.vars))
 
     def install_tables(self, vm, acpi_tables) -> None:
         if acpi_tables is not None:
@@ -72,6 +90,9 @@ class KernelBoot(BootMethod):
 
     def __init__(self, config):
         super().__init__(config)
+        if config.get("lpc.bootvars") is not None:
+            raise ConfigError("a bootrom variable file (lpc.bootvars) needs a bootrom, "
+                              "not a kernel: -l bootrom,CODE,VARS")
         self.rsdp = 0
 
     def install_tables(self, vm, acpi_tables) -> None:
