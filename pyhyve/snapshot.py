@@ -57,8 +57,11 @@ A device that does not declare itself savable (Device.savable) makes save()
 refuse with SnapshotError naming it, rather than write a snapshot that
 would not run.  Not saved: the GDB stub's connection, a frame virtio-net
 read from its tap and not yet delivered (the network sees one lost packet),
-and the host side of character backends (the operator's options open
-them again).
+the host side of character backends (the operator's options open
+them again), and what disks and the bootrom's variable file hold: those are
+the operator's files, synced when the snapshot is taken and used as they are
+when it is restored (the variable store's command state is saved, and its
+size must match).
 """
 
 import contextlib
