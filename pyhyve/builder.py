@@ -67,12 +67,13 @@ def add_test_devices(vm) -> None:
     and isa-debug-exit.  Built last, so that a port a user gives them that
     another device holds is an error naming both, not a clash for the other."""
     config = vm.config
+    debug_exit = "lpc.isa-debug-exit.iobase" in config or "lpc.isa-debug-exit.iosize" in config
     if config.get_bool("lpc.pc-testdev"):
         vm.add_device(PcTestdev(vm.context))
-        if not config.subtree("lpc.isa-debug-exit"):
+        if not debug_exit:
             # bhyve's pc-testdev brings one at kvm-unit-tests' ports
             vm.add_device(DebugExit(vm.context, PC_TESTDEV_DEBUG_EXIT, 4))
-    if config.subtree("lpc.isa-debug-exit"):
+    if debug_exit:
         iobase = config.get_int("lpc.isa-debug-exit.iobase", DEBUG_EXIT_IOBASE, 0, 0xFFFF)
         iosize = config.get_int("lpc.isa-debug-exit.iosize", DEBUG_EXIT_IOSIZE, 1,
                                 0x10000 - iobase)

@@ -107,6 +107,9 @@ def test_bad_test_device_settings_are_one_line(tmp_path, args, message):
 TESTDEV_SEES = {
     "l0": 0x12345678, "b2": 0x12ab5678, "w2": 0x12ab,       # by size and place
     "window-b1": 0x56, "window-l0": 0xcdef5678,             # the byte window, same register
+    "window-l2": 0xffffcdef,    # 4 bytes from 0xea: 2 of the window, 2 unclaimed ports
+    "r2": 0xcdef,               # 4 bytes from 0xe2: the register's top 2, then 0 (in
+                                # QEMU, the flush port's answer to a read it does not take)
     "l2": 0x33445678,           # 4 bytes from 0xe2: the 2 that fit, as QEMU splits it
     "after-flush": 0x33445678,
     "m0": 0xdeadbeef, "m1": 0xbe, "m2": 0xdead, "m10": 0x1234, "mffff": 0x5a, "m20": 0,

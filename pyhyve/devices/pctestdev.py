@@ -5,7 +5,7 @@ hypervisor (QEMU's pc-testdev, which bhyve's `-l pc-testdev` also offers).
   port 0xe0+N reads or writes the bytes from N on (within the 32 bits), so
   what was written reads back by size and place;
 - ports 0xe8-0xeb: the same register, taken one byte at a time (QEMU's
-  byte window: a wider access is that many byte accesses, wrapping at 4);
+  byte window: a wider access is that many byte accesses);
 - port 0xe4 "flush page": a 4-byte write names a guest page that QEMU
   unmaps and maps again on the host, so that KVM must fault it in anew.
   That exercises KVM's MMU, not the device: pyhyve accepts the write and
@@ -85,11 +85,14 @@ class PcTestdev(Device):
             self._scratch = (self._scratch & ~mask | value << shift) & 0xFFFFFFFF
 
     def _read_bytes(self, offset: int, size: int) -> int:
-        return sum(self._read_scratch((offset + i) & 3, 1) << 8 * i for i in range(size))
+        """Past port 0xeb the bytes are not the register's: all ones, as QEMU
+        reads the unclaimed ports there."""
+        return sum((self._read_scratch(offset + i, 1) if offset + i < 4 else 0xFF) << 8 * i
+                   for i in range(size))
 
     def _write_bytes(self, offset: int, size: int, value: int) -> None:
-        for i in range(size):
-            self._write_scratch((offset + i) & 3, 1, value >> 8 * i & 0xFF)
+        for i in range(min(size, 4 - offset)):
+            self._write_scratch(offset + i, 1, value >> 8 * i & 0xFF)
 
     # --- flush page and interrupt lines -----------------------------------------------
     def _read_flush(self, offset: int, size: int) -> int:

@@ -55,7 +55,11 @@ main64:
     outw %ax, $BYTES + 2
     inl $BYTES, %eax
     SHOW "window-l0"
-    movl $0x11223344, %eax           /* 4 bytes from port 0xe2: past the register */
+    inl $BYTES + 2, %eax             /* 4 bytes from port 0xea: past the window */
+    SHOW "window-l2"
+    inl $SCRATCH + 2, %eax           /* 4 bytes from port 0xe2: past the register */
+    SHOW "r2"
+    movl $0x11223344, %eax
     outl %eax, $SCRATCH + 2
     inl $SCRATCH, %eax
     SHOW "l2"
