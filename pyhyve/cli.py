@@ -223,19 +223,36 @@ def parse_pci(config: Config, text: str) -> None:
         config.set(f"{prefix}.{key}", value)
 
 
+def _split_kexec(text: str) -> tuple[str, str, str | None]:
+    """KERNEL[,INITRD[,CMDLINE]].  A quoted command line at the end ends the
+    INITRD field, which may then hold commas (a multiboot kernel's modules:
+    "mod1 args,mod2"); otherwise the fields are split at the first two commas,
+    and an unquoted command line keeps any commas of its own."""
+    kernel, _, rest = text.partition(",")
+    quoted = rest.find(',"')
+    if rest.startswith('"') and rest.endswith('"') and len(rest) > 1:
+        return kernel, "", rest[1:-1]
+    if quoted >= 0 and rest.endswith('"') and len(rest) > quoted + 2:
+        return kernel, rest[:quoted], rest[quoted + 2:-1]
+    if not rest:
+        return kernel, "", None
+    initrd, comma, cmdline = rest.partition(",")
+    return kernel, initrd, cmdline.strip('"') if comma else None
+
+
 def parse_fwcfg_file(config: Config, text: str) -> None:
     """-f name,string=TEXT|file=PATH: a file for fw_cfg (read and checked when
     the VM is built, as those from -k are); or
     -f kexec,KERNEL[,INITRD[,"CMDLINE"]], the direct kernel boot of xhyve."""
     if text.startswith("kexec,"):
-        parts = text.split(",", 3)[1:]
-        if not parts[0]:
+        kernel, initrd, cmdline = _split_kexec(text[len("kexec,"):])
+        if not kernel:
             raise ConfigError('-f kexec needs a kernel: -f kexec,KERNEL[,INITRD[,"CMDLINE"]]')
-        config.set("kexec.kernel", parts[0])
-        if len(parts) > 1 and parts[1]:
-            config.set("kexec.initrd", parts[1])
-        if len(parts) > 2:
-            config.set("kexec.cmdline", parts[2].strip('"'))
+        config.set("kexec.kernel", kernel)
+        if initrd:
+            config.set("kexec.initrd", initrd)
+        if cmdline is not None:
+            config.set("kexec.cmdline", cmdline)
         return
     index = len(config.subtree("fwcfg.file"))
     config.set(f"fwcfg.file.{index}", text)

@@ -46,8 +46,9 @@ KEYS = {
     "lpc.isa-debug-exit.iosize": "how many ports it takes (default 2)",
     "lpc.pc-testdev": "QEMU's and bhyve's pc-testdev for kvm-unit-tests (-l pc-testdev)",
     "lpc.comN.path": "COM port N's backend: stdio, file=, unix=, tcp= (-l comN,...)",
-    "kexec.kernel": "Linux bzImage or PVH ELF kernel to boot (-f kexec,...)",
-    "kexec.initrd": "initramfs for the kernel",
+    "kexec.kernel": "bzImage, PVH ELF or multiboot kernel to boot (-f kexec,...)",
+    "kexec.initrd": "initramfs for the kernel; a multiboot kernel's modules: "
+                    "PATH [ARGS],PATH [ARGS] (,, for a comma)",
     "kexec.cmdline": "kernel command line",
     "fwcfg.file.N": "an fw_cfg file: name,string=TEXT or name,file=PATH (-f)",
     "pci.N.N.N.device": "the PCI emulation in bus.slot.function (-s)",

@@ -68,7 +68,7 @@ CASES = {
     "rnd-unknown-option": (["-s", "3,virtio-rnd,foo=1", *VALID], "unknown option 'foo'"),
     "kexec-missing": (["-f", "kexec,/missing", "vm"], "cannot read kernel /missing"),
     "kexec-empty": (["-f", "kexec,", "vm"], "-f kexec needs a kernel"),
-    "kexec-not-a-kernel": (["-f", f"kexec,{ROM}", "vm"], "neither a bzImage nor an ELF"),
+    "kexec-not-a-kernel": (["-f", f"kexec,{ROM}", "vm"], "not a kernel pyhyve boots"),
     "kexec-and-bootrom": (["-f", "kexec,/missing", *VALID], "give either a bootrom"),
     "no-bootrom-or-kernel": (["vm"], "give either a bootrom"),
     "fwcfg-file-missing": (["-f", "opt/x,file=/missing", *VALID], "cannot read -f opt/x file /missing"),

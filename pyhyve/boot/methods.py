@@ -1,6 +1,6 @@
 """Ways a guest starts, as a registry: a bootrom at the reset vector (bhyve's
-`-l bootrom`), or a kernel loaded into memory (`-f kexec`: a Linux bzImage
-or a PVH ELF kernel).
+`-l bootrom`), or a kernel loaded into memory (`-f kexec`: a Linux bzImage,
+a PVH ELF kernel or a multiboot kernel).
 
 A boot method owns its part of the machine at four points of the build:
 map_memory() once guest memory exists (a bootrom below 4 GiB and its BIOS
@@ -9,7 +9,7 @@ store), install_tables() once the devices are in place and the ACPI
 tables built (firmware reads them from fw_cfg; a kernel finds them in the
 BIOS area, beside an MP table), and start() once the vCPUs exist (the
 BSP's first state).  method_for(config) picks the one the config asks for;
-a new method (multiboot, UEFI with a variable store) is one more class in
+a new method (UEFI with a variable store) is one more class in
 METHODS.
 """
 
@@ -100,7 +100,7 @@ class KernelBoot(BootMethod):
             self.rsdp = tables_in_memory(vm.memory, acpi_tables)
 
     def start(self, vm) -> None:
-        from .linux import load_kernel, set_boot_state
+        from .kexec import load_kernel, set_boot_state
         entry = load_kernel(vm.memory, self.config.get(self.config_key),
                             self.config.get("kexec.initrd"), self.config.get("kexec.cmdline", ""),
                             vm.e820(), self.rsdp)

@@ -96,3 +96,19 @@ def build_boot_sector(name: str) -> Path:
                      lambda data: None if len(data) == BOOT_SECTOR_SIZE and
                      data[-2:] == b"\x55\xaa" else
                      f"boot sector is {len(data)} bytes or lacks 55 AA")
+
+
+SETUP16_SIZE = 4 * 512          # boot sector, two setup sectors, one "kernel" sector
+
+
+def build_setup16(protocol: int = 0x0202) -> Path:
+    """setup16.S: a bzImage with only a 16-bit entry, speaking boot protocol
+    `protocol` (built once per content)."""
+    def check(data: bytes) -> str | None:
+        if len(data) != SETUP16_SIZE or data[0x202:0x206] != b"HdrS":
+            return f"image is {len(data)} bytes or lacks its HdrS header"
+        if data[0x238:0x23C] != (255).to_bytes(4, "little"):
+            return "the setup header's fields are not at the boot protocol's offsets"
+        return None
+    return _assemble("setup16", ".bzImage", {"PROTOCOL": protocol},
+                     ["-Ttext=0", "-e", "_start"], ["-j", ".text"], check)

@@ -6,8 +6,12 @@
     (head64.S with the 64-bit entry at offset 0x200, bzimage.c, testkernel.c);
   * build_pvh(): an ELF32 kernel at 1 MiB with a XEN_ELFNOTE_PHYS32_ENTRY note
     (pvhhead.S, pvh.c, testkernel.c), entered in 32-bit protected mode.
+Both print what they found on COM1 (see testkernel.c).
 
-Both print what they found on COM1 (see testkernel.c).  Built with gcc, ld and
+  * build_multiboot(): a multiboot kernel (sources in tests/guests/multiboot/),
+    an ELF32 file or, with the a.out kludge's address fields, a flat binary;
+    it prints what its loader handed it on the debug port (multiboot.c).
+  Built with gcc, ld and
 objcopy at test time and cached by a hash of their sources, like build.py's.
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 from build import CACHE, BuildError
 
 SOURCES = Path(__file__).resolve().parent / "linux"
+MULTIBOOT_SOURCES = Path(__file__).resolve().parent / "multiboot"
 BOOT_PROTOCOL_VERSION = 0x020F
 KERNEL_ADDR = 0x100000
 SETUP_SYSSIZE = 0x1F4           # the setup header fields Linux's build tool fills in
@@ -35,9 +40,9 @@ CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-mno-red-zone"
           f"-DBOOT_PROTOCOL_VERSION={BOOT_PROTOCOL_VERSION:#x}"]
 
 
-def _digest(kind: str) -> str:
+def _digest(kind: str, sources: Path) -> str:
     sha = hashlib.sha256(kind.encode())
-    for path in (*sorted(SOURCES.iterdir()), Path(__file__)):
+    for path in (*sorted(sources.iterdir()), Path(__file__)):
         sha.update(path.name.encode())
         sha.update(path.read_bytes())
     sha.update(repr(CFLAGS).encode())
@@ -56,9 +61,9 @@ def _symbols(elf: Path) -> dict[str, int]:
             (line.split() for line in _run(["nm", elf]).splitlines()) if len(parts) == 3}
 
 
-def _build(kind: str, suffix: str, make) -> Path:
+def _build(kind: str, suffix: str, make, sources: Path = SOURCES) -> Path:
     """Run make(work) -> bytes once per content of the sources; cache the result."""
-    image = CACHE / f"{kind}-{_digest(kind)}{suffix}"
+    image = CACHE / f"{kind}-{_digest(kind, sources)}{suffix}"
     if image.exists():
         return image
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -72,11 +77,13 @@ def _build(kind: str, suffix: str, make) -> Path:
     return image
 
 
-def _compile(work: Path, bits: int, sources: list[str]) -> list[Path]:
+def _compile(work: Path, bits: int, sources: list[str], folder: Path = SOURCES,
+             defines: tuple[str, ...] = ()) -> list[Path]:
     objects = []
     for name in sources:
         obj = work / f"{name}.o"
-        _run(["gcc", f"-m{bits}", *CFLAGS, "-I", SOURCES, "-c", "-o", obj, SOURCES / name])
+        _run(["gcc", f"-m{bits}", *CFLAGS, *defines, "-I", folder, "-c", "-o", obj,
+              folder / name])
         objects.append(obj)
     return objects
 
@@ -122,3 +129,24 @@ def build_bzimage() -> Path:
 def build_pvh() -> Path:
     """The PVH test kernel (ELF32 with a XEN_ELFNOTE_PHYS32_ENTRY note)."""
     return _build("pvh", ".elf", _make_pvh)
+
+
+def _make_multiboot(aout: bool):
+    def make(work: Path) -> bytes:
+        defines = ("-DAOUT_KLUDGE=1",) if aout else ()
+        objects = _compile(work, 32, ["mbhead.S", "multiboot.c"], MULTIBOOT_SOURCES, defines)
+        _run(["ld", "-m", "elf_i386", "-z", "noexecstack", "-T",
+              MULTIBOOT_SOURCES / "multiboot.ld", "-o", work / "mb.elf", *objects])
+        if not aout:
+            return (work / "mb.elf").read_bytes()
+        _run(["objcopy", "-O", "binary", work / "mb.elf", work / "mb.bin"])
+        return (work / "mb.bin").read_bytes()
+    return make
+
+
+def build_multiboot(aout: bool = False) -> Path:
+    """The multiboot test kernel: an ELF32 file, or (aout) a flat binary whose
+    header gives the load addresses (flag bit 16, the a.out kludge)."""
+    if aout:
+        return _build("multiboot-aout", ".bin", _make_multiboot(True), MULTIBOOT_SOURCES)
+    return _build("multiboot", ".elf", _make_multiboot(False), MULTIBOOT_SOURCES)
