@@ -41,3 +41,34 @@ def run_rom(tmp_path: Path, guest: str, *args: str, defines: dict | None = None,
                        f"test-{guest}"], timeout=timeout)
     text = debug.read_text(errors="replace") if debug.exists() else ""
     return Result(proc.returncode, text, proc.stderr)
+
+
+def run_qemu_debugcon(tmp_path: Path, args: list[str], until: str = "done",
+                      timeout: float = 120, memory_mib: int = 256) -> str:
+    """QEMU (pc machine, KVM) with the port 0x402 debug console in a file, as
+    the reference for a test kernel: stopped once the guest wrote the line
+    `until` (QEMU's ACPI power-off port is not bhyve's, so the guest's power-off
+    does not end it).  Returns what the guest, and SeaBIOS before it, wrote."""
+    import re
+    import time
+    from firmware import require_program
+    debug = tmp_path / "qemu.debug"
+    proc = subprocess.Popen(
+        [require_program("qemu-system-x86_64", "qemu-system-x86"), "-machine", "pc",
+         "-enable-kvm", "-m", str(memory_mib), "-nographic", "-nodefaults", "-monitor", "none",
+         "-no-reboot", "-chardev", f"file,id=dbg,path={debug}",
+         "-device", "isa-debugcon,iobase=0x402,chardev=dbg", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            text = debug.read_text(errors="replace") if debug.exists() else ""
+            if re.search(rf"^{re.escape(until)}$", text, re.M):
+                break
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    text = debug.read_text(errors="replace") if debug.exists() else ""
+    assert re.search(rf"^{re.escape(until)}$", text, re.M), f"QEMU: {stderr}\n{text[-2000:]}"
+    return text
