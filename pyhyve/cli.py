@@ -41,7 +41,10 @@ Devices:
                            isa-debug-exit at 0xf4+4 unless one is given)
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
 Direct kernel boot (no firmware):
-  -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   a bzImage (64-bit boot protocol) or a PVH ELF kernel
+  -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   boot a kernel: a bzImage (at its 64-bit entry, else
+                  through its 16-bit setup code), a PVH ELF kernel, or a multiboot kernel
+                  (ELF or a.out kludge), whose INITRD lists modules: "mod1 args,mod2 args"
+                  (,, for a comma; quote CMDLINE then)
   -Y              no MP table for a directly booted kernel (x86.mptable=false)
   -A              ACPI tables (the default: for firmware through fw_cfg, for a kernel in
                   the BIOS area; -o acpi_tables=false leaves them out)
