@@ -219,9 +219,12 @@ def refused(tmp_path, kernel, initrd="", memory="256M") -> str:
     return lines[0]
 
 
+HEADER = 24                     # the a.out test kernel's header offset, after its prefix
+
+
 def aout_image() -> bytearray:
     image = bytearray(build_multiboot(aout=True).read_bytes())
-    assert image[:4] == (0x1BADB002).to_bytes(4, "little")  # the header is at offset 0
+    assert image[HEADER:HEADER + 4] == (0x1BADB002).to_bytes(4, "little")
     return image
 
 
@@ -234,25 +237,25 @@ def write(tmp_path, name: str, image: bytes):
 def set_header(image: bytearray, flags: int | None = None, shift: int = 0) -> None:
     """Change the header's flags or move its five addresses, with a good checksum."""
     if flags is not None:
-        image[4:8] = flags.to_bytes(4, "little")
-    for at in range(12, 32, 4):
+        image[HEADER + 4:HEADER + 8] = flags.to_bytes(4, "little")
+    for at in range(HEADER + 12, HEADER + 32, 4):
         value = int.from_bytes(image[at:at + 4], "little") + shift
         image[at:at + 4] = value.to_bytes(4, "little")
-    flags = int.from_bytes(image[4:8], "little")
-    image[8:12] = (-(0x1BADB002 + flags) & 0xFFFFFFFF).to_bytes(4, "little")
+    flags = int.from_bytes(image[HEADER + 4:HEADER + 8], "little")
+    image[HEADER + 8:HEADER + 12] = (-(0x1BADB002 + flags) & 0xFFFFFFFF).to_bytes(4, "little")
 
 
 def test_refuses_a_bad_checksum(tmp_path):
     image = aout_image()
-    image[8] ^= 1
+    image[HEADER + 8] ^= 1
     line = refused(tmp_path, write(tmp_path, "badsum.bin", image))
-    assert "a multiboot header at offset 0x0 whose checksum is" in line
+    assert "a file with a multiboot header at offset 0x18 whose checksum is" in line
 
 
 def test_refuses_a_header_beyond_8_kib(tmp_path):
     image = bytes(8192) + aout_image()
     line = refused(tmp_path, write(tmp_path, "late.bin", image))
-    assert "a multiboot header at offset 0x2000, beyond the first 8 KiB" in line
+    assert "a multiboot header at offset 0x2018, beyond the first 8 KiB" in line
 
 
 def test_refuses_aout_addresses_outside_memory(tmp_path):
@@ -265,7 +268,7 @@ def test_refuses_aout_addresses_outside_memory(tmp_path):
 
 def test_refuses_a_load_end_before_load_addr(tmp_path):
     image = aout_image()
-    image[20:24] = (0x1000).to_bytes(4, "little")   # load_end_addr below load_addr
+    image[HEADER + 20:HEADER + 24] = (0x1000).to_bytes(4, "little")    # below load_addr
     set_header(image)
     assert "load_end_addr 0x1000 is not between" in refused(tmp_path, write(tmp_path, "e.bin",
                                                                              image))

@@ -9,6 +9,10 @@
 #define MB_FLAGS 0x00000003
 #endif
 
+    .section .prefix, "a"
+    .ascii "multiboot test kernel\0"       /* the first bytes at load_addr */
+    .balign 4
+
     .section .multiboot, "a"
     .balign 4
 mb_header:
