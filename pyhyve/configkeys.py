@@ -39,7 +39,10 @@ KEYS = {
     "lpc.debugcon.append": "append to the debugcon file rather than truncate it",
     "console.file_limit": "most bytes a file= console or the debugcon file grows to "
                           "(default 128M); beyond, output is dropped and counted",
-    "lpc.comN.path": "COM port N's backend: stdio, file=, unix=, tcp= (-l comN,...)",
+    "console.escape": "the stdio console's escape character (default ~; ^X for a control "
+                      "key; none turns it off): ~. powers off, ~? lists, ~~ sends ~",
+    "lpc.comN.path": "COM port N's backend: stdio, pty[,link=], file=, unix=, tcp= "
+                     "(-l comN,...)",
     "kexec.kernel": "Linux bzImage or PVH ELF kernel to boot (-f kexec,...)",
     "kexec.initrd": "initramfs for the kernel",
     "kexec.cmdline": "kernel command line",

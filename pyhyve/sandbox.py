@@ -66,9 +66,9 @@ ALLOWED_SYSCALLS = {
                  "fallocate", "close", "fcntl"),
     # snapshots written by pyhyvectl --checkpoint/--suspend (a temporary file,
     # renamed); Python's lazy imports and traceback source lines; the unlink of
-    # the control and console sockets at exit
+    # the control and console sockets and of a pty console's link (read first) at exit
     "files by name": ("openat", "newfstatat", "fstat", "getdents64", "getcwd", "rename",
-                      "unlink"),
+                      "unlink", "readlink"),
     # the threads' waits: selectors, Event/Condition, sleeps; clocks where the
     # vDSO falls back to the kernel
     "waiting": ("poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl",
