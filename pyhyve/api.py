@@ -45,7 +45,7 @@ class PciSlot:
 class VmSpec:
     """What the command line would say, as values.  Give a bootrom or a kernel.
     `consoles` maps COM ports to a Backend object (MemoryConsole) or a spec
-    string as -l takes ("stdio", "file=PATH", "unix=PATH", "tcp=HOST:PORT").
+    string as -l takes ("stdio", "pty", "file=PATH", "unix=PATH", "tcp=HOST:PORT").
     `config` adds any other config key (`pyhyve -o help` lists them)."""
     name: str
     memory: str = "256M"

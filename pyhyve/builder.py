@@ -4,6 +4,7 @@ topology, UUID).  The machine (vm.py) owns KVM, memory, buses, vCPUs and the
 device list; what goes into them, and in which order, is decided here.
 """
 
+import functools
 import hashlib
 import socket
 import string
@@ -22,6 +23,7 @@ from .devices.rtc import Rtc
 from .devices.syscontrol import PostCodes, ResetControl, SystemControlPortA
 from .devices.uart import COM_PORTS, Uart16550
 from .pci import find_emulation
+from .vcpu import ExitStatus
 
 MAX_VCPUS = 255
 NAMESPACE_DNS = bytes.fromhex("6ba7b8109dad11d180b400c04fd430c8")   # RFC 4122's
@@ -78,6 +80,25 @@ def add_test_devices(vm) -> None:
         iosize = config.get_int("lpc.isa-debug-exit.iosize", DEBUG_EXIT_IOSIZE, 1,
                                 0x10000 - iobase)
         vm.add_device(DebugExit(vm.context, iobase, iosize))
+
+
+def configure_consoles(vm) -> None:
+    """Arm the escape (vm.console_escape: console.escape, `~` by default) of
+    every stdio console: `~.` at the start of a line powers the VM off, as
+    pyhyvectl --force-poweroff does, and says so in vm.stopped_by."""
+    from .escape import describe
+    escape = vm.console_escape
+    for name, _, backend in vm.consoles():
+        set_escape = getattr(backend, "set_escape", None)
+        if set_escape is not None:
+            reason = f"{name}: {describe(escape)}." if escape else name
+            set_escape(escape, functools.partial(_console_quit, vm, reason))
+
+
+def _console_quit(vm, reason: str) -> None:
+    if not vm.stopping:
+        vm.stopped_by = reason
+    vm.stop(ExitStatus.POWEROFF)
 
 
 def build_fwcfg(vm) -> FwCfg:

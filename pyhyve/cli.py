@@ -31,7 +31,10 @@ Devices:
                  a hostbridge at 0:0 and an lpc bridge at 31:0 are added unless given
   -l bootrom,FILE[,VARS]   firmware mapped to end at 4 GiB; the BSP starts at its reset vector;
                            VARS: a variable file mapped below it, kept across runs (UEFI)
-  -l com1,stdio|file=PATH|unix=PATH|tcp=HOST:PORT   a serial port (com1 to com4)
+  -l com1,stdio|pty[,link=PATH]|file=PATH|unix=PATH|tcp=HOST:PORT
+                           a serial port (com1 to com4); pty: a pseudo-terminal whose
+                           path pyhyve prints (com1: /dev/pts/N) for cu -l, screen or
+                           pyhyvectl --console; link=PATH: a symbolic link to it
   -l debugcon,file=PATH    port 0x402 debug console (SeaBIOS's log) written to PATH
   -l fwcfg,qemu            QEMU's fw_cfg interface (present by default)
   -l isa-debug-exit[,iobase=N][,iosize=N]   a test device: a write of V to its ports
@@ -55,6 +58,11 @@ Configuration:
                   -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock);
                   -o pidfile=PATH writes the process's PID there once the VM is set up;
                   -o poweroff.grace=SECONDS powers off that long after a SIGTERM the guest ignored
+                  -o console.escape=CHAR sets the stdio console's escape (default ~,
+                  ^X for a control key, none: off)
+Console escapes (stdio, at the start of a line; Ctrl-C goes to the guest):
+  ~.  power off the VM (as pyhyvectl --force-poweroff: exit status 1)
+  ~?  list the escapes          ~~  send one ~ to the guest
 Least privilege (applied once devices, disks and sockets are open, before the guest runs):
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
   -o process.seccomp=BOOL   refuse system calls the running VM does not need (default true;
@@ -132,7 +140,8 @@ def parse_cpus(config: Config, text: str) -> None:
 LPC_DEVICES = {
     "bootrom": "bootrom,FILE[,VARS]: firmware image mapped to end at 4 GiB, and its "
                "variable file below it",
-    "com1": "com1,stdio|file=PATH|unix=PATH|tcp=HOST:PORT: 16550A UART at 0x3f8, IRQ 4",
+    "com1": "com1,stdio|pty[,link=PATH]|file=PATH|unix=PATH|tcp=HOST:PORT: 16550A UART at "
+            "0x3f8, IRQ 4",
     "com2": "com2,...: UART at 0x2f8, IRQ 3",
     "com3": "com3,...: UART at 0x3e8, IRQ 4",
     "com4": "com4,...: UART at 0x2e8, IRQ 3",
@@ -383,6 +392,7 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     stopped_by = _handle_signals(vm, grace)    # from here a stop signal stops the VM, run or not
+    _announce_ptys(vm)
     if snap is not None:
         from .snapshot import SnapshotError, restore_into
         try:
@@ -391,6 +401,7 @@ def _main(argv: list[str] | None) -> int:
             vm.close()
             print(f"pyhyve: cannot restore: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
+    last_words = []                 # said once the terminal is out of raw mode
     try:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
@@ -400,16 +411,32 @@ def _main(argv: list[str] | None) -> int:
                 vm.closables.append(PidFile(pidfile))
             confine(config)         # everything needing root is open; no vCPU has run
         except ConfigError as exc:
-            print(f"pyhyve: {exc}", file=sys.stderr)
+            last_words.append(str(exc))
             return ExitStatus.ERROR
         status = vm.run()
         if stopped_by:
-            print(f"pyhyve: {stopped_by[0]}: powered off", file=sys.stderr)
+            last_words.append(f"{stopped_by[0]}: powered off")
+        elif vm.stopped_by:
+            last_words.append(f"{vm.stopped_by}: powered off")
         elif status == ExitStatus.ERROR and vm.exit_detail:
-            print(f"pyhyve: {vm.exit_detail}", file=sys.stderr)
+            last_words.append(vm.exit_detail)
         return int(status)
     finally:
         vm.close()
+        for line in last_words:
+            print(f"pyhyve: {line}", file=sys.stderr)
+
+
+def _announce_ptys(vm) -> None:
+    """One line on stderr for each pty console: where to attach (`cu -l PATH`)."""
+    for _, _, backend in vm.consoles():
+        info = backend.describe()
+        if info["kind"] == "pty":
+            where = info["path"] + (f" (link {info['link']})" if "link" in info else "")
+            # a stdio console may have put the terminal in raw mode already
+            end = "\r\n" if sys.stderr.isatty() else "\n"
+            sys.stderr.write(f"{backend.name}: {where}{end}")
+    sys.stderr.flush()
 
 
 def _restore_config(options: Config):

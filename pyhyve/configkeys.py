@@ -45,7 +45,10 @@ KEYS = {
                                  "(default 0x501; -l isa-debug-exit,iobase=N)",
     "lpc.isa-debug-exit.iosize": "how many ports it takes (default 2)",
     "lpc.pc-testdev": "QEMU's and bhyve's pc-testdev for kvm-unit-tests (-l pc-testdev)",
-    "lpc.comN.path": "COM port N's backend: stdio, file=, unix=, tcp= (-l comN,...)",
+    "console.escape": "the stdio console's escape character (default ~; ^X for a control "
+                      "key; none turns it off): ~. powers off, ~? lists, ~~ sends ~",
+    "lpc.comN.path": "COM port N's backend: stdio, pty[,link=], file=, unix=, tcp= "
+                     "(-l comN,...)",
     "kexec.kernel": "bzImage, PVH ELF or multiboot kernel to boot (-f kexec,...)",
     "kexec.initrd": "initramfs for the kernel; a multiboot kernel's modules: "
                     "PATH [ARGS],PATH [ARGS] (,, for a comma)",

@@ -11,7 +11,10 @@ The protocol is one JSON object per line each way:
 
 Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
 inject-nmi, force-reset, force-poweroff, destroy, checkpoint and suspend
-(with "path": pyhyve.snapshot); those about one vCPU
+(with "path": pyhyve.snapshot), consoles (each console's name, device and
+backend: {"name": "com1", "device": "uart", "kind": "pty", "path":
+"/dev/pts/5"}, with "link" for a linked pty, "address" [host, port] for
+tcp; pyhyvectl --console attaches to one); those about one vCPU
 take "vcpu" (default 0).  Register access runs on the vCPU's own thread
 (VcpuThread.call), so it sees the vCPU between two KVM_RUNs.
 """
@@ -206,6 +209,7 @@ class ControlServer:
             "destroy": functools.partial(self._stop, ExitStatus.POWEROFF),
             "checkpoint": functools.partial(self._snapshot, False),
             "suspend": functools.partial(self._snapshot, True),
+            "consoles": self._consoles,
         }
         self._listener = self._listen()
         self._inode = os.stat(self.path).st_ino
@@ -511,6 +515,11 @@ class ControlServer:
         """The ACPI power button, as virsh shutdown presses it; the guest decides."""
         self.vm.press_power_button()
         return {}
+
+    def _consoles(self, request: dict) -> dict:
+        """Where each console's host end is, for a client to attach to."""
+        return {"consoles": [{"name": name, "device": device, **backend.describe()}
+                             for name, device, backend in self.vm.consoles()]}
 
     def _stop(self, status: ExitStatus, request: dict) -> dict:
         self.vm.stop(status)

@@ -3,13 +3,16 @@
 As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
 register reads, --get-stats, --checkpoint, --suspend, then --resume, --powerdown,
---force-reset, --force-poweroff, --destroy.
+--force-reset, --force-poweroff, --destroy.  --console is an operation of its
+own: the terminal on a console of the VM (pyhyve.attach) until `~.`.
 """
 
 import getopt
 import os
 import sys
 
+from . import escape as escapes
+from .attach import AttachError, attach, choose
 from .config import ConfigError
 from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, SEGMENT_REGISTERS, TABLE_REGISTERS,
                   ControlClient, ControlError, default_socket_path,
@@ -17,6 +20,7 @@ from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, SEGMENT_REGISTERS, TABLE
 
 USAGE = """\
 usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] OPERATION...
+       pyhyvectl --vm=NAME [--socket=PATH] --console[=comN] [--escape=CHAR]
        pyhyvectl --list [--socket=PATH]
        pyhyvectl -h | --help | --version
 
@@ -41,7 +45,13 @@ Operations:
   --powerdown          press the ACPI power button: the guest shuts down (virsh shutdown)
   --force-reset        stop the VM with exit status 0 (reset)
   --force-poweroff     stop the VM with exit status 1 (power off)
-  --destroy            stop the VM (power off)"""
+  --destroy            stop the VM (power off)
+Console:
+  --console[=NAME]     attach this terminal (raw mode: Ctrl-C goes to the guest) to
+                       console NAME (default com1): a pty, unix or tcp console, or a
+                       virtio-console port by its name; at the start of a line
+                       ~. detaches (the VM runs on), ~? lists the escapes, ~~ sends ~
+  --escape=CHAR        the escape character instead of ~ (^X: a control key; none)"""
 
 SCALARS = GENERAL_REGISTERS + CONTROL_REGISTERS
 # bhyvectl's print order for --get-all.
@@ -53,7 +63,7 @@ DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
 ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "powerdown",
            "force-reset", "force-poweroff", "destroy")
 LONG_OPTIONS = (["help", "version", "list", "vm=", "cpu=", "socket=", "desc-base=", "desc-limit=",
-                 "desc-access=", "checkpoint=", "suspend=", *ACTIONS]
+                 "desc-access=", "checkpoint=", "suspend=", "console=", "escape=", *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"get-desc-{name}" for name in DESCRIPTORS]
@@ -75,6 +85,8 @@ class Plan:
     """What one pyhyvectl run asks for, from its options."""
 
     def __init__(self, argv: list[str]):
+        # --console's value is optional: a bare --console is --console= (com1)
+        argv = ["--console=" if arg == "--console" else arg for arg in argv]
         try:
             options, rest = getopt.gnu_getopt(argv, "h", LONG_OPTIONS)
         except getopt.GetoptError as exc:
@@ -90,6 +102,8 @@ class Plan:
         self.gets: set[str] = set()         # scalars and selectors
         self.desc_gets: set[str] = set()
         self.snapshots: dict[str, str] = {}    # checkpoint/suspend: FILE
+        self.console: str | None = None     # --console's NAME ("": the default)
+        self.escape = escapes.DEFAULT
         for option, value in options:
             self._add("help" if option == "-h" else option[2:], value)
 
@@ -100,6 +114,10 @@ class Plan:
             self.name = value
         elif option == "socket":
             self.socket = value
+        elif option == "console":
+            self.console = value
+        elif option == "escape":
+            self.escape = value
         elif option in ("checkpoint", "suspend"):
             if not value:
                 raise UsageError(f"--{option} needs a file: --{option}=FILE")
@@ -141,11 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         if "list" in plan.actions:
             return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory())
         path = plan.socket_path()
-        if not (plan.actions or plan.snapshots or plan.sets or plan.desc_sets or plan.reads()):
+        operations = plan.actions or plan.snapshots or plan.sets or plan.desc_sets or \
+            plan.reads()
+        if plan.console is not None:
+            if operations:
+                raise UsageError("--console cannot be combined with other operations")
+            escape = escapes.parse_escape(plan.escape, "--escape")
+            with _connect(plan.name or path, path) as client:
+                consoles = client.request("consoles")["consoles"]
+            return attach(choose(consoles, plan.console, plan.name or path), escape)
+        if not operations:
             raise UsageError("nothing to do (pyhyvectl --help lists the operations)")
         with _connect(plan.name or path, path) as client:
             run(plan, client)
-    except (UsageError, ConfigError, ControlError) as exc:
+    except (UsageError, ConfigError, ControlError, AttachError) as exc:
         return _fail(str(exc))
     except TimeoutError:
         return _fail("the VM did not answer in time")

@@ -89,8 +89,10 @@ ALLOWED_SYSCALLS = {
     "file i/o": ("read", "write", "readv", "writev", "pread64", "pwrite64", "preadv",
                  "pwritev", "preadv2", "pwritev2", "lseek", "fsync", "fdatasync",
                  "fallocate", "close", "fcntl"),
-    # Python's lazy imports and traceback source lines (openat: see FILES_CHANGED)
-    "files by name": ("newfstatat", "fstat", "getdents64", "getcwd"),
+    # Python's lazy imports and traceback source lines; a pty
+    # console's link, read before it is removed at exit (openat: see FILES_CHANGED)
+    "files by name": ("newfstatat", "fstat", "getdents64", "getcwd",
+                      "readlink"),
     # the threads' waits: selectors, Event/Condition, sleeps; clocks where the
     # vDSO falls back to the kernel
     "waiting": ("poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl",

@@ -20,6 +20,7 @@ from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
 from .devctx import DeviceContext
+from .escape import DEFAULT as DEFAULT_ESCAPE, parse_escape
 from .devices.fwcfg import E820_RAM, E820_RESERVED
 from .devices.rtc import RTC_IRQ
 from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
@@ -52,6 +53,7 @@ class VirtualMachine:
         self.exit_status: int | None = None      # an ExitStatus, or a test device's
         self.exit_detail = ""
         self.started_at: float | None = None     # time.monotonic() of the first run()
+        self.stopped_by = ""            # a user's stop from a console (`com1: ~.`)
         self.stopping = False
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -83,6 +85,7 @@ class VirtualMachine:
         except cpuid.FeatureError as exc:
             raise ConfigError(str(exc)) from None
         self.boot = method_for(config)
+        self.console_escape = parse_escape(config.get("console.escape", DEFAULT_ESCAPE))
 
         self.kvm = Kvm()
         try:
@@ -125,6 +128,7 @@ class VirtualMachine:
         self.add_device(self.pci)
         builder.add_pci_devices(self)
         builder.add_test_devices(self)
+        builder.configure_consoles(self)
         self.acpi_tables = None
         self._install_tables()
         self.gdb = None
@@ -168,6 +172,18 @@ class VirtualMachine:
         self.closables.append(device)
         self._device_power_on[device.name] = device.save_state()    # what reset() restores
         return device
+
+    def consoles(self) -> list[tuple[str, str, object]]:
+        """(name, device, chardev.Backend) of each console: the COM ports, then
+        each virtio-console port (named as its port, device "virtio-console S.F")."""
+        found = [(name, "uart", uart.backend) for name, uart in self.uarts.items()
+                 if uart.backend is not None]
+        for device in self.pci.devices():
+            host_consoles = getattr(getattr(device, "model", None), "host_consoles", None)
+            if host_consoles is not None:
+                where = f"{device.emulation_name} {device.slot}.{device.func}"
+                found += [(name, where, backend) for name, backend in host_consoles()]
+        return found
 
     def remove_device(self, device) -> None:
         """A device taken off its bus (pci.PciBus.remove): no longer saved,
@@ -266,7 +282,7 @@ class VirtualMachine:
             device.resync_irq()
         self.boot.install_tables(self, self.acpi_tables)
         self.boot.start(self)
-        self.exit_status, self.exit_detail = None, ""
+        self.exit_status, self.exit_detail, self.stopped_by = None, "", ""
         self.stopping = False
         self._stopped.clear()
 

@@ -588,3 +588,33 @@ def test_a_connection_idle_too_long_is_closed(socket_dir, monkeypatch):
             assert quiet.recv(1) == b""
             busy.sendall(b'{"command": "get-rip"}\n')
             assert read_line(busy)["ok"]
+
+
+@needs_kvm
+def test_consoles_says_where_each_console_is(socket_dir, capsys):
+    """The request pyhyvectl --console finds a console with: each COM port and
+    virtio-console port, its backend and where to reach it."""
+    rom = build_rom("exits", COUNT=10**8)
+    link, sock, log = socket_dir / "com1", socket_dir / "com2.sock", socket_dir / "com4.log"
+    vm = VirtualMachine(Config({
+        "name": "consoles", "lpc.bootrom": str(rom), "lpc.com1.path": f"pty,link={link}",
+        "lpc.com2.path": f"unix={sock}", "lpc.com3.path": "tcp=127.0.0.1:0",
+        "lpc.com4.path": f"file={log}", "pci.0.5.0.device": "virtio-console",
+        "pci.0.5.0.port.0.name": "hvc", "pci.0.5.0.port.0.path": "pty"}))
+    server = ControlServer(vm, str(socket_dir / "consoles.sock"))
+    try:
+        answer = ask(server.path, {"command": "consoles"})
+        port = vm.uarts["com3"].backend.address[1]
+        hvc = vm.pci.functions[5, 0].model.ports[0].backend.path
+        assert answer == {"ok": True, "consoles": [
+            {"name": "com1", "device": "uart", "kind": "pty", "path": os.readlink(link),
+             "link": str(link)},
+            {"name": "com2", "device": "uart", "kind": "unix", "path": str(sock)},
+            {"name": "com3", "device": "uart", "kind": "tcp", "address": ["127.0.0.1", port]},
+            {"name": "com4", "device": "uart", "kind": "file", "path": str(log)},
+            {"name": "hvc", "device": "virtio-console 5.0", "kind": "pty", "path": hvc}]}
+        assert hvc.startswith("/dev/pts/") and hvc != os.readlink(link)
+    finally:
+        server.close()
+        vm.close()
+    assert not os.path.lexists(link) and not sock.exists()

@@ -216,6 +216,15 @@ def test_console_flood_to_stdout_nobody_reads(needs_kvm, tmp_path):
     assert run.stderr.count(DROP_WARNING) == 1, run.stderr
 
 
+def test_console_flood_to_a_pty_nobody_attached_to(needs_kvm, tmp_path):
+    """`-l com1,pty` with no client: the pty's buffer fills, the rest is dropped
+    at once (said once), and neither vCPU waits."""
+    run = run_flood(tmp_path, FLOOD_UART, "-l", "com1,pty", target=CONSOLE_BLOCKS)
+    check_run(run, run.flood * BLOCK, CONSOLE_BLOCKS)
+    assert run.stderr.startswith("com1: /dev/pts/"), run.stderr
+    assert run.stderr.count(DROP_WARNING) == 1, run.stderr
+
+
 def test_stdio_output_to_a_stuck_pipe_is_dropped_and_resumes(caplog):
     out_read, out_write = os.pipe()
     in_read, in_write = os.pipe()

@@ -2,6 +2,8 @@
 
 import os
 import pty
+import re
+import select
 import socket
 import termios
 import threading
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from fakevm import FakeVm
 from fuzzing import fuzz_settings
 from pyhyve.config import ConfigError
-from pyhyve.devices.chardev import (Backend, FileBackend, StdioBackend, TcpBackend,
+from pyhyve.devices.chardev import (Backend, FileBackend, PtyBackend, StdioBackend, TcpBackend,
                                     UnixBackend, open_backend)
 from pyhyve.devices.uart import COM_PORTS, FIFO_SIZE, PENDING_LIMIT, Uart16550
 from pyhyve.iobus import BusConflict
@@ -517,10 +519,12 @@ def test_file_backend_errors(tmp_path):
         open_backend(f"file={tmp_path}", "com1")
 
 
-@pytest.mark.parametrize("spec", ["", "tty", "/dev/nmdm0A", "file=", "serial=/dev/ttyS0"])
+@pytest.mark.parametrize("spec", ["", "tty", "/dev/nmdm0A", "file=", "serial=/dev/ttyS0",
+                                  "ptyx"])
 def test_unknown_spec(spec):
     with pytest.raises(ConfigError, match=r"^com1: unknown backend '.*': expected stdio, "
-                                          "file=PATH, unix=PATH or tcp=HOST:PORT$"):
+                                          r"pty\[,link=PATH\], file=PATH, unix=PATH or "
+                                          "tcp=HOST:PORT$"):
         open_backend(spec, "com1")
 
 
@@ -733,3 +737,170 @@ def test_file_backend_stops_at_its_limit_and_says_so_once(tmp_path, caplog):
     assert [record.getMessage() for record in caplog.records] == [
         f"com1: {path} reached its limit of 10 bytes; further output is dropped "
         "(-o console.file_limit)"]
+
+
+# --- the escape on a stdio terminal ---------------------------------------------------
+
+def read_for(fd: int, seconds: float = 0.3) -> bytes:
+    """What arrives on FD within SECONDS."""
+    data, deadline = b"", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            data += os.read(fd, 4096)
+    return data
+
+
+def test_stdio_escape_commands():
+    """`~?` is answered on the terminal, `~~` sends one ~, `~.` calls on_quit
+    once and nothing typed after it reaches the guest."""
+    master, slave = pty.openpty()
+    backend = StdioBackend("com1", slave, slave)
+    quits = []
+    backend.set_escape(b"~", lambda: quits.append(1))
+    inbox = Inbox()
+    backend.attach(inbox)
+    os.write(master, b"ab~c\r~?")
+    inbox.wait_for(b"ab~c\r")                             # mid-line ~ is a plain key
+    shown = read_for(master)
+    assert shown.startswith(b"\r\nSupported escape sequences:\r\n") and b" ~.  power off" in shown
+    os.write(master, b"~~d\r~x\r~")                      # the last ~ waits for its key
+    inbox.wait_for(b"ab~c\r~d\r~x\r")
+    os.write(master, b".late")
+    wait_for(lambda: quits == [1])
+    os.write(master, b"\r~.more")
+    time.sleep(0.1)
+    assert quits == [1] and inbox.data == b"ab~c\r~d\r~x\r"
+    backend.close()
+    os.close(master)
+    os.close(slave)
+
+
+def test_stdio_without_escape_passes_everything():
+    """Until set_escape() arms one (and with None), `~.` is two keys for the guest."""
+    master, slave = pty.openpty()
+    backend = StdioBackend("com1", slave, slave)
+    inbox = Inbox()
+    backend.attach(inbox)
+    os.write(master, b"~.")
+    inbox.wait_for(b"~.")
+    backend.set_escape(None, lambda: pytest.fail("no escape is armed"))
+    os.write(master, b"\r~?~.")
+    inbox.wait_for(b"~.\r~?~.")
+    assert read_for(master, 0.1) == b""
+    backend.close()
+    os.close(master)
+    os.close(slave)
+
+
+# --- pty -----------------------------------------------------------------------------
+
+def test_pty_backend_both_ways_and_reattach():
+    """A client may come and go: the console outlives each detach."""
+    backend = open_backend("pty", "com1")
+    assert isinstance(backend, PtyBackend) and backend.describe() == {"kind": "pty",
+                                                                      "path": backend.path}
+    assert backend.path.startswith("/dev/pts/")
+    inbox = Inbox()
+    backend.attach(inbox)
+    expected = b""
+    for attempt in range(3):
+        client = os.open(backend.path, os.O_RDWR | os.O_NOCTTY)
+        mode = termios.tcgetattr(client)
+        assert not mode[3] & (termios.ICANON | termios.ECHO | termios.ISIG)   # raw
+        assert not mode[1] & termios.OPOST
+        os.write(client, b"typed %d\r" % attempt)
+        expected += b"typed %d\r" % attempt
+        inbox.wait_for(expected)
+        backend.write(b"printed\n")
+        assert read_for(client) == b"printed\n"           # no CR added: raw
+        os.close(client)                                   # detach
+    assert inbox.threads == {"com1-io"} and backend.dropped == 0
+    thread = backend._thread
+    backend.close()
+    assert not thread.is_alive()
+    assert not os.path.exists(backend.path)
+    backend.write(b"late")                                 # dropped, never raises
+
+
+def test_pty_backend_with_nobody_attached_never_blocks(caplog):
+    """The pty's buffer takes what it can; the rest is dropped at once, counted,
+    and said once; a reader who comes later gets the buffer, then new output."""
+    backend = open_backend("pty", "com1")
+    backend.attach(Inbox())
+    chunk = b"x" * 65536
+    start = time.monotonic()
+    for _ in range(256):                                   # 16 MiB, never read
+        backend.write(chunk)
+    assert time.monotonic() - start < 5
+    assert 0 < backend.dropped < 256 * len(chunk)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"com1: the pty {backend.path} is not taking output; "
+                        "dropping what does not fit"]
+    client = os.open(backend.path, os.O_RDWR | os.O_NOCTTY)
+    kept = read_for(client, 0.5)
+    assert kept == b"x" * len(kept) and len(kept) == 256 * len(chunk) - backend.dropped
+    backend.write(b"fresh")
+    assert read_for(client) == b"fresh"
+    os.close(client)
+    backend.close()
+
+
+def test_pty_link_is_made_refused_and_removed(tmp_path):
+    link = tmp_path / "com1"
+    backend = open_backend(f"pty,link={link}", "com1")
+    assert os.readlink(link) == backend.path
+    assert backend.describe() == {"kind": "pty", "path": backend.path, "link": str(link)}
+    with pytest.raises(ConfigError, match=f"^com2: pty link {link} already exists; "
+                                          "remove it or choose another path$"):
+        open_backend(f"pty,link={link}", "com2")
+    client = os.open(link, os.O_RDWR | os.O_NOCTTY)       # the link reaches the console
+    backend.write(b"via the link")
+    assert read_for(client) == b"via the link"
+    os.close(client)
+    backend.close()
+    assert not os.path.lexists(link)
+    for thing in ("file", "dangling"):                     # whatever is there stays
+        path = tmp_path / thing
+        if thing == "file":
+            path.write_text("mine")
+        else:
+            path.symlink_to(tmp_path / "nowhere")
+        before = os.lstat(path)
+        with pytest.raises(ConfigError, match="already exists"):
+            open_backend(f"pty,link={path}", "com1")
+        assert os.lstat(path) == before
+    with pytest.raises(ConfigError, match=r"^com1: cannot make pty link .*/no/dir: "
+                                          "No such file or directory$"):
+        open_backend(f"pty,link={tmp_path}/no/dir", "com1")
+
+
+def test_pty_close_leaves_a_replaced_link_alone(tmp_path):
+    link = tmp_path / "com1"
+    backend = open_backend(f"pty,link={link}", "com1")
+    link.unlink()
+    link.symlink_to("/dev/null")                           # someone else's now
+    backend.close()
+    assert os.readlink(link) == "/dev/null"
+
+
+@pytest.mark.parametrize("spec", ["pty,", "pty,link=", "pty,link", "pty,mode=raw",
+                                  "pty,link=/a,link=/b"])
+def test_pty_spec_errors(spec):
+    with pytest.raises(ConfigError, match=f"^com1: {re.escape(spec)}: expected pty or "
+                                          "pty,link=PATH$"):
+        open_backend(spec, "com1")
+
+
+def test_describe_says_where_each_backend_is(tmp_path):
+    backends = [open_backend("stdio", "com1"), open_backend(f"file={tmp_path}/log", "com2"),
+                open_backend(f"unix={tmp_path}/sock", "com3"),
+                open_backend("tcp=127.0.0.1:0", "com4")]
+    try:
+        port = backends[3].address[1]
+        assert [b.describe() for b in backends] == [
+            {"kind": "stdio"}, {"kind": "file", "path": f"{tmp_path}/log"},
+            {"kind": "unix", "path": f"{tmp_path}/sock"},
+            {"kind": "tcp", "address": ["127.0.0.1", port]}]
+    finally:
+        for backend in backends:
+            backend.close()

@@ -374,6 +374,41 @@ def test_a_failed_port_closes_the_others(tmp_path):
     vm.close()
 
 
+def test_pty_port(tmp_path):
+    """A port on a pty, as `-l com1,pty` (pty,link=PATH needs the config key:
+    a comma in -s separates ports)."""
+    import os
+    import select
+    from pyhyve.devices.chardev import PtyBackend
+    link = tmp_path / "hvc"
+    vm = VirtioVm()
+    device = vm.pci.add(SLOT, 0, VirtioConsolePci, {"port.0.name": "hvc",
+                                                     "port.0.path": f"pty,link={link}"})
+    port = device.model.ports[0]
+    assert isinstance(port.backend, PtyBackend) and os.readlink(link) == port.backend.path
+    assert device.model.host_consoles() == [("hvc", port.backend)]
+    driver = ConsoleDriver(vm, device)
+    driver.start(D.F_VERSION_1)
+    client = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        driver.send(0, b"to the pty")
+        assert select.select([client], [], [], 5)[0]
+        assert os.read(client, 100) == b"to the pty"
+        driver.offer(0, receive=16)
+        os.write(client, b"from the pty")
+        assert wait_for(lambda: driver.rings[0].used and
+                        vm.memory.read_u16(driver.rings[0].used + 2) == 1)
+        assert driver.received(0) == [b"from the pty"]
+    finally:
+        os.close(client)
+    vm.close()
+    assert not os.path.lexists(link)
+    vm = VirtioVm()
+    device = make_console(vm, "a=pty,b=stdio")              # the legacy syntax: bare pty
+    assert [p.backend.kind for p in device.model.ports] == ["pty", "stdio"]
+    vm.close()
+
+
 def test_file_backend_and_teardown(tmp_path):
     log = tmp_path / "out.txt"
     vm = VirtioVm()

@@ -2,8 +2,13 @@
 
 SPEC is one of
     stdio           the terminal pyhyve runs in, in raw mode until the backend
-                    closes or the process exits (like bhyve, there is no escape
-                    key: Ctrl-C goes to the guest)
+                    closes or the process exits (as in bhyve, Ctrl-C goes to
+                    the guest; the escape of pyhyve.escape, `~.` at the start
+                    of a line, powers the VM off once set_escape() armed it)
+    pty[,link=PATH] a pseudo-terminal pair in raw mode, for `cu -l`, screen or
+                    pyhyvectl --console to attach to (bhyve's nmdm devices);
+                    `path` names its slave, and link=PATH makes a symbolic link
+                    to it there (refused if PATH exists; removed on close)
     file=PATH       guest output appended to PATH; no input
     unix=PATH       a listening AF_UNIX stream socket
     tcp=HOST:PORT   a listening TCP socket (port 0 picks a free one)
@@ -17,7 +22,9 @@ Guest output must never stall a vCPU for long, and is never queued in pyhyve:
 what the host end does not take is dropped and counted in `dropped`, as a
 real UART's bits are lost on a line nobody reads, and the first loss is logged.
 A socket backend sends without blocking, so output with no client connected,
-or beyond what the kernel's socket buffer holds, is dropped at once.  stdio and
+or beyond what the kernel's socket buffer holds, is dropped at once.  A pty
+does not wait either: its kernel buffer (some 64 KiB) holds output for the
+next reader, and what does not fit is dropped at once.  stdio and
 file writes wait up to STALL_LIMIT for a reader that is merely slow (a pipe to
 `tee`), then drop output at once until the reader takes some again (bhyve's
 stdout is non-blocking and drops what does not fit); a regular file is always
@@ -28,7 +35,11 @@ waits on the backend's descriptors with a selector and is woken through an
 eventfd when close() asks it to exit.  The same thread tells an attached
 `on_connection(connected)` when a socket backend's client comes or goes, for
 devices whose protocol carries the host end's state (virtio-console ports);
-stdio and file backends are always connected.
+stdio, pty and file backends are always connected.
+
+A pty keeps its own slave descriptor open, so that the master never sees the
+hang-up of the last close: a client detaching (cu's `~.`) and another
+attaching later reach the same console.
 """
 
 import atexit
@@ -45,6 +56,7 @@ import time
 import tty
 from typing import Callable
 
+from .. import escape as escapes
 from ..config import ConfigError
 from ..sandbox import catch_up, remove_at_exit
 
@@ -53,7 +65,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 4096
 STALL_LIMIT = 0.2      # seconds one write may wait for a slow reader
 JOIN_TIMEOUT = 5.0
-SPECS = "stdio, file=PATH, unix=PATH or tcp=HOST:PORT"
+SPECS = "stdio, pty[,link=PATH], file=PATH, unix=PATH or tcp=HOST:PORT"
 FILE_LIMIT = 128 << 20 # bytes a console file may grow to (-o console.file_limit)
 
 
@@ -62,6 +74,8 @@ def open_backend(spec: str, name: str = "console", file_limit: int = FILE_LIMIT)
     and names the I/O thread."""
     if spec == "stdio":
         return StdioBackend(name)
+    if spec == "pty" or spec.startswith("pty,"):
+        return PtyBackend(name, **_pty_options(spec, name))
     kind, sep, arg = spec.partition("=")
     if sep and arg:
         if kind == "file":
@@ -73,8 +87,21 @@ def open_backend(spec: str, name: str = "console", file_limit: int = FILE_LIMIT)
     raise ConfigError(f"{name}: unknown backend '{spec}': expected {SPECS}")
 
 
+def _pty_options(spec: str, name: str) -> dict[str, str]:
+    options = {}
+    for item in spec.split(",")[1:]:
+        key, sep, value = item.partition("=")
+        if key != "link" or not sep or not value or key in options:
+            raise ConfigError(f"{name}: {spec}: expected pty or pty,link=PATH")
+        options[key] = value
+    return options
+
+
 class Backend:
     """Where a serial port's output goes and its input comes from."""
+
+    kind = "custom"             # what describe() reports: stdio, pty, file, unix, tcp...
+    stall_limit = STALL_LIMIT   # seconds _write_or_drop waits for room
 
     def __init__(self, name: str):
         self.name = name
@@ -98,6 +125,11 @@ class Backend:
         self._callback = callback
         self._on_connection = on_connection
 
+    def describe(self) -> dict:
+        """What a client needs to find this console: {"kind": ...} and, for
+        those one can attach to, "path" (pty, unix), "link" or "address"."""
+        return {"kind": self.kind}
+
     def _watch_output(self, fd: int) -> None:
         """Poll `fd` for room before each write (see _write_or_drop)."""
         self._output_ready = select.poll()
@@ -110,13 +142,16 @@ class Backend:
         problems are said once.  Callers serialise: a poll object has one user
         at a time."""
         view = memoryview(data)
-        wait_until = time.monotonic() + (0.0 if self._lagging else STALL_LIMIT)
+        wait_until = time.monotonic() + (0.0 if self._lagging else self.stall_limit)
         try:
             while view:
                 timeout_ms = max(0.0, wait_until - time.monotonic()) * 1000
                 if not self._output_ready.poll(timeout_ms):
                     break
-                view = view[os.write(fd, view[:select.PIPE_BUF]):]
+                try:
+                    view = view[os.write(fd, view[:select.PIPE_BUF]):]
+                except BlockingIOError:     # a pty may poll writable and still be full
+                    break
         except OSError as exc:
             self.dropped += len(view)
             if not self._failed:
@@ -147,6 +182,8 @@ class MemoryConsole(Backend):
     """A console held in memory, for programs that embed pyhyve (tests): guest
     output collects in `output` (up to `limit` bytes, the oldest dropped), and
     send() types input, as if a user were at the other end."""
+
+    kind = "memory"
 
     def __init__(self, name: str = "console", limit: int = 1 << 20):
         super().__init__(name)
@@ -186,6 +223,8 @@ class FileBackend(Backend):
     grows to `limit` bytes at most: a guest printing without end must not fill
     the host's disk.  What is beyond is dropped, counted, and said once."""
 
+    kind = "file"
+
     def __init__(self, name: str, path: str, limit: int = FILE_LIMIT, truncate: bool = False):
         super().__init__(name)
         self.path = path
@@ -198,6 +237,9 @@ class FileBackend(Backend):
             raise ConfigError(f"{name}: cannot open file={path}: {_reason(exc)}") from None
         self._size = os.fstat(self._fd).st_size
         self._watch_output(self._fd)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path}
 
     def write(self, data: bytes) -> None:
         with self._lock:
@@ -288,7 +330,12 @@ class StdioBackend(_PolledBackend):
     """pyhyve's own terminal: keys go to the guest, guest output to stdout.
 
     When input is a terminal it is put in raw mode (as bhyve does with
-    cfmakeraw), and its settings come back on close() or at process exit."""
+    cfmakeraw), and its settings come back on close() or at process exit.
+    Input passes untouched until set_escape() arms an escape character: then
+    `~.` at the start of a line calls `on_quit()` (the machine powers off),
+    `~?` lists the escapes on the terminal and `~~` sends one `~`."""
+
+    kind = "stdio"
 
     def __init__(self, name: str, in_fd: int = 0, out_fd: int = 1):
         super().__init__(name)
@@ -296,12 +343,21 @@ class StdioBackend(_PolledBackend):
         self._out_fd = out_fd
         self._saved_mode = None
         self._write_lock = threading.Lock()     # vCPUs may write at once
+        self._escape: escapes.EscapeFilter | None = None
+        self._on_quit: Callable[[], None] | None = None
+        self._quitting = False
         self._watch_output(out_fd)
         self._selector.register(in_fd, selectors.EVENT_READ, self._on_input)
         if os.isatty(in_fd):
             self._saved_mode = termios.tcgetattr(in_fd)
             tty.setraw(in_fd)
             atexit.register(self._restore)
+
+    def set_escape(self, escape: bytes | None, on_quit: Callable[[], None]) -> None:
+        """Arm the escape character `escape` (None: input passes untouched);
+        `~.` calls `on_quit` on the I/O thread."""
+        self._on_quit = on_quit
+        self._escape = None if escape is None else escapes.EscapeFilter(escape)
 
     def write(self, data: bytes) -> None:
         with self._write_lock:
@@ -317,10 +373,24 @@ class StdioBackend(_PolledBackend):
             return
         except OSError:
             data = b""
-        if data:
-            self._deliver(data)
-        else:
+        if not data:
             self._selector.unregister(fd)   # end of input: keep serving output
+            return
+        if self._quitting:
+            return                          # the machine is powering off
+        escape = self._escape
+        for item in escape.feed(data) if escape is not None else (data,):
+            if isinstance(item, bytes):
+                self._deliver(item)
+            elif item == escapes.HELP:
+                self.write(escapes.help_text(escape.escape, "power off the VM "
+                                             "(as pyhyvectl --force-poweroff)"))
+            else:
+                self._quitting = True
+                try:
+                    self._on_quit()
+                except Exception:
+                    log.exception("%s: powering off failed", self.name)
 
     def _restore(self) -> None:
         if self._saved_mode is not None:
@@ -333,6 +403,92 @@ class StdioBackend(_PolledBackend):
     def _release(self) -> None:
         self._restore()
         atexit.unregister(self._restore)
+
+
+class PtyBackend(_PolledBackend):
+    """A pseudo-terminal for a user's terminal program to attach to, as bhyve's
+    nmdm: the guest has the master, `path` is the slave (with `link`, a
+    symbolic link to it).  Both ends are raw: bytes pass as they are.
+
+    pyhyve holds the slave open too, so that the master never sees the hang-up
+    of the last close and a client may come and go.  Guest output never waits:
+    with nobody reading, the pty's buffer fills and the rest is dropped,
+    counted and said once."""
+
+    kind = "pty"
+    stall_limit = 0.0
+
+    def __init__(self, name: str, link: str | None = None):
+        master, slave = os.openpty()             # not inherited by children
+        try:
+            tty.setraw(slave)
+            path = os.ttyname(slave)
+            os.set_blocking(master, False)
+            link_id = _make_link(name, path, link) if link else None
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        super().__init__(name)
+        self.path, self.link = path, link
+        self._master, self._slave, self._link_id = master, slave, link_id
+        self._write_lock = threading.Lock()
+        self._watch_output(master)
+        self._selector.register(master, selectors.EVENT_READ, self._on_input)
+
+    def describe(self) -> dict:
+        info = {"kind": self.kind, "path": self.path}
+        if self.link:
+            info["link"] = self.link
+        return info
+
+    def write(self, data: bytes) -> None:
+        with self._write_lock:
+            if self._closing:
+                self.dropped += len(data)
+                return
+            self._write_or_drop(self._master, data, f"the pty {self.path}")
+
+    def _on_input(self, fd: int) -> None:
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:              # not while we hold the slave; never spin
+            log.warning("%s: reading the pty %s failed (%s); input stops", self.name,
+                        self.path, _reason(exc))
+            data = b""
+        if data:
+            self._deliver(data)
+        else:
+            self._selector.unregister(fd)
+
+    def _release(self) -> None:
+        with self._write_lock:
+            os.close(self._master)
+            os.close(self._slave)
+        if self._link_id is not None:
+            try:
+                found = os.lstat(self.link)     # still ours? (an inode may be reused)
+                if (found.st_dev, found.st_ino) == self._link_id and \
+                        os.readlink(self.link) == self.path:
+                    os.unlink(self.link)
+            except OSError:
+                pass                        # removed by someone else, or not ours to remove
+
+
+def _make_link(name: str, target: str, link: str) -> tuple[int, int]:
+    """A symbolic link at LINK to TARGET, where nothing is yet; its (dev, inode)."""
+    try:
+        os.symlink(target, link)
+        found = os.lstat(link)
+    except FileExistsError:
+        raise ConfigError(f"{name}: pty link {link} already exists; remove it or "
+                          "choose another path") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot make pty link {link}: {_reason(exc)}") from None
+    remove_at_exit(link)
+    return found.st_dev, found.st_ino
 
 
 class _ServerBackend(_PolledBackend):
@@ -412,6 +568,8 @@ class _ServerBackend(_PolledBackend):
 class UnixBackend(_ServerBackend):
     """A console on an AF_UNIX socket; a socket file left by a dead pyhyve is reused."""
 
+    kind = "unix"
+
     def __init__(self, name: str, path: str):
         self.path = path
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -437,6 +595,9 @@ class UnixBackend(_ServerBackend):
     def address(self) -> str:
         return self.path
 
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.path}
+
     def _release(self) -> None:
         super()._release()
         try:
@@ -449,6 +610,8 @@ class UnixBackend(_ServerBackend):
 
 class TcpBackend(_ServerBackend):
     """A console on a TCP port; HOST may be a name, an IPv4 or a [bracketed] IPv6 address."""
+
+    kind = "tcp"
 
     def __init__(self, name: str, address: str):
         host, sep, port = address.rpartition(":")
@@ -476,6 +639,10 @@ class TcpBackend(_ServerBackend):
     def address(self) -> tuple[str, int]:
         """The bound (host, port), with the real port when 0 was asked for."""
         return self._listener.getsockname()[:2]
+
+    def describe(self) -> dict:
+        host, port = self.address
+        return {"kind": self.kind, "address": [host, port]}
 
     def _configure(self, client: socket.socket) -> None:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # keystrokes, not bulk

@@ -5,7 +5,9 @@
 
 Each NAME=PATH is a port, numbered from 0 in the order given (at most
 MAX_PORTS).  As in bhyve, PATH is an AF_UNIX socket to listen on; pyhyve also
-takes its chardev specs there: stdio, unix=PATH, tcp=HOST:PORT or file=PATH.
+takes its chardev specs there: stdio, pty, unix=PATH, tcp=HOST:PORT or
+file=PATH (and pty,link=PATH where the comma survives: as a config key,
+`-o pci.0.SLOT.0.port.N.path=pty,link=PATH`).
 The config tree holds the ports as bhyve_config(5) does: port.N.name and
 port.N.path.
 
@@ -63,7 +65,8 @@ _CONTROL = struct.Struct("<IHH")
 
 def _backend_spec(path: str) -> str:
     """bhyve's socket path, or one of pyhyve's chardev specs as it is."""
-    if path == "stdio" or path.partition("=")[0] in BACKEND_KINDS:
+    if path in ("stdio", "pty") or path.startswith("pty,") or \
+            path.partition("=")[0] in BACKEND_KINDS:
         return path
     return f"unix={path}"
 
@@ -140,6 +143,10 @@ class VirtioConsole(VirtioDevice):
             names.add(name)
             result.append((number, name, path))
         return result
+
+    def host_consoles(self) -> list[tuple[str, Backend]]:
+        """(port name, backend) of each port, for the VM's list of consoles."""
+        return [(port.name, port.backend) for port in self.ports]
 
     def _close_backends(self) -> None:
         for port in self.ports:

@@ -86,12 +86,12 @@ class VirtioNetPci(VirtioPciDevice):
 
 @emulation("virtio-console")
 class VirtioConsolePci(VirtioPciDevice):
-    """virtio console: NAME=PATH[,NAME=PATH...] (PATH: a unix socket, stdio, unix=, tcp=, file=)"""
+    """virtio console: NAME=PATH[,...] (PATH: a unix socket, stdio, pty, unix=, tcp=, file=)"""
 
     options = (
         Option("port.N.name", "text", None, "port N's name (port 0 is the console)"),
         Option("port.N.path", "text", None, "port N's host side: a unix socket path, stdio, "
-               "unix=PATH, tcp=HOST:PORT or file=PATH"),
+               "pty[,link=PATH], unix=PATH, tcp=HOST:PORT or file=PATH"),
     )
 
     @classmethod
