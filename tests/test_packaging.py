@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from guestrun import REPO
 from pyhyve.ctl import socket_directory
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -134,15 +135,31 @@ def test_pyhyvectl_manual_names_every_long_option_of_the_usage():
                               and not option.startswith(("get-", "set-"))) == []
 
 
-def test_config_manual_names_every_key_and_device_option():
+def config_manual() -> str:
+    """pyhyve_config(5) as the code declares it: every config key and every
+    emulation's options, with the words they carry in `-o help` and `-s help`."""
     from pyhyve import configkeys
     from pyhyve.pci import emulations
-    page = (REPO / "man" / "pyhyve_config.5").read_text().replace("\\-", "-")
-    assert sorted(key for key in configkeys.KEYS if f".B {key}\n" not in page) == []
-    for name, emulation in emulations().items():
-        assert f".SS {name}\n" in page
-        assert sorted(option.name for option in emulation.options
-                      if f".B {option.name}\n" not in page) == [], name
+
+    def roff(text: str) -> str:
+        return text.replace("\\", "\\e").replace("-", "\\-")
+    lines = (REPO / "man" / "pyhyve_config.5.head").read_text().splitlines()
+    for key, meaning in configkeys.KEYS.items():
+        lines += [".TP", f".B {roff(key)}", roff(meaning)]
+    lines += (REPO / "man" / "pyhyve_config.5.devices").read_text().splitlines()
+    for name, emulation in sorted(emulations().items()):
+        lines.append(f".SS {name}")
+        if emulation.__doc__:
+            lines.append(roff(emulation.__doc__.strip().splitlines()[0]))
+        for option in emulation.options:
+            lines += [".TP", f".B {roff(option.name)}", roff(option.help)]
+    lines += [".SH SEE ALSO", ".BR pyhyve (8),", ".BR pyhyvectl (8),", ".BR bhyve_config (5)"]
+    return "\n".join(lines) + "\n"
+
+
+def test_config_manual_is_every_key_and_device_option():
+    """Regenerate with `python tests/test_packaging.py` after changing a key."""
+    assert (REPO / "man" / "pyhyve_config.5").read_text() == config_manual()
 
 
 def test_installed_files_exist():
@@ -153,3 +170,7 @@ def test_installed_files_exist():
     listed = [path for paths in data_files.values() for path in paths]
     assert {f"man/{page}" for page in MANUALS} <= set(listed)
     assert [path for path in listed if not (REPO / path).is_file()] == []
+
+
+if __name__ == "__main__":
+    (REPO / "man" / "pyhyve_config.5").write_text(config_manual())
