@@ -155,11 +155,14 @@ def _rule(lib, ctx, action: int, name: str, *conditions: _ArgCmp) -> None:
            f"rule for {name}")
 
 
-def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) -> None:
+def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
+                    pinning: bool = False) -> None:
     """Allow ALLOWED_SYSCALLS on every thread of the process, refuse the rest
     with EPERM.  New threads stay possible (clone with CLONE_THREAD and no new
     namespace); new processes, exec, new sockets (but IPv4 and IPv6 ones with
-    inet_sockets), ptrace, mounts, module loading and uid changes do not."""
+    inet_sockets), ptrace, mounts, module loading and uid changes do not.
+    `pinning` (-p) allows sched_setaffinity, with which each vCPU thread pins
+    itself as it starts."""
     lib = lib or load_libseccomp()
     ctx = lib.seccomp_init(scmp_act_errno(errno.EPERM))
     if not ctx:
@@ -175,6 +178,8 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None) 
               _ArgCmp(0, SCMP_CMP_MASKED_EQ, CLONE_THREAD | CLONE_NEW_NAMESPACES,
                       CLONE_THREAD))
         _rule(lib, ctx, scmp_act_errno(errno.ENOSYS), "clone3")
+        if pinning:
+            _rule(lib, ctx, SCMP_ACT_ALLOW, "sched_setaffinity")
         if inet_sockets:
             for name in INET_SOCKET_SYSCALLS:
                 _rule(lib, ctx, SCMP_ACT_ALLOW, name)
@@ -198,7 +203,7 @@ def confine(config: Config) -> None:
         drop_privileges(user)
     if lib is not None:
         try:
-            install_seccomp(uses_user_networking(config), lib)
+            install_seccomp(uses_user_networking(config), lib, pins_vcpus(config))
         except OSError as exc:
             raise ConfigError(f"process.seccomp: {exc.strerror or exc}") from None
 
@@ -207,3 +212,8 @@ def uses_user_networking(config: Config) -> bool:
     """Whether a virtio-net device has the slirp backend (pci.0.SLOT.FUNC.backend)."""
     return any(key.endswith(".backend") and value == "slirp"
                for key, value in config.subtree("pci").items())
+
+
+def pins_vcpus(config: Config) -> bool:
+    """Whether a vCPU thread is to pin itself to host CPUs (vcpu.N.cpuset, -p)."""
+    return any(key.endswith(".cpuset") for key in config.subtree("vcpu"))
