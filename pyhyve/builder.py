@@ -6,11 +6,13 @@ device list; what goes into them, and in which order, is decided here.
 
 import functools
 import hashlib
+import os
+import re
 import socket
 import string
 
 from . import cpuid
-from .config import Config, ConfigError, parse_size
+from .config import Config, ConfigError, format_cpus, parse_cpuset, parse_size
 from .devices.debugcon import DebugConsole
 from .devices.debugexit import (DEFAULT_IOBASE as DEBUG_EXIT_IOBASE,
                                 DEFAULT_IOSIZE as DEBUG_EXIT_IOSIZE, DebugExit)
@@ -192,3 +194,26 @@ def vm_uuid(config: Config, name: str) -> bytes:
     if len(digits) != 32 or not set(digits) <= set(string.hexdigits):
         raise ConfigError(f"invalid UUID '{text}'")
     return bytes.fromhex(digits)
+
+
+def vcpu_cpusets(config: Config, cpus: int) -> dict[int, frozenset[int]]:
+    """vCPU -> the host CPUs its thread is pinned to (vcpu.N.cpuset, bhyve's -p):
+    a vCPU the VM does not have, or a host CPU this process may not run on, is an
+    error before anything runs."""
+    allowed = os.sched_getaffinity(0)
+    pinned = {}
+    for key, value in config.subtree("vcpu").items():
+        index, _, leaf = key.partition(".")
+        if leaf != "cpuset" or not re.fullmatch(r"[0-9]+", index):
+            continue                    # an unknown key, which the VM warns of
+        name = f"vcpu.{index}.cpuset"
+        if int(index) >= cpus:
+            raise ConfigError(f"{name}: no vCPU {index}: the VM has vCPUs 0 to {cpus - 1} "
+                              "(-p VCPU:HOSTCPU)")
+        wanted = parse_cpuset(name, value)
+        outside = sorted(wanted - allowed)
+        if outside:
+            raise ConfigError(f"{name}: host CPU {outside[0]} is not one pyhyve may run on "
+                              f"(it may use {format_cpus(allowed)})")
+        pinned[int(index)] = frozenset(wanted)
+    return pinned

@@ -1,7 +1,9 @@
 """The `pyhyve` command: bhyve's command line, filling bhyve's config tree."""
 
+import errno
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -15,20 +17,26 @@ from .sandbox import confine, remove_at_exit
 from .vcpu import ExitStatus
 
 USAGE = """\
-usage: pyhyve [-ADeHhPSuwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
+usage: pyhyve [-ACDeHhPSuvwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
               [-f name,string=TEXT|file=PATH] [-G [w][address:]port] [-k config_file]
-              [-l lpcdev[,conf]]
-              [-m memsize[K|M|G|T]] [-o var=value] [-s pci] [-U uuid] vmname
+              [-K layout] [-l lpcdev[,conf]] [-m memsize[K|M|G|T]] [-o var=value]
+              [-p vcpu:hostcpu] [-r file] [-s pci] [-U uuid] vmname
+       pyhyve -l help | -s help | -o help | -h | --help | --version
 
 Virtual machine:
   -c cpus        vCPUs and topology, bhyve syntax (cpus=N,sockets=S,cores=C,threads=T)
   -m memsize     guest memory, with a K, M, G or T suffix (default 256M)
+  -p vcpu:hostcpu  pin vCPU vcpu's thread to host CPU hostcpu (repeatable: several
+                 -p for one vCPU give it several host CPUs; vcpu.N.cpuset)
   -S             wire guest memory (mlock)
+  -C             include guest memory in core dumps (default: left out, MADV_DONTDUMP)
   -U uuid        the VM's UUID (fw_cfg); default: derived from host and VM names
-  -D             destroy the VM on power-off (always so: a KVM VM ends with its process)
+  -D             destroy the VM on power-off: accepted; a KVM VM is always destroyed
+                 when its process exits, which pyhyve does at every power-off
 Devices:
-  -s [bus:]slot[:func],emulation[,conf]  a PCI device (pyhyve -s help lists emulations);
-                 a hostbridge at 0:0 and an lpc bridge at 31:0 are added unless given
+  -s [bus:]slot[:func],emulation[,conf]  a PCI device (pyhyve -s help lists emulations
+                 and their options); a hostbridge at 0:0 and an lpc bridge at 31:0 are
+                 added unless given
   -l bootrom,FILE[,VARS]   firmware mapped to end at 4 GiB; the BSP starts at its reset vector;
                            VARS: a variable file mapped below it, kept across runs (UEFI)
   -l com1,stdio|pty[,link=PATH]|file=PATH|unix=PATH|tcp=HOST:PORT
@@ -43,14 +51,17 @@ Devices:
                            ports 0xe0, IRQ lines 0x2000, memory 0xff000000; with an
                            isa-debug-exit at 0xf4+4 unless one is given)
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
+  -K layout      keyboard layout of bhyve's VNC console: refused (exit status 4),
+                 pyhyve has no display yet
 Direct kernel boot (no firmware):
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   boot a kernel: a bzImage (at its 64-bit entry, else
                   through its 16-bit setup code), a PVH ELF kernel, or a multiboot kernel
                   (ELF or a.out kludge), whose INITRD lists modules: "mod1 args,mod2 args"
                   (,, for a comma; quote CMDLINE then)
   -Y              no MP table for a directly booted kernel (x86.mptable=false)
-  -A              ACPI tables (the default: for firmware through fw_cfg, for a kernel in
-                  the BIOS area; -o acpi_tables=false leaves them out)
+  -A              generate ACPI tables: accepted, pyhyve always does (for firmware
+                  through fw_cfg, for a kernel in the BIOS area; -o acpi_tables=false
+                  leaves them out)
 Configuration:
   -k config_file  read bhyve_config(5) key=value lines
   -o var=value    set a config key (e.g. -o memory.size=1G; -o help lists them all);
@@ -63,6 +74,11 @@ Configuration:
 Console escapes (stdio, at the start of a line; Ctrl-C goes to the guest):
   ~.  power off the VM (as pyhyvectl --force-poweroff: exit status 1)
   ~?  list the escapes          ~~  send one ~ to the guest
+Logging (lines start with the date and time, to the millisecond):
+  -v              log what pyhyve does (logging.level=info); -vv: debug
+  -o logging.level=debug|info|warning|error   (default warning)
+  -o logging.file=PATH      append the log to PATH instead of stderr (opened before
+                            privileges are dropped); errors still go to stderr
 Least privilege (applied once devices, disks and sockets are open, before the guest runs):
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
   -o process.seccomp=BOOL   refuse system calls the running VM does not need (default true;
@@ -72,8 +88,10 @@ Least privilege (applied once devices, disks and sockets are open, before the gu
   -o snapshot.dir=DIR       where pyhyvectl --checkpoint/--suspend may write snapshots
 x86:
   -e              exit on unemulated I/O (x86.strictio); default: reads return all ones
-  -H              yield the host CPU when the guest halts (always so with KVM's LAPIC)
-  -P              exit on PAUSE (KVM handles PAUSE loops in the kernel)
+  -H              yield the host CPU when the guest halts: accepted, always so (KVM's
+                  in-kernel LAPIC)
+  -P              exit on PAUSE: accepted, KVM's pause-loop exiting (PLE) already
+                  takes a vCPU spinning on PAUSE off its host CPU
   -w              ignore accesses to unknown MSRs (default: #GP, x86.strictmsr)
   -x              offer x2APIC mode to the guest (x86.x2apic)
 Clock:
@@ -87,10 +105,12 @@ Other:
                   one of another machine, or one pyhyve cannot read, is refused
                   with exit status 4
 
-Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error;
-with isa-debug-exit, also whatever odd status the guest chose."""
+Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error
+(a bad option or config value among them, said in one line on stderr); with
+isa-debug-exit, also whatever odd status the guest chose."""
 
-SHORT_OPTIONS = "Ac:Def:G:Hhk:l:m:o:Pr:s:SU:uwxY"   # getopt(3)'s: a colon follows a valued letter
+# getopt(3)'s: a colon follows a letter that takes a value
+SHORT_OPTIONS = "ACc:Def:G:Hhk:K:l:m:o:Pp:r:s:SU:uvwxY"
 
 
 def getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -270,8 +290,21 @@ def parse_fwcfg_file(config: Config, text: str) -> None:
     config.set(f"fwcfg.file.{index}", text)
 
 
+def parse_pin(config: Config, text: str) -> None:
+    """-p vcpu:hostcpu, as bhyve's pincpu_parse: one more host CPU in
+    vcpu.N.cpuset (checked against the VM's vCPUs and the host's CPUs when
+    the VM is built)."""
+    vcpu, sep, cpu = text.partition(":")
+    if not (sep and re.fullmatch(r"[0-9]+", vcpu) and re.fullmatch(r"[0-9]+", cpu)):
+        raise ConfigError(f"invalid -p '{text}': expected vcpu:hostcpu, such as -p 0:1")
+    key = f"vcpu.{int(vcpu)}.cpuset"
+    before = config.get(key)
+    config.set(key, f"{before},{int(cpu)}" if before else str(int(cpu)))
+
+
 # bhyve's options that set one config key
 FLAG_KEYS = {
+    "-C": ("memory.guest_in_core", "true"),
     "-e": ("x86.strictio", "true"),
     "-w": ("x86.strictmsr", "false"),
     "-u": ("rtc.use_localtime", "false"),
@@ -283,7 +316,8 @@ FLAG_KEYS = {
     "-Y": ("x86.mptable", "false"),
     "-A": ("acpi_tables", "true"),
 }
-VALUE_KEYS = {"-m": "memory.size", "-U": "uuid"}
+VALUE_KEYS = {"-m": "memory.size", "-U": "uuid", "-K": "keyboard.layout"}
+VERBOSITY = ("info", "debug")       # logging.level for -v, -vv
 
 
 def parse_args(argv: list[str]) -> Config | None:
@@ -297,11 +331,17 @@ def parse_args(argv: list[str]) -> Config | None:
         return None
     options, rest = getopt(argv)
     config = Config()
+    verbosity = 0
     for option, value in options:
         if option == "-h":
             print(USAGE)
             return None
-        if option in FLAG_KEYS:
+        if option == "-v":
+            verbosity += 1
+            config.set("logging.level", VERBOSITY[min(verbosity, len(VERBOSITY)) - 1])
+        elif option == "-p":
+            parse_pin(config, value)
+        elif option in FLAG_KEYS:
             config.set(*FLAG_KEYS[option])
         elif option in VALUE_KEYS:
             config.set(VALUE_KEYS[option], value)
@@ -367,8 +407,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    logging.basicConfig(level=logging.WARNING,
-                        format="pyhyve: %(name)s: %(levelname)s: %(message)s")
+    log = CommandLog()
+    try:
+        return _run(argv, log)
+    finally:
+        log.close()
+
+
+def _run(argv: list[str] | None, log: "CommandLog") -> int:
     from .vm import VirtualMachine
     try:
         try:
@@ -384,6 +430,7 @@ def _main(argv: list[str] | None) -> int:
             print(config.dump())
             return 0
         grace = _grace_seconds(config)
+        log.configure(config)       # the log file opens here, before any privilege drop
         vm = VirtualMachine(config)
     except (ConfigError, KvmUnavailable, KvmError) as exc:
         print(f"pyhyve: {exc}", file=sys.stderr)
@@ -401,6 +448,7 @@ def _main(argv: list[str] | None) -> int:
             vm.close()
             print(f"pyhyve: cannot restore: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
+        vm.log.info("restored from %s", config.get("restore.path"))
     last_words = []                 # said once the terminal is out of raw mode
     try:
         try:
@@ -413,13 +461,11 @@ def _main(argv: list[str] | None) -> int:
         except ConfigError as exc:
             last_words.append(str(exc))
             return ExitStatus.ERROR
-        status = vm.run()
+        status = vm.run()           # a fatal exit has said why already (vm.fatal)
         if stopped_by:
             last_words.append(f"{stopped_by[0]}: powered off")
         elif vm.stopped_by:
             last_words.append(f"{vm.stopped_by}: powered off")
-        elif status == ExitStatus.ERROR and vm.exit_detail:
-            last_words.append(vm.exit_detail)
         return int(status)
     finally:
         vm.close()
@@ -437,6 +483,101 @@ def _announce_ptys(vm) -> None:
             end = "\r\n" if sys.stderr.isatty() else "\n"
             sys.stderr.write(f"{backend.name}: {where}{end}")
     sys.stderr.flush()
+
+
+LOG_FORMAT = "%(asctime)s.%(msecs)03d pyhyve: %(name)s: %(levelname)s: %(message)s"
+LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+
+
+class _LogFileHandler(logging.StreamHandler):
+    """The log file's handler: a write that fails (a full disk) says so in one
+    line on stderr, once, instead of logging's traceback for every record."""
+
+    def __init__(self, stream, path: str):
+        super().__init__(stream)
+        self.path, self.failed = path, False
+
+    def emit(self, record) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record) -> None:
+        self.failed = True
+        error = sys.exc_info()[1]
+        print(f"pyhyve: cannot write log file {self.path}: "
+              f"{getattr(error, 'strerror', None) or error}; no more log lines go there",
+              file=sys.stderr)
+
+
+class CommandLog:
+    """The `pyhyve` command's log: records of every logger, each line stamped
+    with the date and time to the millisecond, on stderr at level WARNING
+    until the config says otherwise (logging.level, -v; logging.file).  On
+    stderr, records marked "printed" (VirtualMachine.fatal) are left out: their
+    line is there already.  close() takes it all back (main() may run inside
+    another program, a test)."""
+
+    def __init__(self):
+        self.root = logging.getLogger()
+        self.saved_level = self.root.level
+        self.handler = self._stderr_handler()
+        self.root.addHandler(self.handler)
+        self.root.setLevel(logging.WARNING)
+
+    @staticmethod
+    def _stderr_handler() -> logging.Handler:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(lambda record: not getattr(record, "printed", False))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME_FORMAT))
+        return handler
+
+    def configure(self, config: Config) -> None:
+        """logging.level and logging.file; ConfigError for a bad level or a file
+        that cannot be opened."""
+        level = config.get("logging.level", "warning")
+        if level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"logging.level: '{level}' is not one of "
+                              f"{', '.join(LOG_LEVELS)}")
+        path = config.get("logging.file")
+        if path is not None:
+            self._use(self._file_handler(path))
+        self.root.setLevel(LOG_LEVELS[level.lower()])
+
+    @staticmethod
+    def _file_handler(path: str) -> logging.Handler:
+        """PATH opened to append, created 0600 if missing; never through a
+        symbolic link (one another user planted would aim a root process's log
+        at any file)."""
+        if not path:
+            raise ConfigError("logging.file: empty path")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            why = ("it is a symbolic link (give the file's own path)"
+                   if exc.errno == errno.ELOOP else exc.strerror or str(exc))
+            raise ConfigError(f"cannot open log file {path}: {why}") from None
+        except ValueError as exc:           # a NUL in the path
+            raise ConfigError(f"cannot open log file {path!r}: {exc}") from None
+        stream = open(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+        handler = _LogFileHandler(stream, path)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME_FORMAT))
+        return handler
+
+    def _use(self, handler: logging.Handler) -> None:
+        self.root.removeHandler(self.handler)
+        self.handler.close()
+        self.handler = handler
+        self.root.addHandler(handler)
+
+    def close(self) -> None:
+        self.root.removeHandler(self.handler)
+        self.handler.close()
+        if isinstance(self.handler, _LogFileHandler):
+            self.handler.stream.close()
+        self.root.setLevel(self.saved_level)
 
 
 def _restore_config(options: Config):

@@ -14,6 +14,7 @@ class ConfigError(Exception):
     """A configuration value a user gave is unusable; the message says which."""
 
 
+CPU_SETSIZE = 1024              # glibc's: the host CPU numbers a cpuset can name
 _SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -86,6 +87,35 @@ def parse_size(text: str, what: str = "size") -> int:
     if not suffix and number < (1 << 20):
         suffix = "m"
     return number * _SIZE_SUFFIX[suffix]
+
+
+def parse_cpuset(key: str, text: str) -> set[int]:
+    """bhyve's parse_cpuset: host CPU numbers and ranges, comma-separated (1, 0,2-3)."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
+        if not match:
+            raise ConfigError(f"{key}: invalid cpuset '{text}': expected host CPU numbers "
+                              "and ranges, such as 1 or 0,2-3")
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) else low
+        if low > high:
+            raise ConfigError(f"{key}: invalid host CPU range {low}-{high}")
+        if high >= CPU_SETSIZE:
+            raise ConfigError(f"{key}: host CPU {high} is outside 0..{CPU_SETSIZE - 1}")
+        cpus.update(range(low, high + 1))
+    return cpus
+
+
+def format_cpus(cpus) -> str:
+    """CPU numbers as the kernel's Cpus_allowed_list writes them: 0-3,6."""
+    ranges, ordered = [], sorted(cpus)
+    for cpu in ordered:
+        if ranges and ranges[-1][1] == cpu - 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{low}" if low == high else f"{low}-{high}" for low, high in ranges)
 
 
 class Config:

@@ -21,17 +21,24 @@ KEYS = {
     "cpu.features": "CPUID features to hide, e.g. -xsave,-avx (see pyhyve/cpuid.py)",
     "memory.size": "guest RAM, with K/M/G/T suffix (-m)",
     "memory.wired": "lock guest RAM into host memory (-S)",
+    "memory.guest_in_core": "include guest RAM in the process's core dumps (-C); by default "
+                            "it is left out (MADV_DONTDUMP)",
+    "vcpu.N.cpuset": "host CPUs vCPU N's thread may run on: a list such as 1 or 0,2-3 "
+                     "(-p N:HOSTCPU, repeatable, adds one)",
     "uuid": "the VM's UUID for firmware (-U)",
-    "acpi_tables": "generate ACPI tables (-A; on by default)",
-    "destroy_on_poweroff": "bhyve's -D; accepted, no effect (pyhyve's VM always ends "
-                           "with its process)",
+    "acpi_tables": "generate ACPI tables (-A; on by default, false leaves them out)",
+    "destroy_on_poweroff": "bhyve's -D; accepted, no effect (a KVM VM is destroyed when "
+                           "its process exits, at every power-off)",
+    "keyboard.layout": "bhyve's -K (its VNC console's keyboard layout); refused: pyhyve "
+                       "has no display yet",
     "x86.strictio": "stop the VM on an access to an unclaimed port (-e)",
     "x86.strictmsr": "#GP on unknown MSRs (default); false ignores them (-w)",
     "x86.x2apic": "offer x2APIC in CPUID (-x)",
     "x86.mptable": "write an MP table for a directly booted kernel (false: -Y)",
-    "x86.vmexit_on_hlt": "bhyve's -H; accepted, no effect (KVM's in-kernel LAPIC "
-                         "handles HLT)",
-    "x86.vmexit_on_pause": "bhyve's -P; accepted, no effect (KVM handles PAUSE)",
+    "x86.vmexit_on_hlt": "bhyve's -H; accepted, no effect (always so: KVM's in-kernel "
+                         "LAPIC gives the host CPU up while a vCPU halts)",
+    "x86.vmexit_on_pause": "bhyve's -P; accepted, no effect (KVM's pause-loop exiting, "
+                           "PLE, already takes a vCPU spinning on PAUSE off its host CPU)",
     "rtc.use_localtime": "RTC in local time (default); false keeps UTC (-u)",
     "lpc.bootrom": "firmware image mapped below 4 GiB (-l bootrom,FILE)",
     "lpc.bootvars": "the bootrom's variable file, mapped below it and written by the "
@@ -69,6 +76,10 @@ KEYS = {
                     "(needed where Landlock is in force)",
     "restore.path": "snapshot to restore (-r)",
     "config.dump": "print the config tree and exit",
+    "logging.level": "what pyhyve logs: debug, info, warning (the default) or error "
+                     "(-v: info, -vv: debug)",
+    "logging.file": "append the log to this file instead of stderr (opened before "
+                    "privileges are dropped; one-line errors still go to stderr)",
 }
 _DEVICE_OPTION = re.compile(r"pci\.\d+\.\d+\.\d+\.(?!device$).+")
 

@@ -10,13 +10,17 @@ The protocol is one JSON object per line each way:
         -> {"ok": false, "error": "unknown command 'bogus'"}
 
 Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
-inject-nmi, force-reset, force-poweroff, destroy, checkpoint and suspend
-(with "path": pyhyve.snapshot), consoles (each console's name, device and
-backend: {"name": "com1", "device": "uart", "kind": "pty", "path":
-"/dev/pts/5"}, with "link" for a linked pty, "address" [host, port] for
-tcp; pyhyvectl --console attaches to one); those about one vCPU
-take "vcpu" (default 0).  Register access runs on the vCPU's own thread
-(VcpuThread.call), so it sees the vCPU between two KVM_RUNs.
+inject-nmi, powerdown, force-reset, force-poweroff, destroy, checkpoint and
+suspend (with "path": pyhyve.snapshot; the answer has the file's "size"),
+describe (what pyhyvectl --list shows), consoles (each console's name,
+device and backend: {"name": "com1", "device": "uart", "kind": "pty",
+"path": "/dev/pts/5"}, with "link" for a linked pty, "address" [host, port]
+for tcp; pyhyvectl --console attaches to one); those about one vCPU take
+"vcpu" (default 0).  A command that changes the VM answers with its name,
+"vm" (for pyhyvectl's "vm NAME: paused"), and the stopping ones with the
+exit status the VM will have, "status".  Register access runs on the
+vCPU's own thread (VcpuThread.call), so it sees the vCPU between two
+KVM_RUNs.
 """
 
 import errno
@@ -496,25 +500,30 @@ class ControlServer:
             _write_register(vcpu_thread.kvm_vcpu, name, value)
             return _registers(vcpu_thread)
         regs, sregs = vcpu.call(write_and_read)
-        return {"vcpu": vcpu.id, "register": name, "value": read_register(name, regs, sregs)}
+        return {"vm": self.vm.name, "vcpu": vcpu.id, "register": name,
+                "value": read_register(name, regs, sregs)}
 
     def _inject_nmi(self, request: dict) -> dict:
         vcpu = self._vcpu(request)
         vcpu.call(lambda vcpu_thread: vcpu_thread.kvm_vcpu.nmi())
-        return {"vcpu": vcpu.id}
+        self.log.info("control: NMI injected into vcpu%d", vcpu.id)
+        return {"vm": self.vm.name, "vcpu": vcpu.id}
 
     def _pause(self, request: dict) -> dict:
         self.vm.pause()
-        return {}
+        self.log.info("control: paused")
+        return {"vm": self.vm.name}
 
     def _resume(self, request: dict) -> dict:
         self.vm.resume()
-        return {}
+        self.log.info("control: resumed")
+        return {"vm": self.vm.name}
 
     def _powerdown(self, request: dict) -> dict:
         """The ACPI power button, as virsh shutdown presses it; the guest decides."""
         self.vm.press_power_button()
-        return {}
+        self.log.info("control: power button pressed")
+        return {"vm": self.vm.name}
 
     def _consoles(self, request: dict) -> dict:
         """Where each console's host end is, for a client to attach to."""
@@ -522,8 +531,9 @@ class ControlServer:
                              for name, device, backend in self.vm.consoles()]}
 
     def _stop(self, status: ExitStatus, request: dict) -> dict:
+        self.log.info("control: %s", request.get("command"))
         self.vm.stop(status)
-        return {}
+        return {"vm": self.vm.name, "status": int(status)}
 
     def _snapshot(self, suspend: bool, request: dict) -> dict:
         """checkpoint: pause, save to "path", resume (unless it was paused before);
@@ -540,13 +550,13 @@ class ControlServer:
         except snapshot.SnapshotError as exc:
             raise RequestError(str(exc)) from None
         try:
-            self.vm.checkpoint(path, stay_paused=suspend)
+            size = self.vm.checkpoint(path, stay_paused=suspend)
         except snapshot.SnapshotError as exc:
             raise RequestError(str(exc)) from None
         if suspend:
             self.vm.exit_detail = f"suspended to {path}"
             self.vm.stop(ExitStatus.POWEROFF)
-        return {"path": path}
+        return {"vm": self.vm.name, "path": path, "size": size}
 
 
 def _error(message: str) -> dict:

@@ -244,18 +244,27 @@ def _size(size: int) -> str:
 
 
 def run(plan: Plan, client: ControlClient) -> None:
+    """The operations, in bhyvectl's order; each that changes the VM says what
+    it did in one line, "vm NAME: ...", among what the reads print."""
     cpu = plan.cpu
+
+    def did(answer: dict, what: str) -> None:
+        print(f"vm {answer.get('vm') or plan.name or client.path}: {what}", flush=True)
+
     if "pause" in plan.actions:
-        client.request("pause")
+        did(client.request("pause"), "paused")
     for name, value in plan.sets.items():
-        client.request(f"set-{name}", vcpu=cpu, value=value)
+        answer = client.request(f"set-{name}", vcpu=cpu, value=value)
+        did(answer, f"vcpu{cpu} {name} set to {_register_text(answer['value'])}")
     for name in plan.desc_sets:
         parts = dict(plan.desc)
         if name in TABLE_REGISTERS:
             del parts["access"]
-        client.request(f"set-{name}", vcpu=cpu, value=parts)
+        answer = client.request(f"set-{name}", vcpu=cpu, value=parts)
+        did(answer, f"vcpu{cpu} {name} descriptor set to "
+                    + ", ".join(f"{part} {answer['value'][part]:#x}" for part in parts))
     if "inject-nmi" in plan.actions:
-        client.request("inject-nmi", vcpu=cpu)
+        did(client.request("inject-nmi", vcpu=cpu), f"NMI injected into vcpu{cpu}")
     if plan.reads():
         registers = client.request("get-all", vcpu=cpu)["registers"]
         everything = "get-all" in plan.actions
@@ -268,10 +277,27 @@ def run(plan: Plan, client: ControlClient) -> None:
             print(line)
     for action in ("checkpoint", "suspend"):
         if action in plan.snapshots:
-            client.request(action, path=plan.snapshots[action])
+            answer = client.request(action, path=plan.snapshots[action])
+            then = "running on" if action == "checkpoint" else "stopped (exit status 1)"
+            did(answer, f"saved to {answer['path']} ({answer['size']} bytes), {then}")
     for action in ("resume", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
-            client.request(action)
+            answer = client.request(action)
+            did(answer, DONE[action] + (f" (exit status {answer['status']})"
+                                        if "status" in answer else ""))
+
+
+# what each action's line says it did
+DONE = {"resume": "resumed", "powerdown": "power button pressed (the guest decides)",
+        "force-reset": "reset", "force-poweroff": "powered off",
+        "destroy": "destroyed, powered off"}
+
+
+def _register_text(value) -> str:
+    """A register's value as set: a number, or a segment's selector."""
+    if isinstance(value, dict):
+        return f"selector {value['selector']:#x}"
+    return f"{value:#x}"
 
 
 def format_registers(registers: dict, cpu: int, gets: set | None = None,

@@ -89,6 +89,18 @@ class GuestMemory:
             pass
         return backing
 
+    def exclude_from_core_dumps(self) -> None:
+        """Leave guest RAM out of the process's core dumps (MADV_DONTDUMP), as
+        bhyve does unless -C (memory.guest_in_core): a core of a 16 GiB VM is
+        then the hypervisor's, not 16 GiB of the guest's data."""
+        for backing in (self._lowmem, self._highmem):
+            if backing is not None:
+                try:
+                    backing.madvise(mmap.MADV_DONTDUMP)
+                except OSError as exc:
+                    raise GuestMemoryError("cannot leave guest memory out of core dumps: "
+                                           f"{exc.strerror or exc}") from None
+
     def wire(self) -> None:
         """Lock guest RAM into host memory (bhyve's -S), failing clearly if not allowed."""
         libc = ctypes.CDLL(None, use_errno=True)

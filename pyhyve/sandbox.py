@@ -197,12 +197,15 @@ def _rule(lib, ctx, action: int, name: str, *conditions: _ArgCmp) -> None:
 
 
 def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
-                    files_changed: bool = True) -> None:
+                    files_changed: bool = True, pinning: bool = False) -> None:
     """Allow ALLOWED_SYSCALLS on every thread of the process, refuse the rest
     with EPERM.  New threads stay possible (clone with CLONE_THREAD and no new
     namespace); new processes, exec, new sockets (but IPv4 and IPv6 ones with
     inet_sockets), ptrace, mounts, module loading and uid changes do not.
-    files_changed=False (no Landlock to say where) opens files read-only only."""
+    files_changed=False (no Landlock to say where) opens files read-only only.
+
+    `pinning` (-p) allows sched_setaffinity, with which each vCPU thread pins
+    itself as it starts."""
     lib = lib or load_libseccomp()
     ctx = lib.seccomp_init(scmp_act_errno(errno.EPERM))
     if not ctx:
@@ -228,6 +231,8 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
                       CLONE_THREAD))
         _rule(lib, ctx, scmp_act_errno(errno.ENOSYS), "clone3")
         _rule(lib, ctx, SCMP_ACT_ALLOW, "prctl", _ArgCmp(0, SCMP_CMP_EQ, PR_SET_NO_NEW_PRIVS, 0))
+        if pinning:
+            _rule(lib, ctx, SCMP_ACT_ALLOW, "sched_setaffinity")
         if inet_sockets:
             for name in INET_SOCKET_SYSCALLS:
                 _rule(lib, ctx, SCMP_ACT_ALLOW, name)
@@ -408,7 +413,9 @@ def confine(config: Config) -> None:
             raise ConfigError(f"process.landlock: {exc.strerror or exc}") from None
     if lib is not None:
         try:
-            install_seccomp(uses_user_networking(config), lib, files_changed=ruleset is not None)
+            install_seccomp(uses_user_networking(config), lib,
+                            files_changed=ruleset is not None,
+                            pinning=pins_vcpus(config))
         except OSError as exc:
             raise ConfigError(f"process.seccomp: {exc.strerror or exc}") from None
 
@@ -417,3 +424,8 @@ def uses_user_networking(config: Config) -> bool:
     """Whether a virtio-net device has the slirp backend (pci.0.SLOT.FUNC.backend)."""
     return any(key.endswith(".backend") and value == "slirp"
                for key, value in config.subtree("pci").items())
+
+
+def pins_vcpus(config: Config) -> bool:
+    """Whether a vCPU thread is to pin itself to host CPUs (vcpu.N.cpuset, -p)."""
+    return any(key.endswith(".cpuset") for key in config.subtree("vcpu"))

@@ -70,6 +70,7 @@ import json
 import mmap
 import os
 import struct
+import time
 import zlib
 
 from .config import write_user_file
@@ -169,9 +170,12 @@ def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
     return runs
 
 
-def save(vm, path: str) -> None:
-    """Write VM's state to PATH; every vCPU must be paused (or stopped)."""
+def save(vm, path: str) -> int:
+    """Write VM's state to PATH; every vCPU must be paused (or stopped).
+    Returns the file's size in bytes."""
     check_savable(vm)
+    vm.log.info("snapshot: writing %s", path)
+    started = time.monotonic()
     writer = _Writer()
     msr_indices = vm.kvm.msr_index_list()
     with contextlib.ExitStack() as quiesced:
@@ -198,19 +202,23 @@ def save(vm, path: str) -> None:
                     "devices": devices, "memory": memory, "data_size": writer.size,
                     "data_crc32": writer.crc}
         try:
-            _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks)
+            size = _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks)
         finally:
             writer.chunks.clear()    # views of guest memory: it may be unmapped later
+    vm.log.info("snapshot: wrote %s, %d bytes (%d of them guest memory) in %.1f s", path,
+                size, sum(run[1] for run in memory), time.monotonic() - started)
+    return size
 
 
-def _write(path: str, encoded: bytes, chunks: list) -> None:
+def _write(path: str, encoded: bytes, chunks: list) -> int:
     """The file appears whole under PATH or not at all, mode 0600: the guest's
-    RAM is in it (config.write_user_file)."""
+    RAM is in it (config.write_user_file).  Returns its size."""
     header = MAGIC + _HEADER.pack(len(encoded), zlib.crc32(encoded)) + encoded
     try:
         write_user_file(path, [header, *chunks])
     except OSError as exc:
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
+    return len(header) + sum(len(chunk) for chunk in chunks)
 
 
 # --- reading -------------------------------------------------------------------------

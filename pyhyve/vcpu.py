@@ -12,13 +12,14 @@ import ctypes
 import enum
 import fcntl
 import logging
+import os
 import signal
 import struct
-import sys
 import threading
 from collections import deque
 from typing import Callable
 
+from .config import format_cpus
 from .kvm import KvmError, abi
 from .sandbox import narrow_vcpu_thread
 
@@ -193,12 +194,30 @@ class VcpuThread:
             self.vm.stop(ExitStatus.ERROR, vcpu=self)
             return
         try:
-            status = self._vm_loop()
+            status = self._pin()
+            if status is None:
+                status = self._vm_loop()
         except BaseException:  # a bug in pyhyve, not in the guest
             self.log.exception("vm_loop crashed")
             status = ExitStatus.ERROR
         if status is not None:
             self.vm.stop(status, vcpu=self)
+
+    def _pin(self) -> ExitStatus | None:
+        """bhyve's -p (vcpu.N.cpuset): this thread onto its host CPUs before it
+        first runs the guest, as bhyve's fbsdrun_start_thread pins its own."""
+        cpus = getattr(self.vm, "cpusets", {}).get(self.id)
+        tid = threading.get_native_id()
+        if cpus:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except OSError as exc:
+                self.vm.fatal(f"vcpu{self.id}: cannot pin thread {tid} to host CPUs "
+                              f"{format_cpus(cpus)}: {exc.strerror or exc}")
+                return ExitStatus.ERROR
+        self.log.info("running on thread %d, %s", tid,
+                      f"pinned to host CPUs {format_cpus(cpus)}" if cpus else "not pinned")
+        return None
 
     def _vm_loop(self) -> ExitStatus | None:
         """bhyve's vm_loop: run, dispatch the exit, act on the verdict."""
@@ -350,13 +369,13 @@ class VcpuThread:
 
     # --- state ------------------------------------------------------------------
     def dump_state(self, why: str) -> None:
-        """Print the vCPU's registers to stderr, as bhyve does on a fatal exit."""
-        self.vm.exit_detail = f"vcpu{self.id}: {why}"
-        print(f"pyhyve: vcpu{self.id}: {why}", file=sys.stderr)
+        """Say why the vCPU stops the VM, then its registers, on stderr, as bhyve
+        does on a fatal exit (VirtualMachine.fatal: once)."""
         try:
-            print(self.format_registers(), file=sys.stderr)
+            registers = self.format_registers()
         except KvmError as exc:
-            print(f"pyhyve: vcpu{self.id}: registers unavailable: {exc}", file=sys.stderr)
+            registers = f"pyhyve: vcpu{self.id}: registers unavailable: {exc}"
+        self.vm.fatal(f"vcpu{self.id}: {why}", registers)
 
     def format_registers(self) -> str:
         regs = self.kvm_vcpu.get_regs()

@@ -35,9 +35,27 @@ from .pci.regs import INTERRUPT_PIN
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler
 
 HALT_PROBE_INTERVAL = 0.5
+# how the log says each exit status
+STATUS_WORDS = {ExitStatus.RESET: "reset", ExitStatus.POWEROFF: "powered off",
+                ExitStatus.HALT: "halted", ExitStatus.TRIPLEFAULT: "triple fault",
+                ExitStatus.ERROR: "error"}
 DEFAULT_MEMORY = "256M"
+
+
+def describe_status(status: int) -> str:
+    """bhyve's words for an exit status; an isa-debug-exit guest's own is a number."""
+    return STATUS_WORDS.get(status, "the guest's own exit")
+
 REQUIRED_CAPS = ((abi.KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"),
                  (abi.KVM_CAP_IRQFD, "KVM_CAP_IRQFD"))
+
+
+def _size(size: int) -> str:
+    """A memory size as -m writes it: 256M, 1G, 1536K."""
+    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return f"{size} bytes"
 
 
 class VirtualMachine:
@@ -77,6 +95,10 @@ class VirtualMachine:
         if memory_size < MIN_MEMORY:
             raise ConfigError(f"memory size {memory_size} bytes is below the 1 MiB minimum")
         self.topology = builder.topology(config)
+        self.cpusets = builder.vcpu_cpusets(config, self.topology.cpus)     # -p
+        if "keyboard.layout" in config:
+            raise ConfigError("keyboard.layout (-K): pyhyve has no display yet, so no "
+                              "keyboard layout to set")
         self.uuid = builder.vm_uuid(config, self.name)
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)
@@ -111,6 +133,8 @@ class VirtualMachine:
         self.closables.append(self.gsi_routes)
         try:
             self.memory = GuestMemory(self.kvm_vm, memory_size)
+            if not self.config.get_bool("memory.guest_in_core"):        # -C keeps it in
+                self.memory.exclude_from_core_dumps()
             if self.config.get_bool("memory.wired"):
                 self.memory.wire()
         except GuestMemoryError as exc:
@@ -150,6 +174,20 @@ class VirtualMachine:
         self.boot.start(self)
         from . import snapshot
         self._kvm_power_on = snapshot.kvm_power_on_state(self)
+        self.log.info("built: %s", self.summary())
+
+    def summary(self) -> str:
+        """What the VM is made of, in one line (the log's "built" line)."""
+        topology = self.topology
+        cpus = len(self.vcpus)
+        shape = (f" (sockets={topology.sockets}, cores={topology.cores}, "
+                 f"threads={topology.threads})" if cpus > 1 else "")
+        pci = ", ".join(f"{d.emulation_name} {d.bdf}" for d in self.pci.devices())
+        platform = ", ".join(d.name for d in self.devices
+                             if d is not self.pci and not d.name.startswith("pci."))
+        boot = f"{self.boot.config_key}={self.config.get(self.boot.config_key)}"
+        return (f"{_size(self.memory.size)} of memory, {cpus} vCPU{'s' if cpus > 1 else ''}"
+                f"{shape}, {boot}; PCI: {pci}; platform: {platform}")
 
     def _check_hidden_features(self) -> None:
         """Say so when KVM kept a feature cpu.features hides: kvm_pvm, for one,
@@ -252,6 +290,8 @@ class VirtualMachine:
             self.gdb.start()
         for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
             vcpu.start()
+        self.log.info("started %d vCPU thread%s", len(self.vcpus),
+                      "s" if len(self.vcpus) > 1 else "")
         watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
                                    daemon=True)
         watcher.start()
@@ -262,7 +302,11 @@ class VirtualMachine:
         for vcpu in self.vcpus:
             vcpu.join(5.0)
         watcher.join(5.0)
-        return self.exit_status
+        status = self.exit_status
+        # an error's reason was printed, and logged, as it happened (fatal())
+        detail = f": {self.exit_detail}" if self.exit_detail and status != ExitStatus.ERROR else ""
+        self.log.info("stopped: %s, exit status %d%s", describe_status(status), status, detail)
+        return status
 
     def reset(self) -> None:
         """QEMU's system_reset, in-process, once run() has returned: every vCPU,
@@ -294,9 +338,8 @@ class VirtualMachine:
         with self._stop_lock:
             if self.exit_status is None:
                 self.exit_status = status if isinstance(status, ExitStatus) else int(status)
-                what = getattr(self.exit_status, "name", f"status {self.exit_status}")
-                self.log.info("stopping: %s%s", what.lower(),
-                              f" (vcpu{vcpu.id})" if vcpu else "")
+                self.log.debug("stopping: %s%s", describe_status(self.exit_status),
+                               f" (vcpu{vcpu.id})" if vcpu else "")
             self.stopping = True
         for other in self.vcpus:
             if other is not vcpu:
@@ -320,22 +363,23 @@ class VirtualMachine:
         for vcpu in self.vcpus:
             vcpu.resume()
 
-    def checkpoint(self, path: str, stay_paused: bool = False) -> None:
+    def checkpoint(self, path: str, stay_paused: bool = False) -> int:
         """Save a snapshot to `path` with vCPUs and devices paused; afterwards the
         VM runs on if it ran before, unless `stay_paused` (a suspend, which stops
-        it next).  snapshot.SnapshotError if it cannot be saved; a failed save
-        leaves the VM as it was."""
+        it next).  Returns the file's size.  snapshot.SnapshotError if it cannot
+        be saved; a failed save leaves the VM as it was."""
         from . import snapshot
         was_paused = all(vcpu.paused for vcpu in self.vcpus)
         self.pause()
         try:
-            snapshot.save(self, path)
+            size = snapshot.save(self, path)
         except BaseException:
             if not was_paused:
                 self.resume()
             raise
         if not stay_paused and not was_paused:
             self.resume()
+        return size
 
     def press_power_button(self) -> None:
         self.pm.press_power_button()
@@ -423,6 +467,18 @@ class VirtualMachine:
             self._warned.add(key)
             self.log.warning(message, *args)
 
+    def fatal(self, detail: str, more: str = "") -> None:
+        """Why the VM stops with an error, as bhyve says it: one line on stderr
+        (then `more`, a vCPU's registers), printed here and only here; kept in
+        exit_detail for whoever runs the VM.  Logged too where logging is set
+        up, for a log file, marked "printed": the pyhyve command's stderr
+        handler leaves it out (and without handlers, logging's last resort
+        would print it a second time)."""
+        self.exit_detail = detail
+        print(f"pyhyve: {detail}" + (f"\n{more}" if more else ""), file=sys.stderr)
+        if self.log.hasHandlers():
+            self.log.error("%s", detail, extra={"printed": True})
+
     def device_failed(self, name: str, addr: int) -> None:
         if name not in self._warned:
             self._warned.add(name)
@@ -434,9 +490,8 @@ class VirtualMachine:
         -e (bhyve's x86.strictio), stop the VM."""
         self.unclaimed_accesses += 1
         if self.strict_io and kind == "port":
-            self.exit_detail = (f"unhandled {kind} {'write' if is_write else 'read'} "
-                                f"at {addr:#x} (size {size})")
-            print(f"pyhyve: {self.exit_detail}", file=sys.stderr)
+            self.fatal(f"unhandled {kind} {'write' if is_write else 'read'} "
+                       f"at {addr:#x} (size {size})")
             return ExitStatus.ERROR
         if not is_write and 0 <= offset and offset + size * count <= len(page):
             page[offset:offset + size * count] = b"\xff" * (size * count)

@@ -122,7 +122,7 @@ def read_line(sock) -> dict:
 def test_stats_grow_pause_freezes_them_resume_lets_them_grow(running, capsys):
     first = io_exits(running)
     wait_for(lambda: io_exits(running) > first)
-    assert ask(running.path, {"command": "pause"}) == {"ok": True}
+    assert ask(running.path, {"command": "pause"}) == {"ok": True, "vm": "ctltest"}
     frozen = io_exits(running)
     time.sleep(0.3)
     assert io_exits(running) == frozen
@@ -130,7 +130,7 @@ def test_stats_grow_pause_freezes_them_resume_lets_them_grow(running, capsys):
     assert status == 0
     assert out.splitlines()[0] == "vcpu0 stats:"
     assert re.search(rf"^vm exits due to io\s+\t{frozen}$", out, re.M), out
-    assert ask(running.path, {"command": "resume"}) == {"ok": True}
+    assert ask(running.path, {"command": "resume"}) == {"ok": True, "vm": "ctltest"}
     wait_for(lambda: io_exits(running) > frozen)
 
 
@@ -161,9 +161,10 @@ def test_set_registers_while_paused(running, capsys):
     ask(running.path, {"command": "pause"})
     status, out, _ = ctl(capsys, f"--socket={running.path}", "--set-rax=0x1122334455667788",
                          "--get-rax")
-    assert (status, out) == (0, "rax[0]\t\t0x1122334455667788\n")
+    assert (status, out) == (0, "vm ctltest: vcpu0 rax set to 0x1122334455667788\n"
+                                "rax[0]\t\t0x1122334455667788\n")
     answer = ask(running.path, {"command": "set-rbx", "value": "0xabc"})
-    assert answer == {"ok": True, "vcpu": 0, "register": "rbx", "value": 0xABC}
+    assert answer == {"ok": True, "vm": "ctltest", "vcpu": 0, "register": "rbx", "value": 0xABC}
     assert ask(running.path, {"command": "get-rbx"})["value"] == 0xABC
     rip = ask(running.path, {"command": "get-rip"})["value"]
     assert ask(running.path, {"command": "set-rip", "value": rip})["value"] == rip
@@ -192,18 +193,20 @@ def test_vcpu_selects_an_ap(socket_dir, capsys):
 
 @needs_kvm
 def test_inject_nmi(running, capsys):
-    assert ask(running.path, {"command": "inject-nmi"}) == {"ok": True, "vcpu": 0}
-    assert ctl(capsys, f"--socket={running.path}", "--inject-nmi") == (0, "", "")
+    assert ask(running.path, {"command": "inject-nmi"}) == {"ok": True, "vm": "ctltest",
+                                                            "vcpu": 0}
+    assert ctl(capsys, f"--socket={running.path}", "--inject-nmi") == \
+        (0, "vm ctltest: NMI injected into vcpu0\n", "")
 
 
 @needs_kvm
-@pytest.mark.parametrize("option, status", [
-    ("--force-poweroff", ExitStatus.POWEROFF),
-    ("--force-reset", ExitStatus.RESET),
-    ("--destroy", ExitStatus.POWEROFF),
+@pytest.mark.parametrize("option, status, said", [
+    ("--force-poweroff", ExitStatus.POWEROFF, "powered off (exit status 1)"),
+    ("--force-reset", ExitStatus.RESET, "reset (exit status 0)"),
+    ("--destroy", ExitStatus.POWEROFF, "destroyed, powered off (exit status 1)"),
 ])
-def test_stopping_the_vm(running, capsys, option, status):
-    assert ctl(capsys, f"--socket={running.path}", option) == (0, "", "")
+def test_stopping_the_vm(running, capsys, option, status, said):
+    assert ctl(capsys, f"--socket={running.path}", option) == (0, f"vm ctltest: {said}\n", "")
     running.thread.join(10)
     assert running.statuses == [status]
 
@@ -211,7 +214,8 @@ def test_stopping_the_vm(running, capsys, option, status):
 @needs_kvm
 def test_force_poweroff_of_a_paused_vm(running):
     ask(running.path, {"command": "pause"})
-    assert ask(running.path, {"command": "force-poweroff"}) == {"ok": True}
+    assert ask(running.path, {"command": "force-poweroff"}) == {"ok": True, "vm": "ctltest",
+                                                                "status": 1}
     running.thread.join(10)
     assert running.statuses == [ExitStatus.POWEROFF]
 
@@ -432,7 +436,8 @@ def test_help(capsys):
 def test_powerdown_presses_the_power_button(running, capsys):
     """As virsh shutdown: the guest is asked (PWRBTN_STS), the VM runs on."""
     assert not running.vm.pm.status & PWRBTN_STS
-    assert ctl(capsys, f"--socket={running.path}", "--powerdown") == (0, "", "")
+    assert ctl(capsys, f"--socket={running.path}", "--powerdown") == \
+        (0, "vm ctltest: power button pressed (the guest decides)\n", "")
     assert running.vm.pm.status & PWRBTN_STS
     assert running.thread.is_alive()
 

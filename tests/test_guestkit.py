@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import selectors
+import shlex
 import stat
 import subprocess
 import sys
@@ -215,3 +216,55 @@ def test_printed_command_is_the_one_that_boots(tmp_path):
     assert command[-1] == "vm1" and command[command.index("-c") + 1] == "1"
     assert f"2,virtio-blk,{tmp_path / 'disk.img'}" in command and "3,virtio-net,slirp" in command
     assert f"kexec,{guest.kernel},{guest.initrd},{source.CMDLINE}" in command
+
+
+# --- the command: what it says, its exit statuses ---------------------------------------
+def test_build_says_each_step_and_prints_the_command(tmp_path, monkeypatch, capsys):
+    """`pyhyve-guest build DIR`: a line for each step (none silent), then the
+    pyhyve command on stdout; made again, it says what it reuses."""
+    import pyhyve.guestkit as kit
+    if not BUSYBOX.exists():
+        pytest.fail("busybox is missing: apt-get install busybox-static")
+
+    def compile_kernel(tree, log):
+        for name in ("arch/x86/boot/bzImage", "vmlinux", "System.map", ".config"):
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes(b"built")
+    monkeypatch.setattr(source, "_check_host", lambda: None)
+    monkeypatch.setattr(source, "recipe_fingerprint", lambda: "recipe")
+    monkeypatch.setattr(source, "_unpack", lambda tree: tree.mkdir(parents=True))
+    monkeypatch.setattr(source, "_patch", lambda tree: None)
+    monkeypatch.setattr(source, "_configure", lambda tree: None)
+    monkeypatch.setattr(source, "_compile", compile_kernel)
+    assert kit.main(["build", "--kernel", "source", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    guest = tmp_path / "source"
+    copying = f"copying bzImage, vmlinux, System.map and the config into {guest}"
+    writing = f"writing the initramfs (busybox and pyhyve's /init): {guest / 'initrd.cpio'}"
+    said = [line.removeprefix("pyhyve-guest: ") for line in err.splitlines()]
+    assert all(line.startswith("pyhyve-guest: ") for line in err.splitlines())
+    assert said[:2] == ["checking the build tools and linux-source", f"{copying} ..."]
+    assert re.fullmatch(rf"{re.escape(copying)}: done in \d+\.\d s", said[2])
+    assert said[3] == f"{writing} ..."
+    assert re.fullmatch(rf"{re.escape(writing)}: done in \d+\.\d s", said[4])
+    assert said[5:] == [f"the guest is ready: kernel {guest / 'bzImage'}, "
+                        f"initramfs {guest / 'initrd.cpio'}"]
+    assert out.startswith(shlex.join(host.pyhyve_program())) and f"kexec,{guest}/bzImage" in out
+    assert kit.main(["build", "--kernel", "source", str(tmp_path)]) == 0
+    _, again = capsys.readouterr()
+    assert f"kernel built from this recipe already: {guest / 'bzImage'}" in again
+    assert f"initramfs up to date: {guest / 'initrd.cpio'}" in again
+
+
+def test_a_guest_that_cannot_be_made_is_one_line_and_exit_4(tmp_path, monkeypatch, capsys):
+    """4, pyhyve's "error": 1 would read as a guest that powered off (`run`
+    hands its exit status over to pyhyve)."""
+    import pyhyve.guestkit as kit
+
+    def fail(cache, kind):
+        raise KitError("building the kernel needs: apt-get install flex")
+    monkeypatch.setattr(kit, "make", fail)
+    for command in ("build", "run"):
+        assert kit.main([command]) == 4
+        assert capsys.readouterr() == (
+            "", "pyhyve-guest: building the kernel needs: apt-get install flex\n")

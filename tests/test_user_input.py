@@ -3,6 +3,7 @@ out-of-range value or a missing file: pyhyve must say so in one line on
 stderr, with no traceback, exit with status 4, and do it before any vCPU runs
 (the guest, hello16, would print on the debug port if it ran)."""
 
+import re
 import time
 
 import pytest
@@ -132,6 +133,27 @@ CASES = {
                       "-f opt/z file /dev/zero is not a regular file"),
     "pci-slot-not-a-number": (["-o", "pci.0.x.0.device=virtio-rnd", *VALID],
                               "pci.0.x.0.device: 'x.0' is not a SLOT.FUNCTION pair"),
+    # bhyve's -p, -C, -K and pyhyve's logging
+    "pin-no-colon": (["-p", "01", *VALID], "invalid -p '01': expected vcpu:hostcpu"),
+    "pin-not-numbers": (["-p", "a:b", *VALID], "invalid -p 'a:b'"),
+    "pin-negative": (["-p", "-1:0", *VALID], "invalid -p '-1:0'"),
+    "pin-no-such-vcpu": (["-p", "1:0", *VALID], "vcpu.1.cpuset: no vCPU 1: the VM has "
+                                                "vCPUs 0 to 0"),
+    "pin-cpu-beyond-cpuset": (["-p", "0:4096", *VALID], "host CPU 4096 is outside 0..1023"),
+    "pin-cpu-not-ours": (["-p", "0:1023", *VALID], "host CPU 1023 is not one pyhyve may run on"),
+    "cpuset-key-syntax": (["-o", "vcpu.0.cpuset=0;1", *VALID], "invalid cpuset '0;1'"),
+    "cpuset-key-range": (["-o", "vcpu.0.cpuset=1-0", *VALID], "invalid host CPU range 1-0"),
+    "guest-in-core-not-bool": (["-o", "memory.guest_in_core=x", *VALID], "not a boolean"),
+    "keyboard-layout": (["-K", "us_unix", *VALID], "keyboard.layout (-K): pyhyve has no "
+                                                   "display yet"),
+    "keyboard-layout-key": (["-o", "keyboard.layout=fr", *VALID], "has no display yet"),
+    "keyboard-layout-no-value": (["-l", f"bootrom,{ROM}", "-K"], "option -K requires argument"),
+    "logging-level": (["-o", "logging.level=loud", *VALID],
+                      "logging.level: 'loud' is not one of debug, info, warning, error"),
+    "logging-file-missing-dir": (["-o", "logging.file=/missing/dir/log", *VALID],
+                                 "cannot open log file /missing/dir/log: No such file"),
+    "logging-file-empty": (["-o", "logging.file=", *VALID], "logging.file: empty path"),
+    "logging-file-directory": (["-o", "logging.file=/", *VALID], "cannot open log file /:"),
 }
 
 
@@ -166,7 +188,7 @@ def test_fw_cfg_name_outside_opt_warns_once(tmp_path):
                        "-l", f"debugcon,file={debug}",
                        "-o", f"control.socket={tmp_path / 'ctl.sock'}", "vm"], timeout=30)
     assert proc.returncode == ExitStatus.POWEROFF, proc.stderr
-    assert proc.stderr.splitlines() == [
-        "pyhyve: pyhyve.fwcfg: WARNING: -f x: fw_cfg names given by users should start "
-        "with 'opt/'"]
+    [line] = proc.stderr.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} pyhyve: pyhyve.fwcfg: WARNING: "
+                        r"-f x: fw_cfg names given by users should start with 'opt/'", line), line
     assert debug.read_text() == "hello from real mode\n"

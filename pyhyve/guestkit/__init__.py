@@ -10,6 +10,12 @@ the terminal, a virtio disk (formatted and mounted at /mnt on first boot),
 user-mode networking configured by DHCP, and virtio-rng; `poweroff` in the
 guest ends the VM (exit status 1, bhyve's "powered off").  Everything is
 cached under ~/.cache/pyhyve/guest (PYHYVE_GUEST_CACHE) and made only once.
+
+Each step says on stderr what it does and how long it took; the pyhyve
+command goes to stdout.  Exit status, aligned with pyhyve's: `build` 0 when the
+guest is made; `run` pyhyve's own once the guest boots (0 reset, 1 powered
+off, 2 halted, 3 triple fault, 4 error); 4 when the guest cannot be made, the
+command line is wrong (one line says why) or a signal stops the making.
 """
 
 import argparse
@@ -96,13 +102,31 @@ def _disk(cache: Path) -> Path:
     return disk
 
 
-def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
+ERROR = 4                       # pyhyve's (and bhyve's) exit status for an error
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, speaking as pyhyve and pyhyvectl do: a usage error is one line,
+    "pyhyve-guest: ... (pyhyve-guest --help for help)", and exit status 4."""
+
+    def error(self, message: str):
+        print(f"pyhyve-guest: {message} (pyhyve-guest --help for help)", file=sys.stderr)
+        raise SystemExit(ERROR)
+
+
+def parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    common = _Parser(add_help=False)
     common.add_argument("--kernel", choices=KINDS, default="auto",
                         help="cloud: Debian's cloud kernel; source: built from linux-source; "
                              "auto (default): what this host can run")
-    parser = argparse.ArgumentParser(prog="pyhyve-guest", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    top = _Parser(prog="pyhyve-guest", description=__doc__.splitlines()[0],
+                  epilog="Exit status: build 0 when the guest is made; run pyhyve's once "
+                         "the guest boots (0 reset, 1 powered off, 2 halted, 3 triple "
+                         "fault, 4 error); 4 when the guest cannot be made or the command "
+                         "line is wrong.")
+    top.add_argument("--version", action="version", version=f"pyhyve-guest {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="{build,run}")
     build_parser = commands.add_parser("build", parents=[common],
                                        help="make the guest, print how to boot it")
     build_parser.add_argument("directory", type=Path, nargs="?", default=None,
@@ -110,20 +134,29 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", parents=[common],
                                      help="make the guest if needed and boot it")
     run_parser.add_argument("--name", default="linux0", help="the VM's name (default linux0)")
-    args = parser.parse_args(argv)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:       # --help, --version (0), or a usage error (ERROR)
+        return exc.code if isinstance(exc.code, int) else ERROR
     cache = getattr(args, "directory", None) or default_cache()
     try:
         guest = make(cache, args.kernel)
         disk = _disk(cache) if args.command == "run" else None
     except KitError as exc:
         print(f"pyhyve-guest: {exc}", file=sys.stderr)
-        return 1
+        return ERROR
     except OSError as exc:
         print(f"pyhyve-guest: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return ERROR
     except KeyboardInterrupt:
-        print("pyhyve-guest: interrupted", file=sys.stderr)
-        return 130
+        print("pyhyve-guest: SIGINT while making the guest; stopped", file=sys.stderr)
+        return ERROR
+    say(f"the guest is ready: kernel {guest.kernel}, initramfs {guest.initrd}"
+        + (f", disk {disk}" if disk else ""))
     command = pyhyve_command(guest, disk, getattr(args, "name", "linux0"))
     print(shlex.join(command), flush=True)
     if args.command == "build":

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from . import initramfs
-from .steps import Guest, KitError, require_programs, run, step
+from .steps import Guest, KitError, require_programs, run, say, step
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -78,19 +78,23 @@ def guest(output: Path) -> Guest:
 
 def build(output: Path) -> Guest:
     """Download the packages and write output/vmlinuz and output/initrd.img."""
+    say("checking for apt-get, apt-cache and dpkg-deb")
     require_programs({"apt-get": "apt", "apt-cache": "apt", "dpkg-deb": "dpkg"})
     output.mkdir(parents=True, exist_ok=True)
     made = guest(output)
     with tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
         os.chmod(work_dir, 0o755)           # apt's download user must write here
-        with step(f"downloading {KERNEL_PACKAGE} and {BUSYBOX_PACKAGE} with apt-get"):
-            run(["apt-get", "download", _kernel_package(), BUSYBOX_PACKAGE], cwd=work_dir,
-                show=True)
+        with step(f"finding the kernel package behind {KERNEL_PACKAGE} (apt-cache)"):
+            package = _kernel_package()
+        with step(f"downloading {package} and {BUSYBOX_PACKAGE} with apt-get"):
+            run(["apt-get", "download", package, BUSYBOX_PACKAGE], cwd=work_dir, show=True)
         root = work_dir / "root"
-        with step("unpacking them and writing the initramfs"):
+        with step("unpacking them (dpkg-deb)"):
             for deb in work_dir.glob("*.deb"):
                 run(["dpkg-deb", "-x", str(deb), str(root)])
+        with step(f"writing the kernel and the initramfs (busybox, virtio modules) "
+                  f"into {output}"):
             kernels = sorted((root / "boot").glob("vmlinuz-*"))
             module_dirs = sorted((root / "lib" / "modules").glob("*"))
             busybox = root / "bin" / "busybox"

@@ -73,6 +73,7 @@ def recipe_fingerprint() -> str:
 def build(output: Path) -> Guest:
     """Build the kernel into output (unless built from this recipe already) and
     write the initramfs; returns the guest."""
+    say("checking the build tools and linux-source")
     _check_host()
     output.mkdir(parents=True, exist_ok=True)
     guest = Guest(output / "bzImage", output / "vmlinux", output / "initrd.cpio", CMDLINE,
@@ -93,13 +94,17 @@ def build(output: Path) -> Guest:
             _configure(tree)
             prepared.write_text(wanted)
         _compile(tree, output / "build.log")
-        for name in ("arch/x86/boot/bzImage", "vmlinux", "System.map"):
-            shutil.copyfile(tree / name, output / Path(name).name)
-        shutil.copyfile(tree / ".config", output / "config")
+        with step(f"copying bzImage, vmlinux, System.map and the config into {output}"):
+            for name in ("arch/x86/boot/bzImage", "vmlinux", "System.map"):
+                shutil.copyfile(tree / name, output / Path(name).name)
+            shutil.copyfile(tree / ".config", output / "config")
         stamp.write_text(wanted)
     archive = initramfs.build(BUSYBOX)
     if not guest.initrd.exists() or guest.initrd.read_bytes() != archive:
-        guest.initrd.write_bytes(archive)
+        with step(f"writing the initramfs (busybox and pyhyve's /init): {guest.initrd}"):
+            guest.initrd.write_bytes(archive)
+    else:
+        say(f"initramfs up to date: {guest.initrd}")
     return guest
 
 

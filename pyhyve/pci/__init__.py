@@ -87,7 +87,11 @@ def _load(entry) -> None:
 
 
 def describe(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    """The emulation's summary for `-s help`: its docstring's first paragraph,
+    whole, on one line (a summary wrapped over two lines lost its second, and
+    with it what virtio-net's backends all take)."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.split())
 
 
 __all__ = ["emulation", "emulations", "find_emulation", "describe", "PciDevice",
