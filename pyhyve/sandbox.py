@@ -243,8 +243,9 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
         _check(lib.seccomp_load(ctx), "load")
     finally:
         lib.seccomp_release(ctx)
-    global _vcpu_filter_lib
+    global _vcpu_filter_lib, _files_read_only
     _vcpu_filter_lib = lib
+    _files_read_only = not files_changed
 
 
 def narrow_vcpu_thread() -> None:
@@ -273,6 +274,8 @@ def narrow_vcpu_thread() -> None:
 
 # The process filter's libseccomp once it is installed: vCPU threads then add theirs.
 _vcpu_filter_lib: ctypes.CDLL | None = None
+# Whether that filter opens files for reading only (no Landlock to say where).
+_files_read_only = False
 
 
 # --- Landlock ------------------------------------------------------------------------
@@ -376,8 +379,13 @@ def confined_by_landlock() -> bool:
 
 def snapshot_refusal(path: str, config: Config) -> str | None:
     """Why a snapshot may not be written at PATH (absolute), or None: only
-    beneath `snapshot.dir` where that is set, and only there at all where
-    Landlock is in force (it would refuse anything else, less clearly)."""
+    beneath `snapshot.dir` where that is set, only there at all where Landlock
+    is in force, and nowhere where seccomp alone confines files (both would
+    refuse, less clearly)."""
+    if _files_read_only:
+        return ("this VM's seccomp filter lets it write no file, as Landlock is not in "
+                "force to say where: start it with -o process.landlock=true (Linux 5.13 "
+                "or later) and -o snapshot.dir=DIR, or with -o process.seccomp=false")
     directory = config.get("snapshot.dir")
     if not directory:
         if _ruleset is None:
