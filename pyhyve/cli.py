@@ -41,6 +41,7 @@ Configuration:
   -o var=value    set a config key (e.g. -o memory.size=1G; -o help lists them all);
                   -o config.dump=1 prints the tree;
                   -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock);
+                  -o qmp.socket=PATH serves QMP (QEMU's monitor protocol) on a unix socket;
                   -o pidfile=PATH writes the process's PID there once the VM is set up
 Least privilege (applied once devices, disks and sockets are open, before the guest runs):
   -o process.user=NAME      run the VM as user NAME (name or uid), with its groups
@@ -331,6 +332,9 @@ def _main(argv: list[str] | None) -> int:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
             vm.closables.append(ControlServer(vm, path))
+            if config.get("qmp.socket"):
+                from .qmp import QmpServer
+                vm.closables.append(QmpServer(vm, config.get("qmp.socket")))
             pidfile = config.get("pidfile")
             if pidfile:
                 vm.closables.append(PidFile(pidfile))
@@ -431,11 +435,11 @@ def _handle_signals(vm) -> list[str]:
         if len(presses) == 1:
             vm.press_power_button()
         else:
-            vm.stop(ExitStatus.POWEROFF)
+            vm.stop(ExitStatus.POWEROFF, cause="signal")
 
     def on_stop_signal(signum, frame):
         stopped_by.append(signal.Signals(signum).name)
-        vm.stop(ExitStatus.POWEROFF)
+        vm.stop(ExitStatus.POWEROFF, cause="signal")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     for signum in STOP_SIGNALS:

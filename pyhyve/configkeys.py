@@ -50,6 +50,7 @@ KEYS = {
     "gdb.wait": "hold the BSP until GDB attaches (-G w...)",
     "pidfile": "file the process's PID is written to once the VM is set up",
     "control.socket": "path of the control socket (default /run/pyhyve/NAME.sock)",
+    "qmp.socket": "path of a unix socket that serves QMP, QEMU's monitor protocol",
     "process.seccomp": "confine the process with seccomp (default true)",
     "process.user": "user to drop to once devices are open",
     "restore.path": "snapshot to restore (-r)",

@@ -4,25 +4,33 @@ As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
 register reads, --get-stats, --checkpoint, --suspend, then --resume, --powerdown,
 --force-reset, --force-poweroff, --destroy.
+
+--json prints the VM's answers themselves, one JSON object a line in the
+order of the requests, each with the request's "command" first; a refusal is
+printed the same way ({"command": ..., "ok": false, "error": ...}) before
+pyhyvectl fails.  Register reads ask for each register named (get-REG) or
+for all of them (get-all).  --list --json prints a JSON array of names.
 """
 
 import getopt
+import json
 import os
 import sys
 
 from .config import ConfigError
-from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, SEGMENT_REGISTERS, TABLE_REGISTERS,
-                  ControlClient, ControlError, default_socket_path, is_listening,
-                  socket_directory)
+from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, REGISTERS, SEGMENT_REGISTERS,
+                  TABLE_REGISTERS, ControlClient, ControlError, default_socket_path,
+                  is_listening, socket_directory)
 
 USAGE = """\
-usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] OPERATION...
-       pyhyvectl --list [--socket=PATH]
+usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] [--json] OPERATION...
+       pyhyvectl --list [--socket=PATH] [--json]
        pyhyvectl -h | --help | --version
 
   --vm=NAME            the VM, reached through /run/pyhyve/NAME.sock
   --cpu=N              the vCPU that register operations act on (default 0)
   --socket=PATH        use this control socket instead of NAME's
+  --json               print the VM's answers as JSON, one object a line
   --list               name the running VMs (those whose socket answers, in the
                        socket directory or in --socket's directory)
 Operations:
@@ -51,8 +59,8 @@ SELECTOR_ORDER = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")
 DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
 ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "powerdown",
            "force-reset", "force-poweroff", "destroy")
-LONG_OPTIONS = (["help", "version", "list", "vm=", "cpu=", "socket=", "desc-base=", "desc-limit=",
-                 "desc-access=", "checkpoint=", "suspend=", *ACTIONS]
+LONG_OPTIONS = (["help", "version", "list", "json", "vm=", "cpu=", "socket=", "desc-base=",
+                 "desc-limit=", "desc-access=", "checkpoint=", "suspend=", *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"get-desc-{name}" for name in DESCRIPTORS]
@@ -81,6 +89,7 @@ class Plan:
         if rest:
             raise UsageError(f"unexpected argument '{rest[0]}' (pyhyvectl --help for help)")
         self.name = self.socket = None
+        self.json = False
         self.cpu = 0
         self.actions: set[str] = set()
         self.sets: dict[str, int] = {}
@@ -95,6 +104,8 @@ class Plan:
     def _add(self, option: str, value: str) -> None:
         if option in ("help", "version", "list") or option in ACTIONS:
             self.actions.add(option)
+        elif option == "json":
+            self.json = True
         elif option == "vm":
             self.name = value
         elif option == "socket":
@@ -138,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyhyvectl {__version__}")
             return 0
         if "list" in plan.actions:
-            return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory())
+            return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory(),
+                            plan.json)
         path = plan.socket_path()
         if not (plan.actions or plan.snapshots or plan.sets or plan.desc_sets or plan.reads()):
             raise UsageError("nothing to do (pyhyvectl --help lists the operations)")
@@ -170,53 +182,83 @@ def _connect(name: str, path: str) -> ControlClient:
                          f"{exc.strerror or exc}") from None
 
 
-def list_vms(directory: str) -> int:
-    """bhyvectl --list: one running VM name a line."""
+def list_vms(directory: str, as_json: bool = False) -> int:
+    """bhyvectl --list: one running VM name a line (a JSON array with --json)."""
     try:
         entries = sorted(os.listdir(directory))
     except FileNotFoundError:
-        return 0
+        entries = []
     except OSError as exc:
         return _fail(f"cannot list {directory}: {exc.strerror}")
+    names = []
     for entry in entries:
         if entry.endswith(".sock"):
             try:
                 if is_listening(os.path.join(directory, entry)):
-                    print(entry[:-len(".sock")])
+                    names.append(entry[:-len(".sock")])
             except OSError:         # another user's VM
                 pass
+    print(json.dumps(names) if as_json else "\n".join(names), end="\n" if as_json or names else "")
     return 0
+
+
+class _Requester:
+    """client.request(), and with --json each answer printed as it comes."""
+
+    def __init__(self, client: ControlClient, as_json: bool):
+        self.client, self.as_json = client, as_json
+
+    def __call__(self, command: str, **fields) -> dict:
+        try:
+            answer = self.client.request(command, **fields)
+        except ControlError as exc:
+            self._print({"command": command, "ok": False, "error": str(exc)})
+            raise
+        self._print({"command": command, **answer})
+        return answer
+
+    def _print(self, answer: dict) -> None:
+        if self.as_json:
+            print(json.dumps(answer), flush=True)
 
 
 def run(plan: Plan, client: ControlClient) -> None:
     cpu = plan.cpu
+    request = _Requester(client, plan.json)
     if "pause" in plan.actions:
-        client.request("pause")
+        request("pause")
     for name, value in plan.sets.items():
-        client.request(f"set-{name}", vcpu=cpu, value=value)
+        request(f"set-{name}", vcpu=cpu, value=value)
     for name in plan.desc_sets:
         parts = dict(plan.desc)
         if name in TABLE_REGISTERS:
             del parts["access"]
-        client.request(f"set-{name}", vcpu=cpu, value=parts)
+        request(f"set-{name}", vcpu=cpu, value=parts)
     if "inject-nmi" in plan.actions:
-        client.request("inject-nmi", vcpu=cpu)
+        request("inject-nmi", vcpu=cpu)
     if plan.reads():
-        registers = client.request("get-all", vcpu=cpu)["registers"]
         everything = "get-all" in plan.actions
-        for line in format_registers(registers, cpu, None if everything else plan.gets,
-                                     None if everything else plan.desc_gets):
-            print(line)
+        if plan.json and not everything:
+            for name in REGISTERS:
+                if name in plan.gets or name in plan.desc_gets:
+                    request(f"get-{name}", vcpu=cpu)
+        else:
+            registers = request("get-all", vcpu=cpu)["registers"]
+            if not plan.json:
+                for line in format_registers(registers, cpu, None if everything else plan.gets,
+                                             None if everything else plan.desc_gets):
+                    print(line)
     if plan.actions & {"get-stats", "get-all"}:
-        stats = client.request("get-stats", vcpu=cpu)["stats"]
-        for line in format_stats(stats, cpu):
-            print(line)
+        stats = request("get-stats", vcpu=cpu)["stats"]
+        if not plan.json:
+            for line in format_stats(stats, cpu):
+                print(line)
     for action in ("checkpoint", "suspend"):
         if action in plan.snapshots:
-            client.request(action, path=plan.snapshots[action])
+            request(action, path=plan.snapshots[action])
     for action in ("resume", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
-            client.request(action)
+            request(action)
 
 
 def format_registers(registers: dict, cpu: int, gets: set | None = None,

@@ -52,7 +52,7 @@ class DeviceContext:
     def request_stop(self, status) -> None:
         """End the VM with bhyve's exit status (an ExitStatus): a reset or
         power-off the guest asked the chipset for."""
-        self._machine.stop(status)
+        self._machine.stop(status, cause="guest")
 
     def warn_once(self, key, message: str, *args) -> None:
         """Log a guest-caused problem the first time it happens (per key, per VM)."""
