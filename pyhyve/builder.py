@@ -100,7 +100,7 @@ def configure_consoles(vm) -> None:
 def _console_quit(vm, reason: str) -> None:
     if not vm.stopping:
         vm.stopped_by = reason
-    vm.stop(ExitStatus.POWEROFF)
+    vm.stop(ExitStatus.POWEROFF, cause="console")
 
 
 def build_fwcfg(vm) -> FwCfg:

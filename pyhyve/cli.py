@@ -67,6 +67,7 @@ Configuration:
   -o var=value    set a config key (e.g. -o memory.size=1G; -o help lists them all);
                   -o config.dump=1 prints the tree;
                   -o control.socket=PATH moves the pyhyvectl socket (default /run/pyhyve/NAME.sock);
+                  -o qmp.socket=PATH serves QMP (QEMU's monitor protocol) on a unix socket;
                   -o pidfile=PATH writes the process's PID there once the VM is set up;
                   -o poweroff.grace=SECONDS powers off that long after a SIGTERM the guest ignored
                   -o console.escape=CHAR sets the stdio console's escape (default ~,
@@ -454,6 +455,9 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
         try:
             path = config.get("control.socket") or default_socket_path(vm.name)
             vm.closables.append(ControlServer(vm, path))
+            if config.get("qmp.socket"):
+                from .qmp import QmpServer
+                vm.closables.append(QmpServer(vm, config.get("qmp.socket")))
             pidfile = config.get("pidfile")
             if pidfile:
                 vm.closables.append(PidFile(pidfile))
@@ -678,7 +682,7 @@ def _handle_signals(vm, grace: float | None) -> list[str]:
 
     def after_grace():
         stopped_by.append(f"SIGTERM: the guest did not power off within {grace:g} s")
-        vm.stop(ExitStatus.POWEROFF)
+        vm.stop(ExitStatus.POWEROFF, cause="signal")
 
     def on_sigterm(signum, frame):
         presses.append(signum)
@@ -689,11 +693,11 @@ def _handle_signals(vm, grace: float | None) -> list[str]:
                 timer.daemon = True
                 timer.start()
         else:
-            vm.stop(ExitStatus.POWEROFF)
+            vm.stop(ExitStatus.POWEROFF, cause="signal")
 
     def on_stop_signal(signum, frame):
         stopped_by.append(signal.Signals(signum).name)
-        vm.stop(ExitStatus.POWEROFF)
+        vm.stop(ExitStatus.POWEROFF, cause="signal")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     for signum in STOP_SIGNALS:

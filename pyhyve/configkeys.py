@@ -69,6 +69,7 @@ KEYS = {
                       "powered off if the guest has not (default none: bhyve's wait)",
     "pidfile": "file the process's PID is written to once the VM is set up",
     "control.socket": "path of the control socket (default /run/pyhyve/NAME.sock)",
+    "qmp.socket": "path of a unix socket that serves QMP, QEMU's monitor protocol",
     "process.seccomp": "confine the process with seccomp (default true)",
     "process.user": "user to drop to once devices are open",
     "process.landlock": "confine the files the process may open with Landlock (default true)",

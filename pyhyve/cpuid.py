@@ -36,10 +36,13 @@ class Topology(NamedTuple):
     def core_shift(self) -> int:
         return self.thread_shift + _bits_for(self.cores)
 
+    def location(self, vcpu: int) -> tuple[int, int, int]:
+        """(socket, core, thread) of vCPU number VCPU."""
+        return (vcpu // (self.threads * self.cores), (vcpu // self.threads) % self.cores,
+                vcpu % self.threads)
+
     def apic_id(self, vcpu: int) -> int:
-        thread = vcpu % self.threads
-        core = (vcpu // self.threads) % self.cores
-        socket = vcpu // (self.threads * self.cores)
+        socket, core, thread = self.location(vcpu)
         return (socket << self.core_shift) | (core << self.thread_shift) | thread
 
 

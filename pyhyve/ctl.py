@@ -23,31 +23,21 @@ vCPU's own thread (VcpuThread.call), so it sees the vCPU between two
 KVM_RUNs.
 """
 
-import errno
 import functools
 import json
-import logging
 import os
-import selectors
 import socket
-import stat
-import struct
-import threading
 import time
 
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
-from .sandbox import catch_up, remove_at_exit, snapshot_refusal
+from .sandbox import snapshot_refusal
 from .kvm import KvmError, abi
+from .sockservice import (MAX_CLIENTS, MAX_LINE, MAX_PENDING_OUTPUT, Client,  # noqa: F401
+                          SocketService, encode, is_listening)
 from .vcpu import ExitStatus
 
 SOCKET_DIR = "/run/pyhyve"
-MAX_LINE = 64 * 1024            # longer requests close the connection
-MAX_CLIENTS = 32                # when all are taken, the longest idle makes room
-IDLE_TIMEOUT = 60.0             # seconds a connection may sit without a whole request
-MAX_PENDING_OUTPUT = 1 << 20    # answers a client does not read
-CLOSE_TIMEOUT = 5.0
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 GENERAL_REGISTERS = tuple(name for name, _ in abi.kvm_regs._fields_)
 CONTROL_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
@@ -92,21 +82,6 @@ def default_socket_path(name: str) -> str:
         raise ConfigError(f"VM name '{name[:20]}...' is too long for a control socket "
                           f"path (at most {MAX_SOCKET_PATH} bytes; -o control.socket=PATH)")
     return path
-
-
-def is_listening(path: str) -> bool:
-    """Whether a server answers on PATH; False for a missing or stale socket."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except TimeoutError:            # a full backlog: alive but busy
-        return True
-    finally:
-        probe.close()
 
 
 def segment_access(segment: abi.kvm_segment) -> int:
@@ -182,24 +157,13 @@ def _registers(vcpu_thread):
     return vcpu_thread.kvm_vcpu.get_regs(), vcpu_thread.kvm_vcpu.get_sregs()
 
 
-class _Client:
-    """One connection: its partial request line and its unsent answers."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.input = bytearray()
-        self.output = bytearray()
-        self.events = selectors.EVENT_READ
-        self.last_request = time.monotonic()
-
-
-class ControlServer:
+class ControlServer(SocketService):
     """Serves one VM's control socket on a daemon thread named "ctl"."""
 
+    label = "control"
+    thread_name = "ctl"
+
     def __init__(self, vm, path: str | None = None):
-        self.vm = vm
-        self.path = path or default_socket_path(vm.name)
-        self.log = logging.getLogger(f"pyhyve.{vm.name}.ctl")
         self._commands = {
             "describe": self._describe,
             "get-stats": self._get_stats,
@@ -215,214 +179,31 @@ class ControlServer:
             "suspend": functools.partial(self._snapshot, True),
             "consoles": self._consoles,
         }
-        self._listener = self._listen()
-        self._inode = os.stat(self.path).st_ino
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._clients: dict[socket.socket, _Client] = {}
-        self._closing = False
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, lambda events: None)
-        self._thread = threading.Thread(target=self._serve, name="ctl", daemon=True)
-        self._thread.start()
+        super().__init__(vm, path or default_socket_path(vm.name))
 
-    # --- the socket ------------------------------------------------------------------
-    def _listen(self) -> socket.socket:
-        """Bind a fresh 0600 socket in a 0700 directory, replacing a stale one."""
-        directory = os.path.dirname(self.path) or "."
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create control socket directory {directory}: "
-                              f"{exc.strerror}") from None
-        self._remove_stale_socket()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bound = False
-        try:
-            umask = os.umask(0o177)     # no window in which others may connect
-            try:
-                sock.bind(self.path)
-            finally:
-                os.umask(umask)
-            bound = True
-            os.chmod(self.path, 0o600)
-            sock.listen(MAX_CLIENTS)
-            sock.setblocking(False)
-            remove_at_exit(self.path)
-        except OSError as exc:
-            sock.close()
-            if bound:
-                os.unlink(self.path)
-            if exc.errno == errno.EADDRINUSE:     # another pyhyve won the race
-                raise self._already_running() from None
-            raise ConfigError(f"cannot create control socket {self.path}: "
-                              f"{exc.strerror or exc}") from None
-        return sock
-
-    def _remove_stale_socket(self) -> None:
-        """A socket file nobody answers on was left by a pyhyve that died."""
-        try:
-            mode = os.lstat(self.path).st_mode
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise ConfigError(f"cannot create control socket {self.path}: "
-                              f"{exc.strerror}") from None
-        if not stat.S_ISSOCK(mode):
-            raise ConfigError(f"cannot create control socket {self.path}: "
-                              "a file that is not a socket is in the way")
-        try:
-            listening = is_listening(self.path)
-        except OSError as exc:
-            raise ConfigError(f"cannot check control socket {self.path}: "
-                              f"{exc.strerror or exc}") from None
-        if listening:
-            raise self._already_running()
-        os.unlink(self.path)
-
-    def _already_running(self) -> ConfigError:
+    def already_running(self) -> ConfigError:
         return ConfigError(f"VM {self.vm.name} is already running "
                            f"(control socket {self.path})")
 
-    def close(self) -> None:
-        """Drop every client, remove the socket file and join the thread."""
-        if self._closing:
-            return
-        self._closing = True
-        self._wake_writer.send(b"\0")    # the thread may have seen _closing already
-        self._thread.join(CLOSE_TIMEOUT)
-        if self._thread.is_alive():
-            self.log.warning("control thread still busy after %.0f s", CLOSE_TIMEOUT)
-        self._wake_writer.close()
-        self._wake_reader.close()       # here, not by the thread: the send above needs it
-        try:
-            if os.stat(self.path).st_ino == self._inode:   # still ours
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except PermissionError:     # dropped to -o process.user: the next start removes it
-            self.log.info("control socket %s left behind", self.path)
+    def refusal(self, message: str) -> dict:
+        return _error(message)
 
-    # --- the event loop ----------------------------------------------------------------
-    def _serve(self) -> None:
-        try:
-            while not self._closing:
-                self._drop_stale()
-                for key, events in self._selector.select(IDLE_TIMEOUT / 4):
-                    catch_up()
-                    try:
-                        key.data(events)
-                    except Exception:       # a bug here must not end the service
-                        self.log.exception("control socket event failed")
-                        if key.fileobj in self._clients:
-                            self._drop(self._clients[key.fileobj])
-        finally:
-            for client in list(self._clients.values()):
-                self._drop(client)
-            self._selector.close()
-            self._listener.close()
-
-    def _accept(self, events) -> None:
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.vm.warn_once(("ctl", exc.errno), "control socket accept failed: %s", exc)
-            return
-        pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        refusal = None
-        if uid not in (0, os.geteuid()):
-            self.log.warning("refused a control connection from uid %d (pid %d)", uid, pid)
-            refusal = "permission denied"
-        elif len(self._clients) >= MAX_CLIENTS:       # room for the operator, always
-            idlest = min(self._clients.values(), key=lambda client: client.last_request)
-            self._drop_idle(idlest, "room needed for a new one")
-        if refusal:
-            sock.setblocking(False)
-            try:
-                sock.send(_encode({"ok": False, "error": refusal}))
-            except OSError:
-                pass
-            sock.close()
-            return
-        sock.setblocking(False)
-        client = _Client(sock)
-        self._clients[sock] = client
-        self._selector.register(sock, client.events, functools.partial(self._service, client))
-
-    def _drop_idle(self, client: _Client, why: str) -> None:
-        self.vm.warn_once(("ctl-idle", why), "closed an idle control connection: %s", why)
-        self._answer(client, _error(f"connection closed: {why}"))
-        self._drop(client)
-
-    def _drop_stale(self) -> None:
-        deadline = time.monotonic() - IDLE_TIMEOUT
-        for client in [c for c in self._clients.values() if c.last_request < deadline]:
-            self._drop_idle(client, f"no request for {IDLE_TIMEOUT:g} s")
-
-    def _service(self, client: _Client, events) -> None:
-        if events & selectors.EVENT_WRITE:
-            self._flush(client)
-        if events & selectors.EVENT_READ and client.sock in self._clients:
-            self._receive(client)
-
-    def _receive(self, client: _Client) -> None:
-        try:
-            data = client.sock.recv(MAX_LINE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(client)
-            return
+    # --- framing: one JSON object a line ---------------------------------------------------
+    def received(self, client: Client, data: bytes) -> None:
         client.input += data
-        while client.sock in self._clients:
+        while self.is_connected(client):
             end = client.input.find(b"\n")
             if end < 0:
                 break
             line = bytes(client.input[:end])
             del client.input[:end + 1]
             if len(line) > MAX_LINE:
-                self._refuse_long_line(client)
+                self.refuse_long_request(client)
             elif line.strip():
                 client.last_request = time.monotonic()
-                self._answer(client, self.handle_line(line))
-        if client.sock in self._clients and len(client.input) > MAX_LINE:
-            self._refuse_long_line(client)
-
-    def _refuse_long_line(self, client: _Client) -> None:
-        """Answer, then close: the rest of an overlong line cannot be parsed."""
-        self._answer(client, _error(f"request longer than {MAX_LINE} bytes"))
-        self._drop(client)
-
-    def _answer(self, client: _Client, answer: dict) -> None:
-        client.output += _encode(answer)
-        self._flush(client)
-
-    def _flush(self, client: _Client) -> None:
-        try:
-            sent = client.sock.send(client.output)
-            del client.output[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self._drop(client)
-            return
-        if len(client.output) > MAX_PENDING_OUTPUT:
-            self._drop(client)
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.output else 0)
-        if events != client.events:
-            client.events = events
-            self._selector.modify(client.sock, events, functools.partial(self._service, client))
-
-    def _drop(self, client: _Client) -> None:
-        if self._clients.pop(client.sock, None) is not None:
-            self._selector.unregister(client.sock)
-            client.sock.close()
+                self.send(client, self.handle_line(line))
+        if self.is_connected(client) and len(client.input) > MAX_LINE:
+            self.refuse_long_request(client)
 
     # --- requests ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict:
@@ -532,7 +313,7 @@ class ControlServer:
 
     def _stop(self, status: ExitStatus, request: dict) -> dict:
         self.log.info("control: %s", request.get("command"))
-        self.vm.stop(status)
+        self.vm.stop(status, cause="control")
         return {"vm": self.vm.name, "status": int(status)}
 
     def _snapshot(self, suspend: bool, request: dict) -> dict:
@@ -555,16 +336,12 @@ class ControlServer:
             raise RequestError(str(exc)) from None
         if suspend:
             self.vm.exit_detail = f"suspended to {path}"
-            self.vm.stop(ExitStatus.POWEROFF)
+            self.vm.stop(ExitStatus.POWEROFF, cause="control")
         return {"vm": self.vm.name, "path": path, "size": size}
 
 
 def _error(message: str) -> dict:
     return {"ok": False, "error": message}
-
-
-def _encode(message: dict) -> bytes:
-    return json.dumps(message).encode() + b"\n"
 
 
 class ControlClient:
@@ -583,7 +360,7 @@ class ControlClient:
         self._file = self._sock.makefile("rb")
 
     def request(self, command: str, **fields) -> dict:
-        self._sock.sendall(_encode({"command": command, **fields}))
+        self._sock.sendall(encode({"command": command, **fields}))
         line = self._file.readline(MAX_PENDING_OUTPUT)
         if not line.endswith(b"\n"):
             raise ConnectionError("the VM closed the control connection")

@@ -5,28 +5,36 @@ order (after --pause, before --resume): register writes, --inject-nmi,
 register reads, --get-stats, --checkpoint, --suspend, then --resume, --powerdown,
 --force-reset, --force-poweroff, --destroy.  --console is an operation of its
 own: the terminal on a console of the VM (pyhyve.attach) until `~.`.
+
+--json prints the VM's answers themselves, one JSON object a line in the
+order of the requests, each with the request's "command" first; a refusal is
+printed the same way ({"command": ..., "ok": false, "error": ...}) before
+pyhyvectl fails.  Register reads ask for each register named (get-REG) or
+for all of them (get-all).  --list --json prints a JSON array of the VMs.
 """
 
 import getopt
+import json
 import os
 import sys
 
 from . import escape as escapes
 from .attach import AttachError, attach, choose
 from .config import ConfigError
-from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, SEGMENT_REGISTERS, TABLE_REGISTERS,
-                  ControlClient, ControlError, default_socket_path,
+from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, REGISTERS, SEGMENT_REGISTERS,
+                  TABLE_REGISTERS, ControlClient, ControlError, default_socket_path,
                   socket_directory)
 
 USAGE = """\
-usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] OPERATION...
+usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] [--json] OPERATION...
        pyhyvectl --vm=NAME [--socket=PATH] --console[=comN] [--escape=CHAR]
-       pyhyvectl --list [--socket=PATH]
+       pyhyvectl --list [--socket=PATH] [--json]
        pyhyvectl -h | --help | --version
 
   --vm=NAME            the VM, reached through /run/pyhyve/NAME.sock
   --cpu=N              the vCPU that register operations act on (default 0)
   --socket=PATH        use this control socket instead of NAME's
+  --json               print the VM's answers as JSON, one object a line
   --list               the running VMs (those whose socket answers, in the socket
                        directory or in --socket's directory): name, PID, uptime,
                        vCPUs, memory and state (running or paused)
@@ -62,8 +70,9 @@ SELECTOR_ORDER = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")
 DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
 ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "powerdown",
            "force-reset", "force-poweroff", "destroy")
-LONG_OPTIONS = (["help", "version", "list", "vm=", "cpu=", "socket=", "desc-base=", "desc-limit=",
-                 "desc-access=", "checkpoint=", "suspend=", "console=", "escape=", *ACTIONS]
+LONG_OPTIONS = (["help", "version", "list", "json", "vm=", "cpu=", "socket=", "desc-base=",
+                 "desc-limit=", "desc-access=", "checkpoint=", "suspend=", "console=", "escape=",
+                 *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"get-desc-{name}" for name in DESCRIPTORS]
@@ -94,6 +103,7 @@ class Plan:
         if rest:
             raise UsageError(f"unexpected argument '{rest[0]}' (pyhyvectl --help for help)")
         self.name = self.socket = None
+        self.json = False
         self.cpu = 0
         self.actions: set[str] = set()
         self.sets: dict[str, int] = {}
@@ -110,6 +120,8 @@ class Plan:
     def _add(self, option: str, value: str) -> None:
         if option in ("help", "version", "list") or option in ACTIONS:
             self.actions.add(option)
+        elif option == "json":
+            self.json = True
         elif option == "vm":
             self.name = value
         elif option == "socket":
@@ -157,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyhyvectl {__version__}")
             return 0
         if "list" in plan.actions:
-            return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory())
+            return list_vms(os.path.dirname(plan.socket) if plan.socket else socket_directory(),
+                            plan.json)
         path = plan.socket_path()
         operations = plan.actions or plan.snapshots or plan.sets or plan.desc_sets or \
             plan.reads()
@@ -201,38 +214,44 @@ def _connect(name: str, path: str) -> ControlClient:
 LIST_COLUMNS = "{:<20} {:>8} {:>10} {:>5} {:>8}  {}"
 
 
-def list_vms(directory: str) -> int:
+def list_vms(directory: str, as_json: bool = False) -> int:
     """bhyvectl --list, with what virsh list and ps would add: the VMs whose
-    control socket answers, a line each, under a header."""
+    control socket answers, a line each, under a header (with --json, a JSON
+    array of what each VM says of itself: pyhyve.ctl's describe)."""
     try:
         entries = sorted(os.listdir(directory))
     except FileNotFoundError:
-        return 0
+        entries = []
     except OSError as exc:
         return _fail(f"cannot list {directory}: {exc.strerror}")
+    found = [vm for vm in (_describe(os.path.join(directory, entry), entry[:-len(".sock")])
+                           for entry in entries if entry.endswith(".sock")) if vm is not None]
+    if as_json:
+        print(json.dumps(found))
+        return 0
     print(LIST_COLUMNS.format("NAME", "PID", "UPTIME", "VCPUS", "MEMORY", "STATE"))
-    for entry in entries:
-        if entry.endswith(".sock"):
-            row = _describe(os.path.join(directory, entry), entry[:-len(".sock")])
-            if row is not None:
-                print(LIST_COLUMNS.format(*row))
+    for vm in found:
+        if "pid" not in vm:
+            print(LIST_COLUMNS.format(vm["name"], "-", "-", "-", "-", vm["state"]))
+            continue
+        seconds = int(vm["uptime"])
+        uptime = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
+        print(LIST_COLUMNS.format(vm["name"], vm["pid"], uptime, vm["vcpus"],
+                                  _size(vm["memory"]), vm["state"]))
     return 0
 
 
-def _describe(path: str, name: str) -> tuple | None:
-    """A --list row for the VM at PATH; None when nothing answers there (a
-    stale socket, another user's VM).  A VM too busy to answer is listed
-    with its name alone."""
+def _describe(path: str, name: str) -> dict | None:
+    """What the VM at PATH says of itself; None when nothing answers there (a
+    stale socket, another user's VM).  A VM too busy to answer is listed with
+    its name alone."""
     try:
         with ControlClient(path, timeout=2.0) as client:
-            vm = client.request("describe")
+            return client.request("describe")
     except (ConnectionRefusedError, FileNotFoundError, PermissionError):
         return None
     except (OSError, ControlError, ValueError):
-        return (name, "-", "-", "-", "-", "not answering")
-    seconds = int(vm["uptime"])
-    uptime = f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"
-    return (vm["name"], vm["pid"], uptime, vm["vcpus"], _size(vm["memory"]), vm["state"])
+        return {"name": name, "state": "not answering"}
 
 
 def _size(size: int) -> str:
@@ -243,46 +262,75 @@ def _size(size: int) -> str:
     return f"{size >> 20}M"
 
 
+class _Requester:
+    """client.request(), and with --json each answer printed as it comes."""
+
+    def __init__(self, client: ControlClient, as_json: bool):
+        self.client, self.as_json = client, as_json
+
+    def __call__(self, command: str, **fields) -> dict:
+        try:
+            answer = self.client.request(command, **fields)
+        except ControlError as exc:
+            self._print({"command": command, "ok": False, "error": str(exc)})
+            raise
+        self._print({"command": command, **answer})
+        return answer
+
+    def _print(self, answer: dict) -> None:
+        if self.as_json:
+            print(json.dumps(answer), flush=True)
+
+
 def run(plan: Plan, client: ControlClient) -> None:
     """The operations, in bhyvectl's order; each that changes the VM says what
     it did in one line, "vm NAME: ...", among what the reads print."""
     cpu = plan.cpu
+    request = _Requester(client, plan.json)
 
     def did(answer: dict, what: str) -> None:
-        print(f"vm {answer.get('vm') or plan.name or client.path}: {what}", flush=True)
+        if not plan.json:
+            print(f"vm {answer.get('vm') or plan.name or client.path}: {what}", flush=True)
 
     if "pause" in plan.actions:
-        did(client.request("pause"), "paused")
+        did(request("pause"), "paused")
     for name, value in plan.sets.items():
-        answer = client.request(f"set-{name}", vcpu=cpu, value=value)
+        answer = request(f"set-{name}", vcpu=cpu, value=value)
         did(answer, f"vcpu{cpu} {name} set to {_register_text(answer['value'])}")
     for name in plan.desc_sets:
         parts = dict(plan.desc)
         if name in TABLE_REGISTERS:
             del parts["access"]
-        answer = client.request(f"set-{name}", vcpu=cpu, value=parts)
+        answer = request(f"set-{name}", vcpu=cpu, value=parts)
         did(answer, f"vcpu{cpu} {name} descriptor set to "
                     + ", ".join(f"{part} {answer['value'][part]:#x}" for part in parts))
     if "inject-nmi" in plan.actions:
-        did(client.request("inject-nmi", vcpu=cpu), f"NMI injected into vcpu{cpu}")
+        did(request("inject-nmi", vcpu=cpu), f"NMI injected into vcpu{cpu}")
     if plan.reads():
-        registers = client.request("get-all", vcpu=cpu)["registers"]
         everything = "get-all" in plan.actions
-        for line in format_registers(registers, cpu, None if everything else plan.gets,
-                                     None if everything else plan.desc_gets):
-            print(line)
+        if plan.json and not everything:
+            for name in REGISTERS:
+                if name in plan.gets or name in plan.desc_gets:
+                    request(f"get-{name}", vcpu=cpu)
+        else:
+            registers = request("get-all", vcpu=cpu)["registers"]
+            if not plan.json:
+                for line in format_registers(registers, cpu, None if everything else plan.gets,
+                                             None if everything else plan.desc_gets):
+                    print(line)
     if plan.actions & {"get-stats", "get-all"}:
-        stats = client.request("get-stats", vcpu=cpu)["stats"]
-        for line in format_stats(stats, cpu):
-            print(line)
+        stats = request("get-stats", vcpu=cpu)["stats"]
+        if not plan.json:
+            for line in format_stats(stats, cpu):
+                print(line)
     for action in ("checkpoint", "suspend"):
         if action in plan.snapshots:
-            answer = client.request(action, path=plan.snapshots[action])
+            answer = request(action, path=plan.snapshots[action])
             then = "running on" if action == "checkpoint" else "stopped (exit status 1)"
             did(answer, f"saved to {answer['path']} ({answer['size']} bytes), {then}")
     for action in ("resume", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
-            answer = client.request(action)
+            answer = request(action)
             did(answer, DONE[action] + (f" (exit status {answer['status']})"
                                         if "status" in answer else ""))
 

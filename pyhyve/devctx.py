@@ -53,7 +53,7 @@ class DeviceContext:
         """End the VM with bhyve's exit status (an ExitStatus): a reset or
         power-off the guest asked the chipset for; or, for a test device
         only, with any other status as a plain int (isa-debug-exit's)."""
-        self._machine.stop(status)
+        self._machine.stop(status, cause="guest")
 
     def warn_once(self, key, message: str, *args) -> None:
         """Log a guest-caused problem the first time it happens (per key, per VM)."""

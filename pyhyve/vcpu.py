@@ -113,6 +113,9 @@ class VcpuThread:
 
     # --- thread control -------------------------------------------------------
     def start(self) -> None:
+        """Run the vCPU on a fresh thread (again after the VM was reset in
+        place: one paused stays so, as the kick that paused it left
+        immediate_exit set)."""
         self._thread = threading.Thread(target=self._thread_main,
                                         name=f"vcpu{self.id}", daemon=True)
         self._thread.start()
@@ -124,6 +127,12 @@ class VcpuThread:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def native_id(self) -> int | None:
+        """The host's id of the vCPU's thread (as /proc/PID/task names it);
+        None before it first ran."""
+        return self._thread.native_id if self._thread is not None else None
 
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN (or not enter it) as soon as possible."""
@@ -201,7 +210,7 @@ class VcpuThread:
             self.log.exception("vm_loop crashed")
             status = ExitStatus.ERROR
         if status is not None:
-            self.vm.stop(status, vcpu=self)
+            self.vm.stop(status, vcpu=self, cause="guest")
 
     def _pin(self) -> ExitStatus | None:
         """bhyve's -p (vcpu.N.cpuset): this thread onto its host CPUs before it
@@ -237,6 +246,8 @@ class VcpuThread:
                 if vm.stopping:
                     return None
                 self._serve_requests()
+                if vm.stopping:     # a kick while serving may have found immediate_exit 0
+                    return None
                 continue
             except BlockingIOError:     # an AP left wait-for-SIPI: enter again
                 continue

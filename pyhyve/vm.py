@@ -6,6 +6,21 @@ create the KVM VM, memory, irqchip and PIT, the devices (which builder.py
 chooses from the config), the boot method's part, and vCPUs.  `run()`
 starts the BSP, then the APs (which wait in KVM for INIT/SIPI), and returns
 bhyve's exit status once any vCPU or device stops the VM.
+
+Whatever watches the machine from outside (QMP's events) registers a
+listener: `vm.listeners.append(callable)`, called as listener(event, details)
+on the thread where the event happened, so it must not block:
+
+- "paused", "resumed": pause() and resume() changed the VM's state;
+- "power-button": press_power_button();
+- "reset": the machine was reset in place (request_reset(), reset());
+  details: cause;
+- "stopping": the VM stops for good (stop(); run() returns); details:
+  status (the ExitStatus), cause.
+
+A cause is who asked: "guest" (the guest itself, through a vCPU exit or a
+device), else the word the caller gave stop() or request_reset() ("signal",
+"control" for pyhyvectl, "qmp", "host" by default).
 """
 
 import logging
@@ -73,6 +88,10 @@ class VirtualMachine:
         self.started_at: float | None = None     # time.monotonic() of the first run()
         self.stopped_by = ""            # a user's stop from a console (`com1: ~.`)
         self.stopping = False
+        self.paused = False             # by pause(), until resume()
+        self.listeners: list = []       # see the module docstring
+        self._reset_cause: str | None = None    # request_reset() is pending
+        self._pause_lock = threading.Lock()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self._warned: set = set()
@@ -281,32 +300,70 @@ class VirtualMachine:
     # --- lifecycle ----------------------------------------------------------------
     def run(self) -> int:
         """Run until the guest or a user stops the VM; returns bhyve's exit status
-        (an ExitStatus), or the one a test device asked for (see stop())."""
+        (an ExitStatus), or the one a test device asked for (see stop()).  A
+        request_reset() meanwhile resets the machine and runs it on."""
         install_kick_handler()          # from any thread: see vcpu.install_kick_handler
         first_run, self.has_run = not self.has_run, True
         if first_run:
             self.started_at = time.monotonic()
         if self.gdb is not None and first_run:
             self.gdb.start()
-        for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
-            vcpu.start()
-        self.log.info("started %d vCPU thread%s", len(self.vcpus),
-                      "s" if len(self.vcpus) > 1 else "")
-        watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
-                                   daemon=True)
-        watcher.start()
-        while not self._stopped.wait(0.2):
-            pass
-        for vcpu in self.vcpus:
-            vcpu.kick()
-        for vcpu in self.vcpus:
-            vcpu.join(5.0)
-        watcher.join(5.0)
+        while True:
+            for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
+                vcpu.start()
+            self.log.info("started %d vCPU thread%s", len(self.vcpus),
+                          "s" if len(self.vcpus) > 1 else "")
+            watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
+                                       daemon=True)
+            watcher.start()
+            while not self._stopped.wait(0.2):
+                pass
+            for vcpu in self.vcpus:
+                vcpu.kick()
+            for vcpu in self.vcpus:
+                vcpu.join(5.0)
+            watcher.join(5.0)
+            if not self._reset_in_place():
+                break
         status = self.exit_status
         # an error's reason was printed, and logged, as it happened (fatal())
         detail = f": {self.exit_detail}" if self.exit_detail and status != ExitStatus.ERROR else ""
         self.log.info("stopped: %s, exit status %d%s", describe_status(status), status, detail)
         return status
+
+    def _reset_in_place(self) -> bool:
+        """After run()'s vCPUs stopped: reset the machine if request_reset()
+        asked and nothing stopped the VM meanwhile; whether it was."""
+        with self._stop_lock:
+            cause = self._reset_cause
+            if cause is None or self.exit_status is not None:
+                return False
+        if any(vcpu.running for vcpu in self.vcpus):
+            self.log.error("reset: a vCPU did not stop; powering off")
+            self.stop(ExitStatus.ERROR, cause="host")
+            return False
+        self._reset_machine()
+        with self._stop_lock:
+            self._reset_cause = None
+            if self.exit_status is not None:        # stopped while it was reset
+                return False
+            self.stopping = False
+            self._stopped.clear()
+        self._notify("reset", cause=cause)
+        return True
+
+    def request_reset(self, cause: str = "host") -> None:
+        """A reset button, from any thread: the vCPUs stop, the machine is reset
+        as reset() does, and run() boots the guest again (paused if the VM is).
+        RuntimeError once the VM stops for good."""
+        with self._stop_lock:
+            if self.exit_status is not None:
+                raise RuntimeError(f"VM {self.name} is stopping")
+            self._reset_cause = cause
+            self.stopping = True
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        self._stopped.set()
 
     def reset(self) -> None:
         """QEMU's system_reset, in-process, once run() has returned: every vCPU,
@@ -314,9 +371,18 @@ class VirtualMachine:
         built, every device reset (Device.reset), and the boot method starts
         over (the firmware's reset vector, or the kernel loaded afresh); RAM is
         kept, as a warm reset keeps it.  run() then boots the guest again.
-        pyhyve's command follows bhyve instead: a reset ends it with status 0."""
+        pyhyve's command follows bhyve instead: a reset ends it with status 0
+        (request_reset() is the reset button while run() runs)."""
         if any(vcpu.running for vcpu in self.vcpus):
             raise RuntimeError(f"VM {self.name} is running: reset it after run() returns")
+        self._reset_machine()
+        self.exit_status, self.exit_detail, self.stopped_by = None, "", ""
+        self._reset_cause = None
+        self.stopping = False
+        self._stopped.clear()
+        self._notify("reset", cause="host")
+
+    def _reset_machine(self) -> None:
         from . import snapshot
         snapshot.reset_kvm(self, self._kvm_power_on)
         self.lower_irq_lines()
@@ -326,21 +392,24 @@ class VirtualMachine:
             device.resync_irq()
         self.boot.install_tables(self, self.acpi_tables)
         self.boot.start(self)
-        self.exit_status, self.exit_detail, self.stopped_by = None, "", ""
-        self.stopping = False
-        self._stopped.clear()
 
-    def stop(self, status: int, vcpu: VcpuThread | None = None) -> None:
+    def stop(self, status: int, vcpu: VcpuThread | None = None,
+             cause: str = "host") -> None:
         """Stop every vCPU; the first status given is the VM's exit status.
         That is one of bhyve's (an ExitStatus), or any other number a test
         device (isa-debug-exit) passes as a plain int, kept as it is: the
-        guest chose it, and pyhyve's process exits with it."""
+        guest chose it, and pyhyve's process exits with it.  CAUSE: who asked
+        ("guest" when a vCPU or device acts for the guest)."""
+        first = False
         with self._stop_lock:
             if self.exit_status is None:
+                first = True
                 self.exit_status = status if isinstance(status, ExitStatus) else int(status)
                 self.log.debug("stopping: %s%s", describe_status(self.exit_status),
                                f" (vcpu{vcpu.id})" if vcpu else "")
             self.stopping = True
+        if first:       # before run() may return: listeners hear it while they listen
+            self._notify("stopping", status=self.exit_status, cause=cause)
         for other in self.vcpus:
             if other is not vcpu:
                 other.kick()
@@ -351,17 +420,25 @@ class VirtualMachine:
 
     def pause(self) -> None:
         """vCPUs first, then the devices (lifecycle.Device.pause)."""
-        for vcpu in self.vcpus:
-            vcpu.pause()
-        for device in self.devices:
-            device.pause()
+        with self._pause_lock:
+            was_paused, self.paused = self.paused, True
+            for vcpu in self.vcpus:
+                vcpu.pause()
+            for device in self.devices:
+                device.pause()
+        if not was_paused:
+            self._notify("paused")
 
     def resume(self) -> None:
         """Devices first, so that no vCPU runs while a device is still paused."""
-        for device in self.devices:
-            device.resume()
-        for vcpu in self.vcpus:
-            vcpu.resume()
+        with self._pause_lock:
+            was_paused, self.paused = self.paused, False
+            for device in self.devices:
+                device.resume()
+            for vcpu in self.vcpus:
+                vcpu.resume()
+        if was_paused:
+            self._notify("resumed")
 
     def checkpoint(self, path: str, stay_paused: bool = False) -> int:
         """Save a snapshot to `path` with vCPUs and devices paused; afterwards the
@@ -383,6 +460,14 @@ class VirtualMachine:
 
     def press_power_button(self) -> None:
         self.pm.press_power_button()
+        self._notify("power-button")
+
+    def _notify(self, event: str, **details) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, details)
+            except Exception:       # a watcher's bug must not stop the machine
+                self.log.exception("listener for %s failed", event)
 
     def _watch_halt(self) -> None:
         """bhyve's VM_SUSPEND_HALT: every active vCPU halted with interrupts off."""
@@ -393,7 +478,7 @@ class VirtualMachine:
                 continue
             if "running" not in states and "halted" in states:
                 self.exit_detail = "all vCPUs halted with interrupts disabled"
-                self.stop(ExitStatus.HALT)
+                self.stop(ExitStatus.HALT, cause="guest")
 
     def close(self) -> None:
         """Release devices, vCPUs, memory and KVM descriptors."""

@@ -65,7 +65,7 @@ class FakeVm:
         (sources.add if level else sources.discard)(source)
         self.irq_levels[irq] = bool(sources)
 
-    def stop(self, status, vcpu=None) -> None:
+    def stop(self, status, vcpu=None, cause="host") -> None:
         self.stops.append(status)
         self.stopping = True
 

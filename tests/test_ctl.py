@@ -21,7 +21,7 @@ import pytest
 
 from build import build_rom
 import pyhyve
-from pyhyve import ctl as ctl_module, ctlclient
+from pyhyve import ctl as ctl_module, ctlclient, sockservice
 from pyhyve.devices.pm import PWRBTN_STS
 from pyhyve.config import Config, ConfigError
 from pyhyve.ctl import ControlClient, ControlError, ControlServer, default_socket_path
@@ -154,6 +154,40 @@ def test_get_rip_and_get_all(running, capsys):
     assert re.search(r"^cs desc\[0\]\t0x00000000ffff0000/0x0000ffff/0x[0-9a-f]{8}$", out, re.M)
     assert re.search(r"^gdtr\[0\]\t\t0x[0-9a-f]{16}/0x[0-9a-f]{8}$", out, re.M)
     assert "vcpu0 stats:" in lines
+
+
+@needs_kvm
+def test_json_prints_the_answers(running, capsys):
+    """--json: each answer as the VM gave it, one line each, with its command."""
+    status, out, err = ctl(capsys, f"--socket={running.path}", "--json", "--get-rip",
+                           "--get-desc-cs", "--get-cs")
+    assert (status, err) == (0, "")
+    rip, cs = (json.loads(line) for line in out.splitlines())
+    assert rip == {"command": "get-rip", "ok": True, "vcpu": 0, "register": "rip",
+                   "value": rip["value"]} and 0 < rip["value"] < 0x10000
+    assert cs["command"] == "get-cs" and cs["value"]["selector"] == 0xF000
+    assert set(cs["value"]) == {"selector", "base", "limit", "access"}
+
+    status, out, _ = ctl(capsys, f"--socket={running.path}", "--json", "--pause",
+                         "--get-stats", "--resume")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert status == 0 and [line["command"] for line in lines] == ["pause", "get-stats",
+                                                                    "resume"]
+    assert lines[0] == {"command": "pause", "ok": True} and lines[1]["stats"]["io"] > 0
+
+    status, out, _ = ctl(capsys, f"--socket={running.path}", "--json", "--get-all")
+    everything, stats = (json.loads(line) for line in out.splitlines())
+    assert status == 0 and everything["command"] == "get-all" and stats["command"] == "get-stats"
+    assert everything["registers"]["cs"]["selector"] == 0xF000
+
+    status, out, err = ctl(capsys, f"--socket={running.path}", "--json", "--cpu=3",
+                           "--get-rip")
+    assert status == 1 and err == "pyhyvectl: no vcpu 3: the VM has vCPUs 0 to 0\n"
+    assert json.loads(out) == {"command": "get-rip", "ok": False,
+                               "error": "no vcpu 3: the VM has vCPUs 0 to 0"}
+
+    assert ctl(capsys, "--list", "--json", f"--socket={running.path}") \
+        == (0, '["ctltest"]\n', "")
 
 
 @needs_kvm
@@ -401,6 +435,11 @@ def test_missing_vm_is_one_line(capsys, socket_dir):
                    f"{default_socket_path('pyhyve-test-no-such-vm')})\n")
 
 
+def test_list_json_without_vms(capsys, socket_dir):
+    assert ctl(capsys, "--list", "--json", f"--socket={socket_dir}/none.sock") == (0, "[]\n", "")
+    assert ctl(capsys, "--list", f"--socket={socket_dir}/none.sock") == (0, "", "")
+
+
 def test_stale_socket_is_reported(capsys, socket_dir):
     path = socket_dir / "dead.sock"
     leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -581,7 +620,7 @@ def test_idle_connections_cannot_lock_the_operator_out(running):
 
 @needs_kvm
 def test_a_connection_idle_too_long_is_closed(socket_dir, monkeypatch):
-    monkeypatch.setattr(ctl_module, "IDLE_TIMEOUT", 0.4)
+    monkeypatch.setattr(sockservice, "IDLE_TIMEOUT", 0.4)
     with run_vm(str(socket_dir / "idle.sock")) as guest:
         with raw_connection(guest.path) as quiet, raw_connection(guest.path) as busy:
             for _ in range(6):              # requests keep `busy` open past the timeout

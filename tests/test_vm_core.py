@@ -58,9 +58,9 @@ def test_every_vcpu_thread_ends_with_the_vm(tmp_path):
         names = []
         original_stop = vm.stop
 
-        def record_threads_then_stop(status, vcpu=None):
+        def record_threads_then_stop(status, vcpu=None, **how):
             names.extend(t.name for t in threading.enumerate())
-            original_stop(status, vcpu)
+            original_stop(status, vcpu, **how)
         vm.stop = record_threads_then_stop
         assert vm.run() == ExitStatus.POWEROFF
         assert {"vcpu0", "vcpu1", "vcpu2", "vcpu3"} <= set(names)
