@@ -173,7 +173,7 @@ def test_json_prints_the_answers(running, capsys):
     lines = [json.loads(line) for line in out.splitlines()]
     assert status == 0 and [line["command"] for line in lines] == ["pause", "get-stats",
                                                                     "resume"]
-    assert lines[0] == {"command": "pause", "ok": True} and lines[1]["stats"]["io"] > 0
+    assert lines[0] == {"command": "pause", "ok": True, "vm": "ctltest"} and lines[1]["stats"]["io"] > 0
 
     status, out, _ = ctl(capsys, f"--socket={running.path}", "--json", "--get-all")
     everything, stats = (json.loads(line) for line in out.splitlines())
@@ -186,8 +186,12 @@ def test_json_prints_the_answers(running, capsys):
     assert json.loads(out) == {"command": "get-rip", "ok": False,
                                "error": "no vcpu 3: the VM has vCPUs 0 to 0"}
 
-    assert ctl(capsys, "--list", "--json", f"--socket={running.path}") \
-        == (0, '["ctltest"]\n', "")
+    status, out, err = ctl(capsys, "--list", "--json", f"--socket={running.path}")
+    assert (status, err) == (0, "")
+    [listed] = json.loads(out)
+    assert listed == {"name": "ctltest", "pid": os.getpid(), "vcpus": 1,
+                      "memory": running.vm.memory.size, "state": "running",
+                      "uptime": listed["uptime"]}
 
 
 @needs_kvm
@@ -437,7 +441,8 @@ def test_missing_vm_is_one_line(capsys, socket_dir):
 
 def test_list_json_without_vms(capsys, socket_dir):
     assert ctl(capsys, "--list", "--json", f"--socket={socket_dir}/none.sock") == (0, "[]\n", "")
-    assert ctl(capsys, "--list", f"--socket={socket_dir}/none.sock") == (0, "", "")
+    assert ctl(capsys, "--list", f"--socket={socket_dir}/none.sock") \
+        == (0, "NAME                      PID     UPTIME VCPUS   MEMORY  STATE\n", "")
 
 
 def test_stale_socket_is_reported(capsys, socket_dir):
