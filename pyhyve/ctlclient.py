@@ -247,11 +247,13 @@ def _describe(path: str, name: str) -> dict | None:
     its name alone."""
     try:
         with ControlClient(path, timeout=2.0) as client:
-            return client.request("describe")
+            answer = client.request("describe")
     except (ConnectionRefusedError, FileNotFoundError, PermissionError):
         return None
     except (OSError, ControlError, ValueError):
         return {"name": name, "state": "not answering"}
+    answer.pop("ok", None)
+    return answer
 
 
 def _size(size: int) -> str:
