@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -617,28 +618,47 @@ def test_every_message_type_with_a_short_body_is_einval(client):
         assert code(client.rpc, kind, b"\x02\x00\x00") == errno.EINVAL, kind
 
 
-MESSAGE_TYPES = st.sampled_from(sorted(P._HANDLERS) + [P.TAUTH, P.TMKNOD, 0, 255])
-FIDS = st.sampled_from((ROOT, FID, 3, 4, NOFID, 0))
-NAMES = st.sampled_from((b"sub", b"hello.txt", b"..", b".", b"ln", b"x", b"", b"a/b"))
-FIELD = st.one_of(
-    st.tuples(st.just("<I"), FIDS), st.tuples(st.just("<I"), st.integers(0, 2**32 - 1)),
-    st.tuples(st.just("<Q"), st.integers(0, 2**64 - 1)),
-    st.tuples(st.just("<H"), st.integers(0, 0xFFFF)),
-    st.tuples(st.just("<B"), st.integers(0, 255)),
-    st.tuples(st.just("s"), NAMES), st.tuples(st.just("raw"), st.binary(max_size=40)))
-# A message: a valid header on fields 9P uses, or any bytes at all (with a room).
-MESSAGE = st.one_of(
-    st.tuples(st.just("fields"), MESSAGE_TYPES, st.lists(FIELD, max_size=10),
-              st.sampled_from((MSIZE, 7, 11, 64, 300))),
-    st.tuples(st.just("bytes"), st.binary(max_size=300), st.sampled_from((MSIZE, 0, 11))))
+FIDS = st.sampled_from((ROOT, FID, FID, 3, 3, 3, 4, 5, NOFID, 0))
+NAMES = st.sampled_from((b"sub", b"hello.txt", b"..", b".", b"ln", b"x", b"", b"a/b", b"x" * 300))
+# Each field kind: mostly values that mean something, sometimes anything.
+FIELDS = {
+    "F": FIDS.map(lambda v: struct.pack("<I", v)),
+    "I": st.one_of(st.sampled_from((O_RDWR | O_CREAT, O_WRONLY | O_TRUNC, 0o777, 2,
+                                    P.AT_REMOVEDIR, 0x1FF, 4096)),
+                   st.integers(0, 2**32 - 1)).map(lambda v: struct.pack("<I", v)),
+    "Q": st.one_of(st.sampled_from((0, 1, 100, 2**63 - 1, 2**63, 2**64 - 1)),
+                   st.integers(0, 2**64 - 1)).map(lambda v: struct.pack("<Q", v)),
+    "H": st.one_of(st.integers(0, 3), st.integers(0, 0xFFFF)).map(lambda v: struct.pack("<H", v)),
+    "B": st.integers(0, 255).map(lambda v: bytes([v])),
+    "s": NAMES.map(s),
+    "r": st.binary(max_size=40),
+}
+# The fields of each T-message, in order (F: a fid; r: raw bytes, such as Twrite's data).
+LAYOUTS = {
+    P.TVERSION: "Is", P.TATTACH: "FIssI", P.TWALK: "FFHss", P.TLOPEN: "FI",
+    P.TLCREATE: "FsIII", P.TREAD: "FQI", P.TWRITE: "FQIr", P.TCLUNK: "F", P.TREMOVE: "F",
+    P.TGETATTR: "FQ", P.TSETATTR: "FIIIIQQQQQ", P.TREADDIR: "FQI", P.TSTATFS: "F",
+    P.TMKDIR: "FsII", P.TSYMLINK: "FssI", P.TREADLINK: "F", P.TLINK: "FFs",
+    P.TRENAMEAT: "FsFs", P.TUNLINKAT: "FsI", P.TFSYNC: "FI", P.TFLUSH: "H",
+    P.TXATTRWALK: "FFs", P.TLOCK: "FBIQQIs", P.TGETLOCK: "FBQQIs", P.TAUTH: "FssI",
+    P.TMKNOD: "FsIIII", 0: "r", 255: "r",
+}
+ROOMS = st.sampled_from((MSIZE, MSIZE, 7, 11, 64, 300, 0))
+# A message: a header and the fields its type has (maybe cut short or with
+# bytes after), or any bytes at all.
+TYPED = st.sampled_from(sorted(LAYOUTS)).flatmap(lambda kind: st.tuples(
+    st.just(kind), st.tuples(*[FIELDS[c] for c in LAYOUTS[kind]]).map(b"".join),
+    st.sampled_from((None,) * 6 + (0, 1, 5)), st.binary(max_size=4), ROOMS))
+MESSAGE = st.one_of(TYPED, TYPED, TYPED, st.tuples(st.binary(max_size=300), ROOMS))
 
 
-def pack_fields(fields) -> bytes:
-    out = b""
-    for layout, value in fields:
-        out += s(value) if layout == "s" else value if layout == "raw" else \
-            struct.pack(layout, value)
-    return out
+def send(client: Client, message: tuple) -> None:
+    if len(message) == 2:
+        client.raw(*message)
+        return
+    kind, body, cut, extra, room = message
+    body = (body[:cut] if cut is not None else body) + extra
+    client.raw(struct.pack("<IBH", 7 + len(body), kind, 1) + body, room)
 
 
 class _Errors(logging.Handler):
@@ -650,36 +670,55 @@ class _Errors(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@fuzz_settings(300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(500, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(messages=st.lists(MESSAGE, max_size=12))
-def test_arbitrary_messages_never_raise_nor_reach_outside(share, outside, messages):
-    """A session (version, attach, a walk to sub) then arbitrary messages: the
-    model answers or drops each (an exception would escape kick() here, which
-    virtio-pci would log as an ERROR and set NEEDS_RESET for); nothing outside
-    the share changes; a well-formed request still works afterwards."""
-    if not (share / "ln").is_symlink():
+def test_arbitrary_messages_never_raise_nor_reach_outside(tmp_path, messages):
+    exercise(tmp_path, messages)
+
+
+def test_a_model_that_raises_is_caught_by_the_fuzzer(tmp_path, monkeypatch):
+    """The mutant the fuzzer must catch: one message type's handler raises."""
+    def broken(self, reader, space):
+        raise RuntimeError("mutant")
+    monkeypatch.setitem(P._HANDLERS, P.TGETATTR, broken)
+    with pytest.raises(RuntimeError, match="mutant"):
+        exercise(tmp_path, [(P.TGETATTR, struct.pack("<IQ", FID, 0), None, b"", MSIZE)])
+
+
+def exercise(tmp_path, messages: list) -> None:
+    """A session (version, attach; fid 2 the open directory sub, 3 the open
+    file hello.txt, 4 a symbolic link to the outside) then arbitrary
+    messages: the model answers or drops each (an exception would escape
+    kick() here, which virtio-pci would log as an ERROR and set NEEDS_RESET
+    for); nothing outside the share changes; a well-formed request still
+    works afterwards."""
+    with tempfile.TemporaryDirectory(dir=tmp_path) as scratch:
+        share, outside = Path(scratch) / "share", Path(scratch) / "outside"
+        for path in (share, share / "sub", outside):
+            path.mkdir()
+        (share / "hello.txt").write_bytes(b"hello")
+        (outside / "secret").write_bytes(b"secret")
         os.symlink(outside, share / "ln")
-    before = tree(outside)
-    errors = _Errors()
-    logging.getLogger("pyhyve").addHandler(errors)
-    client = connect(share)
-    try:
-        client.walk(ROOT, FID, "sub")
-        for message in messages:
-            if message[0] == "fields":
-                _, kind, fields, room = message
-                body = pack_fields(fields)
-                client.raw(struct.pack("<IBH", 7 + len(body), kind, 1) + body, room)
-            else:
-                client.raw(message[1], message[2])
-        assert client.version() == (MSIZE, s("9P2000.L"))
-        client.attach()
-        assert client.walk(ROOT, 3, "..")
-    finally:
-        client.transport.model.close()
-        logging.getLogger("pyhyve").removeHandler(errors)
-    assert not errors.messages and not client.transport.resets
-    assert tree(outside) == before
+        before = tree(outside)
+        errors = _Errors()
+        logging.getLogger("pyhyve").addHandler(errors)
+        client = connect(share)
+        try:
+            client.walk(ROOT, FID, "sub")
+            client.lopen(FID)
+            client.walk(ROOT, 3, "hello.txt")
+            client.lopen(3, O_RDWR)
+            client.walk(ROOT, 4, "ln")
+            for message in messages:
+                send(client, message)
+            assert client.version() == (MSIZE, s("9P2000.L"))
+            client.attach()
+            assert client.walk(ROOT, 3, "..")
+        finally:
+            client.transport.model.close()
+            logging.getLogger("pyhyve").removeHandler(errors)
+        assert not errors.messages and not client.transport.resets
+        assert tree(outside) == before
 
 
 # --- snapshots -----------------------------------------------------------------------------------
