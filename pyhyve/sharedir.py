@@ -106,7 +106,8 @@ def chown(fd: int, uid: int, gid: int) -> None:
 
 
 def set_times(fd: int, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
-    """utimensat on the object itself; (0, UTIME_NOW) or (0, UTIME_OMIT) as the kernel takes them."""
+    """utimensat on the object itself; (0, UTIME_NOW) or (0, UTIME_OMIT) as the
+    kernel takes them."""
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))
     if _libc.utimensat(fd, b"", times, AT_EMPTY_PATH) < 0:
         code = ctypes.get_errno()

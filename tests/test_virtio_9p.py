@@ -367,6 +367,20 @@ def test_getattr_setattr_and_statfs(client, share):
     assert fields[0] == P.V9FS_MAGIC and fields[1:3] == (vfs.f_bsize, vfs.f_blocks)
 
 
+def test_set_id_bits_never_reach_the_host(client, share):
+    """A guest (root in it, or not) cannot leave a set-user-ID program in the share."""
+    client.walk(ROOT, FID)
+    client.lcreate(FID, "tool", O_RDWR | O_CREAT, 0o6755)
+    assert stat.S_IMODE((share / "tool").stat().st_mode) == 0o755
+    client.setattr(FID, P.SETATTR_MODE, mode=0o4711)
+    assert stat.S_IMODE((share / "tool").stat().st_mode) == 0o711
+    client.mkdir(ROOT, "shared", 0o3775)                   # setgid and sticky stay on dirs
+    assert stat.S_IMODE((share / "shared").stat().st_mode) == 0o3775
+    client.walk(ROOT, 3, "shared")
+    client.setattr(3, P.SETATTR_MODE, mode=0o6770)
+    assert stat.S_IMODE((share / "shared").stat().st_mode) == 0o2770
+
+
 def test_readdir_lists_every_entry_across_calls(client, share):
     for number in range(40):
         (share / "sub" / f"file-{number:02}").write_bytes(b"")

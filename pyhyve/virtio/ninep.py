@@ -22,7 +22,9 @@ Confinement (pyhyve.sharedir): each fid holds an O_PATH descriptor of its
 object, every walk opens one component beneath its directory's descriptor
 without following symbolic links, and '..' at the share's root stays there.
 Files are created as the user pyhyve runs as; Tsetattr's owner change is
-attempted and its refusal (EPERM, unless root) answered as is.  The fid
+attempted and its refusal (EPERM, unless root) answered as is.  Modes lose
+set-user-ID (and, on files, set-group-ID): what the guest writes must not
+run with another user's rights on the host.  The fid
 table is bounded (MAX_FIDS; EMFILE beyond).
 
 Threading: requests are served whole under the transport's lock, on the
@@ -145,6 +147,14 @@ def _qid(st: os.stat_result) -> bytes:
     else:
         kind = QTFILE
     return _QID.pack(kind, 0, st.st_ino)
+
+
+def _host_mode(mode: int, directory: bool) -> int:
+    """The permission bits the guest asks for, less set-user-ID, and on a file
+    set-group-ID: nothing the guest makes may run with another user's rights
+    on the host."""
+    mode &= 0o7777 & ~stat.S_ISUID
+    return mode if directory else mode & ~stat.S_ISGID
 
 
 def _wire_time(nanoseconds: int) -> tuple[int, int]:
@@ -497,9 +507,10 @@ class Virtio9p(VirtioDevice):
         if fid.file is not None:
             raise OSError(errno.EINVAL, "already open")
         flags = self._open_flags(flags) | os.O_CREAT | (flags & os.O_EXCL)
-        file = sharedir.open_beneath(fid.fd, name, flags, mode & 0o7777)
+        mode = _host_mode(mode, directory=False)
+        file = sharedir.open_beneath(fid.fd, name, flags, mode)
         try:
-            os.fchmod(file, mode & 0o7777)      # the guest applied its umask; not ours
+            os.fchmod(file, mode)               # the guest applied its umask; not ours
             path_fd = sharedir.reopen(file, os.O_PATH)
         except BaseException:
             os.close(file)
@@ -603,7 +614,7 @@ class Virtio9p(VirtioDevice):
         if valid & SETATTR_MODE:
             if stat.S_ISLNK(fid.mode):
                 raise OSError(errno.EOPNOTSUPP, "mode of a symbolic link")
-            os.chmod(sharedir.proc_path(fid.fd), mode & 0o7777)
+            os.chmod(sharedir.proc_path(fid.fd), _host_mode(mode, stat.S_ISDIR(fid.mode)))
         if valid & (SETATTR_UID | SETATTR_GID):
             sharedir.chown(fid.fd, uid if valid & SETATTR_UID else -1,
                            gid if valid & SETATTR_GID else -1)
@@ -662,10 +673,11 @@ class Virtio9p(VirtioDevice):
         mode, _gid = reader.take(_U64_PAIR32)
         self._writable()
         fid = self._dir(number)
-        os.mkdir(name, mode & 0o7777, dir_fd=fid.fd)
+        mode = _host_mode(mode, directory=True)
+        os.mkdir(name, mode, dir_fd=fid.fd)
         made = sharedir.open_beneath(fid.fd, name, os.O_PATH | os.O_DIRECTORY)
         try:
-            os.chmod(sharedir.proc_path(made), mode & 0o7777)   # past our umask
+            os.chmod(sharedir.proc_path(made), mode)     # past our umask
             return _qid(os.fstat(made))
         finally:
             os.close(made)
