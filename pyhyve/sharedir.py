@@ -11,7 +11,8 @@ outside the share.  The rules it keeps, all here:
   NAME_MAX bytes (check_name()); '.' and '..' are the caller's to handle.
 - A component is opened relative to its directory's descriptor with openat2
   (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) where the
-  kernel has it (Linux 5.6), else openat; always with O_NOFOLLOW, so a
+  kernel has it (Linux 5.6) and seccomp allows it, else openat; always
+  with O_NOFOLLOW, so a
   trailing symbolic link is opened as itself (O_PATH) or refused (ELOOP).
   Symbolic links the guest creates are data: readlink reads them, nothing
   resolves them.
@@ -54,8 +55,10 @@ class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-# openat2 until the kernel (ENOSYS) or a seccomp filter that does not list it
-# (EPERM: it cannot be filtered by its flags) says no; then openat.
+# openat2 until the kernel says it has none (ENOSYS).  A seccomp filter that
+# refuses it (EPERM: pyhyve's allows it only with Landlock, as its flags
+# cannot be filtered, and never on a vCPU thread) sends that one call to
+# openat, which the filter judges by its flags.
 _have_openat2 = True
 
 
@@ -80,9 +83,10 @@ def open_beneath(dir_fd: int, name: bytes, flags: int, mode: int = 0) -> int:
         if fd >= 0:
             return fd
         code = ctypes.get_errno()
-        if code not in (errno.ENOSYS, errno.EPERM):
+        if code == errno.ENOSYS:
+            _have_openat2 = False
+        elif code != errno.EPERM:
             raise OSError(code, os.strerror(code))
-        _have_openat2 = False
     return os.open(name, flags, mode, dir_fd=dir_fd)
 
 

@@ -24,13 +24,14 @@ without following symbolic links, and '..' at the share's root stays there.
 Files are created as the user pyhyve runs as; Tsetattr's owner change is
 attempted and its refusal (EPERM, unless root) answered as is.  Modes lose
 set-user-ID (and, on files, set-group-ID): what the guest writes must not
-run with another user's rights on the host.  The fid
-table is bounded (MAX_FIDS; EMFILE beyond).
+run with another user's rights on the host.  The fid table is bounded
+(MAX_FIDS; EMFILE beyond).
 
 Threading: requests are served whole under the transport's lock, on the
 thread that runs the queue (the I/O thread, from the ioeventfd).  A vCPU
 thread, where a notify write misses its ioeventfd, has a seccomp filter of
-its own that refuses changing files: the guest then gets EPERM.
+its own that refuses changing files: the guest then gets EPERM for those
+calls, and the rest work.
 
 Snapshots: a fid is a host descriptor, and the guest's kernel keeps its fids
 across a restore, so they cannot be carried over in a snapshot file.  A
@@ -90,10 +91,17 @@ LOCK_TYPE_UNLCK = 2
 OPEN_PASSED = os.O_ACCMODE | os.O_TRUNC | os.O_APPEND | os.O_DSYNC | os.O_SYNC
 WRITING = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 _QID = struct.Struct("<BIQ")
 _GETATTR = struct.Struct("<Q13sIIIQQQQQ" + "Q" * 10)
 _STATFS = struct.Struct("<IIQQQQQQI")
 _SETATTR = struct.Struct("<IIIIIQQQQQ")
+_TWO_U32 = struct.Struct("<II")
+_THREE_U32 = struct.Struct("<III")
+_READ = struct.Struct("<IQI")                # fid, offset, count
+_FID_U64 = struct.Struct("<IQ")
+_LOCK = struct.Struct("<IBIQQI")             # fid, type, flags, start, length, proc_id
+_GETLOCK = struct.Struct("<IBQQI")
 
 
 class _Malformed(Exception):
@@ -130,9 +138,6 @@ class _Reader:
         if self.at + count > len(self.data):
             raise _Malformed
         return memoryview(self.data)[self.at:self.at + count]
-
-
-_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
 
 
 def _string(value: bytes) -> bytes:
@@ -381,7 +386,7 @@ class Virtio9p(VirtioDevice):
         return _U32.pack(min(msize, MAX_MSIZE)) + _string(answer)
 
     def _attach(self, reader: _Reader, space: int) -> bytes:
-        number, _afid = reader.take(_U64_PAIR32)
+        number, _afid = reader.take(_TWO_U32)
         reader.string()                 # uname
         reader.string()                 # aname: there is one tree
         reader.take(_U32)               # n_uname
@@ -402,7 +407,7 @@ class Virtio9p(VirtioDevice):
 
     # --- walking -------------------------------------------------------------------------
     def _walk(self, reader: _Reader, space: int) -> bytes:
-        number, new_number = reader.take(_U64_PAIR32)
+        number, new_number = reader.take(_TWO_U32)
         (count,) = reader.take(_U16)
         if count > MAX_WALK:
             raise _Malformed
@@ -479,7 +484,7 @@ class Virtio9p(VirtioDevice):
         return flags
 
     def _lopen(self, reader: _Reader, space: int) -> bytes:
-        number, flags = reader.take(_U64_PAIR32)
+        number, flags = reader.take(_TWO_U32)
         fid = self._fid(number)
         if fid.file is not None or fid.xattr:
             raise OSError(errno.EINVAL, "already open")
@@ -501,7 +506,7 @@ class Virtio9p(VirtioDevice):
     def _lcreate(self, reader: _Reader, space: int) -> bytes:
         number = reader.u32()
         name = self._child_name(reader)
-        flags, mode, _gid = reader.take(_U32_TRIPLE)
+        flags, mode, _gid = reader.take(_THREE_U32)
         self._writable()
         fid = self._dir(number)
         if fid.file is not None:
@@ -545,7 +550,7 @@ class Virtio9p(VirtioDevice):
         return _U32.pack(os.pwrite(fid.file, data, offset))
 
     def _fsync(self, reader: _Reader, space: int) -> bytes:
-        number, datasync = reader.take(_U64_PAIR32)
+        number, datasync = reader.take(_TWO_U32)
         fid = self._fid(number)
         if fid.file is None:
             raise OSError(errno.EBADF, "not open")
@@ -657,7 +662,7 @@ class Virtio9p(VirtioDevice):
 
     def _xattrwalk(self, reader: _Reader, space: int) -> bytes:
         """No extended attributes: the list is empty, a name is not there."""
-        number, new_number = reader.take(_U64_PAIR32)
+        number, new_number = reader.take(_TWO_U32)
         name = reader.string()
         fid = self._fid(number)
         if name:
@@ -670,7 +675,7 @@ class Virtio9p(VirtioDevice):
     def _mkdir(self, reader: _Reader, space: int) -> bytes:
         number = reader.u32()
         name = self._child_name(reader)
-        mode, _gid = reader.take(_U64_PAIR32)
+        mode, _gid = reader.take(_TWO_U32)
         self._writable()
         fid = self._dir(number)
         mode = _host_mode(mode, directory=True)
@@ -695,7 +700,7 @@ class Virtio9p(VirtioDevice):
         return self._child_qid(fid.fd, name)
 
     def _link(self, reader: _Reader, space: int) -> bytes:
-        dir_number, number = reader.take(_U64_PAIR32)
+        dir_number, number = reader.take(_TWO_U32)
         name = self._child_name(reader)
         self._writable()
         directory = self._dir(dir_number)
@@ -767,13 +772,6 @@ class Virtio9p(VirtioDevice):
         self._fid(number)
         return struct.pack("<BQQI", LOCK_TYPE_UNLCK, start, length, proc_id) + _string(client)
 
-
-_U64_PAIR32 = struct.Struct("<II")
-_U32_TRIPLE = struct.Struct("<III")
-_READ = struct.Struct("<IQI")                # fid, offset, count
-_FID_U64 = struct.Struct("<IQ")
-_LOCK = struct.Struct("<IBIQQI")             # fid, type, flags, start, length, proc_id
-_GETLOCK = struct.Struct("<IBQQI")
 
 _HANDLERS = {
     TVERSION: Virtio9p._version, TATTACH: Virtio9p._attach, TFLUSH: Virtio9p._flush,
