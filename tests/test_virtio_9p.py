@@ -775,6 +775,34 @@ def test_save_restore_save_unchanged_without_fids_and_refused_with_them(share):
     fresh_vm.close()
 
 
+def test_a_snapshot_of_a_vm_with_the_share_mounted_is_refused_in_one_line(share, tmp_path,
+                                                                          needs_kvm):
+    from test_snapshot import counter_rom
+
+    from pyhyve import snapshot
+    from pyhyve.config import Config
+    from pyhyve.vm import VirtualMachine
+    vm = VirtualMachine(Config({"name": "snap9p", "lpc.bootrom": str(counter_rom()),
+                                "pci.0.3.0.device": "virtio-9p",
+                                "pci.0.3.0.sharename": "t", "pci.0.3.0.path": str(share)}))
+    try:
+        model = vm.pci.functions[3, 0].model
+        client = Client(BareTransport(Virtio9p, {"sharename": "t", "path": str(share)}))
+        client.transport.model.close()
+        client.transport.model, model.transport = model, client.transport
+        client.version()
+        client.attach()
+        with pytest.raises(snapshot.SnapshotError) as raised:
+            snapshot.save(vm, str(tmp_path / "x.snap"))
+        assert str(raised.value) == (
+            f"cannot snapshot: device virtio-9p at PCI 00:03.0: the guest holds fids of the "
+            f"9P share '{share}' (has it mounted); 9P fids do not survive a snapshot: "
+            "unmount it first")
+        assert not (tmp_path / "x.snap").exists()
+    finally:
+        vm.close()
+
+
 # --- the sandbox ---------------------------------------------------------------------------------
 SANDBOXED = """
 import json, os, sys, threading

@@ -256,9 +256,9 @@ class Virtio9p(VirtioDevice):
         """Requests are served whole under the lock; fids cannot be saved (see
         the module docstring), so a snapshot with any is refused here."""
         if self.fids:
-            raise OSError(errno.EBUSY, f"the guest has the 9P share '{self.path}' in use "
-                          f"({len(self.fids)} fids); 9P fids do not survive a snapshot: "
-                          "unmount it first")
+            raise OSError(errno.EBUSY, f"the guest holds fids of the 9P share "
+                          f"'{self.path}' (has it mounted); 9P fids do not survive a "
+                          "snapshot: unmount it first")
         yield
 
     def save_state(self) -> dict:
