@@ -884,6 +884,25 @@ def test_a_writable_share_without_landlock_is_refused(share):
     assert "a writable share needs Landlock" in proc.stdout, proc.stderr
 
 
+@pytest.mark.parametrize("landlock, status, stderr", [
+    ("true", 1, ""),
+    ("false", 4, "pyhyve: virtio-9p: a writable share needs Landlock to say where the "
+                 "seccomp filter may let files change: use ro, or run with "
+                 "process.landlock=true on a kernel with Landlock, or process.seccomp=false\n"),
+])
+def test_the_pyhyve_command_confines_itself_with_a_share(share, tmp_path, needs_kvm, landlock,
+                                                          status, stderr):
+    """The default sandbox takes the share's Landlock rule, and the guest runs to
+    its power-off; without Landlock a writable share is refused in one line."""
+    from guestrun import run_rom
+    if landlock == "true" and sandbox.landlock.abi_version() == 0:
+        pytest.skip("the kernel has no Landlock")
+    result = run_rom(tmp_path, "hello16", "-s", f"5,virtio-9p,t={share}",
+                     "-o", f"control.socket={tmp_path / 'ctl.sock'}",
+                     "-o", f"process.landlock={landlock}")
+    assert (result.status, result.stderr) == (status, stderr)
+
+
 # --- Linux's v9fs as the client, under the pyhyve command's sandbox --------------------------
 LINUX_SCRIPT = r"""
 section mount
