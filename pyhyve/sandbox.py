@@ -7,9 +7,11 @@ is open and before the vCPUs start:
 
 1. Landlock rules are gathered while still root (`landlock_rules`): the
    process may then read only Python's own files (lazy imports, traceback
-   source lines), write only in `snapshot.dir`, and delete only beside the
-   files it removes at exit (sockets, pidfile: `remove_at_exit`).  Files
-   already open are not affected.
+   source lines), write only in `snapshot.dir`, delete only beside the
+   files it removes at exit (sockets, pidfile: `remove_at_exit`), and
+   read, create, change and remove files beneath the directories a 9P
+   share serves (`serve_directory`; reading only for a read-only share).
+   Files already open are not affected.
 2. `drop_privileges(user)`: the user's groups, gid and uid, in that order (a
    uid change first would leave no right to change groups).  glibc applies
    setuid/setgid to every thread of the process, so threads already running
@@ -21,19 +23,21 @@ is open and before the vCPUs start:
 4. `install_seccomp()`: an allowlist of the system calls pyhyve's threads make
    while a guest runs, through libseccomp, synchronised onto every thread;
    ioctl only for KVM, tap and terminal requests, and, where Landlock is not
-   in force, open only for reading and no rename or unlink.  Anything else
+   in force, open only for reading and no call that changes files by name
+   (rename, unlink, and the *at calls a 9P share makes: FILES_CHANGED); a
+   writable share then is refused, as nothing would say where it may write.  Anything else
    fails with EPERM.  EPERM rather than killing the process: a call outside
    the list in a rarely taken path then fails the way a refused permission
    does (an OSError pyhyve reports, in the thread that made it), instead of
    killing the guest with no message and its state lost.
 5. Each vCPU thread, the one that runs device emulation for the guest's port
    and MMIO accesses, adds a filter of its own (`narrow_vcpu_thread`): no
-   file opened for writing, no rename or unlink, no socket.
+   file opened for writing, none of FILES_CHANGED, no socket.
 
 What a process that escaped the guest could still do: use every descriptor
 it holds (its disks, taps, consoles, /dev/kvm, the listening sockets), read
-Python's files, write in `snapshot.dir`, delete files beside its sockets and
-pidfile, start threads, and, with user networking, open IP sockets.  It can
+Python's files, write in `snapshot.dir` and its 9P shares, delete files
+beside its sockets and pidfile, start threads, and, with user networking, open IP sockets.  It can
 not exec, fork, open other files, create other sockets, ptrace, mount, load
 modules or change user.
 
@@ -92,7 +96,7 @@ ALLOWED_SYSCALLS = {
     # Python's lazy imports and traceback source lines; a pty
     # console's link, read before it is removed at exit (openat: see FILES_CHANGED)
     "files by name": ("newfstatat", "fstat", "getdents64", "getcwd",
-                      "readlink"),
+                      "readlink", "readlinkat", "fstatfs"),
     # the threads' waits: selectors, Event/Condition, sleeps; clocks where the
     # vDSO falls back to the kernel
     "waiting": ("poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl",
@@ -120,16 +124,20 @@ PR_SET_NO_NEW_PRIVS = 38
 # Opening files, renaming and unlinking them, only where Landlock is in force
 # to say which: snapshots written by pyhyvectl --checkpoint/--suspend (a
 # temporary file, renamed); the unlink of the control and console sockets at
-# exit.  Without Landlock, openat is allowed with none of these flags.
-FILES_CHANGED = ("openat", "rename", "unlink")
+# exit; what a 9P share's server does beneath its directory (openat2, whose
+# flags a filter cannot read, among them).  Without Landlock, openat is
+# allowed with none of OPEN_FOR_CHANGE's flags.
+FILES_CHANGED = ("openat", "rename", "unlink", "openat2", "mkdirat", "unlinkat", "renameat",
+                 "renameat2", "symlinkat", "linkat", "fchownat", "chmod", "fchmodat", "fchmod",
+                 "utimensat", "truncate", "ftruncate")
 OPEN_FOR_CHANGE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 # ioctl requests by their type byte (bits 8-15): KVM's, and 'T' for terminals,
 # tun/tap and FIONBIO (which Python's sockets use for non-blocking mode).
 IOCTL_TYPE_MASK = 0xFF00
 IOCTL_TYPES = {"kvm": 0xAE00, "terminal and tap": 0x5400}
 # What a vCPU thread adds on its own (narrow_vcpu_thread).
-VCPU_REFUSED = ("rename", "unlink", "socket", "connect", "bind", "listen", "accept",
-                "accept4")
+VCPU_REFUSED = tuple(name for name in FILES_CHANGED if name != "openat") + (
+    "socket", "connect", "bind", "listen", "accept", "accept4")
 # User networking (libslirp) opens the guest's connections as the guest asks:
 # these, and socket() for AF_INET and AF_INET6 only.
 INET_SOCKET_SYSCALLS = ("connect", "bind", "listen")
@@ -280,6 +288,7 @@ _files_read_only = False
 
 # --- Landlock ------------------------------------------------------------------------
 _removed_at_exit: set[str] = set()
+_served: dict[str, bool] = {}          # a 9P share's directory -> writable
 _ruleset: landlock.Ruleset | None = None
 _threads_to_confine: set[int] = set()
 
@@ -289,6 +298,20 @@ def remove_at_exit(path: str) -> None:
     pidfile) says so here, before confinement, which then keeps the right to
     delete files beside it."""
     _removed_at_exit.add(os.path.abspath(path))
+
+
+def serve_directory(path: str, writable: bool) -> None:
+    """A device that opens, creates and removes files beneath PATH while the
+    guest runs (a 9P share) says so here, before confinement, which then
+    keeps those rights there (reading only, unless WRITABLE)."""
+    path = os.path.abspath(path)
+    _served[path] = _served.get(path, False) or writable
+
+
+SHARE_READ = landlock.READ_FILE | landlock.READ_DIR
+SHARE_WRITE = (landlock.WRITE_FILE | landlock.REMOVE_DIR | landlock.REMOVE_FILE |
+               landlock.MAKE_DIR | landlock.MAKE_REG | landlock.MAKE_SYM | landlock.REFER |
+               landlock.TRUNCATE)
 
 
 def python_file_paths() -> list[str]:
@@ -325,6 +348,11 @@ def landlock_rules(config: Config) -> landlock.Ruleset | None:
                                   f"{exc.strerror or exc}") from None
         for path in _user_networking_files(config):
             ruleset.allow(path, landlock.READ_FILE | landlock.READ_DIR)
+        for path, writable in sorted(_served.items()):
+            try:
+                ruleset.allow(path, SHARE_READ | (SHARE_WRITE if writable else 0))
+            except OSError as exc:
+                raise ConfigError(f"virtio-9p: {path}: {exc.strerror or exc}") from None
         for path in sorted(_removed_at_exit):
             ruleset.allow(os.path.dirname(path), landlock.REMOVE_FILE)
             if os.path.isfile(path):        # a pidfile, read before removal
@@ -410,6 +438,11 @@ def confine(config: Config) -> None:
         ruleset = landlock_rules(config)
     except OSError as exc:
         raise ConfigError(f"process.landlock: {exc.strerror or exc}") from None
+    if ruleset is None and lib is not None and any(_served.values()):
+        raise ConfigError("virtio-9p: a writable share needs Landlock to say where the "
+                          "seccomp filter may let files change: use ro, or run with "
+                          "process.landlock=true on a kernel with Landlock, or "
+                          "process.seccomp=false")
     if user is not None:
         if not user:
             raise ConfigError("process.user: empty user name")

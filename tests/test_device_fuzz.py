@@ -71,6 +71,10 @@ def options_for(name: str, tmp: str):
     elif name == "virtio-net":
         with fake_tap() as options:
             yield options
+    elif name == "virtio-9p":
+        share = os.path.join(tmp, "share")
+        os.makedirs(share, exist_ok=True)
+        yield {"sharename": "fuzz", "path": share}
     else:
         yield {}
 
@@ -137,14 +141,17 @@ def cfg_read(vm, slot, offset, size):
 
 # One well-formed request per virtio emulation: (queue, [(gpa, length, device-writable)]).
 # virtio-blk reads sector 0 (header, 512 data bytes, status); virtio-net sends a
-# minimum frame behind its 12-byte header; virtio-console writes on port 0.
+# minimum frame behind its 12-byte header; virtio-console writes on port 0;
+# virtio-9p answers a Tversion.
 BLK_HEADER = struct.pack("<IIQ", 0, 0, 0)
+TVERSION = struct.pack("<IBHIH", 21, 100, 0xFFFF, 8192, 8) + b"9P2000.L"
 REQUESTS = {
     "virtio-rnd": (0, [(BUFFERS, 64, True)]),
     "virtio-blk": (0, [(BUFFERS, 16, False), (BUFFERS + 0x200, 512, True),
                        (BUFFERS + 0x400, 1, True)]),
     "virtio-net": (1, [(BUFFERS, 12 + 60, False)]),
     "virtio-console": (1, [(BUFFERS, 5, False)]),
+    "virtio-9p": (0, [(BUFFERS, len(TVERSION), False), (BUFFERS + 0x200, 64, True)]),
 }
 
 
@@ -178,7 +185,8 @@ def serves_a_request(vm, device, name: str) -> None:
     ring = driver.setup_queue(queue)
     driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
                       D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
-    vm.memory.write(BUFFERS, BLK_HEADER if name == "virtio-blk" else bytes(16))
+    vm.memory.write(BUFFERS, {"virtio-blk": BLK_HEADER, "virtio-9p": TVERSION}.get(
+        name, bytes(16)))
     head = ring.offer(buffers)
     driver.notify(queue)
     assert [used[0] for used in ring.completed()] == [head]

@@ -26,6 +26,7 @@ BUILTIN_MODULES = {
     "amd_hostbridge": "pyhyve.pci.hostbridge",
     "lpc": "pyhyve.pci.lpc",
     "pci-testdev": "pyhyve.pci.testdev",
+    "virtio-9p": "pyhyve.virtio.emulations",
     "virtio-blk": "pyhyve.virtio.emulations",
     "virtio-console": "pyhyve.virtio.emulations",
     "virtio-net": "pyhyve.virtio.emulations",

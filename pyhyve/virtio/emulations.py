@@ -6,6 +6,7 @@ virtio-pci transport and declares the options `-s` and the config take.
     -s SLOT,virtio-net,tapN|tap=NAME|slirp[,...]
     -s SLOT,virtio-console,NAME=PATH[,NAME=PATH...]
     -s SLOT,virtio-rnd
+    -s SLOT,virtio-9p,SHARENAME=PATH[,ro]
 
 The models' modules say what each option means.  A model is imported when
 its emulation is instantiated (make_model()), so a VM loads only the models
@@ -118,3 +119,34 @@ class VirtioRandomPci(VirtioPciDevice):
     def make_model(self, options):
         from .rnd import VirtioRandom
         return VirtioRandom(self, options)
+
+
+@emulation("virtio-9p")
+class Virtio9pPci(VirtioPciDevice):
+    """virtio 9P share of a host directory: SHARENAME=PATH[,ro]"""
+
+    options = (
+        Option("sharename", "text", None, "the mount tag the guest sees (before the '=')"),
+        Option("path", "path", None, "the host directory shared (after the '=')"),
+        Option("ro", "flag", "false", "read-only: every change is refused with EROFS"),
+    )
+
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """bhyve's pci_vt9p_legacy_config: `ro`, and one SHARENAME=PATH pair."""
+        options = {}
+        for item in filter(None, text.split(",")):
+            name, sep, value = item.partition("=")
+            if name == "ro":
+                options["ro"] = value if sep else "true"
+            elif not sep:
+                raise ConfigError(f"virtio-9p: '{item}' is neither SHARENAME=PATH nor ro")
+            elif "sharename" in options:
+                raise ConfigError("virtio-9p: one SHARENAME=PATH per device")
+            else:
+                options["sharename"], options["path"] = name, value
+        return options
+
+    def make_model(self, options):
+        from .ninep import Virtio9p
+        return Virtio9p(self, options)
