@@ -25,6 +25,7 @@ BUILTIN_MODULES = {
     "hostbridge": "pyhyve.pci.hostbridge",
     "amd_hostbridge": "pyhyve.pci.hostbridge",
     "lpc": "pyhyve.pci.lpc",
+    "nvme": "pyhyve.nvme.controller",
     "pci-testdev": "pyhyve.pci.testdev",
     "virtio-9p": "pyhyve.virtio.emulations",
     "virtio-blk": "pyhyve.virtio.emulations",
