@@ -46,7 +46,6 @@ import zlib
 from ..block import BlockImage
 from ..config import Config, ConfigError
 from ..lifecycle import StateError, bits, expect_keys, flag, uint
-from ..memory import GuestMemoryError
 from ..pci import BAR_MEM64, PciDevice, emulation
 from ..pci.options import Option
 from . import pages
@@ -112,7 +111,6 @@ FUA = 1 << 30
 SUCCESS = 0x000
 INVALID_OPCODE = 0x001
 INVALID_FIELD = 0x002
-DATA_TRANSFER_ERROR = 0x004
 INTERNAL_ERROR = 0x006
 ABORT_REQUESTED = 0x007
 INVALID_NAMESPACE = 0x00B
@@ -461,11 +459,9 @@ class NvmeController(PciDevice):
                         served += 1
                         sq = self.sqs.get(qid)      # an admin command may delete queues
                     progress = progress or served > 0
-        except GuestMemoryError as exc:
-            self._fatal(str(exc))
-        except Exception:                 # a bug here: stop this controller, not the VM
+        except Exception:     # a bug (queues are in RAM, checked when made): stop the
             log.exception("nvme %s: serving the queues failed", self.bdf)
-            self._fatal("internal error")
+            self._fatal("internal error")           # controller, not the VM
         touched, self._touched = self._touched, set()
         if self.msix.enabled:
             for cq in touched:
@@ -835,7 +831,10 @@ class NvmeController(PciDevice):
         size = uint(item[2], limit, f"{what} {qid} size")
         if size < 2:
             raise StateError(f"{what} {qid} has {size} entries")
-        return (qid, bits(item[1], QUEUE_BASE_MASK, f"{what} {qid} base"), size,
+        base = bits(item[1], QUEUE_BASE_MASK, f"{what} {qid} base")
+        if not self.memory.is_ram(base, size * (SQ_ENTRY if count == 6 else CQ_ENTRY)):
+            raise StateError(f"{what} {qid} at {base:#x} is not in guest RAM")
+        return (qid, base, size,
                 uint(item[3], size - 1, f"{what} {qid} head"),
                 uint(item[4], size - 1, f"{what} {qid} tail"))
 
