@@ -10,8 +10,9 @@ Invariants: no exception escapes to the caller (the vm_loop); nothing is
 logged at ERROR (a device's internal failure, which the transport turns into
 NEEDS_RESET so the VM runs on, is still a bug); reads return no more bits
 than asked for; afterwards, with its BARs put back where they were, the
-device still identifies itself, and a virtio device resets through its common
-config and then serves one well-formed request.  A mutant (a virtio-rnd that
+device still identifies itself, a virtio device resets through its common
+config and then serves one well-formed request, and an NVMe controller
+resets, enables and answers Identify.  A mutant (a virtio-rnd that
 raises on each request) must fail that check in every run."""
 
 import logging
@@ -24,6 +25,8 @@ from fuzzing import fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
+from nvmedriver import NvmeDriver
+from pyhyve.nvme import controller as N
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
 from pyhyve.virtio import device as D
@@ -60,7 +63,7 @@ def fake_tap():
 @contextmanager
 def options_for(name: str, tmp: str):
     """The options an emulation needs to come up (a disk, a console backend, a tap)."""
-    if name == "virtio-blk":
+    if name in ("virtio-blk", "nvme"):
         path = os.path.join(tmp, "disk.img")
         with open(path, "wb") as f:
             f.truncate(64 * 1024)
@@ -208,6 +211,10 @@ def check_usable(vm, device, slot, ids, bar_registers):
         assert driver.common(V.COMMON_STATUS, 1) == D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER
         assert driver.common(V.COMMON_NUMQ, 2) == len(device.queues)
         serves_a_request(vm, device, device.emulation_name)
+    elif device.emulation_name == "nvme":
+        driver = NvmeDriver(vm, device, slot)
+        assert driver.enable() & (N.CSTS_RDY | N.CSTS_CFS) == N.CSTS_RDY
+        assert driver.identify(N.CNS_CONTROLLER)[0] == N.SUCCESS
 
 
 @pytest.mark.parametrize("name", sorted(emulations()))
