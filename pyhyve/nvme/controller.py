@@ -47,6 +47,7 @@ from ..block import BlockImage
 from ..config import Config, ConfigError
 from ..lifecycle import StateError, bits, expect_keys, flag, uint
 from ..pci import BAR_MEM64, PciDevice, emulation
+from ..pci.device import disk_legacy_options
 from ..pci.options import Option
 from . import pages
 from .prp import PAGE, PrpError, prp_views
@@ -211,13 +212,7 @@ class NvmeController(PciDevice):
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:
         """bhyve's blockif_legacy_config: the first word is the path."""
-        path, _, rest = text.partition(",")
-        options = PciDevice.legacy_options(rest)
-        if path.startswith("path="):
-            path = path[len("path="):]
-        if path:
-            options["path"] = path
-        return options
+        return disk_legacy_options(text)
 
     # --- building ---------------------------------------------------------------------
     def init(self, options: dict[str, str]) -> None:

@@ -446,3 +446,16 @@ class PciDevice(Device):
 
     def _set32(self, offset: int, value: int) -> None:
         struct.pack_into("<I", self.config, offset, value & 0xFFFFFFFF)
+
+
+def disk_legacy_options(text: str) -> dict[str, str]:
+    """`-s` options of a disk emulation (bhyve's blockif_legacy_config, which
+    every disk device shares): the first word is the image's path, possibly
+    written path=PATH; the rest are options as for any device."""
+    path, _, rest = text.partition(",")
+    options = PciDevice.legacy_options(rest)
+    if path.startswith("path="):
+        path = path[len("path="):]
+    if path:
+        options["path"] = path
+    return options

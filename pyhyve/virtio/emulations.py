@@ -16,6 +16,7 @@ init() read from the class, stay here.
 
 from ..config import ConfigError
 from ..pci import PciDevice, emulation
+from ..pci.device import disk_legacy_options
 from ..pci.options import Option
 from .pci import VirtioPciDevice
 
@@ -38,13 +39,7 @@ class VirtioBlockPci(VirtioPciDevice):
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:
         """bhyve's blockif_legacy_config: the first word is the path."""
-        path, _, rest = text.partition(",")
-        options = PciDevice.legacy_options(rest)
-        if path.startswith("path="):
-            path = path[len("path="):]
-        if path:
-            options["path"] = path
-        return options
+        return disk_legacy_options(text)
 
     def make_model(self, options):
         from .blk import VirtioBlock
