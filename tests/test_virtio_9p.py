@@ -928,7 +928,7 @@ section escape
 cat /mnt/rw/hostlink/secret 2>&1 || echo ESCAPE-FAILED
 section ro
 cat /mnt/ro/ro.txt
-if echo x > /mnt/ro/new 2>/dev/null; then echo RO-WRITE-SUCCEEDED; else echo RO-WRITE-FAILED; fi
+if (echo x > /mnt/ro/new) 2>/dev/null; then echo RO-WRITE-SUCCEEDED; else echo RO-WRITE-FAILED; fi
 if rm /mnt/ro/ro.txt 2>/dev/null; then echo RO-RM-SUCCEEDED; else echo RO-RM-FAILED; fi
 section umount
 umount /mnt/rw && umount /mnt/ro && echo UMOUNT-OK
