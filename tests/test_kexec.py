@@ -24,7 +24,7 @@ from build import build_setup16
 from conftest import kvm_usable
 from firmware import require_program
 from guestrun import run_pyhyve, run_qemu_debugcon
-from kernels import build_bzimage, build_pvh
+from kernels import build_bzimage, build_pvh, fnv1a
 from pyhyve.vcpu import ExitStatus
 
 MiB = 1 << 20
@@ -36,13 +36,6 @@ BOOT_TIMEOUT = 120
 
 # The line each kernel prints once its boot protocol's structure checked out.
 KERNELS = {"bzimage": (build_bzimage, "bootproto ok"), "pvh": (build_pvh, "pvh ok")}
-
-
-def fnv1a(data: bytes) -> int:
-    value = 0x811C9DC5
-    for byte in data:
-        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return value
 
 
 @dataclass

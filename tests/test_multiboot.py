@@ -17,7 +17,7 @@ import pytest
 
 from conftest import kvm_usable
 from guestrun import run_pyhyve, run_qemu_debugcon
-from kernels import build_multiboot
+from kernels import build_multiboot, fnv1a
 from pyhyve.layout import ECAM_BASE, ECAM_SIZE, IDENTITY_MAP_ADDR, TSS_ADDR
 from pyhyve.vcpu import ExitStatus
 
@@ -27,13 +27,6 @@ CMDLINE = "console=ttyS0 mb-test"
 MODULE_TWO_SIZE = 30_000        # not a page multiple: the end must come through exactly
 BOOT_TIMEOUT = 120
 INFO_FLAGS = {"mem": 0, "cmdline": 2, "mods": 3, "mmap": 6, "loader_name": 9}
-
-
-def fnv1a(data: bytes) -> int:
-    value = 0x811C9DC5
-    for byte in data:
-        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return value
 
 
 @dataclass

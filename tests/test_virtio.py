@@ -795,16 +795,10 @@ SECTOR2_TEXT = "SECTOR2: read through int 13h and virtio-blk"
 
 @pytest.fixture(scope="module")
 def boot_disk(tmp_path_factory):
-    from build import build_boot_sector, missing_tools
+    from build import build_mbr_disk, missing_tools
     if missing_tools():
         pytest.skip(f"missing tools: {missing_tools()}")
-    image = bytearray(1 * MiB)
-    image[:512] = build_boot_sector("mbr").read_bytes()
-    text = (SECTOR2_TEXT + "\r\n").encode()
-    image[512:512 + len(text)] = text
-    path = tmp_path_factory.mktemp("mbr") / "disk.img"
-    path.write_bytes(image)
-    return path
+    return build_mbr_disk(tmp_path_factory.mktemp("mbr") / "disk.img", SECTOR2_TEXT)
 
 
 @pytest.mark.e2e

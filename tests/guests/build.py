@@ -101,6 +101,17 @@ def build_boot_sector(name: str) -> Path:
 SETUP16_SIZE = 4 * 512          # boot sector, two setup sectors, one "kernel" sector
 
 
+def build_mbr_disk(path: Path, sector2_text: str) -> Path:
+    """A 1 MiB disk image: the mbr boot sector, which reads sector 2 through
+    int 13h and prints it, and SECTOR2_TEXT there."""
+    image = bytearray(1 << 20)
+    image[:512] = build_boot_sector("mbr").read_bytes()
+    text = (sector2_text + "\r\n").encode()
+    image[512:512 + len(text)] = text
+    path.write_bytes(image)
+    return path
+
+
 def build_setup16(protocol: int = 0x0202) -> Path:
     """setup16.S: a bzImage with only a 16-bit entry, speaking boot protocol
     `protocol` (built once per content)."""

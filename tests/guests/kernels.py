@@ -150,3 +150,11 @@ def build_multiboot(aout: bool = False) -> Path:
     if aout:
         return _build("multiboot-aout", ".bin", _make_multiboot(True), MULTIBOOT_SOURCES)
     return _build("multiboot", ".elf", _make_multiboot(False), MULTIBOOT_SOURCES)
+
+
+def fnv1a(data: bytes) -> int:
+    """32-bit FNV-1a, the checksum the test kernels report for modules and initrds."""
+    value = 0x811C9DC5
+    for byte in data:
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return value
