@@ -136,6 +136,13 @@ class Terminal:
         seen, self.buffer = self.buffer, b""
         return seen
 
+    def wait_raw(self, timeout: float = TIMEOUT) -> None:
+        """Until the program on the slave has put it in raw (non-canonical) mode."""
+        deadline = time.monotonic() + timeout
+        while termios.tcgetattr(self.slave)[3] & termios.ICANON:
+            assert time.monotonic() < deadline, "the terminal stayed in cooked mode"
+            time.sleep(0.02)
+
     def close(self) -> None:
         os.close(self.master)
         os.close(self.slave)
@@ -332,7 +339,8 @@ def test_cu_attaches_to_a_pty_console(short, cleanup):
                                    stdout=cu.slave, stderr=cu.slave)
         cleanup.append(session)
         cu.expect(b"Connected.")
-        cu.type(b"through cu\r")
+        cu.wait_raw()           # cu says Connected before it leaves cooked mode, whose
+        cu.type(b"through cu\r")   # switch would drop what was typed (and echo it locally)
         cu.expect(b"through cu\r")
         cu.type(b"~.")
         assert session.wait(TIMEOUT) == 0
