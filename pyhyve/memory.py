@@ -18,6 +18,7 @@ from .layout import (BIOS_AREA_CHUNKS, BIOS_AREA_END, BIOS_AREA_SIZE, HIGHMEM_BA
                      LOWMEM_LIMIT, MiB)
 
 PAGE_SIZE = 4096
+DIRTY_CLEAR_CHUNK_WORDS = 4096      # 256K pages (1 GiB) per KVM_CLEAR_DIRTY_LOG
 BIOS_AREA_MODES = ("rom", "ram-ro", "ram")
 MIN_MEMORY = 1 * MiB
 
@@ -34,8 +35,9 @@ class Region:
     """A contiguous range of guest physical memory backed by an mmap."""
 
     def __init__(self, name: str, gpa: int, backing: mmap.mmap, offset: int,
-                 size: int, writable: bool):
+                 size: int, writable: bool, log_dirty: bool = False):
         self.name = name
+        self.log_dirty = log_dirty      # KVM logs the guest's writes to it (dirty_pages)
         self.gpa = gpa
         self.end = gpa + size
         self.size = size
@@ -68,6 +70,8 @@ class GuestMemory:
         self._lowmem = self._anonymous(self.lowmem_size)
         self._highmem = self._anonymous(self.highmem_size) if self.highmem_size else None
         self._bios_rom: tuple[mmap.mmap, int, int] | None = None   # rom, offset, gpa
+        self._log_ram = False               # log writes to every RAM region (migration)
+        self._manual_protect: bool | None = None   # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on
         self._add(Region("lowmem", 0, self._lowmem, 0, self.lowmem_size, True))
         if self._highmem is not None:
             self._add(Region("highmem", HIGHMEM_BASE, self._highmem, 0,
@@ -121,10 +125,21 @@ class GuestMemory:
         slot = self._next_slot
         self._next_slot += 1
         self._slots[region.gpa] = slot
+        if self._log_ram and self._is_ram(region):
+            region.log_dirty = True
+        self._register(region)
+
+    def _register(self, region: Region) -> None:
         flags = 0 if region.writable else abi.KVM_MEM_READONLY
-        self.vm.set_user_memory_region(slot, region.gpa, region.size,
+        if region.log_dirty:
+            flags |= abi.KVM_MEM_LOG_DIRTY_PAGES
+        self.vm.set_user_memory_region(self._slots[region.gpa], region.gpa, region.size,
                                        _host_address(region.backing) + region.offset,
                                        flags)
+
+    def _is_ram(self, region: Region) -> bool:
+        return region.writable and (region.backing is self._lowmem
+                                    or region.backing is self._highmem)
 
     def _remove(self, gpa: int) -> Region:
         index = self._starts.index(gpa)
@@ -195,6 +210,51 @@ class GuestMemory:
         return [(base, backing) for base, backing in ((0, self._lowmem),
                                                       (HIGHMEM_BASE, self._highmem))
                 if backing is not None]
+
+    # --- dirty logging ------------------------------------------------------
+    def log_dirty(self, on: bool, gpa: int | None = None) -> None:
+        """Start or stop KVM's log of the guest's writes to the region that starts
+        at GPA (a framebuffer), or to all guest RAM when GPA is None (live
+        migration: RAM regions the chipset re-maps meanwhile keep logging).
+        Pages written before logging starts are not reported."""
+        if on and self._manual_protect is None:
+            # Clearing the log is then a separate, chunked call (collect_dirty),
+            # so a large VM does not hold KVM's MMU lock for its whole bitmap.
+            self._manual_protect = bool(self.vm.kvm.check_extension(
+                abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+            if self._manual_protect:
+                self.vm.enable_cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                                   abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        if gpa is None:
+            self._log_ram = on
+            targets = [region for region in self._regions if self._is_ram(region)]
+        else:
+            targets = [self._regions[self._starts.index(gpa)]]
+        for region in targets:
+            if region.log_dirty != on:
+                region.log_dirty = on
+                self._register(region)
+
+    def logged_regions(self) -> list[Region]:
+        return [region for region in self._regions if region.log_dirty]
+
+    def collect_dirty(self, region: Region) -> bytes:
+        """The pages of REGION the guest wrote since the last call (or since
+        logging began): bit N of byte N // 8 (least significant first) is the
+        page at region.gpa + 4096 * N.  Those pages are logged afresh."""
+        pages = region.size // PAGE_SIZE
+        words = (pages + 63) // 64
+        bitmap = (ctypes.c_uint64 * words)()
+        slot = self._slots[region.gpa]
+        self.vm.get_dirty_log(slot, bitmap)
+        if self._manual_protect:
+            for first_word in range(0, words, DIRTY_CLEAR_CHUNK_WORDS):
+                count = min(DIRTY_CLEAR_CHUNK_WORDS, words - first_word)
+                chunk = (ctypes.c_uint64 * count).from_buffer(bitmap, first_word * 8)
+                if any(chunk):
+                    self.vm.clear_dirty_log(slot, first_word * 64,
+                                            min(count * 64, pages - first_word * 64), chunk)
+        return bytes(bitmap)
 
     @property
     def regions(self) -> list[Region]:

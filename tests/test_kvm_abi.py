@@ -12,7 +12,7 @@ STRUCTS = [
     "kvm_run", "kvm_regs", "kvm_sregs", "kvm_segment", "kvm_dtable", "kvm_fpu",
     "kvm_msr_entry", "kvm_msrs", "kvm_msr_list", "kvm_cpuid_entry2", "kvm_cpuid2",
     "kvm_lapic_state", "kvm_mp_state", "kvm_userspace_memory_region",
-    "kvm_dirty_log", "kvm_irq_level", "kvm_irqchip", "kvm_pic_state",
+    "kvm_dirty_log", "kvm_clear_dirty_log", "kvm_irq_level", "kvm_irqchip", "kvm_pic_state",
     "kvm_ioapic_state", "kvm_pit_config", "kvm_pit_channel_state", "kvm_pit_state2",
     "kvm_clock_data", "kvm_msi", "kvm_irq_routing_entry", "kvm_irq_routing",
     "kvm_irq_routing_irqchip", "kvm_irq_routing_msi", "kvm_irqfd", "kvm_ioeventfd",
@@ -24,7 +24,7 @@ STRUCTS = [
 IOCTLS = sorted({
               "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_GET_MSR_INDEX_LIST",
               "KVM_CHECK_EXTENSION", "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID",
-              "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG", "KVM_SET_USER_MEMORY_REGION",
+              "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG", "KVM_CLEAR_DIRTY_LOG", "KVM_SET_USER_MEMORY_REGION",
               "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP",
               "KVM_IRQ_LINE", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_IRQ_LINE_STATUS",
               "KVM_SET_GSI_ROUTING", "KVM_IRQFD", "KVM_CREATE_PIT2", "KVM_IOEVENTFD",

@@ -126,6 +126,21 @@ class Vm:
         _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region,
                f"KVM_SET_USER_MEMORY_REGION(slot {slot}, gpa {gpa:#x}, size {size:#x})")
 
+    def get_dirty_log(self, slot: int, bitmap) -> None:
+        """Fill BITMAP (a writable ctypes buffer, one bit per page of the slot)
+        with the pages written since logging began or was last cleared."""
+        _ioctl(self.fd, abi.KVM_GET_DIRTY_LOG,
+               abi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(bitmap)),
+               f"KVM_GET_DIRTY_LOG(slot {slot})")
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap) -> None:
+        """Write-protect again the pages set in BITMAP (its bit 0 is FIRST_PAGE,
+        a multiple of 64), so that the next write to them is logged."""
+        _ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG,
+               abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
+                                       dirty_bitmap=ctypes.addressof(bitmap)),
+               f"KVM_CLEAR_DIRTY_LOG(slot {slot}, pages {first_page}+{num_pages})")
+
     def set_tss_addr(self, gpa: int) -> None:
         _ioctl(self.fd, abi.KVM_SET_TSS_ADDR, gpa, "KVM_SET_TSS_ADDR")
 

@@ -104,6 +104,7 @@ KVM_CAP_IMMEDIATE_EXIT = 136
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
 
 # --- memory -------------------------------------------------------------------
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -117,6 +118,13 @@ class kvm_userspace_memory_region(Structure):
 
 class kvm_dirty_log(Structure):
     _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
+class kvm_clear_dirty_log(Structure):
+    _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 
 
 # --- registers ----------------------------------------------------------------
@@ -499,6 +507,7 @@ KVM_GET_CLOCK = _ior(0x7C, kvm_clock_data)
 KVM_GET_PIT2 = _ior(0x9F, kvm_pit_state2)
 KVM_SET_PIT2 = _iow(0xA0, kvm_pit_state2)
 KVM_ENABLE_CAP = _iow(0xA3, kvm_enable_cap)
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, kvm_clear_dirty_log)
 KVM_SIGNAL_MSI = _iow(0xA5, kvm_msi)
 # vCPU
 KVM_RUN = _io(0x80)
