@@ -4,7 +4,7 @@ A device gets a DeviceContext, not the VirtualMachine: guest memory (the
 bounds-checked views), the port and MMIO buses to register on (and to ask
 for write notifiers, which the machine backs with KVM ioeventfds), interrupt
 lines by number, MSI, a way to ask the machine to stop, the per-VM I/O
-thread, and a log-once for guest mistakes.  That is all of the machine a
+thread, the VM's input router (where keyboard and pointer devices register), and a log-once for guest mistakes.  That is all of the machine a
 device author has to understand, and all a test has to provide (as propolis
 gives a device an IntrPin rather than the VM).  Nothing here calls KVM
 itself: the machine behind it does.
@@ -13,6 +13,7 @@ Threading: every method may be called from any thread (vCPU threads, the
 I/O thread, device timers).
 """
 
+from .inputroute import InputRouter
 from .iothread import IoThread
 
 
@@ -38,6 +39,7 @@ class DeviceContext:
         self.ports = machine.ports
         self.mmio = machine.mmio
         self._io_thread: IoThread | None = None
+        self.input = InputRouter()      # keyboards and pointers, fed by the consoles
 
     @property
     def vm_name(self) -> str:

@@ -1,0 +1,88 @@
+"""Where a console's keyboard and pointer events go.
+
+A frontend (the VNC server, a test) reports what the user did; input devices
+(the i8042's keyboard, a USB or virtio tablet, a virtio keyboard) take it to
+the guest.  Keys are Linux input event codes (KEY_A is 30), the one numbering
+every device model translates from: PS/2 scancodes, USB HID usages and
+virtio-input's own events.  Pointer positions are absolute, 0 to POINTER_MAX
+on each axis across the screen, so they need no knowledge of the display mode.
+
+Like QEMU, events go to one device of each kind: the most recently added
+sink whose guest driver is ready for it (`ready()`), else the first added,
+so a guest that drives a virtio keyboard gets each key once, not twice.
+
+Threading: frontends call key() and pointer() from their own threads; sinks
+must take events from any thread.
+"""
+
+import threading
+from typing import Protocol
+
+POINTER_MAX = 0x7FFF
+
+BUTTON_LEFT = 1 << 0            # RFB's button mask, which pointer() takes as it is
+BUTTON_MIDDLE = 1 << 1
+BUTTON_RIGHT = 1 << 2
+WHEEL_UP = 1 << 3
+WHEEL_DOWN = 1 << 4
+
+
+class KeyboardSink(Protocol):
+    def ready(self) -> bool: ...
+    def key_event(self, code: int, down: bool) -> None: ...
+
+
+class PointerSink(Protocol):
+    def ready(self) -> bool: ...
+    def pointer_event(self, x: int, y: int, buttons: int) -> None: ...
+
+
+def _choose(sinks: list):
+    for sink in reversed(sinks):
+        if sink.ready():
+            return sink
+    return sinks[0] if sinks else None
+
+
+class InputRouter:
+    """The VM's keyboards and pointers, and the choice among them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._keyboards: list[KeyboardSink] = []
+        self._pointers: list[PointerSink] = []
+
+    def add_keyboard(self, sink: KeyboardSink) -> None:
+        with self._lock:
+            self._keyboards.append(sink)
+
+    def add_pointer(self, sink: PointerSink) -> None:
+        with self._lock:
+            self._pointers.append(sink)
+
+    def remove(self, sink) -> None:
+        """A device unplugged or closed stops receiving events."""
+        with self._lock:
+            for sinks in (self._keyboards, self._pointers):
+                if sink in sinks:
+                    sinks.remove(sink)
+
+    def key(self, code: int, down: bool) -> bool:
+        """Press or release key CODE; False when the VM has no keyboard."""
+        with self._lock:
+            sink = _choose(self._keyboards)
+        if sink is None:
+            return False
+        sink.key_event(code, down)
+        return True
+
+    def pointer(self, x: int, y: int, buttons: int) -> bool:
+        """Move the pointer to (X, Y) (clamped to 0..POINTER_MAX) with BUTTONS
+        held; False when the VM has no absolute pointer."""
+        with self._lock:
+            sink = _choose(self._pointers)
+        if sink is None:
+            return False
+        sink.pointer_event(min(max(x, 0), POINTER_MAX), min(max(y, 0), POINTER_MAX),
+                           buttons)
+        return True
