@@ -74,6 +74,11 @@ def options_for(name: str, tmp: str):
     elif name == "virtio-net":
         with fake_tap() as options:
             yield options
+    elif name == "virtio-scsi":
+        path = os.path.join(tmp, "lun0.img")
+        with open(path, "wb") as f:
+            f.truncate(64 * 1024)
+        yield {"lun.0.path": path}
     elif name == "virtio-9p":
         share = os.path.join(tmp, "share")
         os.makedirs(share, exist_ok=True)
@@ -145,9 +150,11 @@ def cfg_read(vm, slot, offset, size):
 # One well-formed request per virtio emulation: (queue, [(gpa, length, device-writable)]).
 # virtio-blk reads sector 0 (header, 512 data bytes, status); virtio-net sends a
 # minimum frame behind its 12-byte header; virtio-console writes on port 0;
-# virtio-9p answers a Tversion.
+# virtio-9p answers a Tversion; virtio-scsi runs TEST UNIT READY on LUN 0 (request
+# header with a 32-byte CDB, then response with 96 bytes of sense).
 BLK_HEADER = struct.pack("<IIQ", 0, 0, 0)
 TVERSION = struct.pack("<IBHIH", 21, 100, 0xFFFF, 8192, 8) + b"9P2000.L"
+SCSI_TUR = bytes([1, 0, 0x40, 0]) + bytes(4 + 11 + 32)
 REQUESTS = {
     "virtio-rnd": (0, [(BUFFERS, 64, True)]),
     "virtio-blk": (0, [(BUFFERS, 16, False), (BUFFERS + 0x200, 512, True),
@@ -155,6 +162,7 @@ REQUESTS = {
     "virtio-net": (1, [(BUFFERS, 12 + 60, False)]),
     "virtio-console": (1, [(BUFFERS, 5, False)]),
     "virtio-9p": (0, [(BUFFERS, len(TVERSION), False), (BUFFERS + 0x200, 64, True)]),
+    "virtio-scsi": (2, [(BUFFERS, len(SCSI_TUR), False), (BUFFERS + 0x200, 108, True)]),
 }
 
 
@@ -188,7 +196,8 @@ def serves_a_request(vm, device, name: str) -> None:
     ring = driver.setup_queue(queue)
     driver.set_common(V.COMMON_STATUS, 1, D.STATUS_ACKNOWLEDGE | D.STATUS_DRIVER |
                       D.STATUS_FEATURES_OK | D.STATUS_DRIVER_OK)
-    vm.memory.write(BUFFERS, {"virtio-blk": BLK_HEADER, "virtio-9p": TVERSION}.get(
+    vm.memory.write(BUFFERS, {"virtio-blk": BLK_HEADER, "virtio-9p": TVERSION,
+                                    "virtio-scsi": SCSI_TUR}.get(
         name, bytes(16)))
     head = ring.offer(buffers)
     driver.notify(queue)

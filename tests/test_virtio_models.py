@@ -21,7 +21,7 @@ from pyhyve.virtio.queue import VirtqueueError
 from pyhyve.virtio.rnd import VirtioRandom
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_MODULES = ("device", "blk", "net", "console", "rnd", "ninep")
+MODEL_MODULES = ("device", "blk", "net", "console", "rnd", "ninep", "scsi")
 SECTOR = 512
 
 

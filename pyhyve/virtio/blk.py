@@ -31,7 +31,7 @@ import struct
 from ..block import DIRECT_ALIGN, BlockImage
 from ..config import Config, ConfigError
 from .device import Transport, VirtioDevice
-from .queue import Chain, VirtqueueError
+from .queue import Chain, VirtqueueError, split_buffers
 
 VIRTIO_ID_BLOCK = 2
 
@@ -58,22 +58,6 @@ _HEADER = struct.Struct("<IIQ")            # type, reserved (ioprio), sector
 _SEGMENT = struct.Struct("<QII")           # sector, num_sectors, flags
 # struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4)
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-
-def _split(pairs: list[tuple[int, int]], count: int):
-    """(the first `count` bytes of a buffer list, the rest), as (gpa, length) lists."""
-    head, rest = [], []
-    for gpa, length in pairs:
-        if count >= length:
-            head.append((gpa, length))
-            count -= length
-        elif count:
-            head.append((gpa, count))
-            rest.append((gpa + count, length - count))
-            count = 0
-        else:
-            rest.append((gpa, length))
-    return head, rest
-
 
 def _sector_sizes(text: str) -> tuple[int, int]:
     logical, _, physical = text.partition("/")
@@ -153,8 +137,8 @@ class VirtioBlock(VirtioDevice):
         if not chain.writable:
             raise VirtqueueError("block request without a status byte")
         memory = self.transport.memory
-        data_in, status = _split(chain.writable, sum(n for _, n in chain.writable) - 1)
-        header, data_out = _split(chain.readable, _HEADER.size)
+        data_in, status = split_buffers(chain.writable, sum(n for _, n in chain.writable) - 1)
+        header, data_out = split_buffers(chain.readable, _HEADER.size)
         written = 0
         if sum(n for _, n in header) < _HEADER.size:
             result = S_IOERR

@@ -7,12 +7,15 @@ virtio-pci transport and declares the options `-s` and the config take.
     -s SLOT,virtio-console,NAME=PATH[,NAME=PATH...]
     -s SLOT,virtio-rnd
     -s SLOT,virtio-9p,SHARENAME=PATH[,ro]
+    -s SLOT,virtio-scsi,lun0=PATH[,ro][,ser=ID][,lun1=PATH...][,num_queues=N]
 
 The models' modules say what each option means.  A model is imported when
 its emulation is instantiated (make_model()), so a VM loads only the models
 it uses; the option declarations, which `-s help` and the checks before
 init() read from the class, stay here.
 """
+
+import re
 
 from ..config import ConfigError
 from ..pci import PciDevice, emulation
@@ -145,3 +148,39 @@ class Virtio9pPci(VirtioPciDevice):
     def make_model(self, options):
         from .ninep import Virtio9p
         return Virtio9p(self, options)
+
+
+@emulation("virtio-scsi")
+class VirtioScsiPci(VirtioPciDevice):
+    """virtio SCSI host with disk LUNs on target 0: lun0=PATH[,ro][,ser=ID][,lun1=PATH...]"""
+
+    options = (
+        Option("lun.N.path", "path", None, "the disk image of LUN N (lunN=PATH)"),
+        Option("lun.N.ro", "flag", "false", "LUN N read-only: writes fail with DATA PROTECT"),
+        Option("lun.N.ser", "text", None, "LUN N's serial (VPD 0x80), default "
+               "SCSI-SLOT-FUNC-N"),
+        # scsi.py's MAX_REQUEST_QUEUES, written out: reading the options must not import
+        # the model
+        Option("num_queues", "number", "1", "request queues, 1 to 16"),
+    )
+
+    @classmethod
+    def legacy_options(cls, text: str) -> dict[str, str]:
+        """`lunN=PATH` starts a LUN; `ro` and `ser=ID` after it are that LUN's."""
+        options, lun = {}, None
+        for item in filter(None, text.split(",")):
+            name, sep, value = item.partition("=")
+            if (numbered := re.fullmatch(r"lun(\d+)", name)) and sep:
+                lun = int(numbered.group(1))
+                options[f"lun.{lun}.path"] = value
+            elif name in ("ro", "ser"):
+                if lun is None:
+                    raise ConfigError(f"virtio-scsi: '{item}' before any lunN=PATH")
+                options[f"lun.{lun}.{name}"] = value if sep else "true"
+            else:
+                options[name] = value if sep else "true"
+        return options
+
+    def make_model(self, options):
+        from .scsi import VirtioScsi
+        return VirtioScsi(self, options)

@@ -61,6 +61,7 @@ PCI_IDENTITIES = {1: (0x1000, 0x020000),     # network card: Ethernet
                   2: (0x1001, 0x010000),     # block device: SCSI storage
                   3: (0x1003, 0x078000),     # console: other communication
                   4: (0x1005, 0x00FF00),     # entropy source: other
+                  8: (0x1004, 0x010000),     # SCSI host: SCSI storage
                   9: (0x1009, 0x018000)}     # 9P transport: other mass storage
 
 ISR_QUEUE = 1

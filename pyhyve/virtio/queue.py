@@ -46,6 +46,22 @@ def _valid_size(size: int) -> bool:
     return 1 <= size <= MAX_QUEUE_SIZE and size & (size - 1) == 0
 
 
+def split_buffers(pairs: list[tuple[int, int]], count: int):
+    """(the first `count` bytes of a buffer list, the rest), as (gpa, length) lists."""
+    head, rest = [], []
+    for gpa, length in pairs:
+        if count >= length:
+            head.append((gpa, length))
+            count -= length
+        elif count:
+            head.append((gpa, count))
+            rest.append((gpa + count, length - count))
+            count = 0
+        else:
+            rest.append((gpa, length))
+    return head, rest
+
+
 class Chain:
     """One validated descriptor chain: the buffers the device reads, then those it writes.
 
