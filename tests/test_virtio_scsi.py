@@ -3,9 +3,12 @@
 that must never make it raise, the PCI emulation's options and snapshot, and
 Linux's virtio_scsi and sd drivers on pyhyve and on QEMU in one boot each."""
 
+import hashlib
 import json
 import os
+import re
 import struct
+import subprocess
 import threading
 
 import pytest
@@ -419,3 +422,146 @@ def test_save_restore_save_unchanged_and_commands_go_on(disks):
     finally:
         vm.close()
     assert os.path.getsize(disks[0]) == DISK_BLOCKS * BLOCK
+
+
+# --- Linux's virtio_scsi and sd, on pyhyve and on QEMU ------------------------------------------
+LINUX_DISK, LINUX_RO_DISK = 16 * MiB, MiB
+HOST_TEXT = b"written by mke2fs -d on the host\n"
+RO_PATTERN = b"read-only LUN\n" * 300
+LINUX_SCRIPT = r"""
+for d in /sys/block/sd*; do case $(readlink $d/device) in
+  *:0:0:0) rw=/dev/${d##*/};; *:0:0:1) ro=/dev/${d##*/};; esac; done
+section luns
+for d in /sys/block/sd*; do l=$(readlink $d/device); echo "${l##*/}" $(cat $d/size $d/ro \
+  $d/device/vendor $d/device/model $d/queue/discard_max_bytes); done
+section ext2
+mount -t ext2 $rw /mnt && echo mounted
+cat /mnt/host.txt
+seq 0 299 | sed 's/.*/scsi line &/' > /mnt/lines.txt
+dd if=/dev/urandom of=/mnt/random.bin bs=4096 count=32 2>/dev/null
+sync
+sha256sum /mnt/lines.txt /mnt/random.bin
+umount /mnt && echo unmounted
+section ro
+dd if=$ro bs=4096 count=1 2>/dev/null | sha256sum
+blockdev --setrw $ro
+dd if=/dev/zero of=$ro bs=4096 count=1 oflag=direct 2>/dev/null; echo "write status $?"
+section discard
+dd if=/dev/urandom of=$rw bs=1M seek=12 count=2 oflag=direct 2>/dev/null && echo filled
+blkdiscard -o 12582912 -l 1048576 $rw && echo discarded
+dd if=$rw bs=1M skip=12 count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c
+dd if=$rw bs=1M skip=13 count=1 iflag=direct 2>/dev/null | sha256sum
+section end
+"""
+
+
+def pyhyve_scsi(guest, initrd, rw, ro):
+    from linuxguest import pyhyve_command, pyhyve_env
+    return pyhyve_command(guest, initrd, "-s", f"3,virtio-scsi,lun0={rw},lun1={ro},ro",
+                          "-o", f"control.socket={rw.parent / 'ctl.sock'}",
+                          name="linuxvscsi"), pyhyve_env()
+
+
+def qemu_scsi(guest, initrd, rw, ro):
+    """The same LUNs, as QEMU's scsi-hd devices on its virtio-scsi-pci."""
+    from linuxguest import qemu_command
+    return qemu_command(
+        guest, initrd, "-device", "virtio-scsi-pci,id=scsi0,addr=3",
+        "-drive", f"file={rw},format=raw,if=none,id=d0,discard=unmap",
+        "-device", "scsi-hd,drive=d0,bus=scsi0.0,scsi-id=0,lun=0",
+        "-drive", f"file={ro},format=raw,if=none,id=d1,readonly=on",
+        "-device", "scsi-hd,drive=d1,bus=scsi0.0,scsi-id=0,lun=1"), dict(os.environ)
+
+
+class LinuxRun:
+    """One boot: the images, what the script printed, how the VM ended."""
+
+    def __init__(self, side: str, guest, tmp):
+        from firmware import require_program
+        from linuxguest import GuestRun, sections, with_script
+        mke2fs = require_program("mke2fs", "e2fsprogs")
+        content = tmp / "content"
+        content.mkdir()
+        (content / "host.txt").write_bytes(HOST_TEXT)
+        self.rw, self.ro = tmp / "lun0.img", tmp / "lun1.img"
+        with open(self.rw, "wb") as image:
+            image.truncate(LINUX_DISK)
+        # an 8 MiB ext2 at the start, the rest left for the discard check
+        subprocess.run([mke2fs, "-q", "-F", "-t", "ext2", "-b", "1024", "-d", str(content),
+                        str(self.rw), "8192"], check=True, capture_output=True, timeout=60)
+        self.ro.write_bytes(RO_PATTERN.ljust(LINUX_RO_DISK, b"\0"))
+        initrd = with_script(guest, tmp, LINUX_SCRIPT)
+        argv, env = {"pyhyve": pyhyve_scsi, "qemu": qemu_scsi}[side](guest, initrd, self.rw,
+                                                                    self.ro)
+        with GuestRun(argv, env, tmp / "console.log") as run:
+            run.expect("@@@ end")
+            self.status = run.wait()
+            self.output = run.output
+        self.sections = sections(self.output)
+
+
+@pytest.fixture(scope="module", params=["pyhyve", "qemu"])
+def linux(request, linux_guest, tmp_path_factory):
+    """The guest boots once under pyhyve, once under QEMU (the reference)."""
+    if request.param == "qemu":
+        from firmware import require_program
+        require_program("qemu-system-x86_64", "qemu-system-x86")
+    return LinuxRun(request.param, linux_guest,
+                    tmp_path_factory.mktemp(f"linux-vscsi-{request.param}"))
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("needs_kvm")
+def test_linux_sees_both_luns(linux, request):
+    """H:C:T:L, 512-byte sectors, read-only flag, vendor, model, discard limit.
+    Where QEMU differs: its vendor and model are QEMU's ("QEMU", "QEMU HARDDISK");
+    its discard limit is its own (pyhyve: 0x3FFFFF blocks per UNMAP descriptor)."""
+    assert linux.status == 1, linux.output[-3000:]              # poweroff -f
+    lines = sorted(linux.sections["luns"].splitlines())
+    assert [line.split()[0].split(":")[1:] for line in lines] == [["0", "0", "0"],
+                                                                 ["0", "0", "1"]], lines
+    rw, ro = (line.split()[1:] for line in lines)
+    assert rw[:2] == [str(LINUX_DISK // 512), "0"] and ro[:2] == [str(LINUX_RO_DISK // 512), "1"]
+    vendor_model = ["PYHYVE", "VIRTUAL", "DISK"] if "pyhyve" in request.node.name else \
+        ["QEMU", "QEMU", "HARDDISK"]
+    assert rw[2:5] == vendor_model and ro[2:5] == vendor_model, lines
+    assert int(rw[5]) > 0 and ro[5] == "0", lines                # discard on the rw LUN only
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("needs_kvm")
+def test_linux_reads_the_hosts_ext2_and_the_host_reads_its_files(linux):
+    from test_linux_guest import debugfs_cat
+    section = linux.sections["ext2"]
+    assert "mounted" in section and HOST_TEXT.decode().strip() in section, section
+    assert "unmounted" in section, section
+    sums = dict(reversed(line.split()) for line in section.splitlines()
+                if re.match(r"^[0-9a-f]{64}\s", line))
+    lines = debugfs_cat(linux.rw, "lines.txt")
+    assert lines == b"".join(b"scsi line %d\n" % i for i in range(300))
+    assert hashlib.sha256(lines).hexdigest() == sums["/mnt/lines.txt"]
+    random_bytes = debugfs_cat(linux.rw, "random.bin")
+    assert len(random_bytes) == 32 * 4096
+    assert hashlib.sha256(random_bytes).hexdigest() == sums["/mnt/random.bin"]
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("needs_kvm")
+def test_linux_reads_the_read_only_lun_and_its_writes_fail(linux):
+    """Linux is told to write anyway (blockdev --setrw): the device refuses with
+    DATA PROTECT, dd fails, the image is unchanged."""
+    digest, status = linux.sections["ro"].splitlines()[-2:]
+    assert digest.split()[0] == hashlib.sha256(
+        RO_PATTERN.ljust(LINUX_RO_DISK, b"\0")[:4096]).hexdigest()
+    assert status.startswith("write status ") and status != "write status 0", status
+    assert linux.ro.read_bytes() == RO_PATTERN.ljust(LINUX_RO_DISK, b"\0")
+
+
+@pytest.mark.linux
+@pytest.mark.usefixtures("needs_kvm")
+def test_linux_discards_through_unmap(linux):
+    discard = linux.sections["discard"].splitlines()
+    assert discard[:3] == ["filled", "discarded", "0"], discard
+    data = linux.rw.read_bytes()
+    assert data[12 * MiB:13 * MiB] == bytes(MiB)
+    assert hashlib.sha256(data[13 * MiB:14 * MiB]).hexdigest() == discard[3].split()[0]

@@ -123,3 +123,22 @@ def build_setup16(protocol: int = 0x0202) -> Path:
         return None
     return _assemble("setup16", ".bzImage", {"PROTOCOL": protocol},
                      ["-Ttext=0", "-e", "_start"], ["-j", ".text"], check)
+
+
+def build_linux_program(name: str) -> Path:
+    """tests/guests/NAME.c as a static, freestanding x86-64 Linux executable for
+    the Linux test guest's initramfs (no libc; built once per content)."""
+    source = GUESTS / f"{name}.c"
+    program = CACHE / f"{name}-{_digest(source, {})}.elf"
+    if program.exists():
+        return program
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = program.with_suffix(f".{os.getpid()}")
+    command = ["gcc", "-O2", "-static", "-nostdlib", "-ffreestanding", "-fno-pie", "-no-pie",
+               "-fno-stack-protector", "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables",
+               "-o", str(work), str(source)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise BuildError(f"{' '.join(command)}:\n{result.stderr}")
+    os.replace(work, program)
+    return program
