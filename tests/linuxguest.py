@@ -14,6 +14,7 @@ pipe, collects what it prints, waits for markers and can write to the
 console, so a test can talk to the guest's script while it runs.
 """
 
+import hashlib
 import os
 import re
 import signal
@@ -62,6 +63,30 @@ def with_script(guest: Guest, directory: Path, script: str,
     path = directory / "test-initrd.cpio"
     path.write_bytes(guest.initrd.read_bytes() + newc_archive(entries))
     return path
+
+
+def discard_script(disk: str, mib: int) -> str:
+    """Guest lines for a disk's discard check (section `discard`): MiB `mib` and
+    the one after it filled with random bytes, the first discarded, then how many
+    non-zero bytes it holds and the second's SHA-256."""
+    return f"""section discard
+dd if=/dev/urandom of={disk} bs=1M seek={mib} count=2 oflag=direct 2>/dev/null && echo filled
+blkdiscard -o {mib << 20} -l {1 << 20} {disk} && echo discarded
+dd if={disk} bs=1M skip={mib} count=1 iflag=direct 2>/dev/null | tr -d '\\000' | wc -c
+dd if={disk} bs=1M skip={mib + 1} count=1 iflag=direct 2>/dev/null | sha256sum
+"""
+
+
+def check_discard(section: str, image: Path, mib: int) -> None:
+    """The guest saw zeros where it discarded, and the image holds them; the MiB
+    after it, untouched, holds what the guest read there."""
+    lines = section.splitlines()
+    assert lines[:3] == ["filled", "discarded", "0"], lines
+    with open(image, "rb") as file:
+        file.seek(mib << 20)
+        discarded, kept = file.read(1 << 20), file.read(1 << 20)
+    assert discarded == bytes(1 << 20)
+    assert hashlib.sha256(kept).hexdigest() == lines[3].split()[0]
 
 
 def sections(output: str) -> dict[str, str]:

@@ -32,6 +32,7 @@ BUILTIN_MODULES = {
     "virtio-console": "pyhyve.virtio.emulations",
     "virtio-net": "pyhyve.virtio.emulations",
     "virtio-rnd": "pyhyve.virtio.emulations",
+    "virtio-scsi": "pyhyve.virtio.emulations",
 }
 
 
