@@ -1,7 +1,8 @@
 """Disk benchmarks: pyhyve vs QEMU on the same guests, measured in one run.
 
-Part one, virtio-blk sequential read throughput.  The guest is tests/guests/blkdriver.S built with READ_ONLY=1: its own legacy
-virtio-blk driver reads TOTAL_KIB from sector 0 in CHUNK_KIB requests, one in
+Part one, virtio-blk sequential read throughput.  The guest is
+tests/guests/blkdriver.S built with READ_ONLY=1: its own legacy virtio-blk
+driver reads TOTAL_KIB from sector 0 in CHUNK_KIB requests, one in
 flight, polling the used ring, then powers off.  It runs on
   pyhyve  an in-process VirtualMachine with -s 3,virtio-blk,DISK;
   qemu    qemu-system-x86_64 -enable-kvm with a legacy virtio-blk-pci at the

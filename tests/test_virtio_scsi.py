@@ -371,6 +371,7 @@ def test_options_as_bhyve_style_words_and_their_errors(disks, tmp_path):
                              ({"lun.16384.path": str(disks[0])}, "above 16383"),
                              ({"num_queues": "17"}, "outside 1..16"),
                              ({"lun.0.path": str(tiny)}, "smaller than one 512-byte block"),
+                             ({"lun.0.path": str(disks[0]), "lun.0.ser": "é"}, "serial"),
                              ({"lun.0.path": str(tmp_path / "none")}, "no such file")):
         with pytest.raises(ConfigError, match=message):
             ScsiTransport(options)

@@ -40,6 +40,7 @@ CONTROL_QUEUE, EVENT_QUEUE, FIRST_REQUEST_QUEUE = 0, 1, 2
 QUEUE_SIZE = 256
 MAX_REQUEST_QUEUES = 16
 MAX_LUN = 16383                  # flat space addressing reaches this far
+MAX_SERIAL = 64
 SEG_MAX = QUEUE_SIZE - 2
 MAX_SECTORS = 0xFFFF
 CMD_PER_LUN = 128
@@ -111,8 +112,12 @@ class VirtioScsi(VirtioDevice):
         self.disks: dict[int, ScsiDisk] = {}
         try:
             for number, (read_only, lun) in sorted(luns.items()):
-                image = BlockImage(f"virtio-scsi LUN {number}", lun["path"], read_only)
                 serial = lun.get("ser", f"SCSI-{transport.instance}-{number}")
+                if not (serial.isascii() and serial.isprintable() and
+                        0 < len(serial) <= MAX_SERIAL):
+                    raise ConfigError(f"virtio-scsi: LUN {number}'s serial '{serial}' is not 1 "
+                                      f"to {MAX_SERIAL} printable ASCII characters")
+                image = BlockImage(f"virtio-scsi LUN {number}", lun["path"], read_only)
                 self.disks[number] = ScsiDisk(image, serial)
                 if image.size < BLOCK:
                     raise ConfigError(f"virtio-scsi: {lun['path']} is smaller than one "
