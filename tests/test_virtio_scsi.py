@@ -360,9 +360,9 @@ def test_the_random_command_check_catches_a_target_that_raises(disks, monkeypatc
 # --- the PCI emulation: options and snapshots ------------------------------------------------
 def test_options_as_bhyve_style_words_and_their_errors(disks, tmp_path):
     cls = emulations()["virtio-scsi"]
-    assert cls.legacy_options("lun0=/a.img,ro,ser=X,lun12=/b.img,num_queues=4") == {
+    assert cls.legacy_options("lun0=/a.img,ro,ser=X,lun12=/b.img,lock=off,num_queues=4") == {
         "lun.0.path": "/a.img", "lun.0.ro": "true", "lun.0.ser": "X",
-        "lun.12.path": "/b.img", "num_queues": "4"}
+        "lun.12.path": "/b.img", "lun.12.lock": "off", "num_queues": "4"}
     with pytest.raises(ConfigError, match="before any lunN=PATH"):
         cls.legacy_options("ro,lun0=/a.img")
     tiny = tmp_path / "tiny.img"

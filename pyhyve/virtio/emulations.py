@@ -7,7 +7,7 @@ virtio-pci transport and declares the options `-s` and the config take.
     -s SLOT,virtio-console,NAME=PATH[,NAME=PATH...]
     -s SLOT,virtio-rnd
     -s SLOT,virtio-9p,SHARENAME=PATH[,ro]
-    -s SLOT,virtio-scsi,lun0=PATH[,ro][,ser=ID][,lun1=PATH...][,num_queues=N]
+    -s SLOT,virtio-scsi,lun0=PATH[,ro][,ser=ID][,lock=off][,lun1=PATH...][,num_queues=N]
 
 The models' modules say what each option means.  A model is imported when
 its emulation is instantiated (make_model()), so a VM loads only the models
@@ -159,6 +159,8 @@ class VirtioScsiPci(VirtioPciDevice):
         Option("lun.N.ro", "flag", "false", "LUN N read-only: writes fail with DATA PROTECT"),
         Option("lun.N.ser", "text", None, "LUN N's serial (VPD 0x80), default "
                "SCSI-SLOT-FUNC-N"),
+        Option("lun.N.lock", "flag", "true", "lock LUN N's image (shared if ro) against "
+               "other VMs"),
         # scsi.py's MAX_REQUEST_QUEUES, written out: reading the options must not import
         # the model
         Option("num_queues", "number", "1", "request queues, 1 to 16"),
@@ -166,14 +168,14 @@ class VirtioScsiPci(VirtioPciDevice):
 
     @classmethod
     def legacy_options(cls, text: str) -> dict[str, str]:
-        """`lunN=PATH` starts a LUN; `ro` and `ser=ID` after it are that LUN's."""
+        """`lunN=PATH` starts a LUN; `ro`, `ser=ID` and `lock=off` after it are that LUN's."""
         options, lun = {}, None
         for item in filter(None, text.split(",")):
             name, sep, value = item.partition("=")
             if (numbered := re.fullmatch(r"lun(\d+)", name)) and sep:
                 lun = int(numbered.group(1))
                 options[f"lun.{lun}.path"] = value
-            elif name in ("ro", "ser"):
+            elif name in ("ro", "ser", "lock"):
                 if lun is None:
                     raise ConfigError(f"virtio-scsi: '{item}' before any lunN=PATH")
                 options[f"lun.{lun}.{name}"] = value if sep else "true"

@@ -1,14 +1,15 @@
 """`virtio-scsi`: a SCSI host bus adapter (virtio 1.2, 5.6) with disk LUNs on
 image files, served by pyhyve.scsi's target.
 
-    -s SLOT,virtio-scsi,lun0=PATH[,ro][,ser=ID][,lun1=PATH...][,num_queues=N]
+    -s SLOT,virtio-scsi,lun0=PATH[,ro][,ser=ID][,lock=off][,lun1=PATH...][,num_queues=N]
 
 bhyve's virtio-scsi hands commands to the host's CAM Target Layer; pyhyve
 answers them itself.  Each `lunN=PATH` puts a disk at LUN N (0 to 16383) of
-target 0, the only target; `ro` and `ser` after it apply to that LUN
-(read-only: writes fail with DATA PROTECT and MODE SENSE reports write
-protection; the serial of VPD pages 0x80 and 0x83, default SCSI-SLOT-FUNC-N).
-As config keys they are lun.N.path, lun.N.ro and lun.N.ser.  `num_queues`
+target 0, the only target; `ro`, `ser` and `lock` after it apply to that
+LUN (read-only: writes fail with DATA PROTECT and MODE SENSE reports write
+protection; the serial of VPD pages 0x80 and 0x83, default SCSI-SLOT-FUNC-N;
+lock=off leaves the image unlocked, as virtio-blk's).  As config keys they
+are lun.N.path, lun.N.ro, lun.N.ser and lun.N.lock.  `num_queues`
 request queues (default 1) follow the control and event queues.
 
 Queues: request queues carry commands (struct virtio_scsi_req_cmd, then data
@@ -79,7 +80,7 @@ def decode_lun(lun: bytes) -> int | None:
 
 
 def parse_luns(options: dict[str, str]) -> dict[int, dict[str, str]]:
-    """{LUN: {"path", "ro", "ser"}} from the lun.N.* options (their names checked
+    """{LUN: {"path", "ro", "ser", "lock"}} from the lun.N.* options (their names checked
     against the declaration already); ConfigError naming the problem."""
     luns: dict[int, dict[str, str]] = {}
     for key, value in options.items():
@@ -105,19 +106,20 @@ class VirtioScsi(VirtioDevice):
     def __init__(self, transport: Transport, options: dict[str, str]):
         try:
             request_queues = Config(options).get_int("num_queues", 1, 1, MAX_REQUEST_QUEUES)
-            luns = {number: (Config(lun).get_bool("ro"), lun)
+            luns = {number: (Config(lun).get_bool("ro"), Config(lun).get_bool("lock", True), lun)
                     for number, lun in parse_luns(options).items()}
         except ConfigError as exc:
             raise ConfigError(f"virtio-scsi: {exc}") from None
         self.disks: dict[int, ScsiDisk] = {}
         try:
-            for number, (read_only, lun) in sorted(luns.items()):
+            for number, (read_only, lock, lun) in sorted(luns.items()):
                 serial = lun.get("ser", f"SCSI-{transport.instance}-{number}")
                 if not (serial.isascii() and serial.isprintable() and
                         0 < len(serial) <= MAX_SERIAL):
                     raise ConfigError(f"virtio-scsi: LUN {number}'s serial '{serial}' is not 1 "
                                       f"to {MAX_SERIAL} printable ASCII characters")
-                image = BlockImage(f"virtio-scsi LUN {number}", lun["path"], read_only)
+                image = BlockImage(f"virtio-scsi LUN {number}", lun["path"], read_only,
+                                   lock=lock)
                 self.disks[number] = ScsiDisk(image, serial)
                 if image.size < BLOCK:
                     raise ConfigError(f"virtio-scsi: {lun['path']} is smaller than one "
