@@ -595,7 +595,7 @@ def _restore_config(options: Config):
     from .snapshot import read as read_snapshot
     path = options.get("restore.path")
     try:
-        snap = read_snapshot(path)
+        snap = read_snapshot(path, check_memory=options.get_bool("snapshot.check_memory"))
     except SnapshotError as exc:
         raise ConfigError(str(exc)) from None
     saved = snap.manifest["config"]

@@ -76,6 +76,9 @@ KEYS = {
     "snapshot.dir": "the only directory pyhyvectl --checkpoint/--suspend may write to "
                     "(needed where Landlock is in force)",
     "restore.path": "snapshot to restore (-r)",
+    "snapshot.check_memory": "check the CRC-32 of a restored snapshot's guest memory "
+                             "(reads it all before the guest runs; default false: "
+                             "memory is mapped from the file as the guest touches it)",
     "config.dump": "print the config tree and exit",
     "logging.level": "what pyhyve logs: debug, info, warning (the default) or error "
                      "(-v: info, -vv: debug)",
