@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 from .config import Config, ConfigError, parse_size, write_user_file
 from .ctl import ControlServer, default_socket_path
@@ -443,13 +444,15 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
     _announce_ptys(vm)
     if snap is not None:
         from .snapshot import SnapshotError, restore_into
+        started = time.perf_counter()
         try:
             restore_into(vm, snap)
         except (SnapshotError, KvmError) as exc:
             vm.close()
             print(f"pyhyve: cannot restore: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
-        vm.log.info("restored from %s", config.get("restore.path"))
+        vm.log.info("restored from %s in %.1f ms", snap.path,
+                    (time.perf_counter() - started) * 1000)
     last_words = []                 # said once the terminal is out of raw mode
     try:
         try:

@@ -247,7 +247,9 @@ class Snapshot:
     """A snapshot file, checked: manifest and data area, and the open file
     whose memory area (from byte memory_start) restore_into maps."""
 
-    def __init__(self, manifest: dict, data: memoryview, fd: int = -1, memory_start: int = 0):
+    def __init__(self, manifest: dict, data: memoryview, fd: int = -1, memory_start: int = 0,
+                 path: str = ""):
+        self.path = path
         self.manifest = manifest
         self.data = data
         self.fd = fd
@@ -319,7 +321,7 @@ def read(path: str, check_memory: bool = False) -> Snapshot:
         if key not in manifest:
             os.close(fd)
             raise SnapshotError(f"snapshot {path} is corrupt (no {key})")
-    return Snapshot(manifest, memoryview(data), fd, memory_start)
+    return Snapshot(manifest, memoryview(data), fd, memory_start, path)
 
 
 def _file_crc(f, start: int) -> int:
