@@ -23,6 +23,7 @@ usage: pyhyve [-ACDeHhPSuvwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threa
               [-K layout] [-l lpcdev[,conf]] [-m memsize[K|M|G|T]] [-o var=value]
               [-p vcpu:hostcpu] [-r file] [-s pci] [-U uuid] vmname
        pyhyve -l help | -s help | -o help | -h | --help | --version
+       pyhyve --serve=SOCKET
 
 Virtual machine:
   -c cpus        vCPUs and topology, bhyve syntax (cpus=N,sockets=S,cores=C,threads=T)
@@ -102,6 +103,9 @@ Debugging:
   -G [w][addr:]port  GDB stub on TCP (default address 127.0.0.1); w: wait for gdb before the BSP runs
 Other:
   -h, --help      this help; --version: pyhyve's version
+  --serve=SOCKET  a fork server: import pyhyve once, then start each VM a client asks for
+                  on the unix socket SOCKET (pyhyve.forkserver.start) as its own process,
+                  without an interpreter's start-up
   -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint; give
                   the VM's own options too (a snapshot carries state, not them);
                   one of another machine, or one pyhyve cannot read, is refused
@@ -399,12 +403,28 @@ def main(argv: list[str] | None = None) -> int:
     """SIGINT, SIGHUP and SIGQUIT end pyhyve the same way at any point: while
     setting up, what was opened is closed; once the guest runs, the VM stops
     (as a power-off) and its sockets and files are cleaned up; one line says so."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--serve"):
+        return _serve(argv)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupted)
     try:
         return _main(argv)
     except Interrupted as exc:
         print(f"pyhyve: {exc} while setting up; stopped", file=sys.stderr)
+        return ExitStatus.ERROR
+
+
+def _serve(argv: list[str]) -> int:
+    from .forkserver import ServeError, serve
+    option, _, path = argv[0].partition("=")
+    if option != "--serve" or not path or len(argv) > 1:
+        print("pyhyve: usage: pyhyve --serve=SOCKET", file=sys.stderr)
+        return ExitStatus.ERROR
+    try:
+        return serve(path)
+    except ServeError as exc:
+        print(f"pyhyve: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
 
 
