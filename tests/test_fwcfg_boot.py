@@ -1,0 +1,294 @@
+"""A kernel handed to SeaBIOS (`-l bootrom` with `-f kexec`), which boots it
+through QEMU's option ROMs read from fw_cfg, as QEMU's -kernel does
+(pyhyve/boot/firmwarekernel.py):
+  * linuxboot_dma.bin: the 16-bit-entry test kernel (tests/guests/setup16.S,
+    protocols 2.02 and 2.01) reports what it was handed on the debug port,
+    compared field by field with QEMU's -kernel on the same file and BIOS;
+    the Linux-protocol test kernel (tests/guests/linux/) goes through its
+    own setup code to long mode and passes the direct-entry tests' checks;
+  * multiboot_dma.bin: the multiboot test kernel (tests/guests/multiboot/),
+    with two modules, compared with QEMU;
+  * Debian's ipxe.lkrn and syslinux's memdisk, kernels that call the BIOS:
+    they get exactly as far under pyhyve as under QEMU on this machine (the
+    same console output, then the same missing instruction; see
+    ENVIRONMENT.md).
+"""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+import test_multiboot as mb
+from build import build_setup16
+from conftest import kvm_usable
+from firmware import require_file, require_program
+from guestrun import run_pyhyve, run_qemu_debugcon
+from kernels import build_bzimage, build_multiboot, build_pvh
+from pyhyve.vcpu import ExitStatus
+from test_kexec import (CMDLINE, CPUS, INITRD_SIZE, SETUP16_CMDLINE, Boot, Setup16, check_acpi,
+                        check_cmdline, check_initrd, check_memory_map, check_protocol,
+                        check_setup16)
+
+MEMORY_MIB = 256
+BOOT_TIMEOUT = 180
+STUCK_TIMEOUT = 240
+# The BIOS QEMU 7.2's pc machine loads by default; pyhyve is given the same file.
+BIOS = "/usr/share/seabios/bios-256k.bin"
+
+
+@pytest.fixture(scope="module")
+def bios():
+    reason = kvm_usable()
+    if reason:
+        pytest.skip(reason)
+    require_file("/usr/share/qemu/linuxboot_dma.bin", "qemu-system-data")
+    return require_file(BIOS, "seabios")
+
+
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory):
+    path = tmp_path_factory.mktemp("initrd") / "initrd.img"
+    path.write_bytes(os.urandom(INITRD_SIZE))
+    return path
+
+
+def pyhyve_through_bios(bios, name: str, folder, kernel, initrd="", cmdline="",
+                        timeout=BOOT_TIMEOUT, extra=()) -> tuple[subprocess.CompletedProcess,
+                                                                  str, str]:
+    """pyhyve with SeaBIOS and a kernel; (the process, COM1's text, the debug port's text)."""
+    console, debug = folder / "com1.txt", folder / "debug.txt"
+    proc = run_pyhyve(["-m", f"{MEMORY_MIB}M", "-l", f"bootrom,{bios}",
+                       "-l", f"com1,file={console}", "-l", f"debugcon,file={debug}", *extra,
+                       "-f", f'kexec,{kernel},{initrd},"{cmdline}"', name], timeout=timeout)
+    assert "Traceback" not in proc.stderr
+    return (proc, console.read_text(errors="replace") if console.exists() else "",
+            debug.read_text(errors="replace") if debug.exists() else "")
+
+
+# --- linuxboot_dma.bin: the 16-bit-entry test kernel --------------------------------------
+
+@pytest.fixture(scope="module", params=[0x0202, 0x0201])
+def setup16(request, bios):
+    return request.param, build_setup16(request.param)
+
+
+@pytest.fixture(scope="module")
+def setup16_pyhyve(setup16, bios, initrd, tmp_path_factory) -> Setup16:
+    proc, _, debug = pyhyve_through_bios(bios, "fwcfgboot-setup16",
+                                         tmp_path_factory.mktemp("setup16"), setup16[1],
+                                         initrd, SETUP16_CMDLINE)
+    assert proc.returncode == ExitStatus.POWEROFF, proc.stderr
+    assert "Searching bootorder for: /rom@genroms/linuxboot_dma.bin" in debug
+    return Setup16(debug[debug.index("entry cs="):])        # after SeaBIOS's log
+
+
+@pytest.fixture(scope="module")
+def setup16_qemu(setup16, initrd, tmp_path_factory) -> Setup16:
+    text = run_qemu_debugcon(tmp_path_factory.mktemp("setup16-qemu"),
+                             ["-bios", BIOS, "-kernel", str(setup16[1]), "-initrd", str(initrd),
+                              "-append", SETUP16_CMDLINE], timeout=BOOT_TIMEOUT,
+                             memory_mib=MEMORY_MIB)
+    return Setup16(text[text.index("entry cs="):])
+
+
+@pytest.mark.e2e
+def test_setup16_through_linuxboot_rom(setup16_pyhyve, initrd):
+    check_setup16(setup16_pyhyve, initrd)
+    assert setup16_pyhyve.header()["type_of_loader"] == 0xFF     # pyhyve's: "undefined"
+
+
+@pytest.mark.e2e
+def test_setup16_is_laid_out_as_qemu_lays_it_out(setup16_pyhyve, setup16_qemu, setup16, initrd):
+    """Setup segment, stack, heap and command line address by protocol (2.02+:
+    0x10000 and 0x20000; before: 0x90000, the line below 0x9A000) are QEMU's.
+    Where they differ by design: the loader ID (QEMU's own is 0xB0), and the
+    initrd's address, which the ROM puts below the top of RAM the BIOS
+    reports, where QEMU keeps 128 KiB more for its ACPI tables."""
+    check_setup16(setup16_qemu, initrd)
+    assert setup16_pyhyve.entry() == setup16_qemu.entry()
+    ours, qemus = setup16_pyhyve.header(), setup16_qemu.header()
+    assert {**ours, "type_of_loader": 0xB0} == qemus
+    expected_segment = 0x1000 if setup16[0] >= 0x0202 else 0x9000
+    assert setup16_pyhyve.entry()["ds"] == expected_segment
+    assert setup16_pyhyve.fact(r"cmdline_ptr=(\w+)").group(1) == \
+        setup16_qemu.fact(r"cmdline_ptr=(\w+)").group(1)
+    initrd_at = [int(r.fact(r"initrd: \w+ bytes at (\w+) .*").group(1), 16)
+                 for r in (setup16_pyhyve, setup16_qemu)]
+    assert all(at % 4096 == 0 for at in initrd_at)
+    assert 0 <= initrd_at[0] - initrd_at[1] <= 256 * 1024
+
+
+# --- linuxboot_dma.bin: the Linux-protocol test kernel ---------------------------------
+
+@pytest.fixture(scope="module")
+def bzimage_boot(bios, initrd, tmp_path_factory) -> Boot:
+    proc, console, _ = pyhyve_through_bios(bios, "fwcfgboot-bzimage",
+                                           tmp_path_factory.mktemp("bzimage"), build_bzimage(),
+                                           initrd, CMDLINE, extra=("-c", str(CPUS)))
+    return Boot("bzimage", proc.returncode, console, proc.stderr)
+
+
+@pytest.mark.e2e
+def test_bzimage_through_linuxboot_rom(bzimage_boot, initrd):
+    """The direct-entry tests' checks; the ACPI tables are those SeaBIOS
+    installed from fw_cfg, and their power-off ends the VM."""
+    assert "Booting from ROM" in bzimage_boot.console
+    check_protocol(bzimage_boot)
+    check_cmdline(bzimage_boot)
+    check_memory_map(bzimage_boot)
+    check_initrd(bzimage_boot, initrd)
+    check_acpi(bzimage_boot)
+    assert bzimage_boot.status == ExitStatus.POWEROFF, bzimage_boot.stderr
+
+
+# --- multiboot_dma.bin ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("modules")
+    one, two = folder / "one.txt", folder / "two.bin"
+    one.write_bytes(b"the first module\n")
+    two.write_bytes(os.urandom(mb.MODULE_TWO_SIZE))
+    return f"{one} alpha,{two} key=a,,b", [(one, f"{one} alpha"), (two, f"{two} key=a,b")]
+
+
+@pytest.fixture(scope="module")
+def multiboot_pyhyve(bios, modules, tmp_path_factory):
+    kernel = build_multiboot()
+    proc, _, debug = pyhyve_through_bios(bios, "fwcfgboot-multiboot",
+                                         tmp_path_factory.mktemp("mb"), kernel, modules[0],
+                                         mb.CMDLINE)
+    assert proc.returncode == ExitStatus.POWEROFF, proc.stderr
+    assert "Searching bootorder for: /rom@genroms/multiboot_dma.bin" in debug
+    return mb.Report(debug[debug.index("entry eax="):])
+
+
+@pytest.fixture(scope="module")
+def multiboot_qemu(bios, modules, tmp_path_factory):
+    text = run_qemu_debugcon(tmp_path_factory.mktemp("mb-qemu"),
+                             ["-bios", BIOS, "-kernel", str(build_multiboot()), "-initrd",
+                              modules[0], "-append", mb.CMDLINE], timeout=BOOT_TIMEOUT,
+                             memory_mib=MEMORY_MIB)
+    return mb.Report(text[text.index("entry eax="):])
+
+
+@pytest.mark.e2e
+def test_multiboot_through_multiboot_rom(multiboot_pyhyve, multiboot_qemu, modules):
+    """What every multiboot loader hands over, with the memory sizes and map
+    the ROM got from the BIOS: the same as under QEMU, whose map differs only
+    in the BIOS's reservations (QEMU keeps its ACPI tables at the top of RAM,
+    pyhyve has an ECAM window)."""
+    kernel = build_multiboot()
+    for report in (multiboot_pyhyve, multiboot_qemu):
+        mb.check_entry(report)
+        mb.check_flags(report)
+        mb.check_cmdline(report, kernel)
+        mb.check_modules(report, modules)
+        mb.check_mmap_shape(report)
+    assert multiboot_pyhyve.fact(r"loader: (.*)").group(1) == "pyhyve"
+    assert multiboot_pyhyve.modules() == multiboot_qemu.modules()
+    sizes = [tuple(int(v) for v in r.fact(r"mem_lower=(\d+) mem_upper=(\d+)").groups())
+             for r in (multiboot_pyhyve, multiboot_qemu)]
+    assert sizes[0][0] == sizes[1][0] == 639             # below SeaBIOS's 1 KiB EBDA
+    # mem_upper: RAM from 1 MiB to the BIOS's reserved top of RAM
+    ram_top = [next(base + length for base, length, kind, _ in r.mmap()
+                    if kind == 1 and base == 0x100000)
+               for r in (multiboot_pyhyve, multiboot_qemu)]
+    assert [upper for _, upper in sizes] == [(top - 0x100000) // 1024 for top in ram_top]
+
+
+# --- kernels that call the BIOS ------------------------------------------------------------
+
+def qemu_until_stuck(folder, kernel: str) -> tuple[str, str]:
+    """QEMU -kernel with the same BIOS and a serial console; returns (console,
+    stderr) once KVM reported an emulation failure (QEMU then pauses for ever)."""
+    console, errors = folder / "com1.txt", folder / "stderr.txt"
+    sercon = folder / "sercon-port"
+    sercon.write_bytes((0x3F8).to_bytes(2, "little"))   # as pyhyve offers SeaBIOS its COM1
+    with open(errors, "w") as stderr:
+        proc = subprocess.Popen(
+            [require_program("qemu-system-x86_64", "qemu-system-x86"), "-machine", "pc",
+             "-enable-kvm", "-m", str(MEMORY_MIB), "-nographic", "-nodefaults",
+             "-monitor", "none", "-serial", f"file:{console}", "-bios", BIOS,
+             "-fw_cfg", f"name=etc/sercon-port,file={sercon}", "-kernel", kernel],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + STUCK_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "emulation failure" in errors.read_text():
+                break
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait()
+    return console.read_text(errors="replace"), errors.read_text()
+
+
+BIOS_KERNELS = {    # name: (path, Debian package)
+    "memdisk": ("/usr/lib/syslinux/memdisk", "syslinux-common"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BIOS_KERNELS))
+def bios_kernel(request, bios):
+    path, package = BIOS_KERNELS[request.param]
+    return request.param, require_file(path, package)
+
+
+@pytest.mark.e2e
+def test_bios_calling_kernel_gets_as_far_as_under_qemu(bios_kernel, bios, tmp_path):
+    """Both print SeaBIOS's banner and boot the ROM, then stop on the same
+    instruction the emulator lacks (memdisk: a 32-bit iret in its BIOS-call
+    thunk, before its first message), with the same bytes in KVM's report."""
+    name, kernel = bios_kernel
+    proc, console, _ = pyhyve_through_bios(bios, f"fwcfgboot-{name}", tmp_path, kernel,
+                                           timeout=STUCK_TIMEOUT)
+    (tmp_path / "qemu").mkdir()
+    qemu_console, qemu_errors = qemu_until_stuck(tmp_path / "qemu", kernel)
+    assert "emulation failure" in qemu_errors, qemu_errors
+    assert proc.returncode == ExitStatus.ERROR, proc.stderr
+    assert "internal_error (suberror 1" in proc.stderr
+    assert console.rstrip() == qemu_console.rstrip()
+    assert "Booting from ROM" in console
+    qemu_eip = int(re.search(r"EIP=([0-9a-f]+)", qemu_errors).group(1), 16)
+    rip = int(re.search(r"rip=0x([0-9a-f]+)", proc.stderr).group(1), 16)
+    assert rip == qemu_eip
+    qemu_bytes = int(re.search(r"extra data\[1\]: 0x([0-9a-f]+)", qemu_errors).group(1), 16)
+    data = re.search(r"data (0x\w+) (0x\w+)", proc.stderr)
+    assert int(data.group(2), 16) == qemu_bytes
+
+
+# --- what pyhyve refuses, with one line --------------------------------------------------------
+
+def refused(tmp_path, kernel, *extra: str) -> str:
+    reason = kvm_usable()
+    if reason:
+        pytest.skip(reason)
+    proc = run_pyhyve(["-m", "64M", "-l", f"bootrom,{BIOS}", *extra, "-f", f"kexec,{kernel}",
+                       "fwcfgboot-refused"], timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == ExitStatus.ERROR, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_a_missing_option_rom_is_one_line(tmp_path):
+    line = refused(tmp_path, build_bzimage(), "-o", f"kexec.romdir={tmp_path}")
+    assert line.endswith(f"cannot read option ROM {tmp_path}/linuxboot_dma.bin: No such file "
+                         "or directory; set kexec.romdir to the directory of QEMU's "
+                         "linuxboot_dma.bin (Debian: qemu-system-data)")
+
+
+def test_a_file_that_is_no_option_rom_is_one_line(tmp_path):
+    (tmp_path / "multiboot_dma.bin").write_bytes(b"\0" * 1024)
+    line = refused(tmp_path, build_multiboot(), "-o", f"kexec.romdir={tmp_path}")
+    assert "multiboot_dma.bin does not start with an option ROM signature (55 AA)" in line
+
+
+def test_a_pvh_kernel_with_a_bootrom_is_refused(tmp_path):
+    line = refused(tmp_path, build_pvh())
+    assert line.endswith("with a bootrom pyhyve hands over only bzImages and multiboot kernels "
+                         "(QEMU's pvh.bin is not supported); boot it without -l bootrom")
