@@ -31,8 +31,7 @@ import struct
 
 from ..config import ConfigError, read_user_file
 from ..layout import MiB
-from .kernelformat import identify
-from .kexec import CMDLINE_MAX
+from .kexec import read_initrd, read_kernel
 from .linux import KERNEL_ADDR, realmode_image
 from .multiboot import multiboot_image
 
@@ -83,20 +82,15 @@ def kernel_items(memory, config, e820: list[tuple[int, int, int]]) -> tuple[str,
     kernel_path = config.get("kexec.kernel")
     initrd_path = config.get("kexec.initrd")
     cmdline = config.get("kexec.cmdline", "")
-    fits = "the guest's memory size: it cannot fit"
-    image = read_user_file(kernel_path, "kernel", memory.size, fits)
-    if len(cmdline) + 1 > CMDLINE_MAX:
-        raise ConfigError(f"kernel command line is {len(cmdline)} bytes, more than "
-                          f"pyhyve's {CMDLINE_MAX - 1}")
-    fmt = identify(image, kernel_path)
+    image, fmt = read_kernel(memory, kernel_path, cmdline)
     if fmt.kind == "multiboot":
         return MULTIBOOT_ROM, _multiboot_items(memory, fmt, image, kernel_path, initrd_path,
                                                cmdline, e820)
     if fmt.kind == "pvh":
         raise fmt.error("with a bootrom pyhyve hands over only bzImages and multiboot "
                         "kernels (QEMU's pvh.bin is not supported); boot it without -l bootrom")
-    initrd = read_user_file(initrd_path, "initrd", memory.size, fits) if initrd_path else b""
-    return LINUX_ROM, _linux_items(memory, fmt, image, initrd, cmdline)
+    return LINUX_ROM, _linux_items(memory, fmt, image, read_initrd(memory, initrd_path),
+                                   cmdline)
 
 
 def _linux_items(memory, fmt, image: bytes, initrd: bytes, cmdline: str) -> dict:
