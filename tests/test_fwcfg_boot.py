@@ -16,6 +16,7 @@ through QEMU's option ROMs read from fw_cfg, as QEMU's -kernel does
 
 import os
 import re
+import struct
 import subprocess
 import time
 
@@ -66,6 +67,98 @@ def pyhyve_through_bios(bios, name: str, folder, kernel, initrd="", cmdline="",
     assert "Traceback" not in proc.stderr
     return (proc, console.read_text(errors="replace") if console.exists() else "",
             debug.read_text(errors="replace") if debug.exists() else "")
+
+
+# --- the items as the guest reads them (no KVM needed) ------------------------------------
+
+class Items:
+    """fw_cfg filled for a kernel as pyhyve fills it, read through its ports
+    as firmware reads it: numbers (32-bit items), data items (the length
+    from their size item) and files."""
+    SIZE_OF = {0x11: 0x08, 0x12: 0x0B, 0x15: 0x14, 0x18: 0x17}     # *_DATA: *_SIZE
+
+    def __init__(self, kernel, initrd: str = "", cmdline: str = ""):
+        from fakevm import FakeVm
+        from pyhyve.boot.firmwarekernel import hand_to_firmware
+        from pyhyve.config import Config
+        from pyhyve.devices.fwcfg import FwCfg
+        require_file("/usr/share/qemu/linuxboot_dma.bin", "qemu-system-data")
+        size = MEMORY_MIB << 20
+        self.vm = FakeVm(size)
+        config = Config({"kexec.kernel": str(kernel), "kexec.initrd": initrd,
+                         "kexec.cmdline": cmdline})
+        hand_to_firmware(FwCfg(self.vm.context), self.vm.memory, config,
+                         [(0, 0xA0000, 1), (0xA0000, 0x60000, 2),
+                          (0x100000, size - 0x100000, 1)])
+
+    def read(self, key: int, count: int) -> bytes:
+        self.vm.port_write(0x510, 2, key)
+        return bytes(self.vm.port_read(0x511, 1) for _ in range(count))
+
+    def number(self, key: int) -> int:
+        return int.from_bytes(self.read(key, 4), "little")
+
+    def data(self, key: int) -> bytes:
+        return self.read(key, self.number(self.SIZE_OF[key]))
+
+    def files(self) -> dict[str, bytes]:
+        directory = self.read(0x19, 4 + 64 * int.from_bytes(self.read(0x19, 4), "big"))
+        entries = [struct.unpack_from(">IHH56s", directory, 4 + 64 * i)
+                   for i in range((len(directory) - 4) // 64)]
+        return {name.rstrip(b"\0").decode(): self.read(key, size)
+                for size, key, _, name in entries}
+
+
+@pytest.mark.parametrize("protocol, setup_addr, cmdline_addr", [
+    (0x0202, 0x10000, 0x20000),         # cmd_line_ptr: QEMU's addresses for 2.02+
+    (0x0201, 0x90000, 0x99FE0),         # the line in the setup segment, below 0x9A000
+])
+def test_linux_items_are_where_qemus_loader_puts_them(tmp_path, protocol, setup_addr,
+                                                        cmdline_addr):
+    kernel = build_setup16(protocol)
+    image = kernel.read_bytes()
+    (tmp_path / "initrd").write_bytes(b"\x5a" * 5000)
+    cmdline = "console=ttyS0 vga=ext test"          # 26 bytes: 32 below 0x9A000
+    items = Items(kernel, str(tmp_path / "initrd"), cmdline)
+    setup_size = (image[0x1F1] + 1) * 512
+    assert (items.number(0x16), items.number(0x17)) == (setup_addr, setup_size)
+    setup = items.data(0x18)
+    assert (items.number(0x07), items.data(0x11)) == (0x100000, image[setup_size:])
+    assert (items.number(0x13), items.data(0x15)) == (cmdline_addr, cmdline.encode() + b"\0")
+    assert items.data(0x12) == b"\x5a" * 5000
+    initrd_at = items.number(0x0A)
+    assert struct.unpack_from("<II", setup, 0x218) == (initrd_at, 5000)
+    assert initrd_at % 4096 == 0 and initrd_at + 5000 <= (MEMORY_MIB << 20) - 256 * 1024
+    assert struct.unpack_from("<H", setup, 0x224)[0] == cmdline_addr - setup_addr - 0x200
+    assert setup[0x211] & 0x80 and setup[0x210] == 0xFF
+    assert struct.unpack_from("<H", setup, 0x1FA)[0] == 0xFFFE           # vga=ext
+    if protocol >= 0x0202:
+        assert struct.unpack_from("<I", setup, 0x228)[0] == cmdline_addr
+    else:
+        assert struct.unpack_from("<HH", setup, 0x20) == (0xA33F, cmdline_addr - setup_addr)
+    files = items.files()
+    with open("/usr/share/qemu/linuxboot_dma.bin", "rb") as rom:
+        assert files["genroms/linuxboot_dma.bin"] == rom.read()
+    assert files["bootorder"] == b"/rom@genroms/linuxboot_dma.bin\0"
+
+
+def test_multiboot_items_are_what_qemus_rom_reads(tmp_path):
+    module = tmp_path / "module.bin"
+    module.write_bytes(os.urandom(10_000))
+    items = Items(build_multiboot(aout=True), f"{module} arg", "x=1")
+    assert items.number(0x07) == 0x100000 and items.number(0x10) > 0x100000  # load, entry
+    blob = items.data(0x11)
+    assert items.number(0x0A) == 0x9500                # the information, below 1 MiB
+    info = items.data(0x12)
+    flags, _, _, _, cmdline_at, mods_count, mods_at = struct.unpack_from("<7I", info)
+    assert flags == 0x24D and mods_count == 1
+    assert struct.unpack_from("<II", info, 44) == (0, 0x9000)    # the ROM writes the map
+    start, end, string_at, _ = struct.unpack_from("<4I", blob, mods_at - 0x100000)
+    assert start % 4096 == 0 and blob[start - 0x100000:end - 0x100000] == module.read_bytes()
+    string = blob[string_at - 0x100000:].split(b"\0")[0]
+    assert string == f"{module} arg".encode()
+    assert blob[cmdline_at - 0x100000:].split(b"\0")[0].endswith(b" x=1")
+    assert items.files()["bootorder"] == b"/rom@genroms/multiboot_dma.bin\0"
 
 
 # --- linuxboot_dma.bin: the 16-bit-entry test kernel --------------------------------------
