@@ -326,26 +326,30 @@ def qemu_when_stuck(proc: subprocess.Popen, folder) -> tuple[str, str]:
     return console.read_text(errors="replace") if console.exists() else "", errors.read_text()
 
 
-BIOS_KERNELS = {    # name: (path, Debian package, the last console line both reach)
+BIOS_KERNELS = {    # name: (path, Debian package, the last console line both reach at least)
     "ipxe": ("/boot/ipxe.lkrn", "ipxe", "iPXE initialising devices..."),
     "memdisk": ("/usr/lib/syslinux/memdisk", "syslinux-common", "Booting from ROM..."),
 }
+IRET = 0xCF
 
 
 @pytest.fixture(scope="module", params=sorted(BIOS_KERNELS))
 def bios_kernel(request, bios):
-    path, package, last_line = BIOS_KERNELS[request.param]
-    return request.param, require_file(path, package), last_line
+    path, package, milestone = BIOS_KERNELS[request.param]
+    return request.param, require_file(path, package), milestone
 
 
 @pytest.mark.e2e
 def test_bios_calling_kernel_gets_as_far_as_under_qemu(bios_kernel, bios, tmp_path):
-    """Both print the same on the console, then stop on the same instruction
-    the emulator lacks, with the same bytes in KVM's report: a 32-bit iret,
-    memdisk's in its BIOS-call thunk before its first message, iPXE's after
-    it decompressed itself (minutes here) and began to initialise devices.
-    QEMU runs beside pyhyve, on the other core."""
-    name, kernel, last_line = bios_kernel
+    """Both print the same on the console, then stop on the instruction the
+    emulator lacks: a 32-bit iret (KVM's report gives its bytes after their
+    count).  memdisk meets it in its BIOS-call thunk, before its first
+    message; iPXE after it decompressed itself (minutes here), when it first
+    returns from an interrupt in protected mode: that depends on when the
+    timer fires, so it stops during device initialisation or after its
+    banner, under QEMU as under pyhyve, and the shorter console must be the
+    start of the longer.  QEMU runs beside pyhyve, on the other core."""
+    name, kernel, milestone = bios_kernel
     (tmp_path / "qemu").mkdir()
     qemu = start_qemu(tmp_path / "qemu", kernel)
     try:
@@ -355,15 +359,16 @@ def test_bios_calling_kernel_gets_as_far_as_under_qemu(bios_kernel, bios, tmp_pa
         qemu_console, qemu_errors = qemu_when_stuck(qemu, tmp_path / "qemu")
     assert "emulation failure" in qemu_errors, qemu_errors
     assert proc.returncode == ExitStatus.ERROR, proc.stderr
-    assert "internal_error (suberror 1" in proc.stderr
-    assert console.rstrip() == qemu_console.rstrip()
-    assert console.rstrip().endswith(last_line), console
-    qemu_eip = int(re.search(r"EIP=([0-9a-f]+)", qemu_errors).group(1), 16)
-    rip = int(re.search(r"rip=0x([0-9a-f]+)", proc.stderr).group(1), 16)
-    assert rip == qemu_eip
-    qemu_bytes = int(re.search(r"extra data\[1\]: 0x([0-9a-f]+)", qemu_errors).group(1), 16)
-    data = re.search(r"data (0x\w+) (0x\w+)", proc.stderr)
-    assert int(data.group(2), 16) == qemu_bytes
+    shorter, longer = sorted((console.rstrip(), qemu_console.rstrip()), key=len)
+    assert longer.startswith(shorter), (console, qemu_console)
+    assert milestone in shorter, (console, qemu_console)
+    ours = re.search(r"internal_error \(suberror 1, data 0x1 (0x\w+)", proc.stderr)
+    qemus = re.search(r"extra data\[1\]: (0x\w+)", qemu_errors)
+    assert ours and qemus, (proc.stderr, qemu_errors)
+    for report in (ours, qemus):
+        assert int(report.group(1), 16) >> 8 & 0xFF == IRET
+    assert re.search(r"cs: sel=\S+ base=\S+ limit=\S+ type=\d+ dpl=0 l=0 db=1", proc.stderr)
+    assert re.search(r"CS =.* CS32", qemu_errors)
 
 
 # --- what pyhyve refuses, with one line --------------------------------------------------------
