@@ -12,7 +12,9 @@ Firecracker load them without firmware:
   * an uncompressed ELF kernel with a PVH entry (XEN_ELFNOTE_PHYS32_ENTRY),
     started in 32-bit protected mode without paging, EBX pointing at an
     hvm_start_info with the memory map, command line, modules and RSDP.
-kexec.py tells the formats apart and sets the BSP's registers.
+kexec.py tells the formats apart and sets the BSP's registers; with a bootrom,
+firmwarekernel.py lays a bzImage out as for the 16-bit entry (realmode_image)
+at QEMU's addresses, for QEMU's linuxboot ROM to load.
 """
 
 import re

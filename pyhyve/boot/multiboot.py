@@ -9,7 +9,9 @@ up to load_end_addr, then zeros up to bss_end_addr).  Modules follow the
 kernel, each page-aligned; then the multiboot information block with the
 memory sizes, the memory map (pyhyve's e820), the command line, the module
 list and the boot loader's name.  The BSP starts in 32-bit protected mode
-without paging, EAX = 0x2BADB002, EBX = the information block.
+without paging, EAX = 0x2BADB002, EBX = the information block.  With a
+bootrom, firmwarekernel.py hands the same layout (multiboot_image) to QEMU's
+multiboot ROM, which takes the memory sizes and map from the BIOS.
 
 Every address the file names is checked against the guest's RAM before
 anything is written; problems are ConfigErrors with one line.
