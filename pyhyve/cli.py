@@ -55,11 +55,14 @@ Devices:
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
   -K layout      keyboard layout of bhyve's VNC console: refused (exit status 4),
                  pyhyve has no display yet
-Direct kernel boot (no firmware):
+Kernel boot:
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   boot a kernel: a bzImage (at its 64-bit entry, else
                   through its 16-bit setup code), a PVH ELF kernel, or a multiboot kernel
                   (ELF or a.out kludge), whose INITRD lists modules: "mod1 args,mod2 args"
-                  (,, for a comma; quote CMDLINE then)
+                  (,, for a comma; quote CMDLINE then).  With -l bootrom as well, the
+                  firmware boots it (a bzImage or multiboot kernel) through QEMU's option
+                  ROM from fw_cfg, as QEMU's -kernel does (-o kexec.romdir=DIR: where
+                  linuxboot_dma.bin and multiboot_dma.bin are; default /usr/share/qemu)
   -Y              no MP table for a directly booted kernel (x86.mptable=false)
   -A              generate ACPI tables: accepted, pyhyve always does (for firmware
                   through fw_cfg, for a kernel in the BIOS area; -o acpi_tables=false
