@@ -1,3 +1,4 @@
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,3 +31,20 @@ def linux_guest():
     """pyhyve's Linux guest, built from linux-source into the kit's cache once."""
     from linuxguest import build
     return build()
+
+
+@pytest.fixture
+def errors_logged():
+    """ERROR records pyhyve logs (a model's own failure, which must not happen):
+    the fuzz tests of the NVMe and AHCI controllers fail on any."""
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+    handler = Collect()
+    logging.getLogger("pyhyve").addHandler(handler)
+    yield handler.messages
+    logging.getLogger("pyhyve").removeHandler(handler)

@@ -7,7 +7,6 @@ driver makes an ext2 filesystem on it."""
 
 import hashlib
 import json
-import logging
 import os
 import re
 import struct
@@ -483,22 +482,6 @@ def test_restore_refuses_state_that_does_not_fit(disk, path, value):
 
 
 # --- malformed traffic from hypothesis ---------------------------------------------------------
-@pytest.fixture
-def errors_logged():
-    """ERROR records pyhyve logs (a model's own failure, which must not happen)."""
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.ERROR)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-    handler = Collect()
-    logging.getLogger("pyhyve").addHandler(handler)
-    yield handler.messages
-    logging.getLogger("pyhyve").removeHandler(handler)
-
-
 ADDRESS = st.one_of(st.sampled_from((0, DATA, DATA + 4, DATA + 0x800, LISTS, LISTS + 8,
                                      16 * MiB - PAGE, 16 * MiB, 0xFEE00000, 0xFFFFF000,
                                      (1 << 64) - PAGE)),
