@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 
 import pytest
 from fuzzing import fuzz_settings
@@ -638,3 +639,94 @@ def test_the_fuzz_check_catches_a_model_that_raises(disk, cdrom, errors_logged, 
         assert driver.port_reg(0, P.REG_TFD) & F.STATUS_ERR
     finally:
         vm.close()
+
+
+# --- real clients: SeaBIOS boots from an AHCI CD-ROM and disk ---------------------------------
+SECTOR2_TEXT = "SECTOR2: read through int 13h from an AHCI disk"
+SEABIOS = "/usr/share/seabios/bios-256k.bin"
+
+
+@pytest.fixture(scope="module")
+def grub_iso(tmp_path_factory):
+    from firmware import require_program
+    from grubdisk import build_grub_iso
+    require_program("xorriso", "xorriso")
+    require_program("mformat", "mtools")
+    mkrescue = require_program("grub-mkrescue", "grub-common")
+    return build_grub_iso(tmp_path_factory.mktemp("ahci-iso"), mkrescue)
+
+
+@pytest.fixture(scope="module")
+def boot_disk(tmp_path_factory):
+    from build import build_mbr_disk, missing_tools
+    if missing_tools():
+        pytest.skip(f"missing tools: {missing_tools()}")
+    return build_mbr_disk(tmp_path_factory.mktemp("ahci-mbr") / "disk.img", SECTOR2_TEXT)
+
+
+def seabios_on_pyhyve(tmp_path, emulation: str, image, name: str):
+    """(serial console text, SeaBIOS's debug log, exit status)."""
+    from firmware import require_file
+    from guestrun import run_pyhyve
+    seabios = require_file(SEABIOS, "seabios")
+    console, log = tmp_path / "com1.txt", tmp_path / "seabios.log"
+    proc = run_pyhyve(["-m", "128M", "-l", f"bootrom,{seabios}", "-l", f"com1,file={console}",
+                       "-l", f"debugcon,file={log}", "-s", f"3,{emulation},{image}",
+                       "-o", f"control.socket={tmp_path / 'ctl.sock'}", name], timeout=300)
+    return console.read_text(errors="replace"), log.read_text(errors="replace"), proc
+
+
+def seabios_on_qemu(image, device: str):
+    from firmware import require_file, require_program
+    seabios = require_file(SEABIOS, "seabios")
+    qemu = require_program("qemu-system-x86_64", "qemu-system-x86")
+    media = ",media=cdrom" if device == "ide-cd" else ""
+    proc = subprocess.run(
+        [qemu, "-machine", "pc", "-enable-kvm", "-m", "128", "-nodefaults", "-nographic",
+         "-serial", "stdio", "-monitor", "none", "-bios", seabios,
+         "-drive", f"file={image},format=raw,if=none,id=d{media}", "-device", "ahci,id=a",
+         "-device", f"{device},drive=d,bus=a.0",
+         "-device", "isa-debug-exit,iobase=0x404,iosize=2"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    return proc.stdout.decode(errors="replace"), proc
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_seabios_boots_grub_from_an_ahci_cd(grub_iso, tmp_path):
+    from grubdisk import FILE_TEXT, MARKER
+    text, debug, proc = seabios_on_pyhyve(tmp_path, "ahci-cd", grub_iso, "ahci-cd-seabios")
+    assert MARKER in text and FILE_TEXT in text, (text[-2000:], proc.stderr)
+    assert 'AHCI/0: registering: "DVD/CD [AHCI/0: PYHYVE SATA DVD ROM ATAPI-8 DVD/CD]"' \
+        in debug, debug
+    assert "Booting from DVD/CD..." in debug
+    assert proc.returncode == 1                       # GRUB's halt powers off
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_qemu_boots_the_same_grub_cd_from_its_ahci(grub_iso):
+    from grubdisk import FILE_TEXT, MARKER
+    text, proc = seabios_on_qemu(grub_iso, "ide-cd")
+    assert MARKER in text and FILE_TEXT in text, text[-2000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_seabios_boots_from_an_ahci_disk(boot_disk, tmp_path):
+    from test_nvme import MBR_TEXT
+    text, debug, proc = seabios_on_pyhyve(tmp_path, "ahci-hd", boot_disk, "ahci-hd-seabios")
+    assert MBR_TEXT in text and SECTOR2_TEXT in text, (text, proc.stderr)
+    assert proc.returncode == 1                              # the MBR powered off
+    assert re.search(r"AHCI/0: registering: \"AHCI/0: PYHYVE SATA DISK ATA-8 Hard-Disk "
+                     r"\(1 MiBytes\)\"", debug), debug
+    assert "Searching bootorder for: /pci@i0cf8/*@3/drive@0/disk@0" in debug
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_qemu_boots_the_same_ahci_disk(boot_disk):
+    from test_nvme import MBR_TEXT
+    text, proc = seabios_on_qemu(boot_disk, "ide-hd")
+    assert MBR_TEXT in text and SECTOR2_TEXT in text, text
+    assert proc.returncode == 1
