@@ -1,4 +1,3 @@
-import logging
 import os
 import sys
 from pathlib import Path
@@ -37,14 +36,6 @@ def linux_guest():
 def errors_logged():
     """ERROR records pyhyve logs (a model's own failure, which must not happen):
     the fuzz tests of the NVMe and AHCI controllers fail on any."""
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.ERROR)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-    handler = Collect()
-    logging.getLogger("pyhyve").addHandler(handler)
-    yield handler.messages
-    logging.getLogger("pyhyve").removeHandler(handler)
+    from fuzzing import collect_errors
+    with collect_errors() as messages:
+        yield messages

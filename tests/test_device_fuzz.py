@@ -16,13 +16,12 @@ resets, enables and answers Identify, and an AHCI controller resets, starts
 its first port and answers IDENTIFY (PACKET) DEVICE.  A mutant (a virtio-rnd that
 raises on each request) must fail that check in every run."""
 
-import logging
 import os
 import struct
 from contextlib import contextmanager
 
 import pytest
-from fuzzing import fuzz_settings
+from fuzzing import collect_errors, fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
@@ -172,21 +171,9 @@ REQUESTS = {
 @contextmanager
 def no_errors_logged():
     """Fail if pyhyve logs at ERROR inside (log.exception: a device's own bug)."""
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.ERROR)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-    handler = Collect()
-    logger = logging.getLogger("pyhyve")
-    logger.addHandler(handler)
-    try:
+    with collect_errors() as messages:
         yield
-    finally:
-        logger.removeHandler(handler)
-    assert not handler.messages, handler.messages
+    assert not messages, messages
 
 
 def serves_a_request(vm, device, name: str) -> None:

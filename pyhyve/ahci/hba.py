@@ -35,7 +35,7 @@ from ..block import BlockImage
 from ..config import Config, ConfigError
 from ..lifecycle import StateError, bits, decode, encode, expect_keys, flag, uint
 from ..pci import BAR_MEM32, PciDevice, emulation
-from ..pci.device import disk_legacy_options
+from ..pci.device import DwordRegisters, disk_legacy_options
 from ..pci.options import Option
 from . import engine
 from .port import CMD_SAVED, IE_MASK, Port
@@ -73,10 +73,11 @@ def _ident(value: str, length: int, what: str) -> str:
 
 
 @emulation("ahci")
-class AhciController(PciDevice):
+class AhciController(DwordRegisters, PciDevice):
     """AHCI SATA controller: hd:PATH[,OPTION...] or cd:PATH[,OPTION...] per port"""
 
     savable = True
+    register_bar = ABAR
     options = (
         Option("port.N.type", "text", None, "hd (an ATA disk) or cd (a read-only ATAPI "
                "CD-ROM)"),
@@ -158,7 +159,7 @@ class AhciController(PciDevice):
             rotation = config.get_int(prefix + "nmrr", 0, 0, 0xFFFE) or None
         except ConfigError as exc:
             raise ConfigError(f"ahci: {exc}") from None
-        digest = hashlib.md5(path.encode()).hexdigest().upper()
+        digest = hashlib.md5(path.encode(), usedforsecurity=False).hexdigest().upper()
         serial = config.get(prefix + "ser", f"PYHYVE-{digest[:13]}")
         strings = (_ident(serial, 20, "ser"), _ident(config.get(prefix + "rev", "001"), 8, "rev"),
                    _ident(config.get(prefix + "model", MODELS[kind]), 40, "model"))
@@ -181,24 +182,6 @@ class AhciController(PciDevice):
             return self.ports[index].read(register) if index < len(self.ports) else 0
         return {REG_CAP: self.cap, REG_GHC: self.ghc, REG_IS: self.is_,
                 REG_PI: self.implemented, REG_VS: VERSION}.get(offset, 0)
-
-    def bar_read(self, index: int, offset: int, size: int) -> int:
-        start = offset & ~3
-        with self.lock:
-            value = 0
-            for at in range(start, offset + size, 4):
-                value |= self._dword(at) << (8 * (at - start))
-        return (value >> (8 * (offset - start))) & ((1 << (8 * size)) - 1)
-
-    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        if size not in (4, 8) or offset % 4:
-            self.warn_once(f"width-{size}", "ignored %d-byte register write at %#x "
-                           "(registers take dwords)", size, offset)
-            return
-        with self.lock:
-            self._write_dword(offset, value & 0xFFFFFFFF)
-            if size == 8:
-                self._write_dword(offset + 4, value >> 32)
 
     def _write_dword(self, offset: int, value: int) -> None:
         if offset >= PORTS_BASE:
