@@ -14,6 +14,7 @@ pipe, collects what it prints, waits for markers and can write to the
 console, so a test can talk to the guest's script while it runs.
 """
 
+import hashlib
 import os
 import re
 import signal
@@ -178,3 +179,52 @@ def qemu_command(guest: Guest, initrd: Path, *args: str, machine: str = "pc",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(guest.kernel), "-initrd", str(initrd),
             "-append", guest.cmdline, *args]
+
+
+# --- a disk device as Linux's own driver uses it -------------------------------------------
+DISK_SIZE = 32 << 20             # the image the disk checks below expect, in bytes
+
+
+def disk_script(device: str, tag: str) -> str:
+    """The guest's side of a disk device's check (the host's side is
+    check_disk_sections): an ext2 filesystem made on `device`, files written,
+    their sums, a read-only remount; then 2 MiB written at 20 MiB and the first
+    of them discarded (blkdiscard), the device read back."""
+    return rf"""
+section ext2
+d={device}
+mke2fs -q $d 16384 && echo made
+mount -t ext2 $d /mnt && echo mounted
+seq 0 499 | sed 's/.*/{tag} line &/' > /mnt/lines.txt
+dd if=/dev/urandom of=/mnt/random.bin bs=4096 count=64 2>/dev/null
+sync
+sha256sum /mnt/lines.txt /mnt/random.bin
+umount /mnt && echo unmounted
+mount -t ext2 -o ro $d /mnt && sha256sum /mnt/random.bin && umount /mnt
+section discard
+dd if=/dev/urandom of=$d bs=1M seek=20 count=2 oflag=direct 2>/dev/null && echo filled
+blkdiscard -o 20971520 -l 1048576 $d && echo discarded
+dd if=$d bs=1M skip=20 count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c
+dd if=$d bs=1M skip=21 count=1 iflag=direct 2>/dev/null | sha256sum
+"""
+
+
+def check_disk_sections(found: dict, image: Path, tag: str) -> None:
+    """What disk_script printed and the image it left agree: the host reads
+    the guest's files (debugfs) with the sums the guest printed, and the
+    discarded MiB reads as zeros on both sides."""
+    from test_linux_guest import debugfs_cat
+    ext2 = found["ext2"]
+    assert "made" in ext2 and "mounted" in ext2 and "unmounted" in ext2, ext2
+    sums = dict(reversed(line.split()) for line in ext2.splitlines()
+                if re.match(r"^[0-9a-f]{64}\s", line))
+    lines = debugfs_cat(image, "lines.txt")
+    assert lines == b"".join(b"%s line %d\n" % (tag.encode(), i) for i in range(500))
+    assert hashlib.sha256(lines).hexdigest() == sums["/mnt/lines.txt"]
+    random_bytes = debugfs_cat(image, "random.bin")
+    assert hashlib.sha256(random_bytes).hexdigest() == sums["/mnt/random.bin"]
+    discard = found["discard"].splitlines()
+    assert discard[:3] == ["filled", "discarded", "0"], discard
+    data = image.read_bytes()
+    assert data[20 << 20:21 << 20] == bytes(1 << 20)
+    assert hashlib.sha256(data[21 << 20:22 << 20]).hexdigest() == discard[3].split()[0]
