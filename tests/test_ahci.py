@@ -756,7 +756,7 @@ class LinuxBoot:
 
     def __init__(self, side: str, guest, iso, tmp_path):
         from linuxguest import GuestRun, pyhyve_command, pyhyve_env, qemu_command, sections
-        from linuxguest import with_script
+        from linuxguest import QEMU_SKIP_PRT, with_script
         self.side, self.image = side, tmp_path / "ahci.img"
         with open(self.image, "wb") as file:
             file.truncate(LINUX_DISK_SIZE)
@@ -774,7 +774,7 @@ class LinuxBoot:
                 "-device", f"ide-hd,drive=h,bus=a.0,serial={LINUX_SERIAL},rotation_rate=1,"
                            "model=PYHYVE SATA DISK",
                 "-drive", f"file={iso},format=raw,if=none,id=c,media=cdrom,readonly=on",
-                "-device", "ide-cd,drive=c,bus=a.1")
+                "-device", "ide-cd,drive=c,bus=a.1", extra_cmdline=QEMU_SKIP_PRT)
             env = None
         with GuestRun(argv, env, tmp_path / "console.log") as run:
             run.expect("@@@ end")
