@@ -30,3 +30,12 @@ def linux_guest():
     """pyhyve's Linux guest, built from linux-source into the kit's cache once."""
     from linuxguest import build
     return build()
+
+
+@pytest.fixture
+def errors_logged():
+    """ERROR records pyhyve logs (a model's own failure, which must not happen):
+    the fuzz tests of the NVMe and AHCI controllers fail on any."""
+    from fuzzing import collect_errors
+    with collect_errors() as messages:
+        yield messages

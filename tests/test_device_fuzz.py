@@ -11,21 +11,25 @@ logged at ERROR (a device's internal failure, which the transport turns into
 NEEDS_RESET so the VM runs on, is still a bug); reads return no more bits
 than asked for; afterwards, with its BARs put back where they were, the
 device still identifies itself, a virtio device resets through its common
-config and then serves one well-formed request, and an NVMe controller
-resets, enables and answers Identify.  A mutant (a virtio-rnd that
+config and then serves one well-formed request, an NVMe controller
+resets, enables and answers Identify, and an AHCI controller resets, starts
+its first port and answers IDENTIFY (PACKET) DEVICE.  A mutant (a virtio-rnd that
 raises on each request) must fail that check in every run."""
 
-import logging
 import os
 import struct
 from contextlib import contextmanager
 
 import pytest
-from fuzzing import fuzz_settings
+from fuzzing import collect_errors, fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
+from ahcidriver import AhciDriver, h2d
 from nvmedriver import NvmeDriver
+from pyhyve.ahci import ata as A
+from pyhyve.ahci import hba as H
+from pyhyve.ahci import protocol as F
 from pyhyve.nvme import controller as N
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
@@ -60,14 +64,20 @@ def fake_tap():
         host_end.close()
 
 
+def small_disk(tmp: str) -> str:
+    path = os.path.join(tmp, "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(64 * 1024)
+    return path
+
+
 @contextmanager
 def options_for(name: str, tmp: str):
     """The options an emulation needs to come up (a disk, a console backend, a tap)."""
     if name in ("virtio-blk", "nvme"):
-        path = os.path.join(tmp, "disk.img")
-        with open(path, "wb") as f:
-            f.truncate(64 * 1024)
-        yield {"path": path}
+        yield {"path": small_disk(tmp)}
+    elif name.startswith("ahci"):
+        yield {"port.0.type": "cd" if name == "ahci-cd" else "hd", "port.0.path": small_disk(tmp)}
     elif name == "virtio-console":
         yield {"port.0.name": "console", "port.0.path": os.path.join(tmp, "console.sock"),
                "port.1.name": "agent", "port.1.path": os.path.join(tmp, "agent.sock")}
@@ -169,21 +179,9 @@ REQUESTS = {
 @contextmanager
 def no_errors_logged():
     """Fail if pyhyve logs at ERROR inside (log.exception: a device's own bug)."""
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.ERROR)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-    handler = Collect()
-    logger = logging.getLogger("pyhyve")
-    logger.addHandler(handler)
-    try:
+    with collect_errors() as messages:
         yield
-    finally:
-        logger.removeHandler(handler)
-    assert not handler.messages, handler.messages
+    assert not messages, messages
 
 
 def serves_a_request(vm, device, name: str) -> None:
@@ -224,6 +222,12 @@ def check_usable(vm, device, slot, ids, bar_registers):
         driver = NvmeDriver(vm, device, slot)
         assert driver.enable() & (N.CSTS_RDY | N.CSTS_CFS) == N.CSTS_RDY
         assert driver.identify(N.CNS_CONTROLLER)[0] == N.SUCCESS
+    elif isinstance(device, H.AhciController):
+        driver = AhciDriver(vm, device, slot)
+        driver.set_reg(H.REG_GHC, H.GHC_HR)
+        driver.start(0)
+        opcode = A.IDENTIFY_PACKET_DEVICE if device.ports[0].atapi else A.IDENTIFY_DEVICE
+        assert driver.command(h2d(opcode), [(0x200000, 512)])[0] & 0xFF == F.READY
 
 
 @pytest.mark.parametrize("name", sorted(emulations()))

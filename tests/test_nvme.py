@@ -5,9 +5,7 @@ commands, PRPs and doorbells from hypothesis; snapshots.  Then real SeaBIOS
 boots a boot sector from an NVMe disk, on pyhyve and on QEMU, and Linux's own
 driver makes an ext2 filesystem on it."""
 
-import hashlib
 import json
-import logging
 import os
 import re
 import struct
@@ -17,6 +15,8 @@ import pytest
 from fuzzing import fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
+from linuxguest import DISK_SIZE as LINUX_DISK_SIZE
+from linuxguest import check_disk_sections, disk_script
 
 from pyhyve.config import ConfigError
 from pyhyve.lifecycle import StateError
@@ -483,22 +483,6 @@ def test_restore_refuses_state_that_does_not_fit(disk, path, value):
 
 
 # --- malformed traffic from hypothesis ---------------------------------------------------------
-@pytest.fixture
-def errors_logged():
-    """ERROR records pyhyve logs (a model's own failure, which must not happen)."""
-    class Collect(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.ERROR)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage())
-    handler = Collect()
-    logging.getLogger("pyhyve").addHandler(handler)
-    yield handler.messages
-    logging.getLogger("pyhyve").removeHandler(handler)
-
-
 ADDRESS = st.one_of(st.sampled_from((0, DATA, DATA + 4, DATA + 0x800, LISTS, LISTS + 8,
                                      16 * MiB - PAGE, 16 * MiB, 0xFEE00000, 0xFFFFF000,
                                      (1 << 64) - PAGE)),
@@ -658,23 +642,12 @@ def test_qemu_boots_the_same_nvme_disk(boot_disk):
 
 
 # --- Linux's nvme driver -----------------------------------------------------------------------
-LINUX_DISK = 32 * MiB
 LINUX_SCRIPT = r"""
 section nvme
-d=/dev/nvme0n1
 cat /sys/block/nvme0n1/size /sys/block/nvme0n1/queue/logical_block_size
 cat /sys/class/nvme/nvme0/serial /sys/class/nvme/nvme0/model
-mke2fs -q $d 16384 && echo made
-mount -t ext2 $d /mnt && echo mounted
-seq 0 499 | sed 's/.*/nvme line &/' > /mnt/lines.txt
-dd if=/dev/urandom of=/mnt/random.bin bs=4096 count=64 2>/dev/null
-sync
-sha256sum /mnt/lines.txt /mnt/random.bin
-umount /mnt && echo unmounted
-mount -t ext2 -o ro $d /mnt && sha256sum /mnt/random.bin && umount /mnt
-"""
-DISCARD_MIB = 20
-LINUX_END = r"""section irqs
+""" + disk_script("/dev/nvme0n1", "nvme") + r"""
+section irqs
 grep nvme /proc/interrupts | wc -l
 section end
 """
@@ -683,13 +656,11 @@ section end
 @pytest.mark.linux
 @pytest.mark.usefixtures("needs_kvm")
 def test_linux_makes_ext2_on_nvme_and_the_host_reads_it(linux_guest, tmp_path):
-    from linuxguest import (GuestRun, discard_script, pyhyve_command, pyhyve_env, sections,
-                            with_script)
+    from linuxguest import GuestRun, pyhyve_command, pyhyve_env, sections, with_script
     image = tmp_path / "nvme.img"
     with open(image, "wb") as file:
-        file.truncate(LINUX_DISK)
-    script = LINUX_SCRIPT + discard_script("$d", DISCARD_MIB) + LINUX_END
-    initrd = with_script(linux_guest, tmp_path, script)
+        file.truncate(LINUX_DISK_SIZE)
+    initrd = with_script(linux_guest, tmp_path, LINUX_SCRIPT)
     argv = pyhyve_command(linux_guest, initrd, "-s", f"3,nvme,{image},ser=PYHYVE-NVME-1",
                           "-o", f"control.socket={tmp_path / 'ctl.sock'}", name="linuxnvme")
     with GuestRun(argv, pyhyve_env(), tmp_path / "console.log") as run:
@@ -701,19 +672,8 @@ def test_linux_makes_ext2_on_nvme_and_the_host_reads_it(linux_guest, tmp_path):
 
 def check_linux_run(found: dict, image) -> None:
     """What the guest's script printed, and the image it left, agree."""
-    from linuxguest import check_discard
-    from test_linux_guest import debugfs_cat
-    nvme = found["nvme"]
     # sysfs shows the serial and model fields as the controller pads them
-    assert [line.rstrip() for line in nvme.splitlines()[:4]] == [
-        str(LINUX_DISK // 512), "512", "PYHYVE-NVME-1", "pyhyve-NVMe"], nvme
-    assert "made" in nvme and "mounted" in nvme and "unmounted" in nvme, nvme
-    sums = dict(reversed(line.split()) for line in nvme.splitlines()
-                if re.match(r"^[0-9a-f]{64}\s", line))
-    lines = debugfs_cat(image, "lines.txt")
-    assert lines == b"".join(b"nvme line %d\n" % i for i in range(500))
-    assert hashlib.sha256(lines).hexdigest() == sums["/mnt/lines.txt"]
-    random_bytes = debugfs_cat(image, "random.bin")
-    assert hashlib.sha256(random_bytes).hexdigest() == sums["/mnt/random.bin"]
-    check_discard(found["discard"], image, DISCARD_MIB)
+    assert [line.rstrip() for line in found["nvme"].splitlines()] == [
+        str(LINUX_DISK_SIZE // 512), "512", "PYHYVE-NVME-1", "pyhyve-NVMe"], found["nvme"]
+    check_disk_sections(found, image, "nvme")
     assert int(found["irqs"]) >= 2                   # admin and I/O queue vectors (MSI-X)

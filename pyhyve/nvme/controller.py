@@ -47,7 +47,7 @@ from ..block import BlockImage
 from ..config import Config, ConfigError
 from ..lifecycle import StateError, bits, expect_keys, flag, uint
 from ..pci import BAR_MEM64, PciDevice, emulation
-from ..pci.device import disk_legacy_options
+from ..pci.device import DwordRegisters, disk_legacy_options
 from ..pci.options import Option
 from . import pages
 from .prp import PAGE, PrpError, prp_views
@@ -186,7 +186,7 @@ def _default_eui64(vm_name: str, slot: int, func: int) -> int:
 
 
 @emulation("nvme")
-class NvmeController(PciDevice):
+class NvmeController(DwordRegisters, PciDevice):
     """NVM Express controller on a disk image: PATH[,OPTION...]"""
 
     savable = True
@@ -317,28 +317,6 @@ class NvmeController(PciDevice):
             return (value >> (8 * (offset & 4))) & 0xFFFFFFFF
         return {REG_VS: pages.VERSION, REG_INTMS: self.intms, REG_INTMC: self.intms,
                 REG_CC: self.cc, REG_CSTS: self.csts, REG_AQA: self.aqa}.get(offset, 0)
-
-    def bar_read(self, index: int, offset: int, size: int) -> int:
-        if index != 0:
-            return 0
-        start = offset & ~3
-        with self.lock:
-            value = 0
-            for at in range(start, offset + size, 4):
-                value |= self._dword(at) << (8 * (at - start))
-        return (value >> (8 * (offset - start))) & ((1 << (8 * size)) - 1)
-
-    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        if index != 0:
-            return
-        if size not in (4, 8) or offset % 4:
-            self.warn_once(f"width-{size}", "ignored %d-byte register write at %#x "
-                           "(registers take dwords and qwords)", size, offset)
-            return
-        with self.lock:
-            self._write_dword(offset, value & 0xFFFFFFFF)
-            if size == 8:
-                self._write_dword(offset + 4, value >> 32)
 
     def _write_dword(self, offset: int, value: int) -> None:
         if offset >= DOORBELLS:

@@ -22,6 +22,9 @@ _EMULATIONS: dict[str, type] = {}
 # The module whose import registers each built-in emulation: a VM imports only
 # those it uses (the virtio modules alone cost milliseconds of start-up).
 BUILTIN_MODULES = {
+    "ahci": "pyhyve.ahci.hba",
+    "ahci-cd": "pyhyve.ahci.hba",
+    "ahci-hd": "pyhyve.ahci.hba",
     "hostbridge": "pyhyve.pci.hostbridge",
     "amd_hostbridge": "pyhyve.pci.hostbridge",
     "lpc": "pyhyve.pci.lpc",

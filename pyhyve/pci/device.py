@@ -448,6 +448,39 @@ class PciDevice(Device):
         struct.pack_into("<I", self.config, offset, value & 0xFFFFFFFF)
 
 
+class DwordRegisters:
+    """For a PciDevice whose registers in memory BAR `register_bar` are dwords
+    (NVMe's, AHCI's): a read of any size is assembled from whole dwords, and a
+    dword or qword write (two dwords) reaches _write_dword, all under the
+    device's `lock`; narrower or unaligned writes are logged once and ignored.
+    The device reads and writes one register with _dword(offset) and
+    _write_dword(offset, value)."""
+
+    register_bar = 0
+
+    def bar_read(self, index: int, offset: int, size: int) -> int:
+        if index != self.register_bar:
+            return 0
+        start = offset & ~3
+        with self.lock:
+            value = 0
+            for at in range(start, offset + size, 4):
+                value |= self._dword(at) << (8 * (at - start))
+        return (value >> (8 * (offset - start))) & ((1 << (8 * size)) - 1)
+
+    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
+        if index != self.register_bar:
+            return
+        if size not in (4, 8) or offset % 4:
+            self.warn_once(f"width-{size}", "ignored %d-byte register write at %#x "
+                           "(registers take dwords and qwords)", size, offset)
+            return
+        with self.lock:
+            self._write_dword(offset, value & 0xFFFFFFFF)
+            if size == 8:
+                self._write_dword(offset + 4, value >> 32)
+
+
 def disk_legacy_options(text: str) -> dict[str, str]:
     """`-s` options of a disk emulation (bhyve's blockif_legacy_config, which
     every disk device shares): the first word is the image's path, possibly

@@ -1,5 +1,6 @@
 """A GRUB 2 boot disk built without loop devices or mounts, for tests/test_grub.py
-and bench/boot.py.
+and bench/boot.py; and a GRUB CD image (El Torito, made by grub-mkrescue) with
+the same grub.cfg and file, for tests/test_ahci.py.
 
 The disk: an MBR with GRUB's boot.img as boot code and one partition table
 entry, GRUB's core.img (made by grub-mkimage, its embedded prefix naming the
@@ -24,13 +25,41 @@ GRUB_MODULES = ["biosdisk", "part_msdos", "ext2", "serial", "terminal", "cat", "
 
 MARKER = "pyhyve-grub-e2e: grub.cfg runs"
 FILE_TEXT = "pyhyve-grub-e2e: this line lives in hello.txt on ext2"
-GRUB_CFG = f"""serial --unit=0 --speed=115200
+RESCUE_MODULES = ["biosdisk", "iso9660", "serial", "terminal", "cat", "echo", "normal",
+                  "configfile", "halt"]
+
+
+def grub_cfg(file: str) -> str:
+    """Print MARKER and the file on the serial console, then halt."""
+    return f"""serial --unit=0 --speed=115200
 terminal_input serial
 terminal_output serial
 echo {MARKER}
-cat (hd0,msdos1)/hello.txt
+cat {file}
 halt
 """
+
+
+GRUB_CFG = grub_cfg("(hd0,msdos1)/hello.txt")
+
+
+def _tree(root: Path, cfg: str) -> None:
+    (root / "boot" / "grub").mkdir(parents=True, exist_ok=True)
+    (root / "boot" / "grub" / "grub.cfg").write_text(cfg)
+    (root / "hello.txt").write_text(FILE_TEXT + "\n")
+
+
+def build_grub_iso(work: Path, mkrescue: str) -> Path:
+    """work/grub.iso: GRUB's El Torito CD image from grub-mkrescue (which needs
+    xorriso and mtools), hello.txt at the root of its ISO 9660 filesystem; only
+    the modules it uses (GRUB then reports the partition maps it lacks)."""
+    root = work / "iso-root"
+    _tree(root, grub_cfg("/hello.txt"))
+    iso = work / "grub.iso"
+    subprocess.run([mkrescue, "-o", str(iso), str(root),
+                    f"--install-modules={' '.join(RESCUE_MODULES)}", "--fonts=", "--locales=",
+                    "--themes="], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    return iso
 
 
 def partition_entry(start: int, sectors: int) -> bytes:
@@ -42,9 +71,7 @@ def partition_entry(start: int, sectors: int) -> bytes:
 def build_grub_disk(work: Path, boot_img: str, mkimage: str, mke2fs: str) -> Path:
     """Write work/disk.img (and its parts beside it); returns the disk's path."""
     root = work / "root"
-    (root / "boot" / "grub").mkdir(parents=True, exist_ok=True)
-    (root / "boot" / "grub" / "grub.cfg").write_text(GRUB_CFG)
-    (root / "hello.txt").write_text(FILE_TEXT + "\n")
+    _tree(root, GRUB_CFG)
 
     partition = work / "partition.img"
     partition.unlink(missing_ok=True)
