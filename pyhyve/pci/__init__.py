@@ -24,6 +24,8 @@ _EMULATIONS: dict[str, type] = {}
 BUILTIN_MODULES = {
     "hostbridge": "pyhyve.pci.hostbridge",
     "amd_hostbridge": "pyhyve.pci.hostbridge",
+    "fbuf": "pyhyve.display.stdvga",
+    "stdvga": "pyhyve.display.stdvga",
     "lpc": "pyhyve.pci.lpc",
     "nvme": "pyhyve.nvme.controller",
     "pci-testdev": "pyhyve.pci.testdev",
