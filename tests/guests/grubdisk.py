@@ -39,11 +39,13 @@ def partition_entry(start: int, sectors: int) -> bytes:
                        start, sectors)
 
 
-def build_grub_disk(work: Path, boot_img: str, mkimage: str, mke2fs: str) -> Path:
-    """Write work/disk.img (and its parts beside it); returns the disk's path."""
+def build_grub_disk(work: Path, boot_img: str, mkimage: str, mke2fs: str,
+                    grub_cfg: str = GRUB_CFG) -> Path:
+    """Write work/disk.img (and its parts beside it), GRUB reading GRUB_CFG;
+    returns the disk's path."""
     root = work / "root"
     (root / "boot" / "grub").mkdir(parents=True, exist_ok=True)
-    (root / "boot" / "grub" / "grub.cfg").write_text(GRUB_CFG)
+    (root / "boot" / "grub" / "grub.cfg").write_text(grub_cfg)
     (root / "hello.txt").write_text(FILE_TEXT + "\n")
 
     partition = work / "partition.img"

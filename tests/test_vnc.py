@@ -1,0 +1,274 @@
+"""The VNC server, judged by a real client (vncdotool) against pyhyve and
+against QEMU (-vga std -vnc) running the same guests: SeaBIOS's screen and
+GRUB's menu compared pixel for pixel, keys typed into GRUB's command line,
+VNC Authentication, `wait`, and the encodings a client may ask for."""
+
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from firmware import require_file, require_program
+from grubdisk import BOOT_IMG, build_grub_disk
+from guestrun import REPO, free_port
+from pyhyve.vnc import encodings as E
+from pyhyve.vnc.des import encrypt_block, vnc_response
+
+SEABIOS = "/usr/share/seabios/bios.bin"
+NO_BOOT = "No bootable device."
+CELL_W, CELL_H = 9, 16                  # mode 3's character cell
+MENU_ENTRY = "pyhyve display test"
+TYPED = "echo typed-through-vnc"
+GRUB_MENU_CFG = f"""serial --unit=0 --speed=115200
+terminal_input console
+terminal_output console serial
+set timeout=-1
+menuentry '{MENU_ENTRY}' {{
+  echo chosen
+}}
+"""
+
+
+def test_des_known_answer_and_vnc_key():
+    """FIPS 46's worked example, and VNC's bit-reversed key as another
+    implementation (vncdotool's, on the cryptography package) computes it."""
+    assert encrypt_block(bytes.fromhex("133457799BBCDFF1"),
+                         bytes.fromhex("0123456789ABCDEF")).hex() == "85e813540f0ab405"
+    rfb = pytest.importorskip("vncdotool.rfb")
+    challenge = bytes(range(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # cryptography's TripleDES is deprecated
+        expected = rfb.des_encrypt(rfb._vnc_des("secret12"), challenge)
+    assert vnc_response("secret12", challenge) == expected
+    assert vnc_response("secret123", challenge) == expected          # 8 characters count
+
+
+def test_pixel_format_conversion():
+    pixel = bytes((0x10, 0x80, 0xF8, 0))                   # B, G, R
+    rgb565 = E.PixelFormat(16, 16, False, True, 31, 63, 31, 11, 5, 0)
+    value = ((0xF8 * 31 + 127) // 255) << 11 | ((0x80 * 63 + 127) // 255) << 5 | \
+        ((0x10 * 31 + 127) // 255)
+    assert rgb565.convert(pixel * 2) == value.to_bytes(2, "little") * 2
+    big = E.PixelFormat(32, 24, True, True, 255, 255, 255, 0, 8, 16)   # R in the low byte
+    assert big.convert(pixel) == bytes((0, 0x10, 0x80, 0xF8))
+    assert E.PixelFormat().convert(pixel) == pixel
+    assert E.PixelFormat(bpp=24).problem() and E.PixelFormat(true_colour=False).problem()
+
+
+# --- against real guests ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vnc_api():
+    api = pytest.importorskip("vncdotool.api")
+    yield api
+    api.shutdown()
+
+
+def grab(api, port: int, password: str | None = None, encoding: int | None = None):
+    """The screen as a VNC client sees it, RGB."""
+    factory_class = None
+    if encoding is not None:
+        from vncdotool import client as vclient
+
+        class Client(vclient.VNCDoToolClient):
+            pass
+        Client.encoding = encoding
+
+        class Factory(vclient.VNCDoToolFactory):
+            protocol = Client
+        factory_class = Factory
+    kwargs = {"factory_class": factory_class} if factory_class else {}
+    client = api.connect(f"127.0.0.1::{port}", password=password, timeout=60, **kwargs)
+    try:
+        client.refreshScreen()
+        return client.screen.convert("RGB")
+    finally:
+        client.disconnect()
+
+
+def wait_for(path: Path, text: str, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} not seen in {path} within {timeout} s")
+
+
+def pyhyve(args: list[str], name: str, tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyhyve", "-m", "128M", "-l", f"bootrom,{SEABIOS}",
+         "-l", "fwcfg,qemu", *args, "-o", "process.landlock=false", name],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / f"{name}.err", "wb"), env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def qemu(args: list[str], port: int) -> subprocess.Popen:
+    binary = require_program("qemu-system-x86_64", "qemu-system-x86")
+    return subprocess.Popen(
+        [binary, "-machine", "pc", "-enable-kvm", "-m", "128", "-nodefaults", "-vga", "std",
+         "-vnc", f"127.0.0.1:{port - 5900}", "-bios", SEABIOS, *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def vnc_port() -> int:
+    while True:
+        port = free_port()
+        if port > 5900:
+            return port
+
+
+def rows(image) -> list[bytes]:
+    """The screen's text rows, as pixel bands."""
+    return [image.crop((0, y, image.width, y + CELL_H)).tobytes()
+            for y in range(0, image.height, CELL_H)]
+
+
+def without_cell(image, column: int, row: int):
+    """IMAGE with one character cell blacked out (where the cursor blinks)."""
+    copy = image.copy()
+    copy.paste((0, 0, 0), (column * CELL_W, row * CELL_H, (column + 1) * CELL_W,
+                           (row + 1) * CELL_H))
+    return copy
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
+    """pyhyve with `wait` and a password: the guest does not start before a
+    client got in (a wrong password is not one), and then SeaBIOS's screen
+    is QEMU's pixel for pixel, but for the cursor's blink phase and the order
+    in which SeaBIOS tried its boot devices (pyhyve's CMOS reports a floppy
+    drive first, QEMU's fw_cfg boot order puts the hard disk first: the two
+    "Booting from" pairs of rows trade places)."""
+    port = vnc_port()
+    log = tmp_path / "pyhyve-debug.log"
+    proc = pyhyve(["-l", f"debugcon,file={log}", "-s",
+                   f"3,fbuf,tcp=127.0.0.1:{port},wait,password=secret"], "vnc-seabios",
+                  tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while b"waiting for a VNC client" not in (tmp_path / "vnc-seabios.err").read_bytes():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        with pytest.raises(Exception, match="(?i)auth"):
+            grab(vnc_api, port, password="wrong")
+        time.sleep(2)               # a guest that had started would have logged by now
+        assert not log.exists() or log.stat().st_size == 0
+        first = grab(vnc_api, port, password="secret")      # lets the guest start
+        assert first.size[0] > 0
+        wait_for(log, NO_BOOT)
+        time.sleep(1)
+        ours = grab(vnc_api, port, password="secret")
+        zrle = grab(vnc_api, port, password="secret", encoding=E.ZRLE)
+    finally:
+        stop(proc)
+    qemu_port = vnc_port()
+    qemu_log = tmp_path / "qemu-debug.log"
+    proc = qemu(["-chardev", f"file,id=dbg,path={qemu_log}", "-device",
+                 "isa-debugcon,iobase=0x402,chardev=dbg"], qemu_port)
+    try:
+        wait_for(qemu_log, NO_BOOT)
+        time.sleep(1)
+        theirs = grab(vnc_api, qemu_port)
+    finally:
+        stop(proc)
+    assert ours.size == theirs.size == (720, 400)
+    # the cursor blinks below "No bootable device."
+    ours, theirs = without_cell(ours, 0, 8), without_cell(theirs, 0, 8)
+    assert without_cell(zrle, 0, 8).tobytes() == ours.tobytes()
+    mine, reference = rows(ours), rows(theirs)
+    assert mine[0] == reference[0]                                   # the banner
+    assert (mine[1], mine[2]) == (reference[4], reference[5])        # floppy attempt
+    assert (mine[4], mine[5]) == (reference[1], reference[2])        # hard disk attempt
+    assert mine[3] == reference[3] and mine[6:] == reference[6:]     # No bootable device.
+    assert any(mine[0]) and any(mine[7])
+
+
+@pytest.fixture(scope="module")
+def grub_menu_disk(tmp_path_factory) -> Path:
+    boot_img = require_file(BOOT_IMG, "grub-pc-bin")
+    mkimage = require_program("grub-mkimage", "grub-common")
+    mke2fs = require_program("mke2fs", "e2fsprogs")
+    return build_grub_disk(tmp_path_factory.mktemp("grubmenu"), boot_img, mkimage, mke2fs,
+                           GRUB_MENU_CFG)
+
+
+def type_into_grub(api, port: int) -> None:
+    """'c' for GRUB's command line, then a command and Enter, through VNC."""
+    client = api.connect(f"127.0.0.1::{port}", timeout=60)
+    try:
+        client.keyPress("c")
+        time.sleep(2)
+        for char in TYPED:
+            client.keyPress("space" if char == " " else ("minus" if char == "-" else char))
+        client.keyPress("enter")
+    finally:
+        client.disconnect()
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("needs_kvm")
+def test_grub_menu_matches_qemu_and_keys_reach_its_command_line(vnc_api, grub_menu_disk,
+                                                                 tmp_path):
+    """GRUB's menu (box-drawing characters: the 9th column repeats) is QEMU's
+    pixel for pixel but for the cursor cell; keys typed over VNC reach
+    GRUB's command line through the i8042 on both, and the screens after
+    typing match too."""
+    from PIL import ImageChops
+    from pyhyve.devices.i8042 import I8042
+    if not hasattr(I8042, "key_event"):
+        pytest.skip("the i8042 has no keyboard input yet (the input devices' branch)")
+    screens = {}
+    port = vnc_port()
+    serial = tmp_path / "pyhyve-serial.txt"
+    proc = pyhyve(["-l", f"com1,{serial}", "-s", f"3,fbuf,tcp=127.0.0.1:{port}",
+                   "-s", f"4,virtio-blk,{grub_menu_disk}"], "vnc-grub", tmp_path)
+    try:
+        wait_for(serial, MENU_ENTRY, timeout=240)
+        time.sleep(2)
+        screens["pyhyve menu"] = grab(vnc_api, port)
+        type_into_grub(vnc_api, port)
+        wait_for(serial, "typed-through-vnc\r\n", timeout=60)
+        time.sleep(2)
+        screens["pyhyve typed"] = grab(vnc_api, port)
+    finally:
+        stop(proc)
+    port = vnc_port()
+    serial = tmp_path / "qemu-serial.txt"
+    proc = qemu(["-serial", f"file:{serial}", "-drive",
+                 f"file={grub_menu_disk},format=raw,if=virtio,snapshot=on"], port)
+    try:
+        wait_for(serial, MENU_ENTRY, timeout=240)
+        time.sleep(2)
+        screens["qemu menu"] = grab(vnc_api, port)
+        type_into_grub(vnc_api, port)
+        wait_for(serial, "typed-through-vnc\r\n", timeout=60)
+        time.sleep(2)
+        screens["qemu typed"] = grab(vnc_api, port)
+    finally:
+        stop(proc)
+    for name, image in screens.items():
+        image.save(tmp_path / f"{name.replace(' ', '-')}.png")
+    for stage in ("menu", "typed"):
+        ours, theirs = screens[f"pyhyve {stage}"], screens[f"qemu {stage}"]
+        assert ours.size == theirs.size
+        differ = [index for index, (a, b) in enumerate(zip(rows(ours), rows(theirs)))
+                  if a != b]
+        # only the row with the blinking cursor may differ, and only in one cell
+        assert len(differ) <= 1, f"{stage}: rows {differ} differ (see {tmp_path})"
+        for row in differ:
+            box = ImageChops.difference(
+                ours.crop((0, row * CELL_H, ours.width, (row + 1) * CELL_H)),
+                theirs.crop((0, row * CELL_H, ours.width, (row + 1) * CELL_H))).getbbox()
+            assert box[2] - box[0] <= CELL_W, f"{stage}: row {row} differs at {box}"
