@@ -171,6 +171,10 @@ def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
         time.sleep(1)
         ours = grab(vnc_api, port, password="secret")
         zrle = grab(vnc_api, port, password="secret", encoding=E.ZRLE)
+        screenshot = tmp_path / "screenshot.png"
+        subprocess.run([sys.executable, "-m", "pyhyve.ctlclient", "--vm=vnc-seabios",
+                        f"--screenshot={screenshot}"], check=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
     finally:
         stop(proc)
     qemu_port = vnc_port()
@@ -187,6 +191,9 @@ def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
     # the cursor blinks below "No bootable device."
     ours, theirs = without_cell(ours, 0, 8), without_cell(theirs, 0, 8)
     assert without_cell(zrle, 0, 8).tobytes() == ours.tobytes()
+    from PIL import Image
+    with Image.open(screenshot) as png:
+        assert without_cell(png.convert("RGB"), 0, 8).tobytes() == ours.tobytes()
     mine, reference = rows(ours), rows(theirs)
     assert mine[0] == reference[0]                                   # the banner
     assert (mine[1], mine[2]) == (reference[4], reference[5])        # floppy attempt
@@ -232,7 +239,7 @@ def test_grub_menu_matches_qemu_and_keys_reach_its_command_line(vnc_api, grub_me
     screens = {}
     port = vnc_port()
     serial = tmp_path / "pyhyve-serial.txt"
-    proc = pyhyve(["-l", f"com1,{serial}", "-s", f"3,fbuf,tcp=127.0.0.1:{port}",
+    proc = pyhyve(["-l", f"com1,file={serial}", "-s", f"3,fbuf,tcp=127.0.0.1:{port}",
                    "-s", f"4,virtio-blk,{grub_menu_disk}"], "vnc-grub", tmp_path)
     try:
         wait_for(serial, MENU_ENTRY, timeout=240)
