@@ -30,7 +30,7 @@ import os
 import socket
 import time
 
-from .display import png
+from .display import find_display, imagefile
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
 from .sandbox import snapshot_refusal
@@ -323,12 +323,11 @@ class ControlServer(SocketService):
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise RequestError('"offset" must be a byte offset')
         if offset == 0:
-            display = next((device for device in self.vm.devices
-                            if hasattr(device, "screen")), None)
+            display = find_display(self.vm.devices)
             if display is None:
                 raise RequestError("the VM has no display (-s SLOT,fbuf)")
             update = display.screen.refresh()
-            self._screenshot = png.encode(update.width, update.height, update.pixels)
+            self._screenshot = imagefile.png(update.width, update.height, update.pixels)
         chunk = self._screenshot[offset:offset + SCREENDUMP_CHUNK]
         return {"vm": self.vm.name, "total": len(self._screenshot), "offset": offset,
                 "data": base64.b64encode(chunk).decode()}

@@ -3,6 +3,7 @@ against QEMU (-vga std -vnc) running the same guests: SeaBIOS's screen and
 GRUB's menu compared pixel for pixel, keys typed into GRUB's command line,
 VNC Authentication, `wait`, and the encodings a client may ask for."""
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -153,9 +154,13 @@ def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
     "Booting from" pairs of rows trade places)."""
     port = vnc_port()
     log = tmp_path / "pyhyve-debug.log"
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    qmp_socket = tmp_path / "qmp.sock"
     proc = pyhyve(["-l", f"debugcon,file={log}", "-s",
-                   f"3,fbuf,tcp=127.0.0.1:{port},wait,password=secret"], "vnc-seabios",
-                  tmp_path)
+                   f"3,fbuf,tcp=127.0.0.1:{port},wait,password=secret",
+                   "-o", f"qmp.socket={qmp_socket}", "-o", f"snapshot.dir={dumps}"],
+                  "vnc-seabios", tmp_path)
     try:
         deadline = time.monotonic() + 60
         while b"waiting for a VNC client" not in (tmp_path / "vnc-seabios.err").read_bytes():
@@ -175,6 +180,9 @@ def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
         subprocess.run([sys.executable, "-m", "pyhyve.ctlclient", "--vm=vnc-seabios",
                         f"--screenshot={screenshot}"], check=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
+        refused = qmp_screendump(qmp_socket, tmp_path / "outside.ppm")
+        assert "snapshot.dir" in refused and not (tmp_path / "outside.ppm").exists()
+        assert qmp_screendump(qmp_socket, dumps / "screen.ppm") is None
     finally:
         stop(proc)
     qemu_port = vnc_port()
@@ -192,14 +200,31 @@ def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
     ours, theirs = without_cell(ours, 0, 8), without_cell(theirs, 0, 8)
     assert without_cell(zrle, 0, 8).tobytes() == ours.tobytes()
     from PIL import Image
-    with Image.open(screenshot) as png:
-        assert without_cell(png.convert("RGB"), 0, 8).tobytes() == ours.tobytes()
+    for path in (screenshot, dumps / "screen.ppm"):
+        with Image.open(path) as image:
+            assert without_cell(image.convert("RGB"), 0, 8).tobytes() == ours.tobytes()
     mine, reference = rows(ours), rows(theirs)
     assert mine[0] == reference[0]                                   # the banner
     assert (mine[1], mine[2]) == (reference[4], reference[5])        # floppy attempt
     assert (mine[4], mine[5]) == (reference[1], reference[2])        # hard disk attempt
     assert mine[3] == reference[3] and mine[6:] == reference[6:]     # No bootable device.
     assert any(mine[0]) and any(mine[7])
+
+
+def qmp_screendump(path: Path, filename: Path) -> str | None:
+    """QMP's screendump to FILENAME; the error's text, or None."""
+    from qemu.qmp import ExecuteError, QMPClient
+
+    async def script():
+        client = QMPClient("pyhyve-vnc-test")
+        await client.connect(str(path))
+        try:
+            await client.execute("screendump", {"filename": str(filename)})
+        except ExecuteError as exc:
+            return str(exc)
+        finally:
+            await client.disconnect()
+    return asyncio.run(script())
 
 
 @pytest.fixture(scope="module")
