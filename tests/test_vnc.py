@@ -5,6 +5,7 @@ VNC Authentication, `wait`, and the encodings a client may ask for."""
 
 import asyncio
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -237,13 +238,16 @@ def grub_menu_disk(tmp_path_factory) -> Path:
 
 
 def type_into_grub(api, port: int) -> None:
-    """'c' for GRUB's command line, then a command and Enter, through VNC."""
+    """'c' for GRUB's command line, then a command and Enter, through VNC, at
+    a typist's pace: the keyboard's buffer is 16 bytes (the PS/2 queue, as
+    QEMU's), and an emulated guest takes keys slowly."""
     client = api.connect(f"127.0.0.1::{port}", timeout=60)
     try:
         client.keyPress("c")
-        time.sleep(2)
+        time.sleep(3)
         for char in TYPED:
             client.keyPress("space" if char == " " else ("minus" if char == "-" else char))
+            time.sleep(0.3)
         client.keyPress("enter")
     finally:
         client.disconnect()
@@ -304,3 +308,140 @@ def test_grub_menu_matches_qemu_and_keys_reach_its_command_line(vnc_api, grub_me
                 ours.crop((0, row * CELL_H, ours.width, (row + 1) * CELL_H)),
                 theirs.crop((0, row * CELL_H, ours.width, (row + 1) * CELL_H))).getbbox()
             assert box[2] - box[0] <= CELL_W, f"{stage}: row {row} differs at {box}"
+
+
+# --- the protocol, over WebSocket, against a display drawn by the test ------------------------
+class WebSocketClient:
+    """Just enough of a browser's WebSocket (masked binary frames) and an RFB
+    client to look at every message the server sends."""
+
+    def __init__(self, port: int):
+        import base64
+        import socket
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        key = base64.b64encode(os.urandom(16))
+        self.sock.sendall(b"GET /websockify HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
+                          b"\r\nSec-WebSocket-Protocol: binary\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        import hashlib
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        assert head.startswith(b"HTTP/1.1 101") and accept in head
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        mask = os.urandom(4)
+        header = bytes((0x82, 0x80 | len(data))) if len(data) < 126 else \
+            bytes((0x82, 0x80 | 126)) + len(data).to_bytes(2, "big")
+        self.sock.sendall(header + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(data)))
+
+    def _raw(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            assert chunk, "the server closed the connection"
+            data += chunk
+        return data
+
+    def recv(self, count: int) -> bytes:
+        while len(self.buffer) < count:
+            first, second = self._raw(2)
+            assert first == 0x82 and not second & 0x80        # binary, unmasked
+            length = second & 0x7F
+            if length == 126:
+                length = int.from_bytes(self._raw(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self._raw(8), "big")
+            self.buffer += self._raw(length)
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+    def update(self) -> list[tuple]:
+        """One FramebufferUpdate: (x, y, w, h, encoding, payload) per rectangle."""
+        assert self.recv(1) == b"\x00"
+        count = int.from_bytes(self.recv(3)[1:], "big")
+        rects = []
+        for _ in range(count):
+            x, y, w, h, encoding = struct.unpack(">HHHHi", self.recv(12))
+            if encoding == E.COPYRECT:
+                payload = self.recv(4)
+            elif encoding == E.ZLIB:
+                payload = self.recv(int.from_bytes(self.recv(4), "big"))
+            else:
+                payload = b""
+            rects.append((x, y, w, h, encoding, payload))
+        return rects
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def ready(self) -> bool:
+        return True
+
+    def key_event(self, code: int, down: bool) -> None:
+        self.events.append(("key", code, down))
+
+    def pointer_event(self, x: int, y: int, buttons: int) -> None:
+        self.events.append(("pointer", x, y, buttons))
+
+
+def test_protocol_over_websocket_zlib_copyrect_desktopsize_and_input():
+    import zlib
+    from pyhyve.display.screen import Screen
+    from pyhyve.inputroute import InputRouter
+    from pyhyve.vnc.server import VncServer
+    width, height = 64, 48
+    bands = [bytes((16 * i, 0, 0, 0)) * width * 16 for i in range(3)]
+    frame = {"size": (width, height), "pixels": b"".join(bands)}
+
+    def draw():
+        w, h = frame["size"]
+        return w, h, frame["pixels"], (0, h), 16
+    router, sink = InputRouter(), Recorder()
+    router.add_keyboard(sink)
+    router.add_pointer(sink)
+    server = VncServer(Screen(draw), router, ("tcp", "127.0.0.1:0"), None, "test",
+                       lambda *args: None)
+    try:
+        client = WebSocketClient(server.address[1])
+        assert client.recv(12) == b"RFB 003.008\n"
+        client.send(b"RFB 003.008\n")
+        assert client.recv(2) == b"\x01\x01"            # one type: None
+        client.send(b"\x01")
+        assert client.recv(4) == bytes(4)
+        client.send(b"\x01")
+        assert struct.unpack(">HH", client.recv(4)) == (width, height)
+        client.recv(16)
+        client.recv(int.from_bytes(client.recv(4), "big"))
+        client.send(struct.pack(">BxHiii", 2, 3, E.COPYRECT, E.ZLIB, E.DESKTOP_SIZE))
+        client.send(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+        [(x, y, w, h, encoding, payload)] = client.update()
+        inflater = zlib.decompressobj()
+        assert (x, y, w, h, encoding) == (0, 0, width, height, E.ZLIB)
+        assert inflater.decompress(payload) == frame["pixels"]
+        frame["pixels"] = bands[1] + bands[2] + bytes((9, 9, 9, 0)) * width * 16    # scroll
+        client.send(struct.pack(">BBHHHH", 3, 1, 0, 0, width, height))
+        rects = client.update()
+        assert rects[0][:5] == (0, 0, width, 32, E.COPYRECT)
+        assert struct.unpack(">HH", rects[0][5]) == (0, 16)
+        assert [r[:5] for r in rects[1:]] == [(0, 32, width, 16, E.ZLIB)]
+        assert inflater.decompress(rects[1][5]) == bytes((9, 9, 9, 0)) * width * 16
+        frame["size"], frame["pixels"] = (32, 16), bytes(32 * 16 * 4)         # a new mode
+        client.send(struct.pack(">BBHHHH", 3, 1, 0, 0, width, height))
+        rects = client.update()
+        assert rects[0][:5] == (0, 0, 32, 16, E.DESKTOP_SIZE)
+        assert rects[1][:5] == (0, 0, 32, 16, E.ZLIB)
+        client.send(struct.pack(">BBxxI", 4, 1, ord("a")) + struct.pack(">BBxxI", 4, 0, 0xFF0D))
+        client.send(struct.pack(">BBHH", 5, 1, 31, 15))
+        client.send(struct.pack(">BBHHHH", 3, 0, 0, 0, 32, 16))
+        client.update()                     # answered after the input was taken
+        assert sink.events == [("key", 30, True), ("key", 28, False),
+                               ("pointer", 0x7FFF, 0x7FFF, 1)]
+    finally:
+        server.close()
