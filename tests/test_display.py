@@ -108,8 +108,12 @@ def test_text_mode_writes_land_in_planes_0_and_1(vm):
     gc(vm, 5, 0x10)                    # odd/even
     seq(vm, 2, 0x03)
     vm.mmio_write(0xB8000, 2, 0x0741)  # 'A', grey on black
+    vm.mmio_write(0xB8002, 2, 0x1E42)  # 'B', yellow on blue: the next address, 4 bytes on
     vram = vm.device.vram
     assert vram[0] == 0x41 and vram[1] == 0x07
+    assert bytes(vram[4:6]) == b"\x42\x1e" and vram[2] == vram[3] == 0
+    vm.mmio_write(0xB8005, 1, 0x4F)    # a byte alone: cell 2's attribute
+    assert vram[9] == 0x4F and vram[8] == 0
     assert vm.mmio_read(0xB8001, 1) == 0x07
     assert vm.mmio_read(0xA0000, 1) == 0xFF                      # outside the map
 

@@ -331,6 +331,16 @@ class VgaState:
         return value
 
     def window_write(self, offset: int, size: int, value: int) -> None:
+        if size == 2 and not offset & 1 and self.gr[GR_MODE] & 0x10 and \
+                not self.sr[SR_MEMORY_MODE] & SR04_CHAIN4 and \
+                self.sr[SR_PLANE_WRITE] & 3 == 3 and not self.gr[GR_READ_PLANE] & 2:
+            # A character and its attribute (the text console's every write, and
+            # BIOS screen clears): planes 0 and 1 at one address, adjacent bytes.
+            address = self._window_address(offset & 0x1FFFF)
+            if address is not None and 2 * address + 2 <= self.vram_size:
+                self.vram[2 * address:2 * address + 2] = value.to_bytes(2, "little")
+                self.written_pages.add(address >> 11)
+            return
         for i in range(size):
             self._window_write_byte(offset + i, (value >> (8 * i)) & 0xFF)
 
