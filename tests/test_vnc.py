@@ -253,6 +253,21 @@ def type_into_grub(api, port: int) -> None:
         client.disconnect()
 
 
+def grub_session(api, proc: subprocess.Popen, port: int, serial: Path) -> tuple:
+    """GRUB's menu as a VNC client sees it, then its screen after typing a
+    command (whose output the serial console shows); the VMM is stopped."""
+    try:
+        wait_for(serial, MENU_ENTRY, timeout=240)
+        time.sleep(2)
+        menu = grab(api, port)
+        type_into_grub(api, port)
+        wait_for(serial, "typed-through-vnc\r\n", timeout=60)
+        time.sleep(2)
+        return menu, grab(api, port)
+    finally:
+        stop(proc)
+
+
 @pytest.mark.e2e
 @pytest.mark.usefixtures("needs_kvm")
 def test_grub_menu_matches_qemu_and_keys_reach_its_command_line(vnc_api, grub_menu_disk,
@@ -270,30 +285,12 @@ def test_grub_menu_matches_qemu_and_keys_reach_its_command_line(vnc_api, grub_me
     serial = tmp_path / "pyhyve-serial.txt"
     proc = pyhyve(["-l", f"com1,file={serial}", "-s", f"3,fbuf,tcp=127.0.0.1:{port}",
                    "-s", f"4,virtio-blk,{grub_menu_disk}"], "vnc-grub", tmp_path)
-    try:
-        wait_for(serial, MENU_ENTRY, timeout=240)
-        time.sleep(2)
-        screens["pyhyve menu"] = grab(vnc_api, port)
-        type_into_grub(vnc_api, port)
-        wait_for(serial, "typed-through-vnc\r\n", timeout=60)
-        time.sleep(2)
-        screens["pyhyve typed"] = grab(vnc_api, port)
-    finally:
-        stop(proc)
+    screens["pyhyve menu"], screens["pyhyve typed"] = grub_session(vnc_api, proc, port, serial)
     port = vnc_port()
     serial = tmp_path / "qemu-serial.txt"
     proc = qemu(["-serial", f"file:{serial}", "-drive",
                  f"file={grub_menu_disk},format=raw,if=virtio,snapshot=on"], port)
-    try:
-        wait_for(serial, MENU_ENTRY, timeout=240)
-        time.sleep(2)
-        screens["qemu menu"] = grab(vnc_api, port)
-        type_into_grub(vnc_api, port)
-        wait_for(serial, "typed-through-vnc\r\n", timeout=60)
-        time.sleep(2)
-        screens["qemu typed"] = grab(vnc_api, port)
-    finally:
-        stop(proc)
+    screens["qemu menu"], screens["qemu typed"] = grub_session(vnc_api, proc, port, serial)
     for name, image in screens.items():
         image.save(tmp_path / f"{name.replace(' ', '-')}.png")
     for stage in ("menu", "typed"):
