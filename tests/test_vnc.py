@@ -442,3 +442,30 @@ def test_protocol_over_websocket_zlib_copyrect_desktopsize_and_input():
                                ("pointer", 0x7FFF, 0x7FFF, 1)]
     finally:
         server.close()
+
+
+def test_unix_socket_listener_reuses_only_a_dead_socket(tmp_path):
+    import socket
+    from pyhyve.config import ConfigError
+    from pyhyve.display.screen import Screen
+    from pyhyve.inputroute import InputRouter
+    from pyhyve.vnc.server import VncServer
+    path = str(tmp_path / "vnc.sock")
+
+    def serve():
+        return VncServer(Screen(lambda: (8, 8, bytes(256), None, 8)), InputRouter(),
+                         ("unix", path), None, "test", lambda *args: None)
+    first = serve()
+    first.close()                               # its socket file stays, as after a crash
+    second = serve()
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            assert client.recv(12) == b"RFB 003.008\n"
+    finally:
+        second.close()
+    os.unlink(path)
+    Path(path).write_text("not a socket")
+    with pytest.raises(ConfigError, match="not a socket"):
+        serve()
+    assert Path(path).read_text() == "not a socket"

@@ -15,6 +15,7 @@ failure message.  Nothing a client sends reaches beyond its own session,
 the screen it may look at and the keys and pointer it may use.
 """
 
+import errno
 import hmac
 import logging
 import os
@@ -25,7 +26,9 @@ import threading
 import time
 
 from ..config import ConfigError
+from ..devices.chardev import check_stale_socket
 from ..inputroute import POINTER_MAX
+from ..sandbox import remove_at_exit
 from . import encodings as E
 from .des import vnc_response
 from .keysyms import key_code
@@ -73,10 +76,16 @@ class VncServer:
         kind, where = listen
         try:
             if kind == "unix":
-                if os.path.exists(where) and not os.path.isdir(where):
-                    os.unlink(where)        # a socket a previous run left behind
                 self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.listener.bind(where)
+                try:
+                    self.listener.bind(where)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    check_stale_socket(exc, where)     # a dead pyhyve's socket is reused
+                    os.unlink(where)
+                    self.listener.bind(where)
+                remove_at_exit(where)
             else:
                 host, port = parse_tcp(where)
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
