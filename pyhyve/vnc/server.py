@@ -9,6 +9,10 @@ pointer moves go to the VM's input router.  An accept thread takes
 connections, plain or WebSocket (stream.py).  No vCPU thread ever waits on
 a client: a slow client only delays itself.
 
+Threads started before the process is confined (the accept thread, a
+session that `wait` let in) confine themselves when they next wake
+(sandbox.catch_up).
+
 Security: None, or VNC Authentication when a password is configured (DES
 challenge, des.py).  A wrong password closes the connection after the
 failure message.  Nothing a client sends reaches beyond its own session,
@@ -28,7 +32,7 @@ import time
 from ..config import ConfigError
 from ..devices.chardev import check_stale_socket
 from ..inputroute import POINTER_MAX
-from ..sandbox import remove_at_exit
+from ..sandbox import catch_up, remove_at_exit
 from . import encodings as E
 from .des import vnc_response
 from .keysyms import key_code
@@ -130,6 +134,7 @@ class VncServer:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
+            catch_up()                  # confined before it serves, and its clients with it
             with self._lock:
                 self._clients.append(sock)
             threading.Thread(target=self._serve, args=(sock,), name="vnc-client",
@@ -224,6 +229,7 @@ class Session:
         stream = self.stream
         next_frame = time.monotonic()
         while not self.server._closing:
+            catch_up()                  # a session begun before confinement (wait) confines now
             timeout = max(0.0, next_frame - time.monotonic()) if self.request else 1.0
             if not stream.pending():
                 readable, _, _ = select.select([stream], [], [], timeout)
