@@ -35,7 +35,7 @@ def bochs_boot(linux_guest, tmp_path_factory):
     initrd = with_script(linux_guest, tmp, SCRIPT)
     port = free_port()
     command = pyhyve_command(linux_guest, initrd, "-s", f"3,fbuf,tcp=127.0.0.1:{port}",
-                             "-o", "process.landlock=false", name="linux-display")
+                             name="linux-display")
     with GuestRun(command, pyhyve_env(), tmp / "console.log") as run:
         run.expect("@@@ done")
         time.sleep(2)

@@ -105,7 +105,7 @@ def wait_for(path: Path, text: str, timeout: float = 180) -> str:
 def pyhyve(args: list[str], name: str, tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pyhyve", "-m", "128M", "-l", f"bootrom,{SEABIOS}",
-         "-l", "fwcfg,qemu", *args, "-o", "process.landlock=false", name],
+         "-l", "fwcfg,qemu", *args, name],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=open(tmp_path / f"{name}.err", "wb"), env=dict(os.environ, PYTHONPATH=str(REPO)))
 
@@ -147,8 +147,9 @@ def without_cell(image, column: int, row: int):
 @pytest.mark.e2e
 @pytest.mark.usefixtures("needs_kvm")
 def test_seabios_screen_wait_and_password_match_qemu(vnc_api, tmp_path):
-    """pyhyve with `wait` and a password: the guest does not start before a
-    client got in (a wrong password is not one), and then SeaBIOS's screen
+    """pyhyve (confined: seccomp and Landlock) with `wait` and a password: the
+    guest does not start before a client got in (a wrong password is not
+    one), and then SeaBIOS's screen
     is QEMU's pixel for pixel, but for the cursor's blink phase and the order
     in which SeaBIOS tried its boot devices (pyhyve's CMOS reports a floppy
     drive first, QEMU's fw_cfg boot order puts the hard disk first: the two
