@@ -258,11 +258,11 @@ def grub_session(api, proc: subprocess.Popen, port: int, serial: Path) -> tuple:
     """GRUB's menu as a VNC client sees it, then its screen after typing a
     command (whose output the serial console shows); the VMM is stopped."""
     try:
-        wait_for(serial, MENU_ENTRY, timeout=240)
+        wait_for(serial, MENU_ENTRY, timeout=900)      # minutes on a busy host
         time.sleep(2)
         menu = grab(api, port)
         type_into_grub(api, port)
-        wait_for(serial, "typed-through-vnc\r\n", timeout=60)
+        wait_for(serial, "typed-through-vnc\r\n", timeout=300)
         time.sleep(2)
         return menu, grab(api, port)
     finally:

@@ -8,6 +8,8 @@ an event of its own, so "!" arrives as Shift down, "!" down, "!" up, Shift
 up, and the guest sees Shift and 1.
 """
 
+US_LAYOUTS = ("us_unix", "us")         # bhyve's -K names for what key_code() implements
+
 # the US layout's main block: characters to Linux key codes (KEY_1 = 2 ...)
 _ROWS = (
     ("1234567890-=", 2, "!@#$%^&*()_+"),
