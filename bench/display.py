@@ -6,9 +6,12 @@ waits.  Each side then serves one client (a minimal RFB client here, Raw
 encoding, 32-bit pixels) that asks for the whole screen, non-incrementally,
 as fast as the answers come, for --seconds.  Frames per second is updates
 received over that time; CPU per update is the VMM process's user+system
-time (from /proc) spent meanwhile, over the updates: the cost of drawing
-and encoding a full screen, which an incremental client pays on each change.
-The sides take turns --repeat times; the best run of each counts.
+time (from /proc) spent meanwhile, over the updates: the cost of encoding
+and sending a full screen (the text screen does not change, so neither
+side redraws it).  Both servers pace their answers, QEMU by its display
+refresh timer (which slows down while the screen is idle), pyhyve at 30
+updates a second, so updates/s compares pacing; CPU per update compares
+cost.  The sides take turns --repeat times; the best run of each counts.
 """
 
 import argparse
