@@ -248,8 +248,9 @@ class StdVga(PciDevice):
         if len(vram) != len(self.vram) or inflater.unconsumed_tail:
             raise StateError(f"PCI {self.bdf} video memory is not {len(self.vram)} bytes")
         rest = {key: value for key, value in state.items() if key not in ("vga", "vram")}
-        self.state.restore_state(state["vga"])     # checks before the PCI part changes
+        VgaState(self.state.vram, self.context.warn_once).restore_state(state["vga"])  # check
         super().restore_state(rest)
+        self.state.restore_state(state["vga"])
         self.vram[:] = vram
         self.renderer.invalidate()
 
