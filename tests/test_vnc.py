@@ -58,6 +58,8 @@ def test_pixel_format_conversion():
     big = E.PixelFormat(32, 24, True, True, 255, 255, 255, 0, 8, 16)   # R in the low byte
     assert big.convert(pixel) == bytes((0, 0x10, 0x80, 0xF8))
     assert E.PixelFormat().convert(pixel) == pixel
+    bgr233 = E.PixelFormat(8, 8, False, True, 7, 7, 3, 0, 3, 6)
+    assert bgr233.convert(bytes((0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0))) == bytes((0xFF, 0x07))
     assert E.PixelFormat(bpp=24).problem() and E.PixelFormat(true_colour=False).problem()
 
 
