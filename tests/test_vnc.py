@@ -264,7 +264,7 @@ def grub_session(api, proc: subprocess.Popen, port: int, serial: Path) -> tuple:
         time.sleep(2)
         menu = grab(api, port)
         type_into_grub(api, port)
-        wait_for(serial, "vncok\r\n", timeout=900)
+        wait_for(serial, "vncok\n", timeout=900)       # the echo; read_text makes \r\n \n
         time.sleep(2)
         return menu, grab(api, port)
     finally:
