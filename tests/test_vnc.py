@@ -240,17 +240,20 @@ def grub_menu_disk(tmp_path_factory) -> Path:
                            GRUB_MENU_CFG)
 
 
-def type_into_grub(api, port: int) -> None:
-    """'c' for GRUB's command line, then a command and Enter, through VNC, at
-    a typist's pace: the keyboard's buffer is 16 bytes (the PS/2 queue, as
-    QEMU's), and an emulated guest takes keys slowly."""
+def type_into_grub(api, port: int, serial: Path) -> None:
+    """'c' for GRUB's command line, then a command and Enter, through VNC,
+    each key once GRUB echoed the one before: QEMU's keyboard holds 16 bytes
+    and drops what comes on top (pyhyve's holds 64), and an emulated GRUB on
+    a busy host takes seconds a key, minutes to open its command line."""
     client = api.connect(f"127.0.0.1::{port}", timeout=60)
     try:
-        client.keyPress("c")
-        time.sleep(3)
-        for char in TYPED:
-            client.keyPress("space" if char == " " else char)
-            time.sleep(0.3)
+        for key, echo in [("c", "grub>"), *((char, char) for char in TYPED)]:
+            before = serial.read_text(errors="replace").count(echo)
+            client.keyPress("space" if key == " " else key)
+            deadline = time.monotonic() + 600
+            while serial.read_text(errors="replace").count(echo) <= before:
+                assert time.monotonic() < deadline, f"GRUB did not echo {key!r}"
+                time.sleep(0.5)
         client.keyPress("enter")
     finally:
         client.disconnect()
@@ -263,7 +266,7 @@ def grub_session(api, proc: subprocess.Popen, port: int, serial: Path) -> tuple:
         wait_for(serial, MENU_ENTRY, timeout=900)      # minutes on a busy host
         time.sleep(2)
         menu = grab(api, port)
-        type_into_grub(api, port)
+        type_into_grub(api, port, serial)
         wait_for(serial, "vncok\n", timeout=900)       # the echo; read_text makes \r\n \n
         time.sleep(2)
         return menu, grab(api, port)
