@@ -231,9 +231,7 @@ class Session:
         while not self.server._closing:
             catch_up()                  # a session begun before confinement (wait) confines now
             timeout = max(0.0, next_frame - time.monotonic()) if self.request else 1.0
-            if not stream.pending():
-                readable, _, _ = select.select([stream], [], [], timeout)
-            if stream.pending() or readable:
+            if stream.pending() or select.select([stream], [], [], timeout)[0]:
                 self._message()
                 continue
             if self.request is not None:
