@@ -53,8 +53,8 @@ Devices:
                            ports 0xe0, IRQ lines 0x2000, memory 0xff000000; with an
                            isa-debug-exit at 0xf4+4 unless one is given)
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
-  -K layout      keyboard layout of bhyve's VNC console: refused (exit status 4),
-                 pyhyve has no display yet
+  -K layout      keyboard layout of the VNC console (-s N,fbuf): us_unix, the US
+                 layout, only (others exit with status 4)
 Kernel boot:
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   boot a kernel: a bzImage (at its 64-bit entry, else
                   through its 16-bit setup code), a PVH ELF kernel, or a multiboot kernel

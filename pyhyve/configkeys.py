@@ -29,8 +29,8 @@ KEYS = {
     "acpi_tables": "generate ACPI tables (-A; on by default, false leaves them out)",
     "destroy_on_poweroff": "bhyve's -D; accepted, no effect (a KVM VM is destroyed when "
                            "its process exits, at every power-off)",
-    "keyboard.layout": "bhyve's -K (its VNC console's keyboard layout); refused: pyhyve "
-                       "has no display yet",
+    "keyboard.layout": "bhyve's -K (its VNC console's keyboard layout): us_unix only, the "
+                       "US layout the VNC server types with",
     "x86.strictio": "stop the VM on an access to an unclaimed port (-e)",
     "x86.strictmsr": "#GP on unknown MSRs (default); false ignores them (-w)",
     "x86.x2apic": "offer x2APIC in CPUID (-x)",

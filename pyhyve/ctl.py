@@ -23,12 +23,14 @@ vCPU's own thread (VcpuThread.call), so it sees the vCPU between two
 KVM_RUNs.
 """
 
+import base64
 import functools
 import json
 import os
 import socket
 import time
 
+from .display import find_display, imagefile
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
 from .sandbox import snapshot_refusal
@@ -178,7 +180,9 @@ class ControlServer(SocketService):
             "checkpoint": functools.partial(self._snapshot, False),
             "suspend": functools.partial(self._snapshot, True),
             "consoles": self._consoles,
+            "screendump": self._screendump,
         }
+        self._screenshot = b""          # the PNG screendump hands out in chunks
         super().__init__(vm, path or default_socket_path(vm.name))
 
     def already_running(self) -> ConfigError:
@@ -311,6 +315,23 @@ class ControlServer(SocketService):
         return {"consoles": [{"name": name, "device": device, **backend.describe()}
                              for name, device, backend in self.vm.consoles()]}
 
+    def _screendump(self, request: dict) -> dict:
+        """The display as PNG, in base64 chunks that fit an answer line: offset 0
+        takes a fresh screenshot, later offsets read the same one.  The client
+        writes the file: this process (sandboxed) creates none."""
+        offset = request.get("offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise RequestError('"offset" must be a byte offset')
+        if offset == 0:
+            display = find_display(self.vm.devices)
+            if display is None:
+                raise RequestError("the VM has no display (-s SLOT,fbuf)")
+            update = display.screen.refresh()
+            self._screenshot = imagefile.png(update.width, update.height, update.pixels)
+        chunk = self._screenshot[offset:offset + SCREENDUMP_CHUNK]
+        return {"vm": self.vm.name, "total": len(self._screenshot), "offset": offset,
+                "data": base64.b64encode(chunk).decode()}
+
     def _stop(self, status: ExitStatus, request: dict) -> dict:
         self.log.info("control: %s", request.get("command"))
         self.vm.stop(status, cause="control")
@@ -338,6 +359,9 @@ class ControlServer(SocketService):
             self.vm.exit_detail = f"suspended to {path}"
             self.vm.stop(ExitStatus.POWEROFF, cause="control")
         return {"vm": self.vm.name, "path": path, "size": size}
+
+
+SCREENDUMP_CHUNK = 256 * 1024       # base64 of it stays well inside an answer line
 
 
 def _error(message: str) -> dict:

@@ -83,6 +83,7 @@ class GuestMemory:
         self._starts: list[int] = []
         self._slots: dict[int, int] = {}      # gpa -> memslot number
         self._next_slot = 0
+        self._free_slots: list[int] = []
         self._lowmem = self._anonymous(self.lowmem_size)
         self._highmem = self._anonymous(self.highmem_size) if self.highmem_size else None
         self._bios_rom: tuple[mmap.mmap, int, int] | None = None   # rom, offset, gpa
@@ -183,8 +184,11 @@ class GuestMemory:
             raise GuestMemoryError(f"{region!r} overlaps existing memory")
         self._regions.insert(index, region)
         self._starts.insert(index, region.gpa)
-        slot = self._next_slot
-        self._next_slot += 1
+        if self._free_slots:            # a BAR the guest moves again and again reuses its slot
+            slot = self._free_slots.pop()
+        else:
+            slot = self._next_slot
+            self._next_slot += 1
         self._slots[region.gpa] = slot
         if self._log_ram and self._is_ram(region):
             region.log_dirty = True
@@ -208,6 +212,7 @@ class GuestMemory:
         self._starts.pop(index)
         slot = self._slots.pop(gpa)
         self.vm.set_user_memory_region(slot, gpa, 0, 0)
+        self._free_slots.append(slot)
         region.view.release()
         return region
 
@@ -228,6 +233,37 @@ class GuestMemory:
                                            abi.KVM_MEM_READONLY)
         else:
             self.vm.set_user_memory_region(slot, gpa, 0, 0)
+
+    def carve_hole(self, start: int, end: int) -> None:
+        """Take [START, END) out of the guest RAM that covers it, so that the
+        guest's accesses there exit to the MMIO bus (the legacy VGA window,
+        which a display device serves).  Only KVM's memslots change: the RAM
+        behind stays in the backing, as snapshots see it."""
+        region = self._region(start, end - start)
+        if region.backing is not self._lowmem and region.backing is not self._highmem:
+            raise GuestMemoryError(f"{start:#x}-{end:#x} is not in guest RAM")
+        self._remove(region.gpa)
+        if start > region.gpa:
+            self._add(Region(region.name, region.gpa, region.backing, region.offset,
+                             start - region.gpa, region.writable, region.log_dirty))
+        if end < region.end:
+            self._add(Region(f"{region.name}-{end:x}", end, region.backing,
+                             region.offset + end - region.gpa, region.end - end,
+                             region.writable, region.log_dirty))
+
+    def add_device_ram(self, name: str, gpa: int, backing: mmap.mmap) -> bool:
+        """Map a device's own memory (a framebuffer BAR) at GPA, writable by the
+        guest without exits; False, changing nothing, where that would overlap
+        other memory (a BAR the firmware is sizing at 0xFF000000, say)."""
+        try:
+            self._add(Region(name, gpa, backing, 0, len(backing), True))
+        except GuestMemoryError:
+            return False
+        return True
+
+    def remove_device_ram(self, gpa: int) -> None:
+        """Unmap what add_device_ram() mapped at GPA."""
+        self._remove(gpa)
 
     def map_bootrom(self, rom: mmap.mmap) -> None:
         """Map a bootrom so it ends at 4 GiB, with its tail in the BIOS area."""

@@ -29,7 +29,9 @@ query-status, query-cpus-fast, stop, cont, system_powerdown (the ACPI power
 button: POWERDOWN, then the guest decides), system_reset (the machine is
 reset in place and runs on, as QEMU's; the guest's own reset still ends
 pyhyve with bhyve's status 0, as QEMU's -no-reboot does), quit (power-off:
-pyhyve exits with bhyve's status 1).
+pyhyve exits with bhyve's status 1), screendump (the display as a PPM or PNG
+file, written by this process, so only where it may write snapshots:
+beneath `snapshot.dir`, see sandbox.snapshot_refusal).
 
 Events, to every client past qmp_capabilities, whoever caused them (the
 guest, pyhyvectl, a signal, QMP): STOP, RESUME, POWERDOWN, RESET and
@@ -42,10 +44,13 @@ may sit idle for as long as it likes (it is waiting for events); one that
 has not negotiated is closed after IDLE_TIMEOUT.
 """
 
+import os
 import time
 
 from . import __version__
+from .display import find_display, imagefile
 from .jsonstream import JsonStream
+from .sandbox import snapshot_refusal
 from .sockservice import MAX_LINE, Client, SocketService
 from .vcpu import ExitStatus
 
@@ -137,6 +142,7 @@ class QmpServer(SocketService):
             "system_powerdown": (self._system_powerdown, ()),
             "system_reset": (self._system_reset, ()),
             "quit": (self._quit, ()),
+            "screendump": (self._screendump, ("filename", "device", "head", "format")),
         }
         super().__init__(vm, path)
         vm.listeners.append(self._vm_event)
@@ -266,6 +272,31 @@ class QmpServer(SocketService):
         return {}
 
     # --- events ------------------------------------------------------------------------------
+    def _screendump(self, session: _Session, arguments: dict) -> dict:
+        filename, kind = arguments.get("filename"), arguments.get("format", "ppm")
+        if not isinstance(filename, str) or not filename:
+            raise QmpError("Parameter 'filename' is missing")
+        if kind not in ("ppm", "png"):
+            raise QmpError(f"Parameter 'format' does not accept value '{kind}'")
+        if arguments.get("head", 0) != 0:
+            raise QmpError("the display has one head, 0")
+        display = find_display(self.vm.devices)
+        if display is None or arguments.get("device", display.description) not in (
+                display.description, display.name):
+            raise QmpError("no such display device (the VM's display is -s SLOT,fbuf)")
+        path = os.path.abspath(filename)
+        refusal = snapshot_refusal(path, self.vm.config)
+        if refusal:
+            raise QmpError(f"screendump: {refusal}")
+        update = display.screen.refresh()
+        data = getattr(imagefile, kind)(update.width, update.height, update.pixels)
+        try:
+            with open(path, "wb") as file:
+                file.write(data)
+        except OSError as exc:
+            raise QmpError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return {}
+
     def _vm_event(self, event: str, details: dict) -> None:
         """A VM listener: on whatever thread the event happened; never blocks."""
         when = time.time()

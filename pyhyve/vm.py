@@ -48,6 +48,7 @@ from .pci.bus import PciBus
 from .pci.intx import IOAPIC_PIN_BASE, link_for
 from .pci.regs import INTERRUPT_PIN
 from .vcpu import ExitStatus, VcpuThread, install_kick_handler
+from .vnc.keysyms import US_LAYOUTS
 
 HALT_PROBE_INTERVAL = 0.5
 # how the log says each exit status
@@ -115,9 +116,10 @@ class VirtualMachine:
             raise ConfigError(f"memory size {memory_size} bytes is below the 1 MiB minimum")
         self.topology = builder.topology(config)
         self.cpusets = builder.vcpu_cpusets(config, self.topology.cpus)     # -p
-        if "keyboard.layout" in config:
-            raise ConfigError("keyboard.layout (-K): pyhyve has no display yet, so no "
-                              "keyboard layout to set")
+        layout = config.get("keyboard.layout", "us_unix")
+        if layout not in US_LAYOUTS:
+            raise ConfigError(f"keyboard.layout (-K): '{layout}': the VNC console types "
+                              "with the US layout only (us_unix)")
         self.uuid = builder.vm_uuid(config, self.name)
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)

@@ -13,8 +13,16 @@ from pyhyve.layout import MiB
 from pyhyve.memory import GuestMemory
 
 
+class _NoExtensions:
+    def check_extension(self, cap) -> int:
+        return 0
+
+
 class RecordingKvmVm:
-    """Accepts the VM ioctls GuestMemory and devices make, and remembers them."""
+    """Accepts the VM ioctls GuestMemory and devices make, and remembers them.
+    Dirty logging is accepted and logs nothing: no vCPU writes here."""
+
+    kvm = _NoExtensions()
 
     def __init__(self):
         self.memslots: dict[int, tuple] = {}
@@ -26,6 +34,9 @@ class RecordingKvmVm:
             self.memslots[slot] = (gpa, size, flags)
         else:
             self.memslots.pop(slot, None)
+
+    def get_dirty_log(self, slot, bitmap):
+        pass
 
     def irq_line(self, irq, level):
         self.irq_lines.append((irq, level))

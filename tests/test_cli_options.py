@@ -278,7 +278,7 @@ def test_D_A_H_P_are_accepted(tmp_path):
 def test_usage_tells_what_each_accepted_option_does():
     usage = run_pyhyve(["-h"], timeout=30).stdout
     for option, words in (("-D", "always destroyed"), ("-A", "pyhyve always does"),
-                          ("-H", "always so"), ("-P", "(PLE)"), ("-K", "no display yet"),
+                          ("-H", "always so"), ("-P", "(PLE)"), ("-K", "us_unix"),
                           ("-C", "MADV_DONTDUMP"), ("-p", "pin vCPU"), ("-v", "-vv")):
         assert re.search(rf"^  {option} .*{re.escape(words)}", usage, re.M | re.S), option
 

@@ -144,9 +144,9 @@ CASES = {
     "cpuset-key-syntax": (["-o", "vcpu.0.cpuset=0;1", *VALID], "invalid cpuset '0;1'"),
     "cpuset-key-range": (["-o", "vcpu.0.cpuset=1-0", *VALID], "invalid host CPU range 1-0"),
     "guest-in-core-not-bool": (["-o", "memory.guest_in_core=x", *VALID], "not a boolean"),
-    "keyboard-layout": (["-K", "us_unix", *VALID], "keyboard.layout (-K): pyhyve has no "
-                                                   "display yet"),
-    "keyboard-layout-key": (["-o", "keyboard.layout=fr", *VALID], "has no display yet"),
+    "keyboard-layout": (["-K", "fr_acc", *VALID], "keyboard.layout (-K): 'fr_acc': the "
+                                                  "VNC console types with the US layout"),
+    "keyboard-layout-key": (["-o", "keyboard.layout=fr", *VALID], "US layout only (us_unix)"),
     "keyboard-layout-no-value": (["-l", f"bootrom,{ROM}", "-K"], "option -K requires argument"),
     "logging-level": (["-o", "logging.level=loud", *VALID],
                       "logging.level: 'loud' is not one of debug, info, warning, error"),

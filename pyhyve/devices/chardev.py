@@ -579,7 +579,7 @@ class UnixBackend(_ServerBackend):
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise
-                _check_stale_socket(exc, path)
+                check_stale_socket(exc, path)
                 os.unlink(path)
                 listener.bind(path)
             listener.listen(1)
@@ -648,7 +648,7 @@ class TcpBackend(_ServerBackend):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # keystrokes, not bulk
 
 
-def _check_stale_socket(error: OSError, path: str) -> None:
+def check_stale_socket(error: OSError, path: str) -> None:
     """Re-raise `error` unless `path` is a socket nobody listens on any more."""
     try:
         is_socket = stat.S_ISSOCK(os.stat(path).st_mode)

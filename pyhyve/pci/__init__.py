@@ -27,6 +27,8 @@ BUILTIN_MODULES = {
     "ahci-hd": "pyhyve.ahci.hba",
     "hostbridge": "pyhyve.pci.hostbridge",
     "amd_hostbridge": "pyhyve.pci.hostbridge",
+    "fbuf": "pyhyve.display.stdvga",
+    "stdvga": "pyhyve.display.stdvga",
     "lpc": "pyhyve.pci.lpc",
     "nvme": "pyhyve.nvme.controller",
     "pci-testdev": "pyhyve.pci.testdev",

@@ -68,10 +68,12 @@ def partition_entry(start: int, sectors: int) -> bytes:
                        start, sectors)
 
 
-def build_grub_disk(work: Path, boot_img: str, mkimage: str, mke2fs: str) -> Path:
-    """Write work/disk.img (and its parts beside it); returns the disk's path."""
+def build_grub_disk(work: Path, boot_img: str, mkimage: str, mke2fs: str,
+                    grub_cfg: str = GRUB_CFG) -> Path:
+    """Write work/disk.img (and its parts beside it), GRUB reading GRUB_CFG;
+    returns the disk's path."""
     root = work / "root"
-    _tree(root, GRUB_CFG)
+    _tree(root, grub_cfg)
 
     partition = work / "partition.img"
     partition.unlink(missing_ok=True)
