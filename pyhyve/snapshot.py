@@ -14,8 +14,9 @@ The manifest is {"format": "pyhyve-snapshot", "version": 6, "config": {...},
 "data_size": N, "data_crc32": N}.  Binary parts are [offset, length]
 pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
 fpu, xsave (with KVM_CAP_XSAVE), xcrs (with KVM_CAP_XCRS), lapic and
-vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST that
-KVM_GET_MSRS reads ({"index": value} in hex); the irqchip (PIC master,
+vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST and the
+machine-check banks (mce.bank_msrs) that KVM_GET_MSRS reads ({"index":
+value} in hex); the irqchip (PIC master,
 PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
 shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
 [gpa, length, offset] of 4 KiB pages that are not all zero; everything
@@ -73,6 +74,7 @@ import struct
 import time
 import zlib
 
+from . import mce
 from .config import write_user_file
 from .kvm import abi
 from .lifecycle import StateError
@@ -177,7 +179,7 @@ def save(vm, path: str) -> int:
     vm.log.info("snapshot: writing %s", path)
     started = time.monotonic()
     writer = _Writer()
-    msr_indices = vm.kvm.msr_index_list()
+    msr_indices = vm.kvm.msr_index_list() + mce.bank_msrs(vm.mcg_cap)
     with contextlib.ExitStack() as quiesced:
         # Devices settle first: what they finish may raise interrupts, which
         # the vCPU and irqchip state must then hold.  They stay still until the

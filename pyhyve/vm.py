@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from . import builder, cpuid
+from . import builder, cpuid, mce
 from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
 from .boot.mptable import build_mptable
@@ -182,12 +182,17 @@ class VirtualMachine:
                                self.config.get_bool("gdb.wait"))
             self.closables.append(self.gdb)
         supported = self.kvm.supported_cpuid()
+        self.mcg_cap = 0                # the machine-check banks each vCPU has (mce.py)
         for index in range(self.topology.cpus):
             # KVM's vCPU id is the initial APIC ID, which encodes the topology.
             kvm_vcpu = self.kvm_vm.create_vcpu(self.topology.apic_id(index))
-            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index,
-                                                 self.config.get_bool("x86.x2apic"),
-                                                 self.hidden_features))
+            entries = cpuid.vcpu_cpuid(supported, self.topology, index,
+                                       self.config.get_bool("x86.x2apic"), self.hidden_features)
+            kvm_vcpu.set_cpuid2(entries)
+            if index == 0:
+                self.mcg_cap = mce.mcg_cap(self.kvm, entries, self.log)
+            if self.mcg_cap:
+                kvm_vcpu.setup_mce(self.mcg_cap)
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
         self._check_hidden_features()
         self.boot.start(self)
