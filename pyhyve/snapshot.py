@@ -63,6 +63,11 @@ them again), and what disks and the bootrom's variable file hold: those are
 the operator's files, synced when the snapshot is taken and used as they are
 when it is restored (the variable store's command state is saved, and its
 size must match).
+
+A VM asleep in ACPI S3 is saved as it sleeps ("vm": {"suspended": true}):
+its vCPUs are stopped already, and the restored VM starts asleep, waiting
+for a wake event (vm.py), as QEMU's migration keeps a suspended guest
+suspended.
 """
 
 import contextlib
@@ -196,6 +201,8 @@ def save(vm, path: str) -> int:
         state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
                  "pit2": writer.add(kvm_vm.get_pit2()),
                  "clock": writer.add(kvm_vm.get_clock())}
+        if vm.suspended:
+            state["suspended"] = True
         devices = {device.name: device.save_state() for device in vm.devices}
         memory = _memory_runs(vm, writer)
         config = {key: vm.config.get(key) for key in vm.config.keys()}
@@ -408,5 +415,10 @@ def restore_into(vm, path: str | Snapshot) -> None:
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
         _restore_devices(vm, m["devices"])
+        suspended = state.get("suspended", False)
+        if not isinstance(suspended, bool):
+            raise SnapshotError("snapshot is corrupt (vm suspended)")
+        if suspended:
+            vm.restore_suspended()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None
