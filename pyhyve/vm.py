@@ -588,9 +588,9 @@ class VirtualMachine:
 
     def press_power_button(self) -> None:
         """The ACPI power button: the guest decides, or it wakes a sleeping machine."""
+        self._notify("power-button")       # before a wake's own event
         if not self.wakeup("power-button"):
             self.pm.press_power_button()
-        self._notify("power-button")
 
     def _notify(self, event: str, **details) -> None:
         for listener in list(self.listeners):

@@ -99,13 +99,14 @@ def build_boot_sector(name: str) -> Path:
 
 
 def build_boot_program(name: str, **defines: int) -> Path:
-    """tests/guests/NAME.S linked at 0x7C00: a boot sector (55 AA at its end)
-    and the sectors after it that it loads itself (built once per content)."""
+    """tests/guests/NAME.S: a boot sector (55 AA at its end) and the sectors
+    after it that it loads itself, linked at 0 to run in the segment it is
+    loaded at (built once per content)."""
     def check(data: bytes) -> str | None:
         if not data or len(data) % BOOT_SECTOR_SIZE or data[510:512] != b"\x55\xaa":
             return f"program is {len(data)} bytes, not whole sectors, or lacks 55 AA"
         return None
-    return _assemble(name, ".boot", defines, [f"-Ttext={BOOT_SECTOR_BASE:#x}", "-e", "_start"],
+    return _assemble(name, ".boot", defines, ["-Ttext=0", "-e", "_start"],
                      ["-j", ".text"], check)
 
 

@@ -1,22 +1,28 @@
-/* ACPI S3 (suspend to RAM) from a guest's side, booted by SeaBIOS from a disk.
+/* ACPI S3 (suspend to RAM) from a guest's side.  One image boots two ways:
+ * as a disk's first sectors under SeaBIOS (the boot sector loads the rest,
+ * SECTORS in all, to 0x7E00 with int 13h), and as a bzImage whose 16-bit
+ * setup code is the program (protocol 2.01, so that pyhyve's -f kexec and
+ * QEMU's -kernel both put it at 0x90000 and enter it at 0x9020:0).  The code
+ * is linked at 0 and runs in whatever segment it was loaded at (CS = DS = SS).
  *
- * The boot sector loads the rest of the program (SECTORS sectors in all) to
- * 0x7E00 with int 13h.  The program then walks the ACPI tables the firmware
- * installed (RSDP in the BIOS area, RSDT, FADT: FACS, DSDT, PM1a_EVT,
- * PM1a_CNT; the DSDT's _S3 and _S5 packages for their SLP_TYP values), in
- * unreal mode to reach them above 1 MiB, and fills 64 KiB at 0x10000 with a
- * pattern.  Each of CYCLES rounds: print three counts, write the FACS
- * firmware waking vector, clear the PM1 wake status bits, and (with WAKE_RTC)
- * arm the RTC alarm a few seconds ahead with AIE and RTC_EN; print
- * "sleeping" and write SLP_TYP(_S3) | SLP_EN to PM1a_CNT.  The firmware's
- * resume path enters `wake_entry` in real mode; the program prints
- * "resumed", PM1_STS's WAK_STS, RTC_STS and PWRBTN_STS bits, whether the
- * pattern is intact, and counts on from where it was.  After the last round:
- * "done", and S5 through _S5.  Everything goes to the debug port 0x402
- * (SeaBIOS's log shares it: the program's lines start with "s3: "). */
+ * The program walks the ACPI tables (RSDP in the BIOS area, RSDT, FADT:
+ * FACS, DSDT, PM1a_EVT, PM1a_CNT; the DSDT's _S3 and _S5 packages for their
+ * SLP_TYP values) in unreal mode (FS reaches all 4 GiB), and fills 64 KiB at
+ * 0x20000 with a pattern.  Each of CYCLES rounds: print three counts, write
+ * the FACS firmware waking vector, clear the PM1 wake status bits, and (with
+ * WAKE_RTC) arm the RTC alarm a few seconds ahead with AIE and RTC_EN; print
+ * "sleeping" and write SLP_TYP(_S3) | SLP_EN to PM1a_CNT.  Woken, the
+ * firmware (or pyhyve, for a kernel booted without one) enters `wake_entry`
+ * in real mode; the program prints "resumed", PM1_STS's WAK_STS, RTC_STS and
+ * PWRBTN_STS bits, whether the pattern is intact, and counts on from where it
+ * was.  After the last round: three more counts, "done", and S5 through _S5.
+ * Everything goes to the debug port 0x402 (SeaBIOS's log shares it: the
+ * program's lines start with "s3: "). */
 #define DEBUG_PORT   0x402
 #define SECTORS      4
-#define PATTERN_SEG  0x1000
+#define PATTERN_SEG  0x2000
+#define STACK_TOP    0x9000         /* in the program's segment */
+#define MBR_SEG      0x07C0         /* where the BIOS loads a boot sector */
 #define SLP_EN       (1 << 13)
 #define SLP_TYP_MASK (7 << 10)
 #define WAKE_BITS    0x8500         /* WAK_STS, RTC_STS, PWRBTN_STS */
@@ -34,19 +40,22 @@
     .code16
     .text
     .globl _start
-_start:
-    cli
-    xorw %ax, %ax
-    movw %ax, %ds
-    movw %ax, %es
+_start:                             /* as a boot sector: CS:IP = 0:0x7C00 */
+    ljmp $MBR_SEG, $1f
+1:  cli
+    xorw %ax, %ax                   /* below us: SeaBIOS's disk code wants this stack */
     movw %ax, %ss
     movw $0x7C00, %sp
+    movw %cs, %ax
+    movw %ax, %ds
+    movw %ax, %es
     cld
     movw $dap, %si                  /* %dl: the boot drive, as the BIOS left it */
     movb $0x42, %ah
     int $0x13
-    jnc main
-    movw $msg_load_failed, %si
+    jc 1f
+    ljmp $(MBR_SEG + 0x20), $0      /* the setup code's entry, as a kernel loader jumps */
+1:  movw $msg_load_failed, %si
 fail:
     call puts
 halt:
@@ -54,10 +63,10 @@ halt:
     hlt
     jmp halt
 
-dap:                                /* int 13h extended read: the rest, to 0x7E00 */
+dap:                                /* int 13h extended read: the rest, after us */
     .byte 16, 0
     .word SECTORS - 1
-    .word 0x7E00, 0
+    .word 0x200, MBR_SEG
     .quad 1
 
 puts:                               /* %si: NUL-terminated string */
@@ -76,11 +85,38 @@ puts:                               /* %si: NUL-terminated string */
 msg_load_failed:
     .asciz "s3: cannot load the program\n"
 
-    .org 510
-    .word 0xAA55
+    /* the bzImage header (Documentation/x86/boot.rst), protocol 2.01 */
+    .org 0x1F1
+    .byte SECTORS - 1               /* setup_sects */
+    .word 0                         /* root_flags */
+    .long 32                        /* syssize: one 512-byte sector, 16-byte units */
+    .word 0, 0xFFFF, 0              /* ram_size, vid_mode, root_dev */
+    .word 0xAA55                    /* boot_flag, the boot sector's signature too */
+setup_entry:                        /* 0x200: the setup code's entry, a jump over the header */
+    .byte 0xEB, main - 1f
+1:  .ascii "HdrS"
+    .word 0x0201                    /* version */
+    .long 0                         /* realmode_swtch */
+    .word 0x1000, 0                 /* start_sys_seg, kernel_version */
+    .byte 0, 0x01                   /* type_of_loader, loadflags: LOADED_HIGH */
+    .word 0x8000                    /* setup_move_size */
+    .long 0x100000, 0, 0, 0         /* code32_start, ramdisk_image, _size, bootsect_kludge */
+    .word 0                         /* heap_end_ptr */
+    .org 0x240                      /* later protocols' fields: QEMU writes 0x22C whatever
+                                       the version */
 
-/* --- from here on: loaded by the boot sector ------------------------------- */
 main:
+    cli
+    cld
+    movw %cs, %ax                   /* as a kernel: CS = 0x9020, DS = SS = 0x9000 */
+    subw $((setup_entry - _start) >> 4), %ax
+    pushw %ax
+    pushw $1f
+    lret
+1:  movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw $STACK_TOP, %sp
     movw $msg_start, %si
     call puts
     call unreal
@@ -102,9 +138,10 @@ main:
 
 cycle:
     call count3
+    call linear_base                /* the waking vector: wake_entry's linear address */
+    addl $wake_entry, %eax
     movl facs, %ebx                 /* unreal mode: the FACS may be above 1 MiB */
-    movl $wake_entry, %eax
-    movl %eax, FACS_WAKING_VECTOR(%ebx)
+    movl %eax, %fs:FACS_WAKING_VECTOR(%ebx)
     movw pm1_evt, %dx
     movw $WAKE_BITS, %ax            /* write 1 to clear */
     outw %ax, %dx
@@ -119,18 +156,21 @@ cycle:
     jmp 1b
 
     .balign 16
-wake_entry:                         /* the firmware enters here in real mode */
-    ljmp $0, $resumed
-resumed:
+wake_entry:             /* entered in real mode, CS:IP = linear address / 16 : 0 */
     cli
-    xorw %ax, %ax
-    movw %ax, %ds
+    cld
+    movw %cs, %ax
+    subw $((wake_entry - _start) >> 4), %ax
+    pushw %ax
+    pushw $1f
+    lret
+1:  movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
-    movw $0x7C00, %sp
-    cld
+    movw $STACK_TOP, %sp
     movw $msg_resumed, %si
     call puts
+    call unreal                     /* the wake reset left FS a 64 KiB segment */
     movw pm1_evt, %dx
     inw %dx, %ax
     andw $WAKE_BITS, %ax
@@ -173,55 +213,60 @@ count3:
     loop 1b
     ret
 
-/* Big real mode: DS and ES with a 4 GiB limit, so 32-bit addresses reach the
- * ACPI tables wherever the firmware put them. */
+linear_base:                        /* %eax: the program's segment base */
+    movw %cs, %ax
+    movzwl %ax, %eax
+    shll $4, %eax
+    ret
+
+/* Unreal mode: FS with base 0 and a 4 GiB limit, so that %fs:(32-bit address)
+ * reaches the ACPI tables wherever the firmware put them. */
 unreal:
+    call linear_base
+    addl $gdt, %eax
+    movl %eax, gdt_descriptor + 2
     lgdtl gdt_descriptor
     movl %cr0, %eax
     orb $1, %al
     movl %eax, %cr0
     movw $8, %bx
-    movw %bx, %ds
-    movw %bx, %es
+    movw %bx, %fs
     andb $0xFE, %al
     movl %eax, %cr0
-    xorw %ax, %ax
-    movw %ax, %ds
-    movw %ax, %es
     ret
 
 /* RSDP -> RSDT -> FADT: facs, dsdt, pm1_evt, pm1_cnt; CF when not found */
 find_fadt:
     movl $0xE0000, %esi
-1:  cmpl $0x20445352, (%esi)        /* "RSD " */
+1:  cmpl $0x20445352, %fs:(%esi)/* "RSD " */
     jne 2f
-    cmpl $0x20525450, 4(%esi)       /* "PTR " */
+    cmpl $0x20525450, %fs:4(%esi)       /* "PTR " */
     je 3f
 2:  addl $16, %esi
     cmpl $0x100000, %esi
     jb 1b
     stc
     ret
-3:  movl 16(%esi), %esi             /* the RSDT */
-    movl 4(%esi), %ecx
+3:  movl %fs:16(%esi), %esi             /* the RSDT */
+    movl %fs:4(%esi), %ecx
     addl %esi, %ecx
     leal 36(%esi), %edi
 4:  cmpl %ecx, %edi
     jae 5f
-    movl (%edi), %ebx
-    cmpl $0x50434146, (%ebx)        /* "FACP" */
+    movl %fs:(%edi), %ebx
+    cmpl $0x50434146, %fs:(%ebx)        /* "FACP" */
     je 6f
     addl $4, %edi
     jmp 4b
 5:  stc
     ret
-6:  movl 36(%ebx), %eax
+6:  movl %fs:36(%ebx), %eax
     movl %eax, facs
-    movl 40(%ebx), %eax
+    movl %fs:40(%ebx), %eax
     movl %eax, dsdt
-    movl 56(%ebx), %eax
+    movl %fs:56(%ebx), %eax
     movw %ax, pm1_evt
-    movl 64(%ebx), %eax
+    movl %fs:64(%ebx), %eax
     movw %ax, pm1_cnt
     clc
     ret
@@ -230,27 +275,27 @@ find_fadt:
  * PM1a SLP_TYP value, in %ax; CF when there is none. */
 find_sleep_type:
     movl dsdt, %esi
-    movl 4(%esi), %ecx
+    movl %fs:4(%esi), %ecx
     addl %esi, %ecx
     subl $8, %ecx
     addl $36, %esi
 1:  cmpl %ecx, %esi
     jae 9f
-    cmpw $0x535F, (%esi)            /* "_S" */
+    cmpw $0x535F, %fs:(%esi)            /* "_S" */
     jne 2f
-    cmpb %bl, 2(%esi)
+    cmpb %bl, %fs:2(%esi)
     jne 2f
-    cmpw $0x125F, 3(%esi)           /* "_", then PackageOp */
+    cmpw $0x125F, %fs:3(%esi)           /* "_", then PackageOp */
     je 3f
 2:  incl %esi
     jmp 1b
-3:  movzbl 5(%esi), %eax            /* PkgLength: bits 7-6 count its extra bytes */
+3:  movzbl %fs:5(%esi), %eax            /* PkgLength: bits 7-6 count its extra bytes */
     shrb $6, %al
     leal 7(%esi,%eax), %esi         /* past NumElements: the first element */
-    movb (%esi), %al
+    movb %fs:(%esi), %al
     cmpb $0x0A, %al                 /* BytePrefix */
     jne 4f
-    movb 1(%esi), %al
+    movb %fs:1(%esi), %al
     jmp 5f
 4:  cmpb $0x01, %al                 /* ZeroOp, OneOp */
     ja 9f
@@ -383,7 +428,7 @@ gdt:
     .quad 0x00CF92000000FFFF        /* 0x08: data, base 0, 4 GiB */
 gdt_descriptor:
     .word gdt_descriptor - gdt - 1
-    .long gdt
+    .long 0                         /* gdt's linear address (unreal) */
 
 facs:        .long 0
 dsdt:        .long 0
@@ -406,4 +451,5 @@ msg_changed:  .asciz "s3: memory changed\n"
 msg_done:     .asciz "s3: done\n"
 msg_newline:  .asciz "\n"
 
-    .org SECTORS * 512
+    .org SECTORS * 512              /* then the "protected-mode kernel": one sector */
+    .fill 512, 1, 0
