@@ -23,7 +23,7 @@ main64:
     andl $((1 << 7) | (1 << 14)), %eax
     movl $4, %ecx
     call puthex
-    call newline
+    call putnl
     movl $MCG_CAP, %ebx
     call show
     movl $MCG_STATUS, %ebx
@@ -63,11 +63,7 @@ show:                              /* %ebx: MSR; prints "MSR=VALUE\n" */
     orq %rdx, %rax
     movl $16, %ecx
     call puthex
-newline:
-    movb $'\n', %al
-    movw $DEBUG_PORT, %dx
-    outb %al, %dx
-    ret
+    jmp putnl
 
 #include "lib64.inc"
 hex_digits: .ascii "0123456789abcdef"

@@ -18,7 +18,7 @@
  * was.  After the last round: three more counts, "done", and S5 through _S5.
  * Everything goes to the debug port 0x402 (SeaBIOS's log shares it: the
  * program's lines start with "s3: "). */
-#define DEBUG_PORT   0x402
+#include "rom.inc"                  /* DEBUG_PORT */
 #define SECTORS      4
 #define PATTERN_SEG  0x2000
 #define STACK_TOP    0x9000         /* in the program's segment */
@@ -36,6 +36,24 @@
 #ifndef WAKE_RTC
 #define WAKE_RTC 0
 #endif
+
+/* From ENTRY, entered with IP 0 wherever the program was loaded: into the
+ * program's own segment (CS - ENTRY / 16), as DS, ES and SS too, the stack at
+ * STACK_TOP, interrupts off. */
+.macro OWN_SEGMENT entry
+    cli
+    cld
+    movw %cs, %ax
+    subw $((\entry - _start) >> 4), %ax
+    pushw %ax
+    pushw $own_segment_\@
+    lret
+own_segment_\@:
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw $STACK_TOP, %sp
+.endm
 
     .code16
     .text
@@ -57,7 +75,7 @@ _start:                             /* as a boot sector: CS:IP = 0:0x7C00 */
     ljmp $(MBR_SEG + 0x20), $0      /* the setup code's entry, as a kernel loader jumps */
 1:  movw $msg_load_failed, %si
 fail:
-    call puts
+    call puts16
 halt:
     cli
     hlt
@@ -69,18 +87,7 @@ dap:                                /* int 13h extended read: the rest, after us
     .word 0x200, MBR_SEG
     .quad 1
 
-puts:                               /* %si: NUL-terminated string */
-    pushw %ax
-    pushw %dx
-    movw $DEBUG_PORT, %dx
-1:  lodsb
-    testb %al, %al
-    jz 2f
-    outb %al, %dx
-    jmp 1b
-2:  popw %dx
-    popw %ax
-    ret
+#include "lib16.inc"
 
 msg_load_failed:
     .asciz "s3: cannot load the program\n"
@@ -105,20 +112,10 @@ setup_entry:                        /* 0x200: the setup code's entry, a jump ove
     .org 0x240                      /* later protocols' fields: QEMU writes 0x22C whatever
                                        the version */
 
-main:
-    cli
-    cld
-    movw %cs, %ax                   /* as a kernel: CS = 0x9020, DS = SS = 0x9000 */
-    subw $((setup_entry - _start) >> 4), %ax
-    pushw %ax
-    pushw $1f
-    lret
-1:  movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw $STACK_TOP, %sp
+main:                               /* as a kernel: CS = 0x9020, DS = SS = 0x9000 */
+    OWN_SEGMENT setup_entry
     movw $msg_start, %si
-    call puts
+    call puts16
     call unreal
     call find_fadt
     movw $msg_no_fadt, %si
@@ -149,7 +146,7 @@ cycle:
     call arm_rtc_alarm
 #endif
     movw $msg_sleeping, %si
-    call puts
+    call puts16
     movw slp_typ_s3, %ax
     call sleep
 1:  pause                           /* QEMU may run a little before it stops the vCPU */
@@ -157,19 +154,9 @@ cycle:
 
     .balign 16
 wake_entry:             /* entered in real mode, CS:IP = linear address / 16 : 0 */
-    cli
-    cld
-    movw %cs, %ax
-    subw $((wake_entry - _start) >> 4), %ax
-    pushw %ax
-    pushw $1f
-    lret
-1:  movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw $STACK_TOP, %sp
+    OWN_SEGMENT wake_entry
     movw $msg_resumed, %si
-    call puts
+    call puts16
     call unreal                     /* the wake reset left FS a 64 KiB segment */
     movw pm1_evt, %dx
     inw %dx, %ax
@@ -180,12 +167,12 @@ wake_entry:             /* entered in real mode, CS:IP = linear address / 16 : 0
     movw $msg_intact, %si
     jnc 1f
     movw $msg_changed, %si
-1:  call puts
+1:  call puts16
     decb cycles_left
     jnz cycle
     call count3
     movw $msg_done, %si
-    call puts
+    call puts16
     movw slp_typ_s5, %ax
     call sleep
     jmp halt
@@ -206,7 +193,7 @@ count3:
     movw $3, %cx
 1:  incw counter
     movw $msg_count, %si
-    call puts
+    call puts16
     movw counter, %ax
     call puthex16
     call newline
@@ -418,7 +405,7 @@ puthex16:                           /* %ax, four hex digits */
 newline:
     pushw %si
     movw $msg_newline, %si
-    call puts
+    call puts16
     popw %si
     ret
 
