@@ -130,7 +130,8 @@ main:                               /* as a kernel: CS = 0x9020, DS = SS = 0x900
     movw $msg_no_s5, %si
     jc fail
     movw %ax, slp_typ_s5
-    call fill_pattern
+    xorb %bl, %bl
+    call pattern
     movb $CYCLES, cycles_left
 
 cycle:
@@ -163,7 +164,8 @@ wake_entry:             /* entered in real mode, CS:IP = linear address / 16 : 0
     andw $WAKE_BITS, %ax
     call puthex16
     call newline
-    call check_pattern
+    movb $1, %bl
+    call pattern
     movw $msg_intact, %si
     jnc 1f
     movw $msg_changed, %si
@@ -292,34 +294,26 @@ find_sleep_type:
 9:  stc
     ret
 
-fill_pattern:
+/* The pattern at PATTERN_SEG:0-0xFFFF, each word its offset XOR 0x5A5A:
+ * written when %bl is 0, else checked (CF when a word differs). */
+pattern:
     pushw %es
     movw $PATTERN_SEG, %ax
     movw %ax, %es
     xorw %di, %di
 1:  movw %di, %ax
     xorw $0x5A5A, %ax
+    testb %bl, %bl
+    jnz 2f
     movw %ax, %es:(%di)
-    addw $2, %di
-    jnz 1b
-    popw %es
-    ret
-
-check_pattern:                      /* CF when a word differs */
-    pushw %es
-    movw $PATTERN_SEG, %ax
-    movw %ax, %es
-    xorw %di, %di
-1:  movw %di, %ax
-    xorw $0x5A5A, %ax
-    cmpw %ax, %es:(%di)
-    jne 2f
+2:  cmpw %ax, %es:(%di)
+    jne 3f
     addw $2, %di
     jnz 1b
     popw %es
     clc
     ret
-2:  popw %es
+3:  popw %es
     stc
     ret
 
