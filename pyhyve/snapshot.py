@@ -406,6 +406,9 @@ def restore_into(vm, path: str | Snapshot) -> None:
                                 f"{len(vm.vcpus)}")
         if m.get("memory_size", vm.memory.size) != vm.memory.size:
             raise SnapshotError("snapshot's memory size differs from the VM's")
+        suspended = m["vm"].get("suspended", False)       # asleep in ACPI S3
+        if not isinstance(suspended, bool):
+            raise SnapshotError("snapshot is corrupt (vm suspended)")
         _restore_memory(vm, snap)
         state = m["vm"]
         _restore_chips(vm, snap)
@@ -415,9 +418,6 @@ def restore_into(vm, path: str | Snapshot) -> None:
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
         _restore_devices(vm, m["devices"])
-        suspended = state.get("suspended", False)
-        if not isinstance(suspended, bool):
-            raise SnapshotError("snapshot is corrupt (vm suspended)")
         if suspended:
             vm.restore_suspended()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
