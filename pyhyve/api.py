@@ -155,8 +155,13 @@ class Vm:
         self._machine.checkpoint(path)
 
     def press_power_button(self) -> None:
-        """The ACPI power button, as SIGTERM to pyhyve presses it."""
+        """The ACPI power button, as SIGTERM to pyhyve presses it (it wakes a
+        guest asleep in ACPI S3)."""
         self._machine.press_power_button()
+
+    def wakeup(self) -> bool:
+        """Wake a guest asleep in ACPI S3, as QEMU's system_wakeup; whether it slept."""
+        return self._machine.wakeup("host")
 
     def stop(self, status: ExitStatus = ExitStatus.POWEROFF,
              timeout: float | None = 30.0) -> int | None:

@@ -10,7 +10,8 @@ The protocol is one JSON object per line each way:
         -> {"ok": false, "error": "unknown command 'bogus'"}
 
 Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
-inject-nmi, powerdown, force-reset, force-poweroff, destroy, checkpoint and
+inject-nmi, powerdown, wakeup (from ACPI S3; an error when the guest does
+not sleep), force-reset, force-poweroff, destroy, checkpoint and
 suspend (with "path": pyhyve.snapshot; the answer has the file's "size"),
 describe (what pyhyvectl --list shows), consoles (each console's name,
 device and backend: {"name": "com1", "device": "uart", "kind": "pty",
@@ -174,6 +175,7 @@ class ControlServer(SocketService):
             "resume": self._resume,
             "inject-nmi": self._inject_nmi,
             "powerdown": self._powerdown,
+            "wakeup": self._wakeup,
             "force-reset": functools.partial(self._stop, ExitStatus.RESET),
             "force-poweroff": functools.partial(self._stop, ExitStatus.POWEROFF),
             "destroy": functools.partial(self._stop, ExitStatus.POWEROFF),
@@ -256,7 +258,8 @@ class ControlServer(SocketService):
         started = vm.started_at
         return {"name": vm.name, "pid": os.getpid(), "vcpus": len(vm.vcpus),
                 "memory": vm.memory.size,
-                "state": "paused" if all(vcpu.paused for vcpu in vm.vcpus) else "running",
+                "state": "suspended" if vm.suspended else
+                         "paused" if all(vcpu.paused for vcpu in vm.vcpus) else "running",
                 "uptime": 0.0 if started is None else round(time.monotonic() - started, 1)}
 
     def _get_stats(self, request: dict) -> dict:
@@ -308,6 +311,14 @@ class ControlServer(SocketService):
         """The ACPI power button, as virsh shutdown presses it; the guest decides."""
         self.vm.press_power_button()
         self.log.info("control: power button pressed")
+        return {"vm": self.vm.name}
+
+    def _wakeup(self, request: dict) -> dict:
+        """Wake the guest from ACPI S3, as QEMU's system_wakeup does."""
+        if not self.vm.wakeup("host"):
+            raise RequestError(f"VM {self.vm.name} is not suspended (ACPI S3): "
+                               "nothing to wake")
+        self.log.info("control: woken")
         return {"vm": self.vm.name}
 
     def _consoles(self, request: dict) -> dict:

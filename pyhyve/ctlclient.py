@@ -2,8 +2,10 @@
 
 As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
-register reads, --get-stats, --checkpoint, --suspend, then --resume, --powerdown,
---force-reset, --force-poweroff, --destroy.  --console is an operation of its
+register reads, --get-stats, --checkpoint, --suspend, then --resume, --wakeup,
+--powerdown, --force-reset, --force-poweroff, --destroy.  (--suspend is
+bhyvectl's: save and stop.  A guest that suspends itself to RAM, ACPI S3, is
+woken with --wakeup; --resume ends a --pause.)  --console is an operation of its
 own: the terminal on a console of the VM (pyhyve.attach) until `~.`.
 
 --json prints the VM's answers themselves, one JSON object a line in the
@@ -38,7 +40,7 @@ usage: pyhyvectl --vm=NAME [--cpu=N] [--socket=PATH] [--json] OPERATION...
   --json               print the VM's answers as JSON, one object a line
   --list               the running VMs (those whose socket answers, in the socket
                        directory or in --socket's directory): name, PID, uptime,
-                       vCPUs, memory and state (running or paused)
+                       vCPUs, memory and state (running, paused or suspended)
 Operations:
   --get-stats          VM exit counters of the vCPU
   --get-all            every register below, then the exit counters
@@ -52,6 +54,8 @@ Operations:
   --checkpoint=FILE    save the VM's state to FILE (pyhyve -r FILE restores it), go on
   --suspend=FILE       save the VM's state to FILE, then stop the VM (exit status 1)
   --screenshot=FILE    the display (-s SLOT,fbuf) as a PNG image, written to FILE here
+  --wakeup             wake a guest asleep in ACPI S3 (suspend to RAM), as QEMU's
+                       system_wakeup; the power button wakes it too
   --powerdown          press the ACPI power button: the guest shuts down (virsh shutdown)
   --force-reset        stop the VM with exit status 0 (reset)
   --force-poweroff     stop the VM with exit status 1 (power off)
@@ -70,7 +74,7 @@ PRINT_ORDER = ("efer", "cr0", "cr2", "cr3", "cr4", "cr8", "rsp", "rip", "rax", "
 DESC_ORDER = ("ds", "es", "fs", "gs", "ss", "cs", "tr", "ldtr", "gdtr", "idtr")
 SELECTOR_ORDER = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")
 DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
-ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "powerdown",
+ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "wakeup", "powerdown",
            "force-reset", "force-poweroff", "destroy")
 LONG_OPTIONS = (["help", "version", "list", "json", "vm=", "cpu=", "socket=", "desc-base=",
                  "desc-limit=", "desc-access=", "checkpoint=", "suspend=", "screenshot=", "console=", "escape=",
@@ -339,7 +343,7 @@ def run(plan: Plan, client: ControlClient) -> None:
             answer = request(action, path=plan.snapshots[action])
             then = "running on" if action == "checkpoint" else "stopped (exit status 1)"
             did(answer, f"saved to {answer['path']} ({answer['size']} bytes), {then}")
-    for action in ("resume", "powerdown", "force-reset", "force-poweroff", "destroy"):
+    for action in ("resume", "wakeup", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
             answer = request(action)
             did(answer, DONE[action] + (f" (exit status {answer['status']})"
@@ -365,7 +369,8 @@ def save_screenshot(client: ControlClient, path: str) -> dict:
 
 
 # what each action's line says it did
-DONE = {"resume": "resumed", "powerdown": "power button pressed (the guest decides)",
+DONE = {"resume": "resumed", "wakeup": "woken from suspend to RAM",
+        "powerdown": "power button pressed (the guest decides)",
         "force-reset": "reset", "force-poweroff": "powered off",
         "destroy": "destroyed, powered off"}
 

@@ -57,6 +57,15 @@ class DeviceContext:
         only, with any other status as a plain int (isa-debug-exit's)."""
         self._machine.stop(status, cause="guest")
 
+    def request_suspend(self) -> None:
+        """The guest put the machine to sleep (ACPI S3, through the PM device)."""
+        self._machine.request_suspend()
+
+    def wake(self, source: str) -> None:
+        """A wake event ("rtc": the RTC alarm): wakes the machine if it sleeps
+        and the PM device lets that source wake it; otherwise nothing."""
+        self._machine.wakeup(source)
+
     def warn_once(self, key, message: str, *args) -> None:
         """Log a guest-caused problem the first time it happens (per key, per VM)."""
         self._machine.warn_once(key, message, *args)

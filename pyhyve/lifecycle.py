@@ -17,6 +17,15 @@ without knowing its class, and closing the VM closes each once.
   machine keeps what save_state() gave when the device was added, and the
   default takes that back; a device with state a reset does not touch (the
   RTC's clock and CMOS) overrides.
+- suspend(): the guest put the machine to sleep (ACPI S3) and its vCPUs
+  have stopped; what the device leaves for the firmware's resume path (the
+  RTC marks the CMOS shutdown status, as QEMU's does).  Memory and device
+  state stay as they are until the machine wakes.
+- wake(power_on): the machine wakes from S3, which is a reset of the
+  machine into its firmware, as QEMU makes it; by default reset(power_on).
+  A device that firmware finds as it left it on waking overrides (the host
+  bridge keeps its PAM registers, as QEMU's i440FX does, so that SeaBIOS's
+  resume path runs from its shadow copy in RAM).
 - resync_irq(): after a restore or reset lowered every interrupt line, raise
   again what the device's registers ask for.
 - pause()/resume(): the VM is paused (its vCPUs are, before pause() is
@@ -64,6 +73,12 @@ class Device:
 
     def reset(self, power_on: dict) -> None:
         self.restore_state(power_on)
+
+    def suspend(self) -> None:
+        pass
+
+    def wake(self, power_on: dict) -> None:
+        self.reset(power_on)
 
     def resync_irq(self) -> None:
         pass

@@ -26,7 +26,9 @@ version numbers would reason wrongly.
 
 Commands: qmp_capabilities, query-commands, query-version, query-name,
 query-status, query-cpus-fast, stop, cont, system_powerdown (the ACPI power
-button: POWERDOWN, then the guest decides), system_reset (the machine is
+button: POWERDOWN, then the guest decides; it wakes a guest asleep in S3,
+which QEMU's does not), system_wakeup (from S3, as QEMU's: an error when the
+guest does not sleep), system_reset (the machine is
 reset in place and runs on, as QEMU's; the guest's own reset still ends
 pyhyve with bhyve's status 0, as QEMU's -no-reboot does), quit (power-off:
 pyhyve exits with bhyve's status 1), screendump (the display as a PPM or PNG
@@ -34,8 +36,8 @@ file, written by this process, so only where it may write snapshots:
 beneath `snapshot.dir`, see sandbox.snapshot_refusal).
 
 Events, to every client past qmp_capabilities, whoever caused them (the
-guest, pyhyvectl, a signal, QMP): STOP, RESUME, POWERDOWN, RESET and
-SHUTDOWN (those two with QEMU's "guest" and "reason").  An event is sent
+guest, pyhyvectl, a signal, QMP): STOP, RESUME, POWERDOWN, SUSPEND, WAKEUP,
+RESET and SHUTDOWN (those two with QEMU's "guest" and "reason").  An event is sent
 after the answer to the command that caused it.
 
 The socket is the control socket's kind (sockservice.py): 0600, root's and
@@ -73,6 +75,8 @@ def run_state(vm) -> str:
     """The VM's state as QEMU's RunState names it."""
     if vm.exit_status is not None:
         return "shutdown"
+    if vm.suspended:
+        return "suspended"
     if vm.paused:
         return "paused"
     if not vm.has_run:
@@ -140,6 +144,7 @@ class QmpServer(SocketService):
             "stop": (self._stop, ()),
             "cont": (self._cont, ()),
             "system_powerdown": (self._system_powerdown, ()),
+            "system_wakeup": (self._system_wakeup, ()),
             "system_reset": (self._system_reset, ()),
             "quit": (self._quit, ()),
             "screendump": (self._screendump, ("filename", "device", "head", "format")),
@@ -260,6 +265,11 @@ class QmpServer(SocketService):
         self.vm.press_power_button()
         return {}
 
+    def _system_wakeup(self, session: _Session, arguments: dict) -> dict:
+        if not self.vm.wakeup("host"):
+            raise QmpError("Unable to wake up: guest is not in suspended state")
+        return {}
+
     def _system_reset(self, session: _Session, arguments: dict) -> dict:
         try:
             self.vm.request_reset(cause="qmp")
@@ -306,6 +316,10 @@ class QmpServer(SocketService):
             message = event_message("RESUME", when=when)
         elif event == "power-button":
             message = event_message("POWERDOWN", when=when)
+        elif event == "suspend":
+            message = event_message("SUSPEND", when=when)
+        elif event == "wakeup":
+            message = event_message("WAKEUP", when=when)
         elif event == "reset":
             guest, reason = shutdown_reason(details["cause"])
             message = event_message("RESET", {"guest": guest, "reason": reason}, when)

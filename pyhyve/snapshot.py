@@ -16,8 +16,9 @@ The manifest is {"format": "pyhyve-snapshot", "version": 7, "config": {...},
 "data_size": N, "data_crc32": N, "memory_bytes": N, "memory_crc32": N}.
 Binary parts are [offset, length] pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
 fpu, xsave (with KVM_CAP_XSAVE), xcrs (with KVM_CAP_XCRS), lapic and
-vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST that
-KVM_GET_MSRS reads ({"index": value} in hex); the irqchip (PIC master,
+vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST and the
+machine-check banks (mce.bank_msrs) that KVM_GET_MSRS reads ({"index":
+value} in hex); the irqchip (PIC master,
 PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
 shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
 [gpa, length, offset] of 4 KiB pages that are not all zero, the offset
@@ -71,6 +72,11 @@ them again), and what disks and the bootrom's variable file hold: those are
 the operator's files, synced when the snapshot is taken and used as they are
 when it is restored (the variable store's command state is saved, and its
 size must match).
+
+A VM asleep in ACPI S3 is saved as it sleeps ("vm": {"suspended": true}):
+its vCPUs are stopped already, and the restored VM starts asleep, waiting
+for a wake event (vm.py), as QEMU's migration keeps a suspended guest
+suspended.
 """
 
 import contextlib
@@ -81,6 +87,7 @@ import struct
 import time
 import zlib
 
+from . import mce
 from .config import write_user_file
 from .kvm import abi
 from .lifecycle import StateError
@@ -187,7 +194,7 @@ def save(vm, path: str) -> int:
     vm.log.info("snapshot: writing %s", path)
     started = time.monotonic()
     writer = _Writer()
-    msr_indices = vm.kvm.msr_index_list()
+    msr_indices = vm.kvm.msr_index_list() + mce.bank_msrs(vm.mcg_cap)
     with contextlib.ExitStack() as quiesced:
         # Devices settle first: what they finish may raise interrupts, which
         # the vCPU and irqchip state must then hold.  They stay still until the
@@ -204,6 +211,8 @@ def save(vm, path: str) -> int:
         state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
                  "pit2": writer.add(kvm_vm.get_pit2()),
                  "clock": writer.add(kvm_vm.get_clock())}
+        if vm.suspended:
+            state["suspended"] = True
         devices = {device.name: device.save_state() for device in vm.devices}
         ram = _Writer()
         memory = _memory_runs(vm, ram)
@@ -442,6 +451,9 @@ def _restore(vm, snap: Snapshot, m: dict) -> None:
                                 f"{len(vm.vcpus)}")
         if m.get("memory_size", vm.memory.size) != vm.memory.size:
             raise SnapshotError("snapshot's memory size differs from the VM's")
+        suspended = m["vm"].get("suspended", False)       # asleep in ACPI S3
+        if not isinstance(suspended, bool):
+            raise SnapshotError("snapshot is corrupt (vm suspended)")
         _restore_memory(vm, snap)
         state = m["vm"]
         _restore_chips(vm, snap)
@@ -451,5 +463,7 @@ def _restore(vm, snap: Snapshot, m: dict) -> None:
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
         _restore_devices(vm, m["devices"])
+        if suspended:
+            vm.restore_suspended()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None

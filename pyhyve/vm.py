@@ -16,7 +16,23 @@ on the thread where the event happened, so it must not block:
 - "reset": the machine was reset in place (request_reset(), reset());
   details: cause;
 - "stopping": the VM stops for good (stop(); run() returns); details:
-  status (the ExitStatus), cause.
+  status (the ExitStatus), cause;
+- "suspend": the guest put the machine to sleep (ACPI S3);
+- "wakeup": it woke; details: source ("rtc", "power-button", "host").
+
+Suspend to RAM (ACPI S3), as QEMU does it: the guest's SLP_EN write (pm.py)
+stops every vCPU; memory and device state stay (each device's suspend()
+hook runs, and the RTC keeps its alarm).  run() then sleeps until a wake
+event: the RTC alarm (with RTC_EN), the power button (SIGTERM, pyhyvectl
+--powerdown, QMP system_powerdown: a button press wakes a sleeping machine,
+as on hardware; QEMU's does not) or wakeup() itself (pyhyvectl --wakeup,
+QMP system_wakeup).  Waking resets the machine into its firmware, as QEMU's
+pc machine does (every vCPU, the irqchip and PIT, each device's wake()),
+sets WAK_STS, and the boot method starts the BSP again (boot/methods.py:
+the firmware's reset vector, where SeaBIOS finds the CMOS shutdown status
+0xFE and jumps to the FACS waking vector; a kernel booted directly is
+resumed at the waking vector by pyhyve itself).  A reset or stop while it
+sleeps acts as it would on a running machine.
 
 A cause is who asked: "guest" (the guest itself, through a vCPU exit or a
 device), else the word the caller gave stop() or request_reset() ("signal",
@@ -28,7 +44,7 @@ import sys
 import threading
 import time
 
-from . import builder, cpuid
+from . import builder, cpuid, mce
 from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
 from .boot.mptable import build_mptable
@@ -56,6 +72,9 @@ STATUS_WORDS = {ExitStatus.RESET: "reset", ExitStatus.POWEROFF: "powered off",
                 ExitStatus.HALT: "halted", ExitStatus.TRIPLEFAULT: "triple fault",
                 ExitStatus.ERROR: "error"}
 DEFAULT_MEMORY = "256M"
+# how the log says each wake source
+WAKE_WORDS = {"rtc": "the RTC alarm", "power-button": "the power button",
+              "host": "a wakeup request"}
 
 
 def describe_status(status: int) -> str:
@@ -92,6 +111,10 @@ class VirtualMachine:
         self.paused = False             # by pause(), until resume()
         self.listeners: list = []       # see the module docstring
         self._reset_cause: str | None = None    # request_reset() is pending
+        self.suspended = False          # ACPI S3: from the guest's SLP_EN write to the wake
+        self._wake_source: str | None = None    # what wakeup() was asked by
+        self._wake = threading.Event()  # a sleeping run() looks up: wakeup, reset or stop
+        self._asleep_already = False    # restored asleep: the devices were suspended then
         self._pause_lock = threading.Lock()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -184,12 +207,17 @@ class VirtualMachine:
                                self.config.get_bool("gdb.wait"))
             self.closables.append(self.gdb)
         supported = self.kvm.supported_cpuid()
+        self.mcg_cap = 0                # the machine-check banks each vCPU has (mce.py)
         for index in range(self.topology.cpus):
             # KVM's vCPU id is the initial APIC ID, which encodes the topology.
             kvm_vcpu = self.kvm_vm.create_vcpu(self.topology.apic_id(index))
-            kvm_vcpu.set_cpuid2(cpuid.vcpu_cpuid(supported, self.topology, index,
-                                                 self.config.get_bool("x86.x2apic"),
-                                                 self.hidden_features))
+            entries = cpuid.vcpu_cpuid(supported, self.topology, index,
+                                       self.config.get_bool("x86.x2apic"), self.hidden_features)
+            kvm_vcpu.set_cpuid2(entries)
+            if index == 0:
+                self.mcg_cap = mce.mcg_cap(self.kvm, entries, self.log)
+            if self.mcg_cap:
+                kvm_vcpu.setup_mce(self.mcg_cap)
             self.vcpus.append(VcpuThread(self, kvm_vcpu, index))
         self._check_hidden_features()
         self.boot.start(self)
@@ -312,20 +340,13 @@ class VirtualMachine:
         if self.gdb is not None and first_run:
             self.gdb.start()
         while True:
-            for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
-                vcpu.start()
-            self.log.info("started %d vCPU thread%s", len(self.vcpus),
-                          "s" if len(self.vcpus) > 1 else "")
-            watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
-                                       daemon=True)
-            watcher.start()
-            while not self._stopped.wait(0.2):
-                pass
-            for vcpu in self.vcpus:
-                vcpu.kick()
-            for vcpu in self.vcpus:
-                vcpu.join(5.0)
-            watcher.join(5.0)
+            if not self.suspended:      # a VM restored while it slept starts asleep
+                self._run_vcpus()
+            if self.suspended and self._reset_cause is None:
+                if not self._sleep():
+                    break
+                if self._reset_cause is None:
+                    continue
             if not self._reset_in_place():
                 break
         status = self.exit_status
@@ -333,6 +354,106 @@ class VirtualMachine:
         detail = f": {self.exit_detail}" if self.exit_detail and status != ExitStatus.ERROR else ""
         self.log.info("stopped: %s, exit status %d%s", describe_status(status), status, detail)
         return status
+
+    def _run_vcpus(self) -> None:
+        """Start every vCPU and return once they stopped (stop, reset or suspend)."""
+        for vcpu in self.vcpus:             # BSP first; APs wait for SIPI in KVM
+            vcpu.start()
+        self.log.info("started %d vCPU thread%s", len(self.vcpus),
+                      "s" if len(self.vcpus) > 1 else "")
+        watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
+                                   daemon=True)
+        watcher.start()
+        while not self._stopped.wait(0.2):
+            pass
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        for vcpu in self.vcpus:
+            vcpu.join(5.0)
+        watcher.join(5.0)
+
+    def request_suspend(self) -> None:
+        """ACPI S3, as the guest asks for it (pm.py, on a vCPU thread): every
+        vCPU stops and run() sleeps until a wake event (the module docstring)."""
+        with self._stop_lock:
+            if self.exit_status is not None or self._reset_cause is not None:
+                return
+            self.suspended = True
+            self.stopping = True
+            self._wake.clear()          # what woke it last time, or a reset's
+        self.log.info("guest suspended to RAM (S3)")
+        for vcpu in self.vcpus:
+            vcpu.kick()
+        self._stopped.set()
+
+    def restore_suspended(self) -> None:
+        """A snapshot taken while the guest slept in S3 was restored into this
+        VM, not yet run: run() starts it asleep (its devices were told so when
+        it went to sleep, and their state came back with the snapshot)."""
+        if self.has_run:
+            raise RuntimeError(f"VM {self.name} has run: restore only into a fresh VM")
+        self.suspended = True
+        self._asleep_already = True
+
+    def wakeup(self, source: str = "host") -> bool:
+        """Wake a machine that sleeps in S3, from any thread: "rtc" (the RTC
+        alarm, only while the guest enabled RTC_EN), "power-button", or "host"
+        (pyhyvectl --wakeup, QMP system_wakeup).  Whether it was asleep and
+        SOURCE may wake it."""
+        with self._stop_lock:
+            if not self.suspended or self.exit_status is not None or \
+                    not self.pm.wake_enabled(source):
+                return False
+            if self._wake_source is None:
+                self._wake_source = source
+        self._wake.set()
+        return True
+
+    def _sleep(self) -> bool:
+        """run()'s part of S3, once the vCPUs stopped: the devices go to sleep,
+        then wait for wakeup(), a reset or a stop; on a wake the machine is
+        reset into its firmware and run on.  False when the VM stopped."""
+        if any(vcpu.running for vcpu in self.vcpus):
+            self.log.error("suspend: a vCPU did not stop; powering off")
+            self.stop(ExitStatus.ERROR, cause="host")
+            return False
+        if not self._asleep_already:
+            for device in self.devices:
+                device.suspend()
+            self._notify("suspend")
+        self._asleep_already = False
+        source = None
+        while source is None:
+            self._wake.wait()
+            with self._stop_lock:
+                source, self._wake_source = self._wake_source, None
+                self._wake.clear()
+                if self.exit_status is not None:
+                    return False
+                if self._reset_cause is not None:   # _reset_in_place() takes it from here
+                    self.suspended = False
+                    return True
+        self.log.info("woken from S3 by %s", WAKE_WORDS[source])
+        self._wake_machine(source)
+        with self._stop_lock:
+            self.suspended = False
+            if self.exit_status is not None:        # stopped while it woke
+                return False
+            self.stopping = False
+            self._stopped.clear()
+        self._notify("wakeup", source=source)
+        return True
+
+    def _wake_machine(self, source: str) -> None:
+        from . import snapshot
+        snapshot.reset_kvm(self, self._kvm_power_on)
+        self.lower_irq_lines()
+        for device in self.devices:
+            device.wake(self._device_power_on[device.name])
+        self.pm.woken(source)
+        for device in self.devices:
+            device.resync_irq()
+        self.boot.wake(self)
 
     def _reset_in_place(self) -> bool:
         """After run()'s vCPUs stopped: reset the machine if request_reset()
@@ -348,6 +469,7 @@ class VirtualMachine:
         self._reset_machine()
         with self._stop_lock:
             self._reset_cause = None
+            self.suspended = False
             if self.exit_status is not None:        # stopped while it was reset
                 return False
             self.stopping = False
@@ -367,6 +489,7 @@ class VirtualMachine:
         for vcpu in self.vcpus:
             vcpu.kick()
         self._stopped.set()
+        self._wake.set()            # a machine asleep in S3 is reset too
 
     def reset(self) -> None:
         """QEMU's system_reset, in-process, once run() has returned: every vCPU,
@@ -381,6 +504,8 @@ class VirtualMachine:
         self._reset_machine()
         self.exit_status, self.exit_detail, self.stopped_by = None, "", ""
         self._reset_cause = None
+        self.suspended = False
+        self._wake.clear()
         self.stopping = False
         self._stopped.clear()
         self._notify("reset", cause="host")
@@ -417,6 +542,7 @@ class VirtualMachine:
             if other is not vcpu:
                 other.kick()
         self._stopped.set()
+        self._wake.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
@@ -449,7 +575,9 @@ class VirtualMachine:
         it next).  Returns the file's size.  snapshot.SnapshotError if it cannot
         be saved; a failed save leaves the VM as it was."""
         from . import snapshot
-        was_paused = all(vcpu.paused for vcpu in self.vcpus)
+        # vCPUs of a machine asleep in S3 are stopped, not paused
+        was_paused = self.paused or (not self.suspended and
+                                     all(vcpu.paused for vcpu in self.vcpus))
         self.pause()
         try:
             size = snapshot.save(self, path)
@@ -462,8 +590,10 @@ class VirtualMachine:
         return size
 
     def press_power_button(self) -> None:
-        self.pm.press_power_button()
-        self._notify("power-button")
+        """The ACPI power button: the guest decides, or it wakes a sleeping machine."""
+        self._notify("power-button")       # before a wake's own event
+        if not self.wakeup("power-button"):
+            self.pm.press_power_button()
 
     def _notify(self, event: str, **details) -> None:
         for listener in list(self.listeners):

@@ -57,6 +57,8 @@ class FakeVm:
         self.irq_levels: dict[int, bool] = {}
         self.irq_sources: dict[int, set] = {}
         self.stops: list = []
+        self.suspends = 0               # request_suspend() calls (ACPI S3)
+        self.wakes: list[str] = []      # wakeup() sources
         self.warnings: list[str] = []
         self.closables: list = []
         self.devices: list = []
@@ -79,6 +81,13 @@ class FakeVm:
     def stop(self, status, vcpu=None, cause="host") -> None:
         self.stops.append(status)
         self.stopping = True
+
+    def request_suspend(self) -> None:
+        self.suspends += 1
+
+    def wakeup(self, source: str = "host") -> bool:
+        self.wakes.append(source)
+        return False
 
     def warn_once(self, key, message: str, *args) -> None:
         self.warnings.append(message % args if args else message)

@@ -234,7 +234,8 @@ def test_tables_linked_in_memory(tables):
 def test_tables_in_guest_memory(tables):
     vm = FakeVm()
     try:
-        assert tables_in_memory(vm.memory, tables) == ACPI_TABLES_BASE
+        addresses = tables_in_memory(vm.memory, tables)
+        assert addresses["RSD "] == ACPI_TABLES_BASE
         found = walk(vm.memory.read, ACPI_TABLES_BASE)
         assert found["DSDT"] == tables.table("DSDT").data
     finally:

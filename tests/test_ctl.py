@@ -486,6 +486,13 @@ def test_powerdown_presses_the_power_button(running, capsys):
     assert running.thread.is_alive()
 
 
+@needs_kvm
+def test_wakeup_of_a_guest_that_does_not_sleep_is_refused(running, capsys):
+    assert ctl(capsys, f"--socket={running.path}", "--wakeup") == \
+        (1, "", "pyhyvectl: VM ctltest is not suspended (ACPI S3): nothing to wake\n")
+    assert running.thread.is_alive()
+
+
 def start_pyhyve(*args: str) -> subprocess.Popen:
     """pyhyve as users run it, on a guest that writes ports for minutes."""
     rom = build_rom("exits", COUNT=10**8)

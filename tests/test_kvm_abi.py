@@ -36,7 +36,7 @@ IOCTLS = sorted({
               "KVM_SET_CPUID2", "KVM_GET_CPUID2", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
               "KVM_NMI", "KVM_SET_GUEST_DEBUG", "KVM_GET_VCPU_EVENTS",
               "KVM_SET_VCPU_EVENTS", "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_GET_XCRS",
-              "KVM_SET_XCRS"})
+              "KVM_SET_XCRS", "KVM_X86_GET_MCE_CAP_SUPPORTED", "KVM_X86_SETUP_MCE"})
 
 # Field offsets the vm_loop reads directly from the kvm_run page.
 OFFSETS = {

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 COMMANDS = {"qmp_capabilities", "query-commands", "query-version", "query-name",
             "query-status", "query-cpus-fast", "stop", "cont", "system_powerdown",
-            "system_reset", "quit", "screendump"}
+            "system_wakeup", "system_reset", "quit", "screendump"}
 GREETING = {"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0},
                                 "package": f"pyhyve {pyhyve.__version__}"},
                     "capabilities": []}}
@@ -245,6 +245,17 @@ def test_system_powerdown_a_guest_ignores(counter):
     event, status = qmp_session(counter.qmp)(script)
     assert set(event) == {"event", "timestamp"}
     assert status["running"] and counter.proc.poll() is None
+
+
+def test_system_wakeup_of_a_guest_that_does_not_sleep_is_refused(counter):
+    """QEMU's error, word for word; a guest asleep in S3 is tests/test_suspend.py's."""
+    async def script(client):
+        with pytest.raises(ExecuteError) as error:
+            await client.execute("system_wakeup")
+        return error.value.error.error.desc, await client.execute("query-status")
+    desc, status = qmp_session(counter.qmp)(script)
+    assert desc == "Unable to wake up: guest is not in suspended state"
+    assert status["status"] == "running"
 
 
 @pytest.mark.parametrize("defines, reason, status", [

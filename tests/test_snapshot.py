@@ -164,6 +164,19 @@ def test_sparse_memory_and_round_trip_in_process(saved, tmp_path):
 
 
 @needs_kvm
+def test_asleep_is_true_or_false(saved):
+    """A VM saved asleep in ACPI S3 (tests/test_suspend.py) says so in "vm"."""
+    _rewrite_manifest(saved, lambda manifest: manifest["vm"].update(suspended="yes"))
+    snap = snapshot.read(str(saved))
+    vm = VirtualMachine(Config(snap.manifest["config"]))
+    try:
+        with pytest.raises(snapshot.SnapshotError, match=r"corrupt \(vm suspended\)"):
+            snapshot.restore_into(vm, snap)
+    finally:
+        vm.close()
+
+
+@needs_kvm
 def test_snapshot_file_is_private_and_replaces_what_was_there(tmp_path):
     """0600 whatever the umask; a symlink at the path is replaced, not
     followed; a file planted where the old temporary name was is left alone;

@@ -26,7 +26,8 @@ import struct
 from typing import NamedTuple
 
 from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES
-from ..devices.pm import PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S5
+from ..devices.pm import (PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S3,
+                          SLP_TYP_S5)
 from ..devices.rtc import CENTURY
 from ..devices.syscontrol import RC_RST_CPU, RC_SYS_RST, RESET_CONTROL
 from ..layout import ACPI_TABLES_BASE, ECAM_BASE, HPET_BASE, IOAPIC_BASE, LAPIC_BASE, LOWMEM_LIMIT
@@ -203,6 +204,9 @@ RSDP_REVISION = 2               # ACPI 2.0+: the XSDT address and the extended c
 RSDP_V1_LENGTH = 20             # what the first checksum covers
 
 
+RSDP_SIGNATURE = "RSD "         # its Table.signature: the first four bytes of "RSD PTR "
+
+
 def build_rsdp() -> Table:
     data = RSDP.pack(b"RSD PTR ", 0, OEM_ID, RSDP_REVISION, 0, RSDP.size, 0, 0)
     return _checksummed(Table(data, (Pointer(16, 4, "RSDT"), Pointer(24, 8, "XSDT")),
@@ -237,6 +241,7 @@ FADT_RESET_REG_SUP = 1 << 10
 RESET_VALUE = RC_SYS_RST | RC_RST_CPU
 FADT_FACS_OFFSET, FADT_DSDT_OFFSET, FADT_X_DSDT_OFFSET = 36, 40, 140
 FACS = struct.Struct("<4sIIIIIQB3xI24x")
+FACS_WAKING_VECTOR = 12         # the 32-bit firmware waking vector's offset
 FACS_VERSION = 2
 
 
@@ -386,7 +391,7 @@ def _routing_table(platform: AcpiPlatform) -> bytes:
 
 def build_dsdt(platform: AcpiPlatform) -> Table:
     """\\_SB.PCI0 (the PCIe root: ECAM, windows, _PRT), a motherboard-resource device
-    that reserves ECAM (Linux trusts MCFG only if something does), _S5 and _PIC, and
+    that reserves ECAM (Linux trusts MCFG only if something does), _S3, _S5 and _PIC, and
     what the devices add: the legacy ones behind the LPC bridge (or at \\_SB when
     there is none), the HPET at \\_SB."""
     host_bridge = [
@@ -415,6 +420,7 @@ def build_dsdt(platform: AcpiPlatform) -> Table:
     body = b"".join([
         aml.name("PICM", 0),
         aml.method("_PIC", 1, aml.store(aml.arg(0), aml.name_string("PICM"))),
+        aml.name("_S3", aml.package(SLP_TYP_S3, SLP_TYP_S3, 0, 0)),
         aml.name("_S5", aml.package(SLP_TYP_S5, SLP_TYP_S5, 0, 0)),
         aml.scope("\\_SB", aml.device("PCI0", *host_bridge), *system_bus),
     ])
@@ -444,11 +450,13 @@ def tables_image(tables: AcpiTables, base: int = ACPI_TABLES_BASE
     return bytes(image), addresses
 
 
-def tables_in_memory(memory, tables: AcpiTables, base: int = ACPI_TABLES_BASE) -> int:
-    """Write the linked tables into guest memory at `base`; returns the RSDP's address."""
-    image, _ = tables_image(tables, base)
+def tables_in_memory(memory, tables: AcpiTables, base: int = ACPI_TABLES_BASE
+                     ) -> dict[str, int]:
+    """Write the linked tables into guest memory at `base` (the RSDP's address);
+    returns each table's address, by signature."""
+    image, addresses = tables_image(tables, base)
     memory.write(base, image)
-    return base
+    return addresses
 
 
 # --- the fw_cfg table loader (QEMU's hw/acpi/bios-linker-loader.c) ----------------------------

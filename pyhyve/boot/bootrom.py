@@ -65,20 +65,35 @@ def open_bootvars(path: str, rom_size: int):
     return file, backing
 
 
+CODE_SEGMENT, DATA_SEGMENT = 0xB, 0x3     # execute/read and read/write, accessed
+
+
 def set_reset_state(vcpu) -> None:
     """Put a vCPU in the architectural reset state (real mode, reset vector)."""
+    set_real_mode_entry(vcpu, 0xF000, 0xFFF0, cs_base=0xFFFF0000)
+
+
+def set_real_mode_entry(vcpu, segment: int, offset: int, cs_base: int | None = None) -> None:
+    """A vCPU in real mode as at reset, paging and long mode off whatever it
+    ran before, but starting at SEGMENT:OFFSET (CS's base SEGMENT << 4 unless
+    given: the reset vector's is 0xFFFF0000)."""
     sregs = vcpu.get_sregs()
-    sregs.cs.selector = 0xF000
-    sregs.cs.base = 0xFFFF0000
-    sregs.cs.limit = 0xFFFF
-    for segment in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        segment.selector = 0
-        segment.base = 0
-        segment.limit = 0xFFFF
+    for register, selector, kind in ((sregs.cs, segment, CODE_SEGMENT),
+                                     *((data, 0, DATA_SEGMENT) for data in (
+                                         sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss))):
+        register.selector, register.base, register.limit = selector, selector << 4, 0xFFFF
+        register.type, register.present, register.s = kind, 1, 1
+        register.dpl = register.db = register.l = register.g = register.avl = 0
+        register.unusable = 0
+    if cs_base is not None:
+        sregs.cs.base = cs_base
+    for table in (sregs.gdt, sregs.idt):
+        table.base, table.limit = 0, 0xFFFF
     sregs.cr0 = 0x60000010
+    sregs.cr3 = sregs.cr4 = sregs.efer = 0
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
-    regs.rip = 0xFFF0
+    regs.rip = offset
     regs.rflags = 0x2
     regs.rdx = 0x600        # family 6 in the reset signature, as QEMU reports
     vcpu.set_regs(regs)

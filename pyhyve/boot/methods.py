@@ -8,16 +8,17 @@ area alias), add_devices() once the buses exist (the bootrom's variable
 store), install_tables() once the devices are in place and the ACPI
 tables built (firmware reads them from fw_cfg; a kernel finds them in the
 BIOS area, beside an MP table), and start() once the vCPUs exist (the
-BSP's first state).  method_for(config) picks the one the config asks for:
-with a bootrom and a kernel both, the firmware boots the kernel through
-QEMU's option ROM (firmwarekernel.py).
+BSP's first state); and wake() when the machine wakes from ACPI S3 (the
+BSP's state after the wake's reset).  method_for(config) picks the one the
+config asks for: with a bootrom and a kernel both, the firmware boots the
+kernel through QEMU's option ROM (firmwarekernel.py).
 """
 
 from ..config import ConfigError
-from .acpi import install_in_fwcfg, tables_in_memory
+from .acpi import FACS_WAKING_VECTOR, RSDP_SIGNATURE, install_in_fwcfg, tables_in_memory
 from ..devices.bootvars import BootVars
 from ..layout import HIGHMEM_BASE
-from .bootrom import load_bootrom, open_bootvars, set_reset_state
+from .bootrom import load_bootrom, open_bootvars, set_real_mode_entry, set_reset_state
 
 
 class BootMethod:
@@ -42,6 +43,10 @@ class BootMethod:
         return not vm.has_run
 
     def start(self, vm) -> None:
+        raise NotImplementedError
+
+    def wake(self, vm) -> None:
+        """The BSP's state after the reset that wakes the machine from S3."""
         raise NotImplementedError
 
 
@@ -80,6 +85,11 @@ class FirmwareBoot(BootMethod):
     def start(self, vm) -> None:
         set_reset_state(vm.vcpus[0].kvm_vcpu)
 
+    def wake(self, vm) -> None:
+        """The reset vector, as on hardware: the firmware resumes the OS itself
+        (SeaBIOS: the CMOS shutdown status 0xFE sends it to the FACS waking vector)."""
+        self.start(vm)
+
 
 class FirmwareKernelBoot(FirmwareBoot):
     """A bootrom and a kernel (`-l bootrom,FILE -f kexec,KERNEL,...`): the
@@ -106,10 +116,12 @@ class KernelBoot(BootMethod):
             raise ConfigError("a bootrom variable file (lpc.bootvars) needs a bootrom, "
                               "not a kernel: -l bootrom,CODE,VARS")
         self.rsdp = 0
+        self.facs: int | None = None
 
     def install_tables(self, vm, acpi_tables) -> None:
         if acpi_tables is not None:
-            self.rsdp = tables_in_memory(vm.memory, acpi_tables)
+            addresses = tables_in_memory(vm.memory, acpi_tables)
+            self.rsdp, self.facs = addresses[RSDP_SIGNATURE], addresses["FACS"]
 
     def start(self, vm) -> None:
         from .kexec import load_kernel, set_boot_state
@@ -119,6 +131,22 @@ class KernelBoot(BootMethod):
         set_boot_state(vm.memory, vm.vcpus[0].kvm_vcpu, entry)
         if self.config.get_bool("x86.mptable", True):
             vm.write_mptable()
+
+    def wake(self, vm) -> None:
+        """What firmware would do, since there is none: the BSP in real mode at
+        the FACS's 32-bit firmware waking vector (CS = vector >> 4, IP = vector
+        & 0xF, as SeaBIOS jumps to it).  With no vector set (or no ACPI tables),
+        the kernel boots afresh, as SeaBIOS reboots when it finds none.  The
+        64-bit X_Firmware_Waking_Vector is not used (SeaBIOS ignores it too)."""
+        vector = 0
+        if self.facs is not None:
+            vector = int.from_bytes(vm.memory.read(self.facs + FACS_WAKING_VECTOR, 4),
+                                    "little")
+        if not vector:
+            vm.log.info("wake: the FACS holds no waking vector; booting the kernel afresh")
+            self.start(vm)
+            return
+        set_real_mode_entry(vm.vcpus[0].kvm_vcpu, vector >> 4, vector & 0xF)
 
 
 def method_for(config) -> BootMethod:

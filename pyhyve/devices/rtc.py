@@ -18,6 +18,12 @@ last looked at: PF at the periodic rate, UF at each second, AF when a second
 matches the alarm.  A thread named "rtc" runs only while PIE, UIE or AIE is
 enabled, waking at the next such event to raise IRQ 8; reading register C
 clears the flags and lowers the line.
+
+ACPI S3: as the machine goes to sleep the CMOS shutdown status (byte 0x0F)
+becomes 0xFE, which tells SeaBIOS at the reset vector to resume through the
+FACS waking vector, as QEMU's RTC does; while it sleeps (the thread runs on)
+an alarm with AIE set asks the machine to wake (the PM device's RTC_EN
+decides whether it does).
 """
 
 import math
@@ -70,6 +76,8 @@ EXT_MEMORY = 0x17               # KiB above 1 MiB (and again at 0x30)
 EXT_MEMORY_COPY = 0x30
 MEMORY_ABOVE_16M = 0x34         # 64 KiB units between 16 MiB and the PCI hole
 MEMORY_ABOVE_4G = 0x5B          # 64 KiB units above 4 GiB, 24 bits
+SHUTDOWN_STATUS = 0x0F          # what the firmware does at the reset vector
+SHUTDOWN_S3_RESUME = 0xFE       # SeaBIOS: resume through the FACS waking vector
 CPU_COUNT = 0x5F                # CPUs - 1, where SeaBIOS looks for it under QEMU
 BOOT_ORDER_FIRST = 0x3D         # QEMU's boot order nibbles: 1 floppy, 2 disk, 3 CD
 BOOT_ORDER_THIRD = 0x38         # high nibble: third device; bit 0: skip floppy check
@@ -161,6 +169,10 @@ class Rtc(Device):
             self._flags = 0
             self._set_period()
             self._cond.notify()
+
+    def suspend(self) -> None:
+        with self._cond:
+            self._nvram[SHUTDOWN_STATUS] = SHUTDOWN_S3_RESUME
 
     # --- what the platform tells firmware ---------------------------------------------
     def _fill_platform_bytes(self, low: int, high: int, cpus: int) -> None:
@@ -375,6 +387,8 @@ class Rtc(Device):
                 if all(self._nvram[alarm] >= ALARM_DONT_CARE or
                        self._nvram[alarm] == registers[field] for alarm, field in ALARMS):
                     self._flags |= C_AF
+                    if self._b & B_AIE:
+                        self.context.wake("rtc")
             self._last_second = second
         self._update_irq()
 

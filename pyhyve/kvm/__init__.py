@@ -98,6 +98,13 @@ class Kvm:
                     for i in range(arg.header.nent)]
         raise KvmError("KVM_GET_SUPPORTED_CPUID: too many entries")
 
+    def mce_cap_supported(self) -> int:
+        """The MCG_CAP bits KVM can give a vCPU (KVM_X86_GET_MCE_CAP_SUPPORTED)."""
+        value = ctypes.c_uint64()
+        _ioctl(self.fd, abi.KVM_X86_GET_MCE_CAP_SUPPORTED, value,
+               "KVM_X86_GET_MCE_CAP_SUPPORTED")
+        return value.value
+
     def msr_index_list(self) -> list[int]:
         buf = (ctypes.c_uint32 * 1025)(1024)
         _ioctl(self.fd, abi.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
@@ -335,6 +342,10 @@ class Vcpu:
         arg = abi.kvm_translation(linear_address=linear)
         _ioctl(self.fd, abi.KVM_TRANSLATE, arg, "KVM_TRANSLATE")
         return arg
+
+    def setup_mce(self, mcg_cap: int) -> None:
+        """KVM_X86_SETUP_MCE: the machine-check banks and MCG_CAP the guest reads."""
+        _ioctl(self.fd, abi.KVM_X86_SETUP_MCE, ctypes.c_uint64(mcg_cap), "KVM_X86_SETUP_MCE")
 
     def nmi(self) -> None:
         _ioctl(self.fd, abi.KVM_NMI, 0, "KVM_NMI")

@@ -30,6 +30,14 @@ class HostBridge(PciDevice):
         super().restore_state(state)
         self.config_changed(PAM0, PAM_REGISTERS)
 
+    def wake(self, power_on: dict) -> None:
+        """A reset that keeps the PAM registers, as QEMU's i440FX keeps them on
+        every reset: SeaBIOS's resume path starts from its copy in shadow RAM."""
+        pam = bytes(self.config[PAM0:PAM0 + PAM_REGISTERS])
+        self.reset(power_on)
+        self.config[PAM0:PAM0 + PAM_REGISTERS] = pam
+        self.config_changed(PAM0, PAM_REGISTERS)
+
     def init(self, options: dict[str, str]) -> None:
         self.set_ids(self.vendor, self.device, CLASS_HOST_BRIDGE, revision=2,
                      subsystem_vendor=0x1AF4, subsystem=0x1100)

@@ -98,6 +98,27 @@ def build_boot_sector(name: str) -> Path:
                      f"boot sector is {len(data)} bytes or lacks 55 AA")
 
 
+def build_boot_program(name: str, **defines: int) -> Path:
+    """tests/guests/NAME.S: a boot sector (55 AA at its end) and the sectors
+    after it that it loads itself, linked at 0 to run in the segment it is
+    loaded at (built once per content)."""
+    def check(data: bytes) -> str | None:
+        if not data or len(data) % BOOT_SECTOR_SIZE or data[510:512] != b"\x55\xaa":
+            return f"program is {len(data)} bytes, not whole sectors, or lacks 55 AA"
+        return None
+    return _assemble(name, ".boot", defines, ["-Ttext=0", "-e", "_start"],
+                     ["-j", ".text"], check)
+
+
+def build_boot_disk(path: Path, name: str, **defines: int) -> Path:
+    """A 1 MiB disk image that starts with build_boot_program(NAME)."""
+    image = bytearray(1 << 20)
+    program = build_boot_program(name, **defines).read_bytes()
+    image[:len(program)] = program
+    path.write_bytes(image)
+    return path
+
+
 SETUP16_SIZE = 4 * 512          # boot sector, two setup sectors, one "kernel" sector
 
 

@@ -20,27 +20,20 @@ start16:
     cmpl $0xFFFFFFFF, %eax
     jne fail
     movw $ROMOFF(ok_ports), %si
-    call print
+    call puts16
     movb ROMOFF(rom_byte), %al
     movb $0x00, ROMOFF(rom_byte)
     cmpb ROMOFF(rom_byte), %al
     jne fail
     movw $ROMOFF(ok_rom), %si
-    call print
+    call puts16
     POWEROFF
 fail:
     movw $ROMOFF(failed), %si
-    call print
+    call puts16
     POWEROFF
 
-print:                      /* %ds:%si -> debug port, until NUL */
-    movw $DEBUG_PORT, %dx
-1:  lodsb
-    testb %al, %al
-    jz 2f
-    outb %al, %dx
-    jmp 1b
-2:  ret
+#include "lib16.inc"
 
 ok_ports: .asciz "unclaimed ports read all ones\n"
 ok_rom:   .asciz "rom writes ignored\n"
