@@ -76,6 +76,14 @@ KEYS = {
     "snapshot.dir": "the only directory pyhyvectl --checkpoint/--suspend may write to "
                     "(needed where Landlock is in force)",
     "restore.path": "snapshot to restore (-r)",
+    "migration.listen": "HOST:PORT a live migration's destination listens on for its "
+                        "source (-R; port 0: any free one, printed)",
+    "migration.key": "file of the secret both ends of a live migration share (needed "
+                     "on both; the source may then open TCP connections)",
+    "migration.downtime": "the longest pause a live migration aims for, in milliseconds "
+                          "(default 300)",
+    "migration.bandwidth": "the most a live migration sends, in bytes a second (K, M, G "
+                           "suffixes; default 0: unlimited)",
     "config.dump": "print the config tree and exit",
     "logging.level": "what pyhyve logs: debug, info, warning (the default) or error "
                      "(-v: info, -vv: debug)",

@@ -12,7 +12,10 @@ The protocol is one JSON object per line each way:
 Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
 inject-nmi, powerdown, force-reset, force-poweroff, destroy, checkpoint and
 suspend (with "path": pyhyve.snapshot; the answer has the file's "size"),
-describe (what pyhyvectl --list shows), consoles (each console's name,
+describe (what pyhyvectl --list shows), migrate (with "host" and "port":
+start a live migration, pyhyve.migration), migrate-status (QEMU's
+MigrationInfo: "status", "ram", "downtime", "error-desc"), migrate-cancel,
+consoles (each console's name,
 device and backend: {"name": "com1", "device": "uart", "kind": "pty",
 "path": "/dev/pts/5"}, with "link" for a linked pty, "address" [host, port]
 for tcp; pyhyvectl --console attaches to one); those about one vCPU take
@@ -178,6 +181,9 @@ class ControlServer(SocketService):
             "checkpoint": functools.partial(self._snapshot, False),
             "suspend": functools.partial(self._snapshot, True),
             "consoles": self._consoles,
+            "migrate": self._migrate,
+            "migrate-status": self._migrate_status,
+            "migrate-cancel": self._migrate_cancel,
         }
         super().__init__(vm, path or default_socket_path(vm.name))
 
@@ -338,6 +344,34 @@ class ControlServer(SocketService):
             self.vm.exit_detail = f"suspended to {path}"
             self.vm.stop(ExitStatus.POWEROFF, cause="control")
         return {"vm": self.vm.name, "path": path, "size": size}
+
+
+    def _migrations(self):
+        if self.vm.migration is None:
+            raise RequestError("this VM cannot migrate: it was started without "
+                               "-o migration.key=PATH")
+        return self.vm.migration
+
+    def _migrate(self, request: dict) -> dict:
+        """Start a live migration to "host":"port"; migrate-status follows it."""
+        from .migstream import MigrationError
+        host, port = request.get("host"), request.get("port")
+        if not isinstance(host, str) or not host:
+            raise RequestError('migrate needs a "host"')
+        port = _number(port, 16, "port")
+        try:
+            self._migrations().start(host, port)
+        except MigrationError as exc:
+            raise RequestError(str(exc)) from None
+        self.log.info("control: migrating to %s:%d", host, port)
+        return {"vm": self.vm.name, "host": host, "port": port}
+
+    def _migrate_status(self, request: dict) -> dict:
+        return {"vm": self.vm.name, "migration": self._migrations().info()}
+
+    def _migrate_cancel(self, request: dict) -> dict:
+        self._migrations().cancel()
+        return {"vm": self.vm.name}
 
 
 def _error(message: str) -> dict:

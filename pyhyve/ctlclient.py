@@ -2,7 +2,7 @@
 
 As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
-register reads, --get-stats, --checkpoint, --suspend, then --resume, --powerdown,
+register reads, --get-stats, --checkpoint, --suspend, --migrate, then --resume, --powerdown,
 --force-reset, --force-poweroff, --destroy.  --console is an operation of its
 own: the terminal on a console of the VM (pyhyve.attach) until `~.`.
 
@@ -17,10 +17,12 @@ import getopt
 import json
 import os
 import sys
+import time
 
 from . import escape as escapes
 from .attach import AttachError, attach, choose
 from .config import ConfigError
+from .migstream import DEFAULT_PORT as DEFAULT_MIGRATION_PORT
 from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, REGISTERS, SEGMENT_REGISTERS,
                   TABLE_REGISTERS, ControlClient, ControlError, default_socket_path,
                   socket_directory)
@@ -50,6 +52,10 @@ Operations:
   --inject-nmi         an NMI to the vCPU
   --checkpoint=FILE    save the VM's state to FILE (pyhyve -r FILE restores it), go on
   --suspend=FILE       save the VM's state to FILE, then stop the VM (exit status 1)
+  --migrate=HOST[,PORT]  live-migrate the VM to a pyhyve -R HOST:PORT (default port
+                       24983; both started with -o migration.key=PATH); waits until
+                       the destination runs it (the VM here then stops), or fails
+                       and the VM runs on here
   --powerdown          press the ACPI power button: the guest shuts down (virsh shutdown)
   --force-reset        stop the VM with exit status 0 (reset)
   --force-poweroff     stop the VM with exit status 1 (power off)
@@ -71,7 +77,7 @@ DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
 ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "powerdown",
            "force-reset", "force-poweroff", "destroy")
 LONG_OPTIONS = (["help", "version", "list", "json", "vm=", "cpu=", "socket=", "desc-base=",
-                 "desc-limit=", "desc-access=", "checkpoint=", "suspend=", "console=", "escape=",
+                 "desc-limit=", "desc-access=", "checkpoint=", "suspend=", "console=", "escape=", "migrate=",
                  *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
@@ -112,6 +118,7 @@ class Plan:
         self.gets: set[str] = set()         # scalars and selectors
         self.desc_gets: set[str] = set()
         self.snapshots: dict[str, str] = {}    # checkpoint/suspend: FILE
+        self.migrate: tuple[str, int] | None = None    # --migrate's HOST, PORT
         self.console: str | None = None     # --console's NAME ("": the default)
         self.escape = escapes.DEFAULT
         for option, value in options:
@@ -134,6 +141,11 @@ class Plan:
             if not value:
                 raise UsageError(f"--{option} needs a file: --{option}=FILE")
             self.snapshots[option] = os.path.abspath(value)
+        elif option == "migrate":
+            host, _, port = value.partition(",")
+            if not host or (port and not port.isdigit()) or int(port or 0) > 65535:
+                raise UsageError(f"--migrate takes HOST[,PORT], not '{value}'")
+            self.migrate = (host, int(port or DEFAULT_MIGRATION_PORT))
         elif option == "cpu":
             self.cpu = _number(value, option)
         elif option.startswith("desc-"):
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                             plan.json)
         path = plan.socket_path()
         operations = plan.actions or plan.snapshots or plan.sets or plan.desc_sets or \
-            plan.reads()
+            plan.reads() or plan.migrate
         if plan.console is not None:
             if operations:
                 raise UsageError("--console cannot be combined with other operations")
@@ -330,11 +342,44 @@ def run(plan: Plan, client: ControlClient) -> None:
             answer = request(action, path=plan.snapshots[action])
             then = "running on" if action == "checkpoint" else "stopped (exit status 1)"
             did(answer, f"saved to {answer['path']} ({answer['size']} bytes), {then}")
+    if plan.migrate:
+        migrate(plan, client, request, did)
     for action in ("resume", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
             answer = request(action)
             did(answer, DONE[action] + (f" (exit status {answer['status']})"
                                         if "status" in answer else ""))
+
+
+MIGRATION_POLL = 0.2        # seconds between migrate-status requests
+
+
+def migrate(plan: Plan, client: ControlClient, request, did) -> None:
+    """Start the migration and follow it until the destination runs the VM (the
+    source then stops, and its control socket with it) or it fails."""
+    host, port = plan.migrate
+    answer = request("migrate", host=host, port=port)
+    seen = "setup"
+    while True:
+        time.sleep(MIGRATION_POLL)
+        try:
+            info = client.request("migrate-status")["migration"]
+        except (ConnectionError, OSError):
+            if seen == "device":     # the state was sent; only a completed source ends
+                did(answer, f"migrated to {host}:{port} (the VM here has stopped)")
+                return
+            raise ControlError(f"the VM ended during its migration to {host}:{port}")
+        seen = info.get("status", seen)
+        if seen == "completed":
+            ram = info["ram"]
+            did(answer, f"migrated to {host}:{port} ({ram['transferred']} bytes in "
+                        f"{info['total-time']} ms, paused {info.get('downtime', 0)} ms)")
+            return
+        if seen in ("failed", "cancelled"):
+            if plan.json:
+                print(json.dumps({"command": "migrate-status", "ok": True, "migration": info}))
+            raise ControlError(f"migration to {host}:{port} {seen}: "
+                               f"{info.get('error-desc', '')}")
 
 
 # what each action's line says it did

@@ -170,6 +170,39 @@ def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
     return runs
 
 
+@contextlib.contextmanager
+def quiesced(vm):
+    """Every device settled and still until the context ends (Device.quiesce):
+    what they finish may raise interrupts, which the vCPU and irqchip state
+    must then hold, and guest memory, saved last, holds every completion.
+    SnapshotError names a device that cannot (a disk that cannot sync)."""
+    with contextlib.ExitStack() as stack:
+        for device in vm.devices:
+            try:
+                stack.enter_context(device.quiesce())
+            except OSError as exc:
+                raise SnapshotError(f"cannot snapshot: device {device.description}: "
+                                    f"{exc.strerror or exc}") from None
+        yield
+
+
+def machine_state(vm, writer: _Writer) -> dict:
+    """The manifest of everything but guest memory: the vCPUs, the irqchip, PIT
+    and clock, every device, and the config for the reader to compare; the
+    binary parts go to WRITER.  The vCPUs are paused and the devices quiesced."""
+    msr_indices = vm.kvm.msr_index_list()
+    vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
+             for vcpu in vm.vcpus]
+    kvm_vm = vm.kvm_vm
+    state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
+             "pit2": writer.add(kvm_vm.get_pit2()),
+             "clock": writer.add(kvm_vm.get_clock())}
+    devices = {device.name: device.save_state() for device in vm.devices}
+    config = {key: vm.config.get(key) for key in vm.config.keys()}
+    return {"format": FORMAT, "version": VERSION, "config": config,
+            "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state, "devices": devices}
+
+
 def save(vm, path: str) -> int:
     """Write VM's state to PATH; every vCPU must be paused (or stopped).
     Returns the file's size in bytes."""
@@ -177,30 +210,12 @@ def save(vm, path: str) -> int:
     vm.log.info("snapshot: writing %s", path)
     started = time.monotonic()
     writer = _Writer()
-    msr_indices = vm.kvm.msr_index_list()
-    with contextlib.ExitStack() as quiesced:
-        # Devices settle first: what they finish may raise interrupts, which
-        # the vCPU and irqchip state must then hold.  They stay still until the
-        # file is written, since guest memory goes into it as it is.
-        for device in vm.devices:
-            try:
-                quiesced.enter_context(device.quiesce())
-            except OSError as exc:             # a disk that cannot sync
-                raise SnapshotError(f"cannot snapshot: device {device.description}: "
-                                    f"{exc.strerror or exc}") from None
-        vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
-                 for vcpu in vm.vcpus]
-        kvm_vm = vm.kvm_vm
-        state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
-                 "pit2": writer.add(kvm_vm.get_pit2()),
-                 "clock": writer.add(kvm_vm.get_clock())}
-        devices = {device.name: device.save_state() for device in vm.devices}
+    # The devices stay still until the file is written, since guest memory
+    # goes into it as it is.
+    with quiesced(vm):
+        manifest = machine_state(vm, writer)
         memory = _memory_runs(vm, writer)
-        config = {key: vm.config.get(key) for key in vm.config.keys()}
-        manifest = {"format": FORMAT, "version": VERSION, "config": config,
-                    "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
-                    "devices": devices, "memory": memory, "data_size": writer.size,
-                    "data_crc32": writer.crc}
+        manifest.update(memory=memory, data_size=writer.size, data_crc32=writer.crc)
         try:
             size = _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks)
         finally:
@@ -290,6 +305,29 @@ def read(path: str) -> Snapshot:
     return Snapshot(manifest, data)
 
 
+def machine_differences(config, saved) -> list[str]:
+    """How the machine that CONFIG builds differs from the one SAVED (a Config
+    a snapshot or a migration source recorded) describes: memory size, CPU
+    topology, the PCI functions' emulations; an empty list when they match."""
+    from .builder import pci_slots, topology
+    from .config import parse_size
+    from .vm import DEFAULT_MEMORY
+    differences = []
+    sizes = [parse_size(c.get("memory.size", DEFAULT_MEMORY), "memory size")
+             for c in (config, saved)]
+    if sizes[0] != sizes[1]:
+        differences.append(f"memory {sizes[0]} bytes, saved {sizes[1]}")
+    shapes = [topology(c) for c in (config, saved)]
+    if shapes[0] != shapes[1]:
+        differences.append(f"CPU topology {shapes[0]}, saved {shapes[1]}")
+    slots = [pci_slots(c) for c in (config, saved)]
+    for where in sorted(set(slots[0]) | set(slots[1])):
+        given, had = (s.get(where, "nothing") for s in slots)
+        if given != had:
+            differences.append(f"PCI {where[0]}.{where[1]} {given}, saved {had}")
+    return differences
+
+
 # --- the power-on state: what a reset puts back --------------------------------------
 def kvm_power_on_state(vm) -> Snapshot:
     """KVM's state of a VM just built (no vCPU has run; the boot method has set
@@ -343,9 +381,9 @@ def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
     kvm_vcpu.set_vcpu_events(snap.load(abi.kvm_vcpu_events, state["vcpu_events"]))
 
 
-def _restore_memory(vm, snap: Snapshot) -> None:
-    backings = vm.memory.backings()
-    for _, backing in backings:
+def clear_memory(vm) -> None:
+    """Make all guest RAM read as zero (what a restore starts from)."""
+    for _, backing in vm.memory.backings():
         try:
             backing.madvise(mmap.MADV_DONTNEED)       # private anonymous: now all zero
         except OSError:                               # wired (mlocked) memory
@@ -353,6 +391,11 @@ def _restore_memory(vm, snap: Snapshot) -> None:
             for start in range(0, len(backing), len(chunk)):
                 end = min(start + len(chunk), len(backing))
                 backing[start:end] = chunk[:end - start]
+
+
+def _restore_memory(vm, snap: Snapshot) -> None:
+    clear_memory(vm)
+    backings = vm.memory.backings()
     for gpa, length, offset in snap.manifest["memory"]:
         base, backing = next(((base, backing) for base, backing in reversed(backings)
                               if gpa >= base), (0, None))
@@ -390,14 +433,29 @@ def restore_into(vm, path: str | Snapshot) -> None:
     """Load a snapshot into VM, freshly built from the snapshot's config and not
     yet running."""
     snap = read(path) if isinstance(path, str) else path
+    try:
+        _check_shape(vm, snap.manifest)
+        _restore_memory(vm, snap)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None
+    restore_machine(vm, snap)
+
+
+def _check_shape(vm, manifest: dict) -> None:
+    if len(manifest["vcpus"]) != len(vm.vcpus):
+        raise SnapshotError(f"snapshot has {len(manifest['vcpus'])} vCPUs, the VM "
+                            f"{len(vm.vcpus)}")
+    if manifest.get("memory_size", vm.memory.size) != vm.memory.size:
+        raise SnapshotError("snapshot's memory size differs from the VM's")
+
+
+def restore_machine(vm, snap: Snapshot) -> None:
+    """Everything machine_state() saved, into VM (its memory already holds the
+    guest's): the irqchip, clock, vCPUs, then the devices.  Every field is
+    checked; SnapshotError says what does not fit."""
     m = snap.manifest
     try:
-        if len(m["vcpus"]) != len(vm.vcpus):
-            raise SnapshotError(f"snapshot has {len(m['vcpus'])} vCPUs, the VM "
-                                f"{len(vm.vcpus)}")
-        if m.get("memory_size", vm.memory.size) != vm.memory.size:
-            raise SnapshotError("snapshot's memory size differs from the VM's")
-        _restore_memory(vm, snap)
+        _check_shape(vm, m)
         state = m["vm"]
         _restore_chips(vm, snap)
         clock = snap.load(abi.kvm_clock_data, state["clock"])
