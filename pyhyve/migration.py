@@ -108,9 +108,10 @@ class Migrations:
         self.current: Outgoing | None = None
         self._lock = threading.Lock()
 
-    def start(self, host: str, port: int) -> "Outgoing":
+    def start(self, host: str, port: int, ended=None) -> "Outgoing":
         """Begin migrating to HOST:PORT; MigrationError if one is under way or
-        the VM has stopped."""
+        the VM has stopped.  ENDED(info), if given, is called on the migration's
+        thread when it has ended, before a completed one stops the VM."""
         with self._lock:
             if self.current is not None and self.current.status not in FINISHED:
                 raise MigrationError("a migration is already under way")
@@ -120,7 +121,7 @@ class Migrations:
                 snapshot.check_savable(self.vm)
             except snapshot.SnapshotError as exc:
                 raise MigrationError(str(exc).replace("cannot snapshot", "cannot migrate"))
-            self.current = Outgoing(self, host, port)
+            self.current = Outgoing(self, host, port, ended)
             self.current.start()
             return self.current
 
@@ -139,8 +140,9 @@ class Cancelled(MigrationError):
 class Outgoing:
     """One migration of this VM to a destination (the module docstring)."""
 
-    def __init__(self, migrations: Migrations, host: str, port: int):
+    def __init__(self, migrations: Migrations, host: str, port: int, ended=None):
         self.vm = migrations.vm
+        self._ended = ended
         self.memory = self.vm.memory
         self.key = migrations.key
         self.downtime_ms = migrations.downtime_ms
@@ -216,6 +218,11 @@ class Outgoing:
         self.error = error
         self.status = status
         self.vm.log.warning("migration to %s %s: %s", self.where, status, error)
+        self._tell_ended()
+
+    def _tell_ended(self) -> None:
+        if self._ended is not None:
+            self._ended(self.info())
 
     def _migrate(self) -> None:
         try:
@@ -291,6 +298,7 @@ class Outgoing:
         self.status = COMPLETED
         vm.log.info("migration to %s: completed in %d ms, %d ms paused", self.where,
                     self.total_ms, self.downtime)
+        self._tell_ended()
         vm.exit_detail = f"migrated to {self.where}"
         vm.stop(ExitStatus.POWEROFF, cause="migration")
 
