@@ -191,6 +191,38 @@ def test_source_resumes_when_the_destination_dies_mid_transfer(tmp_path, shared,
 
 
 @pytest.mark.usefixtures("needs_kvm")
+def test_source_resumes_when_the_destination_cannot_take_the_disk(tmp_path, shared, processes,
+                                                                  capsys):
+    """After the pause: the destination restores the state, but another
+    process holds its disk's lock, so it refuses; the source takes its own
+    disk's lock back and the guest, paused meanwhile, runs on there."""
+    disk, key = shared
+    other = tmp_path / "other.img"
+    other.write_bytes(disk.read_bytes())
+    holder = os.open(other, os.O_RDWR)
+    fcntl.fcntl(holder, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
+    try:
+        destination = Pyhyve(tmp_path, "dst", other, key, "-R", "127.0.0.1:0")
+        processes.append(destination)
+        port = destination.listening_port()
+        source = Pyhyve(tmp_path, "src", disk, key)
+        processes.append(source)
+        wait_for(lambda: acked(source.console), what="the guest to write")
+        assert ctlclient.main([f"--socket={source.socket}",
+                               f"--migrate=127.0.0.1,{port}"]) == 1
+        said = capsys.readouterr().err
+        assert "cannot take over the disks" in said and "in use elsewhere" in said, said
+        assert source.proc.poll() is None and locked_elsewhere(disk)     # its lock back
+        assert destination.wait() == 4
+        assert "pyhyve: migration failed: cannot take over the disks" in destination.output
+        assert source.wait() == 1, source.output
+    finally:
+        os.close(holder)
+    assert acked(source.console) == list(range(1, TOTAL_KIB * 1024 // BLOCK + 1))
+    assert disk.read_bytes() == pattern(TOTAL_KIB * 1024)
+
+
+@pytest.mark.usefixtures("needs_kvm")
 def test_a_peer_without_the_key_is_refused(tmp_path, shared, processes, capsys):
     disk, key = shared
     destination = Pyhyve(tmp_path, "dst", disk, key, "-R", "127.0.0.1:0")
@@ -350,7 +382,8 @@ def test_page_runs_land_in_guest_ram():
     _pages([(0x1000, 1)])[:-2],                         # a truncated run table
     struct.pack("<I", 1 << 30),                         # a count with no table
     _pages([((1 << 64) - 4096, 1)], bytes(4096)),       # beyond any RAM
-])
+], ids=["past-ram", "straddles", "unaligned", "short", "left-over", "empty-run",
+        "truncated-table", "no-table", "far-away"])
 def test_page_runs_outside_guest_ram_or_malformed_are_refused(payload):
     vm = _Vm()
     with pytest.raises(migstream.MigrationError):
@@ -360,7 +393,8 @@ def test_page_runs_outside_guest_ram_or_malformed_are_refused(payload):
 
 @pytest.mark.parametrize("payload", [b"", b"\xff\xff\xff\x7f{}", struct.pack("<I", 2) + b"{}",
                                      struct.pack("<I", 4) + b"[1,2]",
-                                     struct.pack("<I", 2) + b'{}' + b"extra"])
+                                     struct.pack("<I", 2) + b'{}' + b"extra"],
+                         ids=["empty", "long", "no-format", "not-object", "data-size"])
 def test_malformed_state_is_refused(payload):
     with pytest.raises(migstream.MigrationError, match="malformed"):
         migration._restore_state(_Vm(), payload)
