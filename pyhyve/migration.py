@@ -248,7 +248,10 @@ class Outgoing:
         self.status = ACTIVE
         self.memory.log_dirty(True)
         self.memory.track_host_writes(True)
-        self._send_pages(self._nonzero_pages(), first=True)
+        pages = self._nonzero_pages()
+        self.vm.log.debug("migration: %d pages in use, scanned in %.3f s", len(pages),
+                          time.monotonic() - self.started)
+        self._send_pages(pages, first=True)
         while True:
             self._check_cancelled()
             dirty = self._collect_dirty()
@@ -351,51 +354,65 @@ class Outgoing:
                     word ^= low
         return pages
 
-    def _page_content(self, page: int) -> bytes | None:
-        """A copy of the page (the guest may change it while it is sent)."""
-        gpa = page * PAGE
+    def _content(self, page: int, count: int) -> bytes | None:
+        """A copy of COUNT pages from PAGE on (the guest may change them while
+        they are sent), or None where that is not all RAM."""
+        gpa, length = page * PAGE, count * PAGE
         for base, backing in self.memory.backings():
-            if base <= gpa < base + len(backing):
-                return backing[gpa - base:gpa - base + PAGE]
+            if base <= gpa and gpa + length <= base + len(backing):
+                return backing[gpa - base:gpa - base + length]
         return None
 
     def _send_pages(self, pages, first: bool = False) -> None:
-        """PAGES (copied, so the MAC covers what goes out) and ZEROS messages for
-        PAGES, in batches; ZEROS only after the first pass (the destination
-        starts from zeroed memory)."""
+        """PAGES and ZEROS messages for PAGES, in batches of contiguous runs.
+        FIRST: the first pass, whose pages are known not to be all zero (and
+        the destination starts from zeroed memory)."""
         started, sent_before = time.monotonic(), self.channel_bytes()
-        batch: list[int] = []
+        batch: list[list[int]] = []         # [first page, count] runs
+        in_batch = 0
         for page in sorted(pages):
-            batch.append(page)
-            if len(batch) == BATCH_PAGES:
-                self._send_batch(batch)
-                batch = []
+            if batch and batch[-1][0] + batch[-1][1] == page and in_batch < BATCH_PAGES:
+                batch[-1][1] += 1
+            elif in_batch < BATCH_PAGES:
+                batch.append([page, 1])
+            else:
+                self._send_batch(batch, first)
+                batch, in_batch = [[page, 1]], 0
+            in_batch += 1
         if batch:
-            self._send_batch(batch)
+            self._send_batch(batch, first)
         elapsed = time.monotonic() - started
+        self.vm.log.debug("migration: round %d: %d pages in %.3f s", self.rounds,
+                          len(pages), elapsed)
         if elapsed > 0.01:
             self._throughput = (self.channel_bytes() - sent_before) / elapsed
         elif not first:
             self._throughput = max(self._throughput, 1e6)
 
-    def _send_batch(self, batch: list[int]) -> None:
+    def _send_batch(self, runs: list[list[int]], first: bool) -> None:
         self._check_cancelled()
-        data, data_pages, zero_pages = [], [], []
-        for page in batch:
-            content = self._page_content(page)
+        data, data_runs, zero_runs = [], [], []
+        for page, count in runs:
+            content = self._content(page, count)
             if content is None:
                 continue
-            if content == _ZERO_PAGE:
-                zero_pages.append(page)
-            else:
+            if first:
                 data.append(content)
-                data_pages.append(page)
-        if data_pages:
-            self._channel.send(PAGES, _runs(data_pages), *data)
-            self.pages_sent += len(data_pages)
-        if zero_pages:
-            self._channel.send(ZEROS, _runs(zero_pages))
-            self.zero_pages += len(zero_pages)
+                data_runs.append((page, count))
+                continue
+            for index in range(count):          # a page written since may be zero now
+                piece = content[index * PAGE:(index + 1) * PAGE]
+                if piece == _ZERO_PAGE:
+                    zero_runs.append((page + index, 1))
+                else:
+                    data.append(piece)
+                    data_runs.append((page + index, 1))
+        if data_runs:
+            self._channel.send(PAGES, _runs(data_runs), b"".join(data))
+            self.pages_sent += sum(count for _, count in data_runs)
+        if zero_runs:
+            self._channel.send(ZEROS, _runs(zero_runs))
+            self.zero_pages += len(zero_runs)
         self._limit_bandwidth()
 
     def _limit_bandwidth(self) -> None:
@@ -409,16 +426,17 @@ class Outgoing:
             self._window = (time.monotonic(), self.channel_bytes())
 
 
-def _runs(pages: list[int]) -> bytes:
-    """The run table of sorted PAGES: a count, then (gpa, pages) for each run."""
-    runs: list[list[int]] = []
-    for page in pages:
-        if runs and runs[-1][0] + runs[-1][1] == page:
-            runs[-1][1] += 1
+def _runs(runs: list[tuple[int, int]]) -> bytes:
+    """The run table: a count, then (gpa, pages) for each run of pages, the
+    adjacent ones merged."""
+    merged: list[list[int]] = []
+    for page, count in runs:
+        if merged and merged[-1][0] + merged[-1][1] == page:
+            merged[-1][1] += count
         else:
-            runs.append([page, 1])
-    return _COUNT.pack(len(runs)) + b"".join(_RUN.pack(page * PAGE, count)
-                                             for page, count in runs)
+            merged.append([page, count])
+    return _COUNT.pack(len(merged)) + b"".join(_RUN.pack(page * PAGE, count)
+                                               for page, count in merged)
 
 
 # --- the destination ---------------------------------------------------------------
