@@ -48,6 +48,13 @@ def dirty_rate(debug: Path, dirty_pages: int) -> float:
     return ticks / RATE_SECONDS * dirty_pages * 4096 / (1 << 20)
 
 
+def figures(elapsed: float, info: dict, rate: float) -> dict:
+    """One run's figures from the source's MigrationInfo (pyhyve's is QEMU's shape)."""
+    return {"total_s": elapsed, "downtime_ms": info["downtime"],
+            "sent_mib": info["ram"]["transferred"] / (1 << 20), "dirty_mib_s": rate,
+            "rounds": info["ram"]["dirty-sync-count"]}
+
+
 def pyhyve_run(rom: Path, work: Path, env: dict, dirty_pages: int) -> dict:
     key = work / "key"
     key.write_bytes(os.urandom(32))
@@ -78,9 +85,7 @@ def pyhyve_run(rom: Path, work: Path, env: dict, dirty_pages: int) -> dict:
     finally:
         stop(source)
         stop(destination)
-    return {"total_s": elapsed, "downtime_ms": info["downtime"],
-            "sent_mib": info["ram"]["transferred"] / (1 << 20), "dirty_mib_s": rate,
-            "rounds": info["ram"]["dirty-sync-count"]}
+    return figures(elapsed, info, rate)
 
 
 def qemu_run(qemu: str, rom: Path, work: Path, dirty_pages: int) -> dict:
@@ -118,9 +123,7 @@ def qemu_run(qemu: str, rom: Path, work: Path, dirty_pages: int) -> dict:
     finally:
         stop(source)
         stop(destination)
-    return {"total_s": elapsed, "downtime_ms": info["downtime"],
-            "sent_mib": info["ram"]["transferred"] / (1 << 20), "dirty_mib_s": rate,
-            "rounds": info["ram"]["dirty-sync-count"]}
+    return figures(elapsed, info, rate)
 
 
 def main() -> None:
@@ -129,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     qemu = shutil.which("qemu-system-x86_64")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    figures = {"memory_mib": MEMORY_MIB, "downtime_limit_ms": DOWNTIME_MS,
+    results = {"memory_mib": MEMORY_MIB, "downtime_limit_ms": DOWNTIME_MS,
                "bandwidth": BANDWIDTH, "dirty_pages_per_tick": DIRTY_PAGES}
     print(f"{MEMORY_MIB} MiB guest, every page filled; downtime limit {DOWNTIME_MS} ms, "
           f"bandwidth cap {BANDWIDTH >> 20} MiB/s (best of {args.repeat})")
@@ -142,23 +145,23 @@ def main() -> None:
                 runs["pyhyve"].append(pyhyve_run(rom, work, env, pages))
                 if qemu:
                     runs["qemu"].append(qemu_run(qemu, rom, work, pages))
-            figures[case] = runs
-            for side, results in runs.items():
-                if not results:
+            results[case] = runs
+            for side, side_runs in runs.items():
+                if not side_runs:
                     print(f"{case:8} {side:7}: not installed")
                     continue
-                best = min(results, key=lambda r: r["total_s"])
-                figures[f"{case}_{side}_best"] = best
+                best = min(side_runs, key=lambda r: r["total_s"])
+                results[f"{case}_{side}_best"] = best
                 print(f"{case:8} {side:7}: total {best['total_s']:6.3f} s, downtime "
                       f"{best['downtime_ms']:5d} ms, sent {best['sent_mib']:6.1f} MiB in "
                       f"{best['rounds']} rounds, guest dirtying {best['dirty_mib_s']:.1f} MiB/s")
             if runs["qemu"]:
-                p, q = figures[f"{case}_pyhyve_best"], figures[f"{case}_qemu_best"]
-                figures[f"{case}_ratio_total"] = p["total_s"] / q["total_s"]
-                figures[f"{case}_ratio_downtime"] = p["downtime_ms"] / max(q["downtime_ms"], 1)
-                print(f"{case:8} ratio pyhyve/qemu: total {figures[f'{case}_ratio_total']:.2f}, "
-                      f"downtime {figures[f'{case}_ratio_downtime']:.2f}  (lower is faster)")
-    print(f"results: {save('migrate', figures).relative_to(REPO)}")
+                p, q = results[f"{case}_pyhyve_best"], results[f"{case}_qemu_best"]
+                results[f"{case}_ratio_total"] = p["total_s"] / q["total_s"]
+                results[f"{case}_ratio_downtime"] = p["downtime_ms"] / max(q["downtime_ms"], 1)
+                print(f"{case:8} ratio pyhyve/qemu: total {results[f'{case}_ratio_total']:.2f}, "
+                      f"downtime {results[f'{case}_ratio_downtime']:.2f}  (lower is faster)")
+    print(f"results: {save('migrate', results).relative_to(REPO)}")
 
 
 if __name__ == "__main__":

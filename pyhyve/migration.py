@@ -278,11 +278,7 @@ class Outgoing:
                         dirty.update(BIOS_AREA_PAGES)
                     self._check_cancelled()
                     self._send_pages(dirty)
-                    writer = snapshot._Writer()
-                    manifest = snapshot.machine_state(vm, writer)
-                    manifest["data_size"] = writer.size
-                    encoded = json.dumps(manifest, sort_keys=True).encode()
-                    data = b"".join(writer.chunks)
+                    encoded, data = snapshot.encoded_machine_state(vm)
                     self._check_cancelled()
                     vm.image_locks.release()
                     handed_over = True

@@ -203,6 +203,15 @@ def machine_state(vm, writer: _Writer) -> dict:
             "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state, "devices": devices}
 
 
+def encoded_machine_state(vm) -> tuple[bytes, bytes]:
+    """machine_state() as JSON, and its binary parts joined (what a live
+    migration sends once the VM is paused and quiesced)."""
+    writer = _Writer()
+    manifest = machine_state(vm, writer)
+    manifest["data_size"] = writer.size
+    return json.dumps(manifest, sort_keys=True).encode(), b"".join(writer.chunks)
+
+
 def save(vm, path: str) -> int:
     """Write VM's state to PATH; every vCPU must be paused (or stopped).
     Returns the file's size in bytes."""

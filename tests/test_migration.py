@@ -73,6 +73,13 @@ class Pyhyve:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    @classmethod
+    def destination(cls, tmp: Path, disk: Path, key: Path, processes: list):
+        """A destination on 127.0.0.1 and the port it listens on."""
+        destination = cls(tmp, "dst", disk, key, "-R", "127.0.0.1:0")
+        processes.append(destination)
+        return destination, destination.listening_port()
+
     def listening_port(self) -> int:
         """The port a -R 127.0.0.1:0 destination printed."""
         def found():
@@ -127,9 +134,7 @@ def locked_elsewhere(disk: Path) -> bool:
 @pytest.mark.usefixtures("needs_kvm")
 def test_counting_guest_carries_on_after_migration(tmp_path, shared, processes, capsys):
     disk, key = shared
-    destination = Pyhyve(tmp_path, "dst", disk, key, "-R", "127.0.0.1:0")
-    processes.append(destination)
-    port = destination.listening_port()
+    destination, port = Pyhyve.destination(tmp_path, disk, key, processes)
     source = Pyhyve(tmp_path, "src", disk, key)
     processes.append(source)
     wait_for(lambda: len(acked(source.console)) >= 64, what="the guest to write")
@@ -157,9 +162,7 @@ def test_source_resumes_when_the_destination_dies_mid_transfer(tmp_path, shared,
     destination: it resumes, query-migrate says why, the guest finishes there."""
     from test_qmp import qmp_session
     disk, key = shared
-    destination = Pyhyve(tmp_path, "dst", disk, key, "-R", "127.0.0.1:0")
-    processes.append(destination)
-    port = destination.listening_port()
+    destination, port = Pyhyve.destination(tmp_path, disk, key, processes)
     qmp_path = tmp_path / "qmp.sock"
     source = Pyhyve(tmp_path, "src", disk, key, "-o", f"qmp.socket={qmp_path}")
     processes.append(source)
@@ -202,9 +205,7 @@ def test_source_resumes_when_the_destination_cannot_take_the_disk(tmp_path, shar
     holder = os.open(other, os.O_RDWR)
     fcntl.fcntl(holder, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
     try:
-        destination = Pyhyve(tmp_path, "dst", other, key, "-R", "127.0.0.1:0")
-        processes.append(destination)
-        port = destination.listening_port()
+        destination, port = Pyhyve.destination(tmp_path, other, key, processes)
         source = Pyhyve(tmp_path, "src", disk, key)
         processes.append(source)
         wait_for(lambda: acked(source.console), what="the guest to write")
@@ -225,9 +226,7 @@ def test_source_resumes_when_the_destination_cannot_take_the_disk(tmp_path, shar
 @pytest.mark.usefixtures("needs_kvm")
 def test_a_peer_without_the_key_is_refused(tmp_path, shared, processes, capsys):
     disk, key = shared
-    destination = Pyhyve(tmp_path, "dst", disk, key, "-R", "127.0.0.1:0")
-    processes.append(destination)
-    port = destination.listening_port()
+    destination, port = Pyhyve.destination(tmp_path, disk, key, processes)
     other_key = tmp_path / "other.key"
     other_key.write_bytes(os.urandom(32))
     other_key.chmod(0o600)
