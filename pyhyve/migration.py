@@ -159,6 +159,7 @@ class Outgoing:
         self._throughput = 0.0      # bytes a second the last round reached
         self._window = (time.monotonic(), 0)    # bandwidth limit: since when, how much
         self._cancelled = False
+        self._keep_paused = False   # the disks may be the destination's now
         self._thread = threading.Thread(target=self._run, name="migrate", daemon=True)
         self.done = threading.Event()
 
@@ -269,6 +270,7 @@ class Outgoing:
         paused_at = time.monotonic()
         vm.pause()
         self.status = DEVICE
+        self.bandwidth = 0          # the cap does not stretch the pause
         handed_over = False
         try:
             with snapshot.quiesced(vm):
@@ -289,7 +291,7 @@ class Outgoing:
                         self._take_locks_back()
                     raise
         except BaseException:
-            if not was_paused:
+            if not was_paused and not self._keep_paused:
                 vm.resume()
             raise
         self.downtime = int((time.monotonic() - paused_at) * 1000)
@@ -305,7 +307,7 @@ class Outgoing:
         try:
             self.vm.image_locks.take()
         except ConfigError as exc:
-            self.status = FAILED_STATUS
+            self._keep_paused = True
             raise MigrationError(f"the destination may be running the guest: {exc}; "
                                  "this VM stays paused") from None
 
@@ -503,7 +505,10 @@ class Listener:
                 while not vm.vcpus[0].running and vm.exit_status is None:
                     time.sleep(0.01)
                 vm.vcpus[0].call(lambda vcpu: None)
-                channel.send(RUNNING)
+                if vm.exit_status is not None:
+                    channel.send(FAILED, b"the VM stopped as it started here")
+                else:
+                    channel.send(RUNNING)
             except (MigrationError, Exception) as exc:
                 vm.log.warning("migration: could not confirm to the source: %s", exc)
             finally:

@@ -224,6 +224,52 @@ def test_source_resumes_when_the_destination_cannot_take_the_disk(tmp_path, shar
 
 
 @pytest.mark.usefixtures("needs_kvm")
+def test_source_stays_paused_when_the_destination_may_hold_its_disk(tmp_path, shared,
+                                                                    processes, capsys):
+    """A destination (the test's own) that takes the disk's lock once the state
+    came, then drops the connection without saying RUNNING: it may be running
+    the guest, so the source must not resume it."""
+    import threading
+    disk, key = shared
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    holder = []
+
+    def destination():
+        sock, _ = listener.accept()
+        channel = migstream.Channel.destination(sock, key.read_bytes())
+        channel.receive()
+        channel.send(migstream.ACCEPT)
+        while channel.receive()[0] != migstream.STATE:
+            pass
+        holder.append(os.open(disk, os.O_RDWR))
+        fcntl.fcntl(holder[0], fcntl.F_OFD_SETLK,
+                    struct.pack("@hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        channel.close()
+    thread = threading.Thread(target=destination, daemon=True)
+    thread.start()
+    source = Pyhyve(tmp_path, "src", disk, key)
+    processes.append(source)
+    try:
+        wait_for(lambda: acked(source.console), what="the guest to write")
+        assert ctlclient.main([f"--socket={source.socket}",
+                               f"--migrate=127.0.0.1,{port}"]) == 1
+        said = capsys.readouterr().err
+        assert "the destination may be running the guest" in said, said
+        assert "this VM stays paused" in said, said
+        count = len(acked(source.console))
+        time.sleep(1.0)
+        assert len(acked(source.console)) == count and source.proc.poll() is None
+        assert ctlclient.main([f"--socket={source.socket}", "--json", "--list"]) == 0
+        assert '"state": "paused"' in capsys.readouterr().out
+    finally:
+        thread.join(10)
+        listener.close()
+        for fd in holder:
+            os.close(fd)
+
+
+@pytest.mark.usefixtures("needs_kvm")
 def test_a_peer_without_the_key_is_refused(tmp_path, shared, processes, capsys):
     disk, key = shared
     destination, port = Pyhyve.destination(tmp_path, disk, key, processes)
