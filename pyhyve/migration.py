@@ -118,9 +118,9 @@ class Migrations:
             if self.vm.exit_status is not None or self.vm.stopping:
                 raise MigrationError("the VM is stopping")
             try:
-                snapshot.check_savable(self.vm)
+                snapshot.check_savable(self.vm, "migrate")
             except snapshot.SnapshotError as exc:
-                raise MigrationError(str(exc).replace("cannot snapshot", "cannot migrate"))
+                raise MigrationError(str(exc)) from None
             self.current = Outgoing(self, host, port, ended)
             self.current.start()
             return self.current

@@ -112,11 +112,12 @@ class _Writer:
         return where
 
 
-def check_savable(vm) -> None:
-    """Raise SnapshotError naming the first device whose state is not saved."""
+def check_savable(vm, doing: str = "snapshot") -> None:
+    """Raise SnapshotError naming the first device whose state is not saved
+    ("cannot DOING: ...")."""
     for device in vm.devices:
         if not device.savable:
-            raise SnapshotError(f"cannot snapshot: device {device.description} "
+            raise SnapshotError(f"cannot {doing}: device {device.description} "
                                 f"has state pyhyve does not save")
 
 
