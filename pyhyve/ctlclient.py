@@ -16,6 +16,7 @@ for all of them (get-all).  --list --json prints a JSON array of the VMs.
 import getopt
 import json
 import os
+import socket
 import sys
 
 from . import escape as escapes
@@ -355,10 +356,20 @@ def migrate(plan: Plan, client: ControlClient, request, did) -> None:
     VM (and the VM here stops), or it failed (ControlError says why)."""
     host, port = plan.migrate
     client.set_timeout(None)
-    answer = request("migrate", host=host, port=port)
+    answer = request("migrate", host=_address_of(host), port=port)
     info = answer["migration"]
     did(answer, f"migrated to {host}:{port} ({info['ram']['transferred']} bytes in "
                 f"{info['total-time']} ms, paused {info.get('downtime', 0)} ms)")
+
+
+def _address_of(host: str) -> str:
+    """HOST's address, resolved here: the VM's sandbox lets it read no resolver
+    configuration, so it is given an address."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"--migrate: cannot resolve {host}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 # what each action's line says it did

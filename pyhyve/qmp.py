@@ -31,7 +31,8 @@ reset in place and runs on, as QEMU's; the guest's own reset still ends
 pyhyve with bhyve's status 0, as QEMU's -no-reboot does), quit (power-off:
 pyhyve exits with bhyve's status 1); and live migration (pyhyve.migration,
 for a VM started with -o migration.key=PATH): migrate ("uri":
-"tcp:HOST:PORT", to a pyhyve -R, not to QEMU: the stream is pyhyve's own),
+"tcp:HOST:PORT", to a pyhyve -R, not to QEMU: the stream is pyhyve's own;
+HOST an address where the sandbox keeps the VM from its resolver's files),
 query-migrate, migrate_cancel, migrate-set-parameters and
 query-migrate-parameters ("downtime-limit" in ms, "max-bandwidth" in bytes
 a second, 0 for none).
