@@ -505,4 +505,4 @@ def test_linux_finishes_its_script_on_the_destination(linux_guest, tmp_path, sha
     assert len(blob) == 2 and blob[0] == blob[1], (before, after)     # RAM, intact
     written = [line for line in after if line.startswith("written ")]
     assert written == ["written before the migration", "written after the migration"]
-    assert after[-1] == "unmounted", after
+    assert "unmounted" in after, after
