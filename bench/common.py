@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,13 @@ def _require_marker(debug: Path, marker: str, context: str) -> None:
         raise SystemExit(f"the guest did not print {marker!r} ({context}):\n{text}")
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def save(name: str, figures: dict) -> Path:
     """Write one benchmark's figures as JSON, stamped with date and machine."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -90,5 +98,5 @@ def save(name: str, figures: dict) -> Path:
     return path
 
 
-__all__ = ["build_rom", "require_program", "run_guest_on_pyhyve", "run_guest_on_qemu", "save",
+__all__ = ["build_rom", "free_port", "require_program", "run_guest_on_pyhyve", "run_guest_on_qemu", "save",
            "PM1A_CNT", "REPO"]

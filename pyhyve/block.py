@@ -19,7 +19,10 @@ VMs never write one image, nor one read it while another writes.  OFD locks
 belong to the descriptor, not the process: they survive the privilege drop,
 and go away with the descriptor (or the process, however it ends).
 `lock=False` is the operator's way out (an image on a filesystem without
-locks, or shared on purpose).
+locks, or shared on purpose).  A live migration hands the lock over
+(ImageLocks): the VM collects the images it opens while it is built; the
+destination's take their lock only once the source has released its own,
+after its last write.
 
 clear() makes a range read as zeros: a hole (fallocate PUNCH_HOLE) where
 unmapping is allowed and the filesystem punches holes (probed once, past
@@ -29,6 +32,8 @@ are ConfigError naming the device; I/O errors are OSError for the device to
 report to its guest.
 """
 
+import contextlib
+import contextvars
 import ctypes
 import errno
 import fcntl
@@ -76,6 +81,47 @@ def transfer(function, fd: int, views: list[memoryview], offset: int) -> bool:
     return True
 
 
+class ImageLocks:
+    """The locked images of one VM, gathered while it is built (collecting()),
+    for a live migration to hand their locks from source to destination.
+    With `deferred` (a migration destination) images open without their lock
+    until take()."""
+
+    def __init__(self, deferred: bool = False):
+        self.deferred = deferred
+        self.images: list["BlockImage"] = []
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """Images opened in this context (on this thread) join this set."""
+        token = _collecting.set(self)
+        try:
+            yield self
+        finally:
+            _collecting.reset(token)
+
+    def release(self) -> None:
+        """The source, after its last write: others may lock the images now."""
+        for image in self.images:
+            image.unlock()
+
+    def take(self) -> None:
+        """Lock every image (again); ConfigError, with none held, if one is
+        locked elsewhere."""
+        taken = []
+        try:
+            for image in self.images:
+                image.lock()
+                taken.append(image)
+        except ConfigError:
+            for image in taken:
+                image.unlock()
+            raise
+
+
+_collecting: contextvars.ContextVar = contextvars.ContextVar("image_locks", default=None)
+
+
 class BlockImage:
     """An open disk image: its size, what it can do, and I/O on it."""
 
@@ -87,8 +133,11 @@ class BlockImage:
         self.fd = self._open(extra)
         self.direct_fd = None
         try:
-            if lock:
-                self._lock()
+            locks = _collecting.get()
+            if lock and locks is not None:
+                locks.images.append(self)
+            if lock and not (locks is not None and locks.deferred):
+                self.lock()
             mode = os.fstat(self.fd).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
                 raise ConfigError(f"{owner}: {path} is not a regular file or block device")
@@ -101,7 +150,7 @@ class BlockImage:
             self.close()
             raise
 
-    def _lock(self) -> None:
+    def lock(self) -> None:
         kind = fcntl.F_RDLCK if self.read_only else fcntl.F_WRLCK
         try:
             fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
@@ -115,6 +164,13 @@ class BlockImage:
                                   f"{exc.strerror}") from None
             log.warning("%s: %s cannot be locked here (%s); opened without a lock",
                         self.owner, self.path, exc.strerror)
+
+    def unlock(self) -> None:
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK,
+                        _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+        except OSError as exc:     # a filesystem without locks: none was held
+            log.debug("%s: unlocking %s: %s", self.owner, self.path, exc.strerror)
 
     def _open(self, extra: int) -> int:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC | extra

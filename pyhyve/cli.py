@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from .config import Config, ConfigError, parse_size, write_user_file
+from .config import Config, ConfigError, write_user_file
 from .ctl import ControlServer, default_socket_path
 from .devices.debugexit import (DEFAULT_IOBASE as DEBUG_EXIT_IOBASE,
                                 DEFAULT_IOSIZE as DEBUG_EXIT_IOSIZE)
@@ -21,7 +21,7 @@ USAGE = """\
 usage: pyhyve [-ACDeHhPSuvwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threads=n]]
               [-f name,string=TEXT|file=PATH] [-G [w][address:]port] [-k config_file]
               [-K layout] [-l lpcdev[,conf]] [-m memsize[K|M|G|T]] [-o var=value]
-              [-p vcpu:hostcpu] [-r file] [-s pci] [-U uuid] vmname
+              [-p vcpu:hostcpu] [-R host:port] [-r file] [-s pci] [-U uuid] vmname
        pyhyve -l help | -s help | -o help | -h | --help | --version
        pyhyve --serve=SOCKET
 
@@ -113,13 +113,21 @@ Other:
                   the VM's own options too (a snapshot carries state, not them);
                   one of another machine, or one pyhyve cannot read, is refused
                   with exit status 4
+  -R host:port    receive a VM by live migration (pyhyvectl --migrate on its source),
+                  listening on host:port (port 0: a free one, printed); give the VM's
+                  own options as for -r, and -o migration.key=PATH, the source's key
+Live migration:
+  -o migration.key=PATH     a secret (16 bytes or more, mode 0600) both ends must hold;
+                            on a source it also lets the VM open TCP connections
+  -o migration.downtime=MS  the pause to aim for (default 300)
+  -o migration.bandwidth=N  bytes a second at most (K, M, G suffixes; default unlimited)
 
 Exit status (as bhyve): 0 reset, 1 powered off, 2 halted, 3 triple fault, 4 error
 (a bad option or config value among them, said in one line on stderr); with
 isa-debug-exit, also whatever odd status the guest chose."""
 
 # getopt(3)'s: a colon follows a letter that takes a value
-SHORT_OPTIONS = "ACc:Def:G:Hhk:K:l:m:o:Pp:r:s:SU:uvwxY"
+SHORT_OPTIONS = "ACc:Def:G:Hhk:K:l:m:o:Pp:R:r:s:SU:uvwxY"
 
 
 def getopt(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -325,7 +333,8 @@ FLAG_KEYS = {
     "-Y": ("x86.mptable", "false"),
     "-A": ("acpi_tables", "true"),
 }
-VALUE_KEYS = {"-m": "memory.size", "-U": "uuid", "-K": "keyboard.layout"}
+VALUE_KEYS = {"-m": "memory.size", "-U": "uuid", "-K": "keyboard.layout",
+              "-R": "migration.listen"}
 VERBOSITY = ("info", "debug")       # logging.level for -v, -vv
 
 
@@ -451,6 +460,8 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
         snap = None
         if "restore.path" in config:
             config, snap = _restore_config(config)
+        elif "migration.listen" in config:
+            _require_own_options(config, "receiving a VM (-R)")
         if config.get_bool("config.dump"):
             print(config.dump())
             return 0
@@ -479,6 +490,7 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
     last_words = []                 # said once the terminal is out of raw mode
     try:
         try:
+            incoming = _migration_setup(vm)
             path = config.get("control.socket") or default_socket_path(vm.name)
             vm.closables.append(ControlServer(vm, path))
             if config.get("qmp.socket"):
@@ -491,6 +503,16 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
         except ConfigError as exc:
             last_words.append(str(exc))
             return ExitStatus.ERROR
+        if incoming is not None:
+            from .migration import Listener, MigrationError
+            try:
+                channel = incoming.receive(vm)      # confined: the stream is data
+            except MigrationError as exc:
+                last_words.append(f"migration failed: {exc}")
+                return ExitStatus.ERROR
+            finally:
+                incoming.close()
+            Listener.confirm(vm, channel)
         status = vm.run()           # a fatal exit has said why already (vm.fatal)
         if stopped_by:
             last_words.append(f"{stopped_by[0]}: powered off")
@@ -501,6 +523,21 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
         vm.close()
         for line in last_words:
             print(f"pyhyve: {line}", file=sys.stderr)
+
+
+def _migration_setup(vm):
+    """What a live migration needs opened before the sandbox: with
+    migration.key, the key (and the VM may migrate: vm.migration); with -R,
+    the listening socket, returned (a migration.Listener)."""
+    listener = None
+    if "migration.listen" in vm.config:
+        from .migration import Listener
+        listener = Listener(vm.config)
+        vm.closables.append(listener)
+    if vm.config.get("migration.key"):
+        from .migration import Migrations
+        vm.migration = Migrations(vm)
+    return listener
 
 
 def _announce_ptys(vm) -> None:
@@ -632,31 +669,22 @@ def _restore_config(options: Config):
     for key in options.keys():
         if key != "restore.path":
             config.set(key, options.get(key))
-    if not (config.get("lpc.bootrom") or config.get("kexec.kernel")):
-        raise ConfigError(f"restoring {path} needs the VM's own options (its bootrom or "
-                          "kernel, memory, CPUs, -s devices and their files), as when it "
-                          "was started: a snapshot does not supply them")
+    _require_own_options(config, f"restoring {path}")
     _check_same_machine(config, Config(saved), path)
     config.set_default("lpc.debugcon.append", "true")
     return config, snap
 
 
+def _require_own_options(config: Config, doing: str) -> None:
+    if not (config.get("lpc.bootrom") or config.get("kexec.kernel")):
+        raise ConfigError(f"{doing} needs the VM's own options (its bootrom or kernel, "
+                          "memory, CPUs, -s devices and their files), as when it was "
+                          "started: the saved state does not supply them")
+
+
 def _check_same_machine(config: Config, saved: Config, path: str) -> None:
-    from .builder import pci_slots, topology
-    from .vm import DEFAULT_MEMORY
-    differences = []
-    sizes = [parse_size(c.get("memory.size", DEFAULT_MEMORY), "memory size")
-             for c in (config, saved)]
-    if sizes[0] != sizes[1]:
-        differences.append(f"memory {sizes[0]} bytes, saved {sizes[1]}")
-    shapes = [topology(c) for c in (config, saved)]
-    if shapes[0] != shapes[1]:
-        differences.append(f"CPU topology {shapes[0]}, saved {shapes[1]}")
-    slots = [pci_slots(c) for c in (config, saved)]
-    for where in sorted(set(slots[0]) | set(slots[1])):
-        given, had = (s.get(where, "nothing") for s in slots)
-        if given != had:
-            differences.append(f"PCI {where[0]}.{where[1]} {given}, saved {had}")
+    from .snapshot import machine_differences
+    differences = machine_differences(config, saved)
     if differences:
         raise ConfigError(f"snapshot {path} is of another machine: " + "; ".join(differences))
 

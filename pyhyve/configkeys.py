@@ -82,6 +82,14 @@ KEYS = {
     "snapshot.check_memory": "check the CRC-32 of a restored snapshot's guest memory "
                              "(reads it all before the guest runs; default false: "
                              "memory is mapped from the file as the guest touches it)",
+    "migration.listen": "HOST:PORT a live migration's destination listens on for its "
+                        "source (-R; port 0: any free one, printed)",
+    "migration.key": "file of the secret both ends of a live migration share (needed "
+                     "on both; the source may then open TCP connections)",
+    "migration.downtime": "the longest pause a live migration aims for, in milliseconds "
+                          "(default 300)",
+    "migration.bandwidth": "the most a live migration sends, in bytes a second (K, M, G "
+                           "suffixes; default 0: unlimited)",
     "config.dump": "print the config tree and exit",
     "logging.level": "what pyhyve logs: debug, info, warning (the default) or error "
                      "(-v: info, -vv: debug)",

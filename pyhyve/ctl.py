@@ -13,7 +13,10 @@ Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
 inject-nmi, powerdown, wakeup (from ACPI S3; an error when the guest does
 not sleep), force-reset, force-poweroff, destroy, checkpoint and
 suspend (with "path": pyhyve.snapshot; the answer has the file's "size"),
-describe (what pyhyvectl --list shows), consoles (each console's name,
+describe (what pyhyvectl --list shows), migrate (with "host" and "port":
+a live migration, pyhyve.migration; answered when it has ended, with QEMU's
+MigrationInfo as "migration": "status", "ram", "total-time", "downtime"),
+migrate-status (that of the latest migration), migrate-cancel, consoles (each console's name,
 device and backend: {"name": "com1", "device": "uart", "kind": "pty",
 "path": "/dev/pts/5"}, with "link" for a linked pty, "address" [host, port]
 for tcp; pyhyvectl --console attaches to one); those about one vCPU take
@@ -183,6 +186,9 @@ class ControlServer(SocketService):
             "suspend": functools.partial(self._snapshot, True),
             "consoles": self._consoles,
             "screendump": self._screendump,
+            "migrate": self._migrate,
+            "migrate-status": self._migrate_status,
+            "migrate-cancel": self._migrate_cancel,
         }
         self._screenshot = b""          # the PNG screendump hands out in chunks
         super().__init__(vm, path or default_socket_path(vm.name))
@@ -207,7 +213,12 @@ class ControlServer(SocketService):
                 self.refuse_long_request(client)
             elif line.strip():
                 client.last_request = time.monotonic()
-                self.send(client, self.handle_line(line))
+                answer = self.handle_line(line)
+                if isinstance(answer, Later):
+                    client.may_idle = True      # the answer may take minutes
+                    answer.start(functools.partial(self._answer_later, client))
+                else:
+                    self.send(client, answer)
         if self.is_connected(client) and len(client.input) > MAX_LINE:
             self.refuse_long_request(client)
 
@@ -219,15 +230,23 @@ class ControlServer(SocketService):
             return _error("malformed request: expected one JSON object per line")
         return self.handle(request)
 
-    def handle(self, request) -> dict:
-        """The answer to one request (a dict decoded from JSON)."""
+    def _answer_later(self, client: Client, answer: dict) -> None:
+        """From any thread: a Later's answer goes out on the service's thread."""
+        def send():
+            client.may_idle = False
+            self.send(client, answer)
+        self.post(send)
+
+    def handle(self, request) -> "dict | Later":
+        """The answer to one request (a dict decoded from JSON), or a Later."""
         if not isinstance(request, dict):
             return _error("malformed request: expected a JSON object")
         command = request.get("command")
         if not isinstance(command, str):
             return _error('malformed request: no "command"')
         try:
-            return {"ok": True, **self._dispatch(command, request)}
+            answer = self._dispatch(command, request)
+            return answer if isinstance(answer, Later) else {"ok": True, **answer}
         except (RequestError, KvmError) as exc:
             return _error(str(exc))
         except Exception as exc:
@@ -372,6 +391,54 @@ class ControlServer(SocketService):
         return {"vm": self.vm.name, "path": path, "size": size}
 
 
+    def _migrations(self):
+        if self.vm.migration is None:
+            raise RequestError("this VM cannot migrate: it was started without "
+                               "-o migration.key=PATH")
+        return self.vm.migration
+
+    def _migrate(self, request: dict) -> "Later":
+        """Live-migrate to "host":"port"; the answer comes once it has ended: a
+        completed one's just before this VM stops (close() sends it)."""
+        from .migstream import MigrationError
+        host, port = request.get("host"), request.get("port")
+        if not isinstance(host, str) or not host:
+            raise RequestError('migrate needs a "host"')
+        port = _number(port, 16, "port")
+        name = self.vm.name
+
+        def start(reply):
+            def ended(info: dict) -> None:
+                if info["status"] == "completed":
+                    reply({"ok": True, "vm": name, "host": host, "port": port,
+                           "migration": info})
+                else:
+                    reply(_error(f"migration to {host}:{port} {info['status']}: "
+                                 f"{info.get('error-desc', '')}"))
+            try:
+                self._migrations().start(host, port, ended)
+            except MigrationError as exc:
+                reply(_error(str(exc)))
+        self._migrations()
+        self.log.info("control: migrating to %s:%d", host, port)
+        return Later(start)
+
+    def _migrate_status(self, request: dict) -> dict:
+        return {"vm": self.vm.name, "migration": self._migrations().info()}
+
+    def _migrate_cancel(self, request: dict) -> dict:
+        self._migrations().cancel()
+        return {"vm": self.vm.name}
+
+
+class Later:
+    """An answer that comes when something ends: start(reply) begins it, and
+    REPLY (callable from any thread, once) sends the answer."""
+
+    def __init__(self, start):
+        self.start = start
+
+
 SCREENDUMP_CHUNK = 256 * 1024       # base64 of it stays well inside an answer line
 
 
@@ -393,6 +460,10 @@ class ControlClient:
             self._sock.close()
             raise
         self._file = self._sock.makefile("rb")
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """How long request() waits for an answer (None: for ever)."""
+        self._sock.settimeout(seconds)
 
     def request(self, command: str, **fields) -> dict:
         self._sock.sendall(encode({"command": command, **fields}))

@@ -2,7 +2,7 @@
 
 As bhyvectl, one run may combine several operations; they happen in bhyvectl's
 order (after --pause, before --resume): register writes, --inject-nmi,
-register reads, --get-stats, --checkpoint, --suspend, then --resume, --wakeup,
+register reads, --get-stats, --checkpoint, --suspend, --migrate, then --resume, --wakeup,
 --powerdown, --force-reset, --force-poweroff, --destroy.  (--suspend is
 bhyvectl's: save and stop.  A guest that suspends itself to RAM, ACPI S3, is
 woken with --wakeup; --resume ends a --pause.)  --console is an operation of its
@@ -19,11 +19,13 @@ import base64
 import getopt
 import json
 import os
+import socket
 import sys
 
 from . import escape as escapes
 from .attach import AttachError, attach, choose
 from .config import ConfigError
+from .migstream import DEFAULT_PORT as DEFAULT_MIGRATION_PORT
 from .ctl import (CONTROL_REGISTERS, GENERAL_REGISTERS, REGISTERS, SEGMENT_REGISTERS,
                   TABLE_REGISTERS, ControlClient, ControlError, default_socket_path,
                   socket_directory)
@@ -56,6 +58,10 @@ Operations:
   --screenshot=FILE    the display (-s SLOT,fbuf) as a PNG image, written to FILE here
   --wakeup             wake a guest asleep in ACPI S3 (suspend to RAM), as QEMU's
                        system_wakeup; the power button wakes it too
+  --migrate=HOST[,PORT]  live-migrate the VM to a pyhyve -R HOST:PORT (default port
+                       24983; both started with -o migration.key=PATH); waits until
+                       the destination runs it (the VM here then stops), or fails
+                       and the VM runs on here
   --powerdown          press the ACPI power button: the guest shuts down (virsh shutdown)
   --force-reset        stop the VM with exit status 0 (reset)
   --force-poweroff     stop the VM with exit status 1 (power off)
@@ -77,7 +83,8 @@ DESCRIPTORS = tuple(SEGMENT_REGISTERS) + tuple(TABLE_REGISTERS)
 ACTIONS = ("pause", "inject-nmi", "get-stats", "get-all", "resume", "wakeup", "powerdown",
            "force-reset", "force-poweroff", "destroy")
 LONG_OPTIONS = (["help", "version", "list", "json", "vm=", "cpu=", "socket=", "desc-base=",
-                 "desc-limit=", "desc-access=", "checkpoint=", "suspend=", "screenshot=", "console=", "escape=",
+                 "desc-limit=", "desc-access=", "checkpoint=", "suspend=", "screenshot=",
+                 "console=", "escape=", "migrate=",
                  *ACTIONS]
                 + [f"get-{name}" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
                 + [f"set-{name}=" for name in SCALARS + tuple(SEGMENT_REGISTERS)]
@@ -118,6 +125,7 @@ class Plan:
         self.gets: set[str] = set()         # scalars and selectors
         self.desc_gets: set[str] = set()
         self.snapshots: dict[str, str] = {}    # checkpoint/suspend: FILE
+        self.migrate: tuple[str, int] | None = None    # --migrate's HOST, PORT
         self.console: str | None = None     # --console's NAME ("": the default)
         self.screenshot: str | None = None  # --screenshot's FILE
         self.escape = escapes.DEFAULT
@@ -145,6 +153,11 @@ class Plan:
             if not value:
                 raise UsageError(f"--{option} needs a file: --{option}=FILE")
             self.snapshots[option] = os.path.abspath(value)
+        elif option == "migrate":
+            host, _, port = value.partition(",")
+            if not host or (port and not port.isdigit()) or int(port or 0) > 65535:
+                raise UsageError(f"--migrate takes HOST[,PORT], not '{value}'")
+            self.migrate = (host, int(port or DEFAULT_MIGRATION_PORT))
         elif option == "cpu":
             self.cpu = _number(value, option)
         elif option.startswith("desc-"):
@@ -184,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                             plan.json)
         path = plan.socket_path()
         operations = plan.actions or plan.snapshots or plan.sets or plan.desc_sets or \
-            plan.reads() or plan.screenshot
+            plan.reads() or plan.screenshot or plan.migrate
         if plan.console is not None:
             if operations:
                 raise UsageError("--console cannot be combined with other operations")
@@ -343,6 +356,8 @@ def run(plan: Plan, client: ControlClient) -> None:
             answer = request(action, path=plan.snapshots[action])
             then = "running on" if action == "checkpoint" else "stopped (exit status 1)"
             did(answer, f"saved to {answer['path']} ({answer['size']} bytes), {then}")
+    if plan.migrate:
+        migrate(plan, client, request, did)
     for action in ("resume", "wakeup", "powerdown", "force-reset", "force-poweroff", "destroy"):
         if action in plan.actions:
             answer = request(action)
@@ -366,6 +381,27 @@ def save_screenshot(client: ControlClient, path: str) -> dict:
     except OSError as exc:
         raise ControlError(f"cannot write {path}: {exc.strerror}") from None
     return answer
+
+
+def migrate(plan: Plan, client: ControlClient, request, did) -> None:
+    """The answer comes once the migration has ended: the destination runs the
+    VM (and the VM here stops), or it failed (ControlError says why)."""
+    host, port = plan.migrate
+    client.set_timeout(None)
+    answer = request("migrate", host=_address_of(host), port=port)
+    info = answer["migration"]
+    did(answer, f"migrated to {host}:{port} ({info['ram']['transferred']} bytes in "
+                f"{info['total-time']} ms, paused {info.get('downtime', 0)} ms)")
+
+
+def _address_of(host: str) -> str:
+    """HOST's address, resolved here: the VM's sandbox lets it read no resolver
+    configuration, so it is given an address."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"--migrate: cannot resolve {host}: "
+                         f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 # what each action's line says it did

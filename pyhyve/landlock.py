@@ -92,13 +92,15 @@ class Ruleset:
     """The rules being gathered; `restrict_self()` puts them in force on the
     calling thread, and may be called again from other threads."""
 
-    def __init__(self, abi: int, deny_tcp: bool = False):
+    def __init__(self, abi: int, deny_tcp: bool = False, allow_tcp_connect: bool = False):
+        """deny_tcp: refuse TCP bind and, unless allow_tcp_connect, connect."""
         self.abi = abi
         self.handled_fs = FS_RIGHTS_BY_ABI[min(abi, 5)]
         attr = _RulesetAttr(handled_access_fs=self.handled_fs)
         size = ctypes.sizeof(ctypes.c_uint64)
         if abi >= 4 and deny_tcp:
-            attr.handled_access_net = NET_BIND_TCP | NET_CONNECT_TCP
+            attr.handled_access_net = NET_BIND_TCP | (0 if allow_tcp_connect
+                                                      else NET_CONNECT_TCP)
             size = 2 * ctypes.sizeof(ctypes.c_uint64)
         if abi >= 6:
             attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL

@@ -91,6 +91,11 @@ class GuestMemory:
         self._manual_protect: bool | None = None   # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on
         self._dontdump = False              # RAM left out of core dumps (remapped RAM too)
         self._wired = False                 # RAM locked in host memory (remapped RAM too)
+        # Pages pyhyve's own threads may have written (device DMA), which KVM's
+        # log does not see: page numbers (gpa // PAGE_SIZE) while tracked, and
+        # the writable views a device keeps (virtqueue used rings), by owner.
+        self._host_written: set[int] | None = None
+        self._lasting_writes: dict[object, tuple[int, int]] = {}
         self._add(Region("lowmem", 0, self._lowmem, 0, self.lowmem_size, True))
         if self._highmem is not None:
             self._add(Region("highmem", HIGHMEM_BASE, self._highmem, 0,
@@ -332,6 +337,20 @@ class GuestMemory:
                 region.log_dirty = on
                 self._register(region)
 
+    def track_host_writes(self, on: bool) -> None:
+        """Start (afresh) or stop noting the pages that writable views cover."""
+        self._host_written = set() if on else None
+
+    def host_written_pages(self) -> set[int]:
+        """Page numbers of what writable views handed out since tracking began
+        covered, and of every lasting view: a superset of what the host wrote
+        meanwhile.  Views are noted when made, not when written through, so
+        only once the devices are quiesced does this cover every write."""
+        pages = set(self._host_written or ())
+        for gpa, length in list(self._lasting_writes.values()):
+            pages.update(range(gpa // PAGE_SIZE, (gpa + length + PAGE_SIZE - 1) // PAGE_SIZE))
+        return pages
+
     def logged_regions(self) -> list[Region]:
         return [region for region in self._regions if region.log_dirty]
 
@@ -379,7 +398,18 @@ class GuestMemory:
         if write and not region.writable:
             raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is read-only")
         start = gpa - region.gpa
+        if write and self._host_written is not None:
+            self._host_written.update(range(gpa // PAGE_SIZE,
+                                            (gpa + length + PAGE_SIZE - 1) // PAGE_SIZE))
         return region.view[start:start + length]
+
+    def lasting_view(self, owner, gpa: int, length: int) -> memoryview:
+        """A writable view that OWNER keeps and writes through for long (a
+        virtqueue's used ring): its pages count as host-written for as long
+        as it is OWNER's latest (host_written_pages)."""
+        view = self.view(gpa, length, write=True)
+        self._lasting_writes[owner] = (gpa, length)
+        return view
 
     def is_ram(self, gpa: int, length: int = 1) -> bool:
         try:

@@ -33,7 +33,13 @@ reset in place and runs on, as QEMU's; the guest's own reset still ends
 pyhyve with bhyve's status 0, as QEMU's -no-reboot does), quit (power-off:
 pyhyve exits with bhyve's status 1), screendump (the display as a PPM or PNG
 file, written by this process, so only where it may write snapshots:
-beneath `snapshot.dir`, see sandbox.snapshot_refusal).
+beneath `snapshot.dir`, see sandbox.snapshot_refusal); and live migration (pyhyve.migration,
+for a VM started with -o migration.key=PATH): migrate ("uri":
+"tcp:HOST:PORT", to a pyhyve -R, not to QEMU: the stream is pyhyve's own;
+HOST an address where the sandbox keeps the VM from its resolver's files),
+query-migrate, migrate_cancel, migrate-set-parameters and
+query-migrate-parameters ("downtime-limit" in ms, "max-bandwidth" in bytes
+a second, 0 for none).
 
 Events, to every client past qmp_capabilities, whoever caused them (the
 guest, pyhyvectl, a signal, QMP): STOP, RESUME, POWERDOWN, SUSPEND, WAKEUP,
@@ -73,6 +79,8 @@ def version() -> dict:
 
 def run_state(vm) -> str:
     """The VM's state as QEMU's RunState names it."""
+    if vm.exit_status is not None and vm.exit_detail.startswith("migrated to"):
+        return "postmigrate"
     if vm.exit_status is not None:
         return "shutdown"
     if vm.suspended:
@@ -148,6 +156,12 @@ class QmpServer(SocketService):
             "system_reset": (self._system_reset, ()),
             "quit": (self._quit, ()),
             "screendump": (self._screendump, ("filename", "device", "head", "format")),
+            "migrate": (self._migrate, ("uri", "detach")),
+            "query-migrate": (self._query_migrate, ()),
+            "migrate_cancel": (self._migrate_cancel, ()),
+            "migrate-set-parameters": (self._set_migrate_parameters,
+                                       ("downtime-limit", "max-bandwidth")),
+            "query-migrate-parameters": (self._query_migrate_parameters, ()),
         }
         super().__init__(vm, path)
         vm.listeners.append(self._vm_event)
@@ -280,6 +294,55 @@ class QmpServer(SocketService):
     def _quit(self, session: _Session, arguments: dict) -> dict:
         self.vm.stop(ExitStatus.POWEROFF, cause="qmp")
         return {}
+
+    def _migrations(self):
+        if self.vm.migration is None:
+            raise QmpError("this VM cannot migrate: it was started without "
+                           "-o migration.key=PATH")
+        return self.vm.migration
+
+    def _migrate(self, session: _Session, arguments: dict) -> dict:
+        from .config import ConfigError
+        from .migration import parse_address
+        from .migstream import MigrationError
+        uri = arguments.get("uri")
+        if not isinstance(uri, str) or not uri.startswith("tcp:"):
+            raise QmpError("pyhyve migrates to a tcp:HOST:PORT uri only")
+        try:
+            host, port = parse_address(uri[len("tcp:"):], "uri")
+            self._migrations().start(host, port)
+        except (ConfigError, MigrationError) as exc:
+            raise QmpError(str(exc)) from None
+        return {}
+
+    def _query_migrate(self, session: _Session, arguments: dict) -> dict:
+        return self.vm.migration.info() if self.vm.migration is not None else {}
+
+    def _migrate_cancel(self, session: _Session, arguments: dict) -> dict:
+        if self.vm.migration is not None:
+            self.vm.migration.cancel()
+        return {}
+
+    def _set_migrate_parameters(self, session: _Session, arguments: dict) -> dict:
+        """Taken by the next migration (one under way keeps its own)."""
+        migrations = self._migrations()
+        values = {}
+        for name, low, high in (("downtime-limit", 1, 2000000), ("max-bandwidth", 0, 1 << 50)):
+            if name in arguments:
+                value = arguments[name]
+                if not isinstance(value, int) or isinstance(value, bool) \
+                        or not low <= value <= high:
+                    raise QmpError(f"Parameter '{name}' expects an integer from {low} "
+                                   f"to {high}")
+                values[name] = value
+        migrations.downtime_ms = values.get("downtime-limit", migrations.downtime_ms)
+        migrations.bandwidth = values.get("max-bandwidth", migrations.bandwidth)
+        return {}
+
+    def _query_migrate_parameters(self, session: _Session, arguments: dict) -> dict:
+        migrations = self._migrations()
+        return {"downtime-limit": migrations.downtime_ms,
+                "max-bandwidth": migrations.bandwidth}
 
     # --- events ------------------------------------------------------------------------------
     def _screendump(self, session: _Session, arguments: dict) -> dict:

@@ -34,6 +34,15 @@ is open and before the vCPUs start:
    and MMIO accesses, adds a filter of its own (`narrow_vcpu_thread`): no
    file opened for writing, none of FILES_CHANGED, no socket.
 
+A VM started with `migration.key` may migrate: its process may then open
+TCP connections (seccomp: socket() for IPv4 and IPv6, and connect; Landlock
+refuses binding TCP ports still, but leaves connecting alone, since where
+the VM goes is decided only when pyhyvectl --migrate or QMP's migrate asks,
+long after the rules are in force).  The connection is made on a migration
+thread; vCPU threads still make no socket.  A migration's destination needs
+nothing new: its listening socket is opened before the sandbox, and accept
+was allowed already.
+
 What a process that escaped the guest could still do: use every descriptor
 it holds (its disks, taps, consoles, /dev/kvm, the listening sockets), read
 Python's files, write in `snapshot.dir` and its 9P shares, delete files
@@ -139,8 +148,10 @@ IOCTL_TYPES = {"kvm": 0xAE00, "terminal and tap": 0x5400}
 VCPU_REFUSED = tuple(name for name in FILES_CHANGED if name != "openat") + (
     "socket", "connect", "bind", "listen", "accept", "accept4")
 # User networking (libslirp) opens the guest's connections as the guest asks:
-# these, and socket() for AF_INET and AF_INET6 only.
+# these, and socket() for AF_INET and AF_INET6 only; a VM that may migrate,
+# connect (and socket() for those families).
 INET_SOCKET_SYSCALLS = ("connect", "bind", "listen")
+OUTGOING_TCP_SYSCALLS = ("connect",)
 AF_INET, AF_INET6 = 2, 10
 
 
@@ -205,7 +216,8 @@ def _rule(lib, ctx, action: int, name: str, *conditions: _ArgCmp) -> None:
 
 
 def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
-                    files_changed: bool = True, pinning: bool = False) -> None:
+                    files_changed: bool = True, pinning: bool = False,
+                    outgoing_tcp: bool = False) -> None:
     """Allow ALLOWED_SYSCALLS on every thread of the process, refuse the rest
     with EPERM.  New threads stay possible (clone with CLONE_THREAD and no new
     namespace); new processes, exec, new sockets (but IPv4 and IPv6 ones with
@@ -213,7 +225,8 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
     files_changed=False (no Landlock to say where) opens files read-only only.
 
     `pinning` (-p) allows sched_setaffinity, with which each vCPU thread pins
-    itself as it starts."""
+    itself as it starts; `outgoing_tcp` (a VM that may migrate), IPv4 and
+    IPv6 sockets and connect."""
     lib = lib or load_libseccomp()
     ctx = lib.seccomp_init(scmp_act_errno(errno.EPERM))
     if not ctx:
@@ -241,8 +254,8 @@ def install_seccomp(inet_sockets: bool = False, lib: ctypes.CDLL | None = None,
         _rule(lib, ctx, SCMP_ACT_ALLOW, "prctl", _ArgCmp(0, SCMP_CMP_EQ, PR_SET_NO_NEW_PRIVS, 0))
         if pinning:
             _rule(lib, ctx, SCMP_ACT_ALLOW, "sched_setaffinity")
-        if inet_sockets:
-            for name in INET_SOCKET_SYSCALLS:
+        if inet_sockets or outgoing_tcp:
+            for name in INET_SOCKET_SYSCALLS if inet_sockets else OUTGOING_TCP_SYSCALLS:
                 _rule(lib, ctx, SCMP_ACT_ALLOW, name)
             for family in (AF_INET, AF_INET6):
                 _rule(lib, ctx, SCMP_ACT_ALLOW, "socket", _ArgCmp(0, SCMP_CMP_EQ, family, 0))
@@ -333,7 +346,8 @@ def landlock_rules(config: Config) -> landlock.Ruleset | None:
     if abi == 0:
         log.info("Landlock is absent from this kernel: seccomp alone confines files")
         return None
-    ruleset = landlock.Ruleset(abi, deny_tcp=not uses_user_networking(config))
+    ruleset = landlock.Ruleset(abi, deny_tcp=not uses_user_networking(config),
+                               allow_tcp_connect=may_migrate(config))
     try:
         for path in python_file_paths():
             ruleset.allow(path, landlock.READ_FILE | landlock.READ_DIR)
@@ -456,7 +470,7 @@ def confine(config: Config) -> None:
         try:
             install_seccomp(uses_user_networking(config), lib,
                             files_changed=ruleset is not None,
-                            pinning=pins_vcpus(config))
+                            pinning=pins_vcpus(config), outgoing_tcp=may_migrate(config))
         except OSError as exc:
             raise ConfigError(f"process.seccomp: {exc.strerror or exc}") from None
 
@@ -465,6 +479,11 @@ def uses_user_networking(config: Config) -> bool:
     """Whether a virtio-net device has the slirp backend (pci.0.SLOT.FUNC.backend)."""
     return any(key.endswith(".backend") and value == "slirp"
                for key, value in config.subtree("pci").items())
+
+
+def may_migrate(config: Config) -> bool:
+    """Whether the VM may migrate to another host (it has migration.key)."""
+    return bool(config.get("migration.key"))
 
 
 def pins_vcpus(config: Config) -> bool:

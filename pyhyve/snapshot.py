@@ -128,11 +128,12 @@ class _Writer:
         return where
 
 
-def check_savable(vm) -> None:
-    """Raise SnapshotError naming the first device whose state is not saved."""
+def check_savable(vm, doing: str = "snapshot") -> None:
+    """Raise SnapshotError naming the first device whose state is not saved
+    ("cannot DOING: ...")."""
     for device in vm.devices:
         if not device.savable:
-            raise SnapshotError(f"cannot snapshot: device {device.description} "
+            raise SnapshotError(f"cannot {doing}: device {device.description} "
                                 f"has state pyhyve does not save")
 
 
@@ -187,41 +188,65 @@ def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
     return runs
 
 
+@contextlib.contextmanager
+def quiesced(vm):
+    """Every device settled and still until the context ends (Device.quiesce):
+    what they finish may raise interrupts, which the vCPU and irqchip state
+    must then hold, and guest memory, saved last, holds every completion.
+    SnapshotError names a device that cannot (a disk that cannot sync)."""
+    with contextlib.ExitStack() as stack:
+        for device in vm.devices:
+            try:
+                stack.enter_context(device.quiesce())
+            except OSError as exc:
+                raise SnapshotError(f"cannot snapshot: device {device.description}: "
+                                    f"{exc.strerror or exc}") from None
+        yield
+
+
+def machine_state(vm, writer: _Writer) -> dict:
+    """The manifest of everything but guest memory: the vCPUs, the irqchip, PIT
+    and clock, whether the guest sleeps in S3, every device, and the config
+    for the reader to compare; the binary parts go to WRITER.  The vCPUs are
+    paused and the devices quiesced."""
+    msr_indices = vm.kvm.msr_index_list() + mce.bank_msrs(vm.mcg_cap)
+    vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
+             for vcpu in vm.vcpus]
+    kvm_vm = vm.kvm_vm
+    state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
+             "pit2": writer.add(kvm_vm.get_pit2()),
+             "clock": writer.add(kvm_vm.get_clock())}
+    if vm.suspended:
+        state["suspended"] = True
+    devices = {device.name: device.save_state() for device in vm.devices}
+    config = {key: vm.config.get(key) for key in vm.config.keys()}
+    return {"format": FORMAT, "version": VERSION, "config": config,
+            "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state, "devices": devices}
+
+
+def encoded_machine_state(vm) -> tuple[bytes, bytes]:
+    """machine_state() as JSON, and its binary parts joined (what a live
+    migration sends once the VM is paused and quiesced)."""
+    writer = _Writer()
+    manifest = machine_state(vm, writer)
+    manifest["data_size"] = writer.size
+    return json.dumps(manifest, sort_keys=True).encode(), b"".join(writer.chunks)
+
+
 def save(vm, path: str) -> int:
     """Write VM's state to PATH; every vCPU must be paused (or stopped).
     Returns the file's size in bytes."""
     check_savable(vm)
     vm.log.info("snapshot: writing %s", path)
     started = time.monotonic()
-    writer = _Writer()
-    msr_indices = vm.kvm.msr_index_list() + mce.bank_msrs(vm.mcg_cap)
-    with contextlib.ExitStack() as quiesced:
-        # Devices settle first: what they finish may raise interrupts, which
-        # the vCPU and irqchip state must then hold.  They stay still until the
-        # file is written, since guest memory goes into it as it is.
-        for device in vm.devices:
-            try:
-                quiesced.enter_context(device.quiesce())
-            except OSError as exc:             # a disk that cannot sync
-                raise SnapshotError(f"cannot snapshot: device {device.description}: "
-                                    f"{exc.strerror or exc}") from None
-        vcpus = [vcpu.call(lambda v: _vcpu_state(vm, v, writer, msr_indices))
-                 for vcpu in vm.vcpus]
-        kvm_vm = vm.kvm_vm
-        state = {"irqchip": [writer.add(kvm_vm.get_irqchip(chip)) for chip in IRQCHIPS],
-                 "pit2": writer.add(kvm_vm.get_pit2()),
-                 "clock": writer.add(kvm_vm.get_clock())}
-        if vm.suspended:
-            state["suspended"] = True
-        devices = {device.name: device.save_state() for device in vm.devices}
-        ram = _Writer()
+    writer, ram = _Writer(), _Writer()
+    # The devices stay still until the file is written, since guest memory
+    # goes into it as it is.
+    with quiesced(vm):
+        manifest = machine_state(vm, writer)
         memory = _memory_runs(vm, ram)
-        config = {key: vm.config.get(key) for key in vm.config.keys()}
-        manifest = {"format": FORMAT, "version": VERSION, "config": config,
-                    "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
-                    "devices": devices, "memory": memory, "data_size": writer.size,
-                    "data_crc32": writer.crc, "memory_bytes": ram.size,
-                    "memory_crc32": ram.crc}
+        manifest.update(memory=memory, data_size=writer.size, data_crc32=writer.crc,
+                        memory_bytes=ram.size, memory_crc32=ram.crc)
         try:
             size = _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks,
                           ram.chunks)
@@ -341,6 +366,29 @@ def _file_crc(f, start: int) -> int:
     return crc
 
 
+def machine_differences(config, saved) -> list[str]:
+    """How the machine that CONFIG builds differs from the one SAVED (a Config
+    a snapshot or a migration source recorded) describes: memory size, CPU
+    topology, the PCI functions' emulations; an empty list when they match."""
+    from .builder import pci_slots, topology
+    from .config import parse_size
+    from .vm import DEFAULT_MEMORY
+    differences = []
+    sizes = [parse_size(c.get("memory.size", DEFAULT_MEMORY), "memory size")
+             for c in (config, saved)]
+    if sizes[0] != sizes[1]:
+        differences.append(f"memory {sizes[0]} bytes, saved {sizes[1]}")
+    shapes = [topology(c) for c in (config, saved)]
+    if shapes[0] != shapes[1]:
+        differences.append(f"CPU topology {shapes[0]}, saved {shapes[1]}")
+    slots = [pci_slots(c) for c in (config, saved)]
+    for where in sorted(set(slots[0]) | set(slots[1])):
+        given, had = (s.get(where, "nothing") for s in slots)
+        if given != had:
+            differences.append(f"PCI {where[0]}.{where[1]} {given}, saved {had}")
+    return differences
+
+
 # --- the power-on state: what a reset puts back --------------------------------------
 def kvm_power_on_state(vm) -> Snapshot:
     """KVM's state of a VM just built (no vCPU has run; the boot method has set
@@ -394,10 +442,15 @@ def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
     kvm_vcpu.set_vcpu_events(snap.load(abi.kvm_vcpu_events, state["vcpu_events"]))
 
 
+def clear_memory(vm) -> None:
+    """Make all guest RAM read as zero (what a restore starts from)."""
+    vm.memory.zero_ram()
+
+
 def _restore_memory(vm, snap: Snapshot) -> None:
     """Guest RAM becomes the snapshot's: zero, with its runs mapped from the file."""
     area = snap.manifest["memory_bytes"]
-    vm.memory.zero_ram()
+    clear_memory(vm)
     for gpa, length, offset in snap.manifest["memory"]:
         if not all(isinstance(value, int) and value >= 0 for value in (gpa, length, offset)) \
                 or offset + length > area:
@@ -437,24 +490,35 @@ def restore_into(vm, path: str | Snapshot) -> None:
     """Load a snapshot into VM, freshly built from the snapshot's config and not
     yet running."""
     snap = read(path) if isinstance(path, str) else path
-    m = snap.manifest
     try:
-        _restore(vm, snap, m)
+        try:
+            _check_shape(vm, snap.manifest)
+            _restore_memory(vm, snap)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") \
+                from None
+        restore_machine(vm, snap)
     finally:
         snap.close()
 
 
-def _restore(vm, snap: Snapshot, m: dict) -> None:
+def _check_shape(vm, manifest: dict) -> None:
+    if len(manifest["vcpus"]) != len(vm.vcpus):
+        raise SnapshotError(f"snapshot has {len(manifest['vcpus'])} vCPUs, the VM "
+                            f"{len(vm.vcpus)}")
+    if manifest.get("memory_size", vm.memory.size) != vm.memory.size:
+        raise SnapshotError("snapshot's memory size differs from the VM's")
+    if not isinstance(manifest["vm"].get("suspended", False), bool):   # asleep in ACPI S3
+        raise SnapshotError("snapshot is corrupt (vm suspended)")
+
+
+def restore_machine(vm, snap: Snapshot) -> None:
+    """Everything machine_state() saved, into VM (its memory already holds the
+    guest's): the irqchip, clock, vCPUs, then the devices, and S3 sleep.  Every
+    field is checked; SnapshotError says what does not fit."""
+    m = snap.manifest
     try:
-        if len(m["vcpus"]) != len(vm.vcpus):
-            raise SnapshotError(f"snapshot has {len(m['vcpus'])} vCPUs, the VM "
-                                f"{len(vm.vcpus)}")
-        if m.get("memory_size", vm.memory.size) != vm.memory.size:
-            raise SnapshotError("snapshot's memory size differs from the VM's")
-        suspended = m["vm"].get("suspended", False)       # asleep in ACPI S3
-        if not isinstance(suspended, bool):
-            raise SnapshotError("snapshot is corrupt (vm suspended)")
-        _restore_memory(vm, snap)
+        _check_shape(vm, m)
         state = m["vm"]
         _restore_chips(vm, snap)
         clock = snap.load(abi.kvm_clock_data, state["clock"])
@@ -463,7 +527,7 @@ def _restore(vm, snap: Snapshot, m: dict) -> None:
         for vcpu_thread, vcpu_state in zip(vm.vcpus, m["vcpus"]):
             _restore_vcpu(vm, vcpu_thread.kvm_vcpu, vcpu_state, snap)
         _restore_devices(vm, m["devices"])
-        if suspended:
+        if state.get("suspended", False):
             vm.restore_suspended()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise SnapshotError(f"snapshot is corrupt ({type(exc).__name__}: {exc})") from None

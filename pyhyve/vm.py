@@ -47,6 +47,7 @@ import time
 from . import builder, cpuid, mce
 from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
+from .block import ImageLocks
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
@@ -153,9 +154,14 @@ class VirtualMachine:
         self.boot = method_for(config)
         self.console_escape = parse_escape(config.get("console.escape", DEFAULT_ESCAPE))
 
+        # A live migration's destination opens its disks unlocked until the
+        # source hands their locks over (block.ImageLocks); the source lets go.
+        self.image_locks = ImageLocks(deferred="migration.listen" in config)
+        self.migration = None           # pyhyve.migration.Migrations, on first use
         self.kvm = Kvm()
         try:
-            self._create(memory_size)
+            with self.image_locks.collecting():
+                self._create(memory_size)
         except BaseException:
             self.close()
             raise

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 COMMANDS = {"qmp_capabilities", "query-commands", "query-version", "query-name",
             "query-status", "query-cpus-fast", "stop", "cont", "system_powerdown",
-            "system_wakeup", "system_reset", "quit", "screendump"}
+            "system_wakeup", "system_reset", "quit", "screendump", "migrate", "query-migrate",
+            "migrate_cancel", "migrate-set-parameters", "query-migrate-parameters"}
 GREETING = {"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0},
                                 "package": f"pyhyve {pyhyve.__version__}"},
                     "capabilities": []}}
@@ -144,6 +145,19 @@ def test_greeting_negotiation_and_the_queries(counter):
     assert version == GREETING["QMP"]["version"]
     assert name == {"name": "qmpvm"}
     assert {entry["name"] for entry in commands} == COMMANDS
+
+
+def test_migration_needs_the_key_option(counter):
+    """A VM started without migration.key neither migrates nor takes parameters
+    (tests/test_migration.py migrates through QMP)."""
+    async def script(client):
+        info = await client.execute("query-migrate")
+        for command, arguments in (("migrate", {"uri": "tcp:127.0.0.1:1"}),
+                                   ("migrate-set-parameters", {"downtime-limit": 100})):
+            with pytest.raises(ExecuteError, match="-o migration.key=PATH"):
+                await client.execute(command, arguments)
+        return info
+    assert qmp_session(counter.qmp)(script) == {}
 
 
 def test_stop_and_cont(counter):

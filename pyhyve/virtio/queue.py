@@ -148,7 +148,7 @@ class SplitQueue:
         try:
             desc = memory.view(self.desc_addr, DESC_SIZE * size)
             avail = memory.view(self.avail_addr, 6 + 2 * size)
-            used = memory.view(self.used_addr, 6 + 8 * size, write=True)
+            used = memory.lasting_view(self, self.used_addr, 6 + 8 * size)
         except GuestMemoryError as error:
             raise VirtqueueError(f"ring not in guest RAM: {error}") from None
         self._desc, self._avail, self._used = desc, avail, used

@@ -17,7 +17,9 @@
  *     with NUMBERED: write TOTAL_KIB of the pattern in CHUNK_KIB blocks in
  *     order, FLUSH after every GROUP of them and print "acked N" (N in hex)
  *     once that flush completed: blocks 0 to N-1 are then on the disk
- *     (tests/test_disk_integrity.py kills pyhyve at random points);
+ *     (tests/test_disk_integrity.py kills pyhyve at random points; built with
+ *     GROUP=1 and DEBUG_PORT=0x3F8 it prints each block's line on COM1,
+ *     and tests/test_migration.py moves it to another pyhyve meanwhile);
  *  4. power off (PM1a S5; QEMU's isa-debug-exit takes the same write).
  *
  * One request is in flight at a time and the driver polls the used ring: it
@@ -43,7 +45,9 @@
 #ifndef NUMBERED
 #define NUMBERED 0
 #endif
-#define GROUP          8        /* NUMBERED: blocks per FLUSH */
+#ifndef GROUP
+#define GROUP          8        /* NUMBERED: blocks per FLUSH (a power of two) */
+#endif
 #define CHUNK          (CHUNK_KIB * 1024)
 #define CHUNKS         (TOTAL_KIB / CHUNK_KIB)
 #define SECTOR         512
