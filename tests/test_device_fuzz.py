@@ -145,7 +145,7 @@ def cfg_read(vm, slot, offset, size):
 # One well-formed request per virtio emulation: (queue, [(gpa, length, device-writable)]).
 # virtio-blk reads sector 0 (header, 512 data bytes, status); virtio-net sends a
 # minimum frame behind its 12-byte header; virtio-console writes on port 0;
-# virtio-9p answers a Tversion.
+# virtio-9p answers a Tversion; virtio-keyboard and virtio-tablet take an event on the statusq.
 BLK_HEADER = struct.pack("<IIQ", 0, 0, 0)
 TVERSION = struct.pack("<IBHIH", 21, 100, 0xFFFF, 8192, 8) + b"9P2000.L"
 REQUESTS = {
@@ -155,6 +155,8 @@ REQUESTS = {
     "virtio-net": (1, [(BUFFERS, 12 + 60, False)]),
     "virtio-console": (1, [(BUFFERS, 5, False)]),
     "virtio-9p": (0, [(BUFFERS, len(TVERSION), False), (BUFFERS + 0x200, 64, True)]),
+    "virtio-keyboard": (1, [(BUFFERS, 8, False)]),
+    "virtio-tablet": (1, [(BUFFERS, 8, False)]),
 }
 
 

@@ -7,6 +7,8 @@ virtio-pci transport and declares the options `-s` and the config take.
     -s SLOT,virtio-console,NAME=PATH[,NAME=PATH...]
     -s SLOT,virtio-rnd
     -s SLOT,virtio-9p,SHARENAME=PATH[,ro]
+    -s SLOT,virtio-keyboard
+    -s SLOT,virtio-tablet
 
 The models' modules say what each option means.  A model is imported when
 its emulation is instantiated (make_model()), so a VM loads only the models
@@ -145,3 +147,21 @@ class Virtio9pPci(VirtioPciDevice):
     def make_model(self, options):
         from .ninep import Virtio9p
         return Virtio9p(self, options)
+
+
+@emulation("virtio-keyboard")
+class VirtioKeyboardPci(VirtioPciDevice):
+    """virtio keyboard, fed by the VM's consoles (no options)"""
+
+    def make_model(self, options):
+        from .input import VirtioKeyboard
+        return VirtioKeyboard(self, options, self.context.input)
+
+
+@emulation("virtio-tablet")
+class VirtioTabletPci(VirtioPciDevice):
+    """virtio tablet (absolute pointer), fed by the VM's consoles (no options)"""
+
+    def make_model(self, options):
+        from .input import VirtioTablet
+        return VirtioTablet(self, options, self.context.input)
