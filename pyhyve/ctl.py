@@ -15,7 +15,8 @@ suspend (with "path": pyhyve.snapshot; the answer has the file's "size"),
 describe (what pyhyvectl --list shows), consoles (each console's name,
 device and backend: {"name": "com1", "device": "uart", "kind": "pty",
 "path": "/dev/pts/5"}, with "link" for a linked pty, "address" [host, port]
-for tcp; pyhyvectl --console attaches to one); those about one vCPU take
+for tcp; pyhyvectl --console attaches to one), send-input (with "events",
+QMP input-send-event's list: pyhyve.inputevents); those about one vCPU take
 "vcpu" (default 0).  A command that changes the VM answers with its name,
 "vm" (for pyhyvectl's "vm NAME: paused"), and the stopping ones with the
 exit status the VM will have, "status".  Register access runs on the
@@ -29,6 +30,7 @@ import os
 import socket
 import time
 
+from . import inputevents
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
 from .sandbox import snapshot_refusal
@@ -178,6 +180,7 @@ class ControlServer(SocketService):
             "checkpoint": functools.partial(self._snapshot, False),
             "suspend": functools.partial(self._snapshot, True),
             "consoles": self._consoles,
+            "send-input": self._send_input,
         }
         super().__init__(vm, path or default_socket_path(vm.name))
 
@@ -245,6 +248,13 @@ class ControlServer(SocketService):
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
             raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
         return self.vm.vcpus[index]
+
+    def _send_input(self, request: dict) -> dict:
+        try:
+            inputevents.send(self.vm.context.input, request.get("events"))
+        except inputevents.InputEventError as exc:
+            raise RequestError(f"send-input: {exc}") from None
+        return {"vm": self.vm.name}
 
     def _describe(self, request: dict) -> dict:
         """What pyhyvectl --list shows of a VM: its process, size and state."""

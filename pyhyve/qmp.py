@@ -29,7 +29,8 @@ query-status, query-cpus-fast, stop, cont, system_powerdown (the ACPI power
 button: POWERDOWN, then the guest decides), system_reset (the machine is
 reset in place and runs on, as QEMU's; the guest's own reset still ends
 pyhyve with bhyve's status 0, as QEMU's -no-reboot does), quit (power-off:
-pyhyve exits with bhyve's status 1).
+pyhyve exits with bhyve's status 1), input-send-event (keys, absolute moves
+and buttons into the VM's input router: pyhyve.inputevents).
 
 Events, to every client past qmp_capabilities, whoever caused them (the
 guest, pyhyvectl, a signal, QMP): STOP, RESUME, POWERDOWN, RESET and
@@ -44,7 +45,7 @@ has not negotiated is closed after IDLE_TIMEOUT.
 
 import time
 
-from . import __version__
+from . import __version__, inputevents
 from .jsonstream import JsonStream
 from .sockservice import MAX_LINE, Client, SocketService
 from .vcpu import ExitStatus
@@ -137,6 +138,7 @@ class QmpServer(SocketService):
             "system_powerdown": (self._system_powerdown, ()),
             "system_reset": (self._system_reset, ()),
             "quit": (self._quit, ()),
+            "input-send-event": (self._input_send_event, ("events",)),
         }
         super().__init__(vm, path)
         vm.listeners.append(self._vm_event)
@@ -259,6 +261,15 @@ class QmpServer(SocketService):
             self.vm.request_reset(cause="qmp")
         except RuntimeError as exc:
             raise QmpError(str(exc)) from None
+        return {}
+
+    def _input_send_event(self, session: _Session, arguments: dict) -> dict:
+        """QEMU's input-send-event without "device" and "head": the events go
+        to the newest ready keyboard or pointer (pyhyve.inputroute)."""
+        try:
+            inputevents.send(self.vm.context.input, arguments.get("events"))
+        except inputevents.InputEventError as exc:
+            raise QmpError(f"input-send-event: {exc}") from None
         return {}
 
     def _quit(self, session: _Session, arguments: dict) -> dict:

@@ -2,7 +2,8 @@
 controller's set-1 translation, the commands atkbd and SeaBIOS send) and
 virtio-input's keyboard and tablet (config pages, the eventq, the statusq),
 each fed through the VM's input router; snapshots of both; fuzzing of the
-i8042's ports with keys arriving between the guest's accesses."""
+i8042's ports with keys arriving between the guest's accesses; QMP's
+input-send-event lists played into the router."""
 
 import struct
 
@@ -15,7 +16,8 @@ from test_virtio import BUFFERS, SLOT, Driver, Ring, VirtioVm
 
 from pyhyve.devices.i8042 import I8042
 from pyhyve.devices.ps2keymap import TRANSLATE_SET2, set2_sequence
-from pyhyve.inputroute import BUTTON_LEFT, BUTTON_RIGHT, WHEEL_UP
+from pyhyve import inputevents
+from pyhyve.inputroute import BUTTON_LEFT, BUTTON_RIGHT, WHEEL_UP, InputRouter
 from pyhyve.pci import regs as R
 from pyhyve.virtio import device as D
 from pyhyve.virtio import input as I
@@ -359,3 +361,53 @@ def test_router_prefers_a_started_virtio_keyboard_over_the_i8042(virtio_vm):
     virtio_vm.context.input.key(KEY_A, True)
     assert drain(virtio_vm) == [] and events(virtio_vm, ring)[0] == (I.EV_KEY, KEY_A, 1)
     kbc.close()
+
+
+# --- QMP's input-send-event events, as pyhyve.inputevents plays them -----------------------
+class Sink:
+    def __init__(self):
+        self.keys, self.moves = [], []
+
+    def ready(self):
+        return True
+
+    def key_event(self, code, down):
+        self.keys.append((code, down))
+
+    def pointer_event(self, x, y, buttons):
+        self.moves.append((x, y, buttons))
+
+
+def key(down, kind, data):
+    return {"type": "key", "data": {"down": down, "key": {"type": kind, "data": data}}}
+
+
+def test_input_send_event_lists_become_router_calls():
+    router, sink = InputRouter(), Sink()
+    router.add_keyboard(sink)
+    router.add_pointer(sink)
+    inputevents.send(router, [key(True, "qcode", "a"), key(False, "number", 0x1E),
+                              key(True, "number", 0x9D), key(True, "qcode", "ctrl_r"),
+                              key(True, "qcode", "0"), key(True, "qcode", "f10"),
+                              key(True, "qcode", "m")])
+    assert sink.keys == [(KEY_A, True), (KEY_A, False), (KEY_RIGHTCTRL, True),
+                         (KEY_RIGHTCTRL, True), (11, True), (68, True), (50, True)]
+    inputevents.send(router, [{"type": "abs", "data": {"axis": "x", "value": 100}},
+                              {"type": "btn", "data": {"down": True, "button": "left"}},
+                              {"type": "abs", "data": {"axis": "y", "value": 0x9000}}])
+    inputevents.send(router, [{"type": "btn", "data": {"down": True, "button": "wheel-up"}}])
+    assert sink.moves == [(100, 0x7FFF, BUTTON_LEFT), (100, 0x7FFF, BUTTON_LEFT | WHEEL_UP)]
+
+
+@pytest.mark.parametrize("events", [
+    [], "keys", [{"type": "key"}], [key(True, "qcode", "nosuch")], [key(1, "qcode", "a")],
+    [key(True, "number", 0x300)], [{"type": "rel", "data": {"axis": "x", "value": 1}}],
+    [{"type": "btn", "data": {"down": True, "button": "side"}}],
+    [{"type": "abs", "data": {"axis": "z", "value": 1}}],
+    [key(True, "qcode", "a"), {"type": "abs", "data": {"axis": "x", "value": "1"}}]])
+def test_bad_event_lists_send_nothing(events):
+    router, sink = InputRouter(), Sink()
+    router.add_keyboard(sink)
+    with pytest.raises(inputevents.InputEventError):
+        inputevents.send(router, events)
+    assert sink.keys == []

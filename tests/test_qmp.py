@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("needs_kvm")
 
 COMMANDS = {"qmp_capabilities", "query-commands", "query-version", "query-name",
             "query-status", "query-cpus-fast", "stop", "cont", "system_powerdown",
-            "system_reset", "quit"}
+            "system_reset", "quit", "input-send-event"}
 GREETING = {"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0},
                                 "package": f"pyhyve {pyhyve.__version__}"},
                     "capabilities": []}}

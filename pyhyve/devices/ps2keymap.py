@@ -75,6 +75,9 @@ def _translation_table() -> bytes:
 
 
 TRANSLATE_SET2 = _translation_table()
+# QEMU's key numbers: set 1, an E0 key as 0x80 plus its second byte
+KEY_BY_SET1_NUMBER = {**{code: code for code in _BASIC},
+                      **{0x80 | set1: code for code, (_, set1) in _EXTENDED.items()}}
 
 
 def set2_sequence(code: int, down: bool) -> bytes:
