@@ -60,6 +60,7 @@ def type_key(vm, code, down=True) -> list[int]:
 
 
 def test_keys_in_scan_code_set_2(vm, kbc):
+    command(vm, 0x60, 0x07)                              # XLAT off: raw set 2
     assert kbc.ready()
     assert type_key(vm, KEY_A) == [0x1C]
     assert type_key(vm, KEY_A, False) == [0xF0, 0x1C]
@@ -73,7 +74,6 @@ def test_keys_in_scan_code_set_2(vm, kbc):
 
 
 def test_translation_to_set_1(vm, kbc):
-    command(vm, 0x60, 0x47)                              # XLAT, SYS, interrupts
     assert type_key(vm, KEY_A) == [0x1E]
     assert type_key(vm, KEY_A, False) == [0x9E]
     assert type_key(vm, KEY_RIGHTCTRL, False) == [0xE0, 0x9D]
@@ -85,6 +85,7 @@ def test_translation_to_set_1(vm, kbc):
 
 
 def test_set_1_keys_without_the_controller_translating(vm, kbc):
+    command(vm, 0x60, 0x07)
     vm.port_write(0x60, 1, 0xF0)
     vm.port_write(0x60, 1, 0x01)
     vm.port_write(0x60, 1, 0xF0)
@@ -118,9 +119,9 @@ def test_scanning_and_the_keyboard_port(vm, kbc):
     assert not kbc.ready()
     vm.context.input.key(KEY_ENTER, True)
     command(vm, 0x20)                                    # a controller reply still comes
-    assert drain(vm) == [0x13]
+    assert drain(vm) == [0x53]
     command(vm, 0xAE)
-    assert drain(vm) == [0x5A]
+    assert drain(vm) == [0x1C]
 
 
 def test_keyboard_commands_linux_and_seabios_send(vm, kbc):
@@ -132,9 +133,9 @@ def test_keyboard_commands_linux_and_seabios_send(vm, kbc):
     assert kbc.save_state()["leds"] == 7 and kbc.save_state()["typematic"] == 0
     vm.port_write(0x60, 1, 0xED)
     vm.port_write(0x60, 1, 0xF2)                         # a command ends the wait for a parameter
-    assert drain(vm) == [0xFA, 0xFA, 0xAB, 0x83]
+    assert drain(vm) == [0xFA, 0xFA, 0xAB, 0x41]         # 83, translated
     vm.port_write(0x60, 1, 0xFE)                         # resend: the last byte again
-    assert drain(vm) == [0x83]
+    assert drain(vm) == [0x41]
     vm.port_write(0x60, 1, 0xEE)
     assert drain(vm) == [0xEE]
     vm.port_write(0x60, 1, 0xF6)
@@ -142,6 +143,7 @@ def test_keyboard_commands_linux_and_seabios_send(vm, kbc):
 
 
 def test_irq1_follows_the_output_buffer(vm, kbc):
+    command(vm, 0x60, 0x03)                              # raw set 2
     vm.context.input.key(KEY_A, True)
     assert vm.irq_levels[1] is True
     vm.context.input.key(KEY_A, False)
@@ -155,7 +157,7 @@ def test_irq1_follows_the_output_buffer(vm, kbc):
 
 
 def test_a_full_keyboard_drops_whole_keys(vm, kbc):
-    command(vm, 0xAD)
+    command(vm, 0x60, 0x13)                              # raw set 2, port off
     for _ in range(100):
         vm.context.input.key(KEY_PAUSE, True)
     command(vm, 0xAE)
@@ -355,7 +357,7 @@ def test_router_prefers_a_started_virtio_keyboard_over_the_i8042(virtio_vm):
     kbc = I8042(virtio_vm.context)
     device = virtio_vm.pci.add(SLOT, 0, VirtioKeyboardPci, {})
     virtio_vm.context.input.key(KEY_A, True)
-    assert drain(virtio_vm) == [0x1C]                    # the virtio driver is not there yet
+    assert drain(virtio_vm) == [0x1E]                    # the virtio driver is not there yet
     virtio_vm.pci.close()
     device, driver, ring = start(virtio_vm, VirtioKeyboardPci)
     virtio_vm.context.input.key(KEY_A, True)

@@ -52,7 +52,10 @@ CB_SYS = 0x04
 CB_KBD_DISABLED = 0x10
 CB_AUX_DISABLED = 0x20
 CB_XLAT = 0x40                  # translate the keyboard's set 2 into set 1
-POWER_ON_COMMAND_BYTE = CB_KBD_INT | CB_AUX_INT
+# What PC firmware leaves an OS, which a kexec boot (no firmware) must find too:
+# Linux's i8042 driver takes the keyboard port as translated unless told
+# otherwise (i8042.direct), so its atkbd would misread raw set 2.
+POWER_ON_COMMAND_BYTE = CB_KBD_INT | CB_AUX_INT | CB_XLAT
 
 # output port
 OUT_RESET = 0x01                # active low: 0 resets the machine
