@@ -1,0 +1,198 @@
+"""Linux's own input drivers judge pyhyve's keyboards and tablet: one boot under
+pyhyve and one under QEMU (the reference) with the same devices (virtio
+keyboard and tablet beside the i8042's keyboard), keys and pointer moves sent
+through QMP's input-send-event while the guest reads /dev/input/event*.
+
+The guest lists /proc/bus/input/devices, starts a reader (dd, one 24-byte
+struct input_event a block) on each device's event node, and says
+INPUT-READY; the host sends a key to the virtio keyboard (qcode, then QEMU's
+key number) and moves and clicks the tablet.  The guest then unbinds the
+virtio keyboard's driver, so that keys go to the i8042's keyboard (a device
+whose driver is gone is not ready: pyhyve.inputroute), and says
+I8042-READY; the host sends one more key, through the control socket's
+send-input under pyhyve (QMP under QEMU).  The guest dumps what each reader
+got.  One boot each: marked `linux`, run under `flock /tmp/pyhyve-linux.lock`.
+"""
+
+import asyncio
+import json
+import socket
+import struct
+
+import pytest
+from qemu.qmp import QMPClient
+
+from firmware import require_program
+from linuxguest import GuestRun, pyhyve_command, pyhyve_env, qemu_command, sections, \
+    with_script
+
+pytestmark = [pytest.mark.linux, pytest.mark.usefixtures("needs_kvm")]
+
+EV_SYN, EV_KEY, EV_ABS, EV_MSC = 0, 1, 3, 4
+KEY_A, KEY_B, KEY_Z, BTN_LEFT = 30, 48, 44, 0x110
+ABS_X, ABS_Y, MSC_SCAN = 0, 1, 4
+X, Y = 0x1234, 0x6543
+
+SCRIPT = r"""
+section input_devices
+cat /proc/bus/input/devices
+node() {
+  awk -v name="$1" '/^N: Name=/ { hit = index($0, name) > 0 }
+    /^H: Handlers=/ && hit { for (i = 2; i <= NF; i++) if ($i ~ /^event/) print $i; hit = 0 }' \
+    /proc/bus/input/devices
+}
+K=$(node "Virtio Keyboard"); T=$(node "Virtio Tablet"); A=$(node "Set 2 keyboard")
+section nodes
+echo "$K $T $A"
+dd if=/dev/input/$K of=/tmp/keyboard bs=24 2>/dev/null &
+dd if=/dev/input/$T of=/tmp/tablet bs=24 2>/dev/null &
+dd if=/dev/input/$A of=/tmp/atkbd bs=24 2>/dev/null &
+sleep 2
+echo INPUT-READY
+read answer
+sleep 5
+virtio=$(basename $(readlink -f /sys/class/input/$K/device/device))
+echo $virtio > /sys/bus/virtio/drivers/virtio_input/unbind
+echo I8042-READY
+read answer
+sleep 5
+for file in keyboard tablet atkbd; do
+  section events_$file
+  hexdump -v -e '24/1 "%02x" "\n"' /tmp/$file
+done
+section end
+"""
+
+
+def key(down: bool, kind: str, value) -> dict:
+    return {"type": "key", "data": {"down": down, "key": {"type": kind, "data": value}}}
+
+
+VIRTIO_EVENTS = [
+    [key(True, "qcode", "a"), key(False, "qcode", "a")],
+    [key(True, "number", KEY_B), key(False, "number", KEY_B)],
+    [{"type": "abs", "data": {"axis": "x", "value": X}},
+     {"type": "abs", "data": {"axis": "y", "value": Y}},
+     {"type": "btn", "data": {"down": True, "button": "left"}}],
+    [{"type": "btn", "data": {"down": False, "button": "left"}}],
+]
+I8042_EVENTS = [key(True, "qcode", "z"), key(False, "qcode", "z")]
+
+
+def send_qmp(path: str, event_lists: list) -> None:
+    async def main():
+        client = QMPClient("pyhyve-input-test")
+        await asyncio.wait_for(client.connect(path), 60)
+        try:
+            for events in event_lists:
+                await client.execute("input-send-event", {"events": events})
+        finally:
+            await client.disconnect()
+    asyncio.run(main())
+
+
+def send_control(path: str, events: list) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(60)
+        sock.connect(path)
+        sock.sendall(json.dumps({"command": "send-input", "events": events}).encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            assert chunk, "the control socket closed"
+            answer += chunk
+    assert json.loads(answer)["ok"], answer
+
+
+class InputBoot:
+    """What one boot showed: the console's sections, parsed."""
+
+    def __init__(self, side: str, guest, tmp):
+        self.side = side
+        initrd = with_script(guest, tmp, SCRIPT)
+        qmp, control = str(tmp / "qmp.sock"), str(tmp / "ctl.sock")
+        if side == "pyhyve":
+            argv = pyhyve_command(guest, initrd, "-s", "3,virtio-keyboard",
+                                  "-s", "4,virtio-tablet", "-o", f"qmp.socket={qmp}",
+                                  "-o", f"control.socket={control}", name="linuxinput")
+            env = pyhyve_env()
+        else:
+            argv = qemu_command(guest, initrd, "-device", "virtio-keyboard-pci,addr=3",
+                                "-device", "virtio-tablet-pci,addr=4",
+                                "-qmp", f"unix:{qmp},server=on,wait=off")
+            env = None
+        with GuestRun(argv, env, tmp / "console.log") as run:
+            run.expect("INPUT-READY")
+            send_qmp(qmp, VIRTIO_EVENTS)
+            run.send("sent\n")
+            run.expect("I8042-READY")
+            if side == "pyhyve":
+                send_control(control, I8042_EVENTS)
+            else:
+                send_qmp(qmp, [I8042_EVENTS])
+            run.send("sent\n")
+            run.expect("@@@ end")
+            self.sections = sections(run.output)
+
+    def devices(self) -> dict[str, dict[str, str]]:
+        """/proc/bus/input/devices: each device's lines by their letter (B: by
+        the bitmap's name), keyed by its name."""
+        found = {}
+        for block in self.sections["input_devices"].split("\n\n"):
+            lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            entry = {letter: text for letter, text in lines.items() if letter != "B"}
+            for line in block.splitlines():
+                if line.startswith("B: "):
+                    name, _, value = line[3:].partition("=")
+                    entry[f"B:{name}"] = value
+            found[lines["N"].removeprefix("Name=").strip('"')] = entry
+        return found
+
+    def events(self, reader: str) -> list[tuple[int, int, int]]:
+        """(type, code, value) of each struct input_event the reader got."""
+        out = []
+        for line in self.sections[f"events_{reader}"].split():
+            raw = bytes.fromhex(line)
+            out.append(struct.unpack("<HHi", raw[16:24]))
+        return out
+
+
+@pytest.fixture(scope="module", params=["pyhyve", "qemu"])
+def boot(request, linux_guest, tmp_path_factory):
+    if request.param == "qemu":
+        require_program("qemu-system-x86_64", "qemu-system-x86")
+    return InputBoot(request.param, linux_guest, tmp_path_factory.mktemp(request.param))
+
+
+def names(boot) -> dict[str, str]:
+    """The three devices under roles; pyhyve's virtio devices say pyhyve where
+    QEMU's say QEMU (their IDs are the same: the test below)."""
+    maker = "pyhyve" if boot.side == "pyhyve" else "QEMU"
+    return {"keyboard": f"{maker} Virtio Keyboard", "tablet": f"{maker} Virtio Tablet",
+            "atkbd": "AT Translated Set 2 keyboard"}
+
+
+def test_proc_bus_input_devices_lists_them(boot):
+    devices = boot.devices()
+    roles = names(boot)
+    for name in roles.values():
+        assert name in devices, sorted(devices)
+    keyboard, tablet = devices[roles["keyboard"]], devices[roles["tablet"]]
+    assert keyboard["I"] == "Bus=0006 Vendor=0627 Product=0001 Version=0001"
+    assert tablet["I"] == "Bus=0006 Vendor=0627 Product=0003 Version=0001"
+    assert tablet["B:ABS"] == "3"                        # ABS_X, ABS_Y
+    assert "120013" == keyboard["B:EV"]                  # SYN KEY MSC? LED REP: see below
+    assert len(boot.sections["nodes"].split()) == 3
+
+
+def test_events_reach_dev_input(boot):
+    keyboard = [event for event in boot.events("keyboard") if event[0] == EV_KEY]
+    assert keyboard == [(EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0), (EV_KEY, KEY_B, 1),
+                        (EV_KEY, KEY_B, 0)]
+    tablet = boot.events("tablet")
+    assert tablet == [(EV_ABS, ABS_X, X), (EV_ABS, ABS_Y, Y), (EV_KEY, BTN_LEFT, 1),
+                      (EV_SYN, 0, 0), (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0)]
+    atkbd = boot.events("atkbd")
+    assert [event for event in atkbd if event[0] == EV_KEY] == [(EV_KEY, KEY_Z, 1),
+                                                                 (EV_KEY, KEY_Z, 0)]
+    assert (EV_MSC, MSC_SCAN, 0x2C) in atkbd             # Z's set-1 code, translated
