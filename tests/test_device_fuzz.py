@@ -11,8 +11,9 @@ logged at ERROR (a device's internal failure, which the transport turns into
 NEEDS_RESET so the VM runs on, is still a bug); reads return no more bits
 than asked for; afterwards, with its BARs put back where they were, the
 device still identifies itself, a virtio device resets through its common
-config and then serves one well-formed request, and an NVMe controller
-resets, enables and answers Identify.  A mutant (a virtio-rnd that
+config and then serves one well-formed request, an NVMe controller
+resets, enables and answers Identify, and an xHCI controller resets and
+addresses its tablet.  A mutant (a virtio-rnd that
 raises on each request) must fail that check in every run."""
 
 import logging
@@ -26,9 +27,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from nvmedriver import NvmeDriver
+from xhcidriver import XhciDriver
 from pyhyve.nvme import controller as N
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
+from pyhyve.usb.tablet import DEVICE_DESCRIPTOR
 from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio.pci import VirtioPciDevice
@@ -74,6 +77,8 @@ def options_for(name: str, tmp: str):
     elif name == "virtio-net":
         with fake_tap() as options:
             yield options
+    elif name == "xhci":
+        yield {"slot.1.device": "tablet"}
     elif name == "virtio-9p":
         share = os.path.join(tmp, "share")
         os.makedirs(share, exist_ok=True)
@@ -217,6 +222,12 @@ def check_usable(vm, device, slot, ids, bar_registers):
         driver = NvmeDriver(vm, device, slot)
         assert driver.enable() & (N.CSTS_RDY | N.CSTS_CFS) == N.CSTS_RDY
         assert driver.identify(N.CNS_CONTROLLER)[0] == N.SUCCESS
+    elif device.emulation_name == "xhci":
+        driver = XhciDriver(vm, slot)
+        driver.start()
+        driver.reset_port(1)
+        driver.address_device(1)
+        assert driver.control(0x80, 6, 0x0100, 0, 18)[1] == DEVICE_DESCRIPTOR
 
 
 @pytest.mark.parametrize("name", sorted(emulations()))

@@ -34,6 +34,7 @@ BUILTIN_MODULES = {
     "virtio-net": "pyhyve.virtio.emulations",
     "virtio-rnd": "pyhyve.virtio.emulations",
     "virtio-tablet": "pyhyve.virtio.emulations",
+    "xhci": "pyhyve.usb.xhci",
 }
 
 
