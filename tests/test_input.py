@@ -398,7 +398,9 @@ def test_input_send_event_lists_become_router_calls():
                               {"type": "btn", "data": {"down": True, "button": "left"}},
                               {"type": "abs", "data": {"axis": "y", "value": 0x9000}}])
     inputevents.send(router, [{"type": "btn", "data": {"down": True, "button": "wheel-up"}}])
-    assert sink.moves == [(100, 0x7FFF, BUTTON_LEFT), (100, 0x7FFF, BUTTON_LEFT | WHEEL_UP)]
+    inputevents.send(router, [{"type": "btn", "data": {"down": False, "button": "left"}}])
+    assert sink.moves == [(100, 0x7FFF, BUTTON_LEFT), (100, 0x7FFF, BUTTON_LEFT | WHEEL_UP),
+                          (100, 0x7FFF, WHEEL_UP)]
 
 
 @pytest.mark.parametrize("events", [

@@ -1,17 +1,20 @@
-"""Linux's own input drivers judge pyhyve's keyboards and tablet: one boot under
-pyhyve and one under QEMU (the reference) with the same devices (virtio
-keyboard and tablet beside the i8042's keyboard), keys and pointer moves sent
-through QMP's input-send-event while the guest reads /dev/input/event*.
+"""Linux's own input drivers judge pyhyve's keyboards and tablets: one boot under
+pyhyve and one under QEMU (the reference) with the same devices (an xHCI
+controller with a USB tablet, a virtio keyboard and tablet, beside the
+i8042's keyboard), keys and pointer moves sent through QMP's
+input-send-event while the guest reads /dev/input/event*.
 
 The guest lists /proc/bus/input/devices, starts a reader (dd, one 24-byte
-struct input_event a block) on each device's event node, and says
-INPUT-READY; the host sends a key to the virtio keyboard (qcode, then QEMU's
-key number) and moves and clicks the tablet.  The guest then unbinds the
-virtio keyboard's driver, so that keys go to the i8042's keyboard (a device
-whose driver is gone is not ready: pyhyve.inputroute), and says
-I8042-READY; the host sends one more key, through the control socket's
-send-input under pyhyve (QMP under QEMU).  The guest dumps what each reader
-got.  One boot each: marked `linux`, run under `flock /tmp/pyhyve-linux.lock`.
+struct input_event a block) on the virtio devices' and the PS/2 keyboard's
+event nodes, and says INPUT-READY; the host sends keys (a qcode, then QEMU's
+key number) and a click, which go to the virtio keyboard and tablet.  The
+guest then unbinds the virtio drivers, so that events go to the i8042's
+keyboard and the USB tablet (a device whose driver is gone is not ready:
+pyhyve.inputroute; QEMU deactivates it), reads the USB tablet too and says
+I8042-READY; the host sends a key and a click again, through the control
+socket's send-input under pyhyve (QMP under QEMU).  The guest dumps what each
+reader got.  One boot each: marked `linux`, run under
+`flock /tmp/pyhyve-linux.lock`.
 """
 
 import asyncio
@@ -32,6 +35,7 @@ EV_SYN, EV_KEY, EV_ABS, EV_MSC = 0, 1, 3, 4
 KEY_A, KEY_B, KEY_Z, BTN_LEFT = 30, 48, 44, 0x110
 ABS_X, ABS_Y, MSC_SCAN = 0, 1, 4
 X, Y = 0x1234, 0x6543
+X2, Y2 = 0x7FFF, 0x10
 
 SCRIPT = r"""
 section input_devices
@@ -42,8 +46,9 @@ node() {
     /proc/bus/input/devices
 }
 K=$(node "Virtio Keyboard"); T=$(node "Virtio Tablet"); A=$(node "Set 2 keyboard")
+U=$(node "USB Tablet")
 section nodes
-echo "$K $T $A"
+echo "$K $T $A $U"
 dd if=/dev/input/$K of=/tmp/keyboard bs=24 2>/dev/null &
 dd if=/dev/input/$T of=/tmp/tablet bs=24 2>/dev/null &
 dd if=/dev/input/$A of=/tmp/atkbd bs=24 2>/dev/null &
@@ -51,12 +56,15 @@ sleep 2
 echo INPUT-READY
 read answer
 sleep 5
-virtio=$(basename $(readlink -f /sys/class/input/$K/device/device))
-echo $virtio > /sys/bus/virtio/drivers/virtio_input/unbind
+for n in $K $T; do
+  basename $(readlink -f /sys/class/input/$n/device/device) > /sys/bus/virtio/drivers/virtio_input/unbind
+done
+dd if=/dev/input/$U of=/tmp/usbtablet bs=24 2>/dev/null &
+sleep 2
 echo I8042-READY
 read answer
 sleep 5
-for file in keyboard tablet atkbd; do
+for file in keyboard tablet atkbd usbtablet; do
   section events_$file
   hexdump -v -e '24/1 "%02x" "\n"' /tmp/$file
 done
@@ -68,15 +76,17 @@ def key(down: bool, kind: str, value) -> dict:
     return {"type": "key", "data": {"down": down, "key": {"type": kind, "data": value}}}
 
 
-VIRTIO_EVENTS = [
-    [key(True, "qcode", "a"), key(False, "qcode", "a")],
-    [key(True, "number", KEY_B), key(False, "number", KEY_B)],
-    [{"type": "abs", "data": {"axis": "x", "value": X}},
-     {"type": "abs", "data": {"axis": "y", "value": Y}},
-     {"type": "btn", "data": {"down": True, "button": "left"}}],
-    [{"type": "btn", "data": {"down": False, "button": "left"}}],
-]
-I8042_EVENTS = [key(True, "qcode", "z"), key(False, "qcode", "z")]
+def click(x: int, y: int) -> list[list[dict]]:
+    return [[{"type": "abs", "data": {"axis": "x", "value": x}},
+             {"type": "abs", "data": {"axis": "y", "value": y}},
+             {"type": "btn", "data": {"down": True, "button": "left"}}],
+            [{"type": "btn", "data": {"down": False, "button": "left"}}]]
+
+
+VIRTIO_EVENTS = [[key(True, "qcode", "a"), key(False, "qcode", "a")],
+                 [key(True, "number", KEY_B), key(False, "number", KEY_B)], *click(X, Y)]
+# once the virtio drivers are gone: the i8042's keyboard and the USB tablet
+LEGACY_EVENTS = [[key(True, "qcode", "z"), key(False, "qcode", "z")], *click(X2, Y2)]
 
 
 def send_qmp(path: str, event_lists: list) -> None:
@@ -112,13 +122,14 @@ class InputBoot:
         initrd = with_script(guest, tmp, SCRIPT)
         qmp, control = str(tmp / "qmp.sock"), str(tmp / "ctl.sock")
         if side == "pyhyve":
-            argv = pyhyve_command(guest, initrd, "-s", "3,virtio-keyboard",
-                                  "-s", "4,virtio-tablet", "-o", f"qmp.socket={qmp}",
+            argv = pyhyve_command(guest, initrd, "-s", "3,xhci,tablet", "-s", "4,virtio-keyboard",
+                                  "-s", "5,virtio-tablet", "-o", f"qmp.socket={qmp}",
                                   "-o", f"control.socket={control}", name="linuxinput")
             env = pyhyve_env()
         else:
-            argv = qemu_command(guest, initrd, "-device", "virtio-keyboard-pci,addr=3",
-                                "-device", "virtio-tablet-pci,addr=4",
+            argv = qemu_command(guest, initrd, "-device", "qemu-xhci,addr=3",
+                                "-device", "usb-tablet", "-device", "virtio-keyboard-pci,addr=4",
+                                "-device", "virtio-tablet-pci,addr=5",
                                 "-qmp", f"unix:{qmp},server=on,wait=off")
             env = None
         with GuestRun(argv, env, tmp / "console.log") as run:
@@ -127,9 +138,10 @@ class InputBoot:
             run.send("sent\n")
             run.expect("I8042-READY")
             if side == "pyhyve":
-                send_control(control, I8042_EVENTS)
+                for events in LEGACY_EVENTS:
+                    send_control(control, events)
             else:
-                send_qmp(qmp, [I8042_EVENTS])
+                send_qmp(qmp, LEGACY_EVENTS)
             run.send("sent\n")
             run.expect("@@@ end")
             self.sections = sections(run.output)
