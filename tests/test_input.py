@@ -12,6 +12,8 @@ from fakevm import FakeVm
 from fuzzing import fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
+from test_platform_devices import drain
+from test_platform_devices import kbc_command as command
 from test_virtio import BUFFERS, SLOT, Driver, Ring, VirtioVm
 
 from pyhyve.devices.i8042 import I8042
@@ -39,19 +41,6 @@ def kbc(vm):
     device = I8042(vm.context)
     yield device
     device.close()
-
-
-def command(vm, byte, data=None):
-    vm.port_write(0x64, 1, byte)
-    if data is not None:
-        vm.port_write(0x60, 1, data)
-
-
-def drain(vm) -> list[int]:
-    out = []
-    while vm.port_read(0x64, 1) & 0x01:
-        out.append(vm.port_read(0x60, 1))
-    return out
 
 
 def type_key(vm, code, down=True) -> list[int]:

@@ -82,6 +82,7 @@ class VirtioInput(VirtioDevice):
     NAME = ""
     PRODUCT = 0
     EVENT_TYPES: dict[int, bytes] = {}      # event type: its bitmap of codes
+    OWN_STATE = ("", 0)                     # the subclass's field a snapshot keeps, its limit
 
     def __init__(self, transport: Transport, options: dict[str, str], router):
         super().__init__(transport, [QUEUE_SIZE, QUEUE_SIZE], 0, CONFIG_SIZE)
@@ -168,14 +169,16 @@ class VirtioInput(VirtioDevice):
     def close(self) -> None:
         self.router.remove(self)
 
-    STATE = ("select", "subsel", "pending")
-
     def save_state(self) -> dict:
+        field = self.OWN_STATE[0]
         return {"select": self.config[0], "subsel": self.config[1],
-                "pending": [list(event) for event in self._pending]}
+                "pending": [list(event) for event in self._pending],
+                field: getattr(self, field)}
 
     def restore_state(self, state: dict) -> None:
-        expect_keys(state, self.STATE, self.name)
+        field, limit = self.OWN_STATE
+        expect_keys(state, ("select", "subsel", "pending", field), self.name)
+        own = uint(state[field], limit, f"{self.name} {field}")
         select = uint(state["select"], 0xFF, f"{self.name} select")
         subsel = uint(state["subsel"], 0xFF, f"{self.name} subsel")
         pending = state["pending"]
@@ -188,6 +191,7 @@ class VirtioInput(VirtioDevice):
                    _signed32(value, f"{self.name} event value")) for kind, code, value in pending]
         self._select(select, subsel)
         self._pending = deque(events)
+        setattr(self, field, own)
 
 
 def _signed32(value, what: str) -> int:
@@ -204,6 +208,7 @@ class VirtioKeyboard(VirtioInput):
     name = "virtio-keyboard"
     NAME = "pyhyve Virtio Keyboard"
     PRODUCT = PRODUCT_KEYBOARD
+    OWN_STATE = ("leds", 0x07)
     EVENT_TYPES = {EV_KEY: _bitmap(KEYBOARD_KEYS), EV_REP: b"\0",
                    EV_LED: _bitmap((LED_NUML, LED_CAPSL, LED_SCROLLL))}
 
@@ -220,16 +225,6 @@ class VirtioKeyboard(VirtioInput):
         if kind == EV_LED and code <= LED_SCROLLL:
             self.leds = self.leds | (1 << code) if value else self.leds & ~(1 << code)
 
-    STATE = VirtioInput.STATE + ("leds",)
-
-    def save_state(self) -> dict:
-        return {**super().save_state(), "leds": self.leds}
-
-    def restore_state(self, state: dict) -> None:
-        leds = uint(state.get("leds") if isinstance(state, dict) else None, 0x07,
-                    f"{self.name} leds")
-        super().restore_state(state)
-        self.leds = leds
 
 
 class VirtioTablet(VirtioInput):
@@ -239,6 +234,7 @@ class VirtioTablet(VirtioInput):
     name = "virtio-tablet"
     NAME = "pyhyve Virtio Tablet"
     PRODUCT = PRODUCT_TABLET
+    OWN_STATE = ("buttons", 0xFF)
     EVENT_TYPES = {EV_KEY: _bitmap(code for _, code in _BUTTONS),
                    EV_REL: _bitmap((REL_WHEEL,)), EV_ABS: _bitmap((ABS_X, ABS_Y))}
 
@@ -261,13 +257,3 @@ class VirtioTablet(VirtioInput):
                 events.append((EV_REL, REL_WHEEL, step))
         self._report(events)
 
-    STATE = VirtioInput.STATE + ("buttons",)
-
-    def save_state(self) -> dict:
-        return {**super().save_state(), "buttons": self.buttons}
-
-    def restore_state(self, state: dict) -> None:
-        buttons = uint(state.get("buttons") if isinstance(state, dict) else None, 0xFF,
-                       f"{self.name} buttons")
-        super().restore_state(state)
-        self.buttons = buttons
