@@ -169,41 +169,75 @@ class InputBoot:
         return out
 
 
+BOOTS: dict[str, InputBoot] = {}     # by side, for the comparison once both ran
+
+
 @pytest.fixture(scope="module", params=["pyhyve", "qemu"])
 def boot(request, linux_guest, tmp_path_factory):
     if request.param == "qemu":
         require_program("qemu-system-x86_64", "qemu-system-x86")
-    return InputBoot(request.param, linux_guest, tmp_path_factory.mktemp(request.param))
+    BOOTS[request.param] = InputBoot(request.param, linux_guest,
+                                     tmp_path_factory.mktemp(request.param))
+    return BOOTS[request.param]
 
 
-def names(boot) -> dict[str, str]:
-    """The three devices under roles; pyhyve's virtio devices say pyhyve where
-    QEMU's say QEMU (their IDs are the same: the test below)."""
-    maker = "pyhyve" if boot.side == "pyhyve" else "QEMU"
+def names(side: str) -> dict[str, str]:
+    """The devices by role.  pyhyve's say pyhyve where QEMU's say QEMU (the
+    USB tablet's name is its manufacturer's and product's strings); their
+    IDs are the same, which is what guests match quirks on."""
+    maker = "pyhyve" if side == "pyhyve" else "QEMU"
     return {"keyboard": f"{maker} Virtio Keyboard", "tablet": f"{maker} Virtio Tablet",
-            "atkbd": "AT Translated Set 2 keyboard"}
+            "atkbd": "AT Translated Set 2 keyboard",
+            "usbtablet": "pyhyve USB Tablet" if side == "pyhyve" else "QEMU QEMU USB Tablet"}
 
 
 def test_proc_bus_input_devices_lists_them(boot):
     devices = boot.devices()
-    roles = names(boot)
+    roles = names(boot.side)
     for name in roles.values():
         assert name in devices, sorted(devices)
-    keyboard, tablet = devices[roles["keyboard"]], devices[roles["tablet"]]
-    assert keyboard["I"] == "Bus=0006 Vendor=0627 Product=0001 Version=0001"
-    assert tablet["I"] == "Bus=0006 Vendor=0627 Product=0003 Version=0001"
-    assert tablet["B:ABS"] == "3"                        # ABS_X, ABS_Y
-    assert "120013" == keyboard["B:EV"]                  # SYN KEY MSC? LED REP: see below
-    assert len(boot.sections["nodes"].split()) == 3
+    assert devices[roles["keyboard"]]["I"] == "Bus=0006 Vendor=0627 Product=0001 Version=0001"
+    assert devices[roles["tablet"]]["I"] == "Bus=0006 Vendor=0627 Product=0003 Version=0001"
+    assert devices[roles["usbtablet"]]["I"].startswith("Bus=0003 Vendor=0627 Product=0001")
+    for role in ("tablet", "usbtablet"):
+        assert devices[roles[role]]["B:ABS"] == "3"                   # ABS_X, ABS_Y
+    assert len(boot.sections["nodes"].split()) == 4
+
+
+def test_capabilities_match_qemus(boot):
+    """Once both booted: each device's evdev bitmaps as QEMU's, except the
+    virtio keyboard's keys: pyhyve's has every key code below the buttons,
+    QEMU's the keys its own key table maps (a subset)."""
+    if set(BOOTS) != {"pyhyve", "qemu"}:
+        pytest.skip("compares the pyhyve boot with the QEMU one")
+    ours, theirs = BOOTS["pyhyve"].devices(), BOOTS["qemu"].devices()
+    for role in ("keyboard", "tablet", "atkbd", "usbtablet"):
+        mine, reference = ours[names("pyhyve")[role]], theirs[names("qemu")[role]]
+        bitmaps = {key for key in mine.keys() | reference.keys() if key.startswith("B:")}
+        for bitmap in sorted(bitmaps):
+            if (role, bitmap) == ("keyboard", "B:KEY"):
+                assert _bits(reference[bitmap]) <= _bits(mine[bitmap])
+                continue
+            assert mine.get(bitmap) == reference.get(bitmap), (role, bitmap)
+
+
+def _bits(bitmap: str) -> set[int]:
+    """The bits set in a /proc/bus/input/devices bitmap (hex words, most significant first)."""
+    bits = set()
+    for position, word in enumerate(reversed(bitmap.split())):
+        value = int(word, 16)
+        bits.update(64 * position + bit for bit in range(64) if value >> bit & 1)
+    return bits
 
 
 def test_events_reach_dev_input(boot):
-    keyboard = [event for event in boot.events("keyboard") if event[0] == EV_KEY]
-    assert keyboard == [(EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0), (EV_KEY, KEY_B, 1),
-                        (EV_KEY, KEY_B, 0)]
-    tablet = boot.events("tablet")
-    assert tablet == [(EV_ABS, ABS_X, X), (EV_ABS, ABS_Y, Y), (EV_KEY, BTN_LEFT, 1),
-                      (EV_SYN, 0, 0), (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0)]
+    keys = [event for event in boot.events("keyboard") if event[0] == EV_KEY]
+    assert keys == [(EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0), (EV_KEY, KEY_B, 1),
+                    (EV_KEY, KEY_B, 0)]
+    for reader, x, y in (("tablet", X, Y), ("usbtablet", X2, Y2)):
+        moves = [event for event in boot.events(reader) if event[0] != EV_MSC]
+        assert moves == [(EV_ABS, ABS_X, x), (EV_ABS, ABS_Y, y), (EV_KEY, BTN_LEFT, 1),
+                         (EV_SYN, 0, 0), (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0)], reader
     atkbd = boot.events("atkbd")
     assert [event for event in atkbd if event[0] == EV_KEY] == [(EV_KEY, KEY_Z, 1),
                                                                  (EV_KEY, KEY_Z, 0)]
