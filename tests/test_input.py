@@ -145,6 +145,14 @@ def test_irq1_follows_the_output_buffer(vm, kbc):
     assert vm.irq_levels[1] is False and drain(vm) == [0x1C]
 
 
+def test_keys_typed_while_paused_wait(vm, kbc):
+    kbc.pause()
+    vm.context.input.key(KEY_A, True)
+    assert drain(vm) == [] and not vm.irq_levels.get(1)
+    kbc.resume()
+    assert vm.irq_levels[1] is True and drain(vm) == [0x1E]
+
+
 def test_a_full_keyboard_drops_whole_keys(vm, kbc):
     command(vm, 0x60, 0x13)                              # raw set 2, port off
     for _ in range(100):

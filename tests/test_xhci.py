@@ -143,6 +143,17 @@ def test_stop_endpoint_and_disable_slot(vm):
     assert driver.command(31)[0] == X.TRB_ERROR
 
 
+def test_reports_wait_while_the_vm_is_paused(vm):
+    driver = enumerated(vm)
+    device = vm.pci.functions[(SLOT, 0)]
+    driver.queue_report_buffer()
+    device.pause()
+    vm.context.input.pointer(1, 2, 0)
+    assert driver.reports() == []
+    device.resume()
+    assert driver.reports() == [struct.pack("<BHHb", 0, 1, 2, 0)]
+
+
 def test_slots_run_out(vm):
     driver = controller(vm)
     for _ in range(X.MAX_SLOTS):

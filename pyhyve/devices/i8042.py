@@ -130,6 +130,7 @@ class I8042(Device):
         self._kbd_queue: deque[int] = deque()   # the keyboard's bytes, not yet sent
         self._kbd_last_sent = 0                 # what RESEND repeats
         self._xlat = Set1Translator()
+        self._paused = False
         self._keyboard_defaults()
         self._leds = 0
         self._scancode_set = 2
@@ -375,6 +376,18 @@ class I8042(Device):
                     len(self._kbd_queue) + len(sequence) > KBD_QUEUE_LIMIT:
                 return
             self._kbd_queue.extend(sequence)
+            if not self._paused:
+                self._pull_keyboard()
+                self._update_irqs()
+
+    def pause(self) -> None:
+        """Keys typed while the VM is paused wait in the keyboard."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
             self._pull_keyboard()
             self._update_irqs()
 

@@ -182,6 +182,7 @@ class XhciController(PciDevice):
 
     def init(self, options: dict[str, str]) -> None:
         self.lock = threading.RLock()
+        self._paused = False
         self.tablet: UsbTablet | None = None
         for key, name in options.items():
             if key != f"slot.{USB2_PORT}.device":
@@ -698,8 +699,22 @@ class XhciController(PciDevice):
                            "(%s): endpoint halted", slot_id, dci, exc)
             self._halt(slot, slot_id, dci, endpoint, endpoint.ring.dequeue, TRB_ERROR)
 
+    def pause(self) -> None:
+        with self.lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Reports that came while the VM was paused go to the guest now."""
+        with self.lock:
+            self._paused = False
+            if self.tablet is not None and self.tablet.has_report():
+                self._tablet_report()
+
     def _tablet_report(self) -> None:
-        """The tablet has a report: the slot it is addressed in takes it, if running."""
+        """The tablet has a report: the slot it is addressed in takes it, if
+        running, unless the VM is paused (then resume() sends it)."""
+        if self._paused:
+            return
         for slot_id, slot in self.slots.items():
             endpoint = slot.endpoints.get(EP1_IN)
             if slot.port == USB2_PORT and endpoint and endpoint.state == EP_RUNNING and \
