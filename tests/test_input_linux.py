@@ -68,6 +68,8 @@ for file in keyboard tablet atkbd usbtablet; do
   section events_$file
   hexdump -v -e '24/1 "%02x" "\n"' /tmp/$file
 done
+section dmesg
+dmesg | grep -i -E "xhci|usb|hid|input|atkbd|i8042|virtio"
 section end
 """
 
