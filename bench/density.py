@@ -7,12 +7,16 @@ process, as a user or a test suite starts them:
   pyhyve  python3 -m pyhyve -m 64M -l bootrom,ROM ... (exit status 1);
   qemu    qemu-system-x86_64 -enable-kvm -m 64 -bios ROM with isa-debug-exit
           on the power-off port.
-A third figure is pyhyve as a library: VirtualMachine(...).run() and
-close() in one Python process, which skips interpreter start-up.
+A third way is pyhyve's warm start, `pyhyve --serve=SOCKET`: a fork server
+that has imported pyhyve once forks a process per VM (pyhyve.forkserver),
+timed from the request to the exit status as the others.  A fourth figure
+is pyhyve as a library: VirtualMachine(...).run() and close() in one
+Python process, which skips interpreter start-up.
 Figures are VMs per second (higher is better) for each way.
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from common import REPO, build_rom, save
 
+from pyhyve import forkserver
 from pyhyve.config import Config
 from pyhyve.vcpu import ExitStatus
 from pyhyve.vm import VirtualMachine
@@ -67,6 +72,34 @@ def sequential(make, count: int, env: dict, expect: int) -> float:
     return count / elapsed
 
 
+def served(server: Path, commands: list[list[str]], expect: int) -> float:
+    """Start the VMs through the fork server at once, wait for every one; wall time."""
+    start = time.perf_counter()
+    with open(os.devnull, "r+b") as null:
+        vms = [forkserver.start(str(server), command[3:], stdin=null.fileno(),
+                                stdout=null.fileno(), stderr=null.fileno())
+               for command in commands]
+        statuses = [vm.wait() for vm in vms]
+    elapsed = time.perf_counter() - start
+    if any(status != expect for status in statuses):
+        raise SystemExit(f"served VMs ended with {statuses}")
+    return elapsed
+
+
+@contextlib.contextmanager
+def fork_server(work: Path, env: dict):
+    path = work / "serve.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pyhyve", f"--serve={path}"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        if not proc.stderr.readline().startswith(b"pyhyve: serving on"):
+            raise SystemExit("pyhyve --serve did not start")
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def in_process(rom: Path, work: Path, count: int) -> float:
     """VMs per second through the library: create, run to power-off, close."""
     start = time.perf_counter()
@@ -105,6 +138,13 @@ def main() -> None:
             batch = [make(100 + i) for i in range(args.concurrent)]
             figures[f"{side}_concurrent_vms_per_s"] = (
                 args.concurrent / run_batch(batch, env, expect))
+        with fork_server(work, env) as server:
+            make = sides["pyhyve"][0]
+            figures["served_sequential_vms_per_s"] = args.sequential / sum(
+                served(server, [make(200 + i)], ExitStatus.POWEROFF)
+                for i in range(args.sequential))
+            figures["served_concurrent_vms_per_s"] = args.concurrent / served(
+                server, [make(300 + i) for i in range(args.concurrent)], ExitStatus.POWEROFF)
         figures["pyhyve_library_vms_per_s"] = in_process(rom, work, args.sequential)
         for run in work.glob("*.txt"):
             if not run.read_bytes():
@@ -113,13 +153,17 @@ def main() -> None:
     for side in sides:
         print(f"{side:8}{figures[f'{side}_sequential_vms_per_s']:14.1f}"
               f"{figures[f'{side}_concurrent_vms_per_s']:14.1f}")
+    print(f"{'served':8}{figures['served_sequential_vms_per_s']:14.1f}"
+          f"{figures['served_concurrent_vms_per_s']:14.1f}   (pyhyve --serve, warm)")
     print(f"{'library':8}{figures['pyhyve_library_vms_per_s']:14.1f}{'':>14}"
           "   (pyhyve in one process)")
     if "qemu" in sides:
         for mode in ("sequential", "concurrent"):
             ratio = figures[f"pyhyve_{mode}_vms_per_s"] / figures[f"qemu_{mode}_vms_per_s"]
             figures[f"ratio_{mode}"] = ratio
-            print(f"ratio pyhyve/qemu, {mode}: {ratio:.2f}")
+            warm = figures[f"served_{mode}_vms_per_s"] / figures[f"qemu_{mode}_vms_per_s"]
+            figures[f"ratio_served_{mode}"] = warm
+            print(f"ratio pyhyve/qemu, {mode}: {ratio:.2f} cold, {warm:.2f} warm (--serve)")
     print(f"results: {save('density', figures).relative_to(REPO)}")
 
 

@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 from .config import Config, ConfigError, parse_size, write_user_file
 from .ctl import ControlServer, default_socket_path
@@ -22,6 +23,7 @@ usage: pyhyve [-ACDeHhPSuvwxY] [-c [[cpus=]numcpus][,sockets=n][,cores=n][,threa
               [-K layout] [-l lpcdev[,conf]] [-m memsize[K|M|G|T]] [-o var=value]
               [-p vcpu:hostcpu] [-r file] [-s pci] [-U uuid] vmname
        pyhyve -l help | -s help | -o help | -h | --help | --version
+       pyhyve --serve=SOCKET
 
 Virtual machine:
   -c cpus        vCPUs and topology, bhyve syntax (cpus=N,sockets=S,cores=C,threads=T)
@@ -53,11 +55,14 @@ Devices:
   -f name,string=TEXT|file=PATH   add a file to fw_cfg (names start with opt/)
   -K layout      keyboard layout of bhyve's VNC console: refused (exit status 4),
                  pyhyve has no display yet
-Direct kernel boot (no firmware):
+Kernel boot:
   -f kexec,KERNEL[,INITRD[,"CMDLINE"]]   boot a kernel: a bzImage (at its 64-bit entry, else
                   through its 16-bit setup code), a PVH ELF kernel, or a multiboot kernel
                   (ELF or a.out kludge), whose INITRD lists modules: "mod1 args,mod2 args"
-                  (,, for a comma; quote CMDLINE then)
+                  (,, for a comma; quote CMDLINE then).  With -l bootrom as well, the
+                  firmware boots it (a bzImage or multiboot kernel) through QEMU's option
+                  ROM from fw_cfg, as QEMU's -kernel does (-o kexec.romdir=DIR: where
+                  linuxboot_dma.bin and multiboot_dma.bin are; default /usr/share/qemu)
   -Y              no MP table for a directly booted kernel (x86.mptable=false)
   -A              generate ACPI tables: accepted, pyhyve always does (for firmware
                   through fw_cfg, for a kernel in the BIOS area; -o acpi_tables=false
@@ -101,6 +106,9 @@ Debugging:
   -G [w][addr:]port  GDB stub on TCP (default address 127.0.0.1); w: wait for gdb before the BSP runs
 Other:
   -h, --help      this help; --version: pyhyve's version
+  --serve=SOCKET  a fork server: import pyhyve once, then start each VM a client asks for
+                  on the unix socket SOCKET (pyhyve.forkserver.start) as its own process,
+                  without an interpreter's start-up
   -r file         restore a VM saved by pyhyvectl --suspend/--checkpoint; give
                   the VM's own options too (a snapshot carries state, not them);
                   one of another machine, or one pyhyve cannot read, is refused
@@ -398,12 +406,28 @@ def main(argv: list[str] | None = None) -> int:
     """SIGINT, SIGHUP and SIGQUIT end pyhyve the same way at any point: while
     setting up, what was opened is closed; once the guest runs, the VM stops
     (as a power-off) and its sockets and files are cleaned up; one line says so."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--serve"):
+        return _serve(argv)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _interrupted)
     try:
         return _main(argv)
     except Interrupted as exc:
         print(f"pyhyve: {exc} while setting up; stopped", file=sys.stderr)
+        return ExitStatus.ERROR
+
+
+def _serve(argv: list[str]) -> int:
+    from .forkserver import ServeError, serve
+    option, _, path = argv[0].partition("=")
+    if option != "--serve" or not path or len(argv) > 1:
+        print("pyhyve: usage: pyhyve --serve=SOCKET", file=sys.stderr)
+        return ExitStatus.ERROR
+    try:
+        return serve(path)
+    except ServeError as exc:
+        print(f"pyhyve: {exc}", file=sys.stderr)
         return ExitStatus.ERROR
 
 
@@ -443,13 +467,15 @@ def _run(argv: list[str] | None, log: "CommandLog") -> int:
     _announce_ptys(vm)
     if snap is not None:
         from .snapshot import SnapshotError, restore_into
+        started = time.perf_counter()
         try:
             restore_into(vm, snap)
         except (SnapshotError, KvmError) as exc:
             vm.close()
             print(f"pyhyve: cannot restore: {exc}", file=sys.stderr)
             return ExitStatus.ERROR
-        vm.log.info("restored from %s", config.get("restore.path"))
+        vm.log.info("restored from %s in %.1f ms", snap.path,
+                    (time.perf_counter() - started) * 1000)
     last_words = []                 # said once the terminal is out of raw mode
     try:
         try:
@@ -595,7 +621,7 @@ def _restore_config(options: Config):
     from .snapshot import read as read_snapshot
     path = options.get("restore.path")
     try:
-        snap = read_snapshot(path)
+        snap = read_snapshot(path, check_memory=options.get_bool("snapshot.check_memory"))
     except SnapshotError as exc:
         raise ConfigError(str(exc)) from None
     saved = snap.manifest["config"]

@@ -60,6 +60,9 @@ KEYS = {
     "kexec.initrd": "initramfs for the kernel; a multiboot kernel's modules: "
                     "PATH [ARGS],PATH [ARGS] (,, for a comma)",
     "kexec.cmdline": "kernel command line",
+    "kexec.romdir": "directory of QEMU's option ROMs linuxboot_dma.bin and multiboot_dma.bin, "
+                    "which boot the kernel when a bootrom is given too (default "
+                    "/usr/share/qemu)",
     "fwcfg.file.N": "an fw_cfg file: name,string=TEXT or name,file=PATH (-f)",
     "pci.N.N.N.device": "the PCI emulation in bus.slot.function (-s)",
     "gdb.port": "TCP port of the GDB stub (-G)",
@@ -76,6 +79,9 @@ KEYS = {
     "snapshot.dir": "the only directory pyhyvectl --checkpoint/--suspend may write to "
                     "(needed where Landlock is in force)",
     "restore.path": "snapshot to restore (-r)",
+    "snapshot.check_memory": "check the CRC-32 of a restored snapshot's guest memory "
+                             "(reads it all before the guest runs; default false: "
+                             "memory is mapped from the file as the guest touches it)",
     "config.dump": "print the config tree and exit",
     "logging.level": "what pyhyve logs: debug, info, warning (the default) or error "
                      "(-v: info, -vv: debug)",

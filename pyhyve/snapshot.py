@@ -8,22 +8,31 @@ The snapshot is one file:
     manifest CRC-32               4 bytes, little endian
     manifest                      JSON, UTF-8
     data                          the binary parts the manifest points into
+    zeros                         up to the next 4 KiB boundary of the file
+    memory                        guest RAM's pages that are not all zero
 
-The manifest is {"format": "pyhyve-snapshot", "version": 6, "config": {...},
+The manifest is {"format": "pyhyve-snapshot", "version": 7, "config": {...},
 "vcpus": [...], "vm": {...}, "devices": {...}, "memory": [...],
-"data_size": N, "data_crc32": N}.  Binary parts are [offset, length]
-pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
+"data_size": N, "data_crc32": N, "memory_bytes": N, "memory_crc32": N}.
+Binary parts are [offset, length] pairs into the data area: per vCPU the raw KVM structures of regs, sregs,
 fpu, xsave (with KVM_CAP_XSAVE), xcrs (with KVM_CAP_XCRS), lapic and
 vcpu_events, plus mp_state and the MSRs of KVM_GET_MSR_INDEX_LIST that
 KVM_GET_MSRS reads ({"index": value} in hex); the irqchip (PIC master,
 PIC slave, IOAPIC), PIT2 state and kvmclock.  Guest RAM (its backing, so
 shadowed BIOS-area RAM too) is stored sparsely: "memory" lists runs
-[gpa, length, offset] of 4 KiB pages that are not all zero; everything
-else is zero after a restore.  The manifest's CRC-32 (before it is parsed)
-and the data area's size and CRC-32 are checked before anything is
-restored, so a truncated or corrupt file is refused, as is a snapshot of
-another format version.  A CRC catches accidents, not forgery, and a
-snapshot needs no more trust than that: it carries state, never authority.
+[gpa, length, offset] of 4 KiB pages that are not all zero, the offset
+into the memory area, which starts page aligned so that a restore maps
+the runs into guest RAM copy-on-write (GuestMemory.map_file) instead of
+reading them: the guest runs at once and its pages come from the page
+cache as it touches them, as Firecracker restores.  Everything else is
+zero after a restore.  The manifest's CRC-32 (before it is parsed), the
+data area's size and CRC-32, and the file's size are checked before
+anything is restored, so a truncated or corrupt file is refused, as is a
+snapshot of another format version; the memory area's CRC-32 is checked
+too with -o snapshot.check_memory=true (reading all of it first).  A CRC
+catches accidents, not forgery, and a snapshot needs no more trust than
+that: it carries state, never authority (a changed page of guest memory
+is the guest's own business).
 "config" records the options the VM ran with, for the operator to read; a
 restore builds the VM from the operator's own options (pyhyve -r, as bhyve
 -r and QEMU -incoming: disks, consoles, firmware, taps, sockets and the
@@ -67,7 +76,6 @@ size must match).
 import contextlib
 import ctypes
 import json
-import mmap
 import os
 import struct
 import time
@@ -76,10 +84,11 @@ import zlib
 from .config import write_user_file
 from .kvm import abi
 from .lifecycle import StateError
+from .memory import GuestMemoryError
 
 MAGIC = b"PYHYVE-SNAPSHOT\n"
 FORMAT = "pyhyve-snapshot"
-VERSION = 6         # 4: the HPET; 5: devices by name; 6: the manifest's CRC in the header
+VERSION = 7         # 5: devices by name; 6: the manifest's CRC in the header; 7: memory mapped
 PAGE = 4096
 _HEADER = struct.Struct("<QI")      # manifest length, its CRC-32
 MAX_MANIFEST = 64 << 20
@@ -150,7 +159,8 @@ def _vcpu_state(vm, vcpu_thread, writer: _Writer, msr_indices: list[int]) -> dic
 
 
 def _memory_runs(vm, writer: _Writer) -> list[list[int]]:
-    """[gpa, length, offset] for each run of pages that are not all zero."""
+    """[gpa, length, offset] for each run of pages that are not all zero,
+    written to WRITER (the memory area: every offset stays page aligned)."""
     runs = []
     for gpa, backing in vm.memory.backings():
         size = len(backing)
@@ -195,39 +205,61 @@ def save(vm, path: str) -> int:
                  "pit2": writer.add(kvm_vm.get_pit2()),
                  "clock": writer.add(kvm_vm.get_clock())}
         devices = {device.name: device.save_state() for device in vm.devices}
-        memory = _memory_runs(vm, writer)
+        ram = _Writer()
+        memory = _memory_runs(vm, ram)
         config = {key: vm.config.get(key) for key in vm.config.keys()}
         manifest = {"format": FORMAT, "version": VERSION, "config": config,
                     "memory_size": vm.memory.size, "vcpus": vcpus, "vm": state,
                     "devices": devices, "memory": memory, "data_size": writer.size,
-                    "data_crc32": writer.crc}
+                    "data_crc32": writer.crc, "memory_bytes": ram.size,
+                    "memory_crc32": ram.crc}
         try:
-            size = _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks)
+            size = _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks,
+                          ram.chunks)
         finally:
-            writer.chunks.clear()    # views of guest memory: it may be unmapped later
+            ram.chunks.clear()       # views of guest memory: it may be unmapped later
     vm.log.info("snapshot: wrote %s, %d bytes (%d of them guest memory) in %.1f s", path,
                 size, sum(run[1] for run in memory), time.monotonic() - started)
     return size
 
 
-def _write(path: str, encoded: bytes, chunks: list) -> int:
+def _write(path: str, encoded: bytes, chunks: list, memory: list) -> int:
     """The file appears whole under PATH or not at all, mode 0600: the guest's
     RAM is in it (config.write_user_file).  Returns its size."""
     header = MAGIC + _HEADER.pack(len(encoded), zlib.crc32(encoded)) + encoded
+    parts = [header, *chunks]
+    size = sum(len(part) for part in parts)
+    parts.append(bytes(_page_align(size) - size))
+    parts += memory
     try:
-        write_user_file(path, [header, *chunks])
+        write_user_file(path, parts)
     except OSError as exc:
         raise SnapshotError(f"cannot write snapshot {path}: {exc.strerror or exc}") from None
-    return len(header) + sum(len(chunk) for chunk in chunks)
+    return sum(len(part) for part in parts)
+
+
+def _page_align(offset: int) -> int:
+    return -(-offset // PAGE) * PAGE
 
 
 # --- reading -------------------------------------------------------------------------
 class Snapshot:
-    """A snapshot file, checked: manifest and data area."""
+    """A snapshot file, checked: manifest and data area, and the open file
+    whose memory area (from byte memory_start) restore_into maps."""
 
-    def __init__(self, manifest: dict, data: memoryview):
+    def __init__(self, manifest: dict, data: memoryview, fd: int = -1, memory_start: int = 0,
+                 path: str = ""):
+        self.path = path
         self.manifest = manifest
         self.data = data
+        self.fd = fd
+        self.memory_start = memory_start
+
+    def close(self) -> None:
+        """The file may go: guest RAM mapped from it keeps its pages."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def blob(self, where) -> bytes:
         offset, length = where
@@ -241,8 +273,9 @@ class Snapshot:
         return ctype.from_buffer_copy(data)
 
 
-def read(path: str) -> Snapshot:
-    """Open and check PATH; SnapshotError says in one line what is wrong."""
+def read(path: str, check_memory: bool = False) -> Snapshot:
+    """Open and check PATH (its memory area's CRC too with CHECK_MEMORY);
+    SnapshotError says in one line what is wrong."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(MAGIC) + _HEADER.size)
@@ -270,24 +303,33 @@ def read(path: str) -> Snapshot:
                 raise SnapshotError(f"snapshot {path} has format version "
                                     f"{manifest.get('version')!r}; this pyhyve reads "
                                     f"version {VERSION}")
-            start = len(MAGIC) + _HEADER.size + length
-            data_size = manifest.get("data_size")
-            if not isinstance(data_size, int) or \
-                    os.fstat(f.fileno()).st_size != start + data_size:
+            data_size, memory_bytes = manifest.get("data_size"), manifest.get("memory_bytes")
+            if not (isinstance(data_size, int) and isinstance(memory_bytes, int)):
+                raise SnapshotError(f"snapshot {path} is corrupt (no area sizes)")
+            memory_start = _page_align(len(MAGIC) + _HEADER.size + length + data_size)
+            if os.fstat(f.fileno()).st_size != memory_start + memory_bytes:
                 raise SnapshotError(f"snapshot {path} is truncated or has trailing data")
-            # Mapped, not read: the file's pages go from the page cache straight
-            # into guest memory, with no copy in between.
-            mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
-                               prot=mmap.PROT_READ)
-            data = memoryview(mapped)[start:start + data_size]
+            data = f.read(data_size)
+            if zlib.crc32(data) != manifest.get("data_crc32"):
+                raise SnapshotError(f"snapshot {path} is corrupt (checksum mismatch)")
+            if check_memory and _file_crc(f, memory_start) != manifest.get("memory_crc32"):
+                raise SnapshotError(f"snapshot {path} is corrupt (memory checksum mismatch)")
+            fd = os.dup(f.fileno())
     except OSError as exc:
         raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror or exc}") from None
-    if zlib.crc32(data) != manifest.get("data_crc32"):
-        raise SnapshotError(f"snapshot {path} is corrupt (checksum mismatch)")
     for key in ("config", "vcpus", "vm", "devices", "memory"):
         if key not in manifest:
+            os.close(fd)
             raise SnapshotError(f"snapshot {path} is corrupt (no {key})")
-    return Snapshot(manifest, data)
+    return Snapshot(manifest, memoryview(data), fd, memory_start, path)
+
+
+def _file_crc(f, start: int) -> int:
+    f.seek(start)
+    crc = 0
+    while chunk := f.read(1 << 20):
+        crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 # --- the power-on state: what a reset puts back --------------------------------------
@@ -344,22 +386,18 @@ def _restore_vcpu(vm, kvm_vcpu, state: dict, snap: Snapshot) -> None:
 
 
 def _restore_memory(vm, snap: Snapshot) -> None:
-    backings = vm.memory.backings()
-    for _, backing in backings:
-        try:
-            backing.madvise(mmap.MADV_DONTNEED)       # private anonymous: now all zero
-        except OSError:                               # wired (mlocked) memory
-            chunk = bytes(1 << 20)
-            for start in range(0, len(backing), len(chunk)):
-                end = min(start + len(chunk), len(backing))
-                backing[start:end] = chunk[:end - start]
+    """Guest RAM becomes the snapshot's: zero, with its runs mapped from the file."""
+    area = snap.manifest["memory_bytes"]
+    vm.memory.zero_ram()
     for gpa, length, offset in snap.manifest["memory"]:
-        base, backing = next(((base, backing) for base, backing in reversed(backings)
-                              if gpa >= base), (0, None))
-        if backing is None or gpa - base + length > len(backing):
-            raise SnapshotError(f"snapshot memory run {gpa:#x}+{length:#x} is outside "
-                                "guest memory")
-        backing[gpa - base:gpa - base + length] = snap.data[offset:offset + length]
+        if not all(isinstance(value, int) and value >= 0 for value in (gpa, length, offset)) \
+                or offset + length > area:
+            raise SnapshotError(f"snapshot memory run {gpa!r}+{length!r} at {offset!r} is "
+                                "outside its memory area")
+        try:
+            vm.memory.map_file(gpa, length, snap.fd, snap.memory_start + offset)
+        except GuestMemoryError as exc:
+            raise SnapshotError(f"snapshot memory run {gpa:#x}+{length:#x}: {exc}") from None
 
 
 def _restore_devices(vm, saved: dict) -> None:
@@ -391,6 +429,13 @@ def restore_into(vm, path: str | Snapshot) -> None:
     yet running."""
     snap = read(path) if isinstance(path, str) else path
     m = snap.manifest
+    try:
+        _restore(vm, snap, m)
+    finally:
+        snap.close()
+
+
+def _restore(vm, snap: Snapshot, m: dict) -> None:
     try:
         if len(m["vcpus"]) != len(vm.vcpus):
             raise SnapshotError(f"snapshot has {len(m['vcpus'])} vCPUs, the VM "

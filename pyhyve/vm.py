@@ -204,7 +204,8 @@ class VirtualMachine:
         pci = ", ".join(f"{d.emulation_name} {d.bdf}" for d in self.pci.devices())
         platform = ", ".join(d.name for d in self.devices
                              if d is not self.pci and not d.name.startswith("pci."))
-        boot = f"{self.boot.config_key}={self.config.get(self.boot.config_key)}"
+        boot = " and ".join(f"{key}={self.config.get(key)}"
+                            for key in ("lpc.bootrom", "kexec.kernel") if self.config.get(key))
         return (f"{_size(self.memory.size)} of memory, {cpus} vCPU{'s' if cpus > 1 else ''}"
                 f"{shape}, {boot}; PCI: {pci}; platform: {platform}")
 

@@ -148,9 +148,17 @@ def test_sparse_memory_and_round_trip_in_process(saved, tmp_path):
     assert manifest["vcpus"][0]["msrs"]
     vm = VirtualMachine(Config(manifest["config"]))
     try:
+        vm.memory.write(0x200000, b"before")
         snapshot.restore_into(vm, snap)
         assert vm.memory.read(0x123000, 7) == b"pattern"
+        assert vm.memory.read(0x200000, 6) == bytes(6)       # not in the snapshot: zero
         assert vm.vcpus[0].kvm_vcpu.get_regs().rip == 0xFFF0
+        vm.memory.write(0x123000, b"changed")               # copy-on-write: the file keeps its own
+        assert snapshot.read(str(saved)).manifest["memory_crc32"] == \
+            zlib.crc32(saved.read_bytes()[_areas(saved.read_bytes())[2]:])
+        _flip_memory_byte(saved)                            # unchecked, a page is the guest's
+        snapshot.restore_into(vm, snapshot.read(str(saved)))
+        assert vm.memory.read(0x123000, 7) == b"pa" + bytes([ord("t") ^ 0xFF]) + b"tern"
     finally:
         vm.close()
 
@@ -181,16 +189,26 @@ def test_snapshot_file_is_private_and_replaces_what_was_there(tmp_path):
     assert snapshot.read(str(target)).manifest["config"]["name"] == "private"
 
 
-def _rewrite_manifest(path: Path, change) -> None:
-    """As a forger would: the manifest changed, its length and CRC made to fit."""
-    data = path.read_bytes()
+def _areas(data: bytes) -> tuple[dict, int, int]:
+    """A snapshot's manifest, where its data area starts and where its memory does."""
     start = len(snapshot.MAGIC) + 12
     length = struct.unpack_from("<Q", data, len(snapshot.MAGIC))[0]
     manifest = json.loads(data[start:start + length])
+    data_start = start + length
+    return manifest, data_start, -(-(data_start + manifest["data_size"]) // 4096) * 4096
+
+
+def _rewrite_manifest(path: Path, change) -> None:
+    """As a forger would: the manifest changed, its length, CRC and the memory
+    area's alignment made to fit."""
+    data = path.read_bytes()
+    manifest, data_start, memory_start = _areas(data)
+    areas = data[data_start:data_start + manifest["data_size"]]
     change(manifest)
     encoded = json.dumps(manifest).encode()
-    path.write_bytes(snapshot.MAGIC + struct.pack("<QI", len(encoded), zlib.crc32(encoded))
-                     + encoded + data[start + length:])
+    head = (snapshot.MAGIC + struct.pack("<QI", len(encoded), zlib.crc32(encoded)) + encoded
+            + areas)
+    path.write_bytes(head + bytes(-len(head) % 4096) + data[memory_start:])
 
 
 OLD_VERSION = snapshot.VERSION - 1
@@ -211,7 +229,13 @@ def _truncate_header(path: Path) -> None:
 
 def _flip_data_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF
+    data[_areas(data)[1] + 10] ^= 0xFF          # a vCPU's registers
+    path.write_bytes(bytes(data))
+
+
+def _flip_memory_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[_areas(data)[2] + 2] ^= 0xFF           # the guest's "pattern" page
     path.write_bytes(bytes(data))
 
 
@@ -241,6 +265,7 @@ def _flip_manifest_byte(path: Path) -> None:
     (_truncate, "is truncated"),
     (_truncate_header, "is truncated"),
     (_flip_data_byte, "is corrupt (checksum mismatch)"),
+    (_flip_memory_byte, "is corrupt (memory checksum mismatch)"),
     (_garbage, "is not a pyhyve snapshot"),
     (_missing, "cannot read snapshot"),
     (_nested_manifest, "is corrupt (bad manifest)"),
@@ -249,7 +274,7 @@ def _flip_manifest_byte(path: Path) -> None:
 @needs_kvm
 def test_bad_snapshots_are_refused_with_one_line(saved, damage, message):
     damage(saved)
-    result = run_pyhyve(["-r", str(saved)], timeout=60)
+    result = run_pyhyve(["-r", str(saved), "-o", "snapshot.check_memory=true"], timeout=60)
     assert result.returncode == 4
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("pyhyve: ")
     assert message in result.stderr

@@ -32,21 +32,33 @@ class BootEntry:
     segment: int = 0            # real mode: DS = ES = FS = GS = SS; CS = segment + 0x20
 
 
+FITS = "the guest's memory size: it cannot fit"
+
+
+def read_kernel(memory, kernel_path: str, cmdline: str):
+    """The kernel file's bytes and format (kernelformat.KernelFormat), with the
+    command line's length checked: ConfigError for anything pyhyve cannot boot."""
+    image = read_user_file(kernel_path, "kernel", memory.size, FITS)
+    if len(cmdline) + 1 > CMDLINE_MAX:
+        raise ConfigError(f"kernel command line is {len(cmdline)} bytes, more than "
+                          f"pyhyve's {CMDLINE_MAX - 1}")
+    return image, identify(image, kernel_path)
+
+
+def read_initrd(memory, initrd_path: str | None) -> bytes:
+    return read_user_file(initrd_path, "initrd", memory.size, FITS) if initrd_path else b""
+
+
 def load_kernel(memory, kernel_path: str, initrd_path: str | None, cmdline: str,
                 e820: list[tuple[int, int, int]], rsdp: int = 0) -> BootEntry:
     """Load the kernel (and its initrd or multiboot modules) into guest memory;
     returns the BSP's entry."""
     from .linux import load_bzimage, load_pvh, load_realmode_bzimage
     from .multiboot import load_multiboot
-    fits = "the guest's memory size: it cannot fit"
-    image = read_user_file(kernel_path, "kernel", memory.size, fits)
-    if len(cmdline) + 1 > CMDLINE_MAX:
-        raise ConfigError(f"kernel command line is {len(cmdline)} bytes, more than "
-                          f"pyhyve's {CMDLINE_MAX - 1}")
-    fmt = identify(image, kernel_path)
+    image, fmt = read_kernel(memory, kernel_path, cmdline)
     if fmt.kind == "multiboot":
         return load_multiboot(memory, fmt, image, kernel_path, initrd_path, cmdline, e820)
-    initrd = read_user_file(initrd_path, "initrd", memory.size, fits) if initrd_path else b""
+    initrd = read_initrd(memory, initrd_path)
     command = cmdline.encode() + b"\0"
     if fmt.kind == "pvh":
         return load_pvh(memory, fmt, initrd, command, e820, rsdp)

@@ -12,11 +12,14 @@ Firecracker load them without firmware:
   * an uncompressed ELF kernel with a PVH entry (XEN_ELFNOTE_PHYS32_ENTRY),
     started in 32-bit protected mode without paging, EBX pointing at an
     hvm_start_info with the memory map, command line, modules and RSDP.
-kexec.py tells the formats apart and sets the BSP's registers.
+kexec.py tells the formats apart and sets the BSP's registers; with a bootrom,
+firmwarekernel.py lays a bzImage out as for the 16-bit entry (realmode_image)
+at QEMU's addresses, for QEMU's linuxboot ROM to load.
 """
 
 import re
 import struct
+from dataclasses import dataclass
 
 from ..layout import MiB
 from ..memory import PAGE_SIZE
@@ -63,22 +66,29 @@ VIDEO_MODES = {"normal": 0xFFFF, "ext": 0xFFFE, "ask": 0xFFFD}
 HVM_START_MAGIC = 0x336EC578
 
 
-def _place_initrd(memory, fmt, initrd: bytes, limit: int, kernel_end: int) -> int:
-    """The highest page-aligned address below `limit` where the initrd fits in RAM."""
-    top = min(limit + 1, memory.lowmem_size)
-    address = (top - len(initrd)) & ~(PAGE_SIZE - 1)
-    if address < kernel_end or not memory.is_ram(address, len(initrd)):
-        raise fmt.error(f"an initrd of {len(initrd)} bytes does not fit in guest memory "
+def _initrd_address(memory, fmt, size: int, limit: int, top: int, kernel_end: int) -> int:
+    """The highest page-aligned address below `limit` and `top` where `size`
+    bytes of initrd fit in RAM above the kernel."""
+    top = min(limit + 1, top)
+    address = (top - size) & ~(PAGE_SIZE - 1)
+    if address < kernel_end or not memory.is_ram(address, size):
+        raise fmt.error(f"an initrd of {size} bytes does not fit in guest memory "
                         f"between the kernel's end {kernel_end:#x} and {top:#x} "
                         "(use a larger -m)")
+    return address
+
+
+def _place_initrd(memory, fmt, initrd: bytes, limit: int, kernel_end: int) -> int:
+    """Write the initrd as high as it goes below `limit` in low memory; its address."""
+    address = _initrd_address(memory, fmt, len(initrd), limit, memory.lowmem_size, kernel_end)
     memory.write(address, initrd)
     return address
 
 
 def _protected_mode_kernel(memory, fmt, image: bytes) -> tuple[bytes, int]:
-    """The part after the setup sectors, written at 1 MiB, and where the memory
-    it needs ends (init_size from where it runs, protocol 2.10+: the initrd
-    must stay clear of all of it, not just of the file's bytes)."""
+    """The part after the setup sectors, which goes at 1 MiB, and where the
+    memory it needs ends (init_size from where it runs, protocol 2.10+: the
+    initrd must stay clear of all of it, not just of the file's bytes)."""
     setup_sects = image[SETUP_SECTS] or 4
     kernel = image[(setup_sects + 1) * 512:]
     if not kernel:
@@ -91,7 +101,6 @@ def _protected_mode_kernel(memory, fmt, image: bytes) -> tuple[bytes, int]:
     if not memory.is_ram(KERNEL_ADDR, kernel_end - KERNEL_ADDR):
         raise fmt.error(f"it needs {kernel_end - KERNEL_ADDR} bytes at {KERNEL_ADDR:#x}, "
                         "more than guest memory holds")
-    memory.write(KERNEL_ADDR, kernel)
     return kernel, kernel_end
 
 
@@ -117,7 +126,8 @@ def load_bzimage(memory, fmt, image: bytes, initrd: bytes, command: bytes,
     if len(command) - 1 > cmdline_size:
         raise fmt.error(f"the command line is {len(command) - 1} bytes; this kernel takes "
                         f"at most {cmdline_size}")
-    _, kernel_end = _protected_mode_kernel(memory, fmt, image)
+    kernel, kernel_end = _protected_mode_kernel(memory, fmt, image)
+    memory.write(KERNEL_ADDR, kernel)
 
     header_end = 0x202 + image[0x201]          # the jump at 0x200 gives the header's length
     zero_page = bytearray(PAGE_SIZE)
@@ -139,49 +149,84 @@ def load_bzimage(memory, fmt, image: bytes, initrd: bytes, command: bytes,
     return BootEntry("long", KERNEL_ADDR + 0x200, {"rsi": ZERO_PAGE})
 
 
-def load_realmode_bzimage(memory, fmt, image: bytes, initrd: bytes, cmdline: str) -> BootEntry:
-    """A bzImage entered through its 16-bit setup code, as GRUB's linux16 and
-    QEMU's linuxboot ROM start it: the boot sector and setup at 0x90000 with
-    the header filled in, the heap and stack above them, the command line at
-    the heap's end; real mode with DS = ES = FS = GS = SS = 0x9000, SP at the
-    heap's end, CS:IP = 0x9020:0.  The setup code finds memory and the rest
-    through the BIOS, and then enters the protected-mode kernel itself."""
+@dataclass
+class RealModeImage:
+    """A bzImage laid out for its 16-bit entry, as a 16-bit loader places it:
+    the boot sector and setup code with the header filled in, the heap and
+    stack after them up to the command line, the protected-mode part at
+    1 MiB, the initrd high in low memory."""
+    setup_addr: int
+    setup: bytes
+    cmdline_addr: int
+    command: bytes              # NUL-terminated
+    kernel: bytes
+    initrd_addr: int            # 0 without an initrd
+
+    def entry(self) -> BootEntry:
+        """Real mode with DS = ES = FS = GS = SS = the setup segment, SP at
+        the heap's end, CS:IP = segment + 0x20:0."""
+        return BootEntry("real", 0, {"rsp": self.cmdline_addr - self.setup_addr},
+                         segment=self.setup_addr >> 4)
+
+
+def realmode_image(memory, fmt, image: bytes, initrd_size: int, cmdline: str,
+                   setup_addr: int, cmdline_addr: int, cmdline_end: int,
+                   initrd_top: int) -> RealModeImage:
+    """Lay the kernel out with its setup code at `setup_addr` and its command
+    line at `cmdline_addr` (before `cmdline_end`); the heap between them.  The
+    initrd goes as high below `initrd_top` as the kernel allows.  Checks all
+    of it against the kernel's limits and the guest's RAM (ConfigError)."""
     setup_size = ((image[SETUP_SECTS] or 4) + 1) * 512
-    if setup_size > REALMODE_SETUP_MAX or setup_size > len(image):
+    room = min(REALMODE_SETUP_MAX, cmdline_addr - setup_addr, len(image))
+    if setup_size > room:
         raise fmt.error(f"its setup code is {setup_size} bytes, more than the "
-                        f"{min(REALMODE_SETUP_MAX, len(image))} a 16-bit loader can give it")
-    modern = fmt.version >= 0x0202             # cmd_line_ptr: the command line anywhere
-    heap_end = HEAP_END if modern else HEAP_END_OLD
+                        f"{room} a 16-bit loader can give it")
     command = cmdline.encode() + b"\0"
-    limit = min(_cmdline_limit(image, fmt.version),
-                REALMODE_TOP - REALMODE_SETUP - heap_end - 1)
+    limit = min(_cmdline_limit(image, fmt.version), cmdline_end - cmdline_addr - 1)
     if len(command) - 1 > limit:
         raise fmt.error(f"the command line is {len(command) - 1} bytes; this kernel takes "
                         f"at most {limit}")
-    _, kernel_end = _protected_mode_kernel(memory, fmt, image)
+    kernel, kernel_end = _protected_mode_kernel(memory, fmt, image)
 
     setup = bytearray(image[:setup_size])
     setup[TYPE_OF_LOADER] = LOADER_UNDEFINED
     vid_mode = _vga_mode(cmdline)
     if vid_mode is not None:
         struct.pack_into("<H", setup, VID_MODE, vid_mode)
+    heap_end = cmdline_addr - setup_addr
     if fmt.version >= 0x0201:
         struct.pack_into("<H", setup, HEAP_END_PTR, heap_end - 0x200)
         setup[LOADFLAGS] |= CAN_USE_HEAP
-    if modern:
-        struct.pack_into("<I", setup, CMD_LINE_PTR, REALMODE_SETUP + heap_end)
-    else:
+    if fmt.version >= 0x0202:                  # cmd_line_ptr: the command line anywhere
+        struct.pack_into("<I", setup, CMD_LINE_PTR, cmdline_addr)
+    else:                                      # its offset in the setup segment
         struct.pack_into("<HH", setup, CMD_LINE_MAGIC, 0xA33F, heap_end)
         struct.pack_into("<H", setup, SETUP_MOVE_SIZE, heap_end + len(command))
+    initrd_addr = 0
+    if initrd_size:
+        initrd_addr = _initrd_address(memory, fmt, initrd_size,
+                                      _initrd_limit(image, fmt.version), initrd_top, kernel_end)
+        struct.pack_into("<II", setup, RAMDISK_IMAGE, initrd_addr, initrd_size)
+    return RealModeImage(setup_addr, bytes(setup), cmdline_addr, command, kernel, initrd_addr)
+
+
+def load_realmode_bzimage(memory, fmt, image: bytes, initrd: bytes, cmdline: str) -> BootEntry:
+    """A bzImage entered through its 16-bit setup code, as GRUB's linux16
+    starts it: the setup at 0x90000, the heap to 0xE000 (0x9800 before
+    protocol 2.02, whose command line must lie in the setup segment), the
+    command line at the heap's end.  The setup code finds memory and the rest
+    through the BIOS, and then enters the protected-mode kernel itself."""
+    heap_end = HEAP_END if fmt.version >= 0x0202 else HEAP_END_OLD
+    layout = realmode_image(memory, fmt, image, len(initrd), cmdline, REALMODE_SETUP,
+                            REALMODE_SETUP + heap_end, REALMODE_TOP, memory.lowmem_size)
+    memory.write(KERNEL_ADDR, layout.kernel)
     if initrd:
-        address = _place_initrd(memory, fmt, initrd, _initrd_limit(image, fmt.version),
-                                kernel_end)
-        struct.pack_into("<II", setup, RAMDISK_IMAGE, address, len(initrd))
-    memory.write(REALMODE_SETUP, bytes(setup))
-    memory.write(REALMODE_SETUP + setup_size, bytes(heap_end - setup_size))
-    memory.write(REALMODE_SETUP + heap_end, command)
-    segment = REALMODE_SETUP >> 4
-    return BootEntry("real", 0, {"rsp": heap_end}, segment=segment)
+        memory.write(layout.initrd_addr, initrd)
+    memory.write(layout.setup_addr, layout.setup)
+    memory.write(layout.setup_addr + len(layout.setup),
+                 bytes(layout.cmdline_addr - layout.setup_addr - len(layout.setup)))
+    memory.write(layout.cmdline_addr, layout.command)
+    return layout.entry()
 
 
 def _vga_mode(cmdline: str) -> int | None:

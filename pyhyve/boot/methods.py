@@ -8,9 +8,9 @@ area alias), add_devices() once the buses exist (the bootrom's variable
 store), install_tables() once the devices are in place and the ACPI
 tables built (firmware reads them from fw_cfg; a kernel finds them in the
 BIOS area, beside an MP table), and start() once the vCPUs exist (the
-BSP's first state).  method_for(config) picks the one the config asks for;
-a new method (UEFI with a variable store) is one more class in
-METHODS.
+BSP's first state).  method_for(config) picks the one the config asks for:
+with a bootrom and a kernel both, the firmware boots the kernel through
+QEMU's option ROM (firmwarekernel.py).
 """
 
 from ..config import ConfigError
@@ -81,6 +81,18 @@ class FirmwareBoot(BootMethod):
         set_reset_state(vm.vcpus[0].kvm_vcpu)
 
 
+class FirmwareKernelBoot(FirmwareBoot):
+    """A bootrom and a kernel (`-l bootrom,FILE -f kexec,KERNEL,...`): the
+    firmware starts at the reset vector and boots the kernel through QEMU's
+    option ROM, which reads it from fw_cfg (firmwarekernel.py), so the kernel
+    runs with the BIOS's services, as under QEMU's -kernel."""
+
+    def add_devices(self, vm) -> None:
+        from .firmwarekernel import hand_to_firmware
+        super().add_devices(vm)
+        hand_to_firmware(vm.fwcfg, vm.memory, self.config, vm.e820())
+
+
 class KernelBoot(BootMethod):
     """A kernel, initramfs and command line put in memory as a boot loader
     would; the ACPI tables and an MP table go into the BIOS area, where the
@@ -109,13 +121,15 @@ class KernelBoot(BootMethod):
             vm.write_mptable()
 
 
-METHODS = (FirmwareBoot, KernelBoot)
-
-
 def method_for(config) -> BootMethod:
-    """The boot method the config names; exactly one must be named."""
-    named = [method for method in METHODS if config.get(method.config_key)]
-    if len(named) != 1:
-        raise ConfigError("give either a bootrom (-l bootrom,FILE) or a kernel "
-                          "(-f kexec,KERNEL[,INITRD[,CMDLINE]])")
-    return named[0](config)
+    """The boot method the config asks for: a bootrom, a kernel, or both (the
+    bootrom boots the kernel)."""
+    bootrom, kernel = config.get(FirmwareBoot.config_key), config.get(KernelBoot.config_key)
+    if bootrom and kernel:
+        return FirmwareKernelBoot(config)
+    if bootrom:
+        return FirmwareBoot(config)
+    if kernel:
+        return KernelBoot(config)
+    raise ConfigError("give a bootrom (-l bootrom,FILE), a kernel "
+                      "(-f kexec,KERNEL[,INITRD[,CMDLINE]]), or both")

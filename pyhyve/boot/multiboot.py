@@ -9,7 +9,9 @@ up to load_end_addr, then zeros up to bss_end_addr).  Modules follow the
 kernel, each page-aligned; then the multiboot information block with the
 memory sizes, the memory map (pyhyve's e820), the command line, the module
 list and the boot loader's name.  The BSP starts in 32-bit protected mode
-without paging, EAX = 0x2BADB002, EBX = the information block.
+without paging, EAX = 0x2BADB002, EBX = the information block.  With a
+bootrom, firmwarekernel.py hands the same layout (multiboot_image) to QEMU's
+multiboot ROM, which takes the memory sizes and map from the BIOS.
 
 Every address the file names is checked against the guest's RAM before
 anything is written; problems are ConfigErrors with one line.
@@ -108,11 +110,32 @@ def parse_modules(spec: str) -> list[tuple[str, str]]:
     return modules
 
 
-def load_multiboot(memory, fmt, image: bytes, kernel_path: str, modules_spec: str | None,
-                   cmdline: str, e820: list[tuple[int, int, int]]):
-    """Load a multiboot kernel, its modules and the information block; returns
-    the BSP's BootEntry."""
-    from .kexec import BootEntry
+@dataclass
+class MultibootImage:
+    """A multiboot kernel laid out in guest memory: its segments, its modules
+    (each page-aligned after the kernel), and the information block: the
+    fixed structure and its tail (module list, memory map, strings), which
+    follows the modules."""
+    segments: list[tuple[int, bytes, int]]      # (address, bytes, size in memory)
+    entry: int
+    modules: list[tuple[int, bytes]]            # (address, bytes)
+    information: bytes                          # the fixed structure
+    tail_addr: int
+    tail: bytes
+
+    def span(self) -> tuple[int, int]:
+        """The lowest address of the image and where its tail ends."""
+        return min(address for address, _, _ in self.segments), self.tail_addr + len(self.tail)
+
+
+def multiboot_image(memory, fmt, image: bytes, kernel_path: str, modules_spec: str | None,
+                    cmdline: str, e820: list[tuple[int, int, int]],
+                    firmware_mmap: int | None = None) -> MultibootImage:
+    """Lay out a multiboot kernel, its modules and the information block,
+    checking every address against the RAM in `e820` (ConfigError).  The
+    memory map is `e820`, in the tail; or, with `firmware_mmap`, the one
+    firmware writes there (QEMU's multiboot ROM asks the BIOS for it), and
+    the fixed structure goes apart from the tail, wherever the caller puts it."""
     header = fmt.header
     unsupported = header.flags & REQUIRED_FLAGS & ~HONOURED_FLAGS
     if unsupported:
@@ -136,26 +159,42 @@ def load_multiboot(memory, fmt, image: bytes, kernel_path: str, modules_spec: st
                for path, string in (parse_modules(modules_spec) if modules_spec else [])]
     command = (f"{kernel_path} {cmdline}" if cmdline else kernel_path).encode() + b"\0"
     strings = [command, LOADER_NAME, *(string.encode() + b"\0" for _, string in modules)]
-    info_size = INFO_SIZE + 16 * len(modules) + 24 * len(e820) + sum(map(len, strings))
+    mmap = e820 if firmware_mmap is None else []
+    fixed_size = INFO_SIZE if firmware_mmap is None else 0
+    tail_size = 16 * len(modules) + 24 * len(mmap) + sum(map(len, strings))
 
     placed, cursor = [], kernel_end
     for data, _ in modules:
         address = _place(ram, cursor, len(data))
         if address is None:
-            raise fmt.error(_no_room(modules, kernel_end, info_size))
+            raise fmt.error(_no_room(modules, kernel_end, fixed_size + tail_size))
         placed.append(address)
         cursor = address + len(data)
-    info = _place(ram, cursor, info_size)
+    info = _place(ram, cursor, fixed_size + tail_size)
     if info is None:
-        raise fmt.error(_no_room(modules, kernel_end, info_size))
+        raise fmt.error(_no_room(modules, kernel_end, fixed_size + tail_size))
+    tail_addr = info + fixed_size
+    mmap_at = tail_addr + 16 * len(modules) if firmware_mmap is None else firmware_mmap
+    information, tail = _information(tail_addr, mmap_at, mmap, e820, strings, placed, modules)
+    return MultibootImage(segments, entry, [(address, data) for address, (data, _)
+                                            in zip(placed, modules)],
+                          information, tail_addr, tail)
 
-    for address, data, memsz in segments:
+
+def load_multiboot(memory, fmt, image: bytes, kernel_path: str, modules_spec: str | None,
+                   cmdline: str, e820: list[tuple[int, int, int]]):
+    """Load a multiboot kernel, its modules and the information block; returns
+    the BSP's BootEntry."""
+    from .kexec import BootEntry
+    layout = multiboot_image(memory, fmt, image, kernel_path, modules_spec, cmdline, e820)
+    for address, data, memsz in layout.segments:
         memory.write(address, data)
         memory.write(address + len(data), bytes(memsz - len(data)))
-    for address, (data, _) in zip(placed, modules):
+    for address, data in layout.modules:
         memory.write(address, data)
-    memory.write(info, _information(info, e820, strings, placed, modules))
-    return BootEntry("protected", entry, {"rax": BOOTLOADER_MAGIC, "rbx": info})
+    info = layout.tail_addr - len(layout.information)
+    memory.write(info, layout.information + layout.tail)
+    return BootEntry("protected", layout.entry, {"rax": BOOTLOADER_MAGIC, "rbx": info})
 
 
 def _segments(fmt, image: bytes) -> tuple[list[tuple[int, bytes, int]], int]:
@@ -209,13 +248,13 @@ def _no_room(modules: list, kernel_end: int, info_size: int) -> str:
             f"{kernel_end:#x}); use a larger -m")
 
 
-def _information(info: int, e820: list, strings: list[bytes], placed: list[int],
-                 modules: list) -> bytes:
-    """The information block at `info`: the fixed structure, the module list,
-    the memory map, then the strings."""
-    mods_at = info + INFO_SIZE
-    mmap_at = mods_at + 16 * len(modules)
-    strings_at, string_addresses = mmap_at + 24 * len(e820), []
+def _information(tail_addr: int, mmap_at: int, mmap: list, e820: list, strings: list[bytes],
+                 placed: list[int], modules: list) -> tuple[bytes, bytes]:
+    """The fixed structure, and the tail at `tail_addr`: the module list, the
+    memory map `mmap` (when the loader writes it there; it lies at `mmap_at`
+    either way), then the strings.  The memory sizes come from `e820`."""
+    mods_at = tail_addr
+    strings_at, string_addresses = mods_at + 16 * len(modules) + 24 * len(mmap), []
     for string in strings:
         string_addresses.append(strings_at)
         strings_at += len(string)
@@ -228,9 +267,9 @@ def _information(info: int, e820: list, strings: list[bytes], placed: list[int],
                      INFO_MEMORY | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME,
                      min(mem_lower, 640 * 1024) // 1024, mem_upper // 1024, 0, command_at,
                      len(modules), mods_at, 0)
-    struct.pack_into("<II", fixed, 44, 24 * len(e820), mmap_at)
+    struct.pack_into("<II", fixed, 44, 24 * len(mmap), mmap_at)
     struct.pack_into("<I", fixed, 64, loader_at)
     mods = b"".join(struct.pack("<IIII", address, address + len(data), string_at, 0)
                     for address, (data, _), string_at in zip(placed, modules, module_strings))
-    mmap = b"".join(struct.pack("<IQQI", 20, start, size, kind) for start, size, kind in e820)
-    return bytes(fixed) + mods + mmap + b"".join(strings)
+    entries = b"".join(struct.pack("<IQQI", 20, start, size, kind) for start, size, kind in mmap)
+    return bytes(fixed), mods + entries + b"".join(strings)
