@@ -83,6 +83,33 @@ def test_port_connect_reset_and_events(vm):
     assert vm.kvm_vm.irq_lines or driver.read(X.INTERRUPTER_0 + X.IMAN) & X.IMAN_IP
 
 
+def test_interrupts_intx_then_msix(vm):
+    """INTx follows IMAN.IP; a message goes out per batch of events, the next
+    only once the driver's ERDP write says it caught up (EHB)."""
+    driver = controller(vm)
+    device = vm.pci.functions[(SLOT, 0)]
+    assert device.intx_asserted                              # the connect event at run
+    driver.write(X.INTERRUPTER_0 + X.IMAN, X.IMAN_IE | X.IMAN_IP)
+    assert not device.intx_asserted
+    driver.events()
+    offset = driver.cfg(R.CAPABILITIES_POINTER, 1)
+    while driver.cfg(offset, 1) != R.CAP_ID_MSIX:
+        offset = driver.cfg(offset + 1, 1)
+    table = driver.base + X.MSIX_TABLE
+    for at, value in ((0, 0xFEE00000), (4, 0), (8, 0x45), (12, 0)):
+        vm.mmio_write(table + at, 4, value)
+    driver.cfg_write(offset + 2, 2, 1 << 15)
+    driver.command(X.CMD_NOOP)                               # events() acknowledges (EHB)
+    assert vm.msis == [(0xFEE00000, 0x45)]
+    for _ in range(2):                                       # two commands, not acknowledged
+        driver.command_ring.put(0, 0, X.CMD_NOOP << 10)
+        driver.write(X.DOORBELLS, 0)
+    assert len(vm.msis) == 2                                 # the handler is busy: one message
+    assert len(driver.events()) == 2
+    driver.command(X.CMD_NOOP)
+    assert len(vm.msis) == 3
+
+
 def test_enumeration_descriptors_and_reports(vm):
     driver = controller(vm)
     driver.events()
