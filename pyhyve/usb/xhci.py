@@ -73,11 +73,11 @@ HCCPARAMS1 = 0x1 | (EXTENDED_CAPS // 4) << 16           # 64-bit addresses, 32-b
 USBCMD, USBSTS, PAGESIZE, DNCTRL = 0x00, 0x04, 0x08, 0x14
 CRCR_LO, CRCR_HI, DCBAAP_LO, DCBAAP_HI, CONFIG = 0x18, 0x1C, 0x30, 0x34, 0x38
 CMD_RUN, CMD_HCRST, CMD_INTE, CMD_HSEE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-CMD_WRITABLE = CMD_RUN | CMD_INTE | CMD_HSEE | 0x3F00     # and CSS/CRS/EWE/EU3S, kept
-STS_HCH, STS_HSE, STS_EINT, STS_PCD, STS_SRE, STS_HCE = 1, 1 << 2, 1 << 3, 1 << 4, 1 << 10, \
-    1 << 12
+CMD_EWE = 1 << 10
+CMD_WRITABLE = CMD_RUN | CMD_INTE | CMD_HSEE | CMD_EWE    # save/restore (CSS, CRS) finish at once
+STS_HCH, STS_HSE, STS_EINT, STS_PCD, STS_SRE = 1, 1 << 2, 1 << 3, 1 << 4, 1 << 10
 STS_W1C = STS_HSE | STS_EINT | STS_PCD | STS_SRE
-CRCR_RCS, CRCR_CS, CRCR_CA, CRCR_CRR = 1, 2, 4, 8
+CRCR_RCS, CRCR_CS, CRCR_CA = 1, 2, 4
 
 # PORTSC
 PORT_CCS, PORT_PED, PORT_PR, PORT_PP = 1 << 0, 1 << 1, 1 << 4, 1 << 9
@@ -99,8 +99,7 @@ IMAN_IP, IMAN_IE = 1, 2
 ERDP_EHB = 1 << 3
 
 # TRBs: types (control bits 15:10) and fields
-TRB_NORMAL, TRB_SETUP, TRB_DATA, TRB_STATUS, TRB_LINK, TRB_EVENT_DATA, TRB_NOOP = 1, 2, 3, 4, \
-    6, 7, 8
+TRB_NORMAL, TRB_SETUP, TRB_DATA, TRB_STATUS, TRB_LINK = 1, 2, 3, 4, 6
 CMD_ENABLE_SLOT, CMD_DISABLE_SLOT, CMD_ADDRESS_DEVICE, CMD_CONFIGURE_ENDPOINT = 9, 10, 11, 12
 CMD_EVALUATE_CONTEXT, CMD_RESET_ENDPOINT, CMD_STOP_ENDPOINT, CMD_SET_TR_DEQUEUE = 13, 14, 15, 16
 CMD_RESET_DEVICE, CMD_NOOP = 17, 23
@@ -638,7 +637,7 @@ class XhciController(PciDevice):
             if drop & (1 << dci) or add & (1 << dci):
                 slot.endpoints.pop(dci, None)
                 at = slot.context + CONTEXT_SIZE * dci
-                memory.write_u32(at, memory.read_u32(at) & ~0x7)    # disabled
+                memory.write_u32(at, memory.read_u32(at) & ~0x7 | EP_DISABLED)
             if add & (1 << dci):
                 context = contexts[CONTEXT_SIZE * dci:CONTEXT_SIZE * (dci + 1)]
                 dequeue = struct.unpack_from("<Q", context, 8)[0]

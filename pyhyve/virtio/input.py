@@ -44,7 +44,6 @@ PENDING_LIMIT = 256             # events held while the driver posts no buffers
 CFG_UNSET, CFG_ID_NAME, CFG_ID_SERIAL, CFG_ID_DEVIDS = 0x00, 0x01, 0x02, 0x03
 CFG_PROP_BITS, CFG_EV_BITS, CFG_ABS_INFO = 0x10, 0x11, 0x12
 CONFIG_SIZE = 8 + 128           # select, subsel, size, reserved[5], then the union
-UNION_OFFSET = 8
 
 # evdev (linux/input-event-codes.h)
 EV_SYN, EV_KEY, EV_REL, EV_ABS, EV_LED, EV_REP = 0x00, 0x01, 0x02, 0x03, 0x11, 0x14
