@@ -42,7 +42,8 @@ section input_devices
 cat /proc/bus/input/devices
 node() {
   awk -v name="$1" '/^N: Name=/ { hit = index($0, name) > 0 }
-    /^H: Handlers=/ && hit { for (i = 2; i <= NF; i++) if ($i ~ /^event/) print $i; hit = 0 }' \
+    /^H: Handlers=/ && hit { if (match($0, /event[0-9]+/)) print substr($0, RSTART, RLENGTH)
+                             hit = 0 }' \
     /proc/bus/input/devices
 }
 K=$(node "Virtio Keyboard"); T=$(node "Virtio Tablet"); A=$(node "Set 2 keyboard")
