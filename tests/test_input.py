@@ -278,7 +278,7 @@ def test_config_pages_describe_keyboard_and_tablet(virtio_vm):
     driver = Driver(virtio_vm, tablet)
     assert device_config(driver, I.CFG_ID_NAME) == b"pyhyve Virtio Tablet"
     assert device_config(driver, I.CFG_ID_SERIAL) == b""
-    assert device_config(driver, I.CFG_ID_DEVIDS) == struct.pack("<HHHH", 6, 0x0627, 3, 1)
+    assert device_config(driver, I.CFG_ID_DEVIDS) == struct.pack("<HHHH", 6, 0x0627, 3, 2)
     assert device_config(driver, I.CFG_PROP_BITS) == b""
     keys = device_config(driver, I.CFG_EV_BITS, I.EV_KEY)
     assert [code for code in range(8 * len(keys)) if keys[code // 8] >> (code % 8) & 1] == \

@@ -200,7 +200,7 @@ def test_proc_bus_input_devices_lists_them(boot):
     for name in roles.values():
         assert name in devices, sorted(devices)
     assert devices[roles["keyboard"]]["I"] == "Bus=0006 Vendor=0627 Product=0001 Version=0001"
-    assert devices[roles["tablet"]]["I"] == "Bus=0006 Vendor=0627 Product=0003 Version=0001"
+    assert devices[roles["tablet"]]["I"] == "Bus=0006 Vendor=0627 Product=0003 Version=0002"
     assert devices[roles["usbtablet"]]["I"].startswith("Bus=0003 Vendor=0627 Product=0001")
     for role in ("tablet", "usbtablet"):
         assert devices[roles[role]]["B:ABS"] == "3"                   # ABS_X, ABS_Y

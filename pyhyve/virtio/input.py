@@ -80,6 +80,7 @@ class VirtioInput(VirtioDevice):
     device_type = VIRTIO_ID_INPUT
     NAME = ""
     PRODUCT = 0
+    VERSION = 1                             # QEMU 7.2's: 2 for the tablet
     EVENT_TYPES: dict[int, bytes] = {}      # event type: its bitmap of codes
     OWN_STATE = ("", 0)                     # the subclass's field a snapshot keeps, its limit
 
@@ -109,7 +110,7 @@ class VirtioInput(VirtioDevice):
         if select == CFG_ID_NAME and subsel == 0:
             return self.NAME.encode()
         if select == CFG_ID_DEVIDS and subsel == 0:
-            return _DEVIDS.pack(BUS_VIRTUAL, QEMU_VENDOR, self.PRODUCT, 1)
+            return _DEVIDS.pack(BUS_VIRTUAL, QEMU_VENDOR, self.PRODUCT, self.VERSION)
         if select == CFG_EV_BITS:
             return self.EVENT_TYPES.get(subsel, b"")
         if select == CFG_ABS_INFO and EV_ABS in self.EVENT_TYPES and subsel in (ABS_X, ABS_Y):
@@ -233,6 +234,7 @@ class VirtioTablet(VirtioInput):
     name = "virtio-tablet"
     NAME = "pyhyve Virtio Tablet"
     PRODUCT = PRODUCT_TABLET
+    VERSION = 2
     OWN_STATE = ("buttons", 0xFF)
     EVENT_TYPES = {EV_KEY: _bitmap(code for _, code in _BUTTONS),
                    EV_REL: _bitmap((REL_WHEEL,)), EV_ABS: _bitmap((ABS_X, ABS_Y))}
