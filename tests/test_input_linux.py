@@ -19,6 +19,7 @@ reader got.  One boot each: marked `linux`, run under
 
 import asyncio
 import json
+import re
 import socket
 import struct
 
@@ -153,7 +154,7 @@ class InputBoot:
         """/proc/bus/input/devices: each device's lines by their letter (B: by
         the bitmap's name), keyed by its name."""
         found = {}
-        for block in self.sections["input_devices"].split("\n\n"):
+        for block in re.split(r"\n(?=I: )", self.sections["input_devices"]):
             lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
             entry = {letter: text for letter, text in lines.items() if letter != "B"}
             for line in block.splitlines():
