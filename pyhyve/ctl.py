@@ -19,7 +19,8 @@ MigrationInfo as "migration": "status", "ram", "total-time", "downtime"),
 migrate-status (that of the latest migration), migrate-cancel, consoles (each console's name,
 device and backend: {"name": "com1", "device": "uart", "kind": "pty",
 "path": "/dev/pts/5"}, with "link" for a linked pty, "address" [host, port]
-for tcp; pyhyvectl --console attaches to one); those about one vCPU take
+for tcp; pyhyvectl --console attaches to one), send-input (with "events",
+QMP input-send-event's list: pyhyve.inputevents); those about one vCPU take
 "vcpu" (default 0).  A command that changes the VM answers with its name,
 "vm" (for pyhyvectl's "vm NAME: paused"), and the stopping ones with the
 exit status the VM will have, "status".  Register access runs on the
@@ -34,6 +35,7 @@ import os
 import socket
 import time
 
+from . import inputevents
 from .display import find_display, imagefile
 from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
@@ -189,6 +191,7 @@ class ControlServer(SocketService):
             "migrate": self._migrate,
             "migrate-status": self._migrate_status,
             "migrate-cancel": self._migrate_cancel,
+            "send-input": self._send_input,
         }
         self._screenshot = b""          # the PNG screendump hands out in chunks
         super().__init__(vm, path or default_socket_path(vm.name))
@@ -270,6 +273,13 @@ class ControlServer(SocketService):
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
             raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
         return self.vm.vcpus[index]
+
+    def _send_input(self, request: dict) -> dict:
+        try:
+            inputevents.send(self.vm.context.input, request.get("events"))
+        except inputevents.InputEventError as exc:
+            raise RequestError(f"send-input: {exc}") from None
+        return {"vm": self.vm.name}
 
     def _describe(self, request: dict) -> dict:
         """What pyhyvectl --list shows of a VM: its process, size and state."""

@@ -51,6 +51,7 @@ class InputRouter:
         self._lock = threading.Lock()
         self._keyboards: list[KeyboardSink] = []
         self._pointers: list[PointerSink] = []
+        self._pointer_state = (0, 0, 0)   # the last pointer() call's (x, y, buttons)
 
     def add_keyboard(self, sink: KeyboardSink) -> None:
         with self._lock:
@@ -79,10 +80,17 @@ class InputRouter:
     def pointer(self, x: int, y: int, buttons: int) -> bool:
         """Move the pointer to (X, Y) (clamped to 0..POINTER_MAX) with BUTTONS
         held; False when the VM has no absolute pointer."""
+        x, y = min(max(x, 0), POINTER_MAX), min(max(y, 0), POINTER_MAX)
         with self._lock:
+            self._pointer_state = (x, y, buttons)
             sink = _choose(self._pointers)
         if sink is None:
             return False
-        sink.pointer_event(min(max(x, 0), POINTER_MAX), min(max(y, 0), POINTER_MAX),
-                           buttons)
+        sink.pointer_event(x, y, buttons)
         return True
+
+    def pointer_state(self) -> tuple[int, int, int]:
+        """(x, y, buttons) as the last pointer() left them: a frontend that
+        changes one of them (QMP's input-send-event) keeps the others."""
+        with self._lock:
+            return self._pointer_state

@@ -31,7 +31,8 @@ which QEMU's does not), system_wakeup (from S3, as QEMU's: an error when the
 guest does not sleep), system_reset (the machine is
 reset in place and runs on, as QEMU's; the guest's own reset still ends
 pyhyve with bhyve's status 0, as QEMU's -no-reboot does), quit (power-off:
-pyhyve exits with bhyve's status 1), screendump (the display as a PPM or PNG
+pyhyve exits with bhyve's status 1), input-send-event (keys, absolute moves
+and buttons into the VM's input router: pyhyve.inputevents), screendump (the display as a PPM or PNG
 file, written by this process, so only where it may write snapshots:
 beneath `snapshot.dir`, see sandbox.snapshot_refusal); and live migration (pyhyve.migration,
 for a VM started with -o migration.key=PATH): migrate ("uri":
@@ -55,7 +56,7 @@ has not negotiated is closed after IDLE_TIMEOUT.
 import os
 import time
 
-from . import __version__
+from . import __version__, inputevents
 from .display import find_display, imagefile
 from .jsonstream import JsonStream
 from .sandbox import snapshot_refusal
@@ -162,6 +163,7 @@ class QmpServer(SocketService):
             "migrate-set-parameters": (self._set_migrate_parameters,
                                        ("downtime-limit", "max-bandwidth")),
             "query-migrate-parameters": (self._query_migrate_parameters, ()),
+            "input-send-event": (self._input_send_event, ("events",)),
         }
         super().__init__(vm, path)
         vm.listeners.append(self._vm_event)
@@ -289,6 +291,15 @@ class QmpServer(SocketService):
             self.vm.request_reset(cause="qmp")
         except RuntimeError as exc:
             raise QmpError(str(exc)) from None
+        return {}
+
+    def _input_send_event(self, session: _Session, arguments: dict) -> dict:
+        """QEMU's input-send-event without "device" and "head": the events go
+        to the newest ready keyboard or pointer (pyhyve.inputroute)."""
+        try:
+            inputevents.send(self.vm.context.input, arguments.get("events"))
+        except inputevents.InputEventError as exc:
+            raise QmpError(f"input-send-event: {exc}") from None
         return {}
 
     def _quit(self, session: _Session, arguments: dict) -> dict:

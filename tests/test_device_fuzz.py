@@ -13,7 +13,8 @@ than asked for; afterwards, with its BARs put back where they were, the
 device still identifies itself, a virtio device resets through its common
 config and then serves one well-formed request, an NVMe controller
 resets, enables and answers Identify, and an AHCI controller resets, starts
-its first port and answers IDENTIFY (PACKET) DEVICE.  A mutant (a virtio-rnd that
+its first port and answers IDENTIFY (PACKET) DEVICE, and an xHCI controller resets and
+addresses its tablet.  A mutant (a virtio-rnd that
 raises on each request) must fail that check in every run."""
 
 import os
@@ -30,9 +31,11 @@ from nvmedriver import NvmeDriver
 from pyhyve.ahci import ata as A
 from pyhyve.ahci import hba as H
 from pyhyve.ahci import protocol as F
+from xhcidriver import XhciDriver
 from pyhyve.nvme import controller as N
 from pyhyve.pci import emulations
 from pyhyve.pci import regs as R
+from pyhyve.usb.tablet import DEVICE_DESCRIPTOR
 from pyhyve.virtio import device as D
 from pyhyve.virtio import pci as V
 from pyhyve.virtio.pci import VirtioPciDevice
@@ -89,6 +92,8 @@ def options_for(name: str, tmp: str):
         with open(path, "wb") as f:
             f.truncate(64 * 1024)
         yield {"lun.0.path": path}
+    elif name == "xhci":
+        yield {"slot.1.device": "tablet"}
     elif name == "virtio-9p":
         share = os.path.join(tmp, "share")
         os.makedirs(share, exist_ok=True)
@@ -161,7 +166,8 @@ def cfg_read(vm, slot, offset, size):
 # virtio-blk reads sector 0 (header, 512 data bytes, status); virtio-net sends a
 # minimum frame behind its 12-byte header; virtio-console writes on port 0;
 # virtio-9p answers a Tversion; virtio-scsi runs TEST UNIT READY on LUN 0 (request
-# header with a 32-byte CDB, then response with 96 bytes of sense).
+# header with a 32-byte CDB, then response with 96 bytes of sense); virtio-keyboard
+# and virtio-tablet take an event on the statusq.
 BLK_HEADER = struct.pack("<IIQ", 0, 0, 0)
 TVERSION = struct.pack("<IBHIH", 21, 100, 0xFFFF, 8192, 8) + b"9P2000.L"
 SCSI_TUR = bytes([1, 0, 0x40, 0]) + bytes(4 + 11 + 32)
@@ -173,6 +179,8 @@ REQUESTS = {
     "virtio-console": (1, [(BUFFERS, 5, False)]),
     "virtio-9p": (0, [(BUFFERS, len(TVERSION), False), (BUFFERS + 0x200, 64, True)]),
     "virtio-scsi": (2, [(BUFFERS, len(SCSI_TUR), False), (BUFFERS + 0x200, 108, True)]),
+    "virtio-keyboard": (1, [(BUFFERS, 8, False)]),
+    "virtio-tablet": (1, [(BUFFERS, 8, False)]),
 }
 
 
@@ -228,6 +236,12 @@ def check_usable(vm, device, slot, ids, bar_registers):
         driver.start(0)
         opcode = A.IDENTIFY_PACKET_DEVICE if device.ports[0].atapi else A.IDENTIFY_DEVICE
         assert driver.command(h2d(opcode), [(0x200000, 512)])[0] & 0xFF == F.READY
+    elif device.emulation_name == "xhci":
+        driver = XhciDriver(vm, slot)
+        driver.start()
+        driver.reset_port(1)
+        driver.address_device(1)
+        assert driver.control(0x80, 6, 0x0100, 0, 18)[1] == DEVICE_DESCRIPTOR
 
 
 @pytest.mark.parametrize("name", sorted(emulations()))

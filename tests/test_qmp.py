@@ -34,7 +34,8 @@ pytestmark = pytest.mark.usefixtures("needs_kvm")
 COMMANDS = {"qmp_capabilities", "query-commands", "query-version", "query-name",
             "query-status", "query-cpus-fast", "stop", "cont", "system_powerdown",
             "system_wakeup", "system_reset", "quit", "screendump", "migrate", "query-migrate",
-            "migrate_cancel", "migrate-set-parameters", "query-migrate-parameters"}
+            "migrate_cancel", "migrate-set-parameters", "query-migrate-parameters",
+            "input-send-event"}
 GREETING = {"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0},
                                 "package": f"pyhyve {pyhyve.__version__}"},
                     "capabilities": []}}
@@ -323,6 +324,33 @@ def test_errors_are_execute_errors(counter):
     assert (unknown.class_, unknown.desc) == ("CommandNotFound",
                                               "The command no-such-command has not been found")
     assert (unexpected.class_, unexpected.desc) == ("GenericError", "Parameter 'x' is unexpected")
+
+
+def test_input_send_event_checks_the_whole_list(counter):
+    """Keys and pointer events go to the VM's input router (the i8042's
+    keyboard here; tests/test_input_linux.py watches a guest receive them); a
+    list with one bad event sends nothing and says which.  The control
+    socket's send-input takes the same lists."""
+    key = {"type": "key", "data": {"down": True, "key": {"type": "qcode", "data": "a"}}}
+    bad = {"type": "key", "data": {"down": True, "key": {"type": "qcode", "data": "nosuch"}}}
+
+    async def script(client):
+        assert await client.execute("input-send-event", {"events": [key]}) == {}
+        with pytest.raises(ExecuteError) as caught:
+            await client.execute("input-send-event", {"events": [key, bad]})
+        return caught.value.error.error
+    error = qmp_session(counter.qmp)(script)
+    assert (error.class_, error.desc) == ("GenericError",
+                                          "input-send-event: event 1: unknown qcode 'nosuch'")
+    for events, answer in (([key], {"ok": True, "vm": "qmpvm"}),
+                           ([bad], {"ok": False, "error": "send-input: event 0: unknown "
+                                                          "qcode 'nosuch'"})):
+        with socket.socket(socket.AF_UNIX) as control:      # the control socket's send-input
+            control.settimeout(TIMEOUT)
+            control.connect(counter.ctl)
+            control.sendall(json.dumps({"command": "send-input", "events": events}).encode()
+                            + b"\n")
+            assert json.loads(control.makefile().readline()) == answer
 
 
 # --- the protocol's edges, on a raw socket ---------------------------------------------------

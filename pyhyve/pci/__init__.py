@@ -35,9 +35,12 @@ BUILTIN_MODULES = {
     "virtio-9p": "pyhyve.virtio.emulations",
     "virtio-blk": "pyhyve.virtio.emulations",
     "virtio-console": "pyhyve.virtio.emulations",
+    "virtio-keyboard": "pyhyve.virtio.emulations",
     "virtio-net": "pyhyve.virtio.emulations",
     "virtio-rnd": "pyhyve.virtio.emulations",
     "virtio-scsi": "pyhyve.virtio.emulations",
+    "virtio-tablet": "pyhyve.virtio.emulations",
+    "xhci": "pyhyve.usb.xhci",
 }
 
 

@@ -8,6 +8,8 @@ virtio-pci transport and declares the options `-s` and the config take.
     -s SLOT,virtio-rnd
     -s SLOT,virtio-9p,SHARENAME=PATH[,ro]
     -s SLOT,virtio-scsi,lun0=PATH[,ro][,ser=ID][,lock=off][,lun1=PATH...][,num_queues=N]
+    -s SLOT,virtio-keyboard
+    -s SLOT,virtio-tablet
 
 The models' modules say what each option means.  A model is imported when
 its emulation is instantiated (make_model()), so a VM loads only the models
@@ -186,3 +188,21 @@ class VirtioScsiPci(VirtioPciDevice):
     def make_model(self, options):
         from .scsi import VirtioScsi
         return VirtioScsi(self, options)
+
+
+@emulation("virtio-keyboard")
+class VirtioKeyboardPci(VirtioPciDevice):
+    """virtio keyboard, fed by the VM's consoles (no options)"""
+
+    def make_model(self, options):
+        from .input import VirtioKeyboard
+        return VirtioKeyboard(self, options, self.context.input)
+
+
+@emulation("virtio-tablet")
+class VirtioTabletPci(VirtioPciDevice):
+    """virtio tablet (absolute pointer), fed by the VM's consoles (no options)"""
+
+    def make_model(self, options):
+        from .input import VirtioTablet
+        return VirtioTablet(self, options, self.context.input)

@@ -1,8 +1,9 @@
 """The virtio-pci transport (virtio 1.2, sections 4.1 and 4.1.4.8), as bhyve's
 virtio.c and QEMU's virtio-pci provide it.
 
-Devices are transitional, like bhyve's and QEMU's defaults, so both kinds of
-driver find them:
+Devices of the types virtio 0.9.5 knew are transitional, like bhyve's and
+QEMU's defaults, so both kinds of driver find them (later types, as input,
+are modern only: device ID 0x1040 + type, revision 1, no BAR 0):
   - legacy (virtio 0.9.5) drivers: device ID 0x1000 + n, revision 0, the
     register block in I/O BAR 0 (LEGACY_* below), queues placed by a page
     frame number;
@@ -63,6 +64,10 @@ PCI_IDENTITIES = {1: (0x1000, 0x020000),     # network card: Ethernet
                   4: (0x1005, 0x00FF00),     # entropy source: other
                   8: (0x1004, 0x010000),     # SCSI host: SCSI storage
                   9: (0x1009, 0x018000)}     # 9P transport: other mass storage
+# Types virtio 1.0 added have no legacy form: modern only, device ID 0x1040 + type,
+# revision 1, and no legacy register block (4.1.2.1)
+MODERN_ONLY_CLASSES = {18: 0x098000}        # input device: other input controller
+MODERN_ONLY_DEVICE_BASE = 0x1040
 
 ISR_QUEUE = 1
 ISR_CONFIG = 2
@@ -125,11 +130,15 @@ class VirtioPciDevice(PciDevice):
 
     def _declare(self) -> None:
         model = self.model
-        if model.device_type not in PCI_IDENTITIES:
-            raise ValueError(f"no transitional PCI ID for virtio device type "
-                             f"{model.device_type}")
-        device_id, class_code = PCI_IDENTITIES[model.device_type]
-        self.set_ids(VIRTIO_VENDOR_ID, device_id, class_code, revision=0,
+        transitional = model.device_type in PCI_IDENTITIES
+        if transitional:
+            device_id, class_code = PCI_IDENTITIES[model.device_type]
+        elif model.device_type in MODERN_ONLY_CLASSES:
+            device_id = MODERN_ONLY_DEVICE_BASE + model.device_type
+            class_code = MODERN_ONLY_CLASSES[model.device_type]
+        else:
+            raise ValueError(f"no PCI ID for virtio device type {model.device_type}")
+        self.set_ids(VIRTIO_VENDOR_ID, device_id, class_code, revision=0 if transitional else 1,
                      subsystem_vendor=VIRTIO_VENDOR_ID, subsystem=model.device_type)
         self.set_interrupt_pin(1)
         self.device_features = model.features | TRANSPORT_FEATURES
@@ -137,10 +146,11 @@ class VirtioPciDevice(PciDevice):
         self.queue_max = list(model.queue_sizes)
         self.queue_vectors = [NO_VECTOR] * len(self.queues)
 
-        legacy_size = 32
-        while legacy_size < LEGACY_CONFIG_MSIX + len(model.config):
-            legacy_size <<= 1
-        self.add_bar(LEGACY_BAR, BAR_IO, legacy_size)
+        if transitional:
+            legacy_size = 32
+            while legacy_size < LEGACY_CONFIG_MSIX + len(model.config):
+                legacy_size <<= 1
+            self.add_bar(LEGACY_BAR, BAR_IO, legacy_size)
         self.add_msix(len(self.queues) + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
         self.add_bar(MODERN_BAR, BAR_MEM32, MODERN_BAR_SIZE)
         for cfg_type, offset in ((CAP_COMMON_CFG, MODERN_COMMON), (CAP_ISR_CFG, MODERN_ISR),
@@ -614,7 +624,7 @@ class VirtioPciDevice(PciDevice):
         for index, queue in enumerate(self.queues):
             if not queue.ready:
                 continue
-            if legacy.mapping is not None:
+            if legacy is not None and legacy.mapping is not None:
                 wanted.add((index, True, legacy.address + LEGACY_QUEUE_NOTIFY, index))
             if modern.mapping is not None:
                 wanted.add((index, False, modern.address + MODERN_NOTIFY +
