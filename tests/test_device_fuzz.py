@@ -292,8 +292,8 @@ def exercise(tmp_path, name: str, operations: list, started: bool) -> None:
                         driver.notify(operation[1] % len(device.queues))
                 elif operation[0] == "offer":
                     offer(vm, *operation[1:])
-                else:
-                    vm.memory.write(operation[1], operation[2])
+                elif vm.memory.is_ram(operation[1], len(operation[2])):  # not a display's
+                    vm.memory.write(operation[1], operation[2])          # VGA window
             check_usable(vm, device, slot, ids, bar_registers)
         finally:
             vm.close()
