@@ -28,6 +28,7 @@ only syncs the images and saves registers.
 
 import contextlib
 import hashlib
+import os
 import re
 import threading
 
@@ -159,7 +160,7 @@ class AhciController(DwordRegisters, PciDevice):
             rotation = config.get_int(prefix + "nmrr", 0, 0, 0xFFFE) or None
         except ConfigError as exc:
             raise ConfigError(f"ahci: {exc}") from None
-        digest = hashlib.md5(path.encode(), usedforsecurity=False).hexdigest().upper()
+        digest = hashlib.md5(os.fsencode(path), usedforsecurity=False).hexdigest().upper()
         serial = config.get(prefix + "ser", f"PYHYVE-{digest[:13]}")
         strings = (_ident(serial, 20, "ser"), _ident(config.get(prefix + "rev", "001"), 8, "rev"),
                    _ident(config.get(prefix + "model", MODELS[kind]), 40, "model"))

@@ -17,6 +17,7 @@ Every address the file names is checked against the guest's RAM before
 anything is written; problems are ConfigErrors with one line.
 """
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -157,8 +158,8 @@ def multiboot_image(memory, fmt, image: bytes, kernel_path: str, modules_spec: s
     fits = "the guest's memory size: it cannot fit"
     modules = [(read_user_file(path, "multiboot module", memory.size, fits), string)
                for path, string in (parse_modules(modules_spec) if modules_spec else [])]
-    command = (f"{kernel_path} {cmdline}" if cmdline else kernel_path).encode() + b"\0"
-    strings = [command, LOADER_NAME, *(string.encode() + b"\0" for _, string in modules)]
+    command = os.fsencode(f"{kernel_path} {cmdline}" if cmdline else kernel_path) + b"\0"
+    strings = [command, LOADER_NAME, *(os.fsencode(string) + b"\0" for _, string in modules)]
     mmap = e820 if firmware_mmap is None else []
     fixed_size = INFO_SIZE if firmware_mmap is None else 0
     tail_size = 16 * len(modules) + 24 * len(mmap) + sum(map(len, strings))

@@ -268,5 +268,6 @@ class StdVga(PciDevice):
             pass
 
 
-# bhyve's name, and the plain one
-emulation("stdvga")(type("StdVgaPlain", (StdVga,), {"__doc__": StdVga.__doc__}))
+@emulation("stdvga")
+class StdVgaPlain(StdVga):
+    __doc__ = StdVga.__doc__        # the same device under QEMU's name; fbuf is bhyve's
