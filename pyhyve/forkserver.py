@@ -31,6 +31,7 @@ import signal
 import socket
 import struct
 import sys
+import traceback
 
 MAX_REQUEST = 1 << 20
 _LENGTH = struct.Struct("<I")
@@ -211,8 +212,13 @@ class _Server:
             os.environ.update(env)
             from .cli import main
             status = main(argv)
-        except BaseException as exc:                # nothing may return into the server
-            print(f"pyhyve: {exc}", file=sys.stderr)
+        except SystemExit as exc:                   # as the interpreter ends on one
+            status = exc.code if isinstance(exc.code, int) else 1
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        except BaseException:                       # nothing may return into the server:
+            traceback.print_exc()                   # a bug shows as under `pyhyve ARGS`
+            status = 1
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

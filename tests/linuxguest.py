@@ -197,9 +197,10 @@ def disk_script(device: str, tag: str) -> str:
     """The guest's side of a disk device's check (the host's side is
     check_disk_sections): an ext2 filesystem made on `device`, files written,
     their sums, a read-only remount; then 2 MiB written at 20 MiB and the first
-    of them discarded (blkdiscard), the device read back."""
+    of them discarded (blkdiscard), the device read back.  Its sections are
+    TAG-ext2 and TAG-discard, so that one boot can check several disks."""
     return rf"""
-section ext2
+section {tag}-ext2
 d={device}
 mke2fs -q $d 16384 && echo made
 mount -t ext2 $d /mnt && echo mounted
@@ -209,11 +210,13 @@ sync
 sha256sum /mnt/lines.txt /mnt/random.bin
 umount /mnt && echo unmounted
 mount -t ext2 -o ro $d /mnt && sha256sum /mnt/random.bin && umount /mnt
-""" + DISCARD_SCRIPT
+""" + discard_script(tag)
 
 
-# The discard half, on the disk $d names (disk_script's, or a test's own).
-DISCARD_SCRIPT = r"""section discard
+def discard_script(tag: str) -> str:
+    """The discard half, section TAG-discard, on the disk $d names (disk_script's,
+    or a test's own)."""
+    return rf"""section {tag}-discard
 dd if=/dev/urandom of=$d bs=1M seek=20 count=2 oflag=direct 2>/dev/null && echo filled
 blkdiscard -o 20971520 -l 1048576 $d && echo discarded
 dd if=$d bs=1M skip=20 count=1 iflag=direct 2>/dev/null | tr -d '\000' | wc -c
@@ -226,7 +229,7 @@ def check_disk_sections(found: dict, image: Path, tag: str) -> None:
     the guest's files (debugfs) with the sums the guest printed, and the
     discarded MiB reads as zeros on both sides."""
     from test_linux_guest import debugfs_cat
-    ext2 = found["ext2"]
+    ext2 = found[f"{tag}-ext2"]
     assert "made" in ext2 and "mounted" in ext2 and "unmounted" in ext2, ext2
     sums = dict(reversed(line.split()) for line in ext2.splitlines()
                 if re.match(r"^[0-9a-f]{64}\s", line))
@@ -235,11 +238,11 @@ def check_disk_sections(found: dict, image: Path, tag: str) -> None:
     assert hashlib.sha256(lines).hexdigest() == sums["/mnt/lines.txt"]
     random_bytes = debugfs_cat(image, "random.bin")
     assert hashlib.sha256(random_bytes).hexdigest() == sums["/mnt/random.bin"]
-    check_discard(found["discard"], image)
+    check_discard(found[f"{tag}-discard"], image)
 
 
 def check_discard(section: str, image: Path) -> None:
-    """DISCARD_SCRIPT's MiB reads as zeros on both sides; the next, untouched,
+    """discard_script's MiB reads as zeros on both sides; the next, untouched,
     holds what the guest read there."""
     discard = section.splitlines()
     assert discard[:3] == ["filled", "discarded", "0"], discard

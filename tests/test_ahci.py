@@ -3,7 +3,8 @@ drives them: config cycles to find ABAR, HBA and port registers, command
 lists and tables in guest memory, PRDTs, NCQ, ATAPI packets, MSI and INTx;
 malformed commands from hypothesis; snapshots.  Then real SeaBIOS boots a
 GRUB ISO from an AHCI CD-ROM and a boot sector from an AHCI disk, on pyhyve
-and on QEMU, and Linux's own ahci, sd and sr drivers use a disk and a CD."""
+and on QEMU.  Linux's own ahci, sd and sr drivers use a disk and a CD in
+test_linux_storage.py."""
 
 import hashlib
 import json
@@ -16,8 +17,6 @@ import pytest
 from fuzzing import fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
-from linuxguest import DISK_SIZE as LINUX_DISK_SIZE
-from linuxguest import check_disk_sections, disk_script
 
 from ahcidriver import DATA, LISTS, MSI_ADDRESS, SLOT, TABLES, AhciDriver, MiB, PciVm, h2d
 from pyhyve.ahci import ata as A
@@ -732,87 +731,3 @@ def test_qemu_boots_the_same_ahci_disk(boot_disk):
     text, proc = seabios_on_qemu(boot_disk, "ide-hd")
     assert MBR_TEXT in text and SECTOR2_TEXT in text, text
     assert proc.returncode == 1
-
-
-# --- Linux's ahci, sd and sr drivers ----------------------------------------------------------
-LINUX_SCRIPT = r"""
-section ahci
-cat /sys/block/sda/size /sys/block/sr0/size /sys/block/sda/queue/rotational
-cat /sys/block/sda/device/vendor /sys/block/sda/device/model
-cat /sys/block/sr0/device/vendor /sys/block/sr0/device/model
-dd if=/sys/block/sda/device/vpd_pg80 bs=1 skip=4 count=20 2>/dev/null; echo
-section cd
-mount -t iso9660 -o ro /dev/sr0 /mnt && cat /mnt/hello.txt && umount /mnt && echo unmounted
-""" + disk_script("/dev/sda", "ahci") + r"""
-section irqs
-grep -c ahci /proc/interrupts
-section end
-"""
-LINUX_SERIAL = "PYHYVE-AHCI-1"
-
-
-class LinuxBoot:
-    """The guest's script, run once under pyhyve or QEMU: its sections and image."""
-
-    def __init__(self, side: str, guest, iso, tmp_path):
-        from linuxguest import GuestRun, pyhyve_command, pyhyve_env, qemu_command, sections
-        from linuxguest import QEMU_SKIP_PRT, with_script
-        self.side, self.image = side, tmp_path / "ahci.img"
-        with open(self.image, "wb") as file:
-            file.truncate(LINUX_DISK_SIZE)
-        initrd = with_script(guest, tmp_path, LINUX_SCRIPT)
-        if side == "pyhyve":
-            argv = pyhyve_command(guest, initrd, "-s", f"3,ahci,hd:{self.image},"
-                                  f"ser={LINUX_SERIAL},nmrr=1,cd:{iso}",
-                                  "-o", f"control.socket={tmp_path / 'ctl.sock'}",
-                                  name="linuxahci")
-            env = pyhyve_env()
-        else:
-            argv = qemu_command(
-                guest, initrd, "-device", "ahci,id=a,addr=3",
-                "-drive", f"file={self.image},format=raw,if=none,id=h,discard=unmap",
-                "-device", f"ide-hd,drive=h,bus=a.0,serial={LINUX_SERIAL},rotation_rate=1,"
-                           "model=PYHYVE SATA DISK",
-                "-drive", f"file={iso},format=raw,if=none,id=c,media=cdrom,readonly=on",
-                "-device", "ide-cd,drive=c,bus=a.1", extra_cmdline=QEMU_SKIP_PRT)
-            env = None
-        with GuestRun(argv, env, tmp_path / "console.log") as run:
-            run.expect("@@@ end")
-            self.status = run.wait()
-        self.output = run.output
-        self.sections = sections(run.output)
-
-
-@pytest.fixture(scope="module", params=["pyhyve", "qemu"])
-def linux_ahci(request, linux_guest, grub_iso, tmp_path_factory):
-    """One boot under pyhyve, then one under QEMU (the reference)."""
-    return LinuxBoot(request.param, linux_guest, grub_iso,
-                     tmp_path_factory.mktemp(f"linux-ahci-{request.param}"))
-
-
-@pytest.mark.linux
-@pytest.mark.usefixtures("needs_kvm")
-def test_linux_sees_the_disk_and_the_cd(linux_ahci, grub_iso):
-    """The disk's size, serial and model read the same under QEMU; the CD's
-    INQUIRY strings are each controller's own (QEMU's drive says QEMU)."""
-    assert linux_ahci.status == (1 if linux_ahci.side == "pyhyve" else 0), \
-        linux_ahci.output[-3000:]                        # poweroff -f
-    lines = [line.rstrip() for line in linux_ahci.sections["ahci"].splitlines()]
-    cd_vendor, cd_model = (("PYHYVE", "PYHYVE SATA DVD") if linux_ahci.side == "pyhyve"
-                           else ("QEMU", "QEMU DVD-ROM"))
-    assert lines == [str(LINUX_DISK_SIZE // 512), str(grub_iso.stat().st_size // 512), "0",
-                     "ATA", "PYHYVE SATA DISK", cd_vendor, cd_model, LINUX_SERIAL], lines
-
-
-@pytest.mark.linux
-@pytest.mark.usefixtures("needs_kvm")
-def test_linux_mounts_the_iso_from_the_cd(linux_ahci):
-    from grubdisk import FILE_TEXT
-    assert linux_ahci.sections["cd"].splitlines() == [FILE_TEXT, "unmounted"]
-
-
-@pytest.mark.linux
-@pytest.mark.usefixtures("needs_kvm")
-def test_linux_makes_ext2_on_the_disk_and_the_host_reads_it(linux_ahci):
-    check_disk_sections(linux_ahci.sections, linux_ahci.image, "ahci")
-    assert int(linux_ahci.sections["irqs"]) >= 1

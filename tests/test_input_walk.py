@@ -7,15 +7,25 @@ option added later is walked too.
 
 Values arrive as the command line gives them: `-o key=value` for config keys,
 `pci.0.5.0.OPTION` under the emulation for device options.  Each run has its
-own control socket and working directory, so nothing lands outside tmp_path."""
+own control socket and working directory, so nothing lands outside tmp_path.
+The runs are forked from a `pyhyve --serve` server (each still its own pyhyve
+process with its own exit status and stderr), which spares a thousand
+interpreter starts; test_forkserver.py shows a served VM is the command's."""
 
 import os
+import selectors
+import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from build import build_rom
-from guestrun import run_pyhyve
+from guestrun import REPO
+from pyhyve import forkserver
 from pyhyve.configkeys import KEYS
 from pyhyve.pci import emulations
 from pyhyve.vcpu import ExitStatus
@@ -63,8 +73,25 @@ def device_cases() -> list[tuple[str, list[str]]]:
     return cases
 
 
-def run_case(tmp_path, rom, index: int, args: list[str]):
-    work = tmp_path / str(index)
+CASE_TIMEOUT = 60               # seconds; hello16 powers off at once
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A fork server for the walk's runs; its socket path."""
+    path = tmp_path_factory.mktemp("walk-serve") / "serve.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pyhyve", f"--serve={path}"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline() == f"pyhyve: serving on {path}\n"
+    yield str(path)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
+def run_case(server: str, work: Path, rom, index: int, args: list[str]):
+    """One `pyhyve ARGS` run, forked by the server: its exit status and stderr."""
+    work = work / str(index)
     work.mkdir()
     name = f"walk{index}"
     if args[0] == "name-is-positional":
@@ -73,7 +100,16 @@ def run_case(tmp_path, rom, index: int, args: list[str]):
                "-o", "process.seccomp=false", *args]
     if not name.startswith("-"):
         command.append(name)
-    return run_pyhyve(command, timeout=60, cwd=work)
+    with open(work / "stderr", "wb") as err, open(os.devnull, "wb") as null:
+        vm = forkserver.start(server, command, stdin=null.fileno(), stdout=null.fileno(),
+                              stderr=err.fileno(), cwd=str(work))
+    with selectors.DefaultSelector() as selector:
+        selector.register(vm, selectors.EVENT_READ)
+        if not selector.select(CASE_TIMEOUT):
+            os.kill(vm.pid, signal.SIGKILL)
+    status = vm.wait()
+    return SimpleNamespace(returncode=status,
+                           stderr=(work / "stderr").read_text(errors="backslashreplace"))
 
 
 def check(label: str, result) -> str | None:
@@ -92,11 +128,11 @@ def check(label: str, result) -> str | None:
 
 
 @pytest.mark.parametrize("cases", [config_cases, device_cases], ids=["keys", "devices"])
-def test_every_key_and_option_takes_bad_values_in_one_line(tmp_path, cases):
+def test_every_key_and_option_takes_bad_values_in_one_line(server, tmp_path, cases):
     rom = build_rom("hello16")
     walk = cases()
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda item: run_case(tmp_path, rom, *item),
+        results = list(pool.map(lambda item: run_case(server, tmp_path, rom, *item),
                                 enumerate(args for _, args in walk)))
     problems = [problem for (label, _), result in zip(walk, results)
                 if (problem := check(label, result))]

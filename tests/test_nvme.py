@@ -2,8 +2,8 @@
 find and enable BAR 0, the controller registers, admin and I/O queues laid
 out in guest memory, doorbells, PRP lists, MSI-X and INTx; malformed
 commands, PRPs and doorbells from hypothesis; snapshots.  Then real SeaBIOS
-boots a boot sector from an NVMe disk, on pyhyve and on QEMU, and Linux's own
-driver makes an ext2 filesystem on it."""
+boots a boot sector from an NVMe disk, on pyhyve and on QEMU.  Linux's own
+driver makes an ext2 filesystem on it in test_linux_storage.py."""
 
 import json
 import os
@@ -15,8 +15,6 @@ import pytest
 from fuzzing import fuzz_settings
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
-from linuxguest import DISK_SIZE as LINUX_DISK_SIZE
-from linuxguest import check_disk_sections, disk_script
 
 from pyhyve.config import ConfigError
 from pyhyve.lifecycle import StateError
@@ -639,41 +637,3 @@ def test_qemu_boots_the_same_nvme_disk(boot_disk):
     text = proc.stdout.decode(errors="replace")
     assert MBR_TEXT in text and SECTOR2_TEXT in text
     assert proc.returncode == 1
-
-
-# --- Linux's nvme driver -----------------------------------------------------------------------
-LINUX_SCRIPT = r"""
-section nvme
-cat /sys/block/nvme0n1/size /sys/block/nvme0n1/queue/logical_block_size
-cat /sys/class/nvme/nvme0/serial /sys/class/nvme/nvme0/model
-""" + disk_script("/dev/nvme0n1", "nvme") + r"""
-section irqs
-grep nvme /proc/interrupts | wc -l
-section end
-"""
-
-
-@pytest.mark.linux
-@pytest.mark.usefixtures("needs_kvm")
-def test_linux_makes_ext2_on_nvme_and_the_host_reads_it(linux_guest, tmp_path):
-    from linuxguest import GuestRun, pyhyve_command, pyhyve_env, sections, with_script
-    image = tmp_path / "nvme.img"
-    with open(image, "wb") as file:
-        file.truncate(LINUX_DISK_SIZE)
-    initrd = with_script(linux_guest, tmp_path, LINUX_SCRIPT)
-    argv = pyhyve_command(linux_guest, initrd, "-s", f"3,nvme,{image},ser=PYHYVE-NVME-1",
-                          "-o", f"control.socket={tmp_path / 'ctl.sock'}", name="linuxnvme")
-    with GuestRun(argv, pyhyve_env(), tmp_path / "console.log") as run:
-        run.expect("@@@ end")
-        status = run.wait()
-    assert status == 1, run.output[-3000:]                 # poweroff -f
-    check_linux_run(sections(run.output), image)
-
-
-def check_linux_run(found: dict, image) -> None:
-    """What the guest's script printed, and the image it left, agree."""
-    # sysfs shows the serial and model fields as the controller pads them
-    assert [line.rstrip() for line in found["nvme"].splitlines()] == [
-        str(LINUX_DISK_SIZE // 512), "512", "PYHYVE-NVME-1", "pyhyve-NVMe"], found["nvme"]
-    check_disk_sections(found, image, "nvme")
-    assert int(found["irqs"]) >= 2                   # admin and I/O queue vectors (MSI-X)

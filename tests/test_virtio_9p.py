@@ -5,10 +5,9 @@ type round-trips, the guest tries to reach outside the share every way it
 can (.., symbolic links, a directory swapped for a link between walk and
 open, hard links), `ro` refuses every change, arbitrary bytes never make the
 model raise, and the share works under pyhyve's Landlock and seccomp
-sandbox.  Linux's own v9fs is the last client (marked `linux`)."""
+sandbox.  Linux's own v9fs is its client in test_linux_storage.py."""
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -901,81 +900,3 @@ def test_the_pyhyve_command_confines_itself_with_a_share(share, tmp_path, needs_
                      "-o", f"control.socket={tmp_path / 'ctl.sock'}",
                      "-o", f"process.landlock={landlock}")
     assert (result.status, result.stderr) == (status, stderr)
-
-
-# --- Linux's v9fs as the client, under the pyhyve command's sandbox --------------------------
-LINUX_SCRIPT = r"""
-section mount
-mkdir -p /mnt/rw /mnt/ro
-mount -t 9p -o trans=virtio,version=9p2000.L hostshare /mnt/rw && echo MOUNT-RW-OK
-mount -t 9p -o trans=virtio,version=9p2000.L roshare /mnt/ro && echo MOUNT-RO-OK
-section read
-cat /mnt/rw/from-host.txt
-section write
-echo "written by linux" > /mnt/rw/from-guest.txt
-chmod 600 /mnt/rw/from-guest.txt
-mkdir /mnt/rw/made
-seq 1 20000 > /mnt/rw/made/numbers.txt
-mv /mnt/rw/made/numbers.txt /mnt/rw/made/renamed.txt
-ln -s renamed.txt /mnt/rw/made/link
-ln -s /etc/passwd /mnt/rw/made/absolute
-tail -n 1 /mnt/rw/made/link
-md5sum /mnt/rw/made/renamed.txt
-echo doomed > /mnt/rw/doomed && rm /mnt/rw/doomed && echo RM-OK
-section ls
-ls -l /mnt/rw/made
-section escape
-cat /mnt/rw/hostlink/secret 2>&1 || echo ESCAPE-FAILED
-section ro
-cat /mnt/ro/ro.txt
-if (echo x > /mnt/ro/new) 2>/dev/null; then echo RO-WRITE-SUCCEEDED; else echo RO-WRITE-FAILED; fi
-if rm /mnt/ro/ro.txt 2>/dev/null; then echo RO-RM-SUCCEEDED; else echo RO-RM-FAILED; fi
-section umount
-umount /mnt/rw && umount /mnt/ro && echo UMOUNT-OK
-section end
-"""
-
-
-@pytest.mark.linux
-@pytest.mark.usefixtures("needs_kvm")
-def test_linux_mounts_reads_writes_and_the_host_sees_it(linux_guest, tmp_path):
-    """Linux 6.1's v9fs over virtio mounts a writable and a read-only share of
-    the pyhyve command, sandboxed as by default (Landlock and seccomp), and
-    uses them as a file system; the host sees what it did, the read-only
-    share refuses writes, and nothing outside the shares changes."""
-    from linuxguest import GuestRun, pyhyve_command, pyhyve_env, sections, with_script
-    rw, ro, outside = tmp_path / "rw", tmp_path / "ro", tmp_path / "outside"
-    for path in (rw, ro, outside):
-        path.mkdir()
-    (rw / "from-host.txt").write_text("made on the host\n")
-    (ro / "ro.txt").write_text("read-only content\n")
-    (outside / "secret").write_text("host secret\n")
-    os.symlink(outside, rw / "hostlink")
-    before_ro, before_outside = tree(ro), tree(outside)
-    initrd = with_script(linux_guest, tmp_path, LINUX_SCRIPT)
-    argv = pyhyve_command(linux_guest, initrd, "-s", f"3,virtio-9p,hostshare={rw}",
-                          "-s", f"4,virtio-9p,roshare={ro},ro", name="linux9p")
-    with GuestRun(argv, pyhyve_env(), tmp_path / "console.log") as run:
-        run.expect("@@@ end")
-        status = run.wait()
-    found = sections(run.output)
-    assert status == 1, run.output[-3000:]                 # the script's poweroff -f
-    assert "Traceback" not in run.output and " ERROR " not in run.output
-    assert found["mount"] == "MOUNT-RW-OK\nMOUNT-RO-OK"
-    assert found["read"] == "made on the host"
-    numbers = "".join(f"{n}\n" for n in range(1, 20001))
-    assert found["write"] == f"20000\n{hashlib.md5(numbers.encode()).hexdigest()}  " \
-        "/mnt/rw/made/renamed.txt\nRM-OK"
-    assert "renamed.txt -> " not in found["ls"] and "link -> renamed.txt" in found["ls"]
-    assert "absolute -> /etc/passwd" in found["ls"]
-    assert found["escape"].endswith("ESCAPE-FAILED")
-    assert found["ro"] == "read-only content\nRO-WRITE-FAILED\nRO-RM-FAILED"
-    assert found["umount"] == "UMOUNT-OK"
-
-    assert (rw / "from-guest.txt").read_text() == "written by linux\n"
-    assert stat.S_IMODE((rw / "from-guest.txt").stat().st_mode) == 0o600
-    assert (rw / "made" / "renamed.txt").read_text() == numbers
-    assert os.readlink(rw / "made" / "link") == "renamed.txt"
-    assert os.readlink(rw / "made" / "absolute") == "/etc/passwd"
-    assert not (rw / "made" / "numbers.txt").exists() and not (rw / "doomed").exists()
-    assert tree(ro) == before_ro and tree(outside) == before_outside
