@@ -90,6 +90,8 @@ class GuestRun:
         self._output = bytearray()
         self._cond = threading.Condition()
         self.times: dict[str, float] = {}      # marker -> seconds from start to when seen
+        self.section_times: dict[str, float] = {}   # section -> seconds from start to its mark
+        self._scanned = 0                      # where the section scan resumes in the output
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -104,7 +106,23 @@ class GuestRun:
                     self._cond.notify_all()
                     return
                 self._output += data
+                self._note_sections()
                 self._cond.notify_all()
+
+    def _note_sections(self) -> None:
+        """Time each `section NAME` mark as it arrives (complete lines only), so
+        that a slow boot says which part of its script took the time."""
+        end = self._output.rfind(b"\n") + 1
+        if end <= self._scanned:
+            return
+        now = time.monotonic() - self.started
+        for mark in SECTION.finditer(self._output[self._scanned:end].decode(errors="replace")):
+            self.section_times.setdefault(mark.group(1), now)
+        self._scanned = end
+
+    def timing(self) -> str:
+        """One line: seconds from start to each section's mark."""
+        return " ".join(f"{name}@{seconds:.0f}s" for name, seconds in self.section_times.items())
 
     @property
     def output(self) -> str:

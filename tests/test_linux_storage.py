@@ -196,6 +196,7 @@ class StorageBoot:
         with GuestRun(argv, env, tmp / "console.log") as run:
             run.expect("@@@ end")
             self.status = run.wait()
+        print(f"{side}: {run.timing()}")
         self.output = run.output
         self.sections = sections(run.output)
 

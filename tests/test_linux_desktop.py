@@ -1,0 +1,329 @@
+"""Linux's own display and input drivers judge pyhyve's graphical console: one
+boot under pyhyve and one under QEMU (the reference) with the same devices at
+the same addresses, a standard VGA shown over VNC, an xHCI controller with a
+USB tablet, a virtio keyboard and tablet, beside the i8042's keyboard.
+
+The guest's bochs DRM driver sets its mode, the script fills the top 64 lines
+of /dev/fb0 white and hides fbcon's cursor, and a VNC client (vncdotool, from
+PyPI) reads the screen until the fill shows (the fbdev emulation copies the
+shadow buffer from a deferred worker, slow in an emulated guest).  Then the
+input: readers (dd, one 24-byte struct input_event a block) on the virtio
+devices' and the PS/2 keyboard's event nodes; keys and a click sent through
+QMP's input-send-event go to the virtio keyboard and tablet.  The guest then
+unbinds the virtio drivers, so that a device whose driver is gone is no longer
+ready (pyhyve.inputroute; QEMU deactivates it), and reads the USB tablet too;
+a key typed and a click made through the same VNC client reach the i8042's
+keyboard and the USB tablet.  The guest dumps what each reader got.
+"""
+
+import asyncio
+import re
+import struct
+import time
+
+import pytest
+
+from firmware import require_program
+from guestrun import free_port
+from linuxguest import (QEMU_SKIP_PRT, GuestRun, pyhyve_command, pyhyve_env, qemu_command,
+                        sections, with_script)
+from pyhyve.inputroute import POINTER_MAX
+
+pytestmark = [pytest.mark.linux, pytest.mark.usefixtures("needs_kvm")]
+
+EV_SYN, EV_KEY, EV_ABS, EV_MSC = 0, 1, 3, 4
+KEY_A, KEY_B, KEY_Z, BTN_LEFT = 30, 48, 44, 0x110
+ABS_X, ABS_Y, MSC_SCAN = 0, 1, 4
+X, Y = 0x1234, 0x6543                   # QMP's absolute axes, 0 to 0x7FFF
+VNC_X, VNC_Y = 700, 500                 # a VNC client's pixel
+WIDTH, HEIGHT = 1024, 768               # bochs-drm's default mode on both
+WHITE = (0, 0, WIDTH, 64)               # what the script fills
+
+# VGA at 2, xHCI at 3, virtio keyboard at 4, virtio tablet at 5, on both sides.
+SCRIPT = r"""
+section input_devices
+cat /proc/bus/input/devices
+node() {
+  awk -v name="$1" '/^N: Name=/ { hit = index($0, name) > 0 }
+    /^H: Handlers=/ && hit { if (match($0, /event[0-9]+/)) print substr($0, RSTART, RLENGTH)
+                             hit = 0 }' \
+    /proc/bus/input/devices
+}
+K=$(node "Virtio Keyboard"); T=$(node "Virtio Tablet"); A=$(node "Set 2 keyboard")
+U=$(node "USB Tablet")
+section nodes
+echo "$K $T $A $U"
+section drm
+cat /proc/fb
+d=/sys/class/drm/card0/device; cat $d/vendor $d/device $d/class
+cat /sys/class/graphics/fb0/virtual_size /sys/class/graphics/fb0/bits_per_pixel
+section draw
+printf '\033[?25l' > /dev/tty0
+echo 0 > /sys/class/graphics/fbcon/cursor_blink
+dd if=/dev/zero bs=4096 count=64 2>/dev/null | tr '\000' '\377' > /dev/fb0 && echo drawn
+echo DRAWN
+dd if=/dev/input/$K of=/tmp/keyboard bs=24 2>/dev/null &
+dd if=/dev/input/$T of=/tmp/tablet bs=24 2>/dev/null &
+dd if=/dev/input/$A of=/tmp/atkbd bs=24 2>/dev/null &
+sleep 2
+echo INPUT-READY
+read answer
+sleep 5
+for n in $K $T; do
+  basename $(readlink -f /sys/class/input/$n/device/device) > /sys/bus/virtio/drivers/virtio_input/unbind
+done
+dd if=/dev/input/$U of=/tmp/usbtablet bs=24 2>/dev/null &
+sleep 2
+echo VNC-READY
+read answer
+sleep 5
+for file in keyboard tablet atkbd usbtablet; do
+  section events_$file
+  hexdump -v -e '24/1 "%02x" "\n"' /tmp/$file
+done
+section end
+"""
+
+
+def key(down: bool, kind: str, value) -> dict:
+    return {"type": "key", "data": {"down": down, "key": {"type": kind, "data": value}}}
+
+
+def click(x: int, y: int) -> list[list[dict]]:
+    return [[{"type": "abs", "data": {"axis": "x", "value": x}},
+             {"type": "abs", "data": {"axis": "y", "value": y}},
+             {"type": "btn", "data": {"down": True, "button": "left"}}],
+            [{"type": "btn", "data": {"down": False, "button": "left"}}]]
+
+
+QMP_EVENTS = [[key(True, "qcode", "a"), key(False, "qcode", "a")],
+              [key(True, "number", KEY_B), key(False, "number", KEY_B)], *click(X, Y)]
+
+
+def send_qmp(path: str, event_lists: list) -> None:
+    from qemu.qmp import QMPClient
+
+    async def main():
+        client = QMPClient("pyhyve-desktop-test")
+        await asyncio.wait_for(client.connect(path), 60)
+        try:
+            for events in event_lists:
+                await client.execute("input-send-event", {"events": events})
+        finally:
+            await client.disconnect()
+    asyncio.run(main())
+
+
+def is_white(screen) -> bool:
+    return screen.crop(WHITE).getextrema() == ((255, 255),) * 3
+
+
+def look_until_drawn(client, timeout: float = 120):
+    """The client's view of the screen once the fill shows, or the last look."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client.refreshScreen()
+        screen = client.screen.convert("RGB")
+        if is_white(screen) or time.monotonic() > deadline:
+            return screen
+        time.sleep(2)
+
+
+class DesktopBoot:
+    """What one boot showed: the console's sections, the screen as VNC saw it."""
+
+    def __init__(self, side: str, guest, tmp):
+        api = pytest.importorskip("vncdotool.api")
+        self.side = side
+        initrd = with_script(guest, tmp, SCRIPT)
+        qmp, vnc_port = str(tmp / "qmp.sock"), free_port()
+        if side == "pyhyve":
+            argv = pyhyve_command(guest, initrd, "-s", f"2,fbuf,tcp=127.0.0.1:{vnc_port}",
+                                  "-s", "3,xhci,tablet", "-s", "4,virtio-keyboard",
+                                  "-s", "5,virtio-tablet", "-o", f"qmp.socket={qmp}",
+                                  "-o", f"control.socket={tmp / 'ctl.sock'}",
+                                  name="linuxdesktop")
+            env = pyhyve_env()
+        else:
+            argv = qemu_command(guest, initrd, "-device", "VGA,addr=2",
+                                "-vnc", f"127.0.0.1:{vnc_port - 5900}",
+                                "-device", "qemu-xhci,addr=3", "-device", "usb-tablet",
+                                "-device", "virtio-keyboard-pci,addr=4",
+                                "-device", "virtio-tablet-pci,addr=5",
+                                "-qmp", f"unix:{qmp},server=on,wait=off",
+                                extra_cmdline=QEMU_SKIP_PRT)
+            env = None
+        with GuestRun(argv, env, tmp / "console.log") as run:
+            run.expect("DRAWN")
+            client = api.connect(f"127.0.0.1::{vnc_port}", timeout=60)
+            try:
+                self.screen = look_until_drawn(client)
+                self.screen.save(tmp / "screen.png")
+                run.expect("INPUT-READY")
+                send_qmp(qmp, QMP_EVENTS)
+                run.send("sent\n")
+                run.expect("VNC-READY")
+                client.mouseMove(VNC_X, VNC_Y)
+                client.mouseDown(1)
+                client.mouseUp(1)
+                client.keyPress("z")
+            finally:
+                client.disconnect()
+                api.shutdown()
+            run.send("sent\n")
+            run.expect("@@@ end")
+            self.output = run.output
+        self.sections = sections(self.output)
+
+    def devices(self) -> dict[str, dict[str, str]]:
+        """/proc/bus/input/devices: each device's lines by their letter (B: by
+        the bitmap's name), keyed by its name."""
+        found = {}
+        for block in re.split(r"\n(?=I: )", self.sections["input_devices"]):
+            lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            entry = {letter: text for letter, text in lines.items() if letter != "B"}
+            for line in block.splitlines():
+                if line.startswith("B: "):
+                    name, _, value = line[3:].partition("=")
+                    entry[f"B:{name}"] = value
+            found[lines["N"].removeprefix("Name=").strip('"')] = entry
+        return found
+
+    def events(self, reader: str) -> list[tuple[int, int, int]]:
+        """(type, code, value) of each struct input_event the reader got."""
+        out = []
+        for line in self.sections[f"events_{reader}"].split():
+            raw = bytes.fromhex(line)
+            out.append(struct.unpack("<HHi", raw[16:24]))
+        return out
+
+
+BOOTS: dict[str, DesktopBoot] = {}     # by side, for the comparisons once both ran
+
+
+@pytest.fixture(scope="module", params=["pyhyve", "qemu"])
+def boot(request, linux_guest, tmp_path_factory):
+    if request.param == "qemu":
+        require_program("qemu-system-x86_64", "qemu-system-x86")
+    BOOTS[request.param] = DesktopBoot(request.param, linux_guest,
+                                       tmp_path_factory.mktemp(f"desktop-{request.param}"))
+    return BOOTS[request.param]
+
+
+def both() -> tuple[DesktopBoot, DesktopBoot]:
+    if set(BOOTS) != {"pyhyve", "qemu"}:
+        pytest.skip("compares the pyhyve boot with the QEMU one")
+    return BOOTS["pyhyve"], BOOTS["qemu"]
+
+
+# --- display -------------------------------------------------------------------------------
+def test_bochs_drm_drives_the_standard_vga(boot):
+    found = boot.sections
+    assert "bochs-drm" in found["drm"] or "bochsdrmfb" in found["drm"], found["drm"]
+    drm = found["drm"].split()
+    assert drm[-5:] == ["0x1234", "0x1111", "0x030000", f"{WIDTH},{HEIGHT}", "32"], drm
+    assert "drawn" in found["draw"]
+
+
+def test_what_linux_drew_reaches_the_vnc_client(boot):
+    assert boot.screen.size == (WIDTH, HEIGHT)           # learned through DesktopSize
+    assert is_white(boot.screen), "the fill did not reach the client (screen.png)"
+    assert boot.screen.crop((0, 64, WIDTH, HEIGHT)).getextrema() != ((255, 255),) * 3
+
+
+def test_the_screen_is_qemus_pixel_for_pixel(boot):
+    """The same driver, mode and fill, the cursor hidden: every pixel equal."""
+    ours, theirs = both()
+    assert ours.screen.tobytes() == theirs.screen.tobytes()
+
+
+# --- input ---------------------------------------------------------------------------------
+def names(side: str) -> dict[str, str]:
+    """The devices by role.  pyhyve's say pyhyve where QEMU's say QEMU (the
+    USB tablet's name is its manufacturer's and product's strings); their
+    IDs are the same, which is what guests match quirks on."""
+    maker = "pyhyve" if side == "pyhyve" else "QEMU"
+    return {"keyboard": f"{maker} Virtio Keyboard", "tablet": f"{maker} Virtio Tablet",
+            "atkbd": "AT Translated Set 2 keyboard",
+            "usbtablet": "pyhyve USB Tablet" if side == "pyhyve" else "QEMU QEMU USB Tablet"}
+
+
+def test_proc_bus_input_devices_lists_them(boot):
+    devices = boot.devices()
+    roles = names(boot.side)
+    for name in roles.values():
+        assert name in devices, sorted(devices)
+    assert devices[roles["keyboard"]]["I"] == "Bus=0006 Vendor=0627 Product=0001 Version=0001"
+    assert devices[roles["tablet"]]["I"] == "Bus=0006 Vendor=0627 Product=0003 Version=0002"
+    assert devices[roles["usbtablet"]]["I"].startswith("Bus=0003 Vendor=0627 Product=0001")
+    for role in ("tablet", "usbtablet"):
+        assert devices[roles[role]]["B:ABS"] == "3"                   # ABS_X, ABS_Y
+    assert len(boot.sections["nodes"].split()) == 4
+
+
+def _bits(bitmap: str) -> set[int]:
+    """The bits set in a /proc/bus/input/devices bitmap (hex words, most significant first)."""
+    bits = set()
+    for position, word in enumerate(reversed(bitmap.split())):
+        value = int(word, 16)
+        bits.update(64 * position + bit for bit in range(64) if value >> bit & 1)
+    return bits
+
+
+def test_capabilities_match_qemus(boot):
+    """Each device's evdev bitmaps beside QEMU 7.2's:
+    - the PS/2 keyboard's are the same;
+    - the pointers' axes (ABS) are the same, and their buttons (KEY) are among
+      QEMU's, which also offers side and extra buttons pyhyve's router has not;
+    - the virtio tablet's wheel is REL_WHEEL (QEMU 8.1's wheel-axis default;
+      7.2 sends wheel steps as BTN_GEAR_UP/DOWN key events instead), so its
+      EV and REL bitmaps are not compared;
+    - the virtio keyboard has every key code below the buttons, QEMU's the
+      keys its key table maps (among them), and the same EV and LED bits."""
+    ours, theirs = (side.devices() for side in both())
+
+    def bitmaps(role: str):
+        return ours[names("pyhyve")[role]], theirs[names("qemu")[role]]
+
+    mine, reference = bitmaps("atkbd")
+    assert {k: v for k, v in mine.items() if k.startswith("B:")} == \
+        {k: v for k, v in reference.items() if k.startswith("B:")}
+    for role in ("tablet", "usbtablet"):
+        mine, reference = bitmaps(role)
+        assert mine["B:ABS"] == reference["B:ABS"]
+        assert _bits(mine["B:KEY"]) <= _bits(reference["B:KEY"]), role
+    mine, reference = bitmaps("usbtablet")
+    assert mine.get("B:REL") == reference.get("B:REL")
+    mine, reference = bitmaps("keyboard")
+    assert _bits(reference["B:KEY"]) <= _bits(mine["B:KEY"])
+    assert (mine["B:EV"], mine.get("B:LED")) == (reference["B:EV"], reference.get("B:LED"))
+
+
+def pointer(events) -> list[tuple[int, int, int]]:
+    """A pointer's events less MSC_SCAN (the USB tablet's HID usages)."""
+    return [event for event in events if event[0] != EV_MSC]
+
+
+def test_qmp_keys_and_click_reach_the_virtio_devices(boot):
+    keys = [event for event in boot.events("keyboard") if event[0] == EV_KEY]
+    assert keys == [(EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0), (EV_KEY, KEY_B, 1),
+                    (EV_KEY, KEY_B, 0)]
+    assert pointer(boot.events("tablet")) == [
+        (EV_ABS, ABS_X, X), (EV_ABS, ABS_Y, Y), (EV_KEY, BTN_LEFT, 1), (EV_SYN, 0, 0),
+        (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0)]
+
+
+def test_vnc_click_reaches_the_usb_tablet_scaled_as_qemu_does(boot):
+    """A VNC pixel becomes pixel * 0x7FFF / (size - 1) on both sides; the
+    move, the press and the release are three pointer events."""
+    x, y = VNC_X * POINTER_MAX // (WIDTH - 1), VNC_Y * POINTER_MAX // (HEIGHT - 1)
+    assert pointer(boot.events("usbtablet")) == [
+        (EV_ABS, ABS_X, x), (EV_ABS, ABS_Y, y), (EV_SYN, 0, 0), (EV_KEY, BTN_LEFT, 1),
+        (EV_SYN, 0, 0), (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0)]
+
+
+def test_vnc_key_reaches_the_i8042_keyboard(boot):
+    atkbd = boot.events("atkbd")
+    assert [event for event in atkbd if event[0] == EV_KEY] == [(EV_KEY, KEY_Z, 1),
+                                                                 (EV_KEY, KEY_Z, 0)]
+    assert (EV_MSC, MSC_SCAN, 0x2C) in atkbd             # Z's set-1 code, translated
