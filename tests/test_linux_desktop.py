@@ -70,7 +70,8 @@ echo INPUT-READY
 read answer
 sleep 5
 for n in $K $T; do
-  basename $(readlink -f /sys/class/input/$n/device/device) > /sys/bus/virtio/drivers/virtio_input/unbind
+  basename $(readlink -f /sys/class/input/$n/device/device) \
+    > /sys/bus/virtio/drivers/virtio_input/unbind
 done
 dd if=/dev/input/$U of=/tmp/usbtablet bs=24 2>/dev/null &
 sleep 2

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from firmware import require_program
-from linuxguest import (DISK_SIZE, QEMU_SKIP_PRT, GuestRun, check_discard, check_disk_sections,
-                        discard_script, disk_script, pyhyve_command, pyhyve_env, qemu_command,
-                        sections, with_script)
+from linuxguest import (DISK_SIZE, FILL, QEMU_SKIP_PRT, GuestRun, check_discard,
+                        check_disk_sections, discard_script, disk_script, pyhyve_command,
+                        pyhyve_env, qemu_command, sections, with_script)
 from test_linux_guest import debugfs_cat
 from test_virtio_9p import tree
 
@@ -71,9 +71,9 @@ section scsi-ext2
 mount -t ext2 $scsi_rw /mnt && echo mounted
 cat /mnt/host.txt
 seq 0 299 | sed 's/.*/scsi line &/' > /mnt/lines.txt
-dd if=/dev/urandom of=/mnt/random.bin bs=4096 count=32 2>/dev/null
+dd if={FILL} of=/mnt/data.bin bs=4096 count=32 2>/dev/null
 sync
-sha256sum /mnt/lines.txt /mnt/random.bin
+sha256sum /mnt/lines.txt /mnt/data.bin
 umount /mnt && echo unmounted
 section scsi-ro
 dd if=$scsi_ro bs=4096 count=1 2>/dev/null | sha256sum
@@ -278,9 +278,9 @@ def test_scsi_reads_the_hosts_ext2_and_the_host_reads_its_files(storage):
     lines = debugfs_cat(storage.images.scsi_rw, "lines.txt")
     assert lines == b"".join(b"scsi line %d\n" % i for i in range(300))
     assert hashlib.sha256(lines).hexdigest() == sums["/mnt/lines.txt"]
-    random_bytes = debugfs_cat(storage.images.scsi_rw, "random.bin")
-    assert len(random_bytes) == 32 * 4096
-    assert hashlib.sha256(random_bytes).hexdigest() == sums["/mnt/random.bin"]
+    data = debugfs_cat(storage.images.scsi_rw, "data.bin")
+    assert len(data) == 32 * 4096
+    assert hashlib.sha256(data).hexdigest() == sums["/mnt/data.bin"]
 
 
 def test_scsi_read_only_lun_refuses_writes(storage):
