@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_virtio import VirtioVm
 
 from pyhyve.config import ConfigError
-from pyhyve.inputroute import BUTTON_LEFT, WHEEL_DOWN
+from pyhyve.inputroute import BUTTON_LEFT, WHEEL_DOWN, WHEEL_UP
 from pyhyve.pci import regs as R
 from pyhyve.usb import tablet as T
 from pyhyve.usb import xhci as X
@@ -258,8 +258,31 @@ def test_tablet_requests_and_state():
     other = T.UsbTablet(threading.RLock(), lambda: None)
     other.restore_state(state)
     assert other.save_state() == state
-    with pytest.raises(ValueError):
-        other.restore_state(dict(state, wheel=200))
+    for queue in ([[1, 10, 20, 200]], [[1, 10, 20]], [[8, 0, 0, 0]], [[1, 10, 20, 0]] * 17, {}):
+        with pytest.raises(ValueError):
+            other.restore_state(dict(state, queue=queue))
+
+
+def test_tablet_queues_a_click_made_between_two_polls():
+    """Press and release before the host polls are two reports, as under QEMU;
+    moves with the same buttons coalesce into the newest, wheel steps add up."""
+    import threading
+    tablet = T.UsbTablet(threading.RLock(), lambda: None)
+    tablet.control(0, 9, 1, 0, 0, b"")
+    tablet.pointer_event(100, 200, 0)
+    tablet.pointer_event(300, 400, 0)
+    tablet.pointer_event(300, 400, BUTTON_LEFT)
+    tablet.pointer_event(300, 400, 0)
+    tablet.pointer_event(300, 400, WHEEL_UP)
+    tablet.pointer_event(300, 400, 0)
+    tablet.pointer_event(300, 400, WHEEL_UP)
+    reports = []
+    while tablet.has_report():
+        reports.append(struct.unpack("<BHHb", tablet.take_report()))
+    assert reports == [(0, 300, 400, 0), (1, 300, 400, 0), (0, 300, 400, 2)]
+    for n in range(40):                         # a host that never polls: the queue stays 16
+        tablet.pointer_event(n, n, BUTTON_LEFT if n % 2 else 0)
+    assert len(tablet.queue) == T.QUEUE_LENGTH and tablet.queue[-1][1] == 39
 
 
 REGISTER_OFFSETS = st.one_of(

@@ -6,9 +6,11 @@ device with one interface, HID class, whose interrupt IN endpoint 1 sends a
 The device answers the standard requests a host's enumeration makes
 (descriptors, configuration, interface, status, features) and HID's class
 requests (report descriptor, SET_IDLE, SET_PROTOCOL, GET_REPORT); anything
-else stalls.  It is a pointer sink of the VM's input router; between two
-reports the host has taken, moves coalesce into the newest position and
-wheel steps add up, as the interrupt endpoint is polled, not pushed.
+else stalls.  It is a pointer sink of the VM's input router.  The interrupt
+endpoint is polled, not pushed, so reports wait in a queue (16, as QEMU's):
+moves coalesce into the newest report and wheel steps add up while the
+buttons stay the same, and a button change starts a new report, so that a
+click made between two polls reaches the guest as a press and a release.
 
 The controller calls control(), take_report() and has_report() with its
 lock held; pointer_event() comes from the router's callers and takes the
@@ -19,7 +21,7 @@ controller (`wake`) to run the endpoint.
 import struct
 
 from ..inputroute import BUTTON_LEFT, BUTTON_MIDDLE, BUTTON_RIGHT, WHEEL_DOWN, WHEEL_UP
-from ..lifecycle import StateError, expect_keys, flag, uint
+from ..lifecycle import StateError, expect_keys, uint
 
 VENDOR, PRODUCT = 0x0627, 0x0001        # QEMU's tablet IDs: what guests' quirk tables know
 MANUFACTURER, PRODUCT_NAME, SERIAL = "pyhyve", "USB Tablet", "1"
@@ -69,6 +71,7 @@ STRINGS = {1: MANUFACTURER, 2: PRODUCT_NAME, 3: SERIAL}
 LANGUAGE_EN_US = 0x0409
 
 _BUTTON_BITS = ((BUTTON_LEFT, 0x01), (BUTTON_RIGHT, 0x02), (BUTTON_MIDDLE, 0x04))
+QUEUE_LENGTH = 16           # reports waiting for the host; then moves overwrite the newest
 
 
 def _string_descriptor(index: int) -> bytes | None:
@@ -85,8 +88,8 @@ class UsbTablet:
     """The tablet; `wake()` is called (lock held) when a report is waiting."""
 
     name = "tablet"
-    STATE = ("configuration", "protocol", "idle", "buttons", "x", "y", "wheel",
-             "pending", "router_buttons")
+    STATE = ("configuration", "protocol", "idle", "buttons", "x", "y", "queue",
+             "router_buttons")
 
     def __init__(self, lock, wake):
         self._lock = lock
@@ -99,8 +102,8 @@ class UsbTablet:
         self.configuration = 0
         self.protocol = 1           # report protocol
         self.idle = 0
-        self.buttons = self.x = self.y = self.wheel = 0
-        self.pending = False
+        self.buttons = self.x = self.y = 0
+        self.queue: list[list[int]] = []    # [buttons, x, y, wheel] reports not yet taken
 
     # --- the router's side ----------------------------------------------------------------
     def ready(self) -> bool:
@@ -112,26 +115,28 @@ class UsbTablet:
             changed, self.router_buttons = self.router_buttons ^ buttons, buttons
             self.x, self.y = x, y
             self.buttons = sum(bit for mask, bit in _BUTTON_BITS if buttons & mask)
-            for mask, step in ((WHEEL_UP, 1), (WHEEL_DOWN, -1)):
-                if changed & mask and buttons & mask:
-                    self.wheel = max(-127, min(127, self.wheel + step))
-            self.pending = True
+            wheel = sum(step for mask, step in ((WHEEL_UP, 1), (WHEEL_DOWN, -1))
+                        if changed & mask and buttons & mask)
+            newest = self.queue[-1] if self.queue else None
+            if newest is not None and (newest[0] == self.buttons or
+                                       len(self.queue) == QUEUE_LENGTH):
+                newest[:] = [self.buttons, x, y, max(-127, min(127, newest[3] + wheel))]
+            else:
+                self.queue.append([self.buttons, x, y, wheel])
             if self.configuration:
                 self._wake()
 
     # --- the controller's side -------------------------------------------------------------
     def report(self) -> bytes:
-        return struct.pack("<BHHb", self.buttons, self.x, self.y, self.wheel)
+        """The pointer as it is now (GET_REPORT)."""
+        return struct.pack("<BHHb", self.buttons, self.x, self.y, 0)
 
     def has_report(self) -> bool:
-        return self.pending and self.configuration != 0
+        return bool(self.queue) and self.configuration != 0
 
     def take_report(self) -> bytes:
-        """The report for the interrupt endpoint; the wheel steps it carries are spent."""
-        data = self.report()
-        self.pending = False
-        self.wheel = 0
-        return data
+        """The oldest waiting report, for the interrupt endpoint."""
+        return struct.pack("<BHHb", *self.queue.pop(0))
 
     def control(self, request_type: int, request: int, value: int, index: int,
                 length: int, data: bytes) -> bytes | None:
@@ -192,7 +197,7 @@ class UsbTablet:
     def save_state(self) -> dict:
         return {"configuration": self.configuration, "protocol": self.protocol,
                 "idle": self.idle, "buttons": self.buttons, "x": self.x, "y": self.y,
-                "wheel": self.wheel, "pending": self.pending,
+                "queue": [list(report) for report in self.queue],
                 "router_buttons": self.router_buttons}
 
     def restore_state(self, state: dict) -> None:
@@ -200,10 +205,20 @@ class UsbTablet:
         values = {key: uint(state[key], limit, f"usb tablet {key}") for key, limit in (
             ("configuration", 1), ("protocol", 1), ("idle", 0xFF), ("buttons", 0x07),
             ("x", 0x7FFF), ("y", 0x7FFF), ("router_buttons", 0xFF))}
-        wheel = state["wheel"]
-        if not isinstance(wheel, int) or isinstance(wheel, bool) or not -127 <= wheel <= 127:
-            raise StateError(f"usb tablet wheel is {wheel!r}, not -127..127")
-        pending = flag(state["pending"], "usb tablet pending")
+        queue = state["queue"]
+        if not isinstance(queue, list) or len(queue) > QUEUE_LENGTH:
+            raise StateError(f"usb tablet queue is not a list of up to {QUEUE_LENGTH} reports")
+        reports = []
+        for report in queue:
+            if not isinstance(report, list) or len(report) != 4:
+                raise StateError("usb tablet report is not [buttons, x, y, wheel]")
+            buttons, x, y = (uint(value, limit, "usb tablet report")
+                             for value, limit in zip(report, (0x07, 0x7FFF, 0x7FFF)))
+            wheel = report[3]
+            if not isinstance(wheel, int) or isinstance(wheel, bool) or \
+                    not -127 <= wheel <= 127:
+                raise StateError(f"usb tablet wheel is {wheel!r}, not -127..127")
+            reports.append([buttons, x, y, wheel])
         for key, value in values.items():
             setattr(self, key, value)
-        self.wheel, self.pending = wheel, pending
+        self.queue = reports
