@@ -119,22 +119,38 @@ def is_white(screen) -> bool:
     return screen.crop(WHITE).getextrema() == ((255, 255),) * 3
 
 
-def look_until_drawn(client, timeout: float = 120):
-    """The client's view of the screen once the fill shows, or the last look."""
+def look_until_drawn(api, port: int, timeout: float = 120):
+    """The screen once the fill shows, or the last look (a fresh connection
+    each look, as test_vnc.py's grab())."""
     deadline = time.monotonic() + timeout
     while True:
-        client.refreshScreen()
-        screen = client.screen.convert("RGB")
+        client = api.connect(f"127.0.0.1::{port}", timeout=60)
+        try:
+            client.refreshScreen()
+            screen = client.screen.convert("RGB")
+        finally:
+            client.disconnect()
         if is_white(screen) or time.monotonic() > deadline:
             return screen
         time.sleep(2)
 
 
+def click_and_type(api, port: int) -> None:
+    """A move, a left click and a key, from one VNC client."""
+    client = api.connect(f"127.0.0.1::{port}", timeout=60)
+    try:
+        client.mouseMove(VNC_X, VNC_Y)
+        client.mouseDown(1)
+        client.mouseUp(1)
+        client.keyPress("z")
+    finally:
+        client.disconnect()
+
+
 class DesktopBoot:
     """What one boot showed: the console's sections, the screen as VNC saw it."""
 
-    def __init__(self, side: str, guest, tmp):
-        api = pytest.importorskip("vncdotool.api")
+    def __init__(self, side: str, guest, tmp, api):
         self.side = side
         initrd = with_script(guest, tmp, SCRIPT)
         qmp, vnc_port = str(tmp / "qmp.sock"), free_port()
@@ -156,21 +172,13 @@ class DesktopBoot:
             env = None
         with GuestRun(argv, env, tmp / "console.log") as run:
             run.expect("DRAWN")
-            client = api.connect(f"127.0.0.1::{vnc_port}", timeout=60)
-            try:
-                self.screen = look_until_drawn(client)
-                self.screen.save(tmp / "screen.png")
-                run.expect("INPUT-READY")
-                send_qmp(qmp, QMP_EVENTS)
-                run.send("sent\n")
-                run.expect("VNC-READY")
-                client.mouseMove(VNC_X, VNC_Y)
-                client.mouseDown(1)
-                client.mouseUp(1)
-                client.keyPress("z")
-            finally:
-                client.disconnect()
-                api.shutdown()
+            self.screen = look_until_drawn(api, vnc_port)
+            self.screen.save(tmp / "screen.png")
+            run.expect("INPUT-READY")
+            send_qmp(qmp, QMP_EVENTS)
+            run.send("sent\n")
+            run.expect("VNC-READY")
+            click_and_type(api, vnc_port)
             run.send("sent\n")
             run.expect("@@@ end")
             self.output = run.output
@@ -202,12 +210,22 @@ class DesktopBoot:
 BOOTS: dict[str, DesktopBoot] = {}     # by side, for the comparisons once both ran
 
 
+@pytest.fixture(scope="module")
+def vnc_api():
+    """vncdotool's API, whose reactor thread runs once a process: shut down
+    after both boots."""
+    api = pytest.importorskip("vncdotool.api")
+    yield api
+    api.shutdown()
+
+
 @pytest.fixture(scope="module", params=["pyhyve", "qemu"])
-def boot(request, linux_guest, tmp_path_factory):
+def boot(request, linux_guest, tmp_path_factory, vnc_api):
     if request.param == "qemu":
         require_program("qemu-system-x86_64", "qemu-system-x86")
     BOOTS[request.param] = DesktopBoot(request.param, linux_guest,
-                                       tmp_path_factory.mktemp(f"desktop-{request.param}"))
+                                       tmp_path_factory.mktemp(f"desktop-{request.param}"),
+                                       vnc_api)
     return BOOTS[request.param]
 
 
