@@ -194,6 +194,7 @@ class DevicesBoot:
         finally:
             self.run.kill()
             self.http.close()
+        print(f"{side}: {self.run.timing()}")
         self.sections = sections(self.run.output)
 
     def _drive(self) -> None:
