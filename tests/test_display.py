@@ -245,28 +245,6 @@ def test_graphics_modes_draw_from_video_memory(vm):
     assert vm.device.screen.refresh().pixels[:4] == bytes((1, 2, 3, 0))
 
 
-def test_writes_the_dirty_log_missed_show_within_the_full_check(vm, monkeypatch):
-    """With the framebuffer mapped, lines are redrawn from KVM's dirty log (the
-    fake VM's logs nothing, as a log that missed a write); the reread every
-    FULL_CHECK_SECONDS brings such writes to the screen."""
-    from pyhyve.display import stdvga
-    vm.config_write(R.COMMAND, 2, R.COMMAND_MEMORY)
-    assert vm.device.lfb_gpa is not None
-    vm.port_write(0x3C0, 1, 0x20)
-    dispi(vm, V.DISPI_XRES, 64)
-    dispi(vm, V.DISPI_YRES, 8)
-    dispi(vm, V.DISPI_BPP, 32)
-    dispi(vm, V.DISPI_ENABLE, V.DISPI_ENABLED)
-    screen = vm.device.screen
-    assert screen.refresh().pixels[:4] == bytes(4)          # a new mode: drawn in full
-    monkeypatch.setattr(stdvga, "FULL_CHECK_SECONDS", 3600)
-    vm.device.vram[0:4] = bytes((1, 2, 3, 0))               # a write the log did not see
-    assert screen.refresh().pixels[:4] == bytes(4)
-    monkeypatch.setattr(stdvga, "FULL_CHECK_SECONDS", 0)
-    update = screen.refresh()
-    assert update.pixels[:4] == bytes((1, 2, 3, 0)) and update.rects == [(0, 0, 64, 8)]
-
-
 def test_state_survives_save_restore_save(vm):
     text_screen(vm, 0x41, 0x1E)
     dispi(vm, V.DISPI_XRES, 800)

@@ -7,8 +7,7 @@ ports and the window at 0xA0000, Linux's bochs DRM driver through the
 DISPI registers and the linear framebuffer.
   BAR0  the framebuffer (video memory): RAM mapped into the guest as a KVM
         memslot that moves with the BAR; KVM logs the guest's writes to it,
-        so the display redraws only written lines, and rereads all of it
-        once a second (FULL_CHECK_SECONDS) for writes the log did not report
+        so the display redraws only written lines
   BAR2  registers: 0x400-0x41f the VGA ports 0x3c0-0x3df, 0x500-0x515 the
         DISPI registers, 16 bits each
   ports 0x3c0-0x3df (and the CRTC at 0x3b4/0x3b5/0x3ba), DISPI at 0x1ce/0x1cf
@@ -21,7 +20,6 @@ SeaBIOS and QEMU guests expect; bhyve's options are accepted as they are
 import mmap
 import os
 import threading
-import time
 import zlib
 
 from ..config import ConfigError
@@ -40,12 +38,6 @@ DEFAULT_ROM = "/usr/share/seabios/vgabios-stdvga.bin"
 MMIO_SIZE = 4096
 MMIO_VGA_PORTS, MMIO_DISPI = 0x400, 0x500
 MIB = 1 << 20
-# The dirty log is the fast path; a full reread bounds how long a write it did
-# not report stays off the screen.  A Linux guest's fbdev fill under this host's
-# KVM (kvm_pvm) left whole lines stale for minutes without it, while video
-# memory held them (tests/pending/desktop_linux.py).  bhyve's fbuf checksums
-# every tile of every frame; once a second costs a 3 MiB read at 1024x768.
-FULL_CHECK_SECONDS = 1.0
 MAX_WIDTH, MAX_HEIGHT = 1920, 1200              # bhyve's fbuf limits
 
 
@@ -102,7 +94,6 @@ class StdVga(PciDevice):
         self.lfb_gpa: int | None = None         # where the framebuffer is mapped now
         self.renderer = Renderer(self.state)
         self.screen = Screen(self._draw)
-        self._last_full_check = 0.0             # time.monotonic() of the last full reread
         self._ranges = []
         self.add_bar(0, BAR_MEM32, len(self.vram), prefetchable=True)
         self.add_bar(2, BAR_MEM32, MMIO_SIZE)
@@ -235,11 +226,7 @@ class StdVga(PciDevice):
         return pages
 
     def _draw(self):
-        pages = self._dirty_pages()
-        now = time.monotonic()
-        if now - self._last_full_check >= FULL_CHECK_SECONDS:
-            self._last_full_check, pages = now, None
-        changed = self.renderer.render(pages)
+        changed = self.renderer.render(self._dirty_pages())
         band = (self.state.cr[9] & 0x1F) + 1 if self.renderer.text_mode else 16
         return self.renderer.width, self.renderer.height, self.renderer.frame, changed, band
 
