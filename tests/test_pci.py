@@ -337,9 +337,12 @@ def _install_plugin(root: Path, module: str, target: str) -> None:
 
 
 def test_an_installed_package_adds_an_emulation(tmp_path, monkeypatch):
+    from pyhyve import pci
     from pyhyve.pci import find_emulation
     _install_plugin(tmp_path, "hello_pyhyve", "hello-dev = hello_pyhyve:HelloDevice")
     monkeypatch.syspath_prepend(str(tmp_path))
+    # the plugin leaves the registry with the test (later tests list every emulation)
+    monkeypatch.setattr(pci, "_EMULATIONS", dict(pci._EMULATIONS))
     cls = find_emulation("hello-dev")
     assert cls is not None and cls.__name__ == "HelloDevice" and cls.emulation_name == "hello-dev"
     bus = PciBus(FakeVm().context)
