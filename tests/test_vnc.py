@@ -468,7 +468,7 @@ def test_protocol_over_websocket_zlib_copyrect_desktopsize_and_input():
         client.send(struct.pack(">BBHHHH", 3, 0, 0, 0, 32, 16))
         client.update()                     # answered after the input was taken
         assert sink.events == [("key", 30, True), ("key", 28, False),
-                               ("pointer", 0x7FFF, 0x7FFF, 1)]
+                               ("pointer", 31 * 0x7FFF // 32, 15 * 0x7FFF // 16, 1)]
     finally:
         server.close()
 

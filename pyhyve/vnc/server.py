@@ -266,8 +266,10 @@ class Session:
         elif kind == POINTER_EVENT:
             buttons, x, y = struct.unpack(">BHH", self.stream.recv_exact(5))
             width, height = self.size
-            self.server.input.pointer(x * POINTER_MAX // max(width - 1, 1),
-                                      y * POINTER_MAX // max(height - 1, 1), buttons)
+            # scaled by the size, not the size - 1, as QEMU 7.2's server does
+            # (seen by Linux's usbhid beside it: 700 of 1280 is 17919)
+            self.server.input.pointer(x * POINTER_MAX // max(width, 1),
+                                      y * POINTER_MAX // max(height, 1), buttons)
         elif kind == CUT_TEXT:
             length = abs(struct.unpack(">xxxi", self.stream.recv_exact(7))[0])
             if length > MAX_CUT_TEXT:
