@@ -32,6 +32,15 @@ def run_pyhyve(args: list[str], timeout: float = 120, **kwargs) -> subprocess.Co
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
+def start_fork_server(path: Path) -> subprocess.Popen:
+    """`pyhyve --serve=PATH`, returned once it says it serves there."""
+    proc = subprocess.Popen([sys.executable, "-m", "pyhyve", f"--serve={path}"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline() == f"pyhyve: serving on {path}\n"
+    return proc
+
+
 def run_rom(tmp_path: Path, guest: str, *args: str, defines: dict | None = None,
             timeout: float = 120) -> Result:
     """Boot tests/guests/GUEST.S as a bootrom; the debug port goes to a file."""

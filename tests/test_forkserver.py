@@ -14,17 +14,14 @@ import time
 import pytest
 
 from build import build_rom
-from guestrun import REPO
+from guestrun import REPO, start_fork_server
 from pyhyve import forkserver
 
 
 @pytest.fixture
 def server(tmp_path):
     path = tmp_path / "serve.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pyhyve", f"--serve={path}"],
-                            env=dict(os.environ, PYTHONPATH=str(REPO)),
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr.readline() == f"pyhyve: serving on {path}\n"
+    proc = start_fork_server(path)
     assert path.stat().st_mode & 0o777 == 0o600
     yield path, proc
     if proc.poll() is None:

@@ -15,8 +15,6 @@ interpreter starts; test_forkserver.py shows a served VM is the command's."""
 import os
 import selectors
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from build import build_rom
-from guestrun import REPO
+from guestrun import start_fork_server
 from pyhyve import forkserver
 from pyhyve.configkeys import KEYS
 from pyhyve.pci import emulations
@@ -80,10 +78,7 @@ CASE_TIMEOUT = 60               # seconds; hello16 powers off at once
 def server(tmp_path_factory):
     """A fork server for the walk's runs; its socket path."""
     path = tmp_path_factory.mktemp("walk-serve") / "serve.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pyhyve", f"--serve={path}"],
-                            env=dict(os.environ, PYTHONPATH=str(REPO)),
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr.readline() == f"pyhyve: serving on {path}\n"
+    proc = start_fork_server(path)
     yield str(path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
