@@ -7,9 +7,13 @@ every device model translates from: PS/2 scancodes, USB HID usages and
 virtio-input's own events.  Pointer positions are absolute, 0 to POINTER_MAX
 on each axis across the screen, so they need no knowledge of the display mode.
 
-Like QEMU, events go to one device of each kind: the most recently added
-sink whose guest driver is ready for it (`ready()`), else the first added,
-so a guest that drives a virtio keyboard gets each key once, not twice.
+Like QEMU, events go to one device of each kind, so a guest that drives a
+virtio keyboard gets each key once, not twice: the first ready sink
+(`ready()`) in an order where each sink whose guest driver became ready
+(`activate()`: a virtio driver's DRIVER_OK, the first poll of a USB tablet)
+moves to the front and new sinks join at the back; with none ready, the
+first.  The order is not in snapshots: a restored VM starts from the order
+its devices restore in.
 
 Threading: frontends call key() and pointer() from their own threads; sinks
 must take events from any thread.
@@ -38,7 +42,7 @@ class PointerSink(Protocol):
 
 
 def _choose(sinks: list):
-    for sink in reversed(sinks):
+    for sink in sinks:
         if sink.ready():
             return sink
     return sinks[0] if sinks else None
@@ -60,6 +64,15 @@ class InputRouter:
     def add_pointer(self, sink: PointerSink) -> None:
         with self._lock:
             self._pointers.append(sink)
+
+    def activate(self, sink) -> None:
+        """SINK's driver just became ready: it takes events before the others
+        (QEMU's qemu_input_handler_activate)."""
+        with self._lock:
+            for sinks in (self._keyboards, self._pointers):
+                if sink in sinks:
+                    sinks.remove(sink)
+                    sinks.insert(0, sink)
 
     def remove(self, sink) -> None:
         """A device unplugged or closed stops receiving events."""

@@ -1,4 +1,5 @@
-"""The input router sends each event to one device: the newest ready one."""
+"""The input router sends each event to one device: the ready one activated
+last, else the first ready one added."""
 
 from pyhyve.inputroute import POINTER_MAX, InputRouter
 
@@ -17,7 +18,7 @@ class Sink:
         self.moves.append((x, y, buttons))
 
 
-def test_events_go_to_the_newest_ready_sink_else_the_first():
+def test_events_go_to_the_first_ready_sink_else_the_first():
     router = InputRouter()
     assert not router.key(30, True) and not router.pointer(1, 2, 0)
     ps2, virtio = Sink(), Sink()
@@ -28,9 +29,31 @@ def test_events_go_to_the_newest_ready_sink_else_the_first():
     virtio.is_ready = True
     router.key(30, False)
     assert (ps2.keys, virtio.keys) == ([(30, True)], [(30, False)])
+    ps2.is_ready = True                         # both ready: the one added first
+    router.key(32, True)
+    router.activate(virtio)                     # until the other's driver comes up
+    router.key(32, False)
+    assert (ps2.keys[-1], virtio.keys[-1]) == ((32, True), (32, False))
     router.remove(virtio)
     router.key(31, True)
     assert ps2.keys[-1] == (31, True)
+
+
+def test_the_sink_activated_last_wins_while_it_is_ready():
+    """QEMU's rule: a USB tablet the guest first polls after the virtio tablet's
+    driver came up takes the events, until the virtio driver comes up again."""
+    router = InputRouter()
+    usb, virtio = Sink(ready=True), Sink(ready=True)
+    router.add_pointer(usb)
+    router.add_pointer(virtio)
+    router.activate(virtio)
+    router.activate(usb)
+    router.pointer(1, 1, 0)
+    router.activate(virtio)
+    router.pointer(2, 2, 0)
+    virtio.is_ready = False                    # its driver unbound: the USB tablet again
+    router.pointer(3, 3, 0)
+    assert (usb.moves, virtio.moves) == ([(1, 1, 0), (3, 3, 0)], [(2, 2, 0)])
 
 
 def test_pointer_positions_are_clamped():

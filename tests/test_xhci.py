@@ -244,7 +244,8 @@ def test_options():
 def test_tablet_requests_and_state():
     import threading
     woken = []
-    tablet = T.UsbTablet(threading.RLock(), lambda: woken.append(1))
+    activated = []
+    tablet = T.UsbTablet(threading.RLock(), lambda: woken.append(1), activated.append)
     assert tablet.control(0x80, 6, 0x0300, 0, 255, b"") == b"\x04\x03\x09\x04"
     assert tablet.control(0x80, 6, 0x0309, 0, 255, b"") is None
     assert tablet.control(0x80, 6, 0x0700, 0, 255, b"") is None
@@ -254,8 +255,11 @@ def test_tablet_requests_and_state():
     assert tablet.control(0x21, 0x0B, 0, 0, 0, b"") == b"" and tablet.protocol == 0
     tablet.pointer_event(10, 20, BUTTON_LEFT)
     assert woken and tablet.has_report()
+    assert activated == [] and tablet.control(0xA1, 1, 0x0100, 0, 6, b"")
+    tablet.polled()
+    assert activated == [tablet]                # once a reset: the first poll tells the router
     state = tablet.save_state()
-    other = T.UsbTablet(threading.RLock(), lambda: None)
+    other = T.UsbTablet(threading.RLock(), lambda: None, lambda sink: None)
     other.restore_state(state)
     assert other.save_state() == state
     for queue in ([[1, 10, 20, 200]], [[1, 10, 20]], [[8, 0, 0, 0]], [[1, 10, 20, 0]] * 17, {}):
@@ -267,7 +271,7 @@ def test_tablet_queues_a_click_made_between_two_polls():
     """Press and release before the host polls are two reports, as under QEMU;
     moves with the same buttons coalesce into the newest, wheel steps add up."""
     import threading
-    tablet = T.UsbTablet(threading.RLock(), lambda: None)
+    tablet = T.UsbTablet(threading.RLock(), lambda: None, lambda sink: None)
     tablet.control(0, 9, 1, 0, 0, b"")
     tablet.pointer_event(100, 200, 0)
     tablet.pointer_event(300, 400, 0)

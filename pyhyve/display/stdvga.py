@@ -8,8 +8,9 @@ DISPI registers and the linear framebuffer.
   BAR0  the framebuffer (video memory): RAM mapped into the guest as a KVM
         memslot that moves with the BAR; KVM logs the guest's writes to it,
         so the display redraws only written lines
-  BAR2  registers: 0x400-0x41f the VGA ports 0x3c0-0x3df, 0x500-0x515 the
-        DISPI registers, 16 bits each
+  BAR2  registers: 0x000-0x0ff the EDID (a monitor preferring w x h, read
+        by bochs-drm as QEMU's), 0x400-0x41f the VGA ports 0x3c0-0x3df,
+        0x500-0x515 the DISPI registers, 16 bits each
   ports 0x3c0-0x3df (and the CRTC at 0x3b4/0x3b5/0x3ba), DISPI at 0x1ce/0x1cf
 
 Where bhyve's fbuf is a plain framebuffer for UEFI, this is the VGA that
@@ -22,11 +23,12 @@ import os
 import threading
 import zlib
 
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..lifecycle import StateError, decode, encode
 from ..memory import GuestMemoryError
 from ..pci import BAR_MEM32, PciDevice, emulation
 from ..pci.options import Option
+from .edid import edid
 from .render import Renderer
 from .screen import Screen
 from .vga import DISPI_PORTS, DISPI_XRES, DISPI_YRES, MONO_PORTS, VGA_PORTS, VGA_WINDOW, \
@@ -36,7 +38,8 @@ VENDOR_BOCHS, DEVICE_STDVGA = 0x1234, 0x1111
 CLASS_VGA = 0x030000
 DEFAULT_ROM = "/usr/share/seabios/vgabios-stdvga.bin"
 MMIO_SIZE = 4096
-MMIO_VGA_PORTS, MMIO_DISPI = 0x400, 0x500
+MMIO_EDID, MMIO_VGA_PORTS, MMIO_DISPI = 0x000, 0x400, 0x500
+EDID_AREA = 0x100
 MIB = 1 << 20
 MAX_WIDTH, MAX_HEIGHT = 1920, 1200              # bhyve's fbuf limits
 
@@ -69,6 +72,8 @@ class StdVga(PciDevice):
         Option("wait", "flag", "false", "start the guest only once a VNC client connected"),
         Option("password", "text", None, "VNC Authentication password (8 characters count)"),
         Option("vram", "number", "16", "video memory in MiB: 1 to 256, a power of two"),
+        Option("edid", "flag", "true", "offer an EDID whose preferred mode is w x h (as "
+               "QEMU's edid=on); off: the guest's driver picks its own default"),
     )
 
     def init(self, options: dict[str, str]) -> None:
@@ -82,8 +87,10 @@ class StdVga(PciDevice):
         self.vga_mode = options.get("vga", "on")
         if self.vga_mode not in ("on", "io", "off"):
             raise ConfigError("fbuf: vga must be on, io or off")
-        self.wait = options.get("wait", "false").lower() in ("true", "on", "yes", "1")
+        flags = Config(options)
+        self.wait = flags.get_bool("wait")
         self.password = options.get("password")
+        self.edid = edid(width, height) if flags.get_bool("edid", True) else b""
 
         self.set_ids(VENDOR_BOCHS, DEVICE_STDVGA, CLASS_VGA, revision=2,
                      subsystem_vendor=0x1AF4, subsystem=0x1100)
@@ -163,6 +170,9 @@ class StdVga(PciDevice):
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if index != 2:
             return (1 << (8 * size)) - 1
+        if MMIO_EDID <= offset < MMIO_EDID + EDID_AREA:
+            start = offset - MMIO_EDID
+            return int.from_bytes(self.edid[start:start + size].ljust(size, b"\0"), "little")
         if MMIO_VGA_PORTS <= offset < MMIO_VGA_PORTS + VGA_PORTS[1] and size <= 2:
             return self.state.port_read(VGA_PORTS[0] + offset - MMIO_VGA_PORTS, size)
         if MMIO_DISPI <= offset < MMIO_DISPI + 0x16 and size == 2 and not offset & 1:

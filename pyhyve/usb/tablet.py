@@ -12,16 +12,19 @@ moves coalesce into the newest report and wheel steps add up while the
 buttons stay the same, and a button change starts a new report, so that a
 click made between two polls reaches the guest as a press and a release.
 
-The controller calls control(), take_report() and has_report() with its
-lock held; pointer_event() comes from the router's callers and takes the
-same lock (given at construction) before changing the report, then asks the
-controller (`wake`) to run the endpoint.
+The controller calls control(), polled(), take_report() and has_report()
+with its lock held; pointer_event() comes from the router's callers and
+takes the same lock (given at construction) before changing the report, then
+asks the controller (`wake`) to run the endpoint.  The first time the guest
+polls the tablet after a reset (its interrupt endpoint, or GET_REPORT), the
+tablet tells the router (`activate`, which takes only the router's lock), so
+that it takes pointer events before devices made ready earlier, as in QEMU.
 """
 
 import struct
 
 from ..inputroute import BUTTON_LEFT, BUTTON_MIDDLE, BUTTON_RIGHT, WHEEL_DOWN, WHEEL_UP
-from ..lifecycle import StateError, expect_keys, uint
+from ..lifecycle import StateError, expect_keys, flag, uint
 
 VENDOR, PRODUCT = 0x0627, 0x0001        # QEMU's tablet IDs: what guests' quirk tables know
 MANUFACTURER, PRODUCT_NAME, SERIAL = "pyhyve", "USB Tablet", "1"
@@ -89,11 +92,12 @@ class UsbTablet:
 
     name = "tablet"
     STATE = ("configuration", "protocol", "idle", "buttons", "x", "y", "queue",
-             "router_buttons")
+             "router_buttons", "activated")
 
-    def __init__(self, lock, wake):
+    def __init__(self, lock, wake, activate):
         self._lock = lock
         self._wake = wake
+        self._activate = activate
         self.reset()
         self.router_buttons = 0     # the router's mask last seen, for wheel edges
 
@@ -104,6 +108,7 @@ class UsbTablet:
         self.idle = 0
         self.buttons = self.x = self.y = 0
         self.queue: list[list[int]] = []    # [buttons, x, y, wheel] reports not yet taken
+        self.activated = False      # polled since the reset: the router knows
 
     # --- the router's side ----------------------------------------------------------------
     def ready(self) -> bool:
@@ -127,8 +132,16 @@ class UsbTablet:
                 self._wake()
 
     # --- the controller's side -------------------------------------------------------------
+    def polled(self) -> None:
+        """The guest asked for a report: the first time since a reset, the
+        router hears that the guest's driver is ready."""
+        if not self.activated:
+            self.activated = True
+            self._activate(self)
+
     def report(self) -> bytes:
         """The pointer as it is now (GET_REPORT)."""
+        self.polled()
         return struct.pack("<BHHb", self.buttons, self.x, self.y, 0)
 
     def has_report(self) -> bool:
@@ -198,7 +211,7 @@ class UsbTablet:
         return {"configuration": self.configuration, "protocol": self.protocol,
                 "idle": self.idle, "buttons": self.buttons, "x": self.x, "y": self.y,
                 "queue": [list(report) for report in self.queue],
-                "router_buttons": self.router_buttons}
+                "router_buttons": self.router_buttons, "activated": self.activated}
 
     def restore_state(self, state: dict) -> None:
         expect_keys(state, self.STATE, "usb tablet")
@@ -219,6 +232,8 @@ class UsbTablet:
                     not -127 <= wheel <= 127:
                 raise StateError(f"usb tablet wheel is {wheel!r}, not -127..127")
             reports.append([buttons, x, y, wheel])
+        activated = flag(state["activated"], "usb tablet activated")
         for key, value in values.items():
             setattr(self, key, value)
         self.queue = reports
+        self.activated = activated

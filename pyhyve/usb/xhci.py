@@ -188,7 +188,8 @@ class XhciController(PciDevice):
                 raise ConfigError(f"xhci: no USB 2 port for '{key}' (the controller has one)")
             if name != "tablet":
                 raise ConfigError(f"xhci: unknown USB device '{name}' (it has: tablet)")
-            self.tablet = UsbTablet(self.lock, self._tablet_report)
+            self.tablet = UsbTablet(self.lock, self._tablet_report,
+                                    self.context.input.activate)
         self.set_ids(VENDOR_ID, DEVICE_ID, CLASS_XHCI, revision=1,
                      subsystem_vendor=0x1AF4, subsystem=0x1100)
         self.set_interrupt_pin(1)
@@ -688,6 +689,7 @@ class XhciController(PciDevice):
                 while endpoint.state == EP_RUNNING and self._control_td(slot_id, endpoint):
                     pass
             elif dci == EP1_IN and slot.state == SLOT_CONFIGURED:
+                self.tablet.polled()
                 while endpoint.state == EP_RUNNING and self.tablet.has_report() and \
                         self._report_td(slot_id, endpoint):
                     pass

@@ -160,6 +160,7 @@ class VirtioInput(VirtioDevice):
     # --- lifecycle -----------------------------------------------------------------------------
     def activate(self, features: int) -> None:
         self._active = True
+        self.router.activate(self)
 
     def reset(self) -> None:
         self._active = False
