@@ -76,6 +76,9 @@ class PortBus(_Notifiers):
 
     def __init__(self):
         self._ports: dict[int, Range] = {}
+        # lookup(port) -> Range | None is the dict's own get: a C call, not a
+        # Python frame, on every port exit
+        self.lookup = self._ports.get
 
     def register(self, name: str, base: int, length: int, read: Read, write: Write) -> Range:
         if base < 0 or length <= 0 or base + length > 0x10000:
@@ -118,9 +121,6 @@ class PortBus(_Notifiers):
                     del self._ports[port]
                 else:
                     self._ports[port] = entry.under
-
-    def lookup(self, port: int) -> Range | None:
-        return self._ports.get(port)
 
     def ranges(self) -> list[Range]:
         return sorted(set(self._ports.values()), key=lambda r: r.base)

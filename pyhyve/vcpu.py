@@ -29,7 +29,10 @@ _MMIO_EXIT = struct.Struct("<Q8sIB")
 _MSR_EXIT = struct.Struct("<B7xIIQ")
 _U32 = struct.Struct("<I")
 _EXIT_UNION = abi.RUN_OFFSET_EXIT_UNION
+_EXIT_REASON_WORD = abi.RUN_OFFSET_EXIT_REASON // 4     # kvm_run as 32-bit words
+_IO_OUT = abi.KVM_EXIT_IO_OUT
 _SIZE_MASK = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+_PORT_UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I")}
 RFLAGS_IF = 1 << 9
 
 
@@ -236,29 +239,30 @@ class VcpuThread:
         counts = self.exit_counts
         ioctl = fcntl.ioctl
         kvm_run = abi.KVM_RUN
-        unpack_reason = _U32.unpack_from
-        reason_offset = abi.RUN_OFFSET_EXIT_REASON
         vm = self.vm
-        while True:
-            try:
-                ioctl(fd, kvm_run, 0)
-            except InterruptedError:
-                if vm.stopping:
-                    return None
-                self._serve_requests()
-                if vm.stopping:     # a kick while serving may have found immediate_exit 0
-                    return None
-                continue
-            except BlockingIOError:     # an AP left wait-for-SIPI: enter again
-                continue
-            reason = unpack_reason(page, reason_offset)[0]
-            handler = handlers.get(reason)
-            if handler is None:
-                return self._exit_unknown(reason)
-            counts[reason] += 1
-            verdict = handler()
-            if verdict is not None:
-                return verdict
+        # Indexing a 32-bit view reads the exit reason in one step (a third of
+        # a struct unpack's time, on every exit); released before the run page is.
+        with memoryview(page).cast("I") as words:
+            while True:
+                try:
+                    ioctl(fd, kvm_run, 0)
+                except InterruptedError:
+                    if vm.stopping:
+                        return None
+                    self._serve_requests()
+                    if vm.stopping:     # a kick while serving may have found immediate_exit 0
+                        return None
+                    continue
+                except BlockingIOError:     # an AP left wait-for-SIPI: enter again
+                    continue
+                reason = words[_EXIT_REASON_WORD]
+                handler = handlers.get(reason)
+                if handler is None:
+                    return self._exit_unknown(reason)
+                counts[reason] += 1
+                verdict = handler()
+                if verdict is not None:
+                    return verdict
 
     def _serve_requests(self) -> None:
         self._run_state.immediate_exit = 0
@@ -286,24 +290,25 @@ class VcpuThread:
         direction, size, port, count, offset = _IO_EXIT.unpack_from(page, _EXIT_UNION)
         entry = self._port_lookup(port)
         if entry is None:
-            return self.vm.unclaimed_io("port", port, size, direction == abi.KVM_EXIT_IO_OUT,
+            return self.vm.unclaimed_io("port", port, size, direction == _IO_OUT,
                                         page, offset, count)
+        uint = _PORT_UINT.get(size)
         end = offset + size * count
-        if end > self._page_size or size not in _SIZE_MASK:
+        if uint is None or end > self._page_size:
             self.vm.warn_once("io-exit", "malformed I/O exit on port %#x", port)
             return None
         relative = port - entry.base
         try:
-            if direction == abi.KVM_EXIT_IO_OUT:
+            if direction == _IO_OUT:
                 if count == 1:          # the common case, kept short
-                    entry.write(relative, size, int.from_bytes(page[offset:end], "little"))
+                    entry.write(relative, size, uint.unpack_from(page, offset)[0])
                     return None
                 for at in range(offset, end, size):         # rep outs
-                    entry.write(relative, size, int.from_bytes(page[at:at + size], "little"))
+                    entry.write(relative, size, uint.unpack_from(page, at)[0])
             else:
                 mask = _SIZE_MASK[size]
                 for at in range(offset, end, size):
-                    page[at:at + size] = (entry.read(relative, size) & mask).to_bytes(size, "little")
+                    uint.pack_into(page, at, entry.read(relative, size) & mask)
         except Exception:
             self.vm.device_failed(entry.name, port)
         return None
