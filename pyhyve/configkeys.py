@@ -8,7 +8,6 @@ options, which PciBus checks against the emulation's own declaration.
 `pyhyve -o help` prints this table.
 """
 
-import difflib
 import re
 
 # key -> meaning; N stands for a number, NAME for any word
@@ -96,25 +95,34 @@ KEYS = {
     "logging.file": "append the log to this file instead of stderr (opened before "
                     "privileges are dropped; one-line errors still go to stderr)",
 }
-_DEVICE_OPTION = re.compile(r"pci\.\d+\.\d+\.\d+\.(?!device$).+")
+_EXACT_KEYS = frozenset(key for key in KEYS if "N" not in key)
+# The numbered keys and a device's options as one pattern, compiled on first
+# use: most VMs' keys are all exact, and each compile costs start-up time.
+_numbered_keys: re.Pattern | None = None
 
 
-def _pattern(key: str) -> re.Pattern:
-    return re.compile(re.escape(key).replace("N", r"\d+"))
-
-
-_PATTERNS = [_pattern(key) for key in KEYS]
+def _numbered() -> re.Pattern:
+    global _numbered_keys
+    if _numbered_keys is None:
+        patterns = [re.escape(key).replace("N", r"\d+") for key in KEYS if "N" in key]
+        _numbered_keys = re.compile("|".join([r"pci\.\d+\.\d+\.\d+\.(?!device$).+",
+                                              *patterns]))
+    return _numbered_keys
 
 
 def is_known(key: str) -> bool:
-    return bool(_DEVICE_OPTION.fullmatch(key)) or any(p.fullmatch(key) for p in _PATTERNS)
+    return key in _EXACT_KEYS or _numbered().fullmatch(key) is not None
 
 
 def unknown_keys(keys) -> list[tuple[str, str | None]]:
     """(key, nearest known key or None) for each key pyhyve does not read."""
+    unknown = sorted(key for key in keys if not is_known(key))
+    if not unknown:
+        return []
+    import difflib          # only for a mistake: its import is start-up time
     concrete = [key.replace("N", "1") for key in KEYS]
     return [(key, next(iter(difflib.get_close_matches(key, concrete, n=1)), None))
-            for key in sorted(keys) if not is_known(key)]
+            for key in unknown]
 
 
 def describe() -> str:

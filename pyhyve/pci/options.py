@@ -9,7 +9,6 @@ known one, a flag must be a boolean word and a number a number.  `-s help`
 prints the declarations.  A name may hold N for any number (`port.N.path`).
 """
 
-import difflib
 import re
 from typing import NamedTuple
 
@@ -43,6 +42,7 @@ def check(emulation: str, declared: tuple[Option, ...], given: dict[str, str]) -
     for key, value in given.items():
         option = next((o for o in every if _matches(o, key)), None)
         if option is None:
+            import difflib      # only for a mistake: its import is start-up time
             known = [o.name for o in every]
             near = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f" (it takes {', '.join(known)})"
