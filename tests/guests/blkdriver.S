@@ -14,6 +14,7 @@
  *     of what it read ("blk ok" / "blk mismatch");
  *     with READ_ONLY: read TOTAL_KIB from sector 0 in CHUNK_KIB requests and
  *     touch nothing (bench/blk.py times the device, not the emulated CPU);
+ *     with WRITE_ONLY likewise, writing whatever the buffer holds;
  *     with NUMBERED: write TOTAL_KIB of the pattern in CHUNK_KIB blocks in
  *     order, FLUSH after every GROUP of them and print "acked N" (N in hex)
  *     once that flush completed: blocks 0 to N-1 are then on the disk
@@ -41,6 +42,9 @@
 #endif
 #ifndef READ_ONLY
 #define READ_ONLY 0
+#endif
+#ifndef WRITE_ONLY
+#define WRITE_ONLY 0
 #endif
 #ifndef NUMBERED
 #define NUMBERED 0
@@ -95,8 +99,8 @@ main64:
     cld
     call find_device
     call init_device
-#if READ_ONLY
-    call read_only
+#if READ_ONLY || WRITE_ONLY
+    call transfer_only
 #elif NUMBERED
     call write_numbered
 #else
@@ -247,10 +251,19 @@ submit:
     ret
 
 /* --- 3: the runs ------------------------------------------------------------------ */
+#if READ_ONLY || WRITE_ONLY
 #if READ_ONLY
-read_only:
+#define TRANSFER T_IN
+#define TRANSFER_DONE "read done\n"
+#define TRANSFER_STATUS "read status "
+#else
+#define TRANSFER T_OUT
+#define TRANSFER_DONE "write done\n"
+#define TRANSFER_STATUS "write status "
+#endif
+transfer_only:
     xorl %ebx, %ebx                /* the chunk's first sector */
-1:  movl $T_IN, %edi
+1:  movl $TRANSFER, %edi
     movq %rbx, %rsi
     movl $CHUNK, %edx
     call submit
@@ -259,10 +272,10 @@ read_only:
     addq $(CHUNK / SECTOR), %rbx
     cmpq $(CHUNKS * CHUNK / SECTOR), %rbx
     jne 1b
-    PRINT_STR "read done\n"
+    PRINT_STR TRANSFER_DONE
     ret
 8:  pushq %rax
-    PRINT_STR "read status "
+    PRINT_STR TRANSFER_STATUS
     popq %rax
     call print_status
     ret
