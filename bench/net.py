@@ -1,4 +1,5 @@
-"""virtio-net transmit throughput: pyhyve vs QEMU on the same guest, through a tap.
+"""virtio-net transmit and receive throughput: pyhyve vs QEMU on the same guest,
+through a tap.
 
 The guest is tests/guests/netdriver.S built with BLAST_FRAMES=N and
 FRAME_SIZE=S: its own legacy virtio-net driver sends N broadcast frames of S
@@ -19,16 +20,24 @@ turns, so that a busy spell on the host hits both.  Two frame sizes: full
 (1514 bytes: Mbit/s) and small (64 bytes: packets per second).
 The host's stack drops the frames once the tap has taken them (no protocol
 handles 0x88B5), so the figure is the VMM's transmit path and the tap.
+Receive: the guest built with RECV_FRAMES=N counts N frames of type 0x88B5
+(re-posting each of its 16 receive buffers as it is done with it) while a
+process of this benchmark sends such broadcast frames out of the tap towards
+the VM, up to FLOOD_BATCH every millisecond, from before the VM starts until
+it ended; what the VMM cannot take in time the tap drops.  The big and tiny
+runs' difference is again the rate.
 Where the guest's code is emulated (the test hosts), the guest's own loop (about
 15 instructions a frame) may be what limits both sides.
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,6 +48,22 @@ MEMORY_MIB = 64
 TAP = "benchtap0"
 CLONE_NEWNET = 0x40000000
 TINY_FRAMES = 1
+FLOOD_BATCH = 256           # frames a millisecond: 256,000 a second at most
+# The flooding process: broadcast 0x88B5 frames of argv[2] bytes out of tap argv[1].
+FLOOD = """
+import socket, sys, time
+size, tap = int(sys.argv[2]), sys.argv[1]
+frame = b"\\xff" * 6 + b"\\x02\\x00\\x00\\x00\\x00\\x01\\x88\\xb5" + bytes(size - 14)
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+sock.bind((tap, 0))
+while True:
+    for _ in range(int(sys.argv[3])):
+        try:
+            sock.send(frame)
+        except OSError:     # no VMM on the tap yet, or its queue is full
+            pass
+    time.sleep(0.001)
+"""
 
 
 def enter_private_netns() -> None:
@@ -63,32 +88,51 @@ def tap_received(ip: str) -> tuple[int, int]:
     return rx["packets"], rx["bytes"]
 
 
-def pyhyve_seconds(rom: Path, debug: Path) -> float:
+def pyhyve_seconds(rom: Path, debug: Path, done: str) -> float:
     return run_guest_on_pyhyve("bench-net", rom, MEMORY_MIB, debug,
                                {f"pci.0.{SLOT}.0.device": "virtio-net",
-                                f"pci.0.{SLOT}.0.tap": TAP}, "blast done")
+                                f"pci.0.{SLOT}.0.tap": TAP}, done)
 
 
-def qemu_seconds(qemu: str, rom: Path, debug: Path) -> float:
+def qemu_seconds(qemu: str, rom: Path, debug: Path, done: str) -> float:
     """Start-up included: the tiny run subtracts it."""
     devices = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
                "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,addr={SLOT}"]
-    return run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices, "blast done")
+    return run_guest_on_qemu(qemu, rom, MEMORY_MIB, debug, devices, done)
 
 
-def measure(runs: dict, ip: str, frame_size: int, frames: int, repeat: int) -> dict:
-    """Per side: the raw times, what arrived per big run, and the rates from the best
-    big and the best tiny run."""
-    roms = {"big": build_rom("netdriver", BLAST_FRAMES=frames, FRAME_SIZE=frame_size),
-            "tiny": build_rom("netdriver", BLAST_FRAMES=TINY_FRAMES, FRAME_SIZE=frame_size)}
+@contextlib.contextmanager
+def flood(frame_size: int):
+    """Frames towards the VM while the block runs (receive)."""
+    sender = subprocess.Popen([sys.executable, "-c", FLOOD, TAP, str(frame_size),
+                               str(FLOOD_BATCH)])
+    try:
+        yield
+    finally:
+        sender.kill()
+        sender.wait()
+
+
+def measure(runs: dict, ip: str, direction: str, frame_size: int, frames: int,
+            repeat: int) -> dict:
+    """Per side: the raw times, what arrived per big transmit run, and the rates
+    from the best big and the best tiny run."""
+    count = "BLAST_FRAMES" if direction == "transmit" else "RECV_FRAMES"
+    roms = {"big": build_rom("netdriver", **{count: frames}, FRAME_SIZE=frame_size),
+            "tiny": build_rom("netdriver", **{count: TINY_FRAMES}, FRAME_SIZE=frame_size)}
+    done = "blast done" if direction == "transmit" else "receive done"
     figures = {name: {"big_s": [], "tiny_s": [], "arrived_frames": [], "arrived_bytes": []}
                for name in runs}
     for _ in range(repeat):
         for size, rom in roms.items():
             for name, run in runs.items():
                 before = tap_received(ip)
-                figures[name][f"{size}_s"].append(run(rom))
-                if size == "big":
+                if direction == "transmit":
+                    figures[name][f"{size}_s"].append(run(rom, done))
+                else:
+                    with flood(frame_size):
+                        figures[name][f"{size}_s"].append(run(rom, done))
+                if size == "big" and direction == "transmit":
                     after = tap_received(ip)
                     figures[name]["arrived_frames"].append(after[0] - before[0])
                     figures[name]["arrived_bytes"].append(after[1] - before[1])
@@ -125,6 +169,8 @@ def main() -> None:
                         default=[1514, 64], help="frame sizes in bytes (60 to 1514), "
                         "comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each size")
+    parser.add_argument("--directions", default="transmit,receive",
+                        help="transmit, receive or both (comma-separated)")
     args = parser.parse_args()
     if any(not 60 <= size <= 1514 for size in args.sizes):
         raise SystemExit("--sizes: each frame size must be 60 to 1514 bytes")
@@ -135,23 +181,25 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="pyhyve-bench-net-") as tmp:
         debug = Path(tmp) / "debug.txt"
-        runs = {"pyhyve": lambda rom: pyhyve_seconds(rom, debug)}
+        runs = {"pyhyve": lambda rom, done: pyhyve_seconds(rom, debug, done)}
         qemu_path = shutil.which("qemu-system-x86_64")
         if qemu_path:
-            runs["qemu"] = lambda rom: qemu_seconds(qemu_path, rom, debug)
-        for size in args.sizes:
-            figures = measure(runs, ip, size, args.frames, args.repeat)
-            pyhyve, qemu = figures["pyhyve"], figures.get("qemu")
-            ratio = pyhyve["pps"] / qemu["pps"] if qemu and pyhyve["pps"] and qemu["pps"] \
-                else None
-            print(f"{size}-byte frames: {args.frames} per big run, {TINY_FRAMES} per tiny run "
-                  f"(best of {args.repeat})")
-            report("pyhyve", pyhyve, args.frames, size)
-            report("qemu", qemu, args.frames, size)
-            if ratio:
-                print(f"  ratio pyhyve/qemu : {ratio:.2f}")
-            results[str(size)] = {"pyhyve": pyhyve, "qemu": qemu, "ratio_pyhyve_qemu": ratio}
-    path = save("net", {"frames": args.frames, "repeat": args.repeat, "sizes": results})
+            runs["qemu"] = lambda rom, done: qemu_seconds(qemu_path, rom, debug, done)
+        for direction in args.directions.split(","):
+            for size in args.sizes:
+                figures = measure(runs, ip, direction, size, args.frames, args.repeat)
+                pyhyve, qemu = figures["pyhyve"], figures.get("qemu")
+                ratio = pyhyve["pps"] / qemu["pps"] \
+                    if qemu and pyhyve["pps"] and qemu["pps"] else None
+                print(f"{direction}, {size}-byte frames: {args.frames} per big run, "
+                      f"{TINY_FRAMES} per tiny run (best of {args.repeat})")
+                report("pyhyve", pyhyve, args.frames, size)
+                report("qemu", qemu, args.frames, size)
+                if ratio:
+                    print(f"  ratio pyhyve/qemu : {ratio:.2f}")
+                results[f"{direction}-{size}"] = {"pyhyve": pyhyve, "qemu": qemu,
+                                                  "ratio_pyhyve_qemu": ratio}
+    path = save("net", {"frames": args.frames, "repeat": args.repeat, "runs": results})
     print(f"results: {path.relative_to(path.parent.parent.parent)}")
 
 

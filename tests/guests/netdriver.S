@@ -19,6 +19,9 @@
  *     experimental one that the host's stack ignores), refilling the
  *     transmit ring each time the device has returned TX_BATCH of them, and
  *     print "blast done";
+ *     with RECV_FRAMES: count received frames of ethertype 0x88B5 (others are
+ *     ignored), re-posting each receive buffer, until RECV_FRAMES of them
+ *     came, and print "receive done" (bench/net.py floods the tap meanwhile);
  *  4. power off (PM1a S5; QEMU's isa-debug-exit takes the same write).
  *
  * The driver polls the used rings and sets VRING_AVAIL_F_NO_INTERRUPT: it
@@ -41,6 +44,9 @@
 #endif
 #ifndef BLAST_FRAMES
 #define BLAST_FRAMES 0          /* frames to send instead of serving; 0: serve */
+#endif
+#ifndef RECV_FRAMES
+#define RECV_FRAMES 0           /* frames to count instead of serving; 0: serve */
 #endif
 #ifndef FRAME_SIZE
 #define FRAME_SIZE 1514         /* BLAST_FRAMES: bytes per frame, Ethernet header included */
@@ -140,6 +146,8 @@ main64:
     call init_device
 #if BLAST_FRAMES
     call blast
+#elif RECV_FRAMES
+    call receive
 #else
     call serve
 #endif
@@ -447,6 +455,41 @@ wait_batch:
     jmp poweroff
 2:  ret
 
+#elif RECV_FRAMES
+/* --- 3c: take frames as fast as the device gives them ------------------------------ */
+receive:
+    xorl %ebx, %ebx                /* 0x88B5 frames counted */
+    rdtsc
+    shlq $32, %rdx
+    orq %rax, %rdx
+    movabsq $TIMEOUT_TICKS, %r12
+    addq %rdx, %r12                /* the deadline for them all */
+1:  movl $RXQ, %ebp
+    call next_used
+    jnz 2f
+    pause
+    rdtsc
+    shlq $32, %rdx
+    orq %rax, %rdx
+    cmpq %r12, %rdx
+    jb 1b
+    PRINT_STR "receive timed out\n"
+    ret
+2:  cmpl $RX_BUFFERS, %eax
+    jae bad_head
+    movl %eax, %esi
+    shll $RX_BUF_SHIFT, %esi
+    cmpl $(HDR_LEN + ETH_LEN), %edx
+    jb 3f                          /* no Ethernet header: not counted */
+    cmpw $ETHERTYPE_BLAST_LE, RX_BUFS + HDR_LEN + ETH_TYPE(%rsi)
+    jne 3f
+    incl %ebx
+3:  call add_buffer                /* the buffer goes back to the device */
+    call publish
+    cmpl $RECV_FRAMES, %ebx
+    jne 1b
+    PRINT_STR "receive done\n"
+    ret
 #else
 /* --- 3a: answer ARP and ping --------------------------------------------------------- */
 serve:
