@@ -12,8 +12,10 @@ A key is a QKeyCode name or QEMU's key number (set 1, E0 keys as 0x80 plus
 their second byte; Print Screen and Pause have no number here: use their
 qcodes).  Positions are absolute, 0 to 0x7FFF, as QEMU's; the
 buttons are left, middle, right, wheel-up and wheel-down.  Keys go to the
-router as they come; pointer changes are gathered and sent once, at the end
-of the list, as QEMU syncs after the command.  Relative motion is refused:
+router as they come, as in QEMU 7.2: a key number ends its input frame at
+once, qcode keys share one frame that ends with the command; pointer changes
+are gathered and sent once, at the end of the list, as QEMU syncs after the
+command.  Relative motion is refused:
 the VM's pointers are absolute.  The whole list is checked before anything
 is sent, so a bad event sends nothing.
 """
@@ -74,8 +76,9 @@ def _field(data: dict, name: str, kind: type, where: str):
 
 
 def parse(events) -> list[tuple]:
-    """The list checked and made into ("key", code, down) and ("abs", axis,
-    value) / ("btn", bit, down) steps; InputEventError where it does not fit."""
+    """The list checked and made into ("key", code, down), ("qcode", code,
+    down) and ("abs", axis, value) / ("btn", bit, down) steps; InputEventError
+    where it does not fit."""
     if not isinstance(events, list) or not events or len(events) > MAX_EVENTS:
         raise InputEventError(f"'events' must be a list of 1 to {MAX_EVENTS} events")
     steps = []
@@ -86,8 +89,9 @@ def parse(events) -> list[tuple]:
             raise InputEventError(f"{where}: must be {{\"type\", \"data\": {{...}}}}")
         kind, data = event["type"], event["data"]
         if kind == "key":
-            steps.append(("key", _key_code(data.get("key"), where),
-                          _field(data, "down", bool, where)))
+            key = data.get("key")
+            steps.append(("qcode" if isinstance(key, dict) and key.get("type") == "qcode"
+                          else "key", _key_code(key, where), _field(data, "down", bool, where)))
         elif kind == "btn":
             button = data.get("button")
             if button not in BUTTONS:
@@ -112,8 +116,8 @@ def send(router: InputRouter, events) -> None:
     x, y, buttons = router.pointer_state()
     moved = False
     for kind, first, second in steps:
-        if kind == "key":
-            router.key(first, second)
+        if kind in ("key", "qcode"):
+            router.key(first, second, sync=kind == "key")
             continue
         moved = True
         if kind == "abs":
@@ -121,5 +125,6 @@ def send(router: InputRouter, events) -> None:
             x, y = (value, y) if first == "x" else (x, value)
         else:
             buttons = buttons | first if second else buttons & ~first
+    router.key_sync()
     if moved:
         router.pointer(x, y, buttons)

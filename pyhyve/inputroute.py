@@ -33,7 +33,11 @@ WHEEL_DOWN = 1 << 4
 
 class KeyboardSink(Protocol):
     def ready(self) -> bool: ...
-    def key_event(self, code: int, down: bool) -> None: ...
+    # SYNC False: more keys of the same input frame follow, then key_sync()
+    # (virtio-input reports a frame's keys before one SYN_REPORT; the i8042
+    # has no frames and ignores it)
+    def key_event(self, code: int, down: bool, sync: bool) -> None: ...
+    def key_sync(self) -> None: ...
 
 
 class PointerSink(Protocol):
@@ -56,6 +60,7 @@ class InputRouter:
         self._keyboards: list[KeyboardSink] = []
         self._pointers: list[PointerSink] = []
         self._pointer_state = (0, 0, 0)   # the last pointer() call's (x, y, buttons)
+        self._unsynced = None             # the keyboard whose frame key_sync() ends
 
     def add_keyboard(self, sink: KeyboardSink) -> None:
         with self._lock:
@@ -81,14 +86,26 @@ class InputRouter:
                 if sink in sinks:
                     sinks.remove(sink)
 
-    def key(self, code: int, down: bool) -> bool:
-        """Press or release key CODE; False when the VM has no keyboard."""
+    def key(self, code: int, down: bool, sync: bool = True) -> bool:
+        """Press or release key CODE, ending the input frame unless SYNC is
+        False (then key_sync() ends it, as QEMU's QMP sends a command's
+        qcode keys); False when the VM has no keyboard."""
         with self._lock:
             sink = _choose(self._keyboards)
+            unsynced, self._unsynced = self._unsynced, (None if sync else sink)
         if sink is None:
             return False
-        sink.key_event(code, down)
+        if unsynced is not None and unsynced is not sink:
+            unsynced.key_sync()
+        sink.key_event(code, down, sync)
         return True
+
+    def key_sync(self) -> None:
+        """End the input frame of keys sent with sync=False."""
+        with self._lock:
+            unsynced, self._unsynced = self._unsynced, None
+        if unsynced is not None:
+            unsynced.key_sync()
 
     def pointer(self, x: int, y: int, buttons: int) -> bool:
         """Move the pointer to (X, Y) (clamped to 0..POINTER_MAX) with BUTTONS

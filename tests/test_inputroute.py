@@ -11,8 +11,11 @@ class Sink:
     def ready(self):
         return self.is_ready
 
-    def key_event(self, code, down):
+    def key_event(self, code, down, sync):
         self.keys.append((code, down))
+
+    def key_sync(self):
+        self.keys.append("sync")
 
     def pointer_event(self, x, y, buttons):
         self.moves.append((x, y, buttons))
@@ -62,3 +65,15 @@ def test_pointer_positions_are_clamped():
     router.add_pointer(tablet)
     assert router.pointer(-5, POINTER_MAX + 9, 1)
     assert tablet.moves == [(0, POINTER_MAX, 1)]
+
+
+def test_an_open_key_frame_ends_before_another_keyboard_takes_keys():
+    router = InputRouter()
+    ps2, virtio = Sink(ready=True), Sink(ready=True)
+    router.add_keyboard(ps2)
+    router.add_keyboard(virtio)
+    router.key(30, True, sync=False)            # to the PS/2 keyboard, its frame open
+    router.activate(virtio)
+    router.key(31, True)
+    router.key_sync()                           # nothing open: nothing to end
+    assert (ps2.keys, virtio.keys) == ([(30, True), "sync"], [(31, True)])

@@ -328,7 +328,7 @@ def test_errors_are_execute_errors(counter):
 
 def test_input_send_event_checks_the_whole_list(counter):
     """Keys and pointer events go to the VM's input router (the i8042's
-    keyboard here; tests/pending/input_linux.py is to watch a guest receive them); a
+    keyboard here; tests/test_linux_desktop.py watches Linux receive them); a
     list with one bad event sends nothing and says which.  The control
     socket's send-input takes the same lists."""
     key = {"type": "key", "data": {"down": True, "key": {"type": "qcode", "data": "a"}}}

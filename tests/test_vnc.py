@@ -410,8 +410,11 @@ class Recorder:
     def ready(self) -> bool:
         return True
 
-    def key_event(self, code: int, down: bool) -> None:
+    def key_event(self, code: int, down: bool, sync: bool) -> None:
         self.events.append(("key", code, down))
+
+    def key_sync(self) -> None:
+        self.events.append(("sync",))
 
     def pointer_event(self, x: int, y: int, buttons: int) -> None:
         self.events.append(("pointer", x, y, buttons))

@@ -364,7 +364,7 @@ class I8042(Device):
         with self._lock:
             return self._scanning and not self._ram[0] & CB_KBD_DISABLED
 
-    def key_event(self, code: int, down: bool) -> None:
+    def key_event(self, code: int, down: bool, sync: bool = True) -> None:
         """Type key CODE (a Linux key code): its scan codes, whole or not at all."""
         sequence = set2_sequence(code, down)
         if self._scancode_set == 1:
@@ -379,6 +379,9 @@ class I8042(Device):
             if not self._paused:
                 self._pull_keyboard()
                 self._update_irqs()
+
+    def key_sync(self) -> None:
+        """PS/2 has no input frames: each key's scan codes are already on their way."""
 
     def pause(self) -> None:
         """Keys typed while the VM is paused wait in the keyboard."""

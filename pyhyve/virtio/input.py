@@ -122,16 +122,19 @@ class VirtioInput(VirtioDevice):
         with self.transport.lock:
             return self._active
 
-    def _report(self, events: list[tuple[int, int, int]]) -> None:
-        """Queue EVENTS and a SYN_REPORT as one report, then run the eventq."""
-        events.append((EV_SYN, SYN_REPORT, 0))
+    def _report(self, events: list[tuple[int, int, int]], sync: bool = True) -> None:
+        """Queue EVENTS and a SYN_REPORT as one report, then run the eventq;
+        without SYNC, queue them only: a later report ends their frame."""
+        if sync:
+            events.append((EV_SYN, SYN_REPORT, 0))
         with self.transport.lock:
             if len(self._pending) + len(events) > PENDING_LIMIT:
                 self.transport.warn_once("pending-full", "input events dropped: the driver "
                                          "takes none")
                 return
             self._pending.extend(events)
-        self.transport.kick(EVENTQ)
+        if sync:
+            self.transport.kick(EVENTQ)
 
     def queue_notified(self, index: int, queue: SplitQueue) -> None:
         if index == STATUSQ:
@@ -218,9 +221,12 @@ class VirtioKeyboard(VirtioInput):
         self.leds = 0                   # bit N: LED N is on
         router.add_keyboard(self)
 
-    def key_event(self, code: int, down: bool) -> None:
+    def key_event(self, code: int, down: bool, sync: bool = True) -> None:
         if code in KEYBOARD_KEYS:
-            self._report([(EV_KEY, code, int(down))])
+            self._report([(EV_KEY, code, int(down))], sync)
+
+    def key_sync(self) -> None:
+        self._report([])
 
     def status_event(self, kind: int, code: int, value: int) -> None:
         if kind == EV_LED and code <= LED_SCROLLL:

@@ -3,10 +3,14 @@ boot under pyhyve and one under QEMU (the reference) with the same devices at
 the same addresses, a standard VGA shown over VNC, an xHCI controller with a
 USB tablet, a virtio keyboard and tablet, beside the i8042's keyboard.
 
-The guest's bochs DRM driver sets its mode, the script fills the top 64 lines
-of /dev/fb0 white and hides fbcon's cursor, and a VNC client (vncdotool, from
+The guest's bochs DRM driver sets its mode (the EDID's preferred one: both
+sides offer 1024x768), the script fills the top 64 lines of /dev/fb0 white
+in one write and hides fbcon's cursor, and a VNC client (vncdotool, from
 PyPI) reads the screen until the fill shows (the fbdev emulation copies the
-shadow buffer from a deferred worker, slow in an emulated guest).  Then the
+shadow buffer from a deferred worker, slow in an emulated guest).  One write,
+because Linux 6.1's fbdev damage tracking (drm_fb_helper_memory_range_to_clip)
+makes an empty rectangle of a write that covers exactly one whole line: a
+fill written a line at a time left random lines black under both VMMs.  Then the
 input: readers (dd, one 24-byte struct input_event a block) on the virtio
 devices' and the PS/2 keyboard's event nodes; keys and a click sent through
 QMP's input-send-event go to the virtio keyboard and tablet.  The guest then
@@ -35,9 +39,11 @@ EV_SYN, EV_KEY, EV_ABS, EV_MSC = 0, 1, 3, 4
 KEY_A, KEY_B, KEY_Z, BTN_LEFT = 30, 48, 44, 0x110
 ABS_X, ABS_Y, MSC_SCAN = 0, 1, 4
 X, Y = 0x1234, 0x6543                   # QMP's absolute axes, 0 to 0x7FFF
+X2, Y2 = 0x2345, 0x3456                 # the second QMP click's
 VNC_X, VNC_Y = 700, 500                 # a VNC client's pixel
 WIDTH, HEIGHT = 1024, 768               # bochs-drm's default mode on both
 WHITE = (0, 0, WIDTH, 64)               # what the script fills
+TEXT = (0, 96, WIDTH, 112)              # fbcon's seventh row (8x16 font): the script's line
 
 # VGA at 2, xHCI at 3, virtio keyboard at 4, virtio tablet at 5, on both sides.
 SCRIPT = r"""
@@ -53,32 +59,49 @@ K=$(node "Virtio Keyboard"); T=$(node "Virtio Tablet"); A=$(node "Set 2 keyboard
 U=$(node "USB Tablet")
 section nodes
 echo "$K $T $A $U"
+M=$(node "PS/2 Generic")
+section modes
+cat /sys/class/drm/card0-*/modes
 section drm
 cat /proc/fb
 d=/sys/class/drm/card0/device; cat $d/vendor $d/device $d/class
 cat /sys/class/graphics/fb0/virtual_size /sys/class/graphics/fb0/bits_per_pixel
 section draw
-printf '\033[?25l' > /dev/tty0
+printf '\033[?25l\n\n\n\n\n\nfbcon on bochs-drm\n' > /dev/tty0
 echo 0 > /sys/class/graphics/fbcon/cursor_blink
-dd if=/dev/zero bs=4096 count=64 2>/dev/null | tr '\000' '\377' > /dev/fb0 && echo drawn
+dd if=/dev/zero bs=4096 count=64 2>/dev/null | tr '\000' '\377' > /tmp/white
+dd if=/tmp/white of=/dev/fb0 bs=262144 2>/dev/null && echo drawn
 echo DRAWN
 dd if=/dev/input/$K of=/tmp/keyboard bs=24 2>/dev/null &
 dd if=/dev/input/$T of=/tmp/tablet bs=24 2>/dev/null &
 dd if=/dev/input/$A of=/tmp/atkbd bs=24 2>/dev/null &
+dd if=/dev/input/$U of=/tmp/usbfirst bs=24 2>/dev/null &
+touch /tmp/ps2mouse
+[ -n "$M" ] && dd if=/dev/input/$M of=/tmp/ps2mouse bs=24 2>/dev/null &
 sleep 2
 echo INPUT-READY
 read answer
 sleep 5
-for n in $K $T; do
-  basename $(readlink -f /sys/class/input/$n/device/device) \
-    > /sys/bus/virtio/drivers/virtio_input/unbind
+virtio() { basename $(readlink -f /sys/class/input/$1/device/device); }
+V=$(virtio $T)
+echo $V > /sys/bus/virtio/drivers/virtio_input/unbind
+echo $V > /sys/bus/virtio/drivers/virtio_input/bind
+sleep 2
+T2=$(node "Virtio Tablet")
+dd if=/dev/input/$T2 of=/tmp/tablet2 bs=24 2>/dev/null &
+sleep 2
+echo REBOUND
+read answer
+sleep 5
+for n in $K $T2; do
+  virtio $n > /sys/bus/virtio/drivers/virtio_input/unbind
 done
 dd if=/dev/input/$U of=/tmp/usbtablet bs=24 2>/dev/null &
 sleep 2
 echo VNC-READY
 read answer
 sleep 5
-for file in keyboard tablet atkbd usbtablet; do
+for file in keyboard tablet tablet2 atkbd usbfirst usbtablet ps2mouse; do
   section events_$file
   hexdump -v -e '24/1 "%02x" "\n"' /tmp/$file
 done
@@ -162,7 +185,8 @@ class DesktopBoot:
                                   name="linuxdesktop")
             env = pyhyve_env()
         else:
-            argv = qemu_command(guest, initrd, "-device", "VGA,addr=2",
+            argv = qemu_command(guest, initrd, "-device",
+                                f"VGA,addr=2,xres={WIDTH},yres={HEIGHT}",
                                 "-vnc", f"127.0.0.1:{vnc_port - 5900}",
                                 "-device", "qemu-xhci,addr=3", "-device", "usb-tablet",
                                 "-device", "virtio-keyboard-pci,addr=4",
@@ -176,6 +200,9 @@ class DesktopBoot:
             self.screen.save(tmp / "screen.png")
             run.expect("INPUT-READY")
             send_qmp(qmp, QMP_EVENTS)
+            run.send("sent\n")
+            run.expect("REBOUND")
+            send_qmp(qmp, click(X2, Y2))
             run.send("sent\n")
             run.expect("VNC-READY")
             click_and_type(api, vnc_port)
@@ -244,10 +271,25 @@ def test_bochs_drm_drives_the_standard_vga(boot):
     assert "drawn" in found["draw"]
 
 
+def test_the_edid_makes_w_by_h_the_preferred_mode(boot):
+    """Both offer an EDID preferring 1024x768 (pyhyve's w x h, QEMU's xres and
+    yres).  QEMU's lists larger standard modes too; pyhyve's lists only its
+    own size and the established modes that fit, all among QEMU's."""
+    modes = boot.sections["modes"].split()
+    assert modes[0] == f"{WIDTH}x{HEIGHT}"
+    ours, theirs = both()
+    assert set(ours.sections["modes"].split()) <= set(theirs.sections["modes"].split())
+
+
 def test_what_linux_drew_reaches_the_vnc_client(boot):
+    """The fill, and fbcon's text: a line of its 8x16 font on its seventh row,
+    the rows above it (but the fill) and below it black."""
     assert boot.screen.size == (WIDTH, HEIGHT)           # learned through DesktopSize
     assert is_white(boot.screen), "the fill did not reach the client (screen.png)"
-    assert boot.screen.crop((0, 64, WIDTH, HEIGHT)).getextrema() != ((255, 255),) * 3
+    black = ((0, 0),) * 3
+    assert boot.screen.crop((0, 64, WIDTH, TEXT[1])).getextrema() == black
+    assert boot.screen.crop(TEXT).getextrema() != black, "no text on fbcon's row"
+    assert boot.screen.crop((18 * 8, TEXT[1], WIDTH, HEIGHT)).getextrema() == black
 
 
 def test_the_screen_is_qemus_pixel_for_pixel(boot):
@@ -325,13 +367,36 @@ def pointer(events) -> list[tuple[int, int, int]]:
     return [event for event in events if event[0] != EV_MSC]
 
 
-def test_qmp_keys_and_click_reach_the_virtio_devices(boot):
-    keys = [event for event in boot.events("keyboard") if event[0] == EV_KEY]
-    assert keys == [(EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0), (EV_KEY, KEY_B, 1),
-                    (EV_KEY, KEY_B, 0)]
-    assert pointer(boot.events("tablet")) == [
-        (EV_ABS, ABS_X, X), (EV_ABS, ABS_Y, Y), (EV_KEY, BTN_LEFT, 1), (EV_SYN, 0, 0),
+def test_qmp_events_go_where_qemus_go(boot):
+    """As QEMU gives input to the device activated last (a virtio driver's
+    DRIVER_OK, a USB tablet's first poll):
+    - the keys reach the virtio keyboard, the qcode keys of one command in one
+      input frame, each key number in a frame of its own;
+    - the first click reaches the USB tablet, polled since its reader opened,
+      after the virtio tablet's driver came up at boot: one report with the
+      position and the press, then the release;
+    - the second click, after the virtio tablet's driver was bound again,
+      reaches the virtio tablet (its new event node)."""
+    assert boot.events("keyboard") == [
+        (EV_KEY, KEY_A, 1), (EV_KEY, KEY_A, 0), (EV_SYN, 0, 0),
+        (EV_KEY, KEY_B, 1), (EV_SYN, 0, 0), (EV_KEY, KEY_B, 0), (EV_SYN, 0, 0)]
+    assert boot.events("tablet") == []
+    assert pointer(boot.events("usbfirst"))[:7] == [
+        (EV_KEY, BTN_LEFT, 1), (EV_ABS, ABS_X, X), (EV_ABS, ABS_Y, Y), (EV_SYN, 0, 0),
+        (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0), (EV_ABS, ABS_X, VNC_X * POINTER_MAX // WIDTH)]
+    assert pointer(boot.events("tablet2")) == [
+        (EV_ABS, ABS_X, X2), (EV_ABS, ABS_Y, Y2), (EV_KEY, BTN_LEFT, 1), (EV_SYN, 0, 0),
         (EV_KEY, BTN_LEFT, 0), (EV_SYN, 0, 0)]
+    assert boot.events("ps2mouse") == []                  # QEMU's PS/2 mouse: nothing either
+
+
+def test_every_reader_got_what_qemus_got(boot):
+    """Event for event (timestamps aside), every reader of the pyhyve boot got
+    what the same reader got under QEMU."""
+    ours, theirs = both()
+    for reader in ("keyboard", "tablet", "tablet2", "atkbd", "usbfirst", "usbtablet",
+                   "ps2mouse"):
+        assert ours.events(reader) == theirs.events(reader), reader
 
 
 def test_vnc_click_reaches_the_usb_tablet_scaled_as_qemu_does(boot):
