@@ -5,11 +5,15 @@ device list; what goes into them, and in which order, is decided here.
 """
 
 import functools
-import hashlib
 import os
 import re
 import socket
 import string
+
+try:    # CPython's own MD5, built in: hashlib would load OpenSSL, milliseconds of every start
+    from _md5 import md5 as _md5
+except ImportError:
+    from hashlib import md5 as _md5
 
 from . import cpuid
 from .config import Config, ConfigError, format_cpus, parse_cpuset, parse_size
@@ -186,7 +190,7 @@ def vm_uuid(config: Config, name: str) -> bytes:
     text = config.get("uuid")
     if text is None:
         name_bytes = f"{socket.gethostname()}{name}".encode()
-        digest = bytearray(hashlib.md5(NAMESPACE_DNS + name_bytes).digest())
+        digest = bytearray(_md5(NAMESPACE_DNS + name_bytes).digest())
         digest[6] = digest[6] & 0x0F | 0x30        # version 3
         digest[8] = digest[8] & 0x3F | 0x80        # RFC 4122 variant
         return bytes(digest)

@@ -177,6 +177,8 @@ def test_uuid_x2apic_and_wired_memory_options(needs_kvm):
     first = VirtualMachine(parse_args(["-l", f"bootrom,{rom}", "samename"]))
     second = VirtualMachine(parse_args(["-l", f"bootrom,{rom}", "samename"]))
     assert first.uuid == second.uuid            # stable, as bhyve derives it
+    import socket
+    assert first.uuid == uuid.uuid3(uuid.NAMESPACE_DNS, f"{socket.gethostname()}samename").bytes
     first.close()
     second.close()
     with pytest.raises(ConfigError, match="invalid UUID 'nope'"):
