@@ -3,21 +3,24 @@ boot under pyhyve and one under QEMU (the reference) with the same devices at
 the same addresses, a standard VGA shown over VNC, an xHCI controller with a
 USB tablet, a virtio keyboard and tablet, beside the i8042's keyboard.
 
-The guest's bochs DRM driver sets its mode (the EDID's preferred one: both
-sides offer 1024x768), the script fills the top 64 lines of /dev/fb0 white
-in one write and hides fbcon's cursor, and a VNC client (vncdotool, from
-PyPI) reads the screen until the fill shows (the fbdev emulation copies the
-shadow buffer from a deferred worker, slow in an emulated guest).  One write,
+Display: the guest's bochs DRM driver sets the mode its EDID prefers (both
+sides offer 1024x768).  The script clears tty0 (QEMU's SeaBIOS leaves its
+banner on the text console fbcon takes over; pyhyve's direct kernel boot runs
+no firmware), writes a line there, hides fbcon's cursor and fills the top 64
+lines of /dev/fb0 white in one write; a VNC client (vncdotool, from PyPI)
+reads the screen until the fill shows (the fbdev emulation copies its shadow
+buffer from a deferred worker, slow in an emulated guest).  One write,
 because Linux 6.1's fbdev damage tracking (drm_fb_helper_memory_range_to_clip)
 makes an empty rectangle of a write that covers exactly one whole line: a
-fill written a line at a time left random lines black under both VMMs.  Then the
-input: readers (dd, one 24-byte struct input_event a block) on the virtio
-devices' and the PS/2 keyboard's event nodes; keys and a click sent through
-QMP's input-send-event go to the virtio keyboard and tablet.  The guest then
-unbinds the virtio drivers, so that a device whose driver is gone is no longer
-ready (pyhyve.inputroute; QEMU deactivates it), and reads the USB tablet too;
-a key typed and a click made through the same VNC client reach the i8042's
-keyboard and the USB tablet.  The guest dumps what each reader got.
+fill written a line at a time left random lines black under both VMMs.
+
+Input: readers (dd, one 24-byte struct input_event a block) on every event
+node; QMP's input-send-event sends keys and a click, the guest binds the
+virtio tablet's driver again and QMP clicks once more, then the guest unbinds
+the virtio drivers and a VNC client moves, clicks and types.  Where each
+event lands follows QEMU's rule, the device activated last among those whose
+driver is there (pyhyve.inputroute), and every reader's events are compared
+with QEMU's.
 """
 
 import asyncio
@@ -67,7 +70,7 @@ cat /proc/fb
 d=/sys/class/drm/card0/device; cat $d/vendor $d/device $d/class
 cat /sys/class/graphics/fb0/virtual_size /sys/class/graphics/fb0/bits_per_pixel
 section draw
-printf '\033[?25l\n\n\n\n\n\nfbcon on bochs-drm\n' > /dev/tty0
+printf '\033[?25l\033[H\033[2J\n\n\n\n\n\nfbcon on bochs-drm\n' > /dev/tty0
 echo 0 > /sys/class/graphics/fbcon/cursor_blink
 dd if=/dev/zero bs=4096 count=64 2>/dev/null | tr '\000' '\377' > /tmp/white
 dd if=/tmp/white of=/dev/fb0 bs=262144 2>/dev/null && echo drawn
