@@ -8,7 +8,8 @@ then power-off) runs three ways in one run:
   qemu    qemu-system-x86_64 -enable-kvm, when QEMU is installed.
 pyhyve's and QEMU's rates come from two runs of different COUNT, so that
 creating and tearing down the VM cancels out; the bare loop times the loop
-alone.  Also printed: the time pyhyve adds to each exit beyond the bare loop.
+alone.  The bare loop and pyhyve take turns --repeat times and the best rate
+of each counts: a busy spell on a shared host slows single runs by 10%.  Also printed: the time pyhyve adds to each exit beyond the bare loop.
 Goal (issue 22): pyhyve at least 0.95x the bare loop.
 """
 
@@ -102,14 +103,21 @@ def qemu_rate(count: int) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200_000, help="exits per run")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each loop")
     args = parser.parse_args()
     rom = str(build_rom("exits", COUNT=args.count))
-    bare_exits, bare_time = bare_loop(rom)
-    pyhyve, vm_exits = pyhyve_rate(args.count)
-    bare = bare_exits / bare_time
+    bare_rates, pyhyve_rates = [], []
+    for _ in range(args.repeat):
+        bare_exits, bare_time = bare_loop(rom)
+        bare_rates.append(bare_exits / bare_time)
+        rate, vm_exits = pyhyve_rate(args.count)
+        pyhyve_rates.append(rate)
+    bare, pyhyve = max(bare_rates), max(pyhyve_rates)
     qemu = qemu_rate(args.count)
-    print(f"bare KVM_RUN loop : {bare:10.0f} exits/s ({bare_exits} exits)")
-    print(f"pyhyve vm_loop    : {pyhyve:10.0f} exits/s ({vm_exits} exits)")
+    print(f"bare KVM_RUN loop : {bare:10.0f} exits/s ({bare_exits} exits; best of "
+          f"{', '.join(f'{rate:.0f}' for rate in bare_rates)})")
+    print(f"pyhyve vm_loop    : {pyhyve:10.0f} exits/s ({vm_exits} exits; best of "
+          f"{', '.join(f'{rate:.0f}' for rate in pyhyve_rates)})")
     if qemu:
         print(f"qemu              : {qemu:10.0f} exits/s")
     print(f"pyhyve adds {1e9 / pyhyve - 1e9 / bare:.0f} ns of Python to each exit's "
@@ -117,7 +125,9 @@ def main() -> None:
     print(f"ratio pyhyve/bare : {pyhyve / bare:.2f}  (goal >= 0.95)")
     if qemu:
         print(f"ratio pyhyve/qemu : {pyhyve / qemu:.2f}")
-    path = save("exits", {"count": args.count, "bare_exits_per_s": bare,
+    path = save("exits", {"count": args.count, "repeat": args.repeat,
+                          "bare_runs": bare_rates, "pyhyve_runs": pyhyve_rates,
+                          "bare_exits_per_s": bare,
                           "pyhyve_exits_per_s": pyhyve, "qemu_exits_per_s": qemu,
                           "ratio_pyhyve_bare": pyhyve / bare,
                           "pyhyve_added_ns_per_exit": 1e9 / pyhyve - 1e9 / bare,
