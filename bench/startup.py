@@ -8,8 +8,10 @@ are polled the same way.  pyhyve starts as its installed `pyhyve` command
 does: the console script imports pyhyve.cli and calls main.  Memory: the resident set of the process while the
 guest runs with 256 MiB, minus the resident part of the guest's RAM mapping
 (almost nothing: the guest runs from ROM), so the figure is the VMM's own
-footprint.
-Goals (issue 9): start-up faster than QEMU; pyhyve's own memory under 40 MiB.
+footprint.  Also timed: the interpreter starting and exiting with nothing to
+do (`python -c pass`), the part of pyhyve's figure that is Python's own (its
+site module runs every .pth file of the installation).
+Goals (issues 9, 22): start-up faster than QEMU; pyhyve's own memory under 40 MiB.
 """
 
 import argparse
@@ -66,6 +68,16 @@ def _first_byte_and_rss(command: list[str], debug: Path, env=None) -> tuple[floa
         proc.wait()
 
 
+def _interpreter_seconds(python: str, repeat: int) -> float:
+    """The best time of `python -c pass`: the interpreter's own start and exit."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run([python, "-c", "pass"], check=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -94,6 +106,7 @@ def main() -> None:
                      f"file,id=d,path={debug}", "-device", "isa-debugcon,iobase=0x402,chardev=d"],
                     debug))
     figures = {"pyhyve_python": args.python,
+               "interpreter_alone_s": _interpreter_seconds(args.python, 3 * args.repeat),
                "pyhyve_python_version": subprocess.run(
                    [args.python, "-c", "import platform; print(platform.python_version())"],
                    capture_output=True, text=True, check=True).stdout.strip()}
@@ -101,8 +114,8 @@ def main() -> None:
         if runs:
             figures[f"{side}_startup_s"] = min(first for first, _ in runs)
             figures[f"{side}_rss_mib"] = min(rss for _, rss in runs) / (1 << 20)
-    print(f"start-up to first instruction: pyhyve {figures['pyhyve_startup_s'] * 1000:.0f} ms",
-          end="")
+    print(f"start-up to first instruction: pyhyve {figures['pyhyve_startup_s'] * 1000:.0f} ms "
+          f"(the interpreter alone {figures['interpreter_alone_s'] * 1000:.1f} ms)", end="")
     if "qemu_startup_s" in figures:
         print(f", qemu {figures['qemu_startup_s'] * 1000:.0f} ms, ratio "
               f"{figures['pyhyve_startup_s'] / figures['qemu_startup_s']:.2f} (goal < 1)")
