@@ -1,5 +1,6 @@
 """Shared by the benchmarks: test-guest builds and result files."""
 
+import contextlib
 import json
 import os
 import platform
@@ -79,6 +80,22 @@ def _require_marker(debug: Path, marker: str, context: str) -> None:
     debug.unlink(missing_ok=True)
     if marker not in text:
         raise SystemExit(f"the guest did not print {marker!r} ({context}):\n{text}")
+
+
+@contextlib.contextmanager
+def fork_server(work: Path, env: dict, python: str = sys.executable):
+    """A `pyhyve --serve` under PYTHON with its socket in WORK, until the block
+    ends; the block gets the socket's path."""
+    path = work / "serve.sock"
+    proc = subprocess.Popen([python, "-m", "pyhyve", f"--serve={path}"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        if not proc.stderr.readline().startswith(b"pyhyve: serving on"):
+            raise SystemExit("pyhyve --serve did not start")
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ Figures are VMs per second (higher is better) for each way.
 """
 
 import argparse
-import contextlib
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, build_rom, save
+from common import REPO, build_rom, fork_server, save
 
 from pyhyve import forkserver
 from pyhyve.config import Config
@@ -84,20 +83,6 @@ def served(server: Path, commands: list[list[str]], expect: int) -> float:
     if any(status != expect for status in statuses):
         raise SystemExit(f"served VMs ended with {statuses}")
     return elapsed
-
-
-@contextlib.contextmanager
-def fork_server(work: Path, env: dict):
-    path = work / "serve.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pyhyve", f"--serve={path}"],
-                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        if not proc.stderr.readline().startswith(b"pyhyve: serving on"):
-            raise SystemExit("pyhyve --serve did not start")
-        yield path
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def in_process(rom: Path, work: Path, count: int) -> float:

@@ -11,6 +11,9 @@ guest runs with 256 MiB, minus the resident part of the guest's RAM mapping
 footprint.  Also timed: the interpreter starting and exiting with nothing to
 do (`python -c pass`), the part of pyhyve's figure that is Python's own (its
 site module runs every .pth file of the installation).
+The warm path is timed too: a `pyhyve --serve` fork server (started once,
+under the same interpreter) forks the VM's process on request, timed from
+the request (pyhyve.forkserver.start) to the first instruction.
 Goals (issues 9, 22): start-up faster than QEMU; pyhyve's own memory under 40 MiB.
 """
 
@@ -18,13 +21,16 @@ import argparse
 import compileall
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, build_rom, save
+from common import REPO, build_rom, fork_server, save
+
+from pyhyve import forkserver
 
 POLL = 0.0005
 GUEST_BYTES = 256 << 20
@@ -68,6 +74,24 @@ def _first_byte_and_rss(command: list[str], debug: Path, env=None) -> tuple[floa
         proc.wait()
 
 
+def _served_first_byte(server: Path, argv: list[str], debug: Path) -> float:
+    """Request to first instruction of a VM the fork server forks; the VM is
+    then sent SIGKILL."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        start = time.perf_counter()
+        vm = forkserver.start(str(server), argv, stdin=null, stdout=null, stderr=null)
+        try:
+            while not (debug.exists() and debug.stat().st_size):
+                time.sleep(POLL)
+            return time.perf_counter() - start
+        finally:
+            os.kill(vm.pid, signal.SIGKILL)
+            vm.wait()
+    finally:
+        os.close(null)
+
+
 def _interpreter_seconds(python: str, repeat: int) -> float:
     """The best time of `python -c pass`: the interpreter's own start and exit."""
     best = float("inf")
@@ -91,7 +115,14 @@ def main() -> None:
     qemu = shutil.which("qemu-system-x86_64")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     results = {"pyhyve": [], "qemu": []}
+    warm = []
     with tempfile.TemporaryDirectory() as work:
+        with fork_server(Path(work), env, args.python) as server:
+            for run in range(args.repeat):
+                debug = Path(work) / f"w{run}"
+                warm.append(_served_first_byte(server, [
+                    "-m", "256M", "-o", f"control.socket={work}/w{run}.sock",
+                    "-l", f"bootrom,{rom}", "-l", f"debugcon,file={debug}", f"warm{run}"], debug))
         for run in range(args.repeat):
             debug = Path(work) / f"p{run}"
             results["pyhyve"].append(_first_byte_and_rss(
@@ -107,6 +138,7 @@ def main() -> None:
                     debug))
     figures = {"pyhyve_python": args.python,
                "interpreter_alone_s": _interpreter_seconds(args.python, 3 * args.repeat),
+               "pyhyve_served_startup_s": min(warm),
                "pyhyve_python_version": subprocess.run(
                    [args.python, "-c", "import platform; print(platform.python_version())"],
                    capture_output=True, text=True, check=True).stdout.strip()}
@@ -119,6 +151,12 @@ def main() -> None:
     if "qemu_startup_s" in figures:
         print(f", qemu {figures['qemu_startup_s'] * 1000:.0f} ms, ratio "
               f"{figures['pyhyve_startup_s'] / figures['qemu_startup_s']:.2f} (goal < 1)")
+    else:
+        print()
+    print(f"warm start through pyhyve --serve, request to first instruction: "
+          f"{figures['pyhyve_served_startup_s'] * 1000:.1f} ms", end="")
+    if "qemu_startup_s" in figures:
+        print(f", ratio to qemu {figures['pyhyve_served_startup_s'] / figures['qemu_startup_s']:.2f}")
     else:
         print()
     print(f"resident memory, 256 MiB guest: pyhyve {figures['pyhyve_rss_mib']:.1f} MiB", end="")
