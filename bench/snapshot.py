@@ -60,12 +60,16 @@ class Qmp:
 
     def __init__(self, path: Path, proc: subprocess.Popen):
         deadline = time.perf_counter() + TIMEOUT
-        while not path.exists():
+        while True:             # the socket's file appears at bind(), before listen()
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
             if proc.poll() is not None or time.perf_counter() > deadline:
-                raise SystemExit(f"qemu exited before its QMP socket appeared ({proc.returncode})")
+                raise SystemExit(f"qemu exited before its QMP socket listened ({proc.returncode})")
             time.sleep(POLL)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
         self.reader = self.sock.makefile("r")
         self._reply()                                # the greeting
         self.command("qmp_capabilities")
