@@ -26,6 +26,9 @@ process of this benchmark sends such broadcast frames out of the tap towards
 the VM, up to FLOOD_BATCH every millisecond, from before the VM starts until
 it ended; what the VMM cannot take in time the tap drops.  The big and tiny
 runs' difference is again the rate.
+Each side's host CPU a frame (user and system, the guest's emulation
+included) says what a side needs of the host: where another process shares
+the cores, the side that needs more slows first.
 Where the guest's code is emulated (the test hosts), the guest's own loop (about
 15 instructions a frame) may be what limits both sides.
 """
@@ -121,17 +124,19 @@ def measure(runs: dict, ip: str, direction: str, frame_size: int, frames: int,
     roms = {"big": build_rom("netdriver", **{count: frames}, FRAME_SIZE=frame_size),
             "tiny": build_rom("netdriver", **{count: TINY_FRAMES}, FRAME_SIZE=frame_size)}
     done = "blast done" if direction == "transmit" else "receive done"
-    figures = {name: {"big_s": [], "tiny_s": [], "arrived_frames": [], "arrived_bytes": []}
-               for name in runs}
+    figures = {name: {"big_s": [], "tiny_s": [], "big_cpu_s": [], "tiny_cpu_s": [],
+                      "arrived_frames": [], "arrived_bytes": []} for name in runs}
     for _ in range(repeat):
         for size, rom in roms.items():
             for name, run in runs.items():
                 before = tap_received(ip)
                 if direction == "transmit":
-                    figures[name][f"{size}_s"].append(run(rom, done))
+                    seconds, cpu = cpu_timed(run, rom, done)
                 else:
                     with flood(frame_size):
-                        figures[name][f"{size}_s"].append(run(rom, done))
+                        seconds, cpu = cpu_timed(run, rom, done)
+                figures[name][f"{size}_s"].append(seconds)
+                figures[name][f"{size}_cpu_s"].append(cpu)
                 if size == "big" and direction == "transmit":
                     after = tap_received(ip)
                     figures[name]["arrived_frames"].append(after[0] - before[0])
@@ -141,7 +146,22 @@ def measure(runs: dict, ip: str, direction: str, frame_size: int, frames: int,
         pps = (frames - TINY_FRAMES) / seconds if seconds > 0 else None
         side["pps"] = pps
         side["mbit_per_s"] = pps * frame_size * 8 / 1e6 if pps else None
+        side["cpu_us_per_frame"] = (min(side["big_cpu_s"]) - min(side["tiny_cpu_s"])) \
+            / (frames - TINY_FRAMES) * 1e6
     return figures
+
+
+def cpu_timed(run, rom: Path, done: str) -> tuple[float, float]:
+    """(seconds, host CPU seconds) of one run: this process's CPU (pyhyve runs
+    in it: the vCPU thread's guest, emulated by the host kernel, and the I/O
+    thread's Python) plus that of the children it waited for meanwhile (QEMU;
+    the flooding process is waited for later)."""
+    before = os.times()
+    seconds = run(rom, done)
+    after = os.times()
+    cpu = sum(getattr(after, field) - getattr(before, field)
+              for field in ("user", "system", "children_user", "children_system"))
+    return seconds, cpu
 
 
 def report(name: str, side: dict | None, frames: int, frame_size: int) -> None:
@@ -156,7 +176,8 @@ def report(name: str, side: dict | None, frames: int, frame_size: int) -> None:
         print(f"  {name:7}: the guest sent {frames} frames per big run; the tap took "
               f"{side['arrived_frames']} ({side['arrived_bytes']} bytes)")
     if side["pps"]:
-        print(f"  {name:7}: {side['pps']:10.0f} frames/s {side['mbit_per_s']:8.1f} Mbit/s")
+        print(f"  {name:7}: {side['pps']:10.0f} frames/s {side['mbit_per_s']:8.1f} Mbit/s, "
+              f"{side['cpu_us_per_frame']:.1f} us of host CPU a frame")
     else:
         print(f"  {name:7}: no usable difference")
 
