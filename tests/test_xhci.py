@@ -265,6 +265,9 @@ def test_tablet_requests_and_state():
     for queue in ([[1, 10, 20, 200]], [[1, 10, 20]], [[8, 0, 0, 0]], [[1, 10, 20, 0]] * 17, {}):
         with pytest.raises(ValueError):
             other.restore_state(dict(state, queue=queue))
+    tablet.reset()                              # once in its life, as QEMU's tablet
+    tablet.polled()
+    assert activated == [tablet]
 
 
 def test_tablet_queues_a_click_made_between_two_polls():

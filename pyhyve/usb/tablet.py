@@ -16,9 +16,10 @@ The controller calls control(), polled(), take_report() and has_report()
 with its lock held; pointer_event() comes from the router's callers and
 takes the same lock (given at construction) before changing the report, then
 asks the controller (`wake`) to run the endpoint.  The first time the guest
-polls the tablet after a reset (its interrupt endpoint, or GET_REPORT), the
-tablet tells the router (`activate`, which takes only the router's lock), so
-that it takes pointer events before devices made ready earlier, as in QEMU.
+polls the tablet (its interrupt endpoint, or GET_REPORT), the tablet tells
+the router (`activate`, which takes only the router's lock), so that it
+takes pointer events before devices made ready earlier.  As QEMU's tablet,
+it does so once in its life: a reset does not make it tell again.
 """
 
 import struct
@@ -98,6 +99,7 @@ class UsbTablet:
         self._lock = lock
         self._wake = wake
         self._activate = activate
+        self.activated = False      # polled once: the router knows (for good, as in QEMU)
         self.reset()
         self.router_buttons = 0     # the router's mask last seen, for wheel edges
 
@@ -108,7 +110,6 @@ class UsbTablet:
         self.idle = 0
         self.buttons = self.x = self.y = 0
         self.queue: list[list[int]] = []    # [buttons, x, y, wheel] reports not yet taken
-        self.activated = False      # polled since the reset: the router knows
 
     # --- the router's side ----------------------------------------------------------------
     def ready(self) -> bool:
@@ -133,8 +134,8 @@ class UsbTablet:
 
     # --- the controller's side -------------------------------------------------------------
     def polled(self) -> None:
-        """The guest asked for a report: the first time since a reset, the
-        router hears that the guest's driver is ready."""
+        """The guest asked for a report: the first time, the router hears
+        that the guest's driver is ready."""
         if not self.activated:
             self.activated = True
             self._activate(self)
