@@ -327,6 +327,14 @@ def test_proc_bus_input_devices_lists_them(boot):
     assert len(boot.sections["nodes"].split()) == 4
 
 
+def test_linux_prints_the_hid_version_each_usb_tablet_gives(boot):
+    """hid-generic prints the tablet's bcdHID: 1.11 (the HID specification
+    pyhyve's descriptors follow) on pyhyve, 0.01 on QEMU 7.2, whose HID class
+    descriptor says 0x0001; nothing reads it beyond that line."""
+    found = re.search(r"input: USB HID v(\d+\.\d+) Mouse", boot.output)
+    assert found and found.group(1) == ("1.11" if boot.side == "pyhyve" else "0.01")
+
+
 def _bits(bitmap: str) -> set[int]:
     """The bits set in a /proc/bus/input/devices bitmap (hex words, most significant first)."""
     bits = set()
