@@ -115,5 +115,5 @@ def save(name: str, figures: dict) -> Path:
     return path
 
 
-__all__ = ["build_rom", "free_port", "require_program", "run_guest_on_pyhyve", "run_guest_on_qemu", "save",
-           "PM1A_CNT", "REPO"]
+__all__ = ["build_rom", "fork_server", "free_port", "require_program", "run_guest_on_pyhyve",
+           "run_guest_on_qemu", "save", "PM1A_CNT", "REPO"]

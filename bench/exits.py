@@ -9,7 +9,8 @@ then power-off) runs three ways in one run:
 pyhyve's and QEMU's rates come from two runs of different COUNT, so that
 creating and tearing down the VM cancels out; the bare loop times the loop
 alone.  The bare loop and pyhyve take turns --repeat times and the best rate
-of each counts: a busy spell on a shared host slows single runs by 10%.  Also printed: the time pyhyve adds to each exit beyond the bare loop.
+of each counts: a busy spell on a shared host slows single runs by 10%.
+Also printed: the time pyhyve adds to each exit beyond the bare loop.
 Goal (issue 22): pyhyve at least 0.95x the bare loop.
 """
 

@@ -156,7 +156,8 @@ def main() -> None:
     print(f"warm start through pyhyve --serve, request to first instruction: "
           f"{figures['pyhyve_served_startup_s'] * 1000:.1f} ms", end="")
     if "qemu_startup_s" in figures:
-        print(f", ratio to qemu {figures['pyhyve_served_startup_s'] / figures['qemu_startup_s']:.2f}")
+        warm_ratio = figures["pyhyve_served_startup_s"] / figures["qemu_startup_s"]
+        print(f", ratio to qemu {warm_ratio:.2f}")
     else:
         print()
     print(f"resident memory, 256 MiB guest: pyhyve {figures['pyhyve_rss_mib']:.1f} MiB", end="")
