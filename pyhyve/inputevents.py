@@ -90,8 +90,9 @@ def parse(events) -> list[tuple]:
         kind, data = event["type"], event["data"]
         if kind == "key":
             key = data.get("key")
-            steps.append(("qcode" if isinstance(key, dict) and key.get("type") == "qcode"
-                          else "key", _key_code(key, where), _field(data, "down", bool, where)))
+            code = _key_code(key, where)            # checked: a dict with a known type
+            steps.append(("qcode" if key["type"] == "qcode" else "key", code,
+                          _field(data, "down", bool, where)))
         elif kind == "btn":
             button = data.get("button")
             if button not in BUTTONS:
