@@ -343,7 +343,7 @@ bad_used_idx:
     jmp poweroff
 
 /* Wait, up to TIMEOUT_TICKS, for queue %rbp's next used element (next_used's
- * answer).  Clobbers rcx, r8, r9. */
+ * answer); past that, say so and power off.  Clobbers rcx, r8, r9. */
 wait_used:
     rdtsc
     shlq $32, %rdx
@@ -358,7 +358,7 @@ wait_used:
     orq %rax, %rdx
     cmpq %r8, %rdx
     jb 1b
-    PRINT_STR "transmit timed out\n"
+    PRINT_STR "timed out waiting for the device\n"
     jmp poweroff
 2:  ret
 
@@ -451,7 +451,7 @@ wait_batch:
     orq %rax, %rdx
     cmpq %r8, %rdx
     jb 1b
-    PRINT_STR "transmit timed out\n"
+    PRINT_STR "timed out waiting for the device\n"
     jmp poweroff
 2:  ret
 
@@ -459,23 +459,9 @@ wait_batch:
 /* --- 3c: take frames as fast as the device gives them ------------------------------ */
 receive:
     xorl %ebx, %ebx                /* 0x88B5 frames counted */
-    rdtsc
-    shlq $32, %rdx
-    orq %rax, %rdx
-    movabsq $TIMEOUT_TICKS, %r12
-    addq %rdx, %r12                /* the deadline for them all */
 1:  movl $RXQ, %ebp
-    call next_used
-    jnz 2f
-    pause
-    rdtsc
-    shlq $32, %rdx
-    orq %rax, %rdx
-    cmpq %r12, %rdx
-    jb 1b
-    PRINT_STR "receive timed out\n"
-    ret
-2:  cmpl $RX_BUFFERS, %eax
+    call wait_used
+    cmpl $RX_BUFFERS, %eax
     jae bad_head
     movl %eax, %esi
     shll $RX_BUF_SHIFT, %esi
