@@ -32,6 +32,16 @@ def linux_guest():
     return build()
 
 
+@pytest.fixture(scope="session")
+def vnc_api():
+    """vncdotool's API. Its Twisted reactor runs in a thread and cannot be
+    started again once stopped, so every module shares it and it stops once,
+    when the session ends."""
+    api = pytest.importorskip("vncdotool.api")
+    yield api
+    api.shutdown()
+
+
 @pytest.fixture
 def errors_logged():
     """ERROR records pyhyve logs (a model's own failure, which must not happen):

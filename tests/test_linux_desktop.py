@@ -240,15 +240,6 @@ class DesktopBoot:
 BOOTS: dict[str, DesktopBoot] = {}     # by side, for the comparisons once both ran
 
 
-@pytest.fixture(scope="module")
-def vnc_api():
-    """vncdotool's API, whose reactor thread runs once a process: shut down
-    after both boots."""
-    api = pytest.importorskip("vncdotool.api")
-    yield api
-    api.shutdown()
-
-
 @pytest.fixture(scope="module", params=["pyhyve", "qemu"])
 def boot(request, linux_guest, tmp_path_factory, vnc_api):
     if request.param == "qemu":

@@ -65,13 +65,6 @@ def test_pixel_format_conversion():
 
 # --- against real guests ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def vnc_api():
-    api = pytest.importorskip("vncdotool.api")
-    yield api
-    api.shutdown()
-
-
 def grab(api, port: int, password: str | None = None, encoding: int | None = None):
     """The screen as a VNC client sees it, RGB."""
     factory_class = None
