@@ -1,7 +1,7 @@
 """vm_loop speed: port-I/O exits per second.
 
-The same guest (tests/guests/exits.S: COUNT `out` instructions to port 0x80,
-then power-off) runs three ways in one run:
+The same guest (tests/guests/exits.S: COUNT `out` instructions to port 0x92,
+System Control Port A, then power-off) runs three ways in one run:
   bare    a minimal loop of fcntl.ioctl(KVM_RUN) reading the exit reason, the
           ceiling for any Python VMM on this host;
   pyhyve  the full vm_loop: handler table, port bus, device, counters;

@@ -9,7 +9,9 @@ The protocol is one JSON object per line each way:
     {"command": "bogus"}
         -> {"ok": false, "error": "unknown command 'bogus'"}
 
-Commands: get-stats, get-all, get-REG, set-REG (with "value"), pause, resume,
+Commands: get-stats (the vCPU's exit counters by reason, and the VM's
+"queued_writes": port and MMIO writes KVM queued instead of exiting,
+pyhyve.coalesced), get-all, get-REG, set-REG (with "value"), pause, resume,
 inject-nmi, powerdown, wakeup (from ACPI S3; an error when the guest does
 not sleep), force-reset, force-poweroff, destroy, checkpoint and
 suspend (with "path": pyhyve.snapshot; the answer has the file's "size"),
@@ -293,7 +295,8 @@ class ControlServer(SocketService):
 
     def _get_stats(self, request: dict) -> dict:
         vcpu = self._vcpu(request)
-        return {"vcpu": vcpu.id, "stats": self.vm.exit_stats()[vcpu.id]}
+        return {"vcpu": vcpu.id, "stats": self.vm.exit_stats()[vcpu.id],
+                "queued_writes": self.vm.coalesced.delivered}
 
     def _get_all(self, request: dict) -> dict:
         vcpu = self._vcpu(request)

@@ -345,9 +345,9 @@ def run(plan: Plan, client: ControlClient) -> None:
                                              None if everything else plan.desc_gets):
                     print(line)
     if plan.actions & {"get-stats", "get-all"}:
-        stats = request("get-stats", vcpu=cpu)["stats"]
+        answer = request("get-stats", vcpu=cpu)
         if not plan.json:
-            for line in format_stats(stats, cpu):
+            for line in format_stats(answer["stats"], cpu, answer.get("queued_writes")):
                 print(line)
     if plan.screenshot is not None:
         did(save_screenshot(client, plan.screenshot), f"screenshot saved to {plan.screenshot}")
@@ -440,9 +440,13 @@ def format_registers(registers: dict, cpu: int, gets: set | None = None,
     return lines
 
 
-def format_stats(stats: dict, cpu: int) -> list[str]:
+def format_stats(stats: dict, cpu: int, queued_writes: int | None = None) -> list[str]:
+    """bhyvectl's counter lines; then the writes KVM queued instead of exiting,
+    which every vCPU of the VM made together."""
     lines = [f"vcpu{cpu} stats:", f"{'total number of vm exits':<40}\t{sum(stats.values())}"]
     lines += [f"{'vm exits due to ' + reason:<40}\t{count}" for reason, count in stats.items()]
+    if queued_writes is not None:
+        lines.append(f"{'writes queued, not exits (all vCPUs)':<40}\t{queued_writes}")
     return lines
 
 

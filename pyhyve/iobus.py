@@ -11,10 +11,17 @@ the hypervisor signals without leaving the guest (KVM's ioeventfd, set up
 by the VM as the bus's `notifier`).  Where there is none, or it refuses,
 add_notifier() says so and the write exits to the range's callback as any
 other: a device never talks to KVM itself.
+
+A device whose register only stores what the guest writes, with nothing to
+show for it until the guest's next access to the device (an index register,
+a byte on its way out), lets the hypervisor queue those writes
+(queue_writes(): KVM's coalesced MMIO and PIO) and saves the guest an exit
+each.  The bus then has the queue flushed before every read or write that
+reaches the device, so the device sees its accesses in the guest's order.
 """
 
 import bisect
-from typing import Callable
+from typing import Callable, Protocol
 
 Read = Callable[[int, int], int]
 Write = Callable[[int, int, int], None]
@@ -56,8 +63,50 @@ class _Notifiers:
             self.notifier(fd, address, size, datamatch, True)
 
 
+class WriteQueue(Protocol):
+    """The hypervisor's half of queue_writes (coalesced.CoalescedWrites)."""
+
+    def queue(self, address: int, size: int, pio: bool, on: bool) -> bool: ...
+
+    def flush(self) -> None: ...
+
+
+class _QueuedWrites:
+    """Writes the hypervisor queues rather than exits for, shared by both buses."""
+
+    write_queue: WriteQueue | None = None
+    pio = False
+
+    def queue_writes(self, entry: "Range", address: int, size: int) -> bool:
+        """Writes of the guest inside [address, address + size), a part of
+        ENTRY, wait in the hypervisor's queue and reach entry's write callback
+        later, in order, and always before the next access that exits to
+        ENTRY.  False where the hypervisor cannot queue them: they exit as
+        before."""
+        if self.write_queue is None:
+            return False
+        if entry.direct_write is None:          # flush first, from now on
+            flush, read, write = self.write_queue.flush, entry.read, entry.write
+
+            def flushed_read(offset: int, size: int) -> int:
+                flush()
+                return read(offset, size)
+
+            def flushed_write(offset: int, size: int, value: int) -> None:
+                flush()
+                write(offset, size, value)
+            entry.read, entry.write, entry.direct_write = flushed_read, flushed_write, write
+        return self.write_queue.queue(address, size, self.pio, True)
+
+    def unqueue_writes(self, address: int, size: int) -> None:
+        """Writes inside [address, address + size) exit again (once the
+        queue's earlier ones reach their device, at the next flush)."""
+        if self.write_queue is not None:
+            self.write_queue.queue(address, size, self.pio, False)
+
+
 class Range:
-    __slots__ = ("name", "base", "end", "read", "write", "under")
+    __slots__ = ("name", "base", "end", "read", "write", "under", "direct_write")
 
     def __init__(self, name: str, base: int, length: int, read: Read, write: Write):
         self.name = name
@@ -66,13 +115,16 @@ class Range:
         self.read = read
         self.write = write
         self.under = None
+        self.direct_write: Write | None = None  # write, where the bus wrapped it
 
     def __repr__(self) -> str:
         return f"<Range {self.name} {self.base:#x}-{self.end - 1:#x}>"
 
 
-class PortBus(_Notifiers):
+class PortBus(_Notifiers, _QueuedWrites):
     """The 64 KiB x86 I/O port space."""
+
+    pio = True
 
     def __init__(self):
         self._ports: dict[int, Range] = {}
@@ -126,7 +178,7 @@ class PortBus(_Notifiers):
         return sorted(set(self._ports.values()), key=lambda r: r.base)
 
 
-class MmioBus(_Notifiers):
+class MmioBus(_Notifiers, _QueuedWrites):
     """Guest-physical ranges that are not RAM and are served by devices."""
 
     def __init__(self):

@@ -48,6 +48,7 @@ from . import builder, cpuid, mce
 from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
 from .block import ImageLocks
+from .coalesced import CoalescedWrites
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
 from .configkeys import unknown_keys
@@ -192,6 +193,9 @@ class VirtualMachine:
         self.boot.map_memory(self.memory)
         self.ports = PortBus()
         self.mmio = MmioBus()
+        self.coalesced = CoalescedWrites(self.kvm, self.kvm_vm, self.ports, self.mmio,
+                                         self.device_failed)
+        self.ports.write_queue = self.mmio.write_queue = self.coalesced
         self.context = DeviceContext(self)      # what devices get of this machine
         if self.kvm.check_extension(abi.KVM_CAP_IOEVENTFD):
             self.ports.notifier = self._ioeventfd_notifier(pio=True)
@@ -221,6 +225,7 @@ class VirtualMachine:
                                        self.config.get_bool("x86.x2apic"), self.hidden_features)
             kvm_vcpu.set_cpuid2(entries)
             if index == 0:
+                self.coalesced.map_ring(kvm_vcpu.fd)
                 self.mcg_cap = mce.mcg_cap(self.kvm, entries, self.log)
             if self.mcg_cap:
                 kvm_vcpu.setup_mce(self.mcg_cap)
@@ -370,6 +375,9 @@ class VirtualMachine:
         watcher = threading.Thread(target=self._watch_halt, name=f"{self.name}-halt",
                                    daemon=True)
         watcher.start()
+        flusher = threading.Thread(target=self.coalesced.flush_until, args=(self._stopped,),
+                                   name=f"{self.name}-flush", daemon=True)
+        flusher.start()
         while not self._stopped.wait(0.2):
             pass
         for vcpu in self.vcpus:
@@ -377,6 +385,8 @@ class VirtualMachine:
         for vcpu in self.vcpus:
             vcpu.join(5.0)
         watcher.join(5.0)
+        flusher.join(5.0)
+        self.coalesced.flush()          # what the guest queued last, before anyone looks
 
     def request_suspend(self) -> None:
         """ACPI S3, as the guest asks for it (pm.py, on a vCPU thread): every
@@ -559,6 +569,7 @@ class VirtualMachine:
             was_paused, self.paused = self.paused, True
             for vcpu in self.vcpus:
                 vcpu.pause()
+            self.coalesced.flush()      # devices pause (and are saved) with every write
             for device in self.devices:
                 device.pause()
         if not was_paused:
@@ -625,6 +636,8 @@ class VirtualMachine:
         for device in reversed(list(self.closables)):     # a bus unplugs as it closes
             device.close()
         self.closables.clear()
+        if getattr(self, "coalesced", None) is not None:
+            self.coalesced.close()
         for vcpu in self.vcpus:
             vcpu.kvm_vcpu.close()
         self.vcpus.clear()

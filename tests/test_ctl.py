@@ -130,6 +130,7 @@ def test_stats_grow_pause_freezes_them_resume_lets_them_grow(running, capsys):
     assert status == 0
     assert out.splitlines()[0] == "vcpu0 stats:"
     assert re.search(rf"^vm exits due to io\s+\t{frozen}$", out, re.M), out
+    assert re.search(r"^writes queued, not exits \(all vCPUs\)\s+\t\d+$", out, re.M), out
     assert ask(running.path, {"command": "resume"}) == {"ok": True, "vm": "ctltest"}
     wait_for(lambda: io_exits(running) > frozen)
 
@@ -389,7 +390,8 @@ def test_a_stale_socket_is_replaced(socket_dir):
     vm = make_vm()
     server = ControlServer(vm, path)
     try:
-        assert ask(path, {"command": "get-stats"}) == {"ok": True, "vcpu": 0, "stats": {}}
+        assert ask(path, {"command": "get-stats"}) == {"ok": True, "vcpu": 0, "stats": {},
+                                                       "queued_writes": 0}
     finally:
         server.close()
         vm.close()

@@ -3,7 +3,10 @@
 bhyve keeps this device in the kernel (vmm's vrtc); KVM has no RTC, so it
 lives here.  Port 0x70 selects a byte of bank 0 (bit 7 is the NMI mask, which
 is not modelled), 0x71 reads or writes it; 0x72/0x73 do the same for the
-extended bank (bytes 0x80-0xFF), as ICH chipsets and QEMU have.
+extended bank (bytes 0x80-0xFF), as ICH chipsets have (QEMU 7.2's RTC has
+no such bank: the ports read all ones there).  Writes to
+the index ports only choose a byte, so KVM queues them (iobus.queue_writes,
+as QEMU coalesces 0x70) and the guest leaves only for the data port.
 
 The clock is the host clock (local time, or UTC when bhyve's -u asks for it)
 plus an offset that changes when the guest sets the time.  While the guest
@@ -118,7 +121,9 @@ class Rtc(Device):
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        context.ports.register("rtc", RTC_PORT, 4, self._io_read, self._io_write)
+        ports = context.ports.register("rtc", RTC_PORT, 4, self._io_read, self._io_write)
+        for index_port in (RTC_PORT, RTC_PORT + 2):
+            context.ports.queue_writes(ports, index_port, 1)
 
     def close(self) -> None:
         """Stop the interrupt thread."""

@@ -8,7 +8,8 @@ machine itself rather than on a device.
   for reads.  It is claimed as one byte: 0xCF8 below it is the PCI config
   address register and 0xCFC above it the config data window.
 - 0x80, the POST code port: firmware reports its progress there, and Linux
-  writes it just to wait (outb_p).
+  writes it just to wait (outb_p).  KVM queues those writes
+  (iobus.queue_writes): the guest does not leave for them.
 
 Every reset ends the VM with exit status 0, as bhyve does; whoever ran it
 starts it again.  KVM cannot gate A20, so the A20 bit is only remembered.
@@ -92,7 +93,8 @@ class PostCodes(Device):
     def __init__(self, context):
         self.last = 0
         self.count = 0
-        context.ports.register("post", POST_PORT, 1, self._read, self._write)
+        port = context.ports.register("post", POST_PORT, 1, self._read, self._write)
+        context.ports.queue_writes(port, POST_PORT, 1)
 
     def _read(self, offset: int, size: int) -> int:
         return self.last | _high_ones(size)

@@ -14,6 +14,13 @@ interrupt controller while MCR.OUT2 is set, and never in loopback mode, where
 the chip disconnects its OUT2 pin; the ISA line is edge-triggered, so the level
 is driven high while an enabled interrupt is pending and low otherwise.
 
+THR writes are queued by KVM (iobus.queue_writes) rather than exit while
+nothing the guest can see depends on when they arrive: while the THR-empty
+interrupt is off, and unless loopback turns them into received data that
+interrupts.  The bus hands them over before the guest's next access to the
+UART, so a console that polls LSR before each byte (Linux's, SeaBIOS's,
+GRUB's) leaves the guest once a byte instead of twice.
+
 The vCPU threads and the backend's I/O thread (through `receive`) both reach
 the state, so every access holds the UART's lock.
 """
@@ -131,9 +138,12 @@ class Uart16550(Device):
         self._pending = bytearray()
         self._irq_level = False
         self._closed = False
-        self._reset_registers()
+        self._ports = context.ports
+        self._range = None
+        self._thr_queued = False
         try:
-            context.ports.register(name, base_port, 8, self._read, self._write)
+            self._range = context.ports.register(name, base_port, 8, self._read, self._write)
+            self._reset_registers()
         except BaseException:
             self.close()                    # the UART owns its backend from the start
             raise
@@ -158,6 +168,7 @@ class Uart16550(Device):
             self._rx.clear()
             self._refill()
             self._update_irq()
+            self._update_thr_queueing()
 
     def acpi_objects(self) -> list[tuple[str, bytes]]:
         return [(ACPI_ISA, acpi_device(self.name, self.base_port, self.irq))]
@@ -192,6 +203,7 @@ class Uart16550(Device):
             self._pending[:0] = saved_input + bytes(self._rx)   # input since start: last
             self._rx.clear()
             self._refill()
+            self._update_thr_queueing()
 
     def receive(self, data: bytes) -> None:
         """Host input, called from the backend's I/O thread."""
@@ -235,6 +247,8 @@ class Uart16550(Device):
             else:
                 output = None
                 self._write_register(offset, value)
+                if offset in (REG_IER, REG_MCR):
+                    self._update_thr_queueing()
             self._update_irq()
         if output is not None and self.backend is not None:
             self.backend.write(output)      # unlocked: a slow backend never holds up input
@@ -354,6 +368,19 @@ class Uart16550(Device):
         with self._lock:
             self._irq_level = False
             self._update_irq()
+
+    def _update_thr_queueing(self) -> None:
+        """Queue THR writes while they can wait (the module docstring), else
+        have them exit: called with the lock held, after IER or MCR changed."""
+        wanted = not self._ier & IER_ETBEI and \
+            not (self._mcr & MCR_LOOP and self._ier & IER_ERBFI)
+        if wanted == self._thr_queued or self._range is None:
+            return
+        if wanted:
+            self._thr_queued = self._ports.queue_writes(self._range, self.base_port, 1)
+        else:
+            self._ports.unqueue_writes(self.base_port, 1)
+            self._thr_queued = False
 
     def _update_irq(self) -> None:
         level = (self._mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2 and \

@@ -202,6 +202,14 @@ class Vm:
                                 fd=fd, flags=flags)
         _ioctl(self.fd, abi.KVM_IOEVENTFD, arg, "KVM_IOEVENTFD")
 
+    def coalesce_writes(self, addr: int, size: int, pio: bool, remove: bool = False) -> None:
+        """Writes to the zone go to the coalesced ring instead of exiting
+        (KVM_REGISTER_COALESCED_MMIO), or, with remove, exit again."""
+        request = abi.KVM_UNREGISTER_COALESCED_MMIO if remove else abi.KVM_REGISTER_COALESCED_MMIO
+        arg = abi.kvm_coalesced_mmio_zone(addr=addr, size=size, pio=int(pio))
+        _ioctl(self.fd, request, arg, "KVM_UNREGISTER_COALESCED_MMIO" if remove
+               else "KVM_REGISTER_COALESCED_MMIO")
+
     def get_clock(self) -> abi.kvm_clock_data:
         clock = abi.kvm_clock_data()
         _ioctl(self.fd, abi.KVM_GET_CLOCK, clock, "KVM_GET_CLOCK")

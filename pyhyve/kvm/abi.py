@@ -86,6 +86,7 @@ KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_PIT = 11
 KVM_CAP_MP_STATE = 14
+KVM_CAP_COALESCED_MMIO = 15      # the value is the ring's page in a vCPU's mmap
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_IRQ_ROUTING = 25
 KVM_CAP_IRQ_INJECT_STATUS = 26
@@ -106,6 +107,7 @@ KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_COALESCED_PIO = 162
 
 # --- memory -------------------------------------------------------------------
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -402,6 +404,20 @@ class kvm_ioeventfd(Structure):
                 ("flags", u32), ("pad", u8 * 36)]
 
 
+class kvm_coalesced_mmio_zone(Structure):
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]
+
+
+class kvm_coalesced_mmio(Structure):
+    """One queued write in the coalesced ring."""
+    _fields_ = [("phys_addr", u64), ("len", u32), ("pio", u32), ("data", u8 * 8)]
+
+
+class kvm_coalesced_mmio_ring(Structure):
+    """The ring page's header; kvm_coalesced_mmio entries follow it to the page's end."""
+    _fields_ = [("first", u32), ("last", u32)]
+
+
 class kvm_enable_cap(Structure):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4),
                 ("pad", u8 * 64)]
@@ -499,6 +515,8 @@ KVM_CREATE_IRQCHIP = _io(0x60)
 KVM_IRQ_LINE = _iow(0x61, kvm_irq_level)
 KVM_GET_IRQCHIP = _iowr(0x62, kvm_irqchip)
 KVM_SET_IRQCHIP = _ior(0x63, kvm_irqchip)
+KVM_REGISTER_COALESCED_MMIO = _iow(0x67, kvm_coalesced_mmio_zone)
+KVM_UNREGISTER_COALESCED_MMIO = _iow(0x68, kvm_coalesced_mmio_zone)
 KVM_IRQ_LINE_STATUS = _iowr(0x67, kvm_irq_level)
 KVM_SET_GSI_ROUTING = _iow(0x6A, kvm_irq_routing)
 KVM_IRQFD = _iow(0x76, kvm_irqfd)
