@@ -83,6 +83,8 @@ class _QueuedWrites:
         later, in order, and always before the next access that exits to
         ENTRY.  False where the hypervisor cannot queue them: they exit as
         before."""
+        if not entry.base <= address < address + size <= entry.end:
+            raise ValueError(f"{entry.name}: {address:#x}+{size} is outside {entry!r}")
         if self.write_queue is None:
             return False
         if entry.direct_write is None:          # flush first, from now on
@@ -96,17 +98,30 @@ class _QueuedWrites:
                 flush()
                 write(offset, size, value)
             entry.read, entry.write, entry.direct_write = flushed_read, flushed_write, write
-        return self.write_queue.queue(address, size, self.pio, True)
+            entry.queued = set()
+        if not self.write_queue.queue(address, size, self.pio, True):
+            return False
+        entry.queued.add((address, size))
+        return True
 
-    def unqueue_writes(self, address: int, size: int) -> None:
+    def unqueue_writes(self, entry: "Range", address: int, size: int) -> None:
         """Writes inside [address, address + size) exit again (once the
         queue's earlier ones reach their device, at the next flush)."""
-        if self.write_queue is not None:
+        if entry.queued and (address, size) in entry.queued:
+            entry.queued.discard((address, size))
             self.write_queue.queue(address, size, self.pio, False)
+
+    def _unqueue_all(self, entry: "Range") -> None:
+        """ENTRY leaves the bus: what the guest queued for it arrives first,
+        and the addresses it queued exit again, to whoever claims them next."""
+        if entry.queued:
+            self.write_queue.flush()
+            for address, size in list(entry.queued):
+                self.unqueue_writes(entry, address, size)
 
 
 class Range:
-    __slots__ = ("name", "base", "end", "read", "write", "under", "direct_write")
+    __slots__ = ("name", "base", "end", "read", "write", "under", "direct_write", "queued")
 
     def __init__(self, name: str, base: int, length: int, read: Read, write: Write):
         self.name = name
@@ -116,6 +131,7 @@ class Range:
         self.write = write
         self.under = None
         self.direct_write: Write | None = None  # write, where the bus wrapped it
+        self.queued: set[tuple[int, int]] | None = None     # zones of queue_writes
 
     def __repr__(self) -> str:
         return f"<Range {self.name} {self.base:#x}-{self.end - 1:#x}>"
@@ -167,6 +183,7 @@ class PortBus(_Notifiers, _QueuedWrites):
         return entry
 
     def unregister(self, entry: Range) -> None:
+        self._unqueue_all(entry)
         for port in range(entry.base, entry.end):
             if self._ports.get(port) is entry:
                 if entry.under is None:
@@ -198,6 +215,7 @@ class MmioBus(_Notifiers, _QueuedWrites):
         return entry
 
     def unregister(self, entry: Range) -> None:
+        self._unqueue_all(entry)
         index = self._ranges.index(entry)
         del self._ranges[index]
         del self._bases[index]

@@ -18,8 +18,6 @@ from pyhyve.api import MemoryConsole, Vm, VmSpec
 from pyhyve.devices.uart import Uart16550
 from pyhyve.vcpu import ExitStatus
 
-pytestmark = pytest.mark.usefixtures("needs_kvm")
-
 SPIN_TEXT = b"queued, then idle\n"
 # what the guest reads, the same under QEMU 7.2
 EXPECTED = [("lsr", 0x61), ("rbr", 0x41), ("rbr", 0x42), ("lsr", 0x60),
@@ -37,6 +35,7 @@ def readings(debug: str) -> list[tuple[str, int]]:
     return [(name, int(value, 16)) for name, value in (line.split("=") for line in lines)]
 
 
+@pytest.mark.usefixtures("needs_kvm")
 def test_queued_writes_reach_their_devices_in_order_as_under_qemu(tmp_path):
     rom = build_rom("coalesce")
     debug = tmp_path / "debug.txt"
@@ -62,6 +61,7 @@ def spinning_vm(console: MemoryConsole) -> Vm:
     return Vm(VmSpec("spin", memory="32M", bootrom=str(rom), consoles={"com1": console}))
 
 
+@pytest.mark.usefixtures("needs_kvm")
 def test_output_queued_before_the_guest_idles_comes_out():
     """The guest leaves KVM_RUN neither for its bytes nor after them: the
     flush thread hands them to the UART."""
@@ -75,6 +75,7 @@ def test_output_queued_before_the_guest_idles_comes_out():
             vm.stop()
 
 
+@pytest.mark.usefixtures("needs_kvm")
 def test_pausing_delivers_what_the_guest_queued(monkeypatch):
     """With the flush thread idle, only pause() can have delivered the bytes;
     the VM paused sees its devices with every write the guest made."""
@@ -138,3 +139,22 @@ def test_uart_queues_thr_only_while_its_timing_cannot_show(uart_with_queue, ier,
     assert (queue.zones == {(0x3F8, 1, True)}) == queued
     uart.reset({})
     assert queue.zones == {(0x3F8, 1, True)}
+
+
+def test_a_range_leaving_the_bus_gets_its_queued_writes_and_lets_go_of_its_zones():
+    """Whoever claims the ports next must not find its writes queued, nor
+    an access of its own run before the old device's last writes."""
+    from pyhyve.iobus import PortBus
+    bus, queue, seen = PortBus(), RecordingQueue(), []
+    bus.write_queue = queue
+    entry = bus.register("dev", 0x70, 2, lambda o, s: 0, lambda o, s, v: seen.append(v))
+    with pytest.raises(ValueError):
+        bus.queue_writes(entry, 0x71, 2)                # beyond the range
+    assert bus.queue_writes(entry, 0x70, 1)
+    bus.lookup(0x71).write(1, 1, 7)                     # an exit to the device flushes first
+    assert queue.flushes == 1 and seen == [7]
+    entry.direct_write(0, 1, 9)                         # what a flush delivers
+    assert queue.flushes == 1 and seen == [7, 9]
+    bus.unregister(entry)
+    assert queue.zones == set() and queue.flushes == 2
+    assert bus.lookup(0x70) is None

@@ -140,7 +140,6 @@ class Uart16550(Device):
         self._closed = False
         self._ports = context.ports
         self._range = None
-        self._thr_queued = False
         try:
             self._range = context.ports.register(name, base_port, 8, self._read, self._write)
             self._reset_registers()
@@ -372,15 +371,12 @@ class Uart16550(Device):
     def _update_thr_queueing(self) -> None:
         """Queue THR writes while they can wait (the module docstring), else
         have them exit: called with the lock held, after IER or MCR changed."""
-        wanted = not self._ier & IER_ETBEI and \
-            not (self._mcr & MCR_LOOP and self._ier & IER_ERBFI)
-        if wanted == self._thr_queued or self._range is None:
+        if self._range is None:
             return
-        if wanted:
-            self._thr_queued = self._ports.queue_writes(self._range, self.base_port, 1)
+        if not self._ier & IER_ETBEI and not (self._mcr & MCR_LOOP and self._ier & IER_ERBFI):
+            self._ports.queue_writes(self._range, self.base_port, 1)
         else:
-            self._ports.unqueue_writes(self.base_port, 1)
-            self._thr_queued = False
+            self._ports.unqueue_writes(self._range, self.base_port, 1)
 
     def _update_irq(self) -> None:
         level = (self._mcr & (MCR_OUT2 | MCR_LOOP)) == MCR_OUT2 and \
