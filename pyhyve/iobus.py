@@ -87,22 +87,37 @@ class _QueuedWrites:
             raise ValueError(f"{entry.name}: {address:#x}+{size} is outside {entry!r}")
         if self.write_queue is None:
             return False
-        if entry.direct_write is None:          # flush first, from now on
-            flush, read, write = self.write_queue.flush, entry.read, entry.write
-
-            def flushed_read(offset: int, size: int) -> int:
-                flush()
-                return read(offset, size)
-
-            def flushed_write(offset: int, size: int, value: int) -> None:
-                flush()
-                write(offset, size, value)
-            entry.read, entry.write, entry.direct_write = flushed_read, flushed_write, write
-            entry.queued = set()
+        self.flush_first(entry)
         if not self.write_queue.queue(address, size, self.pio, True):
             return False
+        if entry.queued is None:
+            entry.queued = set()
         entry.queued.add((address, size))
         return True
+
+    def flush_first(self, entry: "Range") -> None:
+        """Have the queue flushed before every access that exits to ENTRY:
+        a range with queued writes, or one whose registers decide what
+        another range's queued writes do (the VGA's ports, for its window)."""
+        if self.write_queue is None or entry.direct_write is not None:
+            return
+        flush, read, write = self.write_queue.flush, entry.read, entry.write
+
+        def flushed_read(offset: int, size: int) -> int:
+            flush()
+            return read(offset, size)
+
+        def flushed_write(offset: int, size: int, value: int) -> None:
+            flush()
+            write(offset, size, value)
+        entry.read, entry.write, entry.direct_write = flushed_read, flushed_write, write
+
+    def flush_queued(self) -> None:
+        """Hand every queued write to its device now (for a device that is
+        reached other than through this bus: a PCI BAR's registers, its
+        display thread)."""
+        if self.write_queue is not None:
+            self.write_queue.flush()
 
     def unqueue_writes(self, entry: "Range", address: int, size: int) -> None:
         """Writes inside [address, address + size) exit again (once the

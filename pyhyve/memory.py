@@ -267,7 +267,7 @@ class GuestMemory:
         return True
 
     def remove_device_ram(self, gpa: int) -> None:
-        """Unmap what add_device_ram() mapped at GPA."""
+        """Unmap what add_device_ram() or add_rom() mapped at GPA."""
         self._remove(gpa)
 
     def map_bootrom(self, rom: mmap.mmap) -> None:

@@ -495,7 +495,17 @@ def test_bar_sizing_with_byte_and_word_writes(vm, testdev):
     assert cfg_read(vm, TESTDEV_SLOT, 0, R.BAR0 + 4, 1) == 0x01     # I/O flag in byte reads
 
 
+def rom_memslots(vm) -> list[tuple]:
+    """(gpa, size) of the read-only memslots KVM was given beyond the bootrom's."""
+    from pyhyve.kvm import abi
+    return sorted((gpa, size) for gpa, size, flags in vm.kvm_vm.memslots.values()
+                  if flags & abi.KVM_MEM_READONLY and gpa < 0xF0000000)
+
+
 def test_rom_bar_sizing_and_decoding(vm, bus):
+    """Decoded with the enable bit and memory space on; there the guest reads
+    it as read-only memory (a memslot, as QEMU maps ROMs: no exit a read),
+    and writes exit to be ignored."""
     device = bus.add(5, 0, RomDevice, {})
     assert device.rom_size == 4096
     saved = cfg_read(vm, 5, 0, R.ROM_ADDRESS, 4)
@@ -510,7 +520,10 @@ def test_rom_bar_sizing_and_decoding(vm, bus):
     assert vm.mmio_read(saved, 2) == 0xFFFF
     cfg_write(vm, 5, 0, R.ROM_ADDRESS, 4, saved | R.ROM_ENABLE)
     assert vm.mmio_read(saved, 2) == 0xFFFF
+    assert rom_memslots(vm) == []
     set_command(vm, 5, R.COMMAND_MEMORY)
+    assert rom_memslots(vm) == [(saved, 4096)]
+    assert vm.memory.read(saved, 4096) == ROM_IMAGE.ljust(4096, b"\xff")
     assert vm.mmio_read(saved, 2) == 0xAA55
     assert vm.mmio_read(saved, 4) == int.from_bytes(ROM_IMAGE[:4], "little")
     assert vm.mmio_read(saved + len(ROM_IMAGE) - 8, 8) == int.from_bytes(b"rom-tail", "little")
@@ -523,12 +536,18 @@ def test_rom_bar_sizing_and_decoding(vm, bus):
     cfg_write(vm, 5, 0, R.ROM_ADDRESS, 4, new | R.ROM_ENABLE)
     assert vm.mmio_read(new, 2) == 0xAA55
     assert vm.mmio_read(saved, 2) == 0xFFFF
+    assert rom_memslots(vm) == [(new, 4096)]
     set_command(vm, 5, 0)
     assert vm.mmio_read(new, 2) == 0xFFFF
+    assert rom_memslots(vm) == []
     set_command(vm, 5, R.COMMAND_MEMORY)
     assert vm.mmio_read(new, 2) == 0xAA55
     cfg_write(vm, 5, 0, R.ROM_ADDRESS, 4, new)
     assert vm.mmio_read(new, 2) == 0xFFFF
+    assert rom_memslots(vm) == []
+    cfg_write(vm, 5, 0, R.ROM_ADDRESS, 4, new | R.ROM_ENABLE)
+    bus.remove(device)                                               # unplugged: unmapped
+    assert rom_memslots(vm) == [] and vm.mmio_read(new, 2) == 0xFFFF
 
 
 def test_rom_bar_absent_reads_zero(vm, testdev):

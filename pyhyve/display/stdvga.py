@@ -13,6 +13,11 @@ DISPI registers and the linear framebuffer.
         0x500-0x515 the DISPI registers, 16 bits each
   ports 0x3c0-0x3df (and the CRTC at 0x3b4/0x3b5/0x3ba), DISPI at 0x1ce/0x1cf
 
+KVM queues the guest's writes to the legacy window (iobus.queue_writes), as
+QEMU coalesces its "vga-lowmem": a text console's characters cost no exit
+each.  They reach the window before any access to the VGA's registers (the
+ports, BAR2), any read of the window, and before the display is drawn.
+
 Where bhyve's fbuf is a plain framebuffer for UEFI, this is the VGA that
 SeaBIOS and QEMU guests expect; bhyve's options are accepted as they are
 (vga=on|io|off decides whether the legacy window and ports are decoded).
@@ -116,15 +121,18 @@ class StdVga(PciDevice):
             self._ranges.append((ports, ports.register("vbe-dispi", DISPI_PORTS[0],
                                                        DISPI_PORTS[1], self._dispi_port_read,
                                                        self._dispi_port_write)))
+            for _, entry in self._ranges:       # they decide what a window write does
+                ports.flush_first(entry)
         if self.vga_mode == "on":
             try:
                 self.context.memory.carve_hole(*VGA_WINDOW)
             except GuestMemoryError as exc:
                 raise ConfigError(f"fbuf: no room for the VGA window: {exc}") from None
             mmio = self.context.mmio
-            self._ranges.append((mmio, mmio.register(
-                "vga-window", VGA_WINDOW[0], VGA_WINDOW[1] - VGA_WINDOW[0],
-                self.state.window_read, self._window_write)))
+            window = mmio.register("vga-window", VGA_WINDOW[0], VGA_WINDOW[1] - VGA_WINDOW[0],
+                                   self.state.window_read, self._window_write)
+            self._ranges.append((mmio, window))
+            mmio.queue_writes(window, VGA_WINDOW[0], VGA_WINDOW[1] - VGA_WINDOW[0])
             if os.path.exists(DEFAULT_ROM):
                 with open(DEFAULT_ROM, "rb") as file:
                     self.add_rom(file.read())
@@ -170,6 +178,7 @@ class StdVga(PciDevice):
     def bar_read(self, index: int, offset: int, size: int) -> int:
         if index != 2:
             return (1 << (8 * size)) - 1
+        self.context.mmio.flush_queued()        # the window's writes, before its registers
         if MMIO_EDID <= offset < MMIO_EDID + EDID_AREA:
             start = offset - MMIO_EDID
             return int.from_bytes(self.edid[start:start + size].ljust(size, b"\0"), "little")
@@ -182,6 +191,7 @@ class StdVga(PciDevice):
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         if index != 2:
             return
+        self.context.mmio.flush_queued()
         if MMIO_VGA_PORTS <= offset < MMIO_VGA_PORTS + VGA_PORTS[1] and size <= 2:
             self.state.port_write(VGA_PORTS[0] + offset - MMIO_VGA_PORTS, size, value)
         elif MMIO_DISPI <= offset < MMIO_DISPI + 0x16 and size == 2 and not offset & 1:
@@ -236,6 +246,7 @@ class StdVga(PciDevice):
         return pages
 
     def _draw(self):
+        self.context.mmio.flush_queued()        # what the guest wrote to the window so far
         changed = self.renderer.render(self._dirty_pages())
         band = (self.state.cr[9] & 0x1F) + 1 if self.renderer.text_mode else 16
         return self.renderer.width, self.renderer.height, self.renderer.frame, changed, band

@@ -8,10 +8,12 @@ checked here, so subclasses only see accesses that make sense.
 """
 
 import logging
+import mmap
 import struct
 import threading
 
 from ..lifecycle import Device, StateError, decode, encode, flag, uint
+from ..memory import GuestMemoryError
 from . import regs as R
 from .msi import MsiCapability, MsixCapability
 
@@ -62,6 +64,8 @@ class PciDevice(Device):
         self.rom_size = 0
         self.rom_address = 0
         self.rom_mapping = None
+        self._rom_pages: mmap.mmap | None = None    # the ROM as guest memory, once mapped
+        self._rom_memory_at: int | None = None      # where it is guest memory now
         self.msi: MsiCapability | None = None
         self.msix: MsixCapability | None = None
         self._cap_end = R.CAPABILITIES_START
@@ -400,9 +404,7 @@ class PciDevice(Device):
             if bar is not None and bar.mapping is not None:
                 self.bus.unmap(bar.kind, bar.mapping)
                 bar.mapping = None
-        if self.rom_mapping is not None:
-            self.bus.unmap(BAR_MEM32, self.rom_mapping)
-            self.rom_mapping = None
+        self._unmap_rom()
 
     # --- expansion ROM -----------------------------------------------------------------
     def _write_rom_register(self, offset: int, size: int, value: int) -> None:
@@ -418,15 +420,38 @@ class PciDevice(Device):
         self._update_rom_mapping()
 
     def _update_rom_mapping(self) -> None:
-        if self.rom_mapping is not None:
-            self.bus.unmap(BAR_MEM32, self.rom_mapping)
-            self.rom_mapping = None
+        self._unmap_rom()
         if self.rom is None or not self._get32(R.ROM_ADDRESS) & R.ROM_ENABLE or \
                 not self._get16(R.COMMAND) & R.COMMAND_MEMORY:
             return
+        name = f"{self.emulation_name}@{self.bdf}.rom"
         self.rom_mapping = self.bus.map(self, BAR_MEM32, self.rom_address, self.rom_size,
-                                        f"{self.emulation_name}@{self.bdf}.rom",
-                                        self._rom_read, self._rom_write)
+                                        name, self._rom_read, self._rom_write)
+        if self.rom_mapping is not None and self.rom_size >= mmap.PAGESIZE:
+            self._map_rom_memory(name)
+
+    def _map_rom_memory(self, name: str) -> None:
+        """Let the guest read the ROM as read-only memory, as QEMU maps it,
+        rather than exit for every read: firmware copies a ROM to shadow RAM
+        four bytes at a time.  Writes still exit, to _rom_write; where the
+        memory cannot go (it overlaps other memory) reads exit too."""
+        if self._rom_pages is None:
+            self._rom_pages = mmap.mmap(-1, self.rom_size)
+            self._rom_pages[:] = self.rom
+        try:
+            self.context.memory.add_rom(name, self.rom_address, self._rom_pages, 0,
+                                        self.rom_size)
+        except GuestMemoryError:
+            return
+        self._rom_memory_at = self.rom_address
+
+    def _unmap_rom(self) -> None:
+        if self._rom_memory_at is not None:
+            self.context.memory.remove_device_ram(self._rom_memory_at)
+            self._rom_memory_at = None
+        if self.rom_mapping is not None:
+            self.bus.unmap(BAR_MEM32, self.rom_mapping)
+            self.rom_mapping = None
 
     def _rom_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.rom[offset:offset + size].ljust(size, b"\xff"), "little")
