@@ -5,6 +5,11 @@ chardev.FileBackend, so it has the same size limit); byte reads return
 0xE9, which is how firmware probes that the port exists.  bhyve's PM1a enable
 register also lives at 0x402 and is 16 bits wide, so only byte accesses are
 taken here and word accesses still reach the PM1 block.
+
+The guest sees nothing of its bytes once written, so KVM queues the byte
+writes (iobus.queue_writes) rather than exit for each: a firmware's log
+costs the guest no exits.  They reach the file at the port's next read,
+when the VM pauses or stops, or within the flush thread's 20 ms.
 """
 
 from ..lifecycle import Device
@@ -23,8 +28,9 @@ class DebugConsole(Device):
         self.path = path
         self._file = FileBackend("debugcon", path, *(() if limit is None else (limit,)),
                                  truncate=not append)
-        context.ports.register_sized("debugcon", DEBUGCON_PORT, frozenset((1,)),
-                                self._read, self._write)
+        port = context.ports.register_sized("debugcon", DEBUGCON_PORT, frozenset((1,)),
+                                            self._read, self._write)
+        context.ports.queue_writes(port, DEBUGCON_PORT, 1)  # a PM1 word write is wider: exits
 
     def _read(self, offset: int, size: int) -> int:
         return PROBE_VALUE
