@@ -19,6 +19,7 @@ the ring empty knows that every write before it arrived.  The drain calls
 the devices' own write callbacks, which never flush again.
 """
 
+import ctypes
 import logging
 import mmap
 import struct
@@ -28,10 +29,12 @@ from .kvm import KvmError, abi
 
 FLUSH_INTERVAL = 0.02   # seconds output may wait in the ring while the guest idles
 
+# kvm_coalesced_mmio_ring and kvm_coalesced_mmio (kvm.abi, checked against the
+# kernel's headers), read with struct: faster than ctypes, once a write
 _HEADER = struct.Struct("<II")      # first (pyhyve consumes), last (KVM produces)
 _FIRST = struct.Struct("<I")
 _ENTRY = struct.Struct("<QII8s")    # address, length, pio, data
-_ENTRIES_AT = _HEADER.size
+_ENTRIES_AT = ctypes.sizeof(abi.kvm_coalesced_mmio_ring)
 _PAGE = mmap.PAGESIZE
 RING_SLOTS = (_PAGE - _ENTRIES_AT) // _ENTRY.size     # KVM_COALESCED_MMIO_MAX
 

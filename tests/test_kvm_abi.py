@@ -97,6 +97,15 @@ def test_kvm_run_offsets_match_kernel(kernel_abi):
         kernel_abi[("offset", "kvm_sregs.interrupt_bitmap")]
 
 
+def test_coalesced_ring_layout_is_the_abis():
+    """pyhyve.coalesced reads the ring with struct formats: the same layout as
+    the ctypes structures checked against the kernel above."""
+    from pyhyve import coalesced
+    assert coalesced._HEADER.size == ctypes.sizeof(abi.kvm_coalesced_mmio_ring)
+    assert coalesced._ENTRY.size == ctypes.sizeof(abi.kvm_coalesced_mmio)
+    assert abi.kvm_coalesced_mmio.data.offset == coalesced._ENTRY.size - 8
+
+
 def test_every_ioctl_is_checked():
     """Every ioctl number abi.py declares appears in the list checked above."""
     declared = {name for name in dir(abi) if name.startswith("KVM_")
