@@ -292,6 +292,17 @@ class VcpuThread:
         if entry is None:
             return self.vm.unclaimed_io("port", port, size, direction == _IO_OUT,
                                         page, offset, count)
+        if size == 1 and count == 1 and offset < self._page_size:
+            # Most port I/O is one byte (UART, RTC, PIC, POST, debug ports): the
+            # byte is indexed straight out of the run page, no struct, no loop.
+            try:
+                if direction == _IO_OUT:
+                    entry.write(port - entry.base, 1, page[offset])
+                else:
+                    page[offset] = entry.read(port - entry.base, 1) & 0xFF
+            except Exception:
+                self.vm.device_failed(entry.name, port)
+            return None
         uint = _PORT_UINT.get(size)
         end = offset + size * count
         if uint is None or end > self._page_size:

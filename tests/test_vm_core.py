@@ -250,3 +250,63 @@ def test_acpi_tables_follow_a_removed_pci_function():
         assert slot6 in fw_cfg_file(vm, "etc/acpi/tables")
     finally:
         vm.close()
+
+
+def test_port_exit_dispatch_by_width_direction_and_count():
+    """The port-I/O exit handler on a run page filled in as KVM fills it: one-byte
+    accesses (the fast path), wider ones and `rep` strings reach the device with
+    the port's offset in its range, reads land masked to their width, a device
+    that raises leaves the access ignored and the vCPU running, and an exit
+    whose data would lie outside the run page is refused (warned once)."""
+    import struct
+    from pyhyve import vcpu as vcpu_module
+    from pyhyve.kvm import abi
+    vm = VirtualMachine(Config({"lpc.bootrom": str(build_rom("exits", COUNT=1))}))
+    try:
+        vcpu = vm.vcpus[0]
+        page = vcpu._page
+        seen = []
+
+        def read(offset, size):
+            seen.append(("read", offset, size))
+            return 0x1234567890 + offset       # wider than any access: must be masked
+
+        def write(offset, size, value):
+            seen.append(("write", offset, size, value))
+            if value == 0xEE:
+                raise RuntimeError("device bug")
+
+        vm.ports.register("probe", 0x500, 8, read, write)
+        data = 4096                            # where KVM puts port data: the page after
+
+        def exit_io(direction, size, port, count, offset=data):
+            struct.pack_into("<I", page, abi.RUN_OFFSET_EXIT_REASON, abi.KVM_EXIT_IO)
+            vcpu_module._IO_EXIT.pack_into(page, abi.RUN_OFFSET_EXIT_UNION, direction,
+                                           size, port, count, offset)
+            return vcpu._exit_io()
+
+        out, inp = abi.KVM_EXIT_IO_OUT, abi.KVM_EXIT_IO_IN
+        page[data:data + 8] = bytes(range(0xA1, 0xA9))
+        assert exit_io(out, 1, 0x503, 1) is None
+        assert exit_io(out, 2, 0x502, 1) is None
+        assert exit_io(out, 1, 0x501, 3) is None
+        assert seen == [("write", 3, 1, 0xA1), ("write", 2, 2, 0xA2A1),
+                        ("write", 1, 1, 0xA1), ("write", 1, 1, 0xA2), ("write", 1, 1, 0xA3)]
+        seen.clear()
+        exit_io(inp, 1, 0x505, 1)
+        assert page[data] == (0x1234567890 + 5) & 0xFF and page[data + 1] == 0xA2
+        exit_io(inp, 4, 0x504, 1)
+        assert struct.unpack_from("<I", page, data)[0] == (0x1234567890 + 4) & 0xFFFFFFFF
+        exit_io(inp, 2, 0x506, 2)
+        assert struct.unpack_from("<HH", page, data) == ((0x1234567890 + 6) & 0xFFFF,) * 2
+        assert seen == [("read", 5, 1), ("read", 4, 4), ("read", 6, 2), ("read", 6, 2)]
+        page[data] = 0xEE
+        assert exit_io(out, 1, 0x500, 1) is None       # the device raised: ignored
+        assert "probe" in vm._warned
+        seen.clear()
+        vm._warned.clear()
+        assert exit_io(out, 1, 0x500, 1, offset=len(page)) is None
+        assert exit_io(out, 4, 0x500, 1, offset=len(page) - 2) is None
+        assert seen == [] and vm._warned == {"io-exit"}     # malformed, not a device bug
+    finally:
+        vm.close()
