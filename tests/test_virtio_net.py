@@ -408,6 +408,22 @@ def test_reset_stops_receiving(tap):
     vm.close()
 
 
+def test_a_late_notification_after_removal_finds_no_device(tap):
+    """The I/O thread may be running a queue's notification while the device is
+    removed (a VM closing its PCI bus before its I/O thread): once the device is
+    off the bus, that kick must find nothing to run, rather than arm the closed
+    tap (EBADF from epoll, logged as a device failure)."""
+    vm, device, driver, rings = modern(D.F_VERSION_1)
+    rings[N.RX].offer([(BUFFERS, 2048, True)])
+    driver.notify(N.RX)
+    assert device.model._rx_armed
+    vm.pci.remove(device)
+    assert not device.model._rx_armed
+    assert device.kick(N.RX) is False
+    assert not device.model._rx_armed and not device.status & D.STATUS_NEEDS_RESET
+    vm.close()
+
+
 # --- end to end: iPXE from Debian's ipxe-qemu boots over DHCP and TFTP -----------------------------
 IPXE_OK = "pyhyve-ipxe-ok"
 HOST_ADDRESS = "10.77.0.1"

@@ -118,6 +118,7 @@ class VirtioPciDevice(PciDevice):
         """Build the model, then declare IDs, BARs, capabilities and queues after it."""
         self.lock = threading.RLock()
         self._paused = False             # the VM is: queues wait, host input stays queued
+        self._removed = False            # torn down: a late kick finds no device to run
         self._clear_state()
         self._assigned: set[tuple] = set()
         self._notify_fds: list[int] = []
@@ -238,7 +239,8 @@ class VirtioPciDevice(PciDevice):
     def _run_queue(self, index: int) -> bool:
         """Let the model serve queue `index` if the device and the queue are live."""
         with self.lock:
-            if self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) != STATUS_DRIVER_OK:
+            if self._removed or \
+                    self.status & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) != STATUS_DRIVER_OK:
                 return False
             if not 0 <= index < len(self.queues) or not self.queues[index].ready:
                 return False
@@ -654,8 +656,12 @@ class VirtioPciDevice(PciDevice):
 
     def teardown(self) -> None:
         """Withdraw the notifiers, then close the model (outside the lock: its
-        backend threads may be waiting for it)."""
+        backend threads may be waiting for it).  The I/O thread may be in a
+        notification's callback meanwhile (a VM closes its PCI devices before
+        its I/O thread): its kick then finds the device removed, rather than
+        running a queue on a closed backend."""
         with self.lock:
+            self._removed = True
             for key in list(self._assigned):
                 self._ioeventfd(key, deassign=True)
             for fd in self._notify_fds:
