@@ -163,6 +163,38 @@ def test_a_fatal_port_access_is_one_line(tmp_path):
 
 
 @needs_kvm
+def test_main_pauses_the_collector_while_building_and_thaws_after(tmp_path):
+    """main() builds with the cyclic collector off and freezes what it built
+    (cli.py says why); once the VM is closed the collector runs again and
+    nothing stays frozen, so a program calling main() twice collects the
+    first VM's cycles.  Run in a child: main() installs signal handlers and
+    confines the process."""
+    code = f"""
+import gc, sys
+from pyhyve import cli, vm as vm_module
+imported = gc.get_freeze_count()        # cli froze its own imports
+built = []
+real_init = vm_module.VirtualMachine.__init__
+def init(self, config):
+    built.append(gc.isenabled())
+    real_init(self, config)
+vm_module.VirtualMachine.__init__ = init
+real_run = vm_module.VirtualMachine.run
+def run(self):
+    built.append((gc.isenabled(), gc.get_freeze_count() > imported > 1000))
+    return real_run(self)
+vm_module.VirtualMachine.run = run
+status = cli.main(["-l", "bootrom,{build_rom('hello16')}", "-o",
+                   "control.socket={tmp_path / 'c.sock'}", "thaw"])
+print(status, built, gc.isenabled(), gc.get_freeze_count())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert result.stdout.split() == [str(int(ExitStatus.POWEROFF)), "[False,", "(True,",
+                                     "True)]", "True", "0"], result.stderr
+
+
+@needs_kvm
 def test_an_unhandled_exit_is_said_once_with_the_registers(tmp_path, monkeypatch, capsys):
     """An exit reason pyhyve has no handler for, through the command's main():
     one line naming it, then the registers, nothing repeated after them."""
