@@ -4,7 +4,10 @@ memory pyhyve itself uses, pyhyve vs QEMU on the same guest in one run.
 The guest is tests/guests/exits.S built with EXIT_PORT=0x402: its first
 instruction after the reset vector's jump writes the debug port, so "first
 instruction" is when the debug console file stops being empty.  Both sides
-are polled the same way.  pyhyve starts as its installed `pyhyve` command
+are polled the same way.  pyhyve queues the debug port's byte writes in KVM's
+coalesced ring (pyhyve/coalesced.py), so its first byte shows only once the
+guest's loop has filled the ring and the vCPU exits (about 0.3 ms here): that
+delay counts against pyhyve.  pyhyve starts as its installed `pyhyve` command
 does: the console script imports pyhyve.cli and calls main.  Memory: the resident set of the process while the
 guest runs with 256 MiB, minus the resident part of the guest's RAM mapping
 (almost nothing: the guest runs from ROM), so the figure is the VMM's own
