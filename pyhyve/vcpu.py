@@ -293,8 +293,9 @@ class VcpuThread:
             return self.vm.unclaimed_io("port", port, size, direction == _IO_OUT,
                                         page, offset, count)
         if size == 1 and count == 1 and offset < self._page_size:
-            # Most port I/O is one byte (UART, RTC, PIC, POST, debug ports): the
-            # byte is indexed straight out of the run page, no struct, no loop.
+            # Most port exits are one byte (the UART's registers, the RTC's data
+            # port, the keyboard controller, port A): the byte is indexed
+            # straight out of the run page, no struct, no loop.
             try:
                 if direction == _IO_OUT:
                     entry.write(port - entry.base, 1, page[offset])

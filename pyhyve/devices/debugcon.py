@@ -9,7 +9,8 @@ taken here and word accesses still reach the PM1 block.
 The guest sees nothing of its bytes once written, so KVM queues the byte
 writes (iobus.queue_writes) rather than exit for each: a firmware's log
 costs the guest no exits.  They reach the file at the port's next read,
-when the VM pauses or stops, or within the flush thread's 20 ms.
+when KVM's ring is full, when the VM pauses or stops, or within the flush
+thread's 20 ms.
 """
 
 from ..lifecycle import Device
