@@ -37,14 +37,14 @@ import contextvars
 import ctypes
 import errno
 import fcntl
-import logging
 import os
 import stat
 import struct
 
 from .config import ConfigError
+from .log import getLogger
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 DIRECT_ALIGN = 4096
 ZERO_CHUNK = 1 << 20

@@ -8,7 +8,6 @@ import functools
 import os
 import re
 import socket
-import string
 
 try:    # CPython's own MD5, built in: hashlib would load OpenSSL, milliseconds of every start
     from _md5 import md5 as _md5
@@ -195,7 +194,7 @@ def vm_uuid(config: Config, name: str) -> bytes:
         digest[8] = digest[8] & 0x3F | 0x80        # RFC 4122 variant
         return bytes(digest)
     digits = text.removeprefix("urn:uuid:").strip("{}").replace("-", "")
-    if len(digits) != 32 or not set(digits) <= set(string.hexdigits):
+    if len(digits) != 32 or not set(digits) <= set("0123456789abcdefABCDEF"):
         raise ConfigError(f"invalid UUID '{text}'")
     return bytes.fromhex(digits)
 

@@ -11,8 +11,6 @@ import gc
 # program running main() again collects the last VM's cycles.
 gc.disable()
 
-import errno
-import logging
 import os
 import re
 import signal
@@ -20,6 +18,7 @@ import sys
 import threading
 import time
 
+from .commandlog import CommandLog
 from .config import Config, ConfigError, write_user_file
 from .ctl import ControlServer, default_socket_path
 from .devices.debugexit import (DEFAULT_IOBASE as DEBUG_EXIT_IOBASE,
@@ -571,101 +570,6 @@ def _announce_ptys(vm) -> None:
             end = "\r\n" if sys.stderr.isatty() else "\n"
             sys.stderr.write(f"{backend.name}: {where}{end}")
     sys.stderr.flush()
-
-
-LOG_FORMAT = "%(asctime)s.%(msecs)03d pyhyve: %(name)s: %(levelname)s: %(message)s"
-LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-              "error": logging.ERROR}
-
-
-class _LogFileHandler(logging.StreamHandler):
-    """The log file's handler: a write that fails (a full disk) says so in one
-    line on stderr, once, instead of logging's traceback for every record."""
-
-    def __init__(self, stream, path: str):
-        super().__init__(stream)
-        self.path, self.failed = path, False
-
-    def emit(self, record) -> None:
-        if not self.failed:
-            super().emit(record)
-
-    def handleError(self, record) -> None:
-        self.failed = True
-        error = sys.exc_info()[1]
-        print(f"pyhyve: cannot write log file {self.path}: "
-              f"{getattr(error, 'strerror', None) or error}; no more log lines go there",
-              file=sys.stderr)
-
-
-class CommandLog:
-    """The `pyhyve` command's log: records of every logger, each line stamped
-    with the date and time to the millisecond, on stderr at level WARNING
-    until the config says otherwise (logging.level, -v; logging.file).  On
-    stderr, records marked "printed" (VirtualMachine.fatal) are left out: their
-    line is there already.  close() takes it all back (main() may run inside
-    another program, a test)."""
-
-    def __init__(self):
-        self.root = logging.getLogger()
-        self.saved_level = self.root.level
-        self.handler = self._stderr_handler()
-        self.root.addHandler(self.handler)
-        self.root.setLevel(logging.WARNING)
-
-    @staticmethod
-    def _stderr_handler() -> logging.Handler:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.addFilter(lambda record: not getattr(record, "printed", False))
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME_FORMAT))
-        return handler
-
-    def configure(self, config: Config) -> None:
-        """logging.level and logging.file; ConfigError for a bad level or a file
-        that cannot be opened."""
-        level = config.get("logging.level", "warning")
-        if level.lower() not in LOG_LEVELS:
-            raise ConfigError(f"logging.level: '{level}' is not one of "
-                              f"{', '.join(LOG_LEVELS)}")
-        path = config.get("logging.file")
-        if path is not None:
-            self._use(self._file_handler(path))
-        self.root.setLevel(LOG_LEVELS[level.lower()])
-
-    @staticmethod
-    def _file_handler(path: str) -> logging.Handler:
-        """PATH opened to append, created 0600 if missing; never through a
-        symbolic link (one another user planted would aim a root process's log
-        at any file)."""
-        if not path:
-            raise ConfigError("logging.file: empty path")
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:
-            fd = os.open(path, flags, 0o600)
-        except OSError as exc:
-            why = ("it is a symbolic link (give the file's own path)"
-                   if exc.errno == errno.ELOOP else exc.strerror or str(exc))
-            raise ConfigError(f"cannot open log file {path}: {why}") from None
-        except ValueError as exc:           # a NUL in the path
-            raise ConfigError(f"cannot open log file {path!r}: {exc}") from None
-        stream = open(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
-        handler = _LogFileHandler(stream, path)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_TIME_FORMAT))
-        return handler
-
-    def _use(self, handler: logging.Handler) -> None:
-        self.root.removeHandler(self.handler)
-        self.handler.close()
-        self.handler = handler
-        self.root.addHandler(handler)
-
-    def close(self) -> None:
-        self.root.removeHandler(self.handler)
-        self.handler.close()
-        if isinstance(self.handler, _LogFileHandler):
-            self.handler.stream.close()
-        self.root.setLevel(self.saved_level)
 
 
 def _restore_config(options: Config):

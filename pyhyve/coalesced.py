@@ -20,12 +20,12 @@ the devices' own write callbacks, which never flush again.
 """
 
 import ctypes
-import logging
 import mmap
 import struct
 import threading
 
 from .kvm import KvmError, abi
+from .log import getLogger
 
 FLUSH_INTERVAL = 0.02   # seconds output may wait in the ring while the guest idles
 
@@ -38,7 +38,7 @@ _ENTRIES_AT = ctypes.sizeof(abi.kvm_coalesced_mmio_ring)
 _PAGE = mmap.PAGESIZE
 RING_SLOTS = (_PAGE - _ENTRIES_AT) // _ENTRY.size     # KVM_COALESCED_MMIO_MAX
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 
 class CoalescedWrites:

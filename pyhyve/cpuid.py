@@ -5,9 +5,8 @@ AMD's 0x8000001E); guests derive each CPU's place from its APIC ID, which
 packs thread, core and socket numbers into bit fields.
 """
 
-from typing import NamedTuple
-
 from .kvm import abi
+from .record import record
 
 CPUID_HYPERVISOR = 1 << 31          # leaf 1 ECX
 CPUID_X2APIC = 1 << 21              # leaf 1 ECX
@@ -19,7 +18,8 @@ def _bits_for(count: int) -> int:
     return (count - 1).bit_length()
 
 
-class Topology(NamedTuple):
+@record
+class Topology:
     sockets: int = 1
     cores: int = 1
     threads: int = 1

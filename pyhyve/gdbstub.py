@@ -23,17 +23,17 @@ commands (MONITOR_HELP).
 """
 
 import ctypes
-import logging
 import select
 import socket
 import threading
-from typing import NamedTuple
 
 from .config import ConfigError
 from .kvm import KvmError, abi
+from .log import getLogger
 from .memory import GuestMemoryError
+from .record import record
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 SIGINT, SIGTRAP = 2, 5
 MAX_PACKET = 0x4000
@@ -71,7 +71,8 @@ FLAGS_TYPES = {"pyhyve_eflags": (4, EFLAGS_BITS, CORE), "pyhyve_mxcsr": (4, MXCS
                "pyhyve_efer": (8, EFER_BITS, SYSTEM)}
 
 
-class Register(NamedTuple):
+@record
+class Register:
     name: str
     bits: int
     type: str

@@ -20,7 +20,6 @@ must take events from any thread.
 """
 
 import threading
-from typing import Protocol
 
 POINTER_MAX = 0x7FFF
 
@@ -31,7 +30,9 @@ WHEEL_UP = 1 << 3
 WHEEL_DOWN = 1 << 4
 
 
-class KeyboardSink(Protocol):
+class KeyboardSink:
+    """What a keyboard gives the router (an interface: i8042, virtio-input)."""
+
     def ready(self) -> bool: ...
     # SYNC False: more keys of the same input frame follow, then key_sync()
     # (virtio-input reports a frame's keys before one SYN_REPORT; the i8042
@@ -40,7 +41,9 @@ class KeyboardSink(Protocol):
     def key_sync(self) -> None: ...
 
 
-class PointerSink(Protocol):
+class PointerSink:
+    """What a pointer gives the router (an interface: virtio-input, the USB tablet)."""
+
     def ready(self) -> bool: ...
     def pointer_event(self, x: int, y: int, buttons: int) -> None: ...
 

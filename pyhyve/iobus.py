@@ -21,7 +21,7 @@ reaches the device, so the device sees its accesses in the guest's order.
 """
 
 import bisect
-from typing import Callable, Protocol
+from collections.abc import Callable
 
 Read = Callable[[int, int], int]
 Write = Callable[[int, int, int], None]
@@ -63,8 +63,9 @@ class _Notifiers:
             self.notifier(fd, address, size, datamatch, True)
 
 
-class WriteQueue(Protocol):
-    """The hypervisor's half of queue_writes (coalesced.CoalescedWrites)."""
+class WriteQueue:
+    """The hypervisor's half of queue_writes (an interface:
+    coalesced.CoalescedWrites has it)."""
 
     def queue(self, address: int, size: int, pio: bool, on: bool) -> bool: ...
 

@@ -8,15 +8,15 @@ the one thread, created by the first device that asks for it
 (devctx.DeviceContext.io_thread) and closed with the VM.
 """
 
-import logging
 import os
 import selectors
 import threading
-from typing import Callable
+from collections.abc import Callable
 
+from .log import getLogger
 from .sandbox import catch_up
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 THREAD_NAME = "virtio-io"
 

@@ -44,7 +44,6 @@ line, and the source resumes.
 """
 
 import json
-import logging
 import socket
 import struct
 import sys
@@ -54,11 +53,12 @@ import time
 from . import snapshot
 from .config import Config, ConfigError, parse_size
 from .layout import BIOS_AREA_END
+from .log import getLogger
 from .migstream import (ACCEPT, FAILED, HELLO, PAGES, RUNNING, STATE, ZEROS, Channel,
                         MigrationError, PeerRefused, read_key)
 from .vcpu import ExitStatus
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 PAGE = 4096
 DEFAULT_DOWNTIME_MS = 300

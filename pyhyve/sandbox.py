@@ -57,7 +57,6 @@ program using pyhyve as a library may call the same functions when it chooses.
 
 import ctypes
 import errno
-import logging
 import os
 import pwd
 import sys
@@ -65,8 +64,9 @@ import threading
 
 from . import landlock
 from .config import Config, ConfigError
+from .log import getLogger, load as load_logging
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 LIBSECCOMP = "libseccomp.so.2"
 
@@ -156,11 +156,14 @@ AF_INET, AF_INET6 = 2, 10
 
 
 def drop_privileges(user: str) -> None:
-    """Become USER (a name or a numeric uid) for good, with its own groups."""
+    """Become USER (a name or a numeric uid) for good, with its own groups.
+    Logging is loaded first: USER may not be able to read Python's files
+    (pyhyve.log loads it lazily)."""
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, ValueError):
         raise ConfigError(f"process.user: no such user '{user}'") from None
+    load_logging()
     try:
         os.initgroups(entry.pw_name, entry.pw_gid)
         os.setgid(entry.pw_gid)

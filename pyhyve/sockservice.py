@@ -25,7 +25,6 @@ client why it is being closed).
 import errno
 import functools
 import json
-import logging
 import os
 import selectors
 import socket
@@ -34,9 +33,10 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ConfigError
+from .log import getLogger
 from .sandbox import catch_up, remove_at_exit
 
 MAX_LINE = 64 * 1024            # longer requests close the connection
@@ -90,7 +90,7 @@ class SocketService:
     def __init__(self, vm, path: str):
         self.vm = vm
         self.path = path
-        self.log = logging.getLogger(f"pyhyve.{vm.name}.{self.thread_name}")
+        self.log = getLogger(f"pyhyve.{vm.name}.{self.thread_name}")
         self._listener = self._listen()
         self._inode = os.stat(self.path).st_ino
         self._wake_reader, self._wake_writer = socket.socketpair()

@@ -11,16 +11,16 @@ pause, register access and the halt probe see a consistent vCPU.
 import ctypes
 import enum
 import fcntl
-import logging
 import os
 import signal
 import struct
 import threading
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from .config import format_cpus
 from .kvm import KvmError, abi
+from .log import getLogger
 from .sandbox import narrow_vcpu_thread
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -86,7 +86,7 @@ class VcpuThread:
         self.vm = vm
         self.kvm_vcpu = kvm_vcpu
         self.id = index                  # bhyve's vCPU number; kvm_vcpu.id is the APIC ID
-        self.log = logging.getLogger(f"pyhyve.{vm.name}.vcpu{self.id}")
+        self.log = getLogger(f"pyhyve.{vm.name}.vcpu{self.id}")
         self.exit_counts = [0] * 64
         self.unknown_exit_counts: dict[int, int] = {}
         self._page = kvm_vcpu.run_page

@@ -39,7 +39,6 @@ device), else the word the caller gave stop() or request_reset() ("signal",
 "control" for pyhyvectl, "qmp", "host" by default).
 """
 
-import logging
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ from .iobus import MmioBus, NotifierUnavailable, PortBus
 from .kvm import Kvm, KvmError, abi
 from .layout import (ECAM_BASE, ECAM_SIZE, IDENTITY_MAP_ADDR, LEGACY_HOLE, MPTABLE_BASE,
                      TSS_ADDR)
+from .log import getLogger
 from .memory import MIN_MEMORY, GuestMemory, GuestMemoryError
 from .pci.bus import PciBus
 from .pci.intx import IOAPIC_PIN_BASE, link_for
@@ -104,7 +104,7 @@ class VirtualMachine:
         self.config = config
         self._given_consoles = dict(consoles or {})
         self.name = builder.vm_name(config)
-        self.log = logging.getLogger(f"pyhyve.{self.name}")
+        self.log = getLogger(f"pyhyve.{self.name}")
         self.exit_status: int | None = None      # an ExitStatus, or a test device's
         self.exit_detail = ""
         self.started_at: float | None = None     # time.monotonic() of the first run()

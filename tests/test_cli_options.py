@@ -108,6 +108,41 @@ def test_warnings_carry_timestamps_too(tmp_path):
 
 
 @needs_kvm
+def test_a_run_that_logs_nothing_never_loads_logging(tmp_path):
+    """pyhyve.log loads Python's logging (7-8 ms) only for a record that would
+    be shown: not for a clean run, nor for a warning below logging.level; a
+    warning at the default level loads it and is shown in the command's format
+    (test_warnings_carry_timestamps_too).  Run in a child: main() installs
+    signal handlers and confines the process."""
+    code = """
+import sys
+from pyhyve import cli
+status = cli.main(sys.argv[1:])
+print(status, "logging" in sys.modules)
+"""
+    common = ["-l", f"bootrom,{build_rom('hello16')}",
+              "-o", f"control.socket={tmp_path / 'c.sock'}"]
+    for args in ([], ["-o", "memroy.size=64M", "-o", "logging.level=error"],
+                 ["-o", "memroy.size=64M"]):
+        result = subprocess.run([sys.executable, "-S", "-c", code, *common, *args, "clean"],
+                                capture_output=True, text=True, cwd=REPO, timeout=60)
+        warned = bool(args) and "logging.level=error" not in args
+        assert result.stdout.split() == [str(int(ExitStatus.POWEROFF)), str(warned)], \
+            result.stderr
+        assert ("unknown config key 'memroy.size'" in result.stderr) == warned
+
+
+@needs_kvm
+def test_a_log_file_that_cannot_be_written_is_said_once(tmp_path):
+    """/dev/full refuses every write: one line on stderr, then the VM runs on."""
+    result = run_rom(tmp_path, "hello16", "-v", "-o", "logging.file=/dev/full",
+                     "-o", f"control.socket={tmp_path / 'c.sock'}")
+    assert result.status == ExitStatus.POWEROFF
+    assert result.stderr == ("pyhyve: cannot write log file /dev/full: No space left on "
+                             "device; no more log lines go there\n")
+
+
+@needs_kvm
 def test_logging_file_gets_the_lines_appended(tmp_path):
     log = tmp_path / "pyhyve.log"
     log.write_text("an earlier line\n")

@@ -21,17 +21,16 @@ and a snapshot holds no half-done command.  A command list or table outside
 guest memory is a host bus fatal error (PxIS.HBFS), logged once.
 """
 
-import logging
-
 from ..memory import GuestMemoryError
 from . import ata
+from ..log import getLogger
 from .port import CMD_CCS_SHIFT, CMD_ST, IS_DHRS, IS_HBFS, IS_SDBS, IS_TFES
 from .protocol import (CONTROL_SRST, FIS_REGISTER_H2D, HEADER_SIZE, READY, RX_PIO_SETUP,
                        RX_REGISTER_D2H, RX_SET_DEVICE_BITS, SLOTS, STATUS_ERR, AtaError,
                        Command, DmaError, pio_setup, register_d2h, set_device_bits,
                        table_address)
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 COMMAND_TABLE_HEAD = 0x80                     # command FIS, ATAPI packet, reserved
 ERROR_STATUS = READY | STATUS_ERR

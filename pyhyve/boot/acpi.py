@@ -23,7 +23,6 @@ asks of a platform.
 """
 
 import struct
-from typing import NamedTuple
 
 from ..devices.hpet import CAPABILITIES as HPET_CAPABILITIES
 from ..devices.pm import (PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, SCI_IRQ, SLP_TYP_S3,
@@ -35,6 +34,7 @@ from ..lifecycle import ACPI_ISA, ACPI_PCI_ROOT, ACPI_SYSTEM
 from ..pci.intx import IOAPIC_PIN_BASE, link_for
 from ..pci.regs import INTERRUPT_PIN
 from . import aml
+from ..record import record
 
 OEM_ID = b"PYHYVE"
 OEM_TABLE_ID = b"PYHYVE  "
@@ -55,10 +55,11 @@ CHECKSUM_OFFSET = 9
 
 
 # --- the platform -----------------------------------------------------------------------
-class AcpiPlatform(NamedTuple):
+@record
+class AcpiPlatform:
     """What the tables describe.  Address windows are (start, end) with `end`
     exclusive, as everywhere in pyhyve; the defaults are pyhyve's platform.
-    (NamedTuples here rather than dataclasses: importing dataclasses costs
+    (Named tuples here rather than dataclasses: importing dataclasses costs
     milliseconds of start-up, and every VM builds ACPI tables.)"""
 
     cpus: tuple[int, ...] = (0,)            # APIC IDs, in vCPU order (ACPI UIDs 0, 1, ...)
@@ -113,21 +114,24 @@ def platform_from_vm(vm) -> AcpiPlatform:
 
 
 # --- tables and how they link -------------------------------------------------------------
-class Pointer(NamedTuple):
+@record
+class Pointer:
     """A field holding another table's physical address."""
     offset: int
     size: int           # 4 or 8 bytes
     target: str         # the signature of the table it points at
 
 
-class Checksum(NamedTuple):
+@record
+class Checksum:
     """A byte that makes bytes [start, start + length) sum to zero."""
     offset: int
     start: int
     length: int
 
 
-class Table(NamedTuple):
+@record
+class Table:
     """One table's bytes, its pointer fields (zero until linked) and its checksums."""
     data: bytes
     pointers: tuple[Pointer, ...] = ()
@@ -139,7 +143,8 @@ class Table(NamedTuple):
         return self.data[:4].decode("ascii")
 
 
-class AcpiTables(NamedTuple):
+@record
+class AcpiTables:
     """The RSDP and the tables it leads to, in the order they are laid out."""
     rsdp: Table
     tables: tuple[Table, ...]

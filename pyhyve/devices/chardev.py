@@ -44,7 +44,6 @@ attaching later reach the same console.
 
 import atexit
 import errno
-import logging
 import os
 import select
 import selectors
@@ -54,13 +53,14 @@ import termios
 import threading
 import time
 import tty
-from typing import Callable
+from collections.abc import Callable
 
 from .. import escape as escapes
 from ..config import ConfigError
+from ..log import getLogger
 from ..sandbox import catch_up, remove_at_exit
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 READ_SIZE = 4096
 STALL_LIMIT = 0.2      # seconds one write may wait for a slow reader

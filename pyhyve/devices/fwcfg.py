@@ -11,12 +11,12 @@ checked: guest memory is reached only through `context.memory`, a bad address se
 the descriptor's ERROR bit, and no access ever raises out of the vm_loop.
 """
 
-import logging
 import struct
 import threading
 
 from ..config import ConfigError, read_user_file
 from ..lifecycle import Device, expect_keys, uint
+from ..log import getLogger
 from ..memory import GuestMemoryError
 
 SELECTOR_PORT = 0x510
@@ -96,7 +96,7 @@ def parse_fw_cfg_option(text: str) -> tuple[str, bytes]:
     else:
         raise ConfigError(usage)
     if not name.startswith("opt/"):
-        logging.getLogger("pyhyve.fwcfg").warning(
+        getLogger("pyhyve.fwcfg").warning(
             "-f %s: fw_cfg names given by users should start with 'opt/'", name)
     return name, data
 

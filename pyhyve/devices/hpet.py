@@ -27,7 +27,7 @@ access that stays within one register works (drivers use 4 or 8 bytes).
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..boot import aml
 from ..layout import HPET_BASE

@@ -13,13 +13,16 @@ immutable copy, safe to encode while the next frame is drawn.
 
 import threading
 from collections import deque
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+
+from ..record import record
 
 TILE = 64
 HISTORY = 8                 # updates a slower client may catch up on by their rectangles
 
 
-class Update(NamedTuple):
+@record
+class Update:
     serial: int                 # increases with each frame that differs from the last
     width: int
     height: int

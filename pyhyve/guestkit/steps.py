@@ -9,14 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+
+from ..record import record
 
 
 class KitError(Exception):
     """Making the guest failed; the message says which step and what to do."""
 
 
-class Guest(NamedTuple):
+@record
+class Guest:
     """A bootable guest: kernel, initramfs and the command line they need."""
     kernel: Path
     vmlinux: Path | None        # with symbols, for gdb (the source build only)

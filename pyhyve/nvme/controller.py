@@ -38,7 +38,6 @@ logged once and ignored; the guest never raises out of a register access.
 """
 
 import contextlib
-import logging
 import struct
 import threading
 import zlib
@@ -50,9 +49,10 @@ from ..pci import BAR_MEM64, PciDevice, emulation
 from ..pci.device import DwordRegisters, disk_legacy_options
 from ..pci.options import Option
 from . import pages
+from ..log import getLogger
 from .prp import PAGE, PrpError, prp_views
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 VENDOR_ID, DEVICE_ID = 0xFB5D, 0x0A0A         # bhyve's (FreeBSD's vendor ID)
 CLASS_NVME = 0x010802                         # mass storage, NVM, NVM Express

@@ -12,15 +12,14 @@ entry points instead (pyproject.toml):
     mydev = "mypackage.mydev:MyDevice"
 """
 
-import importlib
-import logging
-
 from ..config import ConfigError
+from ..log import getLogger
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 
 _EMULATIONS: dict[str, type] = {}
 # The module whose import registers each built-in emulation: a VM imports only
-# those it uses (the virtio modules alone cost milliseconds of start-up).
+# those it uses (the virtio modules alone cost milliseconds of start-up), with
+# __import__: the importlib package would add half a millisecond more.
 BUILTIN_MODULES = {
     "ahci": "pyhyve.ahci.hba",
     "ahci-cd": "pyhyve.ahci.hba",
@@ -61,7 +60,7 @@ def find_emulation(name: str) -> type | None:
     package's entry point names, is imported now), or None."""
     if name not in _EMULATIONS:
         if name in BUILTIN_MODULES:
-            importlib.import_module(BUILTIN_MODULES[name])
+            __import__(BUILTIN_MODULES[name])
         else:
             from importlib.metadata import entry_points     # milliseconds: only for plugins
             for entry in entry_points(group=ENTRY_POINTS, name=name):
@@ -74,13 +73,13 @@ def emulations() -> dict[str, type]:
     that fails to load is left out, with a warning)."""
     from importlib.metadata import entry_points
     for module in BUILTIN_MODULES.values():
-        importlib.import_module(module)
+        __import__(module)
     for entry in entry_points(group=ENTRY_POINTS):
         if entry.name not in _EMULATIONS:
             try:
                 _load(entry)
             except ConfigError as exc:
-                logging.getLogger(__name__).warning("%s", exc)
+                getLogger(__name__).warning("%s", exc)
     return dict(sorted(_EMULATIONS.items()))
 
 

@@ -5,18 +5,17 @@ bhyve's pci_emul.c keeps the same pieces: a slot/function table filled by
 allocator that gives each BAR an initial address the guest may change.
 """
 
-import logging
-
 from ..config import ConfigError
 from ..iobus import BusConflict
 from ..lifecycle import Device, bits, expect_keys
 from ..layout import (ECAM_BASE, ECAM_SIZE, HIGHMEM_BASE, PCI_IO_WINDOW, PCI_MEM32_WINDOW,
                       PCI_MEM64_SIZE, GiB, MiB)
+from ..log import getLogger
 from .device import BAR_IO, BAR_MEM32, BAR_MEM64, PciDevice
 from .intx import IntxRouter
 from .options import check as check_options
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_DATA_PORT = 0xCFC

@@ -7,7 +7,6 @@ bar_read()/bar_write().  Everything the guest can write to config space is
 checked here, so subclasses only see accesses that make sense.
 """
 
-import logging
 import mmap
 import struct
 import threading
@@ -15,9 +14,10 @@ import threading
 from ..lifecycle import Device, StateError, decode, encode, flag, uint
 from ..memory import GuestMemoryError
 from . import regs as R
+from ..log import getLogger
 from .msi import MsiCapability, MsixCapability
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 BAR_IO, BAR_MEM32, BAR_MEM64 = "io", "mem32", "mem64"
 

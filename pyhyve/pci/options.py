@@ -10,14 +10,15 @@ prints the declarations.  A name may hold N for any number (`port.N.path`).
 """
 
 import re
-from typing import NamedTuple
 
 from ..config import ConfigError, Config
+from ..record import record
 
 KINDS = ("text", "path", "flag", "number")
 
 
-class Option(NamedTuple):
+@record
+class Option:
     name: str
     kind: str                   # one of KINDS
     default: str | None         # None: no default (absent means "not given")

@@ -24,7 +24,6 @@ the VM).  Bad guest input must never get further than that.
 
 import contextlib
 import threading
-from typing import Protocol
 
 from ..lifecycle import expect_keys
 from ..memory import GuestMemory
@@ -46,8 +45,9 @@ F_VERSION_1 = 1 << 32
 TRANSPORT_FEATURES = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1
 
 
-class Transport(Protocol):
-    """What a transport gives the model it carries; all of it a model may use."""
+class Transport:
+    """What a transport gives the model it carries; all of it a model may use
+    (an interface: virtio.pci.VirtioPciDevice has it)."""
 
     memory: GuestMemory           # guest RAM, where chains point
     lock: threading.RLock         # the device lock (see the module docstring)

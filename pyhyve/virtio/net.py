@@ -50,20 +50,20 @@ before a reset), are dropped and counted in rx_dropped.
 
 import errno
 import hashlib
-import logging
 import os
 import re
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import ConfigError
 from . import slirp
+from ..log import getLogger
 from .device import F_VERSION_1, Transport, VirtioDevice
 from .queue import Chain, SplitQueue
 from .tap import (HDR_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, open_tap,
                   probe_offloads, set_offloads)
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 VIRTIO_ID_NET = 1
 

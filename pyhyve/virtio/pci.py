@@ -39,7 +39,6 @@ ioeventfds and kicks them once.
 """
 
 import contextlib
-import logging
 import os
 import struct
 import threading
@@ -52,9 +51,10 @@ from ..pci import regs as R
 from .device import (F_EVENT_IDX, F_VERSION_1, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
                      STATUS_NEEDS_RESET, TRANSPORT_FEATURES, VirtioDevice)
 from ..iothread import IoThread
+from ..log import getLogger
 from .queue import SplitQueue, VirtqueueError
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 VIRTIO_VENDOR_ID = 0x1AF4
 # Transitional PCI device ID and class code by virtio device type (4.1.2.1)

@@ -25,20 +25,21 @@ dropped and counted, which libslirp allows (TCP retransmits).
 import ctypes
 import heapq
 import ipaddress
-import logging
 import os
 import re
 import select
 import socket
 import threading
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
 
 from ..config import ConfigError
+from ..log import getLogger
+from ..record import record
 from ..sandbox import catch_up
 from .tap import HDR_LEN              # frames carry a tap's virtio-net header
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 LIBRARY = "libslirp.so.0"
 MISSING = "virtio-net: slirp needs libslirp (apt-get install libslirp0)"
@@ -164,7 +165,8 @@ def load_library() -> ctypes.CDLL:
 
 
 # --- options -----------------------------------------------------------------------------
-class HostForward(NamedTuple):
+@record
+class HostForward:
     udp: bool
     host_address: str
     host_port: int

@@ -21,7 +21,6 @@ the screen it may look at and the keys and pointer it may use.
 
 import errno
 import hmac
-import logging
 import os
 import select
 import socket
@@ -34,11 +33,12 @@ from ..devices.chardev import check_stale_socket
 from ..inputroute import POINTER_MAX
 from ..sandbox import catch_up, remove_at_exit
 from . import encodings as E
+from ..log import getLogger
 from .des import vnc_response
 from .keysyms import key_code
 from .stream import accept_stream
 
-log = logging.getLogger(__name__)
+log = getLogger(__name__)
 
 VERSION = b"RFB 003.008\n"
 SECURITY_NONE, SECURITY_VNC = 1, 2
