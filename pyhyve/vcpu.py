@@ -99,7 +99,10 @@ class VcpuThread:
         self._paused = threading.Event()
         self._resume = threading.Event()
         self._resume.set()
-        self._handlers: dict[int, Callable[[], ExitStatus | None]] = {
+        # The handler table, indexed by exit reason; None: no handler.  A list,
+        # since indexing one takes about 50 ns less than a dict's get, and this
+        # is on every exit.
+        handlers: dict[int, Callable[[], ExitStatus | None]] = {
             abi.KVM_EXIT_IO: self._exit_io,
             abi.KVM_EXIT_MMIO: self._exit_mmio,
             abi.KVM_EXIT_HLT: self._exit_hlt,
@@ -113,6 +116,8 @@ class VcpuThread:
             abi.KVM_EXIT_INTERNAL_ERROR: self._exit_fatal,
             abi.KVM_EXIT_FAIL_ENTRY: self._exit_fatal,
         }
+        self._handlers: list[Callable[[], ExitStatus | None] | None] = [
+            handlers.get(reason) for reason in range(len(self.exit_counts))]
 
     # --- thread control -------------------------------------------------------
     def start(self) -> None:
@@ -256,7 +261,10 @@ class VcpuThread:
                 except BlockingIOError:     # an AP left wait-for-SIPI: enter again
                     continue
                 reason = words[_EXIT_REASON_WORD]
-                handler = handlers.get(reason)
+                try:
+                    handler = handlers[reason]
+                except IndexError:          # beyond any reason pyhyve knows
+                    handler = None
                 if handler is None:
                     return self._exit_unknown(reason)
                 counts[reason] += 1

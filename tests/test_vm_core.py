@@ -310,3 +310,44 @@ def test_port_exit_dispatch_by_width_direction_and_count():
         assert seen == [] and vm._warned == {"io-exit"}     # malformed, not a device bug
     finally:
         vm.close()
+
+
+@pytest.mark.parametrize("reason", [63, 64, 1000])
+def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys, reason):
+    """vm_loop's table is a list indexed by the exit reason: a reason with no
+    handler inside it (63) or one beyond it stops the VM with ERROR after the
+    exits before it were handled and counted.  KVM_RUN is played here: one
+    port write, then REASON; the other ioctls are KVM's."""
+    import fcntl
+    import struct
+    from pyhyve import vcpu as vcpu_module
+    from pyhyve.kvm import abi
+    vm = VirtualMachine(Config({"lpc.bootrom": str(build_rom("exits", COUNT=1))}))
+    try:
+        vcpu = vm.vcpus[0]
+        page = vcpu._page
+        played = [abi.KVM_EXIT_IO, reason]
+        written = []
+        vm.ports.register("probe", 0x500, 1, lambda offset, size: 0,
+                          lambda offset, size, value: written.append(value))
+
+        real_ioctl = fcntl.ioctl
+
+        def kvm_run(fd, request, *args):
+            if request != abi.KVM_RUN:              # the registers, for the report
+                return real_ioctl(fd, request, *args)
+            struct.pack_into("<I", page, abi.RUN_OFFSET_EXIT_REASON, played.pop(0))
+            vcpu_module._IO_EXIT.pack_into(page, abi.RUN_OFFSET_EXIT_UNION,
+                                           abi.KVM_EXIT_IO_OUT, 1, 0x500, 1, 4096)
+            page[4096] = 0x5A
+            return 0
+
+        monkeypatch.setattr(fcntl, "ioctl", kvm_run)
+        assert vcpu._vm_loop() == ExitStatus.ERROR
+        monkeypatch.undo()
+        assert written == [0x5A] and played == []
+        assert vcpu.exit_counts[abi.KVM_EXIT_IO] == 1
+        assert vcpu.unknown_exit_counts == {reason: 1}
+        assert f"unhandled exit reason {reason} (unknown)" in capsys.readouterr().err
+    finally:
+        vm.close()
