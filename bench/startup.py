@@ -8,7 +8,7 @@ are polled the same way.  pyhyve queues the debug port's byte writes in KVM's
 coalesced ring (pyhyve/coalesced.py), so its first byte shows only once the
 guest's loop has filled the ring and the vCPU exits (about 0.3 ms here): that
 delay counts against pyhyve.  pyhyve starts as its installed `pyhyve` command
-does: the console script imports pyhyve.cli and calls main.  Memory: the resident set of the process while the
+does: the console script imports pyhyve.cli and calls command.  Memory: the resident set of the process while the
 guest runs with 256 MiB, minus the resident part of the guest's RAM mapping
 (almost nothing: the guest runs from ROM), so the figure is the VMM's own
 footprint.  Also timed: the interpreter starting and exiting with nothing to
@@ -37,8 +37,8 @@ from pyhyve import forkserver
 
 POLL = 0.0005
 GUEST_BYTES = 256 << 20
-# What the `pyhyve` script pip installs runs (pyproject.toml: pyhyve.cli:main).
-CONSOLE_SCRIPT = "import sys; from pyhyve.cli import main; sys.exit(main())"
+# What the `pyhyve` script pip installs runs (pyproject.toml: pyhyve.cli:command).
+CONSOLE_SCRIPT = "import sys; from pyhyve.cli import command; sys.exit(command())"
 
 
 def _vmm_rss(pid: int) -> int:

@@ -230,6 +230,25 @@ print(status, built, gc.isenabled(), gc.get_freeze_count())
 
 
 @needs_kvm
+def test_the_command_leaves_its_objects_frozen_as_the_process_ends(tmp_path):
+    """command(), what the `pyhyve` script and `python -m pyhyve` run, freezes
+    what main() left (thawed for a program that goes on), so the interpreter's
+    last collection does not walk the closed VM's objects."""
+    code = """
+import gc, sys
+from pyhyve import cli
+status = cli.command()
+print(status, gc.get_freeze_count() > 1000)
+"""
+    result = subprocess.run([sys.executable, "-c", code, "-l",
+                             f"bootrom,{build_rom('hello16')}",
+                             "-o", f"control.socket={tmp_path / 'c.sock'}", "frozen"],
+                            capture_output=True, text=True, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert result.stdout.split() == [str(int(ExitStatus.POWEROFF)), "True"], result.stderr
+
+
+@needs_kvm
 def test_an_unhandled_exit_is_said_once_with_the_registers(tmp_path, monkeypatch, capsys):
     """An exit reason pyhyve has no handler for, through the command's main():
     one line naming it, then the registers, nothing repeated after them."""
