@@ -16,8 +16,8 @@ loading it.  What must happen when it loads (the pyhyve command's handler) is
 given to `on_load`.
 
 Threads: any thread may be the one that loads logging (the import system
-does it once); the on_load callbacks run once, before any record is handed
-on.  A process about to become a user that may not read Python's files must
+does it once); the on_load callbacks run once, and a record another thread
+hands on meanwhile waits for them.  A process about to become a user that may not read Python's files must
 load logging first (`load()`; sandbox.drop_privileges does).
 """
 
@@ -28,7 +28,7 @@ DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
 
 _threshold = WARNING
 _callbacks: list = []           # on_load's, until logging loads
-_loading = threading.Lock()
+_loading = threading.RLock()    # held while the callbacks run: a record waits for them
 
 
 def set_threshold(level: int) -> None:
@@ -40,11 +40,10 @@ def set_threshold(level: int) -> None:
 def on_load(callback) -> None:
     """CALLBACK(logging) once logging is loaded: now if it is already."""
     with _loading:
+        _callbacks.append(callback)
         if "logging" not in sys.modules:
-            _callbacks.append(callback)
             return
     load()                          # it loaded other than through a stand-in
-    callback(sys.modules["logging"])
 
 
 def cancel(callback) -> None:
@@ -56,13 +55,11 @@ def cancel(callback) -> None:
 
 def load():
     """Python's logging module, imported if need be, once the callbacks
-    waiting for it have run."""
+    waiting for it have run (in another thread too: this waits for them)."""
     import logging
     with _loading:
-        callbacks = _callbacks[:]
-        _callbacks.clear()
-    for callback in callbacks:
-        callback(logging)
+        while _callbacks:
+            _callbacks.pop(0)(logging)
     return logging
 
 

@@ -71,6 +71,34 @@ log.on_load(lambda logging: print("late callback runs at once"))
     assert lines[-2:] == ["ZeroDivisionError: division by zero", "late callback runs at once"]
 
 
+def test_a_record_from_another_thread_waits_for_the_callbacks():
+    """While one thread's record runs the on_load callbacks (which install the
+    handler), another thread's record waits for them rather than reaching
+    logging before its handler is there."""
+    lines = run_child("""
+import sys, threading, time
+from pyhyve import log
+started, release = threading.Event(), threading.Event()
+def configure(logging):
+    started.set()
+    release.wait(10)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("handled %(message)s"))
+    logging.getLogger().addHandler(handler)
+log.on_load(configure)
+first = threading.Thread(target=lambda: log.getLogger("a").warning("first"))
+first.start()
+started.wait(10)
+second = threading.Thread(target=lambda: log.getLogger("b").warning("second"))
+second.start()
+time.sleep(0.2)
+release.set()
+first.join()
+second.join()
+""")
+    assert sorted(lines) == ["handled first", "handled second"]
+
+
 def test_a_lower_threshold_loads_logging_for_info():
     lines = run_child("""
 import sys
