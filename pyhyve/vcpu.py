@@ -210,15 +210,17 @@ class VcpuThread:
             self.log.error("cannot narrow this vCPU thread's system calls: %s", exc)
             self.vm.stop(ExitStatus.ERROR, vcpu=self)
             return
+        status = None
         try:
             status = self._pin()
             if status is None:
                 status = self._vm_loop()
         except BaseException:  # a bug in pyhyve, not in the guest
-            self.log.exception("vm_loop crashed")
             status = ExitStatus.ERROR
-        if status is not None:
-            self.vm.stop(status, vcpu=self, cause="guest")
+            self.log.exception("vm_loop crashed")
+        finally:                # the VM stops even if that report fails too
+            if status is not None:
+                self.vm.stop(status, vcpu=self, cause="guest")
 
     def _pin(self) -> ExitStatus | None:
         """bhyve's -p (vcpu.N.cpuset): this thread onto its host CPUs before it

@@ -57,6 +57,18 @@ def test_guest_runs_to_its_normal_end_as_nobody_under_seccomp(tmp_path):
 
 @needs_root
 @pytest.mark.usefixtures("needs_kvm")
+def test_a_vm_that_became_nobody_still_logs(tmp_path):
+    """The first record loads Python's logging (pyhyve.log); nobody may not
+    read the interpreter's files (this machine's lives under /root), so it is
+    loaded before the user changes: a fatal exit as nobody is said as always."""
+    result = run_rom(tmp_path, "probe", "-e", "-o", "process.user=nobody",
+                     "-o", f"control.socket={tmp_path / 'ctl.sock'}")
+    assert result.status == ExitStatus.ERROR
+    assert result.stderr == "pyhyve: unhandled port read at 0x99 (size 1)\n"
+
+
+@needs_root
+@pytest.mark.usefixtures("needs_kvm")
 def test_running_vm_every_thread_is_nobody_and_filtered(tmp_path):
     """While the guest counts, each of pyhyve's threads (vCPUs, control socket,
     virtio I/O, halt watcher) has nobody's ids, no capabilities and the filter

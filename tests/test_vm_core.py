@@ -351,3 +351,40 @@ def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys
         assert f"unhandled exit reason {reason} (unknown)" in capsys.readouterr().err
     finally:
         vm.close()
+
+
+@pytest.mark.parametrize("report_fails", [False, True])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crash_of_the_vm_loop_stops_the_vm_with_an_error(monkeypatch, caplog, report_fails):
+    """A bug in pyhyve that escapes the vm_loop ends the VM with ERROR and a
+    logged traceback, and still ends it when logging the crash fails too
+    (here the report raises): the VM never waits forever for a dead vCPU."""
+    from pyhyve.vcpu import VcpuThread
+
+    def crash(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(VcpuThread, "_vm_loop", crash)
+    vm = VirtualMachine(Config({"lpc.bootrom": str(build_rom("exits", COUNT=1))}))
+    if report_fails:
+        class BrokenLog:
+            def exception(self, *args, **kwargs):
+                raise OSError("the log is gone")
+
+            def __getattr__(self, name):
+                return lambda *args, **kwargs: None
+
+        vm.vcpus[0].log = BrokenLog()
+    statuses = []
+    runner = threading.Thread(target=lambda: statuses.append(vm.run()))
+    try:
+        runner.start()
+        runner.join(60)
+        assert statuses == [ExitStatus.ERROR]
+        crashed = [r for r in caplog.records if r.getMessage() == "vm_loop crashed"]
+        assert len(crashed) == (0 if report_fails else 1)
+        assert report_fails or crashed[0].exc_info[0] is RuntimeError
+    finally:
+        vm.stop(ExitStatus.POWEROFF)
+        runner.join(10)
+        vm.close()
