@@ -17,8 +17,9 @@ given to `on_load`.
 
 Threads: any thread may be the one that loads logging (the import system
 does it once); the on_load callbacks run once, and a record another thread
-hands on meanwhile waits for them.  A process about to become a user that may not read Python's files must
-load logging first (`load()`; sandbox.drop_privileges does).
+hands on meanwhile waits for them.  A process about to become a user that
+may not read Python's files must load logging first (`load()`;
+sandbox.drop_privileges does).
 """
 
 import sys
@@ -85,35 +86,34 @@ class Logger:
             setattr(self, method, getattr(real, method))
         return real
 
-    def _handle(self, level: int, method: str, msg, args, kwargs) -> None:
+    def _handle(self, level: int, method: str, args, kwargs) -> None:
+        """The real logger's METHOD(*ARGS, **KWARGS), unless logging is not
+        loaded and LEVEL is below the threshold."""
         if level < _threshold and "logging" not in sys.modules:
             return
         kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2    # the caller's line
-        getattr(self._real(), method)(msg, *args, **kwargs)
+        getattr(self._real(), method)(*args, **kwargs)
 
     def debug(self, msg, *args, **kwargs) -> None:
-        self._handle(DEBUG, "debug", msg, args, kwargs)
+        self._handle(DEBUG, "debug", (msg, *args), kwargs)
 
     def info(self, msg, *args, **kwargs) -> None:
-        self._handle(INFO, "info", msg, args, kwargs)
+        self._handle(INFO, "info", (msg, *args), kwargs)
 
     def warning(self, msg, *args, **kwargs) -> None:
-        self._handle(WARNING, "warning", msg, args, kwargs)
+        self._handle(WARNING, "warning", (msg, *args), kwargs)
 
     def error(self, msg, *args, **kwargs) -> None:
-        self._handle(ERROR, "error", msg, args, kwargs)
+        self._handle(ERROR, "error", (msg, *args), kwargs)
 
     def exception(self, msg, *args, **kwargs) -> None:
-        self._handle(ERROR, "exception", msg, args, kwargs)
+        self._handle(ERROR, "exception", (msg, *args), kwargs)
 
     def critical(self, msg, *args, **kwargs) -> None:
-        self._handle(CRITICAL, "critical", msg, args, kwargs)
+        self._handle(CRITICAL, "critical", (msg, *args), kwargs)
 
     def log(self, level: int, msg, *args, **kwargs) -> None:
-        if level < _threshold and "logging" not in sys.modules:
-            return
-        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
-        self._real().log(level, msg, *args, **kwargs)
+        self._handle(level, "log", (level, msg, *args), kwargs)
 
     def isEnabledFor(self, level: int) -> bool:
         if "logging" not in sys.modules:

@@ -105,11 +105,11 @@ import sys
 from pyhyve import log
 log.set_threshold(log.INFO)
 log.on_load(lambda logging: logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                                                format="%(levelname)s %(message)s"))
+                                                format="%(levelname)s %(funcName)s %(message)s"))
 log.getLogger("pyhyve.test").log(log.INFO, "reported %d", 7)
 print("logging" in sys.modules)
 """)
-    assert lines == ["INFO reported 7", "True"]
+    assert lines == ["INFO <module> reported 7", "True"]
 
 
 def test_with_logging_loaded_its_own_levels_decide(caplog):
