@@ -98,6 +98,18 @@ def fork_server(work: Path, env: dict, python: str = sys.executable):
         proc.wait()
 
 
+def venv_python(python: str, work: Path) -> str:
+    """PYTHON as the README installs pyhyve with it: in a venv of its own (made
+    in WORK, without pip), which leaves out the site-packages of PYTHON's own
+    installation and whatever .pth files run there at each start (on the
+    development machine a CA hook of its sandbox and the editable checkout:
+    27 ms of the pyenv interpreter's 37).  pyhyve still comes from the
+    checkout (PYTHONPATH), so the figures are this tree's."""
+    venv = work / "venv"
+    subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return str(venv / "bin" / "python")
+
+
 def free_port() -> int:
     """A TCP port on the loopback that nothing listens on right now."""
     with socket.socket() as probe:

@@ -4,7 +4,8 @@ pyhyve vs QEMU, 50 one after another and 10 at once.
 The guest is tests/guests/exits.S with COUNT=1: one write to the debug port
 (its first exit that reaches the VMM), then power-off.  Each VM is a whole
 process, as a user or a test suite starts them:
-  pyhyve  python3 -m pyhyve -m 64M -l bootrom,ROM ... (exit status 1);
+  pyhyve  python3 -m pyhyve -m 64M -l bootrom,ROM ... (exit status 1), python3
+          in a venv as the README installs pyhyve (--python: which one);
   qemu    qemu-system-x86_64 -enable-kvm -m 64 -bios ROM with isa-debug-exit
           on the power-off port.
 A third way is pyhyve's warm start, `pyhyve --serve=SOCKET`: a fork server
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, build_rom, fork_server, save
+from common import REPO, build_rom, fork_server, save, venv_python
 
 from pyhyve import forkserver
 from pyhyve.config import Config
@@ -35,8 +36,8 @@ PM1A_CNT = 0x404
 MEMORY_MIB = 64
 
 
-def pyhyve_command(rom: Path, work: Path, index: int) -> list[str]:
-    return [sys.executable, "-m", "pyhyve", "-m", f"{MEMORY_MIB}M", "-l", f"bootrom,{rom}",
+def pyhyve_command(python: str, rom: Path, work: Path, index: int) -> list[str]:
+    return [python, "-m", "pyhyve", "-m", f"{MEMORY_MIB}M", "-l", f"bootrom,{rom}",
             "-l", f"debugcon,file={work}/p{index}.txt",
             "-o", f"control.socket={work}/p{index}.sock", f"density{index}"]
 
@@ -105,14 +106,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequential", type=int, default=50)
     parser.add_argument("--concurrent", type=int, default=10)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs the pyhyve processes (default: this "
+                             "one), e.g. /usr/bin/python3, which the README installs pyhyve with")
     args = parser.parse_args()
     rom = build_rom("exits", COUNT=1, EXIT_PORT=0x402)
     qemu = shutil.which("qemu-system-x86_64")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    figures = {"sequential": args.sequential, "concurrent": args.concurrent}
+    figures = {"sequential": args.sequential, "concurrent": args.concurrent,
+               "pyhyve_python": args.python}
     with tempfile.TemporaryDirectory(prefix="pyhyve-bench-density-") as tmp:
         work = Path(tmp)
-        sides = {"pyhyve": (lambda i: pyhyve_command(rom, work, i), ExitStatus.POWEROFF)}
+        python = venv_python(args.python, work)
+        sides = {"pyhyve": (lambda i: pyhyve_command(python, rom, work, i), ExitStatus.POWEROFF)}
         if qemu:
             sides["qemu"] = (lambda i: qemu_command(qemu, rom, work, i), None)
         for side, (make, expect) in sides.items():
@@ -123,7 +129,7 @@ def main() -> None:
             batch = [make(100 + i) for i in range(args.concurrent)]
             figures[f"{side}_concurrent_vms_per_s"] = (
                 args.concurrent / run_batch(batch, env, expect))
-        with fork_server(work, env) as server:
+        with fork_server(work, env, python) as server:
             make = sides["pyhyve"][0]
             figures["served_sequential_vms_per_s"] = args.sequential / sum(
                 served(server, [make(200 + i)], ExitStatus.POWEROFF)

@@ -247,6 +247,74 @@ def test_invalid_date_stops_the_clock_until_fixed(vm, clock, rtc):
     assert read_time(vm) == started + timedelta(seconds=5)
 
 
+EPOCH = datetime(1970, 1, 1)
+
+
+@fuzz_settings(300)
+@given(st.dates(min_value=datetime(1, 1, 1).date(), max_value=datetime(9600, 12, 31).date()))
+def test_calendar_arithmetic_agrees_with_datetime(day):
+    """The RTC counts days itself (pyhyve.devices.rtc: datetime's import costs
+    start-up); Python's datetime, the proleptic Gregorian calendar, is the oracle."""
+    days = (day - EPOCH.date()).days
+    assert rtc_module.days_from_date(day.year, day.month, day.day) == days
+    assert rtc_module.date_from_days(days) == (day.year, day.month, day.day)
+
+
+@fuzz_settings(150)
+@given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9600, 12, 31, 23, 59, 59)),
+       st.sampled_from([B_24H, B_24H | B_BINARY, 0, B_BINARY]))
+def test_any_date_the_guest_sets_runs_on_from_there(moment, mode):
+    """Years 1 to 9600 in each register format: the time set reads back, with its
+    day of the week (read_time checks it), and a second later it reads one
+    second on, across month, year and century ends."""
+    moment = moment.replace(microsecond=0)          # the RTC counts whole seconds
+    vm, clock = FakeVm(), FakeClock()
+    saved = rtc_module.time
+    rtc_module.time = clock
+    device = Rtc(vm.context, 128 * MiB, 0, use_utc=True, cpus=1)
+    try:
+        cmos_write(vm, REG_B, mode)
+        write_time(vm, moment)
+        assert read_time(vm) == moment
+        clock.advance(1)
+        after = moment + timedelta(seconds=1)
+        assert read_time(vm) == (after if after.year <= 9600 else datetime(1, 1, 1))
+    finally:
+        device.close()
+        rtc_module.time = saved
+
+
+@fuzz_settings(300)
+@given(st.integers(1, 99), st.integers(0, 99), st.integers(0, 99), st.integers(0, 99),
+       st.integers(0, 99), st.integers(0, 99))
+def test_a_time_the_calendar_lacks_stops_the_clock(century, year, month, day, hour, minute):
+    """What the guest writes in binary is taken exactly where datetime takes it
+    as a date and time (years 1 to 9600); anything else stops the clock."""
+    vm, clock = FakeVm(), FakeClock()
+    saved = rtc_module.time
+    rtc_module.time = clock
+    device = Rtc(vm.context, 128 * MiB, 0, use_utc=True, cpus=1)
+    try:
+        cmos_write(vm, REG_B, B_24H | B_BINARY | B_SET)
+        for index, value in ((CENTURY, century), (YEAR, year), (MONTH, month),
+                             (MDAY, day), (HOUR, hour), (MIN, minute), (SEC, 30)):
+            cmos_write(vm, index, value)
+        cmos_write(vm, REG_B, B_24H | B_BINARY)
+        try:
+            expected = datetime(century * 100 + year, month, day, hour, minute, 30)
+        except ValueError:
+            expected = None
+        if expected is None or expected.year > 9600:
+            assert any("invalid" in warning for warning in vm.warnings)
+            clock.advance(5)
+            assert cmos_read(vm, SEC) == 30                 # stopped
+        else:
+            assert read_time(vm) == expected
+    finally:
+        device.close()
+        rtc_module.time = saved
+
+
 def test_divider_reset_holds_the_clock(vm, clock, rtc):
     cmos_write(vm, REG_A, 0x66)
     held = read_time(vm)

@@ -32,7 +32,6 @@ decides whether it does).
 import math
 import threading
 import time
-from datetime import datetime, timedelta
 
 from ..boot import aml
 from ..lifecycle import (ACPI_ISA, Device, decode, encode, expect_keys, flag, number,
@@ -86,10 +85,41 @@ BOOT_ORDER_FIRST = 0x3D         # QEMU's boot order nibbles: 1 floppy, 2 disk, 3
 BOOT_ORDER_THIRD = 0x38         # high nibble: third device; bit 0: skip floppy check
 BOOT_DISK, BOOT_FLOPPY, BOOT_CDROM = 2, 1, 3
 
-EPOCH = datetime(1970, 1, 1)
-FIRST_SECOND = (datetime(1, 1, 1) - EPOCH) // timedelta(seconds=1)
-CALENDAR_SPAN = 24 * 146097 * 86400    # years 1-9600: 24 cycles of the Gregorian calendar
+DAY = 86400
+GREGORIAN_CYCLE = 146097        # days in 400 years of the Gregorian calendar
+CALENDAR_SPAN = 24 * GREGORIAN_CYCLE * DAY      # years 1-9600: 24 cycles
 LAST_YEAR = 9600
+_DAYS_TO_1970 = 719468          # from 0000-03-01, where days_from_date's cycles start
+
+
+def days_from_date(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a date of the proleptic Gregorian calendar.
+    The year is counted from March, so that February's leap day ends it:
+    then each month's first day follows from one formula.  (Arithmetic, not
+    Python's datetime, whose module costs every VM about a millisecond of
+    start-up.)"""
+    year -= month <= 2
+    cycle, year_of_cycle = divmod(year, 400)
+    day_of_year = (153 * (month - 3 if month > 2 else month + 9) + 2) // 5 + day - 1
+    day_of_cycle = (year_of_cycle * 365 + year_of_cycle // 4 - year_of_cycle // 100
+                    + day_of_year)
+    return cycle * GREGORIAN_CYCLE + day_of_cycle - _DAYS_TO_1970
+
+
+def date_from_days(days: int) -> tuple[int, int, int]:
+    """(year, month, day) of the date DAYS after 1970-01-01: days_from_date undone."""
+    cycle, day_of_cycle = divmod(days + _DAYS_TO_1970, GREGORIAN_CYCLE)
+    year_of_cycle = (day_of_cycle - day_of_cycle // 1460 + day_of_cycle // 36524
+                     - day_of_cycle // (GREGORIAN_CYCLE - 1)) // 365
+    day_of_year = day_of_cycle - (365 * year_of_cycle + year_of_cycle // 4
+                                  - year_of_cycle // 100)
+    month_from_march = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * month_from_march + 2) // 5 + 1
+    month = month_from_march + 3 if month_from_march < 10 else month_from_march - 9
+    return cycle * 400 + year_of_cycle + (month <= 2), month, day
+
+
+FIRST_SECOND = days_from_date(1, 1, 1) * DAY
 
 
 class Rtc(Device):
@@ -326,16 +356,19 @@ class Rtc(Device):
         seconds = math.floor(seconds)
         if not FIRST_SECOND <= seconds < FIRST_SECOND + CALENDAR_SPAN:
             seconds = FIRST_SECOND + (seconds - FIRST_SECOND) % CALENDAR_SPAN
-        moment = EPOCH + timedelta(seconds=seconds)
+        days, second_of_day = divmod(seconds, DAY)
+        year, month, day = date_from_days(days)
+        hour, second_of_hour = divmod(second_of_day, 3600)
+        minute, second = divmod(second_of_hour, 60)
         if self._b & B_24HOUR:
-            hour = self._encode(moment.hour)
+            encoded_hour = self._encode(hour)
         else:
-            hour = self._encode(moment.hour % 12 or 12) | (HOUR_PM if moment.hour >= 12 else 0)
-        return {SEC: self._encode(moment.second), MIN: self._encode(moment.minute),
-                HOUR: hour, WDAY: self._encode(moment.isoweekday() % 7 + 1),  # Sunday is 1
-                MDAY: self._encode(moment.day), MONTH: self._encode(moment.month),
-                YEAR: self._encode(moment.year % 100),
-                CENTURY: self._encode(moment.year // 100)}
+            encoded_hour = self._encode(hour % 12 or 12) | (HOUR_PM if hour >= 12 else 0)
+        return {SEC: self._encode(second), MIN: self._encode(minute),
+                HOUR: encoded_hour,
+                WDAY: self._encode((days + 4) % 7 + 1),   # 1970-01-01 a Thursday; Sunday is 1
+                MDAY: self._encode(day), MONTH: self._encode(month),
+                YEAR: self._encode(year % 100), CENTURY: self._encode(year // 100)}
 
     def _registers_to_seconds(self) -> int | None:
         """The time the guest wrote into the time registers, or None if it is not a date.
@@ -348,11 +381,11 @@ class Rtc(Device):
         second, minute, day, month, year, century = fields
         if year > 99 or not 0 < century * 100 + year <= LAST_YEAR:
             return None
-        try:
-            moment = datetime(century * 100 + year, month, day, hour, minute, second)
-        except ValueError:
-            return None
-        return (moment - EPOCH) // timedelta(seconds=1)
+        year += century * 100
+        days = days_from_date(year, month, day)
+        if date_from_days(days) != (year, month, day) or hour > 23 or minute > 59 or second > 59:
+            return None         # no such date (a month 13, a 30 February) or time
+        return days * DAY + hour * 3600 + minute * 60 + second
 
     def _decode_hour(self, byte: int) -> int | None:
         if self._b & B_24HOUR:
