@@ -32,14 +32,10 @@ KVM_RUNs.
 
 import base64
 import functools
-import json
 import os
 import socket
 import time
 
-from . import inputevents
-from .display import find_display, imagefile
-from . import snapshot     # here, not on first use: the process may have dropped root by then
 from .config import ConfigError
 from .sandbox import snapshot_refusal
 from .kvm import KvmError, abi
@@ -230,6 +226,7 @@ class ControlServer(SocketService):
     # --- requests ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict:
         try:
+            import json     # here, not at start-up: pyhyve.deferred
             request = json.loads(line)
         except (ValueError, RecursionError):
             return _error("malformed request: expected one JSON object per line")
@@ -273,10 +270,12 @@ class ControlServer(SocketService):
         index = request.get("vcpu", 0)
         count = len(self.vm.vcpus)
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < count:
+            import json
             raise RequestError(f"no vcpu {json.dumps(index)}: the VM has vCPUs 0 to {count - 1}")
         return self.vm.vcpus[index]
 
     def _send_input(self, request: dict) -> dict:
+        from . import inputevents
         try:
             inputevents.send(self.vm.context.input, request.get("events"))
         except inputevents.InputEventError as exc:
@@ -366,6 +365,7 @@ class ControlServer(SocketService):
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise RequestError('"offset" must be a byte offset')
         if offset == 0:
+            from .display import find_display, imagefile
             display = find_display(self.vm.devices)
             if display is None:
                 raise RequestError("the VM has no display (-s SLOT,fbuf)")
@@ -390,6 +390,7 @@ class ControlServer(SocketService):
         refusal = snapshot_refusal(path, self.vm.config)
         if refusal:
             raise RequestError(refusal)
+        from . import snapshot
         try:
             snapshot.check_savable(self.vm)
         except snapshot.SnapshotError as exc:
@@ -483,6 +484,7 @@ class ControlClient:
         line = self._file.readline(MAX_PENDING_OUTPUT)
         if not line.endswith(b"\n"):
             raise ConnectionError("the VM closed the control connection")
+        import json
         answer = json.loads(line)
         if not answer.get("ok"):
             raise ControlError(answer.get("error", "request failed"))

@@ -81,11 +81,11 @@ def _receive(sock: socket.socket, want_fds: int = 0) -> tuple[dict | None, list[
 
 # --- the server ----------------------------------------------------------------------
 def _preload() -> None:
-    """Import what any VM may use, logging too, so that no child pays for it."""
-    from . import cli, ctl, log, snapshot, vm      # noqa: F401  (imported for the children)
+    """Import what any VM may use, so that no child pays for it."""
+    from . import cli, deferred, vm      # noqa: F401  (imported for the children)
     from .pci import emulations
     emulations()
-    log.load()
+    deferred.import_all()
 
 
 def serve(path: str) -> int:

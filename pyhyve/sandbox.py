@@ -62,9 +62,9 @@ import pwd
 import sys
 import threading
 
-from . import landlock
+from . import deferred, landlock
 from .config import Config, ConfigError
-from .log import getLogger, load as load_logging
+from .log import getLogger
 
 log = getLogger(__name__)
 
@@ -157,13 +157,13 @@ AF_INET, AF_INET6 = 2, 10
 
 def drop_privileges(user: str) -> None:
     """Become USER (a name or a numeric uid) for good, with its own groups.
-    Logging is loaded first: USER may not be able to read Python's files
-    (pyhyve.log loads it lazily)."""
+    What pyhyve imports on first use is imported first (pyhyve.deferred):
+    USER may not be able to read Python's files."""
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, ValueError):
         raise ConfigError(f"process.user: no such user '{user}'") from None
-    load_logging()
+    deferred.import_all()
     try:
         os.initgroups(entry.pw_name, entry.pw_gid)
         os.setgid(entry.pw_gid)

@@ -24,7 +24,6 @@ client why it is being closed).
 
 import errno
 import functools
-import json
 import os
 import selectors
 import socket
@@ -64,6 +63,7 @@ def is_listening(path: str) -> bool:
 
 def encode(message) -> bytes:
     """One JSON message and its newline."""
+    import json     # here, not at start-up: pyhyve.deferred
     return json.dumps(message).encode() + b"\n"
 
 

@@ -137,21 +137,6 @@ print("loaded")
     assert lines == ["loaded"]
 
 
-def test_importing_pyhyve_leaves_out_what_start_up_does_not_need():
-    """logging and typing, together about 12 ms of a 40 ms start-up (log.py
-    and record.py say why); the importlib package (pci/__init__.py); datetime,
-    about a millisecond (devices/rtc.py counts days itself).  Without the site
-    module (-S), which imports some of them under some installations."""
-    lines = run_child("""
-import sys
-before = set(sys.modules)
-import pyhyve.cli, pyhyve.vm
-print(sorted(name for name in ("logging", "typing", "dataclasses", "importlib", "datetime")
-             if name in set(sys.modules) - before))
-""", "-S")
-    assert lines == ["[]"]
-
-
 @record
 class Topology:
     """A record for the test."""

@@ -91,10 +91,15 @@ def test_running_vm_every_thread_is_nobody_and_filtered(tmp_path):
             time.sleep(0.05)
         tasks = {task.name: _status_fields(task / "status")
                  for task in Path(f"/proc/{proc.pid}/task").iterdir()}
-        # The control socket answers after the drop: nothing it needs is
-        # imported then (Python's own modules are under /root, 0700, here).
+        # The control socket answers after the drop: what its requests import
+        # on first use (pyhyve.deferred) was imported before it (Python's own
+        # modules are under /root, 0700, here).
         with ControlClient(str(tmp_path / "ctl.sock")) as control:
             assert control.request("get-stats")["queued_writes"] > 0     # its debug bytes
+            key = {"type": "key", "data": {"down": True, "key": {"type": "qcode", "data": "a"}}}
+            assert control.request("send-input", events=[key]) == {"ok": True, "vm": "sandboxed"}
+            with pytest.raises(ControlError, match="the VM has no display"):
+                control.request("screendump")
             saved = control.request("checkpoint", path=f"{snapshots}/vm.snap")
             assert os.stat(saved["path"]).st_mode & 0o777 == 0o600
             assert os.listdir(snapshots) == ["vm.snap"]
