@@ -81,7 +81,6 @@ suspended.
 
 import contextlib
 import ctypes
-import json
 import os
 import struct
 import time
@@ -230,7 +229,7 @@ def encoded_machine_state(vm) -> tuple[bytes, bytes]:
     writer = _Writer()
     manifest = machine_state(vm, writer)
     manifest["data_size"] = writer.size
-    return json.dumps(manifest, sort_keys=True).encode(), b"".join(writer.chunks)
+    return _encoded(manifest), b"".join(writer.chunks)
 
 
 def save(vm, path: str) -> int:
@@ -248,13 +247,27 @@ def save(vm, path: str) -> int:
         manifest.update(memory=memory, data_size=writer.size, data_crc32=writer.crc,
                         memory_bytes=ram.size, memory_crc32=ram.crc)
         try:
-            size = _write(path, json.dumps(manifest, sort_keys=True).encode(), writer.chunks,
-                          ram.chunks)
+            size = _write(path, _encoded(manifest), writer.chunks, ram.chunks)
         finally:
             ram.chunks.clear()       # views of guest memory: it may be unmapped later
     vm.log.info("snapshot: wrote %s, %d bytes (%d of them guest memory) in %.1f s", path,
                 size, sum(run[1] for run in memory), time.monotonic() - started)
     return size
+
+
+def _encoded(manifest: dict) -> bytes:
+    """The manifest as the file holds it: JSON.  Every VM imports this module
+    as it is built (kvm_power_on_state) and only some save one, so json is
+    imported here, not with the module: it costs each start about a
+    millisecond (pyhyve.deferred)."""
+    import json
+    return json.dumps(manifest, sort_keys=True).encode()
+
+
+def _decoded(encoded: bytes):
+    """_encoded undone; ValueError (or RecursionError) where it is not JSON."""
+    import json
+    return json.loads(encoded)
 
 
 def _write(path: str, encoded: bytes, chunks: list, memory: list) -> int:
@@ -328,7 +341,7 @@ def read(path: str, check_memory: bool = False) -> Snapshot:
                 raise SnapshotError(f"snapshot {path} is corrupt (manifest checksum mismatch), "
                                     "or from an older pyhyve")
             try:
-                manifest = json.loads(encoded)
+                manifest = _decoded(encoded)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 raise SnapshotError(f"snapshot {path} is corrupt (bad manifest)") from None
             if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
