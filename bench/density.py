@@ -13,11 +13,14 @@ that has imported pyhyve once forks a process per VM (pyhyve.forkserver),
 timed from the request to the exit status as the others.  A fourth figure
 is pyhyve as a library: VirtualMachine(...).run() and close() in one
 Python process, which skips interpreter start-up.
-Figures are VMs per second (higher is better) for each way.
+Figures are VMs per second (higher is better) for each way, and for the
+processes the CPU time (user and system) each VM took, which is what bounds
+starting 10 at once on a machine with few cores.
 """
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -50,8 +53,10 @@ def qemu_command(qemu: str, rom: Path, work: Path, index: int) -> list[str]:
             "-device", f"isa-debug-exit,iobase={PM1A_CNT:#x},iosize=2"]
 
 
-def run_batch(commands: list[list[str]], env: dict, expect: int) -> float:
-    """Start all the commands at once and wait for every one; the wall time."""
+def run_batch(commands: list[list[str]], env: dict, expect: int) -> tuple[float, float]:
+    """Start all the commands at once and wait for every one; the wall time and
+    the CPU time (user and system) they took together."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     procs = [subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, env=env) for command in commands]
@@ -61,15 +66,16 @@ def run_batch(commands: list[list[str]], env: dict, expect: int) -> float:
         if proc.returncode != expect:
             failures.append(f"{proc.args[0]} exited {proc.returncode}: {stderr.decode()[-300:]}")
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if failures:
         raise SystemExit("\n".join(failures))
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def sequential(make, count: int, env: dict, expect: int) -> float:
-    """VMs per second, one process after another."""
-    elapsed = sum(run_batch([make(i)], env, expect) for i in range(count))
-    return count / elapsed
+def sequential(make, count: int, env: dict, expect: int) -> tuple[float, float]:
+    """VMs per second, one process after another, and the CPU seconds a VM took."""
+    runs = [run_batch([make(i)], env, expect) for i in range(count)]
+    return count / sum(wall for wall, _ in runs), sum(cpu for _, cpu in runs) / count
 
 
 def served(server: Path, commands: list[list[str]], expect: int) -> float:
@@ -124,11 +130,13 @@ def main() -> None:
         for side, (make, expect) in sides.items():
             if expect is None:
                 expect = qemu_exit_code(make, env)
-            figures[f"{side}_sequential_vms_per_s"] = sequential(make, args.sequential, env,
-                                                                 expect)
+            rate, cpu = sequential(make, args.sequential, env, expect)
+            figures[f"{side}_sequential_vms_per_s"] = rate
+            figures[f"{side}_sequential_cpu_ms_per_vm"] = cpu * 1000
             batch = [make(100 + i) for i in range(args.concurrent)]
-            figures[f"{side}_concurrent_vms_per_s"] = (
-                args.concurrent / run_batch(batch, env, expect))
+            wall, cpu = run_batch(batch, env, expect)
+            figures[f"{side}_concurrent_vms_per_s"] = args.concurrent / wall
+            figures[f"{side}_concurrent_cpu_ms_per_vm"] = cpu * 1000 / args.concurrent
         with fork_server(work, env, python) as server:
             make = sides["pyhyve"][0]
             figures["served_sequential_vms_per_s"] = args.sequential / sum(
@@ -144,6 +152,9 @@ def main() -> None:
     for side in sides:
         print(f"{side:8}{figures[f'{side}_sequential_vms_per_s']:14.1f}"
               f"{figures[f'{side}_concurrent_vms_per_s']:14.1f}")
+    for side in sides:
+        print(f"{side:8}{figures[f'{side}_sequential_cpu_ms_per_vm']:14.1f}"
+              f"{figures[f'{side}_concurrent_cpu_ms_per_vm']:14.1f}   (ms of CPU a VM)")
     print(f"{'served':8}{figures['served_sequential_vms_per_s']:14.1f}"
           f"{figures['served_concurrent_vms_per_s']:14.1f}   (pyhyve --serve, warm)")
     print(f"{'library':8}{figures['pyhyve_library_vms_per_s']:14.1f}{'':>14}"
