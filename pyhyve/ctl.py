@@ -40,7 +40,7 @@ from .config import ConfigError
 from .sandbox import snapshot_refusal
 from .kvm import KvmError, abi
 from .sockservice import (MAX_CLIENTS, MAX_LINE, MAX_PENDING_OUTPUT, Client,  # noqa: F401
-                          SocketService, encode, is_listening)
+                          SocketService, decode, encode, is_listening)
 from .vcpu import ExitStatus
 
 SOCKET_DIR = "/run/pyhyve"
@@ -226,8 +226,7 @@ class ControlServer(SocketService):
     # --- requests ------------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict:
         try:
-            import json     # here, not at start-up: pyhyve.deferred
-            request = json.loads(line)
+            request = decode(line)
         except (ValueError, RecursionError):
             return _error("malformed request: expected one JSON object per line")
         return self.handle(request)
@@ -484,8 +483,7 @@ class ControlClient:
         line = self._file.readline(MAX_PENDING_OUTPUT)
         if not line.endswith(b"\n"):
             raise ConnectionError("the VM closed the control connection")
-        import json
-        answer = json.loads(line)
+        answer = decode(line)
         if not answer.get("ok"):
             raise ControlError(answer.get("error", "request failed"))
         return answer

@@ -67,6 +67,13 @@ def encode(message) -> bytes:
     return json.dumps(message).encode() + b"\n"
 
 
+def decode(line: bytes):
+    """encode undone: the JSON value of one line; ValueError (or
+    RecursionError) where it is not JSON."""
+    import json
+    return json.loads(line)
+
+
 class Client:
     """One connection: its unsent output and, for the protocol, `input` (bytes
     not yet understood) and `session` (whatever the protocol keeps)."""
