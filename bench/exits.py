@@ -59,7 +59,7 @@ def bare_loop(rom_path: str) -> tuple[int, float]:
     exits = 0
     start = time.perf_counter()
     while True:
-        fcntl.ioctl(fd, run, 0)
+        fcntl.ioctl(fd, run)    # as vm_loop calls it: no third argument to parse
         exits += 1
         if page[8] != abi.KVM_EXIT_IO or io_port(page, 34)[0] == PM1A_CNT:
             break
@@ -86,13 +86,13 @@ def warm_cache_costs(rom_path: str, exits: int = 300_000, repeat: int = 7) -> di
     def stand_in():
         """A KVM_RUN that returns at once, EXITS times; then StopIteration ends the loop."""
         left = iter(range(exits))
-        return lambda fd, request, arg: next(left)
+        return lambda fd, request: next(left)
 
     def bare():
         run, fd, io_port = stand_in(), thread.kvm_vcpu.fd, struct.Struct("<H").unpack_from
         try:
             while True:
-                run(fd, abi.KVM_RUN, 0)
+                run(fd, abi.KVM_RUN)
                 if page[8] != abi.KVM_EXIT_IO or io_port(page, 34)[0] == PM1A_CNT:
                     break
         except StopIteration:

@@ -252,7 +252,10 @@ class VcpuThread:
         with memoryview(page).cast("I") as words:
             while True:
                 try:
-                    ioctl(fd, kvm_run, 0)
+                    # No third argument: given one, fcntl.ioctl first tries it
+                    # as a writable and then a read-only buffer, raising and
+                    # clearing an exception each time (0.6 us on every exit).
+                    ioctl(fd, kvm_run)
                 except InterruptedError:
                     if vm.stopping:
                         return None

@@ -317,7 +317,9 @@ def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys
     """vm_loop's table is a list indexed by the exit reason: a reason with no
     handler inside it (63) or one beyond it stops the VM with ERROR after the
     exits before it were handled and counted.  KVM_RUN is played here: one
-    port write, then REASON; the other ioctls are KVM's."""
+    port write, then REASON; the other ioctls are KVM's.  vm_loop passes
+    KVM_RUN no third argument, which fcntl.ioctl would first try as a buffer
+    at a cost of 0.6 us on every exit."""
     import fcntl
     import struct
     from pyhyve import vcpu as vcpu_module
@@ -327,7 +329,7 @@ def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys
         vcpu = vm.vcpus[0]
         page = vcpu._page
         played = [abi.KVM_EXIT_IO, reason]
-        written = []
+        written, run_arguments = [], []
         vm.ports.register("probe", 0x500, 1, lambda offset, size: 0,
                           lambda offset, size, value: written.append(value))
 
@@ -336,6 +338,7 @@ def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys
         def kvm_run(fd, request, *args):
             if request != abi.KVM_RUN:              # the registers, for the report
                 return real_ioctl(fd, request, *args)
+            run_arguments.append(args)
             struct.pack_into("<I", page, abi.RUN_OFFSET_EXIT_REASON, played.pop(0))
             vcpu_module._IO_EXIT.pack_into(page, abi.RUN_OFFSET_EXIT_UNION,
                                            abi.KVM_EXIT_IO_OUT, 1, 0x500, 1, 4096)
@@ -345,7 +348,7 @@ def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys
         monkeypatch.setattr(fcntl, "ioctl", kvm_run)
         assert vcpu._vm_loop() == ExitStatus.ERROR
         monkeypatch.undo()
-        assert written == [0x5A] and played == []
+        assert written == [0x5A] and played == [] and run_arguments == [(), ()]
         assert vcpu.exit_counts[abi.KVM_EXIT_IO] == 1
         assert vcpu.unknown_exit_counts == {reason: 1}
         assert f"unhandled exit reason {reason} (unknown)" in capsys.readouterr().err

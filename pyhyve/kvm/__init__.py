@@ -257,7 +257,7 @@ class Vcpu:
 
     def run(self) -> None:
         """KVM_RUN once; raises InterruptedError when kicked by a signal."""
-        fcntl.ioctl(self.fd, abi.KVM_RUN, 0)
+        fcntl.ioctl(self.fd, abi.KVM_RUN)   # no argument: see vcpu._vm_loop
 
     def _get(self, request: int, ctype, what: str):
         value = ctype()
