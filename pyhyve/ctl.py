@@ -30,7 +30,7 @@ vCPU's own thread (VcpuThread.call), so it sees the vCPU between two
 KVM_RUNs.
 """
 
-import base64
+import binascii
 import functools
 import os
 import socket
@@ -372,7 +372,7 @@ class ControlServer(SocketService):
             self._screenshot = imagefile.png(update.width, update.height, update.pixels)
         chunk = self._screenshot[offset:offset + SCREENDUMP_CHUNK]
         return {"vm": self.vm.name, "total": len(self._screenshot), "offset": offset,
-                "data": base64.b64encode(chunk).decode()}
+                "data": binascii.b2a_base64(chunk, newline=False).decode()}
 
     def _stop(self, status: ExitStatus, request: dict) -> dict:
         self.log.info("control: %s", request.get("command"))

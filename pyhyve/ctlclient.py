@@ -15,7 +15,7 @@ pyhyvectl fails.  Register reads ask for each register named (get-REG) or
 for all of them (get-all).  --list --json prints a JSON array of the VMs.
 """
 
-import base64
+import binascii
 import getopt
 import json
 import os
@@ -371,7 +371,7 @@ def save_screenshot(client: ControlClient, path: str) -> dict:
     data = bytearray()
     while True:
         answer = client.request("screendump", offset=len(data))
-        chunk = base64.b64decode(answer["data"])
+        chunk = binascii.a2b_base64(answer["data"])
         data += chunk
         if not chunk or len(data) >= answer["total"]:
             break

@@ -39,7 +39,7 @@ without knowing its class, and closing the VM closes each once.
 - close(): release threads, files and host resources; idempotent.
 """
 
-import base64
+import binascii
 import contextlib
 
 
@@ -145,7 +145,7 @@ def number(value, what: str) -> float:
 
 
 def encode(data: bytes) -> str:
-    return base64.b64encode(bytes(data)).decode()
+    return binascii.b2a_base64(data, newline=False).decode()
 
 
 def decode(value, what: str, length: int | None = None, limit: int | None = None) -> bytes:
@@ -153,7 +153,7 @@ def decode(value, what: str, length: int | None = None, limit: int | None = None
     if not isinstance(value, str):
         raise StateError(f"{what} is {type(value).__name__}, not base64 text")
     try:
-        data = base64.b64decode(value, validate=True)
+        data = binascii.a2b_base64(value, strict_mode=True)
     except ValueError:
         raise StateError(f"{what} is not valid base64") from None
     if length is not None and len(data) != length:

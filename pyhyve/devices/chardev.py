@@ -49,10 +49,8 @@ import select
 import selectors
 import socket
 import stat
-import termios
 import threading
 import time
-import tty
 from collections.abc import Callable
 
 from .. import escape as escapes
@@ -349,6 +347,8 @@ class StdioBackend(_PolledBackend):
         self._watch_output(out_fd)
         self._selector.register(in_fd, selectors.EVENT_READ, self._on_input)
         if os.isatty(in_fd):
+            import termios      # with tty, 0.3 ms that only a terminal's backends need
+            import tty
             self._saved_mode = termios.tcgetattr(in_fd)
             tty.setraw(in_fd)
             atexit.register(self._restore)
@@ -394,6 +394,7 @@ class StdioBackend(_PolledBackend):
 
     def _restore(self) -> None:
         if self._saved_mode is not None:
+            import termios      # loaded already: __init__ saved the mode with it
             try:
                 termios.tcsetattr(self._in_fd, termios.TCSANOW, self._saved_mode)
             except termios.error:
@@ -419,6 +420,7 @@ class PtyBackend(_PolledBackend):
     stall_limit = 0.0
 
     def __init__(self, name: str, link: str | None = None):
+        import tty              # as StdioBackend does: only a terminal needs it
         master, slave = os.openpty()             # not inherited by children
         try:
             tty.setraw(slave)

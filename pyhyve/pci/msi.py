@@ -5,9 +5,9 @@ A message whose address is not in the 0xFEExxxxx local-APIC window is a guest
 error: it is dropped and logged once rather than handed to KVM.
 """
 
-import base64
 import struct
 
+from ..lifecycle import decode, encode
 from . import regs as R
 
 MSI_CONTROL_ENABLE = 1 << 0
@@ -134,14 +134,11 @@ class MsixCapability:
         return offset < self.offset + 12 and offset + size > self.offset
 
     def save_state(self) -> dict:
-        return {"table": base64.b64encode(bytes(self.table)).decode(),
+        return {"table": encode(self.table),
                 "pending": self.pending}
 
     def restore_state(self, state: dict) -> None:
-        table = base64.b64decode(state["table"])
-        if len(table) != len(self.table):
-            raise ValueError(f"MSI-X table has {len(table)} bytes, not {len(self.table)}")
-        self.table[:] = table
+        self.table[:] = decode(state["table"], "MSI-X table", length=len(self.table))
         self.pending = int(state["pending"]) & ((1 << self.vectors) - 1)
 
     @property
