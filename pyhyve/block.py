@@ -20,9 +20,9 @@ belong to the descriptor, not the process: they survive the privilege drop,
 and go away with the descriptor (or the process, however it ends).
 `lock=False` is the operator's way out (an image on a filesystem without
 locks, or shared on purpose).  A live migration hands the lock over
-(ImageLocks): the VM collects the images it opens while it is built; the
-destination's take their lock only once the source has released its own,
-after its last write.
+(pyhyve/imagelocks.py): the VM collects the images it opens while it is
+built; the destination's take their lock only once the source has released
+its own, after its last write.
 
 clear() makes a range read as zeros: a hole (fallocate PUNCH_HOLE) where
 unmapping is allowed and the filesystem punches holes (probed once, past
@@ -32,8 +32,6 @@ are ConfigError naming the device; I/O errors are OSError for the device to
 report to its guest.
 """
 
-import contextlib
-import contextvars
 import ctypes
 import errno
 import fcntl
@@ -42,6 +40,7 @@ import stat
 import struct
 
 from .config import ConfigError
+from .imagelocks import gathering
 from .log import getLogger
 
 log = getLogger(__name__)
@@ -81,47 +80,6 @@ def transfer(function, fd: int, views: list[memoryview], offset: int) -> bool:
     return True
 
 
-class ImageLocks:
-    """The locked images of one VM, gathered while it is built (collecting()),
-    for a live migration to hand their locks from source to destination.
-    With `deferred` (a migration destination) images open without their lock
-    until take()."""
-
-    def __init__(self, deferred: bool = False):
-        self.deferred = deferred
-        self.images: list["BlockImage"] = []
-
-    @contextlib.contextmanager
-    def collecting(self):
-        """Images opened in this context (on this thread) join this set."""
-        token = _collecting.set(self)
-        try:
-            yield self
-        finally:
-            _collecting.reset(token)
-
-    def release(self) -> None:
-        """The source, after its last write: others may lock the images now."""
-        for image in self.images:
-            image.unlock()
-
-    def take(self) -> None:
-        """Lock every image (again); ConfigError, with none held, if one is
-        locked elsewhere."""
-        taken = []
-        try:
-            for image in self.images:
-                image.lock()
-                taken.append(image)
-        except ConfigError:
-            for image in taken:
-                image.unlock()
-            raise
-
-
-_collecting: contextvars.ContextVar = contextvars.ContextVar("image_locks", default=None)
-
-
 class BlockImage:
     """An open disk image: its size, what it can do, and I/O on it."""
 
@@ -133,7 +91,7 @@ class BlockImage:
         self.fd = self._open(extra)
         self.direct_fd = None
         try:
-            locks = _collecting.get()
+            locks = gathering()
             if lock and locks is not None:
                 locks.images.append(self)
             if lock and not (locks is not None and locks.deferred):

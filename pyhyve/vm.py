@@ -46,7 +46,6 @@ import time
 from . import builder, cpuid, mce
 from .boot.methods import method_for
 from .boot.acpi import build_tables, platform_from_vm
-from .block import ImageLocks
 from .coalesced import CoalescedWrites
 from .boot.mptable import build_mptable
 from .config import Config, ConfigError, parse_size
@@ -56,6 +55,7 @@ from .escape import DEFAULT as DEFAULT_ESCAPE, parse_escape
 from .devices.fwcfg import E820_RAM, E820_RESERVED
 from .devices.rtc import RTC_IRQ
 from .gsiroutes import CASCADE_IRQ, IOAPIC_PINS, GsiRoutes
+from .imagelocks import ImageLocks
 from .iobus import MmioBus, NotifierUnavailable, PortBus
 from .kvm import Kvm, KvmError, abi
 from .layout import (ECAM_BASE, ECAM_SIZE, IDENTITY_MAP_ADDR, LEGACY_HOLE, MPTABLE_BASE,
@@ -162,7 +162,7 @@ class VirtualMachine:
         self.console_escape = parse_escape(config.get("console.escape", DEFAULT_ESCAPE))
 
         # A live migration's destination opens its disks unlocked until the
-        # source hands their locks over (block.ImageLocks); the source lets go.
+        # source hands their locks over (imagelocks.py); the source lets go.
         self.image_locks = ImageLocks(deferred="migration.listen" in config)
         self.migration = None           # pyhyve.migration.Migrations, on first use
         self.kvm = Kvm()

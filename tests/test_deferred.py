@@ -15,8 +15,9 @@ from guestrun import REPO
 # devices/rtc.py counts days itself), and what only a request needs (json,
 # about a millisecond, and pyhyve.deferred's others).
 LEFT_OUT = ("logging", "typing", "dataclasses", "importlib", "datetime", "json", "base64",
-            "termios", "tty", "pyhyve.vnc.keysyms", "pyhyve.inputevents",
-            "pyhyve.display.imagefile", "pyhyve.migration", "pyhyve.migstream")
+            "termios", "tty", "contextvars", "pyhyve.block", "pyhyve.vnc.keysyms",
+            "pyhyve.inputevents", "pyhyve.display.imagefile", "pyhyve.migration",
+            "pyhyve.migstream")
 # Modules whose functions serve requests while the VM runs, perhaps as
 # another user by then (process.user).
 REQUEST_SERVERS = ("ctl", "sockservice")
