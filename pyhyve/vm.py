@@ -94,13 +94,6 @@ def _size(size: int) -> str:
     return f"{size} bytes"
 
 
-def _keyboard_layouts() -> tuple[str, ...]:
-    """The -K names the VNC console types with; its key tables are loaded
-    (0.2 ms) only where a configuration names a layout."""
-    from .vnc.keysyms import US_LAYOUTS
-    return US_LAYOUTS
-
-
 class VirtualMachine:
     """One guest: memory, buses, devices and vCPU threads."""
 
@@ -148,9 +141,11 @@ class VirtualMachine:
         self.topology = builder.topology(config)
         self.cpusets = builder.vcpu_cpusets(config, self.topology.cpus)     # -p
         layout = config.get("keyboard.layout")
-        if layout is not None and layout not in _keyboard_layouts():
-            raise ConfigError(f"keyboard.layout (-K): '{layout}': the VNC console types "
-                              "with the US layout only (us_unix)")
+        if layout is not None:
+            from .vnc.keysyms import US_LAYOUTS     # 0.2 ms: only where -K names one
+            if layout not in US_LAYOUTS:
+                raise ConfigError(f"keyboard.layout (-K): '{layout}': the VNC console "
+                                  "types with the US layout only (us_unix)")
         self.uuid = builder.vm_uuid(config, self.name)
         self.strict_io = config.get_bool("x86.strictio")
         self.strict_msr = config.get_bool("x86.strictmsr", True)
