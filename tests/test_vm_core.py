@@ -307,7 +307,13 @@ def test_port_exit_dispatch_by_width_direction_and_count():
         vm._warned.clear()
         assert exit_io(out, 1, 0x500, 1, offset=len(page)) is None
         assert exit_io(out, 4, 0x500, 1, offset=len(page) - 2) is None
+        # data_offset is 64 bits: its high half counts, though the handler
+        # reads the exit as 32-bit words
+        assert exit_io(inp, 1, 0x500, 1, offset=(1 << 32) + data) is None
         assert seen == [] and vm._warned == {"io-exit"}     # malformed, not a device bug
+        page[data] = 0
+        assert exit_io(inp, 1, 0x5FF, 1) is None and page[data] == 0xFF    # nobody's port
+        assert exit_io(out, 1, 0x5FF, 1) is None and vm.unclaimed_accesses == 2
     finally:
         vm.close()
 
