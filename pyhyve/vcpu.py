@@ -25,8 +25,6 @@ from .sandbox import narrow_vcpu_thread
 
 KICK_SIGNAL = signal.SIGUSR1
 _IO_EXIT = struct.Struct("<BBHIQ")
-_MMIO_EXIT = struct.Struct("<Q8sIB")
-_MSR_EXIT = struct.Struct("<B7xIIQ")
 _U32 = struct.Struct("<I")
 _EXIT_UNION = abi.RUN_OFFSET_EXIT_UNION
 # kvm_run read as 32-bit words and as 64-bit ones (VcpuThread._words, _qwords)
@@ -34,6 +32,11 @@ _EXIT_REASON_WORD = abi.RUN_OFFSET_EXIT_REASON // 4
 _IO_WORD = _EXIT_UNION // 4                     # kvm_run.io: direction, size, port
 _IO_COUNT_WORD = _IO_WORD + 1
 _IO_DATA_OFFSET_QWORD = (_EXIT_UNION + 8) // 8
+_MMIO_ADDR_QWORD = _EXIT_UNION // 8             # kvm_run.mmio: phys_addr, data[8],
+_MMIO_DATA_BYTE = _EXIT_UNION + 8               # len, is_write
+_MMIO_DATA_QWORD = _MMIO_DATA_BYTE // 8
+_MMIO_LEN_WORD = (_EXIT_UNION + 16) // 4
+_MMIO_IS_WRITE_BYTE = _EXIT_UNION + 20
 _IO_OUT = abi.KVM_EXIT_IO_OUT
 _OUT_BYTE = _IO_OUT | 1 << 8                    # the low half of the io word
 _IN_BYTE = abi.KVM_EXIT_IO_IN | 1 << 8
@@ -367,18 +370,21 @@ class VcpuThread:
         return None
 
     def _exit_mmio(self) -> ExitStatus | None:
-        page = self._page
-        addr, data, length, is_write = _MMIO_EXIT.unpack_from(page, _EXIT_UNION)
+        """An MMIO access, read from the run page's views as _exit_io reads its."""
+        qwords = self._qwords
+        addr = qwords[_MMIO_ADDR_QWORD]
+        length = self._words[_MMIO_LEN_WORD]
+        is_write = self._page[_MMIO_IS_WRITE_BYTE]
         entry = self.vm.mmio.lookup(addr)
-        if entry is None or length not in _SIZE_MASK:
-            return self.vm.unclaimed_io("mmio", addr, length, bool(is_write), page,
-                                        _EXIT_UNION + 8, 1)
+        mask = _SIZE_MASK.get(length)
+        if entry is None or mask is None:
+            return self.vm.unclaimed_io("mmio", addr, length, bool(is_write), self._page,
+                                        _MMIO_DATA_BYTE, 1)
         try:
             if is_write:
-                entry.write(addr - entry.base, length, int.from_bytes(data[:length], "little"))
-            else:
-                value = entry.read(addr - entry.base, length) & _SIZE_MASK[length]
-                page[_EXIT_UNION + 8:_EXIT_UNION + 8 + length] = value.to_bytes(length, "little")
+                entry.write(addr - entry.base, length, qwords[_MMIO_DATA_QWORD] & mask)
+            else:   # KVM hands the guest only LENGTH bytes of the eight
+                qwords[_MMIO_DATA_QWORD] = entry.read(addr - entry.base, length) & mask
         except Exception:
             self.vm.device_failed(entry.name, addr)
         return None

@@ -318,6 +318,54 @@ def test_port_exit_dispatch_by_width_direction_and_count():
         vm.close()
 
 
+def test_mmio_exit_dispatch_by_width_and_direction():
+    """The MMIO handler reads kvm_run.mmio through views of the run page; the
+    exits are written here through the ctypes kvm_run, laid out from KVM's
+    header, so an offset wrong in the handler shows."""
+    from pyhyve.kvm import abi
+    vm = VirtualMachine(Config({"lpc.bootrom": str(build_rom("exits", COUNT=1))}))
+    try:
+        vcpu = vm.vcpus[0]
+        run = vcpu._run_state
+        seen = []
+
+        def read(offset, size):
+            seen.append(("read", offset, size))
+            return 0x1122334455667788AA + offset     # wider than any access: masked
+
+        def write(offset, size, value):
+            seen.append(("write", offset, size, value))
+            if value == 0xEE:
+                raise RuntimeError("device bug")
+
+        base = 0xFED10000
+        vm.mmio.register("probe", base, 0x100, read, write)
+
+        def exit_mmio(addr, length, is_write, data=b""):
+            run.exit_reason = abi.KVM_EXIT_MMIO
+            run.u.mmio.phys_addr, run.u.mmio.len, run.u.mmio.is_write = addr, length, is_write
+            run.u.mmio.data[:] = list(data.ljust(8, b"\x5a"))
+            assert vcpu._exit_mmio() is None
+            return bytes(run.u.mmio.data)[:length]
+
+        exit_mmio(base + 8, 4, 1, bytes.fromhex("01020304"))
+        exit_mmio(base + 0x10, 8, 1, bytes(range(1, 9)))
+        exit_mmio(base + 2, 1, 1, b"\x7f")
+        assert exit_mmio(base + 4, 2, 0) == (0x7788AA + 4).to_bytes(3, "little")[:2]
+        assert exit_mmio(base + 0x20, 8, 0) == ((0x1122334455667788AA + 0x20)
+                                               & (1 << 64) - 1).to_bytes(8, "little")
+        assert seen == [("write", 8, 4, 0x04030201), ("write", 0x10, 8, 0x0807060504030201),
+                        ("write", 2, 1, 0x7F), ("read", 4, 2), ("read", 0x20, 8)]
+        seen.clear()
+        exit_mmio(base, 1, 1, b"\xee")                  # the device raised: ignored
+        assert "probe" in vm._warned and vm.unclaimed_accesses == 0
+        assert exit_mmio(base + 0x100, 4, 0) == b"\xff" * 4      # nobody's address
+        assert exit_mmio(base, 3, 0) == b"\xff" * 3              # no such width
+        assert seen == [("write", 0, 1, 0xEE)] and vm.unclaimed_accesses == 2
+    finally:
+        vm.close()
+
+
 @pytest.mark.parametrize("reason", [63, 64, 1000])
 def test_the_vm_loop_stops_on_a_reason_it_has_no_handler_for(monkeypatch, capsys, reason):
     """vm_loop's table is a list indexed by the exit reason: a reason with no
