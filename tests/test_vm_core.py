@@ -252,6 +252,21 @@ def test_acpi_tables_follow_a_removed_pci_function():
         vm.close()
 
 
+def recording_device(seen: list, wide: int):
+    """A device's read and write that note each access in SEEN: reads return
+    WIDE plus the offset, wider than any access, so the handler must mask
+    them; a write of 0xEE raises, as a device with a bug would."""
+    def read(offset, size):
+        seen.append(("read", offset, size))
+        return wide + offset
+
+    def write(offset, size, value):
+        seen.append(("write", offset, size, value))
+        if value == 0xEE:
+            raise RuntimeError("device bug")
+    return read, write
+
+
 def test_port_exit_dispatch_by_width_direction_and_count():
     """The port-I/O exit handler on a run page filled in as KVM fills it: one-byte
     accesses (the fast path), wider ones and `rep` strings reach the device with
@@ -266,17 +281,7 @@ def test_port_exit_dispatch_by_width_direction_and_count():
         vcpu = vm.vcpus[0]
         page = vcpu._page
         seen = []
-
-        def read(offset, size):
-            seen.append(("read", offset, size))
-            return 0x1234567890 + offset       # wider than any access: must be masked
-
-        def write(offset, size, value):
-            seen.append(("write", offset, size, value))
-            if value == 0xEE:
-                raise RuntimeError("device bug")
-
-        vm.ports.register("probe", 0x500, 8, read, write)
+        vm.ports.register("probe", 0x500, 8, *recording_device(seen, 0x1234567890))
         data = 4096                            # where KVM puts port data: the page after
 
         def exit_io(direction, size, port, count, offset=data):
@@ -328,18 +333,8 @@ def test_mmio_exit_dispatch_by_width_and_direction():
         vcpu = vm.vcpus[0]
         run = vcpu._run_state
         seen = []
-
-        def read(offset, size):
-            seen.append(("read", offset, size))
-            return 0x1122334455667788AA + offset     # wider than any access: masked
-
-        def write(offset, size, value):
-            seen.append(("write", offset, size, value))
-            if value == 0xEE:
-                raise RuntimeError("device bug")
-
         base = 0xFED10000
-        vm.mmio.register("probe", base, 0x100, read, write)
+        vm.mmio.register("probe", base, 0x100, *recording_device(seen, 0x1122334455667788AA))
 
         def exit_mmio(addr, length, is_write, data=b""):
             run.exit_reason = abi.KVM_EXIT_MMIO
