@@ -392,6 +392,12 @@ class GuestMemory:
                 return region
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not in guest memory")
 
+    def check(self, gpa: int, length: int, write: bool = False) -> None:
+        """view()'s checks without the view: GuestMemoryError where view() would raise."""
+        region = self._region(gpa, length)
+        if write and not region.writable:
+            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is read-only")
+
     def view(self, gpa: int, length: int, write: bool = False) -> memoryview:
         """A memoryview of guest memory; raises GuestMemoryError when out of range."""
         region = self._region(gpa, length)

@@ -134,41 +134,53 @@ class VirtioBlock(VirtioDevice):
     # --- requests ----------------------------------------------------------------------
     def handle_request(self, index: int, chain: Chain) -> int:
         """Serve one request; the status goes in the last byte the driver gave us."""
-        if not chain.writable:
+        readable, writable = chain.readable, chain.writable
+        if not writable:
             raise VirtqueueError("block request without a status byte")
         memory = self.transport.memory
-        data_in, status = split_buffers(chain.writable, sum(n for _, n in chain.writable) - 1)
-        header, data_out = split_buffers(chain.readable, _HEADER.size)
+        status_gpa, status_length = writable[-1]
+        if readable and readable[0][1] == _HEADER.size and status_length == 1:
+            # How drivers lay a request out: the header alone in the first
+            # buffer, the status byte alone in the last.
+            header_bytes = memory.view(*readable[0])
+            data_out, data_in = readable[1:], writable[:-1]
+        else:
+            data_in, status = split_buffers(writable, sum(n for _, n in writable) - 1)
+            status_gpa = status[0][0]
+            header, data_out = split_buffers(readable, _HEADER.size)
+            header_bytes = b"".join(memory.view(g, n) for g, n in header)
         written = 0
-        if sum(n for _, n in header) < _HEADER.size:
+        if len(header_bytes) < _HEADER.size:
             result = S_IOERR
         else:
-            kind, _, sector = _HEADER.unpack(b"".join(memory.view(g, n) for g, n in header))
+            kind, _, sector = _HEADER.unpack(header_bytes)
             try:
                 result, written = self._serve(kind, sector, data_in, data_out)
             except OSError as exc:
                 self.transport.warn_once(f"io-{exc.errno}", "I/O error on %s: %s",
                                          self.path, exc.strerror)
                 result, written = S_IOERR, 0
-        memory.view(status[0][0], 1, write=True)[0] = result
+        memory.view(status_gpa, 1, write=True)[0] = result
         return written + 1
 
     def _serve(self, kind: int, sector: int, data_in, data_out) -> tuple[int, int]:
         """(status, bytes written into data_in) for one request."""
         memory = self.transport.memory
         if kind == T_IN or kind == T_OUT:
-            buffers = data_in if kind == T_IN else data_out
-            length = sum(n for _, n in buffers)
+            reading = kind == T_IN
+            if not reading and self.read_only:
+                return S_IOERR, 0
+            length, aligned, views = 0, True, []
+            for gpa, n in data_in if reading else data_out:
+                length += n
+                aligned = aligned and not (gpa % DIRECT_ALIGN or n % DIRECT_ALIGN)
+                views.append(memory.view(gpa, n, write=reading))
             if length % SECTOR or not self._in_disk(sector, length // SECTOR):
                 return S_IOERR, 0
-            if kind == T_OUT and self.read_only:
-                return S_IOERR, 0
-            aligned = all(g % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0 for g, n in buffers)
-            views = [memory.view(g, n, write=kind == T_IN) for g, n in buffers]
-            move = self.image.readv if kind == T_IN else self.image.writev
+            move = self.image.readv if reading else self.image.writev
             if not move(views, sector * SECTOR, aligned):
                 return S_IOERR, 0
-            return S_OK, length if kind == T_IN else 0
+            return S_OK, length if reading else 0
         if kind == T_FLUSH:
             self.image.flush()
             return S_OK, 0

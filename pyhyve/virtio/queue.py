@@ -274,7 +274,7 @@ class SplitQueue:
                     raise VirtqueueError(
                         f"descriptor chain holds more than {MAX_CHAIN_BYTES} bytes")
                 try:
-                    memory.view(addr, length, write=writing)
+                    memory.check(addr, length, write=writing)
                 except GuestMemoryError:
                     kind = "writable guest RAM" if writing else "guest RAM"
                     raise VirtqueueError(f"buffer {addr:#x}+{length:#x} is not in {kind}") from None
