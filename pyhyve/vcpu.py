@@ -345,7 +345,8 @@ class VcpuThread:
                                     self._page, offset, count)
 
     def _io_wide(self, entry) -> ExitStatus | None:
-        """Accesses of two or four bytes, and string I/O (rep ins/outs)."""
+        """Accesses of two or four bytes, string I/O (rep ins/outs), and exits
+        whose data would lie outside the run page (refused, warned once)."""
         page = self._page
         direction, size, port, count, offset = _IO_EXIT.unpack_from(page, _EXIT_UNION)
         uint = _PORT_UINT.get(size)
