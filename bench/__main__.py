@@ -16,8 +16,8 @@ sys.path.insert(0, str(BENCH))
 
 from common import require_program  # noqa: E402  (bench/ is not a package)
 
-BENCHMARKS = ("exits.py", "exits_cold.py", "blk.py", "startup.py", "boot.py", "density.py", "snapshot.py",
-              "migrate.py", "net.py", "hpet.py", "linux.py", "display.py")
+BENCHMARKS = ("exits.py", "exits_cold.py", "blk.py", "startup.py", "boot.py", "density.py",
+              "snapshot.py", "migrate.py", "net.py", "hpet.py", "linux.py", "display.py")
 PROGRAMS = {"qemu-system-x86_64": "qemu-system-x86", "gcc": "gcc", "ld": "binutils",
             "grub-mkimage": "grub-common", "mke2fs": "e2fsprogs", "ip": "iproute2"}
 FILES = {"/usr/share/seabios/bios.bin": "seabios",

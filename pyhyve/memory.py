@@ -384,25 +384,25 @@ class GuestMemory:
         return ranges
 
     # --- access -------------------------------------------------------------
-    def _region(self, gpa: int, length: int) -> Region:
+    def _region(self, gpa: int, length: int, write: bool = False) -> Region:
+        """The region holding the whole range (writable, with `write`), or
+        GuestMemoryError."""
         index = bisect.bisect(self._starts, gpa) - 1
         if index >= 0 and length >= 0:
             region = self._regions[index]
             if gpa + length <= region.end:
+                if write and not region.writable:
+                    raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is read-only")
                 return region
         raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not in guest memory")
 
     def check(self, gpa: int, length: int, write: bool = False) -> None:
         """view()'s checks without the view: GuestMemoryError where view() would raise."""
-        region = self._region(gpa, length)
-        if write and not region.writable:
-            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is read-only")
+        self._region(gpa, length, write)
 
     def view(self, gpa: int, length: int, write: bool = False) -> memoryview:
         """A memoryview of guest memory; raises GuestMemoryError when out of range."""
-        region = self._region(gpa, length)
-        if write and not region.writable:
-            raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is read-only")
+        region = self._region(gpa, length, write)
         start = gpa - region.gpa
         if write and self._host_written is not None:
             self._host_written.update(range(gpa // PAGE_SIZE,

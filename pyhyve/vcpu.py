@@ -312,8 +312,8 @@ class VcpuThread:
 
     def _exit_io(self) -> ExitStatus | None:
         """A port access.  The exit is read as words of the run page, not with a
-        struct: with the guest run between exits, unpacking took about 400 ns
-        more an exit than indexing the views (bench/exits_cold.py)."""
+        struct: with the guest run between exits (as bench/exits_cold.py runs
+        it), unpacking took about 400 ns more an exit than indexing the views."""
         words = self._words
         shape = words[_IO_WORD]         # direction | size << 8 | port << 16
         port = shape >> 16
